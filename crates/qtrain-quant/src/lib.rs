@@ -1,1 +1,22 @@
-//! placeholder, filled in by its owner
+//! Quantization for qtrain, the CPU reference of every quantization kernel,
+//! bit-compatible with bitsandbytes:
+//!
+//! - [`nf4`]: 4-bit NormalFloat blockwise quantization with double quantization.
+//! - [`blockwise`]: 8-bit blockwise quantization with a 256-entry code.
+//! - [`dynamic_map`]: bitsandbytes' signed and unsigned dynamic 8-bit maps.
+//! - [`bnb_format`]: bitsandbytes' serialized quant state (safetensors entries).
+//!
+//! Pure Rust on slices, no tensor library: the CUDA kernels in `kernels/` are
+//! tested against these functions.
+
+pub mod blockwise;
+pub mod bnb_format;
+pub mod dynamic_map;
+pub mod error;
+pub mod nf4;
+
+pub use blockwise::{dequantize_blockwise, quantize_blockwise, quantize_one};
+pub use bnb_format::{SerDtype, SerializedTensor};
+pub use dynamic_map::{create_dynamic_map, signed_dynamic_map, unsigned_dynamic_map};
+pub use error::QuantError;
+pub use nf4::{Absmax, DoubleQuantAbsmax, Nf4Tensor, NF4_BLOCKSIZES, NF4_CODE, NESTED_BLOCKSIZE};

@@ -1,0 +1,194 @@
+//! `DatasetConfig`: what to read and how to turn it into batches. Every field has a
+//! default, unknown keys are rejected (a typo must not silently fall back to a
+//! default), and [`DatasetConfig::validate`] names the offending key.
+
+use crate::error::{DataError, Result};
+use serde::{Deserialize, Serialize};
+
+/// The source name of the embedded instruction dataset.
+pub const BUILTIN_INSTRUCTIONS: &str = "builtin:instructions";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatasetConfig {
+    /// A local `.jsonl`/`.json`/`.parquet` file or a directory of them, a hub
+    /// dataset id `org/name` (optionally `@revision`) read from the local Hugging Face
+    /// cache, or `builtin:instructions`.
+    pub path: String,
+    /// For directories and hub datasets holding several splits: the files whose path
+    /// mentions this split are used (all files when none does).
+    pub split: String,
+    pub format: Format,
+    pub columns: Columns,
+    /// `auto` (the model's `chat_template`, else Mistral's `[INST]` format),
+    /// `model` (the model's, an error when it has none), `mistral`, or the path of a
+    /// Jinja file.
+    pub chat_template: String,
+    /// Train on every token instead of only on the assistant turns.
+    pub train_on_prompt: bool,
+    /// Tokens per row.
+    pub seq_len: usize,
+    /// Rows per batch.
+    pub batch_size: usize,
+    /// Pack several documents per row (block-diagonal attention via `segment_ids`);
+    /// `false` pads one document per row, bucketing rows of similar length.
+    pub packing: bool,
+    /// Fraction of the records held out for evaluation, chosen by hashing the
+    /// record's index with `seed` (stable when the file grows).
+    pub eval_fraction: f64,
+    /// Instead of `eval_fraction`: hold out the first N records.
+    pub eval_samples: Option<usize>,
+    /// Records shuffled together (memory: this many raw records).
+    pub shuffle_buffer: usize,
+    pub seed: u64,
+    pub on_bad_line: OnBadLine,
+    /// What happens to a sample longer than `seq_len`.
+    pub truncation: Truncation,
+    /// Batches prepared ahead by the background thread.
+    pub prefetch: usize,
+}
+
+impl Default for DatasetConfig {
+    fn default() -> Self {
+        Self {
+            path: BUILTIN_INSTRUCTIONS.to_string(),
+            split: "train".to_string(),
+            format: Format::Auto,
+            columns: Columns::default(),
+            chat_template: "auto".to_string(),
+            train_on_prompt: false,
+            seq_len: 512,
+            batch_size: 4,
+            packing: true,
+            eval_fraction: 0.02,
+            eval_samples: None,
+            shuffle_buffer: 4096,
+            seed: 0,
+            on_bad_line: OnBadLine::Error,
+            truncation: Truncation::Split,
+            prefetch: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Detected per record from its fields.
+    Auto,
+    /// `instruction` / `input` / `output` (and optional `system`).
+    Alpaca,
+    /// `conversations: [{from, value}]`.
+    Sharegpt,
+    /// `messages: [{role, content}]` (OpenAI / Capybara / OpenAssistant exports).
+    Messages,
+    /// `text`: trained on entirely.
+    Text,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Auto => "auto",
+            Format::Alpaca => "alpaca",
+            Format::Sharegpt => "sharegpt",
+            Format::Messages => "messages",
+            Format::Text => "text",
+        }
+    }
+}
+
+/// Field names, for datasets that call them something else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Columns {
+    pub instruction: String,
+    pub input: String,
+    pub output: String,
+    pub system: String,
+    pub conversations: String,
+    pub from: String,
+    pub value: String,
+    pub messages: String,
+    pub role: String,
+    pub content: String,
+    pub text: String,
+}
+
+impl Default for Columns {
+    fn default() -> Self {
+        Self {
+            instruction: "instruction".into(),
+            input: "input".into(),
+            output: "output".into(),
+            system: "system".into(),
+            conversations: "conversations".into(),
+            from: "from".into(),
+            value: "value".into(),
+            messages: "messages".into(),
+            role: "role".into(),
+            content: "content".into(),
+            text: "text".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBadLine {
+    /// Stop with the file:line and the parser's message.
+    Error,
+    /// Skip the record and count it (see `DataStats::bad_records`).
+    Skip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Truncation {
+    /// Cut into `seq_len` pieces, each its own document (positions restart).
+    Split,
+    /// Drop the sample (counted).
+    Drop,
+    /// Keep the first `seq_len` tokens (counted).
+    Truncate,
+}
+
+impl DatasetConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key, message: &str| {
+            Err(DataError::Config {
+                key,
+                message: message.to_string(),
+            })
+        };
+        if self.path.trim().is_empty() {
+            return bad("path", "is empty");
+        }
+        if self.seq_len < 2 {
+            return bad("seq_len", "must be at least 2");
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            return bad("eval_fraction", "must be in [0, 1)");
+        }
+        if self.shuffle_buffer == 0 {
+            return bad("shuffle_buffer", "must be at least 1 (1 = no shuffling)");
+        }
+        if self.prefetch == 0 {
+            return bad("prefetch", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Hash of everything that decides which batches come out in which order, stored
+    /// in the cursor so a checkpoint is not resumed against different data settings.
+    pub fn fingerprint(&self) -> u64 {
+        let mut c = self.clone();
+        c.prefetch = 0;
+        c.on_bad_line = OnBadLine::Error;
+        let s = serde_json::to_string(&c).expect("config serializes");
+        crate::util::fnv1a(s.as_bytes())
+    }
+}

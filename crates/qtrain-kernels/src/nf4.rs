@@ -1,0 +1,287 @@
+//! NF4 weights on the compute device and their dequantization into a reused buffer.
+//!
+//! [`Nf4Device`] holds one projection's quantized weight as two device tensors (the
+//! layout is documented in `kernels/nf4.cu`), and [`Nf4Device::dequantize_into`]
+//! writes the full-precision weight into a caller-owned buffer with an in-place
+//! candle op: on CUDA the `nf4_dequant_*` kernels, on the CPU the plain loop below,
+//! which is the reference the kernel is tested against (and which is itself tested
+//! against `qtrain_quant::Nf4Tensor::dequantize_into`).
+
+use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Result, Tensor};
+use qtrain_quant::{Absmax, Nf4Tensor, NF4_CODE};
+
+/// One quantized weight resident on a device.
+pub struct Nf4Device {
+    /// Packed codes followed (double quant) by the 8-bit absmax codes. U8.
+    pub codes: Tensor,
+    /// Double quant: `[offset, nested_code[256], nested_absmax..]`; else `[absmax..]`. F32.
+    pub stats: Tensor,
+    pub shape: Vec<usize>,
+    pub blocksize: usize,
+    pub nested_blocksize: usize,
+    pub double_quant: bool,
+}
+
+impl Nf4Device {
+    /// Uploads a host-quantized weight.
+    pub fn from_host(q: &Nf4Tensor, device: &Device) -> Result<Self> {
+        let (codes, stats, nested_blocksize, double_quant) = match &q.absmax {
+            Absmax::F32(a) => (q.packed.clone(), a.clone(), 1, false),
+            Absmax::DoubleQuant(dq) => {
+                let mut codes = Vec::with_capacity(q.packed.len() + dq.quantized.len());
+                codes.extend_from_slice(&q.packed);
+                codes.extend_from_slice(&dq.quantized);
+                let mut stats = Vec::with_capacity(1 + 256 + dq.nested_absmax.len());
+                stats.push(dq.offset);
+                stats.extend_from_slice(&dq.nested_code);
+                stats.extend_from_slice(&dq.nested_absmax);
+                (codes, stats, dq.nested_blocksize, true)
+            }
+        };
+        let n_codes = codes.len();
+        let n_stats = stats.len();
+        Ok(Self {
+            codes: Tensor::from_vec(codes, n_codes, device)?,
+            stats: Tensor::from_vec(stats, n_stats, device)?,
+            shape: q.shape.clone(),
+            blocksize: q.blocksize,
+            nested_blocksize,
+            double_quant,
+        })
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Device bytes held by this weight.
+    pub fn storage_bytes(&self) -> usize {
+        self.codes.elem_count() + 4 * self.stats.elem_count()
+    }
+
+    /// Writes the dequantized weight into `out` (contiguous, `numel` elements of bf16
+    /// or f32, on the same device). `out` is typically one buffer reused for every
+    /// projection of every layer.
+    pub fn dequantize_into(&self, out: &Tensor) -> Result<()> {
+        if out.elem_count() != self.numel() || !out.is_contiguous() {
+            candle_core::bail!(
+                "nf4 dequantize: output buffer has {} elements (contiguous: {}), weight has {}",
+                out.elem_count(),
+                out.is_contiguous(),
+                self.numel()
+            );
+        }
+        let op = Nf4DequantOp {
+            numel: self.numel(),
+            blocksize: self.blocksize,
+            nested_blocksize: self.nested_blocksize,
+            double_quant: self.double_quant,
+        };
+        out.inplace_op3(&self.codes, &self.stats, &op)
+    }
+
+    /// Allocates a buffer and dequantizes into it (for tests and one-off use).
+    pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        let out = Tensor::zeros(self.shape.as_slice(), dtype, self.codes.device())?;
+        self.dequantize_into(&out)?;
+        Ok(out)
+    }
+}
+
+struct Nf4DequantOp {
+    numel: usize,
+    blocksize: usize,
+    nested_blocksize: usize,
+    double_quant: bool,
+}
+
+impl Nf4DequantOp {
+    /// The absmax of quantization block `b`, undoing double quantization.
+    fn absmax(&self, codes: &[u8], stats: &[f32], b: usize) -> f32 {
+        if self.double_quant {
+            let qabsmax = codes[self.numel.div_ceil(2) + b] as usize;
+            stats[1 + qabsmax] * stats[257 + b / self.nested_blocksize] + stats[0]
+        } else {
+            stats[b]
+        }
+    }
+}
+
+/// The contiguous slice a layout covers (our buffers are always contiguous).
+fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("nf4 dequantize: {what} must be contiguous"),
+    }
+}
+
+impl InplaceOp3 for Nf4DequantOp {
+    fn name(&self) -> &'static str {
+        "nf4-dequantize"
+    }
+
+    /// The CPU reference: one weight at a time, exactly the formula of the kernel.
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        codes: &CpuStorage,
+        codes_l: &Layout,
+        stats: &CpuStorage,
+        stats_l: &Layout,
+    ) -> Result<()> {
+        let codes = contiguous(codes.as_slice::<u8>()?, codes_l, "codes")?;
+        let stats = contiguous(stats.as_slice::<f32>()?, stats_l, "stats")?;
+        let Some((d0, d1)) = dst_l.contiguous_offsets() else {
+            candle_core::bail!("nf4 dequantize: output must be contiguous")
+        };
+        let value = |i: usize| -> f32 {
+            let byte = codes[i / 2];
+            let nibble = if i % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+            NF4_CODE[nibble as usize] * self.absmax(codes, stats, i / self.blocksize)
+        };
+        match dst {
+            CpuStorage::F32(v) => {
+                for (i, o) in v[d0..d1].iter_mut().enumerate() {
+                    *o = value(i);
+                }
+            }
+            CpuStorage::BF16(v) => {
+                for (i, o) in v[d0..d1].iter_mut().enumerate() {
+                    *o = half::bf16::from_f32(value(i));
+                }
+            }
+            _ => candle_core::bail!("nf4 dequantize: output must be f32 or bf16"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dst_l: &Layout,
+        codes: &candle_core::CudaStorage,
+        codes_l: &Layout,
+        stats: &candle_core::CudaStorage,
+        stats_l: &Layout,
+    ) -> Result<()> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+
+        if self.blocksize % 16 != 0 {
+            candle_core::bail!("nf4 dequantize on CUDA needs a blocksize multiple of 16");
+        }
+        let dev = dst.device().clone();
+        let (c0, c1) = codes_l.contiguous_offsets().expect("contiguous codes");
+        let (s0, s1) = stats_l.contiguous_offsets().expect("contiguous stats");
+        let (d0, d1) = dst_l.contiguous_offsets().expect("contiguous output");
+        let codes = codes.as_cuda_slice::<u8>()?.slice(c0..c1);
+        let stats = stats.as_cuda_slice::<f32>()?.slice(s0..s1);
+        let threads = self.numel.div_ceil(2).div_ceil(8) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (threads.div_ceil(256), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let numel = self.numel as u64;
+        let blocksize = self.blocksize as u32;
+        let nested = self.nested_blocksize as u32;
+        let dq = self.double_quant as u32;
+        match dst.dtype() {
+            DType::BF16 => {
+                let func = dev.get_or_load_custom_func("nf4_dequant_bf16", "qtrain_nf4", crate::ptx::NF4)?;
+                let out = dst.as_cuda_slice_mut::<half::bf16>()?.slice_mut(d0..d1);
+                let mut b = func.builder();
+                b.arg(&codes);
+                b.arg(&stats);
+                b.arg(&out);
+                candle_core::builder_arg!(b, numel, blocksize, nested, dq);
+                // SAFETY: argument types match the kernel signature; the grid covers
+                // exactly numel/16 threads, each bounds-checked.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            DType::F32 => {
+                let func = dev.get_or_load_custom_func("nf4_dequant_f32", "qtrain_nf4", crate::ptx::NF4)?;
+                let out = dst.as_cuda_slice_mut::<f32>()?.slice_mut(d0..d1);
+                let mut b = func.builder();
+                b.arg(&codes);
+                b.arg(&stats);
+                b.arg(&out);
+                candle_core::builder_arg!(b, numel, blocksize, nested, dq);
+                // SAFETY: as above.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            other => candle_core::bail!("nf4 dequantize: output dtype {other:?} unsupported"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random_weight(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..rows * cols).map(|_| rng.random_range(-0.05f32..0.05)).collect()
+    }
+
+    #[test]
+    fn cpu_op_matches_quant_reference_with_and_without_double_quant() {
+        for (dq, rows, cols) in [(true, 48, 320), (false, 33, 64), (true, 7, 9)] {
+            let w = random_weight(rows, cols, rows as u64);
+            let q = Nf4Tensor::quantize(&w, &[rows, cols], 64, dq).unwrap();
+            let want = q.dequantize_to_vec();
+            let dev = Nf4Device::from_host(&q, &Device::Cpu).unwrap();
+            let got: Vec<f32> = dev
+                .dequantize(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(got, want, "dq={dq} {rows}x{cols}");
+            let got_bf16: Vec<half::bf16> = dev
+                .dequantize(DType::BF16)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (g, w) in got_bf16.iter().zip(&want) {
+                assert_eq!(*g, half::bf16::from_f32(*w));
+            }
+        }
+    }
+
+    #[test]
+    fn buffer_is_reused_and_checked() {
+        let w = random_weight(16, 64, 1);
+        let q = Nf4Tensor::quantize(&w, &[16, 64], 64, true).unwrap();
+        let dev = Nf4Device::from_host(&q, &Device::Cpu).unwrap();
+        let buf = Tensor::zeros((16, 64), DType::F32, &Device::Cpu).unwrap();
+        dev.dequantize_into(&buf).unwrap();
+        let first: Vec<f32> = buf.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(first, q.dequantize_to_vec());
+        let wrong = Tensor::zeros((16, 63), DType::F32, &Device::Cpu).unwrap();
+        let err = dev.dequantize_into(&wrong).unwrap_err().to_string();
+        assert!(err.contains("1008") && err.contains("1024"), "{err}");
+    }
+
+    /// The kernel source carries its own copy of the codebook (constant memory); it
+    /// must be the same numbers as the CPU reference's.
+    #[test]
+    fn kernel_codebook_equals_reference() {
+        let src = include_str!("../../../kernels/nf4.cu");
+        let start = src.find("NF4_CODE[16] = {").expect("codebook in nf4.cu") + 16;
+        let end = start + src[start..].find("};").unwrap();
+        let values: Vec<f32> = src[start..end]
+            .split(',')
+            .map(|s| s.trim().trim_end_matches('f').parse::<f32>().unwrap())
+            .collect();
+        assert_eq!(values.as_slice(), NF4_CODE.as_slice());
+    }
+}

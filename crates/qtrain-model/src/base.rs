@@ -1,0 +1,334 @@
+//! The frozen base model as qtrain holds it: NF4 double-quantized projections,
+//! bf16 (or f32 on CPU) embeddings, norms and lm_head.
+//!
+//! Loading quantizes one projection at a time straight from the memory-mapped
+//! shards, so the host never holds more than one full-precision matrix (the largest
+//! Mistral-7B projection is 4096 x 14336, 235 MB in f32) besides the quantized model.
+
+use crate::config::{ModelConfig, Proj, PROJECTIONS};
+use crate::error::{ModelError, Result};
+use crate::safetensors_io::{RawTensor, ShardedTensors};
+use candle_core::{DType, Device, Tensor};
+use qtrain_quant::Nf4Tensor;
+use std::path::{Path, PathBuf};
+
+/// How the projections of the decoder layers are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    /// NF4 with the given block size; `double_quant` quantizes the absmax values too.
+    Nf4 { blocksize: usize, double_quant: bool },
+    /// Keep projections in the compute dtype (for tests and small models).
+    None,
+}
+
+impl Default for Quantization {
+    fn default() -> Self {
+        Quantization::Nf4 {
+            blocksize: 64,
+            double_quant: true,
+        }
+    }
+}
+
+/// Where and in which precision the model runs.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Compute dtype for embeddings, norms, lm_head and dequantized weights.
+    pub dtype: DType,
+    pub quantization: Quantization,
+    /// Threads used for quantizing while loading (0 = all cores).
+    pub threads: usize,
+}
+
+impl LoadOptions {
+    pub fn cpu_f32() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            quantization: Quantization::default(),
+            threads: 0,
+        }
+    }
+}
+
+/// A frozen linear map `y = x W^T` with `W: [out, in]`. It never receives a gradient;
+/// its full-precision form exists only transiently, produced by [`FrozenLinear::weight`].
+pub struct FrozenLinear {
+    pub out_features: usize,
+    pub in_features: usize,
+    pub storage: FrozenStorage,
+}
+
+pub enum FrozenStorage {
+    /// NF4 codes and (double-quantized) absmax on the host. The CPU path dequantizes
+    /// with the reference implementation of `qtrain-quant`.
+    Nf4(Nf4Tensor),
+    /// Unquantized weight in the compute dtype, on the model's device.
+    Dense(Tensor),
+}
+
+impl FrozenLinear {
+    /// The weight `[out, in]` in `dtype` on `device`. For NF4 the dequantized values
+    /// are written into `scratch` (reused across calls, so one buffer serves every
+    /// projection of every layer) and copied into a fresh tensor that the caller
+    /// drops after the layer's matmuls.
+    pub fn weight(&self, dtype: DType, device: &Device, scratch: &mut Vec<f32>) -> Result<Tensor> {
+        match &self.storage {
+            FrozenStorage::Dense(t) => Ok(t.to_dtype(dtype)?),
+            FrozenStorage::Nf4(q) => {
+                let n = self.out_features * self.in_features;
+                scratch.resize(n, 0.0);
+                q.dequantize_into(&mut scratch[..n]);
+                let t = Tensor::from_slice(&scratch[..n], (self.out_features, self.in_features), device)?;
+                Ok(if dtype == DType::F32 { t } else { t.to_dtype(dtype)? })
+            }
+        }
+    }
+
+    /// Bytes this weight occupies as stored.
+    pub fn storage_bytes(&self) -> usize {
+        match &self.storage {
+            FrozenStorage::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            FrozenStorage::Nf4(q) => q.storage_bytes(),
+        }
+    }
+}
+
+/// One decoder layer's frozen parameters.
+pub struct BaseLayer {
+    pub input_layernorm: Tensor,
+    pub post_attention_layernorm: Tensor,
+    /// Indexed by [`Proj::index`].
+    pub projs: Vec<FrozenLinear>,
+}
+
+impl BaseLayer {
+    pub fn proj(&self, p: Proj) -> &FrozenLinear {
+        &self.projs[p.index()]
+    }
+}
+
+/// The whole frozen base model.
+pub struct BaseModel {
+    pub config: ModelConfig,
+    /// The directory it was loaded from (tokenizer files live there).
+    pub source_dir: PathBuf,
+    pub device: Device,
+    pub dtype: DType,
+    pub quantization: Quantization,
+    /// `[vocab, hidden]`
+    pub embed_tokens: Tensor,
+    pub layers: Vec<BaseLayer>,
+    /// `[hidden]`
+    pub norm: Tensor,
+    /// `[vocab, hidden]`; the same storage as `embed_tokens` when tied.
+    pub lm_head: Tensor,
+}
+
+impl BaseModel {
+    /// Loads (and quantizes, unless the checkpoint is pre-quantized) a HF model directory.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let tensors = ShardedTensors::open_model_dir(dir)?;
+        Self::from_tensors(config, dir, &tensors, opts)
+    }
+
+    pub fn from_tensors(
+        config: ModelConfig,
+        dir: &Path,
+        tensors: &ShardedTensors,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let h = config.hidden_size;
+        let dense = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let raw = tensors.get(name)?;
+            raw.expect_shape(shape)?;
+            raw_to_tensor(&raw, opts.dtype, &opts.device)
+        };
+        let embed_tokens = dense("model.embed_tokens.weight", &[config.vocab_size, h])?;
+        let norm = dense("model.norm.weight", &[h])?;
+        let lm_head = if config.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            dense("lm_head.weight", &[config.vocab_size, h])?
+        };
+        let prequantized = config.is_prequantized();
+        let threads = if opts.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            opts.threads
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let input_layernorm =
+                dense(&format!("model.layers.{l}.input_layernorm.weight"), &[h])?;
+            let post_attention_layernorm =
+                dense(&format!("model.layers.{l}.post_attention_layernorm.weight"), &[h])?;
+            let projs = if prequantized {
+                PROJECTIONS
+                    .iter()
+                    .map(|&p| load_prequantized(tensors, &config, l, p))
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                quantize_layer(tensors, &config, l, opts, threads)?
+            };
+            layers.push(BaseLayer {
+                input_layernorm,
+                post_attention_layernorm,
+                projs,
+            });
+            tracing::debug!(layer = l, "loaded");
+        }
+        let quantization = if prequantized {
+            let q = config.quantization_config.as_ref().expect("prequantized");
+            Quantization::Nf4 {
+                blocksize: 64,
+                double_quant: q
+                    .get("bnb_4bit_use_double_quant")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false),
+            }
+        } else {
+            opts.quantization
+        };
+        Ok(Self {
+            config,
+            source_dir: dir.to_path_buf(),
+            device: opts.device.clone(),
+            dtype: opts.dtype,
+            quantization,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// Bytes held by the frozen weights (what the device must hold for the base).
+    pub fn storage_bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let tied = self.config.tie_word_embeddings;
+        dense(&self.embed_tokens)
+            + if tied { 0 } else { dense(&self.lm_head) }
+            + dense(&self.norm)
+            + self
+                .layers
+                .iter()
+                .map(|l| {
+                    dense(&l.input_layernorm)
+                        + dense(&l.post_attention_layernorm)
+                        + l.projs.iter().map(FrozenLinear::storage_bytes).sum::<usize>()
+                })
+                .sum::<usize>()
+    }
+}
+
+/// Reads a float tensor into the compute dtype without going through f32 when the
+/// stored dtype already matches (bf16 embeddings stay bf16 on the GPU).
+pub(crate) fn raw_to_tensor(raw: &RawTensor<'_>, dtype: DType, device: &Device) -> Result<Tensor> {
+    use safetensors::Dtype as S;
+    let stored = match raw.dtype {
+        S::BF16 => DType::BF16,
+        S::F16 => DType::F16,
+        S::F32 => DType::F32,
+        other => {
+            return Err(ModelError::DtypeMismatch {
+                path: raw.path.to_path_buf(),
+                name: raw.name.to_string(),
+                found: format!("{other:?}"),
+                expected: "BF16, F16 or F32".into(),
+            })
+        }
+    };
+    let t = Tensor::from_raw_buffer(raw.bytes, stored, raw.shape, &Device::Cpu)?;
+    Ok(t.to_dtype(dtype)?.to_device(device)?)
+}
+
+/// Quantizes the seven projections of layer `l`, `threads` matrices at a time.
+fn quantize_layer(
+    tensors: &ShardedTensors,
+    config: &ModelConfig,
+    l: usize,
+    opts: &LoadOptions,
+    threads: usize,
+) -> Result<Vec<FrozenLinear>> {
+    // Each worker converts one matrix to f32 and quantizes it; at most `threads`
+    // f32 matrices exist at once.
+    let mut out: Vec<Option<Result<FrozenLinear>>> = (0..PROJECTIONS.len()).map(|_| None).collect();
+    for chunk in PROJECTIONS.chunks(threads.max(1)) {
+        let results: Vec<Result<FrozenLinear>> = std::thread::scope(|s| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|&p| s.spawn(move || load_one_projection(tensors, config, l, p, opts)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("quantization thread panicked"))
+                .collect()
+        });
+        for (&p, r) in chunk.iter().zip(results) {
+            out[p.index()] = Some(r);
+        }
+    }
+    out.into_iter().map(|r| r.expect("every projection visited")).collect()
+}
+
+fn load_one_projection(
+    tensors: &ShardedTensors,
+    config: &ModelConfig,
+    l: usize,
+    p: Proj,
+    opts: &LoadOptions,
+) -> Result<FrozenLinear> {
+    let name = p.weight_name(l);
+    let raw = tensors.get(&name)?;
+    let [o, i] = config.proj_shape(p);
+    raw.expect_shape(&[o, i])?;
+    let storage = match opts.quantization {
+        Quantization::None => FrozenStorage::Dense(raw_to_tensor(&raw, opts.dtype, &opts.device)?),
+        Quantization::Nf4 {
+            blocksize,
+            double_quant,
+        } => {
+            let data = raw.to_f32_vec()?;
+            let q = Nf4Tensor::quantize(&data, &[o, i], blocksize, double_quant).map_err(|e| {
+                ModelError::Quant {
+                    path: raw.path.to_path_buf(),
+                    name: name.clone(),
+                    source: e,
+                }
+            })?;
+            FrozenStorage::Nf4(q)
+        }
+    };
+    Ok(FrozenLinear {
+        out_features: o,
+        in_features: i,
+        storage,
+    })
+}
+
+fn load_prequantized(
+    tensors: &ShardedTensors,
+    config: &ModelConfig,
+    l: usize,
+    p: Proj,
+) -> Result<FrozenLinear> {
+    let name = p.weight_name(l);
+    let [o, i] = config.proj_shape(p);
+    let q = crate::bnb::read_nf4(tensors, &name)?;
+    if q.shape != [o, i] {
+        return Err(ModelError::ShapeMismatch {
+            path: tensors.get(&name)?.path.to_path_buf(),
+            name,
+            found: q.shape.clone(),
+            expected: vec![o, i],
+        });
+    }
+    Ok(FrozenLinear {
+        out_features: o,
+        in_features: i,
+        storage: FrozenStorage::Nf4(q),
+    })
+}

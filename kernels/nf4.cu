@@ -1,0 +1,92 @@
+// NF4 dequantization (bitsandbytes layout) into a reused bf16 or f32 buffer.
+//
+// CPU reference: crates/qtrain-kernels/src/nf4.rs (`dequantize_cpu`), itself checked
+// against qtrain-quant's Nf4Tensor::dequantize_into. Layout of the inputs:
+//   codes : packed 4-bit codes, first element of a pair in the high nibble (numel/2
+//           bytes, rounded up), immediately followed by one 8-bit absmax code per
+//           quantization block when double quantization is on.
+//   stats : double quant: [offset, nested_code[256], nested_absmax[n_nested]]
+//           plain        : [absmax[n_blocks]]
+// The op is memory-bound (0.5 byte read + 2 bytes written per bf16 weight), so each
+// thread moves 8 code bytes (16 weights) with one 8-byte load and 16-byte stores.
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+__constant__ float NF4_CODE[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+template <typename T> __device__ __forceinline__ T cast_out(float v);
+template <> __device__ __forceinline__ float cast_out<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 cast_out<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename T>
+__device__ __forceinline__ void nf4_dequant_impl(const uint8_t *__restrict__ codes,
+                                                 const float *__restrict__ stats,
+                                                 T *__restrict__ out, uint64_t numel,
+                                                 uint32_t blocksize, uint32_t nested_blocksize,
+                                                 uint32_t double_quant) {
+  __shared__ float code[16];
+  __shared__ float nested_code[256];
+  if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
+  if (double_quant) {
+    for (uint32_t i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = stats[1 + i];
+  }
+  __syncthreads();
+
+  const uint64_t n_bytes = (numel + 1) / 2;
+  const uint64_t byte0 = ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+  if (byte0 >= n_bytes) return;
+  const uint64_t elem0 = byte0 * 2;
+  // blocksize >= 16 and a multiple of 16: the 16 weights share one absmax.
+  const uint64_t b = elem0 / blocksize;
+  float absmax;
+  if (double_quant) {
+    const uint8_t *qabsmax = codes + n_bytes;
+    absmax = nested_code[qabsmax[b]] * stats[257 + b / nested_blocksize] + stats[0];
+  } else {
+    absmax = stats[b];
+  }
+
+  if (byte0 + 8 <= n_bytes && elem0 + 16 <= numel) {
+    const uint2 packed = *reinterpret_cast<const uint2 *>(codes + byte0);
+    T vals[16];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const uint32_t word = k < 4 ? packed.x : packed.y;
+      const uint32_t byte = (word >> (8 * (k & 3))) & 0xff;
+      vals[2 * k] = cast_out<T>(code[byte >> 4] * absmax);
+      vals[2 * k + 1] = cast_out<T>(code[byte & 15] * absmax);
+    }
+    uint4 *dst = reinterpret_cast<uint4 *>(out + elem0);
+    const uint4 *src = reinterpret_cast<const uint4 *>(vals);
+#pragma unroll
+    for (int k = 0; k < (int)(16 * sizeof(T) / 16); ++k) dst[k] = src[k];
+  } else {
+    // Tail: the last few bytes, and an odd final element.
+    for (uint64_t i = byte0; i < n_bytes; ++i) {
+      const uint8_t byte = codes[i];
+      const uint64_t e = i * 2;
+      out[e] = cast_out<T>(code[byte >> 4] * absmax);
+      if (e + 1 < numel) out[e + 1] = cast_out<T>(code[byte & 15] * absmax);
+    }
+  }
+}
+
+extern "C" __global__ void nf4_dequant_bf16(const uint8_t *codes, const float *stats,
+                                            __nv_bfloat16 *out, uint64_t numel,
+                                            uint32_t blocksize, uint32_t nested_blocksize,
+                                            uint32_t double_quant) {
+  nf4_dequant_impl<__nv_bfloat16>(codes, stats, out, numel, blocksize, nested_blocksize,
+                                  double_quant);
+}
+
+extern "C" __global__ void nf4_dequant_f32(const uint8_t *codes, const float *stats, float *out,
+                                           uint64_t numel, uint32_t blocksize,
+                                           uint32_t nested_blocksize, uint32_t double_quant) {
+  nf4_dequant_impl<float>(codes, stats, out, numel, blocksize, nested_blocksize, double_quant);
+}
