@@ -1,0 +1,54 @@
+//! Errors of the LoRA crate. Every variant names the batch field, tensor name or
+//! shape involved, so a caller can tell what is wrong without a debugger.
+
+use candle_core::DType;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    #[error("invalid LoRA config: {0}")]
+    Config(String),
+    #[error("unknown LoRA target `{name}` (allowed: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")]
+    UnknownTarget { name: String },
+    #[error("batch field `{field}` has {found} entries, expected {expected} (batch_size {batch_size} x seq_len {seq_len})")]
+    BatchShape {
+        field: &'static str,
+        found: usize,
+        expected: usize,
+        batch_size: usize,
+        seq_len: usize,
+    },
+    #[error("batch: token id {id} at flat index {index} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { index: usize, id: u32, vocab: usize },
+    #[error(
+        "batch: label {label} at flat index {index} is neither -100 nor a token id below {vocab}"
+    )]
+    LabelOutOfRange {
+        index: usize,
+        label: i64,
+        vocab: usize,
+    },
+    #[error("unknown LoRA tensor `{name}`")]
+    UnknownTensor { name: String },
+    #[error("LoRA tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("LoRA tensor `{name}` has dtype {found:?}, expected {expected:?}")]
+    DtypeMismatch {
+        name: String,
+        found: DType,
+        expected: DType,
+    },
+    #[error("LoRA weights were made for {found} layers, the base model has {expected}")]
+    LayerCount { found: usize, expected: usize },
+    #[error("loss denominator must be a positive token count, got {0}")]
+    LossDenominator(f64),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Model(#[from] qtrain_model::ModelError),
+}
+
+pub type Result<T> = std::result::Result<T, LoraError>;
