@@ -1,1 +1,75 @@
-fn main() {}
+//! `qtrain`: the command line. Each subcommand lives in its own module and only
+//! parses, resolves paths and reports; the work is done by the library crates.
+
+mod bench;
+mod doctor;
+mod eval;
+mod export;
+mod generate;
+mod init_random;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "qtrain",
+    version,
+    about = "QLoRA fine-tuning of 7B chat models (Mistral, Llama) on one GPU",
+    long_about = "qtrain loads a Hugging Face model with a frozen 4-bit NF4 base, trains LoRA \
+adapters with hand-written backward passes and gradient checkpointing, and exports PEFT \
+adapters. Without a GPU it runs the same math on the CPU (tiny models, tests).\n\n\
+Logging: set RUST_LOG (e.g. RUST_LOG=debug)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train LoRA adapters on a frozen NF4 base within a time budget, with
+    /// checkpoints, exact resume and a PEFT adapter at the end. Without --config it
+    /// runs the built-in tiny CPU demo.
+    Run(run::Args),
+    /// Time training steps on a model of real shape (generated if absent) and print
+    /// tokens/s, step time and model FLOPs utilization as JSON lines.
+    Bench(bench::Args),
+    /// Check a GPU install: run every CUDA kernel and a training step against the
+    /// CPU reference; exits non-zero on any mismatch.
+    Doctor(doctor::Args),
+    /// Mean token loss of a model (with an optional PEFT adapter) on a dataset file.
+    Eval(eval::Args),
+    /// Export a checkpoint as a PEFT adapter, or as a merged full model.
+    Export(export::Args),
+    /// Answer a prompt with a model and optional adapter (greedy or top-p).
+    Generate(generate::Args),
+    /// Write a Hugging Face model directory with seeded random weights of a preset's
+    /// real shapes, plus a tokenizer built in code (for tests and benchmarks).
+    InitRandom(init_random::Args),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Doctor(a) => doctor::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Export(a) => export::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::InitRandom(a) => init_random::run(a),
+    };
+    if let Err(e) = result {
+        // `{:#}` prints the whole context chain on one line: "loading X: file Y: key Z".
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -192,11 +192,11 @@ impl InplaceOp3 for Nf4DequantOp {
         match dst.dtype() {
             DType::BF16 => {
                 let func = dev.get_or_load_custom_func("nf4_dequant_bf16", "qtrain_nf4", crate::ptx::NF4)?;
-                let out = dst.as_cuda_slice_mut::<half::bf16>()?.slice_mut(d0..d1);
+                let mut out = dst.as_cuda_slice_mut::<half::bf16>()?.slice_mut(d0..d1);
                 let mut b = func.builder();
                 b.arg(&codes);
                 b.arg(&stats);
-                b.arg(&out);
+                b.arg(&mut out);
                 candle_core::builder_arg!(b, numel, blocksize, nested, dq);
                 // SAFETY: argument types match the kernel signature; the grid covers
                 // exactly numel/16 threads, each bounds-checked.
@@ -204,11 +204,11 @@ impl InplaceOp3 for Nf4DequantOp {
             }
             DType::F32 => {
                 let func = dev.get_or_load_custom_func("nf4_dequant_f32", "qtrain_nf4", crate::ptx::NF4)?;
-                let out = dst.as_cuda_slice_mut::<f32>()?.slice_mut(d0..d1);
+                let mut out = dst.as_cuda_slice_mut::<f32>()?.slice_mut(d0..d1);
                 let mut b = func.builder();
                 b.arg(&codes);
                 b.arg(&stats);
-                b.arg(&out);
+                b.arg(&mut out);
                 candle_core::builder_arg!(b, numel, blocksize, nested, dq);
                 // SAFETY: as above.
                 unsafe { b.launch(cfg) }.w()?;

@@ -64,6 +64,9 @@ pub enum FrozenStorage {
     /// NF4 codes and (double-quantized) absmax on the host. The CPU path dequantizes
     /// with the reference implementation of `qtrain-quant`.
     Nf4(Nf4Tensor),
+    /// The same NF4 data resident on a GPU, dequantized by the CUDA kernel of
+    /// `qtrain-kernels`. The host copy is kept for saving the quantized cache.
+    Nf4Device(Box<(Nf4Tensor, qtrain_kernels::Nf4Device)>),
     /// Unquantized weight in the compute dtype, on the model's device.
     Dense(Tensor),
 }
@@ -76,6 +79,9 @@ impl FrozenLinear {
     pub fn weight(&self, dtype: DType, device: &Device, scratch: &mut Vec<f32>) -> Result<Tensor> {
         match &self.storage {
             FrozenStorage::Dense(t) => Ok(t.to_dtype(dtype)?),
+            // On the GPU the kernel writes straight into a fresh buffer from the
+            // stream-ordered allocator: only the layer's current weights are alive.
+            FrozenStorage::Nf4Device(q) => Ok(q.1.dequantize(dtype)?),
             FrozenStorage::Nf4(q) => {
                 let n = self.out_features * self.in_features;
                 scratch.resize(n, 0.0);
@@ -91,6 +97,16 @@ impl FrozenLinear {
         match &self.storage {
             FrozenStorage::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             FrozenStorage::Nf4(q) => q.storage_bytes(),
+            FrozenStorage::Nf4Device(q) => q.1.storage_bytes(),
+        }
+    }
+
+    /// The host NF4 data, when this weight is NF4-quantized.
+    pub fn nf4(&self) -> Option<&Nf4Tensor> {
+        match &self.storage {
+            FrozenStorage::Nf4(q) => Some(q),
+            FrozenStorage::Nf4Device(q) => Some(&q.0),
+            FrozenStorage::Dense(_) => None,
         }
     }
 }
@@ -168,7 +184,7 @@ impl BaseModel {
             let projs = if prequantized {
                 PROJECTIONS
                     .iter()
-                    .map(|&p| load_prequantized(tensors, &config, l, p))
+                    .map(|&p| load_prequantized(tensors, &config, l, p, &opts.device))
                     .collect::<Result<Vec<_>>>()?
             } else {
                 quantize_layer(tensors, &config, l, opts, threads)?
@@ -299,7 +315,7 @@ fn load_one_projection(
                     source: e,
                 }
             })?;
-            FrozenStorage::Nf4(q)
+            nf4_storage(q, &opts.device)?
         }
     };
     Ok(FrozenLinear {
@@ -309,11 +325,22 @@ fn load_one_projection(
     })
 }
 
+/// Host NF4 on the CPU; uploaded (host copy kept) on a GPU.
+fn nf4_storage(q: Nf4Tensor, device: &Device) -> Result<FrozenStorage> {
+    Ok(if device.is_cpu() {
+        FrozenStorage::Nf4(q)
+    } else {
+        let d = qtrain_kernels::Nf4Device::from_host(&q, device)?;
+        FrozenStorage::Nf4Device(Box::new((q, d)))
+    })
+}
+
 fn load_prequantized(
     tensors: &ShardedTensors,
     config: &ModelConfig,
     l: usize,
     p: Proj,
+    device: &Device,
 ) -> Result<FrozenLinear> {
     let name = p.weight_name(l);
     let [o, i] = config.proj_shape(p);
@@ -329,6 +356,6 @@ fn load_prequantized(
     Ok(FrozenLinear {
         out_features: o,
         in_features: i,
-        storage: FrozenStorage::Nf4(q),
+        storage: nf4_storage(q, device)?,
     })
 }

@@ -85,7 +85,6 @@ pub fn save_quantized(model: &BaseModel, out_dir: &Path) -> Result<()> {
     };
     std::fs::create_dir_all(out_dir).map_err(|e| ModelError::io(out_dir, e))?;
     let cfg = &model.config;
-    let h = cfg.hidden_size;
 
     // The items in file order: a dense tensor or a projection's bnb entries.
     enum Item<'a> {
@@ -103,9 +102,11 @@ pub fn save_quantized(model: &BaseModel, out_dir: &Path) -> Result<()> {
             &layer.post_attention_layernorm,
         ));
         for p in PROJECTIONS {
-            match &layer.proj(p).storage {
-                FrozenStorage::Nf4(q) => items.push(Item::Nf4(p.weight_name(l), q)),
-                FrozenStorage::Dense(t) => items.push(Item::Dense(p.weight_name(l), t)),
+            let proj = layer.proj(p);
+            match (&proj.storage, proj.nf4()) {
+                (_, Some(q)) => items.push(Item::Nf4(p.weight_name(l), q)),
+                (FrozenStorage::Dense(t), None) => items.push(Item::Dense(p.weight_name(l), t)),
+                (_, None) => unreachable!("only dense storage lacks NF4 data"),
             }
         }
     }
@@ -128,7 +129,6 @@ pub fn save_quantized(model: &BaseModel, out_dir: &Path) -> Result<()> {
             }
         }
     }
-    let _ = h;
     let mut w = StreamingWriter::create(&out_dir.join("model.safetensors"), specs, {
         let mut m = std::collections::BTreeMap::new();
         m.insert("format".to_string(), "pt".to_string());

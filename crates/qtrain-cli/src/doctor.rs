@@ -1,0 +1,146 @@
+//! `qtrain doctor`: checks an install on a GPU machine. Reports the device, runs
+//! each CUDA kernel against its CPU reference on random data (max error and
+//! achieved bandwidth), and runs one training step of a tiny model on the GPU and
+//! on the CPU, comparing the loss and every LoRA gradient. Exits non-zero on any
+//! mismatch. This is also how qtrain is tested on GPU machines without a Rust
+//! toolchain: build elsewhere, copy the binary, run `qtrain doctor`.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use qtrain_lora::{forward_backward, LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch};
+use qtrain_model::{LoadOptions, Quantization};
+use qtrain_quant::Nf4Tensor;
+use rand::{Rng, SeedableRng};
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    gpu: usize,
+}
+
+fn max_rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let scale = a.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(1e-30);
+    a.iter().zip(b).fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs())) / scale
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if !candle_core::utils::cuda_is_available() {
+        bail!("this qtrain was built without CUDA: rebuild with `cargo build --release --features cuda`");
+    }
+    let gpu = Device::new_cuda(a.gpu)?;
+    println!("device: CUDA {} (candle {:?})", a.gpu, gpu);
+    let mut failures = Vec::new();
+
+    // ---- NF4 dequantization: bit-exact against the CPU reference, and bandwidth.
+    let (rows, cols) = (4096usize, 14336usize);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-0.05f32..0.05)).collect();
+    let q = Nf4Tensor::quantize(&w, &[rows, cols], 64, true)?;
+    let want = q.dequantize_to_vec();
+    let dq = qtrain_kernels::Nf4Device::from_host(&q, &gpu)?;
+    for dtype in [DType::F32, DType::BF16] {
+        let out = Tensor::zeros((rows, cols), dtype, &gpu)?;
+        dq.dequantize_into(&out)?;
+        let got: Vec<f32> = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let err = max_rel_err(&want, &got);
+        let tol = if dtype == DType::F32 { 0.0 } else { 1.0 / 256.0 };
+        gpu.synchronize()?;
+        let iters = 20;
+        let t = Instant::now();
+        for _ in 0..iters {
+            dq.dequantize_into(&out)?;
+        }
+        gpu.synchronize()?;
+        let secs = t.elapsed().as_secs_f64() / iters as f64;
+        let bytes = dq.storage_bytes() as f64 + (rows * cols * dtype.size_in_bytes()) as f64;
+        let ok = err <= tol;
+        println!(
+            "nf4 dequantize {rows}x{cols} -> {dtype:?}: max rel err {err:.2e} (tol {tol:.1e}) {}, {:.1} us, {:.0} GB/s",
+            if ok { "ok" } else { "MISMATCH" },
+            secs * 1e6,
+            bytes / secs / 1e9
+        );
+        if !ok {
+            failures.push(format!("nf4 dequantize {dtype:?}"));
+        }
+    }
+
+    // ---- One training step of a tiny model: GPU vs CPU.
+    let dir = tempdir()?;
+    qtrain_train::models::write_random("tiny", &dir, 3, usize::MAX)?;
+    let rows_tok: Vec<Vec<u32>> = (0..4)
+        .map(|_| (0..64).map(|_| rng.random_range(3..300u32)).collect())
+        .collect();
+    let batch = TokenBatch::from_rows(&rows_tok)?;
+    let lcfg = LoraConfig {
+        dropout: 0.0,
+        targets: qtrain_model::PROJECTIONS.to_vec(),
+        ..LoraConfig::default()
+    };
+    let step = |device: &Device, dtype: DType| -> Result<(f64, Vec<(String, Vec<f32>, Vec<usize>)>)> {
+        let base = qtrain_model::BaseModel::load(
+            &dir,
+            &LoadOptions {
+                device: device.clone(),
+                dtype,
+                quantization: Quantization::default(),
+                threads: 0,
+            },
+        )?;
+        let mut lora = LoraWeights::init(&lcfg, &base.config, device)?;
+        // Non-zero B so that every gradient is non-trivial.
+        let mut host = lora.to_host()?;
+        for (i, (_, v, _)) in host.iter_mut().enumerate() {
+            for (j, x) in v.iter_mut().enumerate() {
+                if *x == 0.0 {
+                    *x = (((i * 31 + j * 17) % 97) as f32 - 48.0) * 1e-3;
+                }
+            }
+        }
+        lora.update_from_host(&host)?;
+        let mut grads = LoraGrads::zeros_like(&lora)?;
+        let valid = batch.valid_targets() as f64;
+        let so = StepOptions {
+            checkpointing: true,
+            dropout_seed: 0,
+            micro_step: 0,
+        };
+        let l = forward_backward(&base, &lora, &batch, &so, valid, &mut grads)?;
+        Ok((l.loss_sum / valid, grads.to_host()?))
+    };
+    let (cpu_loss, cpu_grads) = step(&Device::Cpu, DType::F32)?;
+    for (dtype, tol_loss, tol_grad) in [(DType::F32, 1e-4, 1e-3), (DType::BF16, 2e-2, 6e-2)] {
+        let (l, g) = step(&gpu, dtype)?;
+        let loss_err = (l - cpu_loss).abs() / cpu_loss.abs();
+        let grad_err = cpu_grads
+            .iter()
+            .zip(&g)
+            .map(|(a, b)| max_rel_err(&a.1, &b.1))
+            .fold(0f64, f64::max);
+        let ok = loss_err <= tol_loss && grad_err <= tol_grad;
+        println!(
+            "tiny training step on GPU ({dtype:?}) vs CPU (f32): loss {l:.5} vs {cpu_loss:.5} (rel {loss_err:.1e}), \
+             max rel gradient error {grad_err:.1e} over {} tensors {}",
+            g.len(),
+            if ok { "ok" } else { "MISMATCH" }
+        );
+        if !ok {
+            failures.push(format!("training step {dtype:?}"));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if failures.is_empty() {
+        println!("all checks passed");
+        Ok(())
+    } else {
+        bail!("checks failed: {}", failures.join(", "))
+    }
+}
+
+fn tempdir() -> Result<std::path::PathBuf> {
+    let d = std::env::temp_dir().join(format!("qtrain-doctor-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}

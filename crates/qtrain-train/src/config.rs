@@ -1,0 +1,568 @@
+//! The run configuration: the TOML schema of `qtrain run --config FILE`, its
+//! defaults, `--set key.path=value` overrides, and validation that reports every
+//! problem at once with its key path.
+//!
+//! Unknown keys are errors everywhere (`deny_unknown_fields`): a typo must never
+//! silently fall back to a default. Parse errors carry the file, line and column.
+
+use qtrain_data::DatasetConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A configuration problem, naming the file and where in it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A TOML syntax error, an unknown key or a wrong type, with line and column.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// `--set` problems.
+    #[error("--set {arg}: {message}")]
+    Override { arg: String, message: String },
+    /// Values that parse but make no sense; every one is listed.
+    #[error("{path}: invalid configuration:\n  {}", problems.join("\n  "))]
+    Invalid { path: PathBuf, problems: Vec<String> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub model: ModelSection,
+    pub lora: LoraSection,
+    pub data: DatasetConfig,
+    pub train: TrainSection,
+    pub optimizer: OptimizerSection,
+    pub budget: BudgetSection,
+    pub checkpoint: CheckpointSection,
+    pub eval: EvalSection,
+    pub log: LogSection,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            model: ModelSection::default(),
+            lora: LoraSection::default(),
+            data: DatasetConfig::default(),
+            train: TrainSection::default(),
+            optimizer: OptimizerSection::default(),
+            budget: BudgetSection::default(),
+            checkpoint: CheckpointSection::default(),
+            eval: EvalSection::default(),
+            log: LogSection::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// A Hugging Face model directory, a hub id (`org/name[@rev]`), or
+    /// `builtin:tiny` (a seeded random tiny Mistral generated on first use).
+    pub path: String,
+    /// `nf4` (frozen 4-bit base) or `none` (base in the compute dtype).
+    pub quantization: String,
+    pub double_quant: bool,
+    /// Quantize once, keep the bitsandbytes-format copy for later starts.
+    pub quantized_cache: bool,
+    /// `auto` (bf16 on GPUs that have it, f32 on the CPU), `bf16`, `f16`, `f32`.
+    pub dtype: String,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            path: "builtin:tiny".into(),
+            quantization: "nf4".into(),
+            double_quant: true,
+            quantized_cache: true,
+            dtype: "auto".into(),
+            device: "auto".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Any of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
+    pub targets: Vec<String>,
+    pub rslora: bool,
+    pub seed: u64,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self {
+            rank: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            targets: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
+            rslora: false,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Micro-batches per optimizer step (the batch size itself is `data.batch_size`).
+    pub grad_accum: usize,
+    /// Recompute each layer in backward instead of keeping its activations.
+    pub gradient_checkpointing: bool,
+    /// Global-norm gradient clipping (0 disables).
+    pub max_grad_norm: f32,
+    /// Stop after this many optimizer steps in a row with a NaN/Inf loss.
+    pub max_nonfinite_steps: usize,
+    /// Seeds dropout masks.
+    pub seed: u64,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            grad_accum: 1,
+            gradient_checkpointing: true,
+            max_grad_norm: 1.0,
+            max_nonfinite_steps: 5,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerSection {
+    /// `adamw8bit` (bitsandbytes-style 8-bit state) or `adamw32`.
+    pub kind: String,
+    pub lr: f32,
+    /// `constant`, `linear` or `cosine`; its length is the planner's step count.
+    pub schedule: String,
+    pub warmup_steps: u64,
+    /// The schedule's floor as a fraction of `lr`.
+    pub min_lr_ratio: f32,
+    pub betas: [f32; 2],
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Optimizer state in pinned host memory, streamed to the GPU: `auto`, `always`, `never`.
+    pub paged: String,
+}
+
+impl Default for OptimizerSection {
+    fn default() -> Self {
+        Self {
+            kind: "adamw8bit".into(),
+            lr: 2e-4,
+            schedule: "cosine".into(),
+            warmup_steps: 10,
+            min_lr_ratio: 0.1,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 0.0,
+            paged: "auto".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetSection {
+    /// Wall-clock budget; exactly one of hours / minutes / steps.
+    pub hours: Option<f64>,
+    pub minutes: Option<f64>,
+    /// A fixed number of optimizer steps instead of a time budget.
+    pub steps: Option<u64>,
+    /// Seconds kept free at the end for the final checkpoint and export; measured
+    /// from the periodic checkpoints when unset.
+    pub reserve_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// Where checkpoints, metrics, the final adapter and logs go.
+    pub output_dir: PathBuf,
+    /// Checkpoint every N optimizer steps (0: off).
+    pub every_steps: u64,
+    /// Checkpoint every N minutes of training (0: off).
+    pub every_minutes: f64,
+    /// Keep the newest K checkpoints.
+    pub keep_last: usize,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        Self {
+            output_dir: PathBuf::from("runs/qtrain"),
+            every_steps: 0,
+            every_minutes: 15.0,
+            keep_last: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Eval loss on the held-out split every N optimizer steps (0: only at the end).
+    pub every_steps: u64,
+    /// Batches per evaluation (0: the whole held-out split).
+    pub max_batches: usize,
+    /// Held-out prompts answered greedily at the end of the run, shown next to the
+    /// reference answer.
+    pub samples: usize,
+    /// Tokens generated per sample at most.
+    pub max_new_tokens: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            every_steps: 100,
+            max_batches: 16,
+            samples: 4,
+            max_new_tokens: 32,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    pub every_steps: u64,
+    pub jsonl: bool,
+    pub tensorboard: bool,
+    /// Draw an indicatif progress bar (off automatically when stderr is no terminal).
+    pub progress_bar: bool,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            every_steps: 1,
+            jsonl: true,
+            tensorboard: true,
+            progress_bar: true,
+        }
+    }
+}
+
+const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+impl RunConfig {
+    /// Reads `path`, applies `--set` overrides and validates.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        Self::from_toml_str(&text, path, overrides)
+    }
+
+    /// Parses TOML text (`path` names it in messages).
+    pub fn from_toml_str(text: &str, path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        // Parse into the typed schema first so errors point into the user's file.
+        let cfg: RunConfig = parse_typed(text, path)?;
+        let cfg = if overrides.is_empty() {
+            cfg
+        } else {
+            let mut table: toml::Table = toml::from_str(text).map_err(|e| parse_error(text, path, e))?;
+            for arg in overrides {
+                apply_override(&mut table, arg)?;
+            }
+            let merged = toml::to_string(&table).expect("a table serializes");
+            toml::from_str::<RunConfig>(&merged).map_err(|e| ConfigError::Override {
+                arg: overrides.join(" "),
+                message: e.message().to_string(),
+            })?
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Every problem with its key path; `Ok` when there is none.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let mut p = Vec::new();
+        let m = &self.model;
+        if m.path.trim().is_empty() {
+            p.push("model.path: must name a model directory, hub id or builtin:tiny".to_string());
+        }
+        if !["nf4", "none"].contains(&m.quantization.as_str()) {
+            p.push(format!("model.quantization: `{}` (expected nf4 or none)", m.quantization));
+        }
+        if !["auto", "bf16", "f16", "f32"].contains(&m.dtype.as_str()) {
+            p.push(format!("model.dtype: `{}` (expected auto, bf16, f16 or f32)", m.dtype));
+        }
+        let dev_ok = ["auto", "cpu", "cuda"].contains(&m.device.as_str())
+            || m.device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+        if !dev_ok {
+            p.push(format!("model.device: `{}` (expected auto, cpu, cuda or cuda:N)", m.device));
+        }
+        let l = &self.lora;
+        if l.rank == 0 {
+            p.push("lora.rank: must be > 0".into());
+        }
+        if !(l.alpha.is_finite() && l.alpha > 0.0) {
+            p.push(format!("lora.alpha: {} must be finite and > 0", l.alpha));
+        }
+        if !(0.0..1.0).contains(&l.dropout) {
+            p.push(format!("lora.dropout: {} must be in [0, 1)", l.dropout));
+        }
+        if l.targets.is_empty() {
+            p.push("lora.targets: at least one projection".into());
+        }
+        for t in &l.targets {
+            if !TARGETS.contains(&t.as_str()) {
+                p.push(format!("lora.targets: unknown `{t}` (expected some of {})", TARGETS.join(", ")));
+            }
+        }
+        if let Err(e) = self.data.validate() {
+            p.push(format!("data: {e}"));
+        }
+        let t = &self.train;
+        if t.grad_accum == 0 {
+            p.push("train.grad_accum: must be >= 1".into());
+        }
+        if !(t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0) {
+            p.push(format!("train.max_grad_norm: {} must be finite and >= 0", t.max_grad_norm));
+        }
+        if t.max_nonfinite_steps == 0 {
+            p.push("train.max_nonfinite_steps: must be >= 1".into());
+        }
+        let o = &self.optimizer;
+        if !["adamw8bit", "adamw32"].contains(&o.kind.as_str()) {
+            p.push(format!("optimizer.kind: `{}` (expected adamw8bit or adamw32)", o.kind));
+        }
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            p.push(format!("optimizer.lr: {} must be finite and > 0", o.lr));
+        }
+        if !["constant", "linear", "cosine"].contains(&o.schedule.as_str()) {
+            p.push(format!("optimizer.schedule: `{}` (expected constant, linear or cosine)", o.schedule));
+        }
+        if !(0.0..=1.0).contains(&o.min_lr_ratio) {
+            p.push(format!("optimizer.min_lr_ratio: {} must be in [0, 1]", o.min_lr_ratio));
+        }
+        for (i, b) in o.betas.iter().enumerate() {
+            if !(0.0..1.0).contains(b) {
+                p.push(format!("optimizer.betas[{i}]: {b} must be in [0, 1)"));
+            }
+        }
+        if !(o.eps.is_finite() && o.eps > 0.0) {
+            p.push(format!("optimizer.eps: {} must be finite and > 0", o.eps));
+        }
+        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+            p.push(format!("optimizer.weight_decay: {} must be finite and >= 0", o.weight_decay));
+        }
+        if !["auto", "always", "never"].contains(&o.paged.as_str()) {
+            p.push(format!("optimizer.paged: `{}` (expected auto, always or never)", o.paged));
+        }
+        let b = &self.budget;
+        let sources = [b.hours.is_some(), b.minutes.is_some(), b.steps.is_some()]
+            .iter()
+            .filter(|x| **x)
+            .count();
+        if sources > 1 {
+            p.push("budget: set only one of hours, minutes, steps".into());
+        }
+        for (k, v) in [("budget.hours", b.hours), ("budget.minutes", b.minutes)] {
+            if let Some(v) = v {
+                if !(v.is_finite() && v > 0.0) {
+                    p.push(format!("{k}: {v} must be finite and > 0"));
+                }
+            }
+        }
+        if b.steps == Some(0) {
+            p.push("budget.steps: must be >= 1".into());
+        }
+        if let Some(r) = b.reserve_seconds {
+            if !(r.is_finite() && r >= 0.0) {
+                p.push(format!("budget.reserve_seconds: {r} must be finite and >= 0"));
+            }
+        }
+        let c = &self.checkpoint;
+        if c.keep_last == 0 {
+            p.push("checkpoint.keep_last: must be >= 1".into());
+        }
+        if !(c.every_minutes.is_finite() && c.every_minutes >= 0.0) {
+            p.push(format!("checkpoint.every_minutes: {} must be finite and >= 0", c.every_minutes));
+        }
+        if self.log.every_steps == 0 {
+            p.push("log.every_steps: must be >= 1".into());
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems: p,
+            })
+        }
+    }
+
+    /// The budget as the planner takes it, after CLI overrides.
+    pub fn budget_kind(&self) -> Option<crate::planner::Budget> {
+        use crate::planner::Budget;
+        let b = &self.budget;
+        if let Some(s) = b.steps {
+            Some(Budget::Steps(s))
+        } else if let Some(h) = b.hours {
+            Some(Budget::Time(std::time::Duration::from_secs_f64(h * 3600.0)))
+        } else {
+            b.minutes
+                .map(|m| Budget::Time(std::time::Duration::from_secs_f64(m * 60.0)))
+        }
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+}
+
+fn parse_typed(text: &str, path: &Path) -> Result<RunConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| parse_error(text, path, e))
+}
+
+/// A toml error as `file:line:column: message`.
+fn parse_error(text: &str, path: &Path, e: toml::de::Error) -> ConfigError {
+    let (line, column) = match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            (line, column)
+        }
+        None => (0, 0),
+    };
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        line,
+        column,
+        message: e.message().trim().to_string(),
+    }
+}
+
+/// Applies `section.key=value` to a parsed table. The value is read as a TOML
+/// value (`3e-4`, `true`, `["q_proj"]`), or as a string when it is not one.
+pub fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
+    let err = |message: String| ConfigError::Override {
+        arg: arg.to_string(),
+        message,
+    };
+    let (key, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| err("expected key.path=value".into()))?;
+    let key = key.trim();
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(err(format!("`{key}` is not a key path")));
+    }
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed v"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let mut cur = &mut *table;
+    for part in &parts[..parts.len() - 1] {
+        let entry = cur
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| err(format!("`{part}` is a value, not a section")))?;
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    // An unknown key is caught when the merged table is read back into the schema.
+    let probe = toml::to_string(&*table).expect("table serializes");
+    toml::from_str::<RunConfig>(&probe)
+        .map(|_| ())
+        .map_err(|e| err(e.message().trim().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p() -> &'static Path {
+        Path::new("run.toml")
+    }
+
+    #[test]
+    fn every_shipped_config_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            if path.extension().is_some_and(|x| x == "toml") {
+                RunConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 6, "expected the six shipped configs, found {n}");
+    }
+
+    #[test]
+    fn typo_reports_line_column_and_key() {
+        let text = "[lora]\nrank = 8\nrnak = 4\n";
+        let e = RunConfig::from_toml_str(text, p(), &[]).unwrap_err().to_string();
+        assert!(e.starts_with("run.toml:3:1:"), "{e}");
+        assert!(e.contains("rnak"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_reports_position() {
+        let text = "[optimizer]\nlr = \"fast\"\n";
+        let e = RunConfig::from_toml_str(text, p(), &[]).unwrap_err().to_string();
+        assert!(e.starts_with("run.toml:2:6:"), "{e}");
+    }
+
+    #[test]
+    fn all_problems_reported_at_once() {
+        let text = "[lora]\nrank = 0\ndropout = 1.5\ntargets = [\"q_proj\", \"qkv\"]\n[optimizer]\nlr = -1.0\n[budget]\nhours = 1.0\nsteps = 10\n";
+        let e = RunConfig::from_toml_str(text, p(), &[]).unwrap_err();
+        let ConfigError::Invalid { problems, .. } = &e else { panic!("{e}") };
+        let all = problems.join("\n");
+        for needle in ["lora.rank", "lora.dropout", "`qkv`", "optimizer.lr", "budget: set only one"] {
+            assert!(all.contains(needle), "missing {needle} in:\n{all}");
+        }
+        assert_eq!(problems.len(), 5, "{all}");
+    }
+
+    #[test]
+    fn overrides_apply_and_unknown_keys_are_named() {
+        let cfg = RunConfig::from_toml_str(
+            "[optimizer]\nlr = 1e-4\n",
+            p(),
+            &["optimizer.lr=3e-4".into(), "lora.targets=[\"q_proj\",\"v_proj\"]".into(), "model.path=some/dir".into()],
+        )
+        .unwrap();
+        assert_eq!(cfg.optimizer.lr, 3e-4);
+        assert_eq!(cfg.lora.targets, vec!["q_proj", "v_proj"]);
+        assert_eq!(cfg.model.path, "some/dir");
+        let e = RunConfig::from_toml_str("", p(), &["optimizer.lrr=1".into()]).unwrap_err().to_string();
+        assert!(e.contains("optimizer.lrr=1") && e.contains("lrr"), "{e}");
+        let e = RunConfig::from_toml_str("", p(), &["nonsense".into()]).unwrap_err().to_string();
+        assert!(e.contains("key.path=value"), "{e}");
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let cfg = RunConfig::default();
+        let back = RunConfig::from_toml_str(&cfg.to_toml(), p(), &[]).unwrap();
+        assert_eq!(back, cfg);
+    }
+}

@@ -1,0 +1,659 @@
+//! The training loop of `qtrain run`: one straight loop from loading the model to
+//! the exported adapter.
+//!
+//! ```text
+//! load base (NF4, through the quantized cache) ─ tokenizer ─ data stream
+//! LoRA init (or checkpoint) ─ optimizer (or checkpoint) ─ planner (budget)
+//! loop until the planner says stop:
+//!     grad_accum micro-batches → forward_backward (loss normalized by the step's
+//!     valid tokens) → clip → AdamW → planner → metrics, eval, checkpoint, signals
+//! final checkpoint → PEFT adapter → eval loss and sample answers
+//! ```
+//!
+//! The LoRA weights' master copy lives on the host in f32 (the optimizer's slices);
+//! after each update it is written back to the device tensors the model reads.
+
+use crate::ckpt_io::{self, CkptError};
+use crate::config::RunConfig;
+use crate::metrics::{MetricsSink, Record};
+use crate::models::{self, ModelSourceError};
+use crate::peft::{self, PeftDtype, PeftSettings};
+use crate::planner::{Budget, Clock, Plan, Planner, PlannerState};
+use qtrain_data::{BatchStream, DataCursor, DatasetConfig, Encoder, EvalStream, Sample};
+use qtrain_lora::{forward_backward, forward_loss, LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch};
+use qtrain_model::{BaseModel, LoadOptions, Proj, Quantization};
+use qtrain_optim::{clip_grad_norm, AdamW32, AdamW8bit, AdamWConfig, LrSchedule, Optimizer, ParamSpec, PagingPolicy, ScheduleKind};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Source(#[from] ModelSourceError),
+    #[error(transparent)]
+    Model(#[from] qtrain_model::ModelError),
+    #[error(transparent)]
+    Lora(#[from] qtrain_lora::LoraError),
+    #[error(transparent)]
+    Data(#[from] qtrain_data::DataError),
+    #[error(transparent)]
+    Optim(#[from] qtrain_optim::OptimError),
+    #[error(transparent)]
+    Checkpoint(#[from] CkptError),
+    #[error(transparent)]
+    Peft(#[from] peft::PeftError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error("{path}: {msg}")]
+    Resume { path: PathBuf, msg: String },
+    #[error("the dataset ran dry: no batch could be made (is it empty?)")]
+    NoData,
+    #[error(
+        "stopped after {count} optimizer steps in a row with a non-finite loss or gradient \
+         (last at step {step}); a checkpoint of the last good state is in {checkpoint}. \
+         Lower optimizer.lr or check the data."
+    )]
+    NonFinite {
+        count: usize,
+        step: u64,
+        checkpoint: PathBuf,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+type Result<T> = std::result::Result<T, TrainError>;
+
+/// Where to resume from.
+#[derive(Debug, Clone)]
+pub enum Resume {
+    /// The newest checkpoint in the run's output directory.
+    Latest,
+    Dir(PathBuf),
+}
+
+/// Everything `run` needs besides the config.
+pub struct RunOptions {
+    pub config: RunConfig,
+    pub resume: Option<Resume>,
+    pub clock: Box<dyn Clock>,
+    /// Set by SIGINT/SIGTERM: checkpoint and stop after the current step.
+    pub stop: Arc<AtomicBool>,
+    /// Stop (with a checkpoint) once this step is done, without changing the plan:
+    /// for preemptible machines, and how the resume test interrupts a run.
+    pub halt_at_step: Option<u64>,
+    /// Where `builtin:` models and the quantized cache live.
+    pub cache_root: PathBuf,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub steps: u64,
+    pub tokens: u64,
+    pub elapsed: Duration,
+    pub last_train_loss: Option<f64>,
+    /// Eval loss before training and at the end.
+    pub first_eval_loss: Option<f64>,
+    pub final_eval_loss: Option<f64>,
+    pub checkpoint: PathBuf,
+    pub adapter_dir: PathBuf,
+    /// (prompt, reference answer, generated answer) before and after training.
+    pub samples: Vec<SampleAnswer>,
+    pub stopped_by_signal: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct SampleAnswer {
+    pub prompt: String,
+    pub reference: String,
+    pub before: String,
+    pub after: String,
+}
+
+/// The non-tensor state of a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub step: u64,
+    pub tokens_seen: u64,
+    pub planner: PlannerState,
+    pub data_cursor: DataCursor,
+    pub nonfinite_in_a_row: usize,
+    pub first_eval_loss: Option<f64>,
+    /// The config the run started with (TOML), so a resume can check compatibility.
+    pub config_toml: String,
+    pub model_dir: PathBuf,
+}
+
+const ADAPTER_FILE: &str = "adapter.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "trainer_state.json";
+
+fn lora_config(cfg: &RunConfig) -> Result<LoraConfig> {
+    let targets = cfg
+        .lora
+        .targets
+        .iter()
+        .map(|t| Proj::from_name(t).ok_or_else(|| TrainError::Other(format!("lora.targets: unknown `{t}`"))))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(LoraConfig {
+        rank: cfg.lora.rank,
+        alpha: cfg.lora.alpha,
+        dropout: cfg.lora.dropout,
+        targets,
+        rslora: cfg.lora.rslora,
+        seed: cfg.lora.seed,
+    })
+}
+
+fn schedule(cfg: &RunConfig) -> LrSchedule {
+    let o = &cfg.optimizer;
+    LrSchedule {
+        kind: match o.schedule.as_str() {
+            "constant" => ScheduleKind::Constant,
+            "linear" => ScheduleKind::Linear,
+            _ => ScheduleKind::Cosine,
+        },
+        peak_lr: o.lr,
+        warmup_steps: o.warmup_steps,
+        min_lr_ratio: o.min_lr_ratio,
+    }
+}
+
+fn adamw_config(cfg: &RunConfig) -> AdamWConfig {
+    let o = &cfg.optimizer;
+    AdamWConfig {
+        betas: (o.betas[0], o.betas[1]),
+        eps: o.eps,
+        weight_decay: o.weight_decay,
+        paging: match o.paged.as_str() {
+            "always" => PagingPolicy::Always,
+            "never" => PagingPolicy::Never,
+            _ => PagingPolicy::default(),
+        },
+        ..AdamWConfig::default()
+    }
+}
+
+fn make_optimizer(cfg: &RunConfig, specs: &[ParamSpec], from: Option<&Path>) -> Result<Box<dyn Optimizer>> {
+    let c = adamw_config(cfg);
+    Ok(match (cfg.optimizer.kind.as_str(), from) {
+        ("adamw32", None) => Box::new(AdamW32::new(c, specs)?),
+        ("adamw32", Some(p)) => Box::new(AdamW32::load_state_for(p, specs)?),
+        (_, None) => Box::new(AdamW8bit::new(c, specs)?),
+        (_, Some(p)) => Box::new(AdamW8bit::load_state_for(p, specs)?),
+    })
+}
+
+fn to_token_batch(b: &qtrain_data::Batch) -> Result<TokenBatch> {
+    Ok(TokenBatch::new(
+        b.input_ids.clone(),
+        b.labels.clone(),
+        b.position_ids.clone(),
+        b.segment_ids.clone(),
+        b.batch_size,
+        b.seq_len,
+    )?)
+}
+
+/// Writes LoRA tensors (qtrain names, f32) as safetensors.
+fn save_lora(path: &Path, params: &[(String, Vec<f32>, Vec<usize>)]) -> Result<()> {
+    use qtrain_model::safetensors_io::{f32_to_le_bytes, StreamingWriter, TensorSpec};
+    let specs = params
+        .iter()
+        .map(|(n, _, s)| TensorSpec::new(n.clone(), safetensors::Dtype::F32, s))
+        .collect();
+    let mut w = StreamingWriter::create(path, specs, None)?;
+    for (_, v, _) in params {
+        w.write_next(&f32_to_le_bytes(v))?;
+    }
+    Ok(w.finish()?)
+}
+
+fn load_lora(path: &Path, expected: &[(String, Vec<f32>, Vec<usize>)]) -> Result<Vec<(String, Vec<f32>, Vec<usize>)>> {
+    let st = qtrain_model::safetensors_io::ShardedTensors::open(&[path.to_path_buf()])?;
+    expected
+        .iter()
+        .map(|(name, _, shape)| {
+            let t = st.get(name)?;
+            t.expect_shape(shape)?;
+            Ok((name.clone(), t.to_f32_vec()?, shape.clone()))
+        })
+        .collect()
+}
+
+/// Mean eval loss over the held-out split (at most `max_batches` batches).
+fn evaluate(base: &BaseModel, lora: Option<&LoraWeights>, data: &DatasetConfig, enc: &Arc<Encoder>, max_batches: usize) -> Result<Option<f64>> {
+    let stream = EvalStream::new(data, enc.clone())?;
+    let (mut sum, mut n) = (0.0, 0usize);
+    for (i, b) in stream.enumerate() {
+        if max_batches > 0 && i >= max_batches {
+            break;
+        }
+        let l = forward_loss(base, lora, &to_token_batch(&b?)?)?;
+        sum += l.loss_sum;
+        n += l.valid_tokens;
+    }
+    Ok((n > 0).then(|| sum / n as f64))
+}
+
+/// Greedy answers to held-out prompts.
+fn answer(base: &BaseModel, lora: Option<&LoraWeights>, enc: &Encoder, prompts: &[(Vec<qtrain_data::Message>, String)], max_new: usize) -> Result<Vec<String>> {
+    prompts
+        .iter()
+        .map(|(msgs, _)| {
+            let ids = enc.encode_prompt(msgs)?;
+            let out = crate::generate::greedy(base, lora, &ids, max_new, enc.eos_id())?;
+            Ok(enc.decode(&out, true)?.trim().to_string())
+        })
+        .collect()
+}
+
+/// Held-out chat prompts (all turns but the last assistant one) with the reference answer.
+fn sample_prompts(data: &DatasetConfig, n: usize) -> Result<Vec<(Vec<qtrain_data::Message>, String)>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    Ok(qtrain_data::eval_samples(data, n)?
+        .into_iter()
+        .filter_map(|s| match s {
+            Sample::Chat(mut msgs) if msgs.last().is_some_and(|m| m.is_assistant()) => {
+                let reference = msgs.pop().expect("non-empty").content;
+                Some((msgs, reference))
+            }
+            _ => None,
+        })
+        .collect())
+}
+
+fn format_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{}h{:02}m{:02}s", s / 3600, s / 60 % 60, s % 60)
+}
+
+fn announce(plan: &Plan, tokens_per_step: u64) {
+    match plan.step_seconds {
+        Some(s) => tracing::info!(
+            "plan: {} optimizer steps ({} done), {:.2}s/step, {} tokens/step, {:.1}M tokens in all, ETA {}",
+            plan.total_steps,
+            plan.steps_done,
+            s,
+            tokens_per_step,
+            plan.tokens_planned as f64 / 1e6,
+            format_duration(plan.eta)
+        ),
+        None => tracing::info!("plan: {} optimizer steps (provisional until step time is measured)", plan.total_steps),
+    }
+}
+
+/// Runs (or resumes) a training run to the end of its budget.
+pub fn run(opts: RunOptions) -> Result<RunSummary> {
+    let RunOptions {
+        config: cfg,
+        resume,
+        clock,
+        stop,
+        halt_at_step,
+        cache_root,
+    } = opts;
+    let out_dir = cfg.checkpoint.output_dir.clone();
+    let ckpt_root = out_dir.join("checkpoints");
+    std::fs::create_dir_all(&out_dir).map_err(|e| TrainError::Other(format!("{}: {e}", out_dir.display())))?;
+
+    // ---- resume: read the checkpoint's state first; it decides the model and data position.
+    let resume_dir = match &resume {
+        None => None,
+        Some(Resume::Latest) => Some(ckpt_io::latest(&ckpt_root)?),
+        Some(Resume::Dir(d)) => Some(d.clone()),
+    };
+    let resumed: Option<TrainerState> = match &resume_dir {
+        None => None,
+        Some(dir) => {
+            ckpt_io::verify(dir)?;
+            let p = dir.join(STATE_FILE);
+            let text = std::fs::read_to_string(&p).map_err(|e| TrainError::Resume { path: p.clone(), msg: e.to_string() })?;
+            let st: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Resume { path: p.clone(), msg: e.to_string() })?;
+            let old: RunConfig = toml::from_str(&st.config_toml).map_err(|e| TrainError::Resume { path: p.clone(), msg: format!("stored config: {e}") })?;
+            if old.lora != cfg.lora || old.model.path != cfg.model.path || old.data != cfg.data || old.train.grad_accum != cfg.train.grad_accum {
+                return Err(TrainError::Resume {
+                    path: dir.clone(),
+                    msg: "the checkpoint was made with a different [model].path, [lora], [data] or train.grad_accum; \
+                          resume with the config it was made with (its config is in trainer_state.json)"
+                        .into(),
+                });
+            }
+            Some(st)
+        }
+    };
+
+    // ---- model
+    let device = models::device(&cfg.model.device)?;
+    let dtype = models::dtype(&cfg.model.dtype, &device);
+    let model_dir = models::resolve(&cfg.model.path, &cache_root)?;
+    let load = LoadOptions {
+        device: device.clone(),
+        dtype,
+        quantization: if cfg.model.quantization == "none" {
+            Quantization::None
+        } else {
+            Quantization::Nf4 { blocksize: 64, double_quant: cfg.model.double_quant }
+        },
+        threads: 0,
+    };
+    let t_load = Instant::now();
+    let base = if cfg.model.quantized_cache {
+        let (m, outcome) = qtrain_model::bnb::load_cached(&model_dir, &load, &cache_root.join("nf4"))?;
+        tracing::info!("quantized cache: {outcome:?}");
+        m
+    } else {
+        BaseModel::load(&model_dir, &load)?
+    };
+    tracing::info!(
+        "loaded {} ({} layers, {:.1} MB frozen) on {:?} as {:?} in {:.1}s",
+        model_dir.display(),
+        base.config.num_hidden_layers,
+        base.storage_bytes() as f64 / 1e6,
+        device,
+        dtype,
+        t_load.elapsed().as_secs_f64()
+    );
+    let encoder = Arc::new(Encoder::from_model_dir(&model_dir, &cfg.data.chat_template)?);
+
+    // ---- adapters, optimizer, data
+    let lcfg = lora_config(&cfg)?;
+    let mut lora = LoraWeights::init(&lcfg, &base.config, &device)?;
+    let mut grads = LoraGrads::zeros_like(&lora)?;
+    let mut params = lora.to_host()?;
+    let specs: Vec<ParamSpec> = params.iter().map(|(n, v, _)| ParamSpec::new(n.clone(), v.len())).collect();
+    let mut opt = make_optimizer(&cfg, &specs, resume_dir.as_ref().map(|d| d.join(OPTIMIZER_FILE)).as_deref())?;
+    if let Some(dir) = &resume_dir {
+        params = load_lora(&dir.join(ADAPTER_FILE), &params)?;
+        lora.update_from_host(&params)?;
+    }
+    let mut stream = match &resumed {
+        Some(st) => BatchStream::resume(&cfg.data, encoder.clone(), &st.data_cursor)?,
+        None => BatchStream::new(&cfg.data, encoder.clone())?,
+    };
+    let sched = schedule(&cfg);
+    let accum = cfg.train.grad_accum;
+    let tokens_per_step = (cfg.data.batch_size * cfg.data.seq_len * accum) as u64;
+
+    // ---- planner
+    let budget = cfg.budget_kind().unwrap_or(Budget::Steps(100));
+    let reserve = Duration::from_secs_f64(cfg.budget.reserve_seconds.unwrap_or(5.0));
+    let mut planner = match &resumed {
+        Some(st) => Planner::resume(budget, clock, reserve, tokens_per_step, &st.planner),
+        None => Planner::new(budget, clock, reserve, tokens_per_step),
+    };
+    let mut step = resumed.as_ref().map_or(0, |s| s.step);
+    let mut tokens_seen = resumed.as_ref().map_or(0, |s| s.tokens_seen);
+    let mut nonfinite = resumed.as_ref().map_or(0, |s| s.nonfinite_in_a_row);
+    tracing::info!(
+        "LoRA r={} alpha={} on {} ({:.2}M trainable parameters), {} optimizer, {:.1} MB state",
+        lcfg.rank,
+        lcfg.alpha,
+        cfg.lora.targets.join(","),
+        lora.num_parameters() as f64 / 1e6,
+        cfg.optimizer.kind,
+        opt.state_bytes() as f64 / 1e6
+    );
+    if step > 0 {
+        tracing::info!("resumed at step {step} from {}", resume_dir.as_ref().expect("resumed").display());
+    }
+
+    let mut sink = MetricsSink::create(&out_dir, cfg.log.jsonl, cfg.log.tensorboard)?;
+    let prompts = sample_prompts(&cfg.data, cfg.eval.samples)?;
+    let before = if resumed.is_none() { answer(&base, Some(&lora), &encoder, &prompts, cfg.eval.max_new_tokens)? } else { vec![String::new(); prompts.len()] };
+    let first_eval_loss = match &resumed {
+        Some(st) => st.first_eval_loss,
+        None => {
+            let l = evaluate(&base, Some(&lora), &cfg.data, &encoder, cfg.eval.max_batches)?;
+            if let Some(l) = l {
+                tracing::info!("eval loss before training: {l:.4}");
+                sink.log(&Record { step, eval_loss: Some(l), elapsed_s: 0.0, ..Record::default() })?;
+            }
+            l
+        }
+    };
+    announce(&planner.plan(), tokens_per_step);
+
+    let save = |dir_step: u64, params: &[(String, Vec<f32>, Vec<usize>)], opt: &dyn Optimizer, state: TrainerState| -> Result<PathBuf> {
+        let elapsed = state.planner.elapsed_secs;
+        Ok(ckpt_io::save(&ckpt_root, dir_step, elapsed, cfg.checkpoint.keep_last, |d| {
+            save_lora(&d.join(ADAPTER_FILE), params).map_err(|e| e.to_string())?;
+            opt.save_state(&d.join(OPTIMIZER_FILE)).map_err(|e| e.to_string())?;
+            std::fs::write(d.join(STATE_FILE), serde_json::to_string_pretty(&state).map_err(|e| e.to_string())?)?;
+            std::fs::write(d.join("config.toml"), &state.config_toml)?;
+            Ok(())
+        })?)
+    };
+    let state_now = |step: u64, tokens: u64, planner: &Planner, stream: &BatchStream, nonfinite: usize| TrainerState {
+        step,
+        tokens_seen: tokens,
+        planner: planner.state(),
+        data_cursor: stream.cursor(),
+        nonfinite_in_a_row: nonfinite,
+        first_eval_loss,
+        config_toml: cfg.to_toml(),
+        model_dir: model_dir.clone(),
+    };
+
+    let bar = progress_bar(&cfg, &planner.plan());
+    let mut last_ckpt_at = planner.elapsed();
+    let mut last_loss = None;
+    let mut last_checkpoint = resume_dir.clone();
+    let mut stopped_by_signal = false;
+    let mut measured_reserve = cfg.budget.reserve_seconds.is_some();
+    let mut window_tokens = 0u64;
+    let mut window_start = Instant::now();
+
+    while !planner.should_stop() {
+        if stop.load(Ordering::SeqCst) {
+            stopped_by_signal = true;
+            break;
+        }
+        let t0 = Instant::now();
+        let mut micro = Vec::with_capacity(accum);
+        for _ in 0..accum {
+            micro.push(stream.next().ok_or(TrainError::NoData)??);
+        }
+        let valid: usize = micro.iter().map(|b| b.valid_tokens).sum();
+        if valid == 0 {
+            // Reported, never trained on: the data crate counts such documents too.
+            tracing::warn!("step {step}: every label of this optimizer step is masked; skipping it");
+            continue;
+        }
+        grads.zero()?;
+        let mut loss_sum = 0.0;
+        for (i, b) in micro.iter().enumerate() {
+            let so = StepOptions {
+                checkpointing: cfg.train.gradient_checkpointing,
+                dropout_seed: cfg.train.seed,
+                micro_step: step * accum as u64 + i as u64,
+            };
+            loss_sum += forward_backward(&base, &lora, &to_token_batch(b)?, &so, valid as f64, &mut grads)?.loss_sum;
+        }
+        let loss = loss_sum / valid as f64;
+        let mut host_grads = grads.to_host()?;
+        let grad_norm = {
+            let mut slices: Vec<&mut [f32]> = host_grads.iter_mut().map(|g| g.1.as_mut_slice()).collect();
+            clip_grad_norm(&mut slices, cfg.train.max_grad_norm)
+        };
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            nonfinite += 1;
+            tracing::warn!("step {step}: loss {loss}, grad norm {grad_norm}: skipping the update ({nonfinite} in a row)");
+            if nonfinite >= cfg.train.max_nonfinite_steps {
+                let st = state_now(step, tokens_seen, &planner, &stream, nonfinite);
+                let checkpoint = save(step, &params, opt.as_ref(), st)?;
+                return Err(TrainError::NonFinite { count: nonfinite, step, checkpoint });
+            }
+            continue;
+        }
+        nonfinite = 0;
+        let lr = sched.lr_at(step, planner.plan().total_steps);
+        {
+            let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| p.1.as_mut_slice()).collect();
+            let g: Vec<&[f32]> = host_grads.iter().map(|g| g.1.as_slice()).collect();
+            opt.step(&mut p, &g, lr)?;
+        }
+        lora.update_from_host(&params)?;
+        step += 1;
+        let step_tokens: u64 = micro.iter().map(|b| (b.batch_size * b.seq_len) as u64).sum();
+        tokens_seen += step_tokens;
+        window_tokens += step_tokens;
+        last_loss = Some(loss);
+        if let Some(plan) = planner.record_step(t0.elapsed()) {
+            announce(&plan, tokens_per_step);
+            bar.set_length(plan.total_steps);
+        }
+        bar.set_position(step);
+
+        if step % cfg.log.every_steps == 0 {
+            let secs = window_start.elapsed().as_secs_f64();
+            let tps = window_tokens as f64 / secs.max(1e-9);
+            window_tokens = 0;
+            window_start = Instant::now();
+            bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
+            sink.log(&Record {
+                step,
+                loss: Some(loss),
+                lr: Some(lr as f64),
+                tokens_per_s: Some(tps),
+                grad_norm: Some(grad_norm as f64),
+                elapsed_s: planner.elapsed().as_secs_f64(),
+                ..Record::default()
+            })?;
+        }
+        if cfg.eval.every_steps > 0 && step % cfg.eval.every_steps == 0 {
+            let t = Instant::now();
+            if let Some(l) = evaluate(&base, Some(&lora), &cfg.data, &encoder, cfg.eval.max_batches)? {
+                bar.suspend(|| tracing::info!("step {step}: train loss {loss:.4}, eval loss {l:.4}"));
+                sink.log(&Record { step, eval_loss: Some(l), elapsed_s: planner.elapsed().as_secs_f64(), ..Record::default() })?;
+            }
+            planner.record_overhead(t.elapsed());
+        }
+        let minutes_since = (planner.elapsed() - last_ckpt_at).as_secs_f64() / 60.0;
+        let periodic = (cfg.checkpoint.every_steps > 0 && step % cfg.checkpoint.every_steps == 0)
+            || (cfg.checkpoint.every_minutes > 0.0 && minutes_since >= cfg.checkpoint.every_minutes)
+            // Measure what a checkpoint costs early, so the final one is planned for.
+            || !measured_reserve;
+        if periodic {
+            let t = Instant::now();
+            last_checkpoint = Some(save(step, &params, opt.as_ref(), state_now(step, tokens_seen, &planner, &stream, 0))?);
+            let took = t.elapsed();
+            planner.record_overhead(took);
+            if !measured_reserve {
+                // Final checkpoint + adapter export + final eval, with margin.
+                planner.set_reserve(took.mul_f64(3.0) + Duration::from_secs(2));
+                measured_reserve = true;
+            }
+            last_ckpt_at = planner.elapsed();
+        }
+        if halt_at_step == Some(step) {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+
+    // ---- final checkpoint, adapter, evaluation
+    let checkpoint = save(step, &params, opt.as_ref(), state_now(step, tokens_seen, &planner, &stream, nonfinite))?;
+    last_checkpoint.replace(checkpoint.clone());
+    let adapter_dir = out_dir.join("adapter");
+    peft::write_peft_adapter(
+        &adapter_dir,
+        &params,
+        &PeftSettings {
+            rank: lcfg.rank,
+            alpha: lcfg.alpha,
+            dropout: lcfg.dropout,
+            targets: lcfg.targets.clone(),
+            rslora: lcfg.rslora,
+            base_model: cfg.model.path.clone(),
+        },
+        PeftDtype::F32,
+    )?;
+    let final_eval_loss = if stopped_by_signal || halt_at_step == Some(step) {
+        None
+    } else {
+        evaluate(&base, Some(&lora), &cfg.data, &encoder, cfg.eval.max_batches)?
+    };
+    if let Some(l) = final_eval_loss {
+        sink.log(&Record { step, eval_loss: Some(l), elapsed_s: planner.elapsed().as_secs_f64(), ..Record::default() })?;
+    }
+    let after = if stopped_by_signal { Vec::new() } else { answer(&base, Some(&lora), &encoder, &prompts, cfg.eval.max_new_tokens)? };
+    let samples = prompts
+        .iter()
+        .zip(before)
+        .zip(after)
+        .map(|(((msgs, reference), before), after)| SampleAnswer {
+            prompt: msgs.last().map(|m| m.content.clone()).unwrap_or_default(),
+            reference: reference.clone(),
+            before,
+            after,
+        })
+        .collect();
+    Ok(RunSummary {
+        steps: step,
+        tokens: tokens_seen,
+        elapsed: planner.elapsed(),
+        last_train_loss: last_loss,
+        first_eval_loss,
+        final_eval_loss,
+        checkpoint,
+        adapter_dir,
+        samples,
+        stopped_by_signal,
+    })
+}
+
+fn progress_bar(cfg: &RunConfig, plan: &Plan) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let bar = ProgressBar::new(plan.total_steps);
+    if !cfg.log.progress_bar {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps, ETA {eta} | {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// The adapter of a qtrain checkpoint as PEFT tensors and settings, and the model
+/// path its run trained on (for `qtrain export`).
+pub fn adapter_from_checkpoint(dir: &Path) -> Result<(peft::PeftAdapter, String)> {
+    ckpt_io::verify(dir)?;
+    let p = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&p).map_err(|e| TrainError::Resume { path: p.clone(), msg: e.to_string() })?;
+    let st: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Resume { path: p.clone(), msg: e.to_string() })?;
+    let cfg: RunConfig = toml::from_str(&st.config_toml).map_err(|e| TrainError::Resume { path: p.clone(), msg: format!("stored config: {e}") })?;
+    let lcfg = lora_config(&cfg)?;
+    let st_file = dir.join(ADAPTER_FILE);
+    let tensors = qtrain_model::safetensors_io::ShardedTensors::open(&[st_file])?;
+    let params = tensors
+        .names()
+        .into_iter()
+        .map(|n| {
+            let t = tensors.get(n)?;
+            Ok((n.to_string(), t.to_f32_vec()?, t.shape.to_vec()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((
+        peft::PeftAdapter {
+            settings: PeftSettings {
+                rank: lcfg.rank,
+                alpha: lcfg.alpha,
+                dropout: lcfg.dropout,
+                targets: lcfg.targets,
+                rslora: lcfg.rslora,
+                base_model: cfg.model.path.clone(),
+            },
+            tensors: params,
+        },
+        cfg.model.path,
+    ))
+}
