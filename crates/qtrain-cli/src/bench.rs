@@ -53,7 +53,11 @@ pub fn run(a: Args) -> Result<()> {
     if !a.model.join("config.json").exists() {
         let t = Instant::now();
         qtrain_train::models::write_random(&a.preset, &a.model, 0, 5_000_000_000)?;
-        eprintln!("generated {} in {:.1}s", a.model.display(), t.elapsed().as_secs_f64());
+        eprintln!(
+            "generated {} in {:.1}s",
+            a.model.display(),
+            t.elapsed().as_secs_f64()
+        );
     }
     let device = qtrain_train::models::device(&a.device)?;
     let dtype = qtrain_train::models::dtype("auto", &device);
@@ -90,7 +94,12 @@ pub fn run(a: Args) -> Result<()> {
     for case in a.cases.split(',') {
         let (b, s) = case
             .split_once('x')
-            .and_then(|(b, s)| Some((b.trim().parse::<usize>().ok()?, s.trim().parse::<usize>().ok()?)))
+            .and_then(|(b, s)| {
+                Some((
+                    b.trim().parse::<usize>().ok()?,
+                    s.trim().parse::<usize>().ok()?,
+                ))
+            })
             .with_context(|| format!("--cases: `{case}` is not BATCHxSEQ"))?;
         let lcfg = LoraConfig {
             rank: a.rank,
@@ -103,11 +112,18 @@ pub fn run(a: Args) -> Result<()> {
         let mut lora = LoraWeights::init(&lcfg, cfg, &device)?;
         let mut grads = LoraGrads::zeros_like(&lora)?;
         let mut params = lora.to_host()?;
-        let specs: Vec<ParamSpec> = params.iter().map(|(n, v, _)| ParamSpec::new(n.clone(), v.len())).collect();
+        let specs: Vec<ParamSpec> = params
+            .iter()
+            .map(|(n, v, _)| ParamSpec::new(n.clone(), v.len()))
+            .collect();
         let mut opt = AdamW8bit::new(AdamWConfig::default(), &specs)?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let rows: Vec<Vec<u32>> = (0..b)
-            .map(|_| (0..s).map(|_| rng.random_range(3..cfg.vocab_size as u32)).collect())
+            .map(|_| {
+                (0..s)
+                    .map(|_| rng.random_range(3..cfg.vocab_size as u32))
+                    .collect()
+            })
             .collect();
         let batch = TokenBatch::from_rows(&rows)?;
         let valid = batch.valid_targets() as f64;
@@ -125,7 +141,8 @@ pub fn run(a: Args) -> Result<()> {
             let l = forward_backward(&base, &lora, &batch, &so, valid, &mut grads)?;
             let g = grads.to_host()?;
             {
-                let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| p.1.as_mut_slice()).collect();
+                let mut p: Vec<&mut [f32]> =
+                    params.iter_mut().map(|p| p.1.as_mut_slice()).collect();
                 let gs: Vec<&[f32]> = g.iter().map(|g| g.1.as_slice()).collect();
                 opt.step(&mut p, &gs, 1e-3)?;
             }
@@ -139,7 +156,8 @@ pub fn run(a: Args) -> Result<()> {
         let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
         let tokens = (b * s) as f64;
         let passes = if a.no_checkpointing { 2.0 } else { 3.0 };
-        let attn = 2.0 * (cfg.num_hidden_layers * s * cfg.num_attention_heads * cfg.head_dim()) as f64;
+        let attn =
+            2.0 * (cfg.num_hidden_layers * s * cfg.num_attention_heads * cfg.head_dim()) as f64;
         let flops_per_token = passes * 2.0 * matmul_params + (passes + 1.0) * attn;
         let tflops = flops_per_token * tokens / mean / 1e12;
         let json = serde_json::json!({

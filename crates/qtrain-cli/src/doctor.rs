@@ -21,8 +21,14 @@ pub struct Args {
 }
 
 fn max_rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let scale = a.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(1e-30);
-    a.iter().zip(b).fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs())) / scale
+    let scale = a
+        .iter()
+        .fold(0f64, |m, &x| m.max(x.abs() as f64))
+        .max(1e-30);
+    a.iter()
+        .zip(b)
+        .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()))
+        / scale
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -36,7 +42,9 @@ pub fn run(a: Args) -> Result<()> {
     // ---- NF4 dequantization: bit-exact against the CPU reference, and bandwidth.
     let (rows, cols) = (4096usize, 14336usize);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-0.05f32..0.05)).collect();
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|_| rng.random_range(-0.05f32..0.05))
+        .collect();
     let q = Nf4Tensor::quantize(&w, &[rows, cols], 64, true)?;
     let want = q.dequantize_to_vec();
     let dq = qtrain_kernels::Nf4Device::from_host(&q, &gpu)?;
@@ -45,7 +53,11 @@ pub fn run(a: Args) -> Result<()> {
         dq.dequantize_into(&out)?;
         let got: Vec<f32> = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let err = max_rel_err(&want, &got);
-        let tol = if dtype == DType::F32 { 0.0 } else { 1.0 / 256.0 };
+        let tol = if dtype == DType::F32 {
+            0.0
+        } else {
+            1.0 / 256.0
+        };
         gpu.synchronize()?;
         let iters = 20;
         let t = Instant::now();
@@ -79,37 +91,38 @@ pub fn run(a: Args) -> Result<()> {
         targets: qtrain_model::PROJECTIONS.to_vec(),
         ..LoraConfig::default()
     };
-    let step = |device: &Device, dtype: DType| -> Result<(f64, Vec<(String, Vec<f32>, Vec<usize>)>)> {
-        let base = qtrain_model::BaseModel::load(
-            &dir,
-            &LoadOptions {
-                device: device.clone(),
-                dtype,
-                quantization: Quantization::default(),
-                threads: 0,
-            },
-        )?;
-        let mut lora = LoraWeights::init(&lcfg, &base.config, device)?;
-        // Non-zero B so that every gradient is non-trivial.
-        let mut host = lora.to_host()?;
-        for (i, (_, v, _)) in host.iter_mut().enumerate() {
-            for (j, x) in v.iter_mut().enumerate() {
-                if *x == 0.0 {
-                    *x = (((i * 31 + j * 17) % 97) as f32 - 48.0) * 1e-3;
+    let step =
+        |device: &Device, dtype: DType| -> Result<(f64, Vec<qtrain_lora::lora::HostTensor>)> {
+            let base = qtrain_model::BaseModel::load(
+                &dir,
+                &LoadOptions {
+                    device: device.clone(),
+                    dtype,
+                    quantization: Quantization::default(),
+                    threads: 0,
+                },
+            )?;
+            let mut lora = LoraWeights::init(&lcfg, &base.config, device)?;
+            // Non-zero B so that every gradient is non-trivial.
+            let mut host = lora.to_host()?;
+            for (i, (_, v, _)) in host.iter_mut().enumerate() {
+                for (j, x) in v.iter_mut().enumerate() {
+                    if *x == 0.0 {
+                        *x = (((i * 31 + j * 17) % 97) as f32 - 48.0) * 1e-3;
+                    }
                 }
             }
-        }
-        lora.update_from_host(&host)?;
-        let mut grads = LoraGrads::zeros_like(&lora)?;
-        let valid = batch.valid_targets() as f64;
-        let so = StepOptions {
-            checkpointing: true,
-            dropout_seed: 0,
-            micro_step: 0,
+            lora.update_from_host(&host)?;
+            let mut grads = LoraGrads::zeros_like(&lora)?;
+            let valid = batch.valid_targets() as f64;
+            let so = StepOptions {
+                checkpointing: true,
+                dropout_seed: 0,
+                micro_step: 0,
+            };
+            let l = forward_backward(&base, &lora, &batch, &so, valid, &mut grads)?;
+            Ok((l.loss_sum / valid, grads.to_host()?))
         };
-        let l = forward_backward(&base, &lora, &batch, &so, valid, &mut grads)?;
-        Ok((l.loss_sum / valid, grads.to_host()?))
-    };
     let (cpu_loss, cpu_grads) = step(&Device::Cpu, DType::F32)?;
     for (dtype, tol_loss, tol_grad) in [(DType::F32, 1e-4, 1e-3), (DType::BF16, 2e-2, 6e-2)] {
         let (l, g) = step(&gpu, dtype)?;

@@ -41,12 +41,16 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let cache = qtrain_model::bnb::default_cache_root();
-    let (base, dir) = qtrain_train::models::load_base(&a.model, &a.quantization, &a.device, &a.dtype, &cache)
-        .with_context(|| format!("loading --model {}", a.model))?;
+    let (base, dir) =
+        qtrain_train::models::load_base(&a.model, &a.quantization, &a.device, &a.dtype, &cache)
+            .with_context(|| format!("loading --model {}", a.model))?;
     let lora = match &a.adapter {
         Some(d) => {
             let adapter = qtrain_train::peft::read_peft_adapter(d)?;
-            Some(qtrain_train::models::lora_from_peft(&adapter, &base).with_context(|| format!("--adapter {}", d.display()))?)
+            Some(
+                qtrain_train::models::lora_from_peft(&adapter, &base)
+                    .with_context(|| format!("--adapter {}", d.display()))?,
+            )
         }
         None => None,
     };
@@ -66,14 +70,28 @@ pub fn run(a: Args) -> Result<()> {
             break;
         }
         let b = b?;
-        let tb = TokenBatch::new(b.input_ids, b.labels, b.position_ids, b.segment_ids, b.batch_size, b.seq_len)?;
+        let tb = TokenBatch::new(
+            b.input_ids,
+            b.labels,
+            b.position_ids,
+            b.segment_ids,
+            b.batch_size,
+            b.seq_len,
+        )?;
         let l = forward_loss(&base, lora.as_ref(), &tb)?;
         sum += l.loss_sum;
         n += l.valid_tokens;
         batches += 1;
     }
-    anyhow::ensure!(n > 0, "{}: no tokens to evaluate (empty, or every label masked)", a.data);
+    anyhow::ensure!(
+        n > 0,
+        "{}: no tokens to evaluate (empty, or every label masked)",
+        a.data
+    );
     let mean = sum / n as f64;
-    println!("mean token loss: {mean:.4} (perplexity {:.2}) over {n} tokens in {batches} batches", mean.exp());
+    println!(
+        "mean token loss: {mean:.4} (perplexity {:.2}) over {n} tokens in {batches} batches",
+        mean.exp()
+    );
     Ok(())
 }

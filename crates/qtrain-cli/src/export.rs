@@ -60,7 +60,8 @@ pub fn run(a: Args) -> Result<()> {
     };
     let model = a.model.clone().unwrap_or(model);
     if a.merged {
-        let dir = qtrain_train::models::resolve(&model, &cache).with_context(|| format!("resolving the base model {model}"))?;
+        let dir = qtrain_train::models::resolve(&model, &cache)
+            .with_context(|| format!("resolving the base model {model}"))?;
         let base = match a.merge_base {
             Base::Original => MergeBase::Original,
             Base::Dequantized => MergeBase::Dequantized,

@@ -38,7 +38,10 @@ pub fn run(a: Args) -> Result<()> {
     let (base, dir) = qtrain_train::models::load_base(&a.model, "nf4", &a.device, &a.dtype, &cache)
         .with_context(|| format!("loading --model {}", a.model))?;
     let lora = match &a.adapter {
-        Some(d) => Some(qtrain_train::models::lora_from_peft(&qtrain_train::peft::read_peft_adapter(d)?, &base)?),
+        Some(d) => Some(qtrain_train::models::lora_from_peft(
+            &qtrain_train::peft::read_peft_adapter(d)?,
+            &base,
+        )?),
         None => None,
     };
     let enc = Encoder::from_model_dir(&dir, &DatasetConfig::default().chat_template)?;
@@ -53,7 +56,14 @@ pub fn run(a: Args) -> Result<()> {
         top_p: a.top_p,
         seed: a.seed,
     });
-    let out = qtrain_train::generate::generate(&base, lora.as_ref(), &ids, a.max_new_tokens, enc.eos_id(), sampling)?;
+    let out = qtrain_train::generate::generate(
+        &base,
+        lora.as_ref(),
+        &ids,
+        a.max_new_tokens,
+        enc.eos_id(),
+        sampling,
+    )?;
     println!("{}", enc.decode(&out, true)?);
     Ok(())
 }

@@ -37,6 +37,11 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn write(preset: &str, out: &Path, seed: u64, max_shard_bytes: usize) -> Result<ModelConfig> {
-    qtrain_train::models::write_random(preset, out, seed, max_shard_bytes)
-        .with_context(|| format!("--preset {preset} (known: {}) into {}", PRESETS.join(", "), out.display()))
+    qtrain_train::models::write_random(preset, out, seed, max_shard_bytes).with_context(|| {
+        format!(
+            "--preset {preset} (known: {}) into {}",
+            PRESETS.join(", "),
+            out.display()
+        )
+    })
 }

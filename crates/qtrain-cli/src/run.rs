@@ -40,9 +40,15 @@ pub fn run(a: Args) -> Result<()> {
     let overrides = a.set.clone();
     let cfg = match &a.config {
         Some(path) => load_with_budget(path, None, &overrides, &a)?,
-        None => load_with_budget(Path::new("configs/tiny-cpu.toml (built in)"), Some(DEFAULT_CONFIG), &overrides, &a)?,
+        None => load_with_budget(
+            Path::new("configs/tiny-cpu.toml (built in)"),
+            Some(DEFAULT_CONFIG),
+            &overrides,
+            &a,
+        )?,
     };
-    let stop = qtrain_train::signals::install_handler().context("installing the SIGINT/SIGTERM handler")?;
+    let stop = qtrain_train::signals::install_handler()
+        .context("installing the SIGINT/SIGTERM handler")?;
     let resume = a.resume.as_deref().map(|r| match r {
         "latest" => Resume::Latest,
         dir => Resume::Dir(PathBuf::from(dir)),
@@ -63,14 +69,25 @@ pub fn run(a: Args) -> Result<()> {
         summary.steps,
         summary.tokens as f64 / 1e6,
         summary.elapsed.as_secs_f64(),
-        if summary.stopped_by_signal { " (stopped by signal)" } else { "" }
+        if summary.stopped_by_signal {
+            " (stopped by signal)"
+        } else {
+            ""
+        }
     );
     if let (Some(a), Some(b)) = (summary.first_eval_loss, summary.final_eval_loss) {
         println!("eval loss: {a:.4} before training -> {b:.4} after");
     }
     if !summary.samples.is_empty() && summary.samples.iter().any(|s| !s.after.is_empty()) {
-        let right = summary.samples.iter().filter(|s| s.after == s.reference.trim()).count();
-        println!("held-out answers ({right}/{} right after training):", summary.samples.len());
+        let right = summary
+            .samples
+            .iter()
+            .filter(|s| s.after == s.reference.trim())
+            .count();
+        println!(
+            "held-out answers ({right}/{} right after training):",
+            summary.samples.len()
+        );
         for s in &summary.samples {
             println!("  prompt:    {}", s.prompt.replace('\n', " "));
             println!("  reference: {}", s.reference);
@@ -87,7 +104,12 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 /// Reads the config (file or embedded text) with the CLI's budget flags applied.
-fn load_with_budget(path: &Path, text: Option<&str>, sets: &[String], a: &Args) -> Result<RunConfig> {
+fn load_with_budget(
+    path: &Path,
+    text: Option<&str>,
+    sets: &[String],
+    a: &Args,
+) -> Result<RunConfig> {
     let mut overrides = sets.to_vec();
     // A budget flag replaces whatever budget the file sets.
     let budget = if let Some(h) = a.hours {
@@ -99,11 +121,14 @@ fn load_with_budget(path: &Path, text: Option<&str>, sets: &[String], a: &Args) 
     };
     let text = match text {
         Some(t) => t.to_string(),
-        None => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        None => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
     };
     let text = match &budget {
         Some(b) => {
-            let mut table: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            let mut table: toml::Table =
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
             let section = table
                 .entry("budget")
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()))
@@ -113,8 +138,17 @@ fn load_with_budget(path: &Path, text: Option<&str>, sets: &[String], a: &Args) 
                 section.remove(k);
             }
             let (k, v) = b.split_once('=').expect("key=value");
-            section.insert(k.into(), toml::from_str::<toml::Table>(&format!("v = {v}"))?.remove("v").expect("v"));
-            overrides.retain(|o| !["budget.hours", "budget.minutes", "budget.steps"].iter().any(|b| o.starts_with(b)));
+            section.insert(
+                k.into(),
+                toml::from_str::<toml::Table>(&format!("v = {v}"))?
+                    .remove("v")
+                    .expect("v"),
+            );
+            overrides.retain(|o| {
+                !["budget.hours", "budget.minutes", "budget.steps"]
+                    .iter()
+                    .any(|b| o.starts_with(b))
+            });
             toml::to_string(&table)?
         }
         None => text,

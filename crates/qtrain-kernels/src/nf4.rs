@@ -137,7 +137,11 @@ impl InplaceOp3 for Nf4DequantOp {
         };
         let value = |i: usize| -> f32 {
             let byte = codes[i / 2];
-            let nibble = if i % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+            let nibble = if i.is_multiple_of(2) {
+                byte >> 4
+            } else {
+                byte & 0x0f
+            };
             NF4_CODE[nibble as usize] * self.absmax(codes, stats, i / self.blocksize)
         };
         match dst {
@@ -191,7 +195,8 @@ impl InplaceOp3 for Nf4DequantOp {
         let dq = self.double_quant as u32;
         match dst.dtype() {
             DType::BF16 => {
-                let func = dev.get_or_load_custom_func("nf4_dequant_bf16", "qtrain_nf4", crate::ptx::NF4)?;
+                let func =
+                    dev.get_or_load_custom_func("nf4_dequant_bf16", "qtrain_nf4", crate::ptx::NF4)?;
                 let mut out = dst.as_cuda_slice_mut::<half::bf16>()?.slice_mut(d0..d1);
                 let mut b = func.builder();
                 b.arg(&codes);
@@ -203,7 +208,8 @@ impl InplaceOp3 for Nf4DequantOp {
                 unsafe { b.launch(cfg) }.w()?;
             }
             DType::F32 => {
-                let func = dev.get_or_load_custom_func("nf4_dequant_f32", "qtrain_nf4", crate::ptx::NF4)?;
+                let func =
+                    dev.get_or_load_custom_func("nf4_dequant_f32", "qtrain_nf4", crate::ptx::NF4)?;
                 let mut out = dst.as_cuda_slice_mut::<f32>()?.slice_mut(d0..d1);
                 let mut b = func.builder();
                 b.arg(&codes);
@@ -226,7 +232,9 @@ mod tests {
 
     fn random_weight(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        (0..rows * cols).map(|_| rng.random_range(-0.05f32..0.05)).collect()
+        (0..rows * cols)
+            .map(|_| rng.random_range(-0.05f32..0.05))
+            .collect()
     }
 
     #[test]

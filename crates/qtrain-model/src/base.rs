@@ -16,7 +16,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quantization {
     /// NF4 with the given block size; `double_quant` quantizes the absmax values too.
-    Nf4 { blocksize: usize, double_quant: bool },
+    Nf4 {
+        blocksize: usize,
+        double_quant: bool,
+    },
     /// Keep projections in the compute dtype (for tests and small models).
     None,
 }
@@ -86,8 +89,16 @@ impl FrozenLinear {
                 let n = self.out_features * self.in_features;
                 scratch.resize(n, 0.0);
                 q.dequantize_into(&mut scratch[..n]);
-                let t = Tensor::from_slice(&scratch[..n], (self.out_features, self.in_features), device)?;
-                Ok(if dtype == DType::F32 { t } else { t.to_dtype(dtype)? })
+                let t = Tensor::from_slice(
+                    &scratch[..n],
+                    (self.out_features, self.in_features),
+                    device,
+                )?;
+                Ok(if dtype == DType::F32 {
+                    t
+                } else {
+                    t.to_dtype(dtype)?
+                })
             }
         }
     }
@@ -177,10 +188,11 @@ impl BaseModel {
         };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
-            let input_layernorm =
-                dense(&format!("model.layers.{l}.input_layernorm.weight"), &[h])?;
-            let post_attention_layernorm =
-                dense(&format!("model.layers.{l}.post_attention_layernorm.weight"), &[h])?;
+            let input_layernorm = dense(&format!("model.layers.{l}.input_layernorm.weight"), &[h])?;
+            let post_attention_layernorm = dense(
+                &format!("model.layers.{l}.post_attention_layernorm.weight"),
+                &[h],
+            )?;
             let projs = if prequantized {
                 PROJECTIONS
                     .iter()
@@ -234,7 +246,10 @@ impl BaseModel {
                 .map(|l| {
                     dense(&l.input_layernorm)
                         + dense(&l.post_attention_layernorm)
-                        + l.projs.iter().map(FrozenLinear::storage_bytes).sum::<usize>()
+                        + l.projs
+                            .iter()
+                            .map(FrozenLinear::storage_bytes)
+                            .sum::<usize>()
                 })
                 .sum::<usize>()
     }
@@ -287,7 +302,9 @@ fn quantize_layer(
             out[p.index()] = Some(r);
         }
     }
-    out.into_iter().map(|r| r.expect("every projection visited")).collect()
+    out.into_iter()
+        .map(|r| r.expect("every projection visited"))
+        .collect()
 }
 
 fn load_one_projection(

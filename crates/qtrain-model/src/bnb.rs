@@ -69,7 +69,10 @@ pub fn bnb_quantization_config(double_quant: bool) -> serde_json::Value {
 }
 
 fn bf16_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    let v = t.to_dtype(DType::BF16)?.flatten_all()?.to_vec1::<half::bf16>()?;
+    let v = t
+        .to_dtype(DType::BF16)?
+        .flatten_all()?
+        .to_vec1::<half::bf16>()?;
     Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
 }
 
@@ -91,7 +94,10 @@ pub fn save_quantized(model: &BaseModel, out_dir: &Path) -> Result<()> {
         Dense(String, &'a Tensor),
         Nf4(String, &'a Nf4Tensor),
     }
-    let mut items = vec![Item::Dense("model.embed_tokens.weight".into(), &model.embed_tokens)];
+    let mut items = vec![Item::Dense(
+        "model.embed_tokens.weight".into(),
+        &model.embed_tokens,
+    )];
     for (l, layer) in model.layers.iter().enumerate() {
         items.push(Item::Dense(
             format!("model.layers.{l}.input_layernorm.weight"),
@@ -115,9 +121,8 @@ pub fn save_quantized(model: &BaseModel, out_dir: &Path) -> Result<()> {
         items.push(Item::Dense("lm_head.weight".into(), &model.lm_head));
     }
 
-    let entries_of = |name: &str, q: &Nf4Tensor| -> Vec<SerializedTensor> {
-        q.to_bnb_entries(name, "bfloat16")
-    };
+    let entries_of =
+        |name: &str, q: &Nf4Tensor| -> Vec<SerializedTensor> { q.to_bnb_entries(name, "bfloat16") };
     let mut specs = Vec::new();
     for item in &items {
         match item {
@@ -196,7 +201,11 @@ pub enum CacheOutcome {
 
 /// Loads `dir` through the quantized cache under `cache_root`: the first call
 /// quantizes and saves, later calls read the bitsandbytes copy.
-pub fn load_cached(dir: &Path, opts: &LoadOptions, cache_root: &Path) -> Result<(BaseModel, CacheOutcome)> {
+pub fn load_cached(
+    dir: &Path,
+    opts: &LoadOptions,
+    cache_root: &Path,
+) -> Result<(BaseModel, CacheOutcome)> {
     let Quantization::Nf4 {
         blocksize,
         double_quant,
@@ -214,7 +223,10 @@ pub fn load_cached(dir: &Path, opts: &LoadOptions, cache_root: &Path) -> Result<
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
-    let cached = cache_root.join(format!("{name}-nf4-bs{blocksize}{}-{key:016x}", if double_quant { "-dq" } else { "" }));
+    let cached = cache_root.join(format!(
+        "{name}-nf4-bs{blocksize}{}-{key:016x}",
+        if double_quant { "-dq" } else { "" }
+    ));
     if cached.join("config.json").exists() {
         let mut m = BaseModel::load(&cached, opts)?;
         m.source_dir = dir.to_path_buf();
@@ -245,7 +257,10 @@ fn fingerprint(dir: &Path, blocksize: usize, double_quant: bool) -> Result<u64> 
         .map_err(|e| ModelError::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let n = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             n == "config.json" || n.ends_with(".safetensors") || n.ends_with(".index.json")
         })
         .collect();
@@ -272,7 +287,9 @@ pub fn default_cache_root() -> PathBuf {
     if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(p).join("qtrain");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("qtrain")
 }
 

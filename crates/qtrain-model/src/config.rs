@@ -70,7 +70,11 @@ impl Proj {
     /// The weight's tensor name in a HF checkpoint, e.g.
     /// `model.layers.3.self_attn.q_proj.weight`.
     pub fn weight_name(self, layer: usize) -> String {
-        format!("model.layers.{layer}.{}.{}.weight", self.parent(), self.name())
+        format!(
+            "model.layers.{layer}.{}.{}.weight",
+            self.parent(),
+            self.name()
+        )
     }
 }
 
@@ -197,7 +201,7 @@ impl ModelConfig {
                 return Err(field(key, "must be > 0".into()));
             }
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(field(
                 "num_attention_heads",
                 format!(
@@ -206,11 +210,11 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(field("head_dim", "RoPE needs an even head_dim".into()));
         }
         let kv = self.num_kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return Err(field(
                 "num_key_value_heads",
                 format!(
@@ -225,11 +229,11 @@ impl ModelConfig {
                 format!("'{}' is not supported (only silu)", self.hidden_act),
             ));
         }
-        if !(self.rms_norm_eps > 0.0) {
-            return Err(field("rms_norm_eps", "must be > 0".into()));
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(field("rms_norm_eps", "must be finite and > 0".into()));
         }
-        if !(self.rope_theta > 0.0) {
-            return Err(field("rope_theta", "must be > 0".into()));
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(field("rope_theta", "must be finite and > 0".into()));
         }
         if let Some(q) = &self.quantization_config {
             let method = q.get("quant_method").and_then(|v| v.as_str());
@@ -238,7 +242,9 @@ impl ModelConfig {
             if method != Some("bitsandbytes") || four != Some(true) || qtype != Some("nf4") {
                 return Err(field(
                     "quantization_config",
-                    format!("only bitsandbytes 4-bit nf4 pre-quantized models are supported, found {q}"),
+                    format!(
+                        "only bitsandbytes 4-bit nf4 pre-quantized models are supported, found {q}"
+                    ),
                 ));
             }
         }
@@ -340,17 +346,65 @@ impl ModelConfig {
         Ok(match name {
             // Small enough to train for minutes on two CPU cores, big enough to have
             // every feature: GQA (4 heads over 2 KV heads), several layers, a window.
-            "tiny" => base("mistral", vocab_size_for_tiny, 128, 384, 4, 4, 2, 10_000.0, None, 2048),
-            "tiny-window" => base("mistral", vocab_size_for_tiny, 64, 160, 2, 4, 2, 10_000.0, Some(8), 256),
-            "mistral-7b-v0.1" => base("mistral", 32000, 4096, 14336, 32, 32, 8, 10_000.0, Some(4096), 32768),
-            "mistral-7b-v0.3" => base("mistral", 32768, 4096, 14336, 32, 32, 8, 1_000_000.0, None, 32768),
+            "tiny" => base(
+                "mistral",
+                vocab_size_for_tiny,
+                128,
+                384,
+                4,
+                4,
+                2,
+                10_000.0,
+                None,
+                2048,
+            ),
+            "tiny-window" => base(
+                "mistral",
+                vocab_size_for_tiny,
+                64,
+                160,
+                2,
+                4,
+                2,
+                10_000.0,
+                Some(8),
+                256,
+            ),
+            "mistral-7b-v0.1" => base(
+                "mistral",
+                32000,
+                4096,
+                14336,
+                32,
+                32,
+                8,
+                10_000.0,
+                Some(4096),
+                32768,
+            ),
+            "mistral-7b-v0.3" => base(
+                "mistral",
+                32768,
+                4096,
+                14336,
+                32,
+                32,
+                8,
+                1_000_000.0,
+                None,
+                32768,
+            ),
             "llama-2-7b" => {
-                let mut c = base("llama", 32000, 4096, 11008, 32, 32, 32, 10_000.0, None, 4096);
+                let mut c = base(
+                    "llama", 32000, 4096, 11008, 32, 32, 32, 10_000.0, None, 4096,
+                );
                 c.rms_norm_eps = 1e-6;
                 c
             }
             "llama-3-8b" => {
-                let mut c = base("llama", 128256, 4096, 14336, 32, 32, 8, 500_000.0, None, 8192);
+                let mut c = base(
+                    "llama", 128256, 4096, 14336, 32, 32, 8, 500_000.0, None, 8192,
+                );
                 c.bos_token_id = Some(128000);
                 c.eos_token_id = Some(serde_json::json!(128001));
                 c
@@ -396,7 +450,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("gpt2") && err.contains("/m/config.json"), "{err}");
+        assert!(
+            err.contains("gpt2") && err.contains("/m/config.json"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -407,7 +464,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("hidden_size") && err.contains("/m/config.json"), "{err}");
+        assert!(
+            err.contains("hidden_size") && err.contains("/m/config.json"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -19,9 +19,7 @@ pub enum ModelError {
         key: String,
         msg: String,
     },
-    #[error(
-        "{path}: model_type `{model_type}` is not supported (qtrain trains: mistral, llama)"
-    )]
+    #[error("{path}: model_type `{model_type}` is not supported (qtrain trains: mistral, llama)")]
     UnsupportedArchitecture { path: PathBuf, model_type: String },
     #[error("unknown preset `{name}` (known: {known})")]
     UnknownPreset { name: String, known: String },

@@ -19,7 +19,9 @@ pub fn hub_cache_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("HF_HOME") {
         return PathBuf::from(p).join("hub");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("huggingface").join("hub")
 }
 
@@ -97,25 +99,39 @@ fn download(cache: &Path, id: &str) -> Result<PathBuf> {
         .with_progress(true)
         .build()
         .map_err(|e| ModelError::Hub(format!("{id}: {e}")))?;
-    let repo = api.repo(Repo::with_revision(name.to_string(), RepoType::Model, rev.to_string()));
-    let get = |f: &str| repo.get(f).map_err(|e| ModelError::Hub(format!("{id}: {f}: {e}")));
+    let repo = api.repo(Repo::with_revision(
+        name.to_string(),
+        RepoType::Model,
+        rev.to_string(),
+    ));
+    let get = |f: &str| {
+        repo.get(f)
+            .map_err(|e| ModelError::Hub(format!("{id}: {f}: {e}")))
+    };
     let config = get("config.json")?;
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         // Optional files: a model may lack a generation config.
         let _ = repo.get(f);
     }
     match get("model.safetensors.index.json") {
         Ok(index) => {
             let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-                ModelError::ConfigParse {
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::ConfigParse {
                     path: index.clone(),
                     msg: e.to_string(),
-                }
-            })?;
+                })?;
             let mut files: Vec<String> = json["weight_map"]
                 .as_object()
-                .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
+                .map(|m| {
+                    m.values()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
             files.sort();
             files.dedup();
@@ -185,7 +201,9 @@ mod tests {
 
     #[test]
     fn missing_directory_is_reported() {
-        let err = resolve_model("./definitely/not/here").unwrap_err().to_string();
+        let err = resolve_model("./definitely/not/here")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("definitely/not/here"), "{err}");
     }
 }

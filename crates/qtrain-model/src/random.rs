@@ -24,10 +24,14 @@ const CHUNK: usize = 1 << 20;
 /// How the values of a tensor are drawn.
 #[derive(Debug, Clone, Copy)]
 enum Init {
-    Normal { std: f32 },
+    Normal {
+        std: f32,
+    },
     /// 1 + N(0, std): norms start near one but not exactly, so a test catches a
     /// forward pass that forgets to multiply by the norm weight.
-    NearOne { std: f32 },
+    NearOne {
+        std: f32,
+    },
 }
 
 /// The tensors of a model in the order HF writes them, with their init.
@@ -35,12 +39,20 @@ fn tensor_plan(cfg: &ModelConfig) -> Vec<(TensorSpec, Init)> {
     let h = cfg.hidden_size;
     let std = cfg.initializer_range as f32;
     let mut plan = vec![(
-        TensorSpec::new("model.embed_tokens.weight", Dtype::BF16, &[cfg.vocab_size, h]),
+        TensorSpec::new(
+            "model.embed_tokens.weight",
+            Dtype::BF16,
+            &[cfg.vocab_size, h],
+        ),
         Init::Normal { std },
     )];
     for l in 0..cfg.num_hidden_layers {
         plan.push((
-            TensorSpec::new(format!("model.layers.{l}.input_layernorm.weight"), Dtype::BF16, &[h]),
+            TensorSpec::new(
+                format!("model.layers.{l}.input_layernorm.weight"),
+                Dtype::BF16,
+                &[h],
+            ),
             Init::NearOne { std: 0.05 },
         ));
         for p in PROJECTIONS {

@@ -44,8 +44,8 @@ impl ShardedTensors {
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|e| ModelError::io(&index_path, e))?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
             let json: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| ModelError::ConfigParse {
                     path: index_path.clone(),
@@ -62,11 +62,13 @@ impl ShardedTensors {
             let mut files: Vec<String> = map
                 .values()
                 .map(|v| {
-                    v.as_str().map(str::to_string).ok_or_else(|| ModelError::ConfigField {
-                        path: index_path.clone(),
-                        key: "weight_map".into(),
-                        msg: format!("value {v} is not a file name"),
-                    })
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| ModelError::ConfigField {
+                            path: index_path.clone(),
+                            key: "weight_map".into(),
+                            msg: format!("value {v} is not a file name"),
+                        })
                 })
                 .collect::<Result<_>>()?;
             files.sort();
@@ -106,10 +108,12 @@ impl ShardedTensors {
             // SAFETY: the file is opened read-only; like every mmap-based loader
             // (candle, safetensors in Python) we assume nobody truncates it under us.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
-                .map_err(|e| ModelError::Safetensors {
-                    path: path.clone(),
-                    msg: e.to_string(),
+            let (header_len, meta) =
+                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                    ModelError::Safetensors {
+                        path: path.clone(),
+                        msg: e.to_string(),
+                    }
                 })?;
             let infos: HashMap<String, TensorInfo> = meta
                 .tensors()
@@ -142,13 +146,13 @@ impl ShardedTensors {
 
     /// The tensor called `name`, or an error naming it and the model's files.
     pub fn get<'a>(&'a self, name: &str) -> Result<RawTensor<'a>> {
-        let (name, &i) = self
-            .index
-            .get_key_value(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                path: self.describe_paths(),
-                name: name.to_string(),
-            })?;
+        let (name, &i) =
+            self.index
+                .get_key_value(name)
+                .ok_or_else(|| ModelError::MissingTensor {
+                    path: self.describe_paths(),
+                    name: name.to_string(),
+                })?;
         let shard = &self.shards[i];
         let info = &shard.infos[name];
         let (a, b) = info.data_offsets;
@@ -306,7 +310,7 @@ impl StreamingWriter {
         }
         let mut header_bytes = serde_json::to_vec(&header).expect("header serializes");
         // Pad with spaces to 8-byte alignment, as the reference implementation does.
-        while header_bytes.len() % 8 != 0 {
+        while !header_bytes.len().is_multiple_of(8) {
             header_bytes.push(b' ');
         }
         let tmp_path = path.with_extension("safetensors.tmp");
@@ -327,7 +331,10 @@ impl StreamingWriter {
     /// Writes the next tensor's bytes; they must match its spec's size.
     pub fn write_next(&mut self, bytes: &[u8]) -> Result<()> {
         let spec = self.specs.get(self.next).unwrap_or_else(|| {
-            panic!("more tensors written than declared for {:?}", self.final_path)
+            panic!(
+                "more tensors written than declared for {:?}",
+                self.final_path
+            )
         });
         assert_eq!(
             bytes.len(),
@@ -415,6 +422,9 @@ mod tests {
             vec![1.0, 2.0, 3.0, -4.0, 0.125]
         );
         let err = sharded.get("z").err().unwrap().to_string();
-        assert!(err.contains("`z`") && err.contains("a.safetensors"), "{err}");
+        assert!(
+            err.contains("`z`") && err.contains("a.safetensors"),
+            "{err}"
+        );
     }
 }

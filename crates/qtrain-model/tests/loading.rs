@@ -102,7 +102,11 @@ fn random_weights_have_the_configured_statistics() {
     let dir = tempfile::tempdir().unwrap();
     write_model(dir.path(), &cfg, 1, usize::MAX);
     let st = ShardedTensors::open_model_dir(dir.path()).unwrap();
-    let w = st.get(&Proj::Up.weight_name(1)).unwrap().to_f32_vec().unwrap();
+    let w = st
+        .get(&Proj::Up.weight_name(1))
+        .unwrap()
+        .to_f32_vec()
+        .unwrap();
     let n = w.len() as f64;
     let mean = w.iter().map(|&x| x as f64).sum::<f64>() / n;
     let std = (w.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
@@ -123,7 +127,8 @@ fn nf4_load_quantizes_each_projection_like_the_reference() {
     for (l, layer) in m.layers.iter().enumerate() {
         for p in PROJECTIONS {
             let src = st.get(&p.weight_name(l)).unwrap().to_f32_vec().unwrap();
-            let want = qtrain_quant::Nf4Tensor::quantize(&src, &cfg.proj_shape(p), 64, true).unwrap();
+            let want =
+                qtrain_quant::Nf4Tensor::quantize(&src, &cfg.proj_shape(p), 64, true).unwrap();
             let FrozenStorage::Nf4(got) = &layer.proj(p).storage else {
                 panic!("projection not quantized")
             };
@@ -132,8 +137,14 @@ fn nf4_load_quantizes_each_projection_like_the_reference() {
             // half the widest code gap times the block absmax (<= ~0.16 * absmax).
             let deq = got.dequantize_to_vec();
             let absmax = src.iter().fold(0f32, |a, &b| a.max(b.abs()));
-            let err = src.iter().zip(&deq).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-            assert!(err <= 0.17 * absmax, "layer {l} {p:?}: err {err} absmax {absmax}");
+            let err = src
+                .iter()
+                .zip(&deq)
+                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(
+                err <= 0.17 * absmax,
+                "layer {l} {p:?}: err {err} absmax {absmax}"
+            );
         }
     }
     // Storage per projection: 4-bit codes, one 8-bit absmax per 64 weights, one f32
@@ -171,9 +182,18 @@ fn quantized_cache_round_trips_bit_exactly() {
     let cfg_json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(cached_dir.join("config.json")).unwrap())
             .unwrap();
-    assert_eq!(cfg_json["quantization_config"]["quant_method"], "bitsandbytes");
-    assert_eq!(cfg_json["quantization_config"]["bnb_4bit_quant_type"], "nf4");
-    assert_eq!(cfg_json["quantization_config"]["bnb_4bit_use_double_quant"], true);
+    assert_eq!(
+        cfg_json["quantization_config"]["quant_method"],
+        "bitsandbytes"
+    );
+    assert_eq!(
+        cfg_json["quantization_config"]["bnb_4bit_quant_type"],
+        "nf4"
+    );
+    assert_eq!(
+        cfg_json["quantization_config"]["bnb_4bit_use_double_quant"],
+        true
+    );
     assert!(cached_dir.join("tokenizer.json").exists());
     let st = ShardedTensors::open_model_dir(&cached_dir).unwrap();
     for name in bnb::bnb_entry_names(1, Proj::O) {
@@ -221,7 +241,10 @@ fn missing_weights_file_is_named() {
     write_model(dir.path(), &tiny_config(), 1, usize::MAX);
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
     let e = err_of(dir.path());
-    assert!(e.contains("model.safetensors") && e.contains(&dir.path().display().to_string()), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains(&dir.path().display().to_string()),
+        "{e}"
+    );
 }
 
 #[test]
@@ -235,7 +258,11 @@ fn missing_config_is_named() {
 fn malformed_config_is_named() {
     let dir = tempfile::tempdir().unwrap();
     write_model(dir.path(), &tiny_config(), 1, usize::MAX);
-    std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"mistral\",").unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        "{\"model_type\": \"mistral\",",
+    )
+    .unwrap();
     let e = err_of(dir.path());
     assert!(e.contains("config.json") && e.contains("JSON"), "{e}");
 }
@@ -245,16 +272,21 @@ fn unsupported_architecture_is_named() {
     let dir = tempfile::tempdir().unwrap();
     write_model(dir.path(), &tiny_config(), 1, usize::MAX);
     let p = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&p).unwrap().replace("\"mistral\"", "\"falcon\"");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("\"mistral\"", "\"falcon\"");
     std::fs::write(&p, text).unwrap();
     let e = err_of(dir.path());
-    assert!(e.contains("falcon") && e.contains("config.json") && e.contains("not supported"), "{e}");
+    assert!(
+        e.contains("falcon") && e.contains("config.json") && e.contains("not supported"),
+        "{e}"
+    );
 }
 
 /// Rewrites the model's single safetensors file with one tensor changed.
 fn rewrite_weights(dir: &Path, edit: impl Fn(&str, &[usize]) -> Option<Vec<usize>>) {
     let path = dir.join("model.safetensors");
-    let st = ShardedTensors::open(&[path.clone()]).unwrap();
+    let st = ShardedTensors::open(std::slice::from_ref(&path)).unwrap();
     let names: Vec<String> = st.names().iter().map(|s| s.to_string()).collect();
     let mut specs = Vec::new();
     let mut datas = Vec::new();
@@ -303,10 +335,14 @@ fn wrong_shape_is_named() {
 fn missing_tensor_is_named() {
     let dir = tempfile::tempdir().unwrap();
     write_model(dir.path(), &tiny_config(), 1, usize::MAX);
-    rewrite_weights(dir.path(), |n, _| (n == "model.layers.0.mlp.down_proj.weight").then(Vec::new));
+    rewrite_weights(dir.path(), |n, _| {
+        (n == "model.layers.0.mlp.down_proj.weight").then(Vec::new)
+    });
     let e = err_of(dir.path());
     assert!(
-        e.contains("model.layers.0.mlp.down_proj.weight") && e.contains("model.safetensors") && e.contains("missing"),
+        e.contains("model.layers.0.mlp.down_proj.weight")
+            && e.contains("model.safetensors")
+            && e.contains("missing"),
         "{e}"
     );
 }
@@ -316,7 +352,8 @@ fn shard_index_pointing_at_missing_tensor_is_named() {
     let dir = tempfile::tempdir().unwrap();
     write_model(dir.path(), &tiny_config(), 1, 20_000);
     let p = dir.path().join("model.safetensors.index.json");
-    let mut idx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut idx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     let first = idx["weight_map"]["model.embed_tokens.weight"].clone();
     idx["weight_map"]["model.layers.9.mlp.up_proj.weight"] = first;
     std::fs::write(&p, idx.to_string()).unwrap();

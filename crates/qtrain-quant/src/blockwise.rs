@@ -67,7 +67,11 @@ pub fn quantize_blockwise(
 ) {
     assert!(blocksize > 0, "blocksize must be positive");
     assert_eq!(q_out.len(), x.len(), "one code per value");
-    assert_eq!(absmax_out.len(), x.len().div_ceil(blocksize), "one absmax per block");
+    assert_eq!(
+        absmax_out.len(),
+        x.len().div_ceil(blocksize),
+        "one absmax per block"
+    );
     for ((block, q), absmax) in x
         .chunks(blocksize)
         .zip(q_out.chunks_mut(blocksize))
@@ -83,10 +87,24 @@ pub fn quantize_blockwise(
 }
 
 /// `out[i] = code[q[i]] * absmax[i / blocksize]`.
-pub fn dequantize_blockwise(q: &[u8], absmax: &[f32], code: &[f32], blocksize: usize, out: &mut [f32]) {
+pub fn dequantize_blockwise(
+    q: &[u8],
+    absmax: &[f32],
+    code: &[f32],
+    blocksize: usize,
+    out: &mut [f32],
+) {
     assert_eq!(q.len(), out.len(), "one output per code");
-    assert_eq!(absmax.len(), q.len().div_ceil(blocksize), "one absmax per block");
-    for ((qb, ob), &m) in q.chunks(blocksize).zip(out.chunks_mut(blocksize)).zip(absmax) {
+    assert_eq!(
+        absmax.len(),
+        q.len().div_ceil(blocksize),
+        "one absmax per block"
+    );
+    for ((qb, ob), &m) in q
+        .chunks(blocksize)
+        .zip(out.chunks_mut(blocksize))
+        .zip(absmax)
+    {
         for (o, &c) in ob.iter_mut().zip(qb) {
             *o = code[c as usize] * m;
         }
@@ -113,14 +131,19 @@ mod tests {
             let x = -1.0 + 2.0 * (k as f32 + 0.37) / 2000.0;
             let got = code[quantize_one(code, x) as usize];
             let best = code.iter().fold(f32::MAX, |b, &c| b.min((c - x).abs()));
-            assert!((got - x).abs() <= best + 1e-7, "x={x} got {got} best dist {best}");
+            assert!(
+                (got - x).abs() <= best + 1e-7,
+                "x={x} got {got} best dist {best}"
+            );
         }
     }
 
     #[test]
     fn round_trip_error_bound() {
         let code = unsigned_dynamic_map();
-        let x: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 + 1e-4).collect();
+        let x: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 + 1e-4)
+            .collect();
         let mut q = vec![0u8; x.len()];
         let mut absmax = vec![0f32; x.len().div_ceil(256)];
         quantize_blockwise(&x, code, 256, &mut q, &mut absmax);
@@ -131,7 +154,10 @@ mod tests {
         // so the error is at most half of that times the block absmax.
         for (b, (xs, ys)) in x.chunks(256).zip(back.chunks(256)).enumerate() {
             for (a, c) in xs.iter().zip(ys) {
-                assert!((a - c).abs() <= 0.5 * 0.9 / 128.0 * absmax[b] + 1e-7, "{a} vs {c}");
+                assert!(
+                    (a - c).abs() <= 0.5 * 0.9 / 128.0 * absmax[b] + 1e-7,
+                    "{a} vs {c}"
+                );
             }
         }
     }

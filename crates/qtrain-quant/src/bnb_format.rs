@@ -40,20 +40,26 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 fn f32_from_bytes(key: &str, b: &[u8]) -> Result<Vec<f32>, QuantError> {
-    if b.len() % 4 != 0 {
+    if !b.len().is_multiple_of(4) {
         return Err(QuantError::BadEntry {
             key: key.to_string(),
             msg: format!("{} bytes is not a whole number of f32", b.len()),
         });
     }
-    Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    Ok(b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 /// Python's `repr(float)`: the shortest string that round-trips, with `.0` for
 /// integral values and exponent form outside [1e-4, 1e16).
 fn python_float_repr(v: f64) -> String {
     if v == 0.0 {
-        return if v.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if v.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     let a = v.abs();
     if (1e-4..1e16).contains(&a) {
@@ -86,7 +92,12 @@ impl Nf4Tensor {
             shape: vec![self.packed.len(), 1],
             bytes: self.packed.clone(),
         }];
-        let shape_json = self.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+        let shape_json = self
+            .shape
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
         let json = match &self.absmax {
             Absmax::F32(a) => {
                 out.push(SerializedTensor {
@@ -158,18 +169,25 @@ impl Nf4Tensor {
     ) -> Result<Self, QuantError> {
         let need = |k: &str| get(k).ok_or_else(|| QuantError::MissingEntry(k.to_string()));
         let key = |s: &str| format!("{weight_name}.{s}");
-        let bad = |k: &str, msg: String| QuantError::BadEntry { key: k.to_string(), msg };
+        let bad = |k: &str, msg: String| QuantError::BadEntry {
+            key: k.to_string(),
+            msg,
+        };
 
         let state_key = key(STATE_SUFFIX);
         let (_, _, state_bytes) = need(&state_key)?;
-        let state: serde_json::Value =
-            serde_json::from_slice(&state_bytes).map_err(|e| bad(&state_key, format!("not JSON: {e}")))?;
+        let state: serde_json::Value = serde_json::from_slice(&state_bytes)
+            .map_err(|e| bad(&state_key, format!("not JSON: {e}")))?;
         if state["quant_type"] != "nf4" {
-            return Err(bad(&state_key, format!("quant_type {} is not nf4", state["quant_type"])));
+            return Err(bad(
+                &state_key,
+                format!("quant_type {} is not nf4", state["quant_type"]),
+            ));
         }
         let blocksize = state["blocksize"]
             .as_u64()
-            .ok_or_else(|| bad(&state_key, "blocksize missing".into()))? as usize;
+            .ok_or_else(|| bad(&state_key, "blocksize missing".into()))?
+            as usize;
         let shape: Vec<usize> = state["shape"]
             .as_array()
             .ok_or_else(|| bad(&state_key, "shape missing".into()))?
@@ -184,7 +202,11 @@ impl Nf4Tensor {
         if dtype != SerDtype::U8 || packed.len() != numel.div_ceil(2) {
             return Err(bad(
                 weight_name,
-                format!("expected {} uint8 bytes for shape {shape:?}, found {} {dtype:?}", numel.div_ceil(2), packed.len()),
+                format!(
+                    "expected {} uint8 bytes for shape {shape:?}, found {} {dtype:?}",
+                    numel.div_ceil(2),
+                    packed.len()
+                ),
             ));
         }
         let quant_map_key = key("quant_map");
@@ -203,17 +225,25 @@ impl Nf4Tensor {
             let nqk = key("nested_quant_map");
             let nested_code = f32_from_bytes(&nqk, &need(&nqk)?.2)?;
             if nested_code.len() != 256 {
-                return Err(bad(&nqk, format!("has {} entries, expected 256", nested_code.len())));
+                return Err(bad(
+                    &nqk,
+                    format!("has {} entries, expected 256", nested_code.len()),
+                ));
             }
             let nested_blocksize = state["nested_blocksize"]
                 .as_u64()
-                .ok_or_else(|| bad(&state_key, "nested_blocksize missing".into()))? as usize;
+                .ok_or_else(|| bad(&state_key, "nested_blocksize missing".into()))?
+                as usize;
             if nested_absmax.len() != n_blocks.div_ceil(nested_blocksize) {
-                return Err(bad(&nk, format!("expected {} values", n_blocks.div_ceil(nested_blocksize))));
+                return Err(bad(
+                    &nk,
+                    format!("expected {} values", n_blocks.div_ceil(nested_blocksize)),
+                ));
             }
             let offset = state["nested_offset"]
                 .as_f64()
-                .ok_or_else(|| bad(&state_key, "nested_offset is not a number".into()))? as f32;
+                .ok_or_else(|| bad(&state_key, "nested_offset is not a number".into()))?
+                as f32;
             Absmax::DoubleQuant(DoubleQuantAbsmax {
                 quantized: abytes.into_owned(),
                 nested_absmax,
@@ -224,7 +254,10 @@ impl Nf4Tensor {
         } else {
             let a = f32_from_bytes(&absmax_key, &abytes)?;
             if adtype != SerDtype::F32 || a.len() != n_blocks {
-                return Err(bad(&absmax_key, format!("expected {n_blocks} float32 values")));
+                return Err(bad(
+                    &absmax_key,
+                    format!("expected {n_blocks} float32 values"),
+                ));
             }
             Absmax::F32(a)
         };
@@ -243,7 +276,9 @@ mod tests {
     use std::collections::HashMap;
 
     fn sample(dq: bool) -> Nf4Tensor {
-        let x: Vec<f32> = (0..64 * 40).map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3).collect();
+        let x: Vec<f32> = (0..64 * 40)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3)
+            .collect();
         Nf4Tensor::quantize(&x, &[40, 64], 64, dq).unwrap()
     }
 
@@ -258,7 +293,8 @@ mod tests {
             let entries = q.to_bnb_entries("w", "bfloat16");
             let map = as_map(&entries);
             let back = Nf4Tensor::from_bnb_entries("w", |k| {
-                map.get(k).map(|t| (t.dtype, t.shape.clone(), Cow::Owned(t.bytes.clone())))
+                map.get(k)
+                    .map(|t| (t.dtype, t.shape.clone(), Cow::Owned(t.bytes.clone())))
             })
             .unwrap();
             assert_eq!(back, q);
@@ -285,7 +321,9 @@ mod tests {
         assert_eq!(entries[0].shape, vec![64 * 40 / 2, 1]);
         assert_eq!(entries[1].shape, vec![40]);
         let json = String::from_utf8(entries[5].bytes.clone()).unwrap();
-        let Absmax::DoubleQuant(d) = &q.absmax else { panic!() };
+        let Absmax::DoubleQuant(d) = &q.absmax else {
+            panic!()
+        };
         assert!(
             json.starts_with(
                 "{\"quant_type\": \"nf4\", \"blocksize\": 64, \"dtype\": \"bfloat16\", \"shape\": [40, 64], \"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": "
@@ -302,11 +340,17 @@ mod tests {
         let map = as_map(&q.to_bnb_entries("w", "bfloat16"));
         let err = Nf4Tensor::from_bnb_entries("w", |k| {
             (k != "w.nested_absmax")
-                .then(|| map.get(k).map(|t| (t.dtype, t.shape.clone(), Cow::Owned(t.bytes.clone()))))
+                .then(|| {
+                    map.get(k)
+                        .map(|t| (t.dtype, t.shape.clone(), Cow::Owned(t.bytes.clone())))
+                })
                 .flatten()
         })
         .unwrap_err();
-        assert_eq!(err.to_string(), "bitsandbytes state: missing entry `w.nested_absmax`");
+        assert_eq!(
+            err.to_string(),
+            "bitsandbytes state: missing entry `w.nested_absmax`"
+        );
     }
 
     #[test]
@@ -314,10 +358,10 @@ mod tests {
         // Expected strings from Python: repr(struct-rounded f32 values), i.e. what
         // `json.dumps(offset.item())` writes for an f32 offset.
         let cases: [(f32, &str); 6] = [
-            (0.011003557965159416, "0.011003557592630386"),
+            (0.011_003_558, "0.011003557592630386"),
             (0.0123456, "0.012345599941909313"),
             (1.5e-5, "1.4999999621068127e-05"),
-            (3.0517578125e-05, "3.0517578125e-05"),
+            (3.051_757_8e-5, "3.0517578125e-05"),
             (0.013671875, "0.013671875"),
             (123456789.0, "123456792.0"),
         ];

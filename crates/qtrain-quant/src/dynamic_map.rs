@@ -68,7 +68,11 @@ pub fn create_dynamic_map(signed: bool, max_exponent_bits: u32, total_bits: u32)
     }
     data.push(0.0);
     data.push(1.0);
-    assert_eq!(data.len(), 1 << total_bits, "dynamic map has the wrong size");
+    assert_eq!(
+        data.len(),
+        1 << total_bits,
+        "dynamic map has the wrong size"
+    );
     data.sort_by(|a, b| a.partial_cmp(b).expect("finite map values"));
     data
 }
@@ -107,7 +111,11 @@ mod tests {
         // The most negative value is -(0.1 + 1) / 2 * ... of the widest exponent: -0.99297
         assert!((m[0] + 0.992_968_75).abs() < 1e-6, "{}", m[0]);
         // Smallest magnitudes come from the 1e-6 decade.
-        let smallest_pos = m.iter().copied().filter(|&v| v > 0.0).fold(f32::MAX, f32::min);
+        let smallest_pos = m
+            .iter()
+            .copied()
+            .filter(|&v| v > 0.0)
+            .fold(f32::MAX, f32::min);
         assert!((smallest_pos - 5.5e-7).abs() < 1e-9, "{smallest_pos}");
     }
 

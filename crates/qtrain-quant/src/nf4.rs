@@ -131,7 +131,12 @@ pub struct Nf4Tensor {
 
 impl Nf4Tensor {
     /// Quantizes `data` (row-major, `shape`) like bitsandbytes `quantize_4bit`.
-    pub fn quantize(data: &[f32], shape: &[usize], blocksize: usize, double_quant: bool) -> Result<Self, QuantError> {
+    pub fn quantize(
+        data: &[f32],
+        shape: &[usize],
+        blocksize: usize,
+        double_quant: bool,
+    ) -> Result<Self, QuantError> {
         let numel: usize = shape.iter().product();
         if numel != data.len() {
             return Err(QuantError::ShapeMismatch {
@@ -184,7 +189,9 @@ impl Nf4Tensor {
         self.packed.len()
             + match &self.absmax {
                 Absmax::F32(a) => 4 * a.len(),
-                Absmax::DoubleQuant(d) => d.quantized.len() + 4 * d.nested_absmax.len() + 4 * 256 + 4,
+                Absmax::DoubleQuant(d) => {
+                    d.quantized.len() + 4 * d.nested_absmax.len() + 4 * 256 + 4
+                }
             }
     }
 
@@ -195,7 +202,13 @@ impl Nf4Tensor {
             Absmax::F32(a) => a.clone(),
             Absmax::DoubleQuant(d) => {
                 let mut out = vec![0f32; d.quantized.len()];
-                dequantize_blockwise(&d.quantized, &d.nested_absmax, &d.nested_code, d.nested_blocksize, &mut out);
+                dequantize_blockwise(
+                    &d.quantized,
+                    &d.nested_absmax,
+                    &d.nested_code,
+                    d.nested_blocksize,
+                    &mut out,
+                );
                 for v in &mut out {
                     *v += d.offset;
                 }
@@ -251,7 +264,13 @@ fn double_quantize(absmax: &[f32]) -> DoubleQuantAbsmax {
     let code = signed_dynamic_map();
     let mut quantized = vec![0u8; centered.len()];
     let mut nested_absmax = vec![0f32; centered.len().div_ceil(NESTED_BLOCKSIZE)];
-    quantize_blockwise(&centered, code, NESTED_BLOCKSIZE, &mut quantized, &mut nested_absmax);
+    quantize_blockwise(
+        &centered,
+        code,
+        NESTED_BLOCKSIZE,
+        &mut quantized,
+        &mut nested_absmax,
+    );
     DoubleQuantAbsmax {
         quantized,
         nested_absmax,
@@ -277,8 +296,16 @@ mod tests {
         // the midpoint go to the neighbouring codes.
         for i in 0..15 {
             let mid = (NF4_CODE[i] + NF4_CODE[i + 1]) / 2.0;
-            assert_eq!(quantize_nf4_value(mid - 1e-4) as usize, i, "below midpoint {i}");
-            assert_eq!(quantize_nf4_value(mid + 1e-4) as usize, i + 1, "above midpoint {i}");
+            assert_eq!(
+                quantize_nf4_value(mid - 1e-4) as usize,
+                i,
+                "below midpoint {i}"
+            );
+            assert_eq!(
+                quantize_nf4_value(mid + 1e-4) as usize,
+                i + 1,
+                "above midpoint {i}"
+            );
         }
         for (i, &c) in NF4_CODE.iter().enumerate() {
             assert_eq!(quantize_nf4_value(c) as usize, i);
@@ -327,7 +354,9 @@ mod tests {
             x[b * 64] = (b + 1) as f32;
         }
         let q = Nf4Tensor::quantize(&x, &[4, 64], 64, true).unwrap();
-        let Absmax::DoubleQuant(d) = &q.absmax else { panic!() };
+        let Absmax::DoubleQuant(d) = &q.absmax else {
+            panic!()
+        };
         assert_eq!(d.offset, 2.5);
         assert_eq!(d.nested_absmax, vec![1.5]);
         let code = signed_dynamic_map();
@@ -343,11 +372,17 @@ mod tests {
     #[test]
     fn round_trip_error_within_codebook_bound() {
         // Half the widest gap between adjacent codes (between -1 and -0.696).
-        let half_gap = NF4_CODE.windows(2).map(|w| w[1] - w[0]).fold(0f32, f32::max) / 2.0;
+        let half_gap = NF4_CODE
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .fold(0f32, f32::max)
+            / 2.0;
         let mut s = 12345u64;
         let x: Vec<f32> = (0..64 * 300)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
             })
             .collect();
@@ -371,7 +406,10 @@ mod tests {
             Nf4Tensor::quantize(&[0.0; 10], &[3, 4], 64, false),
             Err(QuantError::ShapeMismatch { .. })
         ));
-        assert!(matches!(Nf4Tensor::quantize(&[0.0; 48], &[48], 48, false), Err(QuantError::BadBlocksize(48))));
+        assert!(matches!(
+            Nf4Tensor::quantize(&[0.0; 48], &[48], 48, false),
+            Err(QuantError::BadBlocksize(48))
+        ));
         assert!(matches!(
             Nf4Tensor::quantize(&[0.0, f32::NAN], &[2], 64, false),
             Err(QuantError::NonFinite { index: 1 })

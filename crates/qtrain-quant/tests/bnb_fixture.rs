@@ -6,7 +6,8 @@
 //! dynamic maps.
 
 use qtrain_quant::{
-    create_dynamic_map, dequantize_blockwise, quantize_blockwise, signed_dynamic_map, Absmax, Nf4Tensor, SerDtype,
+    create_dynamic_map, dequantize_blockwise, quantize_blockwise, signed_dynamic_map, Absmax,
+    Nf4Tensor, SerDtype,
 };
 use safetensors::SafeTensors;
 use std::borrow::Cow;
@@ -14,17 +15,25 @@ use std::borrow::Cow;
 const FIXTURE: &[u8] = include_bytes!("fixtures/bnb_nf4.safetensors");
 
 fn fixture() -> SafeTensors<'static> {
-    SafeTensors::deserialize(FIXTURE).expect("fixture parses; regenerate it with scripts/bnb_fixture.py")
+    SafeTensors::deserialize(FIXTURE)
+        .expect("fixture parses; regenerate it with scripts/bnb_fixture.py")
 }
 
 fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
-    let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture lacks {name}"));
+    let t = st
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("fixture lacks {name}"));
     assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
-    t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    t.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn bytes<'a>(st: &SafeTensors<'a>, name: &str) -> &'a [u8] {
-    let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture lacks {name}"));
+    let t = st
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("fixture lacks {name}"));
     assert_eq!(t.dtype(), safetensors::Dtype::U8, "{name}");
     t.data()
 }
@@ -58,22 +67,52 @@ fn nf4_with_and_without_double_quant_equals_bitsandbytes() {
         let input = f32s(&st, &format!("{name}.input"));
         let shp = shape(&st, &format!("{name}.input"));
         let q = Nf4Tensor::quantize(&input, &shp, 64, dq).unwrap();
-        assert_eq!(q.packed.as_slice(), bytes(&st, &format!("{name}.packed")), "{name}: packed codes");
+        assert_eq!(
+            q.packed.as_slice(),
+            bytes(&st, &format!("{name}.packed")),
+            "{name}: packed codes"
+        );
         match &q.absmax {
             Absmax::DoubleQuant(d) => {
-                assert_eq!(vec![d.offset], f32s(&st, &format!("{name}.offset")), "{name}: offset");
-                assert_eq!(d.quantized.as_slice(), bytes(&st, &format!("{name}.absmax")), "{name}: absmax codes");
-                assert_eq!(d.nested_absmax, f32s(&st, &format!("{name}.nested_absmax")), "{name}: nested absmax");
-                assert_eq!(d.nested_code, f32s(&st, &format!("{name}.nested_quant_map")), "{name}: nested map");
+                assert_eq!(
+                    vec![d.offset],
+                    f32s(&st, &format!("{name}.offset")),
+                    "{name}: offset"
+                );
+                assert_eq!(
+                    d.quantized.as_slice(),
+                    bytes(&st, &format!("{name}.absmax")),
+                    "{name}: absmax codes"
+                );
+                assert_eq!(
+                    d.nested_absmax,
+                    f32s(&st, &format!("{name}.nested_absmax")),
+                    "{name}: nested absmax"
+                );
+                assert_eq!(
+                    d.nested_code,
+                    f32s(&st, &format!("{name}.nested_quant_map")),
+                    "{name}: nested map"
+                );
             }
-            Absmax::F32(a) => assert_eq!(a, &f32s(&st, &format!("{name}.absmax")), "{name}: absmax"),
+            Absmax::F32(a) => {
+                assert_eq!(a, &f32s(&st, &format!("{name}.absmax")), "{name}: absmax")
+            }
         }
-        assert_eq!(q.dequantize_to_vec(), f32s(&st, &format!("{name}.dequantized")), "{name}: dequantized");
+        assert_eq!(
+            q.dequantize_to_vec(),
+            f32s(&st, &format!("{name}.dequantized")),
+            "{name}: dequantized"
+        );
 
         // The serialized entries carry the same bytes bitsandbytes wrote, the JSON
         // included (the fixture's inputs were f32, so its dtype is "float32").
         for e in q.to_bnb_entries(name, "float32") {
-            let key = if e.name == name { format!("{name}.packed") } else { e.name.clone() };
+            let key = if e.name == name {
+                format!("{name}.packed")
+            } else {
+                e.name.clone()
+            };
             assert_eq!(e.bytes.as_slice(), st.tensor(&key).unwrap().data(), "{key}");
         }
     }
@@ -97,6 +136,15 @@ fn reads_bitsandbytes_entries() {
     assert_eq!(q.shape, vec![128, 320]);
     assert_eq!(q.dequantize_to_vec(), f32s(&st, "w1.dequantized"));
     let mut back = vec![0f32; 1000];
-    dequantize_blockwise(bytes(&st, "bw.q"), &f32s(&st, "bw.absmax"), signed_dynamic_map(), 256, &mut back);
-    assert!(back.iter().zip(f32s(&st, "bw.input")).all(|(a, b)| (a - b).abs() < 0.1));
+    dequantize_blockwise(
+        bytes(&st, "bw.q"),
+        &f32s(&st, "bw.absmax"),
+        signed_dynamic_map(),
+        256,
+        &mut back,
+    );
+    assert!(back
+        .iter()
+        .zip(f32s(&st, "bw.input"))
+        .all(|(a, b)| (a - b).abs() < 0.1));
 }

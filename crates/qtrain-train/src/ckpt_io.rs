@@ -66,7 +66,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CkptError> {
     use std::io::Write;
     let tmp = path.with_extension(format!(
         "{}tmp",
-        path.extension().map(|e| format!("{}.", e.to_string_lossy())).unwrap_or_default()
+        path.extension()
+            .map(|e| format!("{}.", e.to_string_lossy()))
+            .unwrap_or_default()
     ));
     let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     f.write_all(bytes).map_err(io(&tmp))?;
@@ -109,7 +111,9 @@ pub fn save(
         let p = tmp.join(&name);
         let bytes = std::fs::read(&p).map_err(io(&p))?;
         // The writers may not have synced; make the content durable before the rename.
-        std::fs::File::open(&p).and_then(|f| f.sync_all()).map_err(io(&p))?;
+        std::fs::File::open(&p)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&p))?;
         files.push(FileEntry {
             checksum: checksum(&bytes),
             bytes: bytes.len() as u64,
@@ -124,7 +128,9 @@ pub fn save(
     };
     write_atomic(
         &tmp.join(MANIFEST),
-        serde_json::to_string_pretty(&manifest).expect("manifest serializes").as_bytes(),
+        serde_json::to_string_pretty(&manifest)
+            .expect("manifest serializes")
+            .as_bytes(),
     )?;
     let dest = root.join(step_dir_name(step));
     if dest.exists() {
@@ -152,7 +158,10 @@ fn list_steps(root: &Path) -> Result<Vec<(u64, PathBuf)>, CkptError> {
     for e in std::fs::read_dir(root).map_err(io(root))? {
         let e = e.map_err(io(root))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             out.push((n, e.path()));
         }
     }
@@ -236,7 +245,10 @@ mod tests {
         for s in [10, 20, 30] {
             save_with(root.path(), s, &format!("step {s}"));
         }
-        assert_eq!(latest(root.path()).unwrap(), root.path().join("step-00000030"));
+        assert_eq!(
+            latest(root.path()).unwrap(),
+            root.path().join("step-00000030")
+        );
         assert!(!root.path().join("step-00000010").exists(), "oldest pruned");
         assert!(root.path().join("step-00000020").exists());
         let m = verify(&root.path().join("step-00000030")).unwrap();
@@ -266,7 +278,10 @@ mod tests {
             Err("disk full".into())
         });
         assert!(r.unwrap_err().to_string().contains("disk full"));
-        assert_eq!(latest(root.path()).unwrap(), root.path().join("step-00000005"));
+        assert_eq!(
+            latest(root.path()).unwrap(),
+            root.path().join("step-00000005")
+        );
     }
 
     #[test]

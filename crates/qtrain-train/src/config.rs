@@ -31,11 +31,15 @@ pub enum ConfigError {
     Override { arg: String, message: String },
     /// Values that parse but make no sense; every one is listed.
     #[error("{path}: invalid configuration:\n  {}", problems.join("\n  "))]
-    Invalid { path: PathBuf, problems: Vec<String> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 pub struct RunConfig {
     pub model: ModelSection,
     pub lora: LoraSection,
@@ -46,22 +50,6 @@ pub struct RunConfig {
     pub checkpoint: CheckpointSection,
     pub eval: EvalSection,
     pub log: LogSection,
-}
-
-impl Default for RunConfig {
-    fn default() -> Self {
-        Self {
-            model: ModelSection::default(),
-            lora: LoraSection::default(),
-            data: DatasetConfig::default(),
-            train: TrainSection::default(),
-            optimizer: OptimizerSection::default(),
-            budget: BudgetSection::default(),
-            checkpoint: CheckpointSection::default(),
-            eval: EvalSection::default(),
-            log: LogSection::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,7 +100,9 @@ impl Default for LoraSection {
             rank: 16,
             alpha: 32.0,
             dropout: 0.05,
-            targets: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
+            targets: ["q_proj", "k_proj", "v_proj", "o_proj"]
+                .map(String::from)
+                .to_vec(),
             rslora: false,
             seed: 0,
         }
@@ -263,7 +253,15 @@ impl Default for LogSection {
     }
 }
 
-const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+const TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 impl RunConfig {
     /// Reads `path`, applies `--set` overrides and validates.
@@ -276,13 +274,18 @@ impl RunConfig {
     }
 
     /// Parses TOML text (`path` names it in messages).
-    pub fn from_toml_str(text: &str, path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+    pub fn from_toml_str(
+        text: &str,
+        path: &Path,
+        overrides: &[String],
+    ) -> Result<Self, ConfigError> {
         // Parse into the typed schema first so errors point into the user's file.
         let cfg: RunConfig = parse_typed(text, path)?;
         let cfg = if overrides.is_empty() {
             cfg
         } else {
-            let mut table: toml::Table = toml::from_str(text).map_err(|e| parse_error(text, path, e))?;
+            let mut table: toml::Table =
+                toml::from_str(text).map_err(|e| parse_error(text, path, e))?;
             for arg in overrides {
                 apply_override(&mut table, arg)?;
             }
@@ -304,15 +307,26 @@ impl RunConfig {
             p.push("model.path: must name a model directory, hub id or builtin:tiny".to_string());
         }
         if !["nf4", "none"].contains(&m.quantization.as_str()) {
-            p.push(format!("model.quantization: `{}` (expected nf4 or none)", m.quantization));
+            p.push(format!(
+                "model.quantization: `{}` (expected nf4 or none)",
+                m.quantization
+            ));
         }
         if !["auto", "bf16", "f16", "f32"].contains(&m.dtype.as_str()) {
-            p.push(format!("model.dtype: `{}` (expected auto, bf16, f16 or f32)", m.dtype));
+            p.push(format!(
+                "model.dtype: `{}` (expected auto, bf16, f16 or f32)",
+                m.dtype
+            ));
         }
         let dev_ok = ["auto", "cpu", "cuda"].contains(&m.device.as_str())
-            || m.device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+            || m.device
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok());
         if !dev_ok {
-            p.push(format!("model.device: `{}` (expected auto, cpu, cuda or cuda:N)", m.device));
+            p.push(format!(
+                "model.device: `{}` (expected auto, cpu, cuda or cuda:N)",
+                m.device
+            ));
         }
         let l = &self.lora;
         if l.rank == 0 {
@@ -329,7 +343,10 @@ impl RunConfig {
         }
         for t in &l.targets {
             if !TARGETS.contains(&t.as_str()) {
-                p.push(format!("lora.targets: unknown `{t}` (expected some of {})", TARGETS.join(", ")));
+                p.push(format!(
+                    "lora.targets: unknown `{t}` (expected some of {})",
+                    TARGETS.join(", ")
+                ));
             }
         }
         if let Err(e) = self.data.validate() {
@@ -340,23 +357,35 @@ impl RunConfig {
             p.push("train.grad_accum: must be >= 1".into());
         }
         if !(t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0) {
-            p.push(format!("train.max_grad_norm: {} must be finite and >= 0", t.max_grad_norm));
+            p.push(format!(
+                "train.max_grad_norm: {} must be finite and >= 0",
+                t.max_grad_norm
+            ));
         }
         if t.max_nonfinite_steps == 0 {
             p.push("train.max_nonfinite_steps: must be >= 1".into());
         }
         let o = &self.optimizer;
         if !["adamw8bit", "adamw32"].contains(&o.kind.as_str()) {
-            p.push(format!("optimizer.kind: `{}` (expected adamw8bit or adamw32)", o.kind));
+            p.push(format!(
+                "optimizer.kind: `{}` (expected adamw8bit or adamw32)",
+                o.kind
+            ));
         }
         if !(o.lr.is_finite() && o.lr > 0.0) {
             p.push(format!("optimizer.lr: {} must be finite and > 0", o.lr));
         }
         if !["constant", "linear", "cosine"].contains(&o.schedule.as_str()) {
-            p.push(format!("optimizer.schedule: `{}` (expected constant, linear or cosine)", o.schedule));
+            p.push(format!(
+                "optimizer.schedule: `{}` (expected constant, linear or cosine)",
+                o.schedule
+            ));
         }
         if !(0.0..=1.0).contains(&o.min_lr_ratio) {
-            p.push(format!("optimizer.min_lr_ratio: {} must be in [0, 1]", o.min_lr_ratio));
+            p.push(format!(
+                "optimizer.min_lr_ratio: {} must be in [0, 1]",
+                o.min_lr_ratio
+            ));
         }
         for (i, b) in o.betas.iter().enumerate() {
             if !(0.0..1.0).contains(b) {
@@ -367,10 +396,16 @@ impl RunConfig {
             p.push(format!("optimizer.eps: {} must be finite and > 0", o.eps));
         }
         if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
-            p.push(format!("optimizer.weight_decay: {} must be finite and >= 0", o.weight_decay));
+            p.push(format!(
+                "optimizer.weight_decay: {} must be finite and >= 0",
+                o.weight_decay
+            ));
         }
         if !["auto", "always", "never"].contains(&o.paged.as_str()) {
-            p.push(format!("optimizer.paged: `{}` (expected auto, always or never)", o.paged));
+            p.push(format!(
+                "optimizer.paged: `{}` (expected auto, always or never)",
+                o.paged
+            ));
         }
         let b = &self.budget;
         let sources = [b.hours.is_some(), b.minutes.is_some(), b.steps.is_some()]
@@ -392,7 +427,9 @@ impl RunConfig {
         }
         if let Some(r) = b.reserve_seconds {
             if !(r.is_finite() && r >= 0.0) {
-                p.push(format!("budget.reserve_seconds: {r} must be finite and >= 0"));
+                p.push(format!(
+                    "budget.reserve_seconds: {r} must be finite and >= 0"
+                ));
             }
         }
         let c = &self.checkpoint;
@@ -400,7 +437,10 @@ impl RunConfig {
             p.push("checkpoint.keep_last: must be >= 1".into());
         }
         if !(c.every_minutes.is_finite() && c.every_minutes >= 0.0) {
-            p.push(format!("checkpoint.every_minutes: {} must be finite and >= 0", c.every_minutes));
+            p.push(format!(
+                "checkpoint.every_minutes: {} must be finite and >= 0",
+                c.every_minutes
+            ));
         }
         if self.log.every_steps == 0 {
             p.push("log.every_steps: must be >= 1".into());
@@ -518,7 +558,9 @@ mod tests {
     #[test]
     fn typo_reports_line_column_and_key() {
         let text = "[lora]\nrank = 8\nrnak = 4\n";
-        let e = RunConfig::from_toml_str(text, p(), &[]).unwrap_err().to_string();
+        let e = RunConfig::from_toml_str(text, p(), &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("run.toml:3:1:"), "{e}");
         assert!(e.contains("rnak"), "{e}");
     }
@@ -526,7 +568,9 @@ mod tests {
     #[test]
     fn wrong_type_reports_position() {
         let text = "[optimizer]\nlr = \"fast\"\n";
-        let e = RunConfig::from_toml_str(text, p(), &[]).unwrap_err().to_string();
+        let e = RunConfig::from_toml_str(text, p(), &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("run.toml:2:6:"), "{e}");
     }
 
@@ -534,9 +578,17 @@ mod tests {
     fn all_problems_reported_at_once() {
         let text = "[lora]\nrank = 0\ndropout = 1.5\ntargets = [\"q_proj\", \"qkv\"]\n[optimizer]\nlr = -1.0\n[budget]\nhours = 1.0\nsteps = 10\n";
         let e = RunConfig::from_toml_str(text, p(), &[]).unwrap_err();
-        let ConfigError::Invalid { problems, .. } = &e else { panic!("{e}") };
+        let ConfigError::Invalid { problems, .. } = &e else {
+            panic!("{e}")
+        };
         let all = problems.join("\n");
-        for needle in ["lora.rank", "lora.dropout", "`qkv`", "optimizer.lr", "budget: set only one"] {
+        for needle in [
+            "lora.rank",
+            "lora.dropout",
+            "`qkv`",
+            "optimizer.lr",
+            "budget: set only one",
+        ] {
             assert!(all.contains(needle), "missing {needle} in:\n{all}");
         }
         assert_eq!(problems.len(), 5, "{all}");
@@ -547,15 +599,23 @@ mod tests {
         let cfg = RunConfig::from_toml_str(
             "[optimizer]\nlr = 1e-4\n",
             p(),
-            &["optimizer.lr=3e-4".into(), "lora.targets=[\"q_proj\",\"v_proj\"]".into(), "model.path=some/dir".into()],
+            &[
+                "optimizer.lr=3e-4".into(),
+                "lora.targets=[\"q_proj\",\"v_proj\"]".into(),
+                "model.path=some/dir".into(),
+            ],
         )
         .unwrap();
         assert_eq!(cfg.optimizer.lr, 3e-4);
         assert_eq!(cfg.lora.targets, vec!["q_proj", "v_proj"]);
         assert_eq!(cfg.model.path, "some/dir");
-        let e = RunConfig::from_toml_str("", p(), &["optimizer.lrr=1".into()]).unwrap_err().to_string();
+        let e = RunConfig::from_toml_str("", p(), &["optimizer.lrr=1".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("optimizer.lrr=1") && e.contains("lrr"), "{e}");
-        let e = RunConfig::from_toml_str("", p(), &["nonsense".into()]).unwrap_err().to_string();
+        let e = RunConfig::from_toml_str("", p(), &["nonsense".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("key.path=value"), "{e}");
     }
 

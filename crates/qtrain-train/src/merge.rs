@@ -8,7 +8,10 @@
 //! NF4 round trip of them (exactly the base the adapter was trained against).
 
 use crate::peft::PeftAdapter;
-use qtrain_model::safetensors_io::{f32_to_bf16_bytes, ShardedTensors, StreamingWriter, TensorSpec};
+use qtrain_lora::lora::HostTensor;
+use qtrain_model::safetensors_io::{
+    f32_to_bf16_bytes, ShardedTensors, StreamingWriter, TensorSpec,
+};
 use qtrain_model::{ModelConfig, Proj, PROJECTIONS};
 use std::collections::HashMap;
 use std::path::Path;
@@ -57,15 +60,28 @@ pub fn export_merged(
     let cfg = ModelConfig::from_file(&source_dir.join("config.json"))?;
     let st = ShardedTensors::open_model_dir(source_dir)?;
     let s = &adapter.settings;
-    let scale = if s.rslora { s.alpha / (s.rank as f64).sqrt() } else { s.alpha / s.rank as f64 } as f32;
-    let lora: HashMap<&str, &(String, Vec<f32>, Vec<usize>)> = adapter.tensors.iter().map(|t| (t.0.as_str(), t)).collect();
-    std::fs::create_dir_all(out_dir).map_err(|e| qtrain_model::ModelError::Io { path: out_dir.to_path_buf(), source: e })?;
+    let scale = if s.rslora {
+        s.alpha / (s.rank as f64).sqrt()
+    } else {
+        s.alpha / s.rank as f64
+    } as f32;
+    let lora: HashMap<&str, &HostTensor> =
+        adapter.tensors.iter().map(|t| (t.0.as_str(), t)).collect();
+    std::fs::create_dir_all(out_dir).map_err(|e| qtrain_model::ModelError::Io {
+        path: out_dir.to_path_buf(),
+        source: e,
+    })?;
 
     // The dense tensors of the output: every source tensor that is not a piece of
     // bitsandbytes quant state (pre-quantized sources carry those next to weights).
     let prequant = cfg.is_prequantized();
     let is_proj = |n: &str| -> Option<(usize, Proj)> {
-        (0..cfg.num_hidden_layers).find_map(|l| PROJECTIONS.iter().find(|p| p.weight_name(l) == n).map(|&p| (l, p)))
+        (0..cfg.num_hidden_layers).find_map(|l| {
+            PROJECTIONS
+                .iter()
+                .find(|p| p.weight_name(l) == n)
+                .map(|&p| (l, p))
+        })
     };
     let names: Vec<String> = st
         .names()
@@ -96,10 +112,20 @@ pub fn export_merged(
     let mut total = 0usize;
     let mut buf = Vec::new();
     for (i, shard) in shards.iter().enumerate() {
-        let file = if count == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{count:05}.safetensors", i + 1) };
+        let file = if count == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{count:05}.safetensors", i + 1)
+        };
         let specs = shard
             .iter()
-            .map(|n| Ok(TensorSpec::new(n.clone(), safetensors::Dtype::BF16, &shape_of(n)?)))
+            .map(|n| {
+                Ok(TensorSpec::new(
+                    n.clone(),
+                    safetensors::Dtype::BF16,
+                    &shape_of(n)?,
+                ))
+            })
             .collect::<Result<Vec<_>, MergeError>>()?;
         let mut meta = std::collections::BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
@@ -130,7 +156,12 @@ pub fn export_merged(
                         add_lora(&mut v, &a.1, &b.1, out, s.rank, inp, scale);
                     }
                     (None, None) => {}
-                    _ => return Err(MergeError::Adapter(format!("layer {l} {}: the adapter has only one of lora_A, lora_B", p.name()))),
+                    _ => {
+                        return Err(MergeError::Adapter(format!(
+                            "layer {l} {}: the adapter has only one of lora_A, lora_B",
+                            p.name()
+                        )))
+                    }
                 }
             }
             f32_to_bf16_bytes(&v, &mut buf);
@@ -141,9 +172,16 @@ pub fn export_merged(
         w.finish()?;
     }
     if count > 1 {
-        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        std::fs::write(out_dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index).expect("json"))
-            .map_err(|e| qtrain_model::ModelError::Io { path: out_dir.join("model.safetensors.index.json"), source: e })?;
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        std::fs::write(
+            out_dir.join("model.safetensors.index.json"),
+            serde_json::to_string_pretty(&index).expect("json"),
+        )
+        .map_err(|e| qtrain_model::ModelError::Io {
+            path: out_dir.join("model.safetensors.index.json"),
+            source: e,
+        })?;
     }
     qtrain_model::bnb::copy_tokenizer_files(source_dir, out_dir)?;
     let mut json = cfg.to_json();
@@ -151,8 +189,12 @@ pub fn export_merged(
     obj.remove("quantization_config");
     obj.insert("torch_dtype".into(), "bfloat16".into());
     let cpath = out_dir.join("config.json");
-    std::fs::write(&cpath, serde_json::to_string_pretty(&json).expect("json"))
-        .map_err(|e| qtrain_model::ModelError::Io { path: cpath, source: e })?;
+    std::fs::write(&cpath, serde_json::to_string_pretty(&json).expect("json")).map_err(|e| {
+        qtrain_model::ModelError::Io {
+            path: cpath,
+            source: e,
+        }
+    })?;
     Ok(())
 }
 
@@ -187,45 +229,104 @@ mod tests {
         cfg.head_dim = Some(8);
         cfg.intermediate_size = 48;
         cfg.num_hidden_layers = 2;
-        qtrain_model::random::write_random_model(src.path(), &cfg, 1, usize::MAX, TOK, &serde_json::json!({})).unwrap();
+        qtrain_model::random::write_random_model(
+            src.path(),
+            &cfg,
+            1,
+            usize::MAX,
+            TOK,
+            &serde_json::json!({}),
+        )
+        .unwrap();
         let r = 2;
         let [qo, qi] = cfg.proj_shape(Proj::Q);
         let a: Vec<f32> = (0..r * qi).map(|x| (x % 7) as f32 * 0.01).collect();
         let b: Vec<f32> = (0..qo * r).map(|x| (x % 5) as f32 * 0.02 - 0.04).collect();
         let adapter = PeftAdapter {
-            settings: PeftSettings { rank: r, alpha: 4.0, dropout: 0.0, targets: vec![Proj::Q], rslora: false, base_model: "x".into() },
+            settings: PeftSettings {
+                rank: r,
+                alpha: 4.0,
+                dropout: 0.0,
+                targets: vec![Proj::Q],
+                rslora: false,
+                base_model: "x".into(),
+            },
             tensors: vec![
                 ("layers.1.q_proj.lora_A".into(), a.clone(), vec![r, qi]),
                 ("layers.1.q_proj.lora_B".into(), b.clone(), vec![qo, r]),
             ],
         };
-        export_merged(src.path(), &adapter, out.path(), MergeBase::Original, 30_000).unwrap();
-        assert!(out.path().join("model.safetensors.index.json").exists(), "sharded");
+        export_merged(
+            src.path(),
+            &adapter,
+            out.path(),
+            MergeBase::Original,
+            30_000,
+        )
+        .unwrap();
+        assert!(
+            out.path().join("model.safetensors.index.json").exists(),
+            "sharded"
+        );
         let s_in = ShardedTensors::open_model_dir(src.path()).unwrap();
         let s_out = ShardedTensors::open_model_dir(out.path()).unwrap();
         // Untouched tensors are byte-identical (the source is bf16 already).
-        for n in ["model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"] {
+        for n in [
+            "model.embed_tokens.weight",
+            "model.layers.1.self_attn.q_proj.weight",
+            "model.layers.0.mlp.down_proj.weight",
+        ] {
             let same = s_in.get(n).unwrap().bytes == s_out.get(n).unwrap().bytes;
             assert_eq!(same, n != "model.layers.1.self_attn.q_proj.weight", "{n}");
         }
-        let w0 = s_in.get("model.layers.1.self_attn.q_proj.weight").unwrap().to_f32_vec().unwrap();
-        let w1 = s_out.get("model.layers.1.self_attn.q_proj.weight").unwrap().to_f32_vec().unwrap();
+        let w0 = s_in
+            .get("model.layers.1.self_attn.q_proj.weight")
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
+        let w1 = s_out
+            .get("model.layers.1.self_attn.q_proj.weight")
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
         for (o, i) in [(0, 0), (5, 17), (qo - 1, qi - 1)] {
             let delta = 2.0 * (0..r).map(|k| b[o * r + k] * a[k * qi + i]).sum::<f32>();
             let want = half::bf16::from_f32(w0[o * qi + i] + delta).to_f32();
             assert_eq!(w1[o * qi + i], want, "({o}, {i})");
         }
         assert!(out.path().join("tokenizer.json").exists());
-        let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();
+        let c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+                .unwrap();
         assert!(c.get("quantization_config").is_none());
 
         // Dequantized base: the projection equals the NF4 round trip plus the delta.
         let out2 = tempfile::tempdir().unwrap();
-        export_merged(src.path(), &adapter, out2.path(), MergeBase::Dequantized, usize::MAX).unwrap();
+        export_merged(
+            src.path(),
+            &adapter,
+            out2.path(),
+            MergeBase::Dequantized,
+            usize::MAX,
+        )
+        .unwrap();
         let s2 = ShardedTensors::open_model_dir(out2.path()).unwrap();
-        let k0 = s_in.get("model.layers.0.self_attn.k_proj.weight").unwrap().to_f32_vec().unwrap();
-        let rt = qtrain_quant::Nf4Tensor::quantize(&k0, &cfg.proj_shape(Proj::K), 64, true).unwrap().dequantize_to_vec();
-        let k2 = s2.get("model.layers.0.self_attn.k_proj.weight").unwrap().to_f32_vec().unwrap();
-        assert!(k2.iter().zip(&rt).all(|(x, y)| *x == half::bf16::from_f32(*y).to_f32()));
+        let k0 = s_in
+            .get("model.layers.0.self_attn.k_proj.weight")
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
+        let rt = qtrain_quant::Nf4Tensor::quantize(&k0, &cfg.proj_shape(Proj::K), 64, true)
+            .unwrap()
+            .dequantize_to_vec();
+        let k2 = s2
+            .get("model.layers.0.self_attn.k_proj.weight")
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
+        assert!(k2
+            .iter()
+            .zip(&rt)
+            .all(|(x, y)| *x == half::bf16::from_f32(*y).to_f32()));
     }
 }

@@ -43,7 +43,11 @@ impl MetricsSink {
         std::fs::create_dir_all(dir).map_err(err(dir))?;
         let jsonl = if jsonl {
             let p = dir.join("metrics.jsonl");
-            let f = std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(err(&p))?;
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .map_err(err(&p))?;
             Some((BufWriter::new(f), p))
         } else {
             None
@@ -79,7 +83,10 @@ impl MetricsSink {
             }
             writeln!(w, "{}", serde_json::Value::Object(obj))
                 .and_then(|_| w.flush())
-                .map_err(|source| MetricsError { path: path.clone(), source })?;
+                .map_err(|source| MetricsError {
+                    path: path.clone(),
+                    source,
+                })?;
         }
         if let Some(tb) = &mut self.tb {
             let tagged: Vec<(String, f32)> = fields
@@ -94,7 +101,8 @@ impl MetricsSink {
                 .collect();
             let refs: Vec<(&str, f32)> = tagged.iter().map(|(k, v)| (k.as_str(), *v)).collect();
             let path = tb.path().to_path_buf();
-            tb.scalars(r.step, &refs).map_err(|source| MetricsError { path, source })?;
+            tb.scalars(r.step, &refs)
+                .map_err(|source| MetricsError { path, source })?;
         }
         Ok(())
     }
@@ -109,11 +117,26 @@ mod tests {
     fn jsonl_and_tensorboard_carry_the_same_points() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = MetricsSink::create(dir.path(), true, true).unwrap();
-        s.log(&Record { step: 1, loss: Some(2.5), lr: Some(1e-3), elapsed_s: 0.5, ..Record::default() })
-            .unwrap();
-        s.log(&Record { step: 2, eval_loss: Some(1.25), elapsed_s: 1.0, ..Record::default() }).unwrap();
+        s.log(&Record {
+            step: 1,
+            loss: Some(2.5),
+            lr: Some(1e-3),
+            elapsed_s: 0.5,
+            ..Record::default()
+        })
+        .unwrap();
+        s.log(&Record {
+            step: 2,
+            eval_loss: Some(1.25),
+            elapsed_s: 1.0,
+            ..Record::default()
+        })
+        .unwrap();
         let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
-        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["loss"], 2.5);
         assert_eq!(lines[0]["step"], 1);
@@ -122,10 +145,21 @@ mod tests {
         let ev = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().path())
-            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("events.out.tfevents."))
+            .find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("events.out.tfevents.")
+            })
             .unwrap();
         let recs = read_records(&std::fs::read(ev).unwrap());
-        assert_eq!(decode_scalars(&recs[1]).1, vec![("train/loss".into(), 2.5), ("train/lr".into(), 1e-3)]);
-        assert_eq!(decode_scalars(&recs[2]), (2, vec![("eval/loss".into(), 1.25)]));
+        assert_eq!(
+            decode_scalars(&recs[1]).1,
+            vec![("train/loss".into(), 2.5), ("train/lr".into(), 1e-3)]
+        );
+        assert_eq!(
+            decode_scalars(&recs[2]),
+            (2, vec![("eval/loss".into(), 1.25)])
+        );
     }
 }

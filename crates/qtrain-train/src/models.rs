@@ -17,7 +17,12 @@ pub enum ModelSourceError {
 }
 
 /// Writes a random model of `preset` with the built-in tokenizer into `out`.
-pub fn write_random(preset: &str, out: &Path, seed: u64, max_shard_bytes: usize) -> Result<ModelConfig, ModelSourceError> {
+pub fn write_random(
+    preset: &str,
+    out: &Path,
+    seed: u64,
+    max_shard_bytes: usize,
+) -> Result<ModelConfig, ModelSourceError> {
     let tokenizer = qtrain_data::tiny_tokenizer::build_tiny_tokenizer();
     let vocab = tokenizer.get_vocab_size(true);
     let cfg = ModelConfig::preset(preset, vocab)?;
@@ -50,9 +55,14 @@ pub fn resolve(path: &str, cache_root: &Path) -> Result<PathBuf, ModelSourceErro
             }
             .into());
         }
-        let dir = cache_root.join("builtin").join(format!("{preset}-seed{seed}"));
+        let dir = cache_root
+            .join("builtin")
+            .join(format!("{preset}-seed{seed}"));
         if !dir.join("config.json").exists() {
-            tracing::info!("generating the built-in {preset} model in {}", dir.display());
+            tracing::info!(
+                "generating the built-in {preset} model in {}",
+                dir.display()
+            );
             write_random(preset, &dir, seed, 5_000_000_000)?;
         }
         return Ok(dir);
@@ -81,7 +91,9 @@ pub fn device(spec: &str) -> Result<Device, ModelSourceError> {
                 None => return Err(err("expected auto, cpu, cuda or cuda:N".into())),
             };
             if !candle_core::utils::cuda_is_available() {
-                return Err(err("this qtrain was built without CUDA (cargo build --features cuda)".into()));
+                return Err(err(
+                    "this qtrain was built without CUDA (cargo build --features cuda)".into(),
+                ));
             }
             Device::new_cuda(ordinal).map_err(|e| err(e.to_string()))
         }

@@ -118,7 +118,12 @@ pub struct Planner {
 
 impl Planner {
     /// `reserve`: time kept for the final checkpoint and export.
-    pub fn new(budget: Budget, clock: Box<dyn Clock>, reserve: Duration, tokens_per_step: u64) -> Self {
+    pub fn new(
+        budget: Budget,
+        clock: Box<dyn Clock>,
+        reserve: Duration,
+        tokens_per_step: u64,
+    ) -> Self {
         let start = clock.now();
         let mut p = Self {
             budget,
@@ -232,14 +237,21 @@ impl Planner {
             (Budget::Time(budget), Some(ema)) => {
                 // Overhead per step so far (evals and checkpoints recur at a steady rate).
                 let per_step = ema + self.overhead_secs / done.max(1) as f64;
-                let left = budget.as_secs_f64() - self.reserve.as_secs_f64() - self.elapsed().as_secs_f64();
-                let more = if left > 0.0 { (left / per_step).floor() as u64 } else { 0 };
+                let left = budget.as_secs_f64()
+                    - self.reserve.as_secs_f64()
+                    - self.elapsed().as_secs_f64();
+                let more = if left > 0.0 {
+                    (left / per_step).floor() as u64
+                } else {
+                    0
+                };
                 ((done + more).max(done + 1), Some(ema))
             }
         };
         let eta = match step_seconds {
             Some(s) => Duration::from_secs_f64(
-                (total - done) as f64 * (s + self.overhead_secs / done.max(1) as f64) + self.reserve.as_secs_f64(),
+                (total - done) as f64 * (s + self.overhead_secs / done.max(1) as f64)
+                    + self.reserve.as_secs_f64(),
             ),
             None => Duration::ZERO,
         };
@@ -260,7 +272,8 @@ impl Planner {
         }
         match (self.budget, self.step_time_ema) {
             (Budget::Time(budget), Some(ema)) => {
-                self.elapsed().as_secs_f64() + ema + self.reserve.as_secs_f64() > budget.as_secs_f64()
+                self.elapsed().as_secs_f64() + ema + self.reserve.as_secs_f64()
+                    > budget.as_secs_f64()
             }
             (Budget::Time(budget), None) => self.elapsed() + self.reserve >= budget,
             (Budget::Steps(_), _) => false,
@@ -278,7 +291,12 @@ mod tests {
     use super::*;
 
     /// Runs a simulated training loop; returns (steps, finish time).
-    fn simulate(budget_s: f64, step_time: impl Fn(u64) -> f64, reserve_s: f64, final_ckpt_s: f64) -> (u64, f64, u64) {
+    fn simulate(
+        budget_s: f64,
+        step_time: impl Fn(u64) -> f64,
+        reserve_s: f64,
+        final_ckpt_s: f64,
+    ) -> (u64, f64, u64) {
         let clock = SimClock::default();
         let mut p = Planner::new(
             Budget::Time(Duration::from_secs_f64(budget_s)),
@@ -307,7 +325,10 @@ mod tests {
         let budget = 3600.0;
         let (steps, end, _) = simulate(budget, |s| if s == 0 { 20.0 } else { 2.0 }, 30.0, 25.0);
         let (lo, hi) = window(budget);
-        assert!(end <= hi && end >= lo, "ended at {end}, window [{lo}, {hi}]");
+        assert!(
+            end <= hi && end >= lo,
+            "ended at {end}, window [{lo}, {hi}]"
+        );
         // (3600 - 30 - 20) / 2 + 1 steps fit.
         assert!((1770..=1776).contains(&steps), "{steps}");
     }
@@ -316,9 +337,17 @@ mod tests {
     fn drifting_step_time_replans_and_ends_in_window() {
         let budget = 8.0 * 3600.0;
         // Steps slow down by half over the run (thermal throttling, longer batches).
-        let (steps, end, replans) = simulate(budget, |s| 3.0 * (1.0 + (s as f64 / 9600.0).min(0.5)), 60.0, 50.0);
+        let (steps, end, replans) = simulate(
+            budget,
+            |s| 3.0 * (1.0 + (s as f64 / 9600.0).min(0.5)),
+            60.0,
+            50.0,
+        );
         let (lo, hi) = window(budget);
-        assert!(end <= hi && end >= lo, "ended at {end}, window [{lo}, {hi}]");
+        assert!(
+            end <= hi && end >= lo,
+            "ended at {end}, window [{lo}, {hi}]"
+        );
         assert!(replans >= 3, "expected several re-plans, got {replans}");
         assert!(steps > 6000, "{steps}");
     }
@@ -347,7 +376,12 @@ mod tests {
     #[test]
     fn steps_budget_is_exact() {
         let clock = SimClock::default();
-        let mut p = Planner::new(Budget::Steps(25), Box::new(clock.clone()), Duration::ZERO, 10);
+        let mut p = Planner::new(
+            Budget::Steps(25),
+            Box::new(clock.clone()),
+            Duration::ZERO,
+            10,
+        );
         let mut n = 0;
         while !p.should_stop() {
             clock.advance(Duration::from_secs(1));
@@ -371,7 +405,7 @@ mod tests {
         while !p.should_stop() {
             clock.advance(Duration::from_secs(1));
             p.record_step(Duration::from_secs(1));
-            if p.steps_done() % 100 == 0 {
+            if p.steps_done().is_multiple_of(100) {
                 // A 20 s evaluation every 100 steps.
                 clock.advance(Duration::from_secs(20));
                 p.record_overhead(Duration::from_secs(20));

@@ -39,7 +39,9 @@ pub fn install_handler() -> Result<StopFlag, ctrlc::Error> {
             eprintln!("\nsecond signal: exiting without a checkpoint");
             std::process::exit(130);
         }
-        eprintln!("\nsignal received: saving a checkpoint after this step (signal again to quit now)");
+        eprintln!(
+            "\nsignal received: saving a checkpoint after this step (signal again to quit now)"
+        );
     })?;
     Ok(FLAG.get_or_init(|| flag).clone())
 }

@@ -17,7 +17,11 @@ pub fn crc32c(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -48,7 +52,12 @@ fn bytes_field(field: u32, b: &[u8], out: &mut Vec<u8>) {
 }
 
 /// Encodes an `Event` with wall time, step and either a file version or scalars.
-pub fn encode_event(wall_time: f64, step: i64, file_version: Option<&str>, scalars: &[(&str, f32)]) -> Vec<u8> {
+pub fn encode_event(
+    wall_time: f64,
+    step: i64,
+    file_version: Option<&str>,
+    scalars: &[(&str, f32)],
+) -> Vec<u8> {
     let mut e = Vec::new();
     key(1, 1, &mut e);
     e.extend_from_slice(&wall_time.to_le_bytes());
@@ -218,7 +227,8 @@ pub(crate) mod tests {
     fn event_file_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = EventWriter::create(dir.path()).unwrap();
-        w.scalars(7, &[("train/loss", 1.5), ("train/lr", 2e-4)]).unwrap();
+        w.scalars(7, &[("train/loss", 1.5), ("train/lr", 2e-4)])
+            .unwrap();
         w.scalars(300, &[("eval/loss", 0.25)]).unwrap();
         let bytes = std::fs::read(w.path()).unwrap();
         let recs = read_records(&bytes);
@@ -226,8 +236,17 @@ pub(crate) mod tests {
         assert!(recs[0].windows(13).any(|x| x == b"brain.Event:2"));
         assert_eq!(
             decode_scalars(&recs[1]),
-            (7, vec![("train/loss".to_string(), 1.5), ("train/lr".to_string(), 2e-4)])
+            (
+                7,
+                vec![
+                    ("train/loss".to_string(), 1.5),
+                    ("train/lr".to_string(), 2e-4)
+                ]
+            )
         );
-        assert_eq!(decode_scalars(&recs[2]), (300, vec![("eval/loss".to_string(), 0.25)]));
+        assert_eq!(
+            decode_scalars(&recs[2]),
+            (300, vec![("eval/loss".to_string(), 0.25)])
+        );
     }
 }

@@ -20,9 +20,15 @@ use crate::models::{self, ModelSourceError};
 use crate::peft::{self, PeftDtype, PeftSettings};
 use crate::planner::{Budget, Clock, Plan, Planner, PlannerState};
 use qtrain_data::{BatchStream, DataCursor, DatasetConfig, Encoder, EvalStream, Sample};
-use qtrain_lora::{forward_backward, forward_loss, LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch};
+use qtrain_lora::lora::HostTensor;
+use qtrain_lora::{
+    forward_backward, forward_loss, LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch,
+};
 use qtrain_model::{BaseModel, LoadOptions, Proj, Quantization};
-use qtrain_optim::{clip_grad_norm, AdamW32, AdamW8bit, AdamWConfig, LrSchedule, Optimizer, ParamSpec, PagingPolicy, ScheduleKind};
+use qtrain_optim::{
+    clip_grad_norm, AdamW32, AdamW8bit, AdamWConfig, LrSchedule, Optimizer, PagingPolicy,
+    ParamSpec, ScheduleKind,
+};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -137,7 +143,10 @@ fn lora_config(cfg: &RunConfig) -> Result<LoraConfig> {
         .lora
         .targets
         .iter()
-        .map(|t| Proj::from_name(t).ok_or_else(|| TrainError::Other(format!("lora.targets: unknown `{t}`"))))
+        .map(|t| {
+            Proj::from_name(t)
+                .ok_or_else(|| TrainError::Other(format!("lora.targets: unknown `{t}`")))
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok(LoraConfig {
         rank: cfg.lora.rank,
@@ -178,7 +187,11 @@ fn adamw_config(cfg: &RunConfig) -> AdamWConfig {
     }
 }
 
-fn make_optimizer(cfg: &RunConfig, specs: &[ParamSpec], from: Option<&Path>) -> Result<Box<dyn Optimizer>> {
+fn make_optimizer(
+    cfg: &RunConfig,
+    specs: &[ParamSpec],
+    from: Option<&Path>,
+) -> Result<Box<dyn Optimizer>> {
     let c = adamw_config(cfg);
     Ok(match (cfg.optimizer.kind.as_str(), from) {
         ("adamw32", None) => Box::new(AdamW32::new(c, specs)?),
@@ -200,7 +213,7 @@ fn to_token_batch(b: &qtrain_data::Batch) -> Result<TokenBatch> {
 }
 
 /// Writes LoRA tensors (qtrain names, f32) as safetensors.
-fn save_lora(path: &Path, params: &[(String, Vec<f32>, Vec<usize>)]) -> Result<()> {
+fn save_lora(path: &Path, params: &[HostTensor]) -> Result<()> {
     use qtrain_model::safetensors_io::{f32_to_le_bytes, StreamingWriter, TensorSpec};
     let specs = params
         .iter()
@@ -213,7 +226,7 @@ fn save_lora(path: &Path, params: &[(String, Vec<f32>, Vec<usize>)]) -> Result<(
     Ok(w.finish()?)
 }
 
-fn load_lora(path: &Path, expected: &[(String, Vec<f32>, Vec<usize>)]) -> Result<Vec<(String, Vec<f32>, Vec<usize>)>> {
+fn load_lora(path: &Path, expected: &[HostTensor]) -> Result<Vec<HostTensor>> {
     let st = qtrain_model::safetensors_io::ShardedTensors::open(&[path.to_path_buf()])?;
     expected
         .iter()
@@ -226,7 +239,13 @@ fn load_lora(path: &Path, expected: &[(String, Vec<f32>, Vec<usize>)]) -> Result
 }
 
 /// Mean eval loss over the held-out split (at most `max_batches` batches).
-fn evaluate(base: &BaseModel, lora: Option<&LoraWeights>, data: &DatasetConfig, enc: &Arc<Encoder>, max_batches: usize) -> Result<Option<f64>> {
+fn evaluate(
+    base: &BaseModel,
+    lora: Option<&LoraWeights>,
+    data: &DatasetConfig,
+    enc: &Arc<Encoder>,
+    max_batches: usize,
+) -> Result<Option<f64>> {
     let stream = EvalStream::new(data, enc.clone())?;
     let (mut sum, mut n) = (0.0, 0usize);
     for (i, b) in stream.enumerate() {
@@ -241,7 +260,13 @@ fn evaluate(base: &BaseModel, lora: Option<&LoraWeights>, data: &DatasetConfig, 
 }
 
 /// Greedy answers to held-out prompts.
-fn answer(base: &BaseModel, lora: Option<&LoraWeights>, enc: &Encoder, prompts: &[(Vec<qtrain_data::Message>, String)], max_new: usize) -> Result<Vec<String>> {
+fn answer(
+    base: &BaseModel,
+    lora: Option<&LoraWeights>,
+    enc: &Encoder,
+    prompts: &[(Vec<qtrain_data::Message>, String)],
+    max_new: usize,
+) -> Result<Vec<String>> {
     prompts
         .iter()
         .map(|(msgs, _)| {
@@ -253,7 +278,10 @@ fn answer(base: &BaseModel, lora: Option<&LoraWeights>, enc: &Encoder, prompts: 
 }
 
 /// Held-out chat prompts (all turns but the last assistant one) with the reference answer.
-fn sample_prompts(data: &DatasetConfig, n: usize) -> Result<Vec<(Vec<qtrain_data::Message>, String)>> {
+fn sample_prompts(
+    data: &DatasetConfig,
+    n: usize,
+) -> Result<Vec<(Vec<qtrain_data::Message>, String)>> {
     if n == 0 {
         return Ok(Vec::new());
     }
@@ -301,7 +329,8 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     } = opts;
     let out_dir = cfg.checkpoint.output_dir.clone();
     let ckpt_root = out_dir.join("checkpoints");
-    std::fs::create_dir_all(&out_dir).map_err(|e| TrainError::Other(format!("{}: {e}", out_dir.display())))?;
+    std::fs::create_dir_all(&out_dir)
+        .map_err(|e| TrainError::Other(format!("{}: {e}", out_dir.display())))?;
 
     // ---- resume: read the checkpoint's state first; it decides the model and data position.
     let resume_dir = match &resume {
@@ -314,10 +343,24 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         Some(dir) => {
             ckpt_io::verify(dir)?;
             let p = dir.join(STATE_FILE);
-            let text = std::fs::read_to_string(&p).map_err(|e| TrainError::Resume { path: p.clone(), msg: e.to_string() })?;
-            let st: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Resume { path: p.clone(), msg: e.to_string() })?;
-            let old: RunConfig = toml::from_str(&st.config_toml).map_err(|e| TrainError::Resume { path: p.clone(), msg: format!("stored config: {e}") })?;
-            if old.lora != cfg.lora || old.model.path != cfg.model.path || old.data != cfg.data || old.train.grad_accum != cfg.train.grad_accum {
+            let text = std::fs::read_to_string(&p).map_err(|e| TrainError::Resume {
+                path: p.clone(),
+                msg: e.to_string(),
+            })?;
+            let st: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Resume {
+                path: p.clone(),
+                msg: e.to_string(),
+            })?;
+            let old: RunConfig =
+                toml::from_str(&st.config_toml).map_err(|e| TrainError::Resume {
+                    path: p.clone(),
+                    msg: format!("stored config: {e}"),
+                })?;
+            if old.lora != cfg.lora
+                || old.model.path != cfg.model.path
+                || old.data != cfg.data
+                || old.train.grad_accum != cfg.train.grad_accum
+            {
                 return Err(TrainError::Resume {
                     path: dir.clone(),
                     msg: "the checkpoint was made with a different [model].path, [lora], [data] or train.grad_accum; \
@@ -339,13 +382,17 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         quantization: if cfg.model.quantization == "none" {
             Quantization::None
         } else {
-            Quantization::Nf4 { blocksize: 64, double_quant: cfg.model.double_quant }
+            Quantization::Nf4 {
+                blocksize: 64,
+                double_quant: cfg.model.double_quant,
+            }
         },
         threads: 0,
     };
     let t_load = Instant::now();
     let base = if cfg.model.quantized_cache {
-        let (m, outcome) = qtrain_model::bnb::load_cached(&model_dir, &load, &cache_root.join("nf4"))?;
+        let (m, outcome) =
+            qtrain_model::bnb::load_cached(&model_dir, &load, &cache_root.join("nf4"))?;
         tracing::info!("quantized cache: {outcome:?}");
         m
     } else {
@@ -360,15 +407,28 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         dtype,
         t_load.elapsed().as_secs_f64()
     );
-    let encoder = Arc::new(Encoder::from_model_dir(&model_dir, &cfg.data.chat_template)?);
+    let encoder = Arc::new(Encoder::from_model_dir(
+        &model_dir,
+        &cfg.data.chat_template,
+    )?);
 
     // ---- adapters, optimizer, data
     let lcfg = lora_config(&cfg)?;
     let mut lora = LoraWeights::init(&lcfg, &base.config, &device)?;
     let mut grads = LoraGrads::zeros_like(&lora)?;
     let mut params = lora.to_host()?;
-    let specs: Vec<ParamSpec> = params.iter().map(|(n, v, _)| ParamSpec::new(n.clone(), v.len())).collect();
-    let mut opt = make_optimizer(&cfg, &specs, resume_dir.as_ref().map(|d| d.join(OPTIMIZER_FILE)).as_deref())?;
+    let specs: Vec<ParamSpec> = params
+        .iter()
+        .map(|(n, v, _)| ParamSpec::new(n.clone(), v.len()))
+        .collect();
+    let mut opt = make_optimizer(
+        &cfg,
+        &specs,
+        resume_dir
+            .as_ref()
+            .map(|d| d.join(OPTIMIZER_FILE))
+            .as_deref(),
+    )?;
     if let Some(dir) = &resume_dir {
         params = load_lora(&dir.join(ADAPTER_FILE), &params)?;
         lora.update_from_host(&params)?;
@@ -401,45 +461,86 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         opt.state_bytes() as f64 / 1e6
     );
     if step > 0 {
-        tracing::info!("resumed at step {step} from {}", resume_dir.as_ref().expect("resumed").display());
+        tracing::info!(
+            "resumed at step {step} from {}",
+            resume_dir.as_ref().expect("resumed").display()
+        );
     }
 
     let mut sink = MetricsSink::create(&out_dir, cfg.log.jsonl, cfg.log.tensorboard)?;
     let prompts = sample_prompts(&cfg.data, cfg.eval.samples)?;
-    let before = if resumed.is_none() { answer(&base, Some(&lora), &encoder, &prompts, cfg.eval.max_new_tokens)? } else { vec![String::new(); prompts.len()] };
+    let before = if resumed.is_none() {
+        answer(
+            &base,
+            Some(&lora),
+            &encoder,
+            &prompts,
+            cfg.eval.max_new_tokens,
+        )?
+    } else {
+        vec![String::new(); prompts.len()]
+    };
     let first_eval_loss = match &resumed {
         Some(st) => st.first_eval_loss,
         None => {
-            let l = evaluate(&base, Some(&lora), &cfg.data, &encoder, cfg.eval.max_batches)?;
+            let l = evaluate(
+                &base,
+                Some(&lora),
+                &cfg.data,
+                &encoder,
+                cfg.eval.max_batches,
+            )?;
             if let Some(l) = l {
                 tracing::info!("eval loss before training: {l:.4}");
-                sink.log(&Record { step, eval_loss: Some(l), elapsed_s: 0.0, ..Record::default() })?;
+                sink.log(&Record {
+                    step,
+                    eval_loss: Some(l),
+                    elapsed_s: 0.0,
+                    ..Record::default()
+                })?;
             }
             l
         }
     };
     announce(&planner.plan(), tokens_per_step);
 
-    let save = |dir_step: u64, params: &[(String, Vec<f32>, Vec<usize>)], opt: &dyn Optimizer, state: TrainerState| -> Result<PathBuf> {
+    let save = |dir_step: u64,
+                params: &[HostTensor],
+                opt: &dyn Optimizer,
+                state: TrainerState|
+     -> Result<PathBuf> {
         let elapsed = state.planner.elapsed_secs;
-        Ok(ckpt_io::save(&ckpt_root, dir_step, elapsed, cfg.checkpoint.keep_last, |d| {
-            save_lora(&d.join(ADAPTER_FILE), params).map_err(|e| e.to_string())?;
-            opt.save_state(&d.join(OPTIMIZER_FILE)).map_err(|e| e.to_string())?;
-            std::fs::write(d.join(STATE_FILE), serde_json::to_string_pretty(&state).map_err(|e| e.to_string())?)?;
-            std::fs::write(d.join("config.toml"), &state.config_toml)?;
-            Ok(())
-        })?)
+        Ok(ckpt_io::save(
+            &ckpt_root,
+            dir_step,
+            elapsed,
+            cfg.checkpoint.keep_last,
+            |d| {
+                save_lora(&d.join(ADAPTER_FILE), params).map_err(|e| e.to_string())?;
+                opt.save_state(&d.join(OPTIMIZER_FILE))
+                    .map_err(|e| e.to_string())?;
+                std::fs::write(
+                    d.join(STATE_FILE),
+                    serde_json::to_string_pretty(&state).map_err(|e| e.to_string())?,
+                )?;
+                std::fs::write(d.join("config.toml"), &state.config_toml)?;
+                Ok(())
+            },
+        )?)
     };
-    let state_now = |step: u64, tokens: u64, planner: &Planner, stream: &BatchStream, nonfinite: usize| TrainerState {
-        step,
-        tokens_seen: tokens,
-        planner: planner.state(),
-        data_cursor: stream.cursor(),
-        nonfinite_in_a_row: nonfinite,
-        first_eval_loss,
-        config_toml: cfg.to_toml(),
-        model_dir: model_dir.clone(),
-    };
+    let state_now =
+        |step: u64, tokens: u64, planner: &Planner, stream: &BatchStream, nonfinite: usize| {
+            TrainerState {
+                step,
+                tokens_seen: tokens,
+                planner: planner.state(),
+                data_cursor: stream.cursor(),
+                nonfinite_in_a_row: nonfinite,
+                first_eval_loss,
+                config_toml: cfg.to_toml(),
+                model_dir: model_dir.clone(),
+            }
+        };
 
     let bar = progress_bar(&cfg, &planner.plan());
     let mut last_ckpt_at = planner.elapsed();
@@ -463,7 +564,9 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         let valid: usize = micro.iter().map(|b| b.valid_tokens).sum();
         if valid == 0 {
             // Reported, never trained on: the data crate counts such documents too.
-            tracing::warn!("step {step}: every label of this optimizer step is masked; skipping it");
+            tracing::warn!(
+                "step {step}: every label of this optimizer step is masked; skipping it"
+            );
             continue;
         }
         grads.zero()?;
@@ -474,12 +577,21 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
                 dropout_seed: cfg.train.seed,
                 micro_step: step * accum as u64 + i as u64,
             };
-            loss_sum += forward_backward(&base, &lora, &to_token_batch(b)?, &so, valid as f64, &mut grads)?.loss_sum;
+            loss_sum += forward_backward(
+                &base,
+                &lora,
+                &to_token_batch(b)?,
+                &so,
+                valid as f64,
+                &mut grads,
+            )?
+            .loss_sum;
         }
         let loss = loss_sum / valid as f64;
         let mut host_grads = grads.to_host()?;
         let grad_norm = {
-            let mut slices: Vec<&mut [f32]> = host_grads.iter_mut().map(|g| g.1.as_mut_slice()).collect();
+            let mut slices: Vec<&mut [f32]> =
+                host_grads.iter_mut().map(|g| g.1.as_mut_slice()).collect();
             clip_grad_norm(&mut slices, cfg.train.max_grad_norm)
         };
         if !loss.is_finite() || !grad_norm.is_finite() {
@@ -488,7 +600,11 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
             if nonfinite >= cfg.train.max_nonfinite_steps {
                 let st = state_now(step, tokens_seen, &planner, &stream, nonfinite);
                 let checkpoint = save(step, &params, opt.as_ref(), st)?;
-                return Err(TrainError::NonFinite { count: nonfinite, step, checkpoint });
+                return Err(TrainError::NonFinite {
+                    count: nonfinite,
+                    step,
+                    checkpoint,
+                });
             }
             continue;
         }
@@ -501,7 +617,10 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         }
         lora.update_from_host(&params)?;
         step += 1;
-        let step_tokens: u64 = micro.iter().map(|b| (b.batch_size * b.seq_len) as u64).sum();
+        let step_tokens: u64 = micro
+            .iter()
+            .map(|b| (b.batch_size * b.seq_len) as u64)
+            .sum();
         tokens_seen += step_tokens;
         window_tokens += step_tokens;
         last_loss = Some(loss);
@@ -511,7 +630,7 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         }
         bar.set_position(step);
 
-        if step % cfg.log.every_steps == 0 {
+        if step.is_multiple_of(cfg.log.every_steps) {
             let secs = window_start.elapsed().as_secs_f64();
             let tps = window_tokens as f64 / secs.max(1e-9);
             window_tokens = 0;
@@ -527,22 +646,40 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
                 ..Record::default()
             })?;
         }
-        if cfg.eval.every_steps > 0 && step % cfg.eval.every_steps == 0 {
+        if cfg.eval.every_steps > 0 && step.is_multiple_of(cfg.eval.every_steps) {
             let t = Instant::now();
-            if let Some(l) = evaluate(&base, Some(&lora), &cfg.data, &encoder, cfg.eval.max_batches)? {
-                bar.suspend(|| tracing::info!("step {step}: train loss {loss:.4}, eval loss {l:.4}"));
-                sink.log(&Record { step, eval_loss: Some(l), elapsed_s: planner.elapsed().as_secs_f64(), ..Record::default() })?;
+            if let Some(l) = evaluate(
+                &base,
+                Some(&lora),
+                &cfg.data,
+                &encoder,
+                cfg.eval.max_batches,
+            )? {
+                bar.suspend(|| {
+                    tracing::info!("step {step}: train loss {loss:.4}, eval loss {l:.4}")
+                });
+                sink.log(&Record {
+                    step,
+                    eval_loss: Some(l),
+                    elapsed_s: planner.elapsed().as_secs_f64(),
+                    ..Record::default()
+                })?;
             }
             planner.record_overhead(t.elapsed());
         }
         let minutes_since = (planner.elapsed() - last_ckpt_at).as_secs_f64() / 60.0;
-        let periodic = (cfg.checkpoint.every_steps > 0 && step % cfg.checkpoint.every_steps == 0)
+        let periodic = (cfg.checkpoint.every_steps > 0 && step.is_multiple_of(cfg.checkpoint.every_steps))
             || (cfg.checkpoint.every_minutes > 0.0 && minutes_since >= cfg.checkpoint.every_minutes)
             // Measure what a checkpoint costs early, so the final one is planned for.
             || !measured_reserve;
         if periodic {
             let t = Instant::now();
-            last_checkpoint = Some(save(step, &params, opt.as_ref(), state_now(step, tokens_seen, &planner, &stream, 0))?);
+            last_checkpoint = Some(save(
+                step,
+                &params,
+                opt.as_ref(),
+                state_now(step, tokens_seen, &planner, &stream, 0),
+            )?);
             let took = t.elapsed();
             planner.record_overhead(took);
             if !measured_reserve {
@@ -559,7 +696,12 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     bar.finish_and_clear();
 
     // ---- final checkpoint, adapter, evaluation
-    let checkpoint = save(step, &params, opt.as_ref(), state_now(step, tokens_seen, &planner, &stream, nonfinite))?;
+    let checkpoint = save(
+        step,
+        &params,
+        opt.as_ref(),
+        state_now(step, tokens_seen, &planner, &stream, nonfinite),
+    )?;
     last_checkpoint.replace(checkpoint.clone());
     let adapter_dir = out_dir.join("adapter");
     peft::write_peft_adapter(
@@ -578,12 +720,33 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     let final_eval_loss = if stopped_by_signal || halt_at_step == Some(step) {
         None
     } else {
-        evaluate(&base, Some(&lora), &cfg.data, &encoder, cfg.eval.max_batches)?
+        evaluate(
+            &base,
+            Some(&lora),
+            &cfg.data,
+            &encoder,
+            cfg.eval.max_batches,
+        )?
     };
     if let Some(l) = final_eval_loss {
-        sink.log(&Record { step, eval_loss: Some(l), elapsed_s: planner.elapsed().as_secs_f64(), ..Record::default() })?;
+        sink.log(&Record {
+            step,
+            eval_loss: Some(l),
+            elapsed_s: planner.elapsed().as_secs_f64(),
+            ..Record::default()
+        })?;
     }
-    let after = if stopped_by_signal { Vec::new() } else { answer(&base, Some(&lora), &encoder, &prompts, cfg.eval.max_new_tokens)? };
+    let after = if stopped_by_signal {
+        Vec::new()
+    } else {
+        answer(
+            &base,
+            Some(&lora),
+            &encoder,
+            &prompts,
+            cfg.eval.max_new_tokens,
+        )?
+    };
     let samples = prompts
         .iter()
         .zip(before)
@@ -616,9 +779,11 @@ fn progress_bar(cfg: &RunConfig, plan: &Plan) -> indicatif::ProgressBar {
         bar.set_draw_target(ProgressDrawTarget::hidden());
     }
     bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps, ETA {eta} | {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} steps, ETA {eta} | {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar
 }
@@ -628,9 +793,18 @@ fn progress_bar(cfg: &RunConfig, plan: &Plan) -> indicatif::ProgressBar {
 pub fn adapter_from_checkpoint(dir: &Path) -> Result<(peft::PeftAdapter, String)> {
     ckpt_io::verify(dir)?;
     let p = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&p).map_err(|e| TrainError::Resume { path: p.clone(), msg: e.to_string() })?;
-    let st: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Resume { path: p.clone(), msg: e.to_string() })?;
-    let cfg: RunConfig = toml::from_str(&st.config_toml).map_err(|e| TrainError::Resume { path: p.clone(), msg: format!("stored config: {e}") })?;
+    let text = std::fs::read_to_string(&p).map_err(|e| TrainError::Resume {
+        path: p.clone(),
+        msg: e.to_string(),
+    })?;
+    let st: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Resume {
+        path: p.clone(),
+        msg: e.to_string(),
+    })?;
+    let cfg: RunConfig = toml::from_str(&st.config_toml).map_err(|e| TrainError::Resume {
+        path: p.clone(),
+        msg: format!("stored config: {e}"),
+    })?;
     let lcfg = lora_config(&cfg)?;
     let st_file = dir.join(ADAPTER_FILE);
     let tensors = qtrain_model::safetensors_io::ShardedTensors::open(&[st_file])?;
