@@ -47,7 +47,9 @@ __device__ __forceinline__ void nf4_dequant_impl(const uint8_t *__restrict__ cod
   float absmax;
   if (double_quant) {
     const uint8_t *qabsmax = codes + n_bytes;
-    absmax = nested_code[qabsmax[b]] * stats[257 + b / nested_blocksize] + stats[0];
+    // _rn intrinsics: no fused multiply-add, so the result is bit-identical to the
+    // CPU reference's separate multiply and add.
+    absmax = __fadd_rn(__fmul_rn(nested_code[qabsmax[b]], stats[257 + b / nested_blocksize]), stats[0]);
   } else {
     absmax = stats[b];
   }
@@ -59,8 +61,8 @@ __device__ __forceinline__ void nf4_dequant_impl(const uint8_t *__restrict__ cod
     for (int k = 0; k < 8; ++k) {
       const uint32_t word = k < 4 ? packed.x : packed.y;
       const uint32_t byte = (word >> (8 * (k & 3))) & 0xff;
-      vals[2 * k] = cast_out<T>(code[byte >> 4] * absmax);
-      vals[2 * k + 1] = cast_out<T>(code[byte & 15] * absmax);
+      vals[2 * k] = cast_out<T>(__fmul_rn(code[byte >> 4], absmax));
+      vals[2 * k + 1] = cast_out<T>(__fmul_rn(code[byte & 15], absmax));
     }
     uint4 *dst = reinterpret_cast<uint4 *>(out + elem0);
     const uint4 *src = reinterpret_cast<const uint4 *>(vals);
@@ -71,8 +73,8 @@ __device__ __forceinline__ void nf4_dequant_impl(const uint8_t *__restrict__ cod
     for (uint64_t i = byte0; i < n_bytes; ++i) {
       const uint8_t byte = codes[i];
       const uint64_t e = i * 2;
-      out[e] = cast_out<T>(code[byte >> 4] * absmax);
-      if (e + 1 < numel) out[e + 1] = cast_out<T>(code[byte & 15] * absmax);
+      out[e] = cast_out<T>(__fmul_rn(code[byte >> 4], absmax));
+      if (e + 1 < numel) out[e + 1] = cast_out<T>(__fmul_rn(code[byte & 15], absmax));
     }
   }
 }

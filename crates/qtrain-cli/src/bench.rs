@@ -129,6 +129,9 @@ pub fn run(a: Args) -> Result<()> {
         let valid = batch.valid_targets() as f64;
         let mut losses = Vec::new();
         let mut times = Vec::new();
+        // Per-phase seconds of the timed steps: forward+backward, gradient download,
+        // optimizer update, parameter upload.
+        let mut phases = [0f64; 4];
         for i in 0..a.warmup + a.steps {
             sync(&device)?;
             let t = Instant::now();
@@ -139,15 +142,24 @@ pub fn run(a: Args) -> Result<()> {
                 micro_step: i as u64,
             };
             let l = forward_backward(&base, &lora, &batch, &so, valid, &mut grads)?;
+            sync(&device)?;
+            let t1 = t.elapsed().as_secs_f64();
             let g = grads.to_host()?;
+            let t2 = t.elapsed().as_secs_f64();
             {
-                let mut p: Vec<&mut [f32]> =
-                    params.iter_mut().map(|p| p.1.as_mut_slice()).collect();
+                let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| p.1.as_mut_slice()).collect();
                 let gs: Vec<&[f32]> = g.iter().map(|g| g.1.as_slice()).collect();
                 opt.step(&mut p, &gs, 1e-3)?;
             }
+            let t3 = t.elapsed().as_secs_f64();
             lora.update_from_host(&params)?;
             sync(&device)?;
+            let t4 = t.elapsed().as_secs_f64();
+            if i >= a.warmup {
+                for (acc, d) in phases.iter_mut().zip([t1, t2 - t1, t3 - t2, t4 - t3]) {
+                    *acc += d / a.steps as f64;
+                }
+            }
             losses.push(l.loss_sum / valid);
             if i >= a.warmup {
                 times.push(t.elapsed().as_secs_f64());
@@ -170,6 +182,12 @@ pub fn run(a: Args) -> Result<()> {
             "achieved_tflops": tflops,
             "mfu": if a.peak_tflops > 0.0 { serde_json::json!(tflops / a.peak_tflops) } else { serde_json::Value::Null },
             "losses": losses,
+            "phase_s": {
+                "forward_backward": phases[0],
+                "grads_to_host": phases[1],
+                "optimizer": phases[2],
+                "params_to_device": phases[3],
+            },
             "trainable_params": lora.num_parameters(),
         });
         println!("{json}");
