@@ -13,7 +13,10 @@ BIN="$1"; OUT="$2"; shift 2
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH="/usr/local/cuda/targets/x86_64-linux/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
 MEM="${TMPDIR:-/tmp}/qtrain-memory.$$.csv"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv; "$BIN" doctor 2>&1; } | tee "$OUT/doctor.txt"
+# DOCTOR=0 skips the checks (when several cases run one after another).
+if [ "${DOCTOR:-1}" != 0 ]; then
+  { nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv; "$BIN" doctor 2>&1; } | tee "$OUT/doctor.txt"
+fi
 nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 100 > "$MEM" &
 SMI=$!
 "$BIN" bench "$@" 2> "$OUT/bench.log" | tee "$OUT/bench.jsonl"

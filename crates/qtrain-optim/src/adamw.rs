@@ -376,17 +376,59 @@ impl Core {
 
         self.step += 1;
         let c = Coeffs::new(&self.config, self.step, lr);
-        let mut acc = Acc::default();
-        for ((state, p), g) in self.states.iter_mut().zip(params.iter_mut()).zip(grads) {
-            match &mut state.storage {
-                StateStorage::F32 { m, v } => update_f32(p, g, m, v, &c, &mut acc),
-                StateStorage::Blockwise8 {
-                    m_q,
-                    m_absmax,
-                    v_q,
-                    v_absmax,
-                } => update_blockwise8(p, g, m_q, m_absmax, v_q, v_absmax, &c, &mut acc),
+        // Parameters are independent: update them on all cores, in contiguous runs
+        // of parameters per thread. Each element's arithmetic is the same whatever the
+        // split, so results are bit-identical for any thread count; only the f64
+        // update-norm statistic is summed per run and then in run order.
+        let mut work: Vec<(&mut ParamState, &mut [f32], &[f32])> = self
+            .states
+            .iter_mut()
+            .zip(params.iter_mut())
+            .zip(grads)
+            .map(|((s, p), g)| (s, &mut **p, *g))
+            .collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let total: usize = work.iter().map(|w| w.0.numel).sum();
+        // Small problems (tests, tiny models) are not worth a thread.
+        let runs = if total < (1 << 20) { 1 } else { threads.min(work.len()).max(1) };
+        let per_run = total.div_ceil(runs);
+        let mut chunks: Vec<Vec<(&mut ParamState, &mut [f32], &[f32])>> = Vec::new();
+        let mut filled = usize::MAX;
+        for w in work.drain(..) {
+            if filled >= per_run {
+                chunks.push(Vec::new());
+                filled = 0;
             }
+            filled += w.0.numel;
+            chunks.last_mut().expect("a run").push(w);
+        }
+        let update = |chunk: Vec<(&mut ParamState, &mut [f32], &[f32])>| {
+            let mut acc = Acc::default();
+            for (state, p, g) in chunk {
+                match &mut state.storage {
+                    StateStorage::F32 { m, v } => update_f32(p, g, m, v, &c, &mut acc),
+                    StateStorage::Blockwise8 {
+                        m_q,
+                        m_absmax,
+                        v_q,
+                        v_absmax,
+                    } => update_blockwise8(p, g, m_q, m_absmax, v_q, v_absmax, &c, &mut acc),
+                }
+            }
+            acc
+        };
+        let accs: Vec<Acc> = if chunks.len() <= 1 {
+            chunks.into_iter().map(update).collect()
+        } else {
+            std::thread::scope(|sc| {
+                let handles: Vec<_> = chunks.into_iter().map(|ch| sc.spawn(move || update(ch))).collect();
+                handles.into_iter().map(|h| h.join().expect("optimizer thread panicked")).collect()
+            })
+        };
+        let mut acc = Acc::default();
+        for a in accs {
+            acc.nonfinite += a.nonfinite;
+            acc.update_sq += a.update_sq;
         }
         Ok(StepStats {
             step: self.step,
