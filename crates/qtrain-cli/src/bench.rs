@@ -147,7 +147,8 @@ pub fn run(a: Args) -> Result<()> {
             let g = grads.to_host()?;
             let t2 = t.elapsed().as_secs_f64();
             {
-                let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| p.1.as_mut_slice()).collect();
+                let mut p: Vec<&mut [f32]> =
+                    params.iter_mut().map(|p| p.1.as_mut_slice()).collect();
                 let gs: Vec<&[f32]> = g.iter().map(|g| g.1.as_slice()).collect();
                 opt.step(&mut p, &gs, 1e-3)?;
             }

@@ -390,7 +390,11 @@ impl Core {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let total: usize = work.iter().map(|w| w.0.numel).sum();
         // Small problems (tests, tiny models) are not worth a thread.
-        let runs = if total < (1 << 20) { 1 } else { threads.min(work.len()).max(1) };
+        let runs = if total < (1 << 20) {
+            1
+        } else {
+            threads.min(work.len()).max(1)
+        };
         let per_run = total.div_ceil(runs);
         let mut chunks: Vec<Vec<(&mut ParamState, &mut [f32], &[f32])>> = Vec::new();
         let mut filled = usize::MAX;
@@ -421,8 +425,14 @@ impl Core {
             chunks.into_iter().map(update).collect()
         } else {
             std::thread::scope(|sc| {
-                let handles: Vec<_> = chunks.into_iter().map(|ch| sc.spawn(move || update(ch))).collect();
-                handles.into_iter().map(|h| h.join().expect("optimizer thread panicked")).collect()
+                let handles: Vec<_> = chunks
+                    .into_iter()
+                    .map(|ch| sc.spawn(move || update(ch)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("optimizer thread panicked"))
+                    .collect()
             })
         };
         let mut acc = Acc::default();
