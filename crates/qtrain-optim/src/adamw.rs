@@ -380,7 +380,7 @@ impl Core {
         // of parameters per thread. Each element's arithmetic is the same whatever the
         // split, so results are bit-identical for any thread count; only the f64
         // update-norm statistic is summed per run and then in run order.
-        let mut work: Vec<(&mut ParamState, &mut [f32], &[f32])> = self
+        let mut work: Vec<Work<'_>> = self
             .states
             .iter_mut()
             .zip(params.iter_mut())
@@ -396,7 +396,7 @@ impl Core {
             threads.min(work.len()).max(1)
         };
         let per_run = total.div_ceil(runs);
-        let mut chunks: Vec<Vec<(&mut ParamState, &mut [f32], &[f32])>> = Vec::new();
+        let mut chunks: Vec<Vec<Work<'_>>> = Vec::new();
         let mut filled = usize::MAX;
         for w in work.drain(..) {
             if filled >= per_run {
@@ -406,7 +406,7 @@ impl Core {
             filled += w.0.numel;
             chunks.last_mut().expect("a run").push(w);
         }
-        let update = |chunk: Vec<(&mut ParamState, &mut [f32], &[f32])>| {
+        let update = |chunk: Vec<Work<'_>>| {
             let mut acc = Acc::default();
             for (state, p, g) in chunk {
                 match &mut state.storage {
@@ -462,6 +462,9 @@ pub(crate) fn check_names<'a>(names: impl Iterator<Item = &'a str>) -> Result<()
     }
     Ok(())
 }
+
+/// One parameter's share of a step: its state, values and gradient.
+type Work<'a> = (&'a mut ParamState, &'a mut [f32], &'a [f32]);
 
 /// Per-step scalars, computed once in f32 exactly as bitsandbytes computes them.
 struct Coeffs {

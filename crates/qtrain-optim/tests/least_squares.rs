@@ -65,10 +65,13 @@ fn train(
 /// The tolerance claim: over 400 steps (20 warmup, cosine decay from 1e-2), 8-bit
 /// AdamW stays close to f32 AdamW on the same problem from the same start.
 ///
-/// Measured (seeds 1 to 3): loss curves within 1.4 % of each other at every step (max
-/// relative difference over all steps, after both have left the initial plateau), final
-/// losses within 0.2 %, and final weights `‖W8 − W32‖ / ‖W32 − W0‖` at most 0.9 %.
-/// Asserted with roughly 2× margin: 3 %, 0.5 % and 2 %.
+/// Measured (seeds 1 to 3, the bitsandbytes-faithful update with its sign fix):
+/// final losses within 1.7e-4 of each other (relative), final weights
+/// `‖W8 − W32‖ / ‖W32 − W0‖` within 3.2e-5, and the loss curves at most 6.9 % apart
+/// at any single step; that worst gap sits in the steepest part of the descent
+/// (step ~64, loss ~0.6 from ~118), where 8-bit runs slightly ahead and a small
+/// shift in time is a large relative gap. Asserted with about 1.5-2x margin:
+/// 10 %, 4e-4, 7e-5 (weights and biases).
 #[test]
 fn adamw8bit_tracks_f32_reference_on_least_squares() {
     const STEPS: u64 = 400;
@@ -112,11 +115,16 @@ fn adamw8bit_tracks_f32_reference_on_least_squares() {
             "8-bit did not converge: {final8} vs {initial}"
         );
 
-        let max_rel_loss = loss8
+        let (worst_step, max_rel_loss) = loss8
             .iter()
             .zip(&loss32)
             .map(|(a, b)| (a - b).abs() / b)
-            .fold(0.0f64, f64::max);
+            .enumerate()
+            .fold((0, 0.0f64), |m, (i, d)| if d > m.1 { (i, d) } else { m });
+        eprintln!(
+            "seed {seed}: worst step {worst_step}: f32 {:.4e} 8-bit {:.4e}",
+            loss32[worst_step], loss8[worst_step]
+        );
         let final_rel_loss = (final8 - final32).abs() / final32;
         let rel_w = dist(&w8, &w32) / dist(&w32, &w0);
         let rel_b = dist(&b8, &b32) / dist(&b32, &b0);
@@ -126,22 +134,25 @@ fn adamw8bit_tracks_f32_reference_on_least_squares() {
              {final_rel_loss:.3e}, rel W diff {rel_w:.3e}, rel b diff {rel_b:.3e}"
         );
         assert!(
-            max_rel_loss < 3e-2,
+            max_rel_loss < 1e-1,
             "seed {seed}: loss curves diverge: {max_rel_loss}"
         );
         assert!(
-            final_rel_loss < 5e-3,
+            final_rel_loss < 4e-4,
             "seed {seed}: final losses differ: {final_rel_loss}"
         );
-        assert!(rel_w < 2e-2, "seed {seed}: weights differ: {rel_w}");
-        assert!(rel_b < 2e-2, "seed {seed}: biases differ: {rel_b}");
+        assert!(rel_w < 7e-5, "seed {seed}: weights differ: {rel_w}");
+        assert!(rel_b < 7e-5, "seed {seed}: biases differ: {rel_b}");
     }
 }
 
 /// The very first 8-bit update is computed from unquantized moments of a zero state,
-/// so it equals the f32 optimizer's first update bit for bit.
+/// so it equals the f32 optimizer's first update up to the order of one product:
+/// bitsandbytes' 8-bit blockwise kernel computes `(1 - b2) * g * g` left to right,
+/// its 32-bit kernel `(1 - b2) * (g * g)`, and we follow each. That moves `v` by at
+/// most an ulp, hence the update by a relative 1e-6 at most.
 #[test]
-fn first_step_is_identical_to_f32() {
+fn first_step_matches_f32_up_to_operation_order() {
     let prob = LeastSquares::new(7, N, DIN, DOUT, 0.01);
     let (w0, b0) = prob.init(7);
     let mut gw = vec![0.0; w0.len()];
@@ -158,9 +169,17 @@ fn first_step_is_identical_to_f32() {
     let s32 = opt32
         .step(&mut [&mut w32, &mut b32], &[&gw, &gb], 1e-3)
         .unwrap();
-    assert!(bits_eq(&w8, &w32));
+    // The update (p - p0) agrees to a relative 1e-6 of the update itself.
+    for ((a, b), p0) in w8.iter().zip(&w32).zip(&w0) {
+        let (d8, d32) = (a - p0, b - p0);
+        assert!(
+            (d8 - d32).abs() <= 1e-6 * d32.abs() + 1e-12,
+            "{d8} vs {d32}"
+        );
+    }
+    // The bias has fewer than `min_8bit_size` elements: f32 state in both, bit-identical.
     assert!(bits_eq(&b8, &b32));
-    assert_eq!(s8, s32);
+    assert!((s8.update_norm - s32.update_norm).abs() <= 1e-6 * s32.update_norm);
     assert!(s8.update_norm > 0.0);
 }
 
