@@ -171,7 +171,9 @@ impl BaseModel {
         let dense = |name: &str, shape: &[usize]| -> Result<Tensor> {
             let raw = tensors.get(name)?;
             raw.expect_shape(shape)?;
-            raw_to_tensor(&raw, opts.dtype, &opts.device)
+            let t = raw_to_tensor(&raw, opts.dtype, &opts.device)?;
+            tensors.release(name);
+            Ok(t)
         };
         let embed_tokens = dense("model.embed_tokens.weight", &[config.vocab_size, h])?;
         let norm = dense("model.norm.weight", &[h])?;
@@ -319,7 +321,11 @@ fn load_one_projection(
     let [o, i] = config.proj_shape(p);
     raw.expect_shape(&[o, i])?;
     let storage = match opts.quantization {
-        Quantization::None => FrozenStorage::Dense(raw_to_tensor(&raw, opts.dtype, &opts.device)?),
+        Quantization::None => {
+            let t = raw_to_tensor(&raw, opts.dtype, &opts.device)?;
+            tensors.release(&name);
+            FrozenStorage::Dense(t)
+        }
         Quantization::Nf4 {
             blocksize,
             double_quant,
@@ -332,6 +338,8 @@ fn load_one_projection(
                     source: e,
                 }
             })?;
+            drop(data);
+            tensors.release(&name);
             nf4_storage(q, &opts.device)?
         }
     };
@@ -362,6 +370,9 @@ fn load_prequantized(
     let name = p.weight_name(l);
     let [o, i] = config.proj_shape(p);
     let q = crate::bnb::read_nf4(tensors, &name)?;
+    for entry in crate::bnb::bnb_entry_names(l, p) {
+        tensors.release(&entry);
+    }
     if q.shape != [o, i] {
         return Err(ModelError::ShapeMismatch {
             path: tensors.get(&name)?.path.to_path_buf(),
