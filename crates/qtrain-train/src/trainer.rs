@@ -341,21 +341,7 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     let resumed: Option<TrainerState> = match &resume_dir {
         None => None,
         Some(dir) => {
-            ckpt_io::verify(dir)?;
-            let p = dir.join(STATE_FILE);
-            let text = std::fs::read_to_string(&p).map_err(|e| TrainError::Resume {
-                path: p.clone(),
-                msg: e.to_string(),
-            })?;
-            let st: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Resume {
-                path: p.clone(),
-                msg: e.to_string(),
-            })?;
-            let old: RunConfig =
-                toml::from_str(&st.config_toml).map_err(|e| TrainError::Resume {
-                    path: p.clone(),
-                    msg: format!("stored config: {e}"),
-                })?;
+            let (st, old) = read_checkpoint_state(dir)?;
             if old.lora != cfg.lora
                 || old.model.path != cfg.model.path
                 || old.data != cfg.data
@@ -788,23 +774,26 @@ fn progress_bar(cfg: &RunConfig, plan: &Plan) -> indicatif::ProgressBar {
     bar
 }
 
+/// Verifies a checkpoint against its manifest and reads its trainer state and the
+/// config its run started with.
+fn read_checkpoint_state(dir: &Path) -> Result<(TrainerState, RunConfig)> {
+    ckpt_io::verify(dir)?;
+    let p = dir.join(STATE_FILE);
+    let err = |msg: String| TrainError::Resume {
+        path: p.clone(),
+        msg,
+    };
+    let text = std::fs::read_to_string(&p).map_err(|e| err(e.to_string()))?;
+    let st: TrainerState = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let cfg: RunConfig =
+        toml::from_str(&st.config_toml).map_err(|e| err(format!("stored config: {e}")))?;
+    Ok((st, cfg))
+}
+
 /// The adapter of a qtrain checkpoint as PEFT tensors and settings, and the model
 /// path its run trained on (for `qtrain export`).
 pub fn adapter_from_checkpoint(dir: &Path) -> Result<(peft::PeftAdapter, String)> {
-    ckpt_io::verify(dir)?;
-    let p = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&p).map_err(|e| TrainError::Resume {
-        path: p.clone(),
-        msg: e.to_string(),
-    })?;
-    let st: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Resume {
-        path: p.clone(),
-        msg: e.to_string(),
-    })?;
-    let cfg: RunConfig = toml::from_str(&st.config_toml).map_err(|e| TrainError::Resume {
-        path: p.clone(),
-        msg: format!("stored config: {e}"),
-    })?;
+    let (_, cfg) = read_checkpoint_state(dir)?;
     let lcfg = lora_config(&cfg)?;
     let st_file = dir.join(ADAPTER_FILE);
     let tensors = qtrain_model::safetensors_io::ShardedTensors::open(&[st_file])?;
