@@ -33,7 +33,8 @@ def main(out_path: str) -> None:
     cases = {
         # 640 blocks of 64 -> 3 nested blocks of 256 (the last partial).
         "w1": (weight((128, 320)), True),
-        # Odd element count and a partial last block; one all-zero block.
+        # 2310 values: a partial last block (6 values) and one all-zero block.
+        # (An odd element count is covered by the unit tests, from the kernel source.)
         "w2": (weight((33, 70)), True),
         # Plain absmax (no double quantization).
         "w3": (weight((16, 96), 0.5), False),
@@ -63,8 +64,24 @@ def main(out_path: str) -> None:
     tensors["map.signed"] = F.create_dynamic_map(signed=True).float()
     tensors["map.unsigned"] = F.create_dynamic_map(signed=False).float()
 
+    # The double-quantization stage alone on larger tensors, whose offset
+    # (`absmax.mean()` on the GPU) is where a CPU reimplementation can drift: keep
+    # bitsandbytes' f32 absmax (from the plain run) and what compress_statistics
+    # made of it, not the weights (that would bloat the fixture).
+    g2 = torch.Generator().manual_seed(1)
+    for n_blocks in (2560, 16384, 65536):
+        w = (torch.randn(n_blocks, 64, generator=g2) * 0.02).to(torch.bfloat16).to(dev)
+        _, plain = F.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+        _, dq = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        tensors[f"dq{n_blocks}.absmax_f32"] = plain.absmax.float().cpu()
+        tensors[f"dq{n_blocks}.offset"] = dq.offset.reshape(1).float().cpu()
+        tensors[f"dq{n_blocks}.absmax"] = dq.absmax.cpu()
+        tensors[f"dq{n_blocks}.nested_absmax"] = dq.state2.absmax.float().cpu()
+        print(f"dq{n_blocks}", "offset", dq.offset.item())
+
     save_file(tensors, out_path, metadata=meta)
-    print("wrote", out_path, "with", len(tensors), "tensors;", json.dumps(meta))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    print("wrote", out_path, "with", len(tensors), "tensors,", total, "bytes;", json.dumps(meta))
 
 
 if __name__ == "__main__":

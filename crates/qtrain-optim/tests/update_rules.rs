@@ -431,3 +431,36 @@ fn config_round_trips_through_toml() {
     assert_eq!(always.paging, PagingPolicy::Always);
     assert!(toml::from_str::<AdamWConfig>("lr = 1e-3\n").is_err());
 }
+
+/// Above 1 M elements in total the step runs parameters on several threads. Each
+/// element's arithmetic is independent of the split, so a two-parameter optimizer
+/// (threaded) equals two one-parameter optimizers (each below the threshold, so on one
+/// thread) bit for bit.
+#[test]
+fn threaded_step_equals_single_threaded_step() {
+    let n = 600_000;
+    let cfg = AdamWConfig::default();
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let mut rand_vec =
+        |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+    let (a0, b0) = (rand_vec(n), rand_vec(n));
+    let specs = [ParamSpec::new("a", n), ParamSpec::new("b", n)];
+    let mut both = AdamW8bit::new(cfg, &specs).unwrap();
+    let mut only_a = AdamW8bit::new(cfg, &specs[..1]).unwrap();
+    let mut only_b = AdamW8bit::new(cfg, &specs[1..]).unwrap();
+    let (mut a1, mut b1) = (a0.clone(), b0.clone());
+    let (mut a2, mut b2) = (a0.clone(), b0.clone());
+    for _ in 0..3 {
+        let (ga, gb) = (rand_vec(n), rand_vec(n));
+        let s = both
+            .step(&mut [&mut a1, &mut b1], &[&ga, &gb], 1e-3)
+            .unwrap();
+        let sa = only_a.step(&mut [&mut a2], &[&ga], 1e-3).unwrap();
+        let sb = only_b.step(&mut [&mut b2], &[&gb], 1e-3).unwrap();
+        let norm = (f64::from(sa.update_norm).powi(2) + f64::from(sb.update_norm).powi(2)).sqrt();
+        assert!((f64::from(s.update_norm) - norm).abs() <= 1e-6 * norm);
+    }
+    assert!(bits_eq(&a1, &a2) && bits_eq(&b1, &b2));
+    assert_eq!(both.states()[0], only_a.states()[0]);
+    assert_eq!(both.states()[1], only_b.states()[0]);
+}

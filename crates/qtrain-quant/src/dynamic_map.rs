@@ -29,6 +29,7 @@ fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
 }
 
 /// `bitsandbytes.functional.create_dynamic_map(signed, max_exponent_bits, total_bits)`.
+/// Returns `max(256, 2^total_bits)` sorted values.
 ///
 /// Python builds the list with torch f32 arithmetic for the boundaries and means,
 /// then multiplies by a Python float power of ten (f32 tensor times Python scalar
@@ -73,6 +74,9 @@ pub fn create_dynamic_map(signed: bool, max_exponent_bits: u32, total_bits: u32)
         1 << total_bits,
         "dynamic map has the wrong size"
     );
+    // bitsandbytes pads a map of fewer than 8 bits with zeros to 256 entries (the
+    // kernels always index a 256-entry table).
+    data.resize(data.len().max(256), 0.0);
     data.sort_by(|a, b| a.partial_cmp(b).expect("finite map values"));
     data
 }
@@ -124,6 +128,38 @@ mod tests {
         let m = unsigned_dynamic_map();
         assert!(m.iter().all(|&v| v >= 0.0));
         assert_eq!(m[0], 0.0);
+        assert_eq!(m[255], 1.0);
+        assert!(m.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn signed_map_specific_entries() {
+        let m = signed_dynamic_map();
+        assert_eq!(m.len(), 256);
+        // 127 negative values, then 0, then 128 positive values ending in 1.0.
+        assert_eq!(m.iter().filter(|&&v| v < 0.0).count(), 127);
+        assert_eq!(m[127], 0.0);
+        assert_eq!((m[254], m[255]), (0.992_968_75, 1.0));
+        // The top decade, m[191..255], holds the midpoints of linspace(0.1, 1, 65).
+        assert!(
+            (m[191] - (0.1 + 0.9 / 64.0 * 0.5)).abs() < 1e-7,
+            "{}",
+            m[191]
+        );
+        assert!(m[190] < 0.1);
+        // Symmetric: every positive value but 1.0 has its negation.
+        for &v in &m[128..255] {
+            assert!(m.contains(&-v), "{v}");
+        }
+    }
+
+    #[test]
+    fn small_maps_are_padded_with_zeros_to_256() {
+        // 4 bits, 3 exponent bits: 1 + 2 + 4 means per sign, 0 and 1 -> 16 values,
+        // padded with 240 zeros like bitsandbytes does.
+        let m = create_dynamic_map(true, 3, 4);
+        assert_eq!(m.len(), 256);
+        assert_eq!(m.iter().filter(|&&v| v == 0.0).count(), 241);
         assert_eq!(m[255], 1.0);
         assert!(m.windows(2).all(|w| w[0] <= w[1]));
     }

@@ -19,4 +19,7 @@ pub use blockwise::{dequantize_blockwise, quantize_blockwise, quantize_one};
 pub use bnb_format::{SerDtype, SerializedTensor};
 pub use dynamic_map::{create_dynamic_map, signed_dynamic_map, unsigned_dynamic_map};
 pub use error::QuantError;
-pub use nf4::{Absmax, DoubleQuantAbsmax, Nf4Tensor, NESTED_BLOCKSIZE, NF4_BLOCKSIZES, NF4_CODE};
+pub use nf4::{
+    double_quantize, quantize_nf4_value, torch_cuda_mean_f32, Absmax, DoubleQuantAbsmax, Nf4Tensor,
+    NESTED_BLOCKSIZE, NF4_BLOCKSIZES, NF4_CODE,
+};

@@ -6,16 +6,31 @@
 //! dynamic maps.
 
 use qtrain_quant::{
-    create_dynamic_map, dequantize_blockwise, quantize_blockwise, signed_dynamic_map, Absmax,
-    Nf4Tensor, SerDtype,
+    create_dynamic_map, dequantize_blockwise, double_quantize, quantize_blockwise,
+    signed_dynamic_map, Absmax, Nf4Tensor, SerDtype,
 };
 use safetensors::SafeTensors;
 use std::borrow::Cow;
+use std::sync::OnceLock;
 
-const FIXTURE: &[u8] = include_bytes!("fixtures/bnb_nf4.safetensors");
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/bnb_nf4.safetensors"
+);
 
+/// The fixture, read at run time so that a missing file fails these tests with
+/// instructions instead of failing the build.
 fn fixture() -> SafeTensors<'static> {
-    SafeTensors::deserialize(FIXTURE)
+    static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
+    let bytes = BYTES.get_or_init(|| {
+        std::fs::read(FIXTURE).unwrap_or_else(|e| {
+            panic!(
+                "{FIXTURE}: {e}. Generate it on a CUDA machine with torch and bitsandbytes \
+                 0.50.2: python3 scripts/bnb_fixture.py {FIXTURE}"
+            )
+        })
+    });
+    SafeTensors::deserialize(bytes)
         .expect("fixture parses; regenerate it with scripts/bnb_fixture.py")
 }
 
@@ -115,6 +130,33 @@ fn nf4_with_and_without_double_quant_equals_bitsandbytes() {
             };
             assert_eq!(e.bytes.as_slice(), st.tensor(&key).unwrap().data(), "{key}");
         }
+    }
+}
+
+/// The double-quantization stage on 2,560 to 65,536 blocks: the offset
+/// (torch's CUDA `absmax.mean()`), the 8-bit absmax codes and the nested absmax.
+#[test]
+fn double_quant_of_larger_tensors_equals_bitsandbytes() {
+    let st = fixture();
+    for n in [2560, 16384, 65536] {
+        let absmax = f32s(&st, &format!("dq{n}.absmax_f32"));
+        assert_eq!(absmax.len(), n);
+        let d = double_quantize(&absmax);
+        assert_eq!(
+            d.offset.to_bits(),
+            f32s(&st, &format!("dq{n}.offset"))[0].to_bits(),
+            "dq{n}: offset"
+        );
+        assert_eq!(
+            d.quantized.as_slice(),
+            bytes(&st, &format!("dq{n}.absmax")),
+            "dq{n}: absmax codes"
+        );
+        assert_eq!(
+            d.nested_absmax,
+            f32s(&st, &format!("dq{n}.nested_absmax")),
+            "dq{n}: nested absmax"
+        );
     }
 }
 
