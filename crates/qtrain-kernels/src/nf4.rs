@@ -10,6 +10,88 @@
 use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Result, Tensor};
 use qtrain_quant::{Absmax, Nf4Tensor, NF4_CODE};
 
+/// The shape of one quantized weight, as the dequantization kernel needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nf4Meta {
+    pub numel: usize,
+    pub blocksize: usize,
+    pub nested_blocksize: usize,
+    pub double_quant: bool,
+}
+
+/// Dequantizes one weight (codes and stats laid out as [`Nf4Device`] holds them)
+/// into `out`, a range of a reused buffer: the engine's path, on raw buffers.
+pub fn dequantize_view<T: crate::Float>(
+    dev: &crate::Dev,
+    codes: crate::View<'_, u8>,
+    stats: crate::View<'_, f32>,
+    out: crate::View<'_, T>,
+    meta: Nf4Meta,
+) -> crate::Result<()> {
+    use crate::error::ensure;
+    ensure!(
+        out.len() == meta.numel,
+        "nf4 dequantize",
+        "output has {} elements, weight {}",
+        out.len(),
+        meta.numel
+    );
+    let op = Nf4DequantOp {
+        numel: meta.numel,
+        blocksize: meta.blocksize,
+        nested_blocksize: meta.nested_blocksize,
+        double_quant: meta.double_quant,
+    };
+    #[cfg(feature = "cuda")]
+    if let Some(c) = dev.cuda() {
+        ensure!(
+            meta.blocksize % 16 == 0 && out.len() % 16 == 0,
+            "nf4 dequantize",
+            "the CUDA kernel needs a blocksize and size multiple of 16"
+        );
+        use crate::cuda::PushKernelArg;
+        let kname = match T::KIND {
+            crate::FloatKind::Bf16 => "nf4_dequant_bf16",
+            crate::FloatKind::F32 => "nf4_dequant_f32",
+            k => {
+                return Err(crate::KernelError::Unsupported {
+                    op: "nf4 dequantize",
+                    msg: format!("{k:?} output"),
+                })
+            }
+        };
+        let f = c.func("qtrain_nf4_raw", crate::ptx::NF4, kname)?;
+        let mut b = c.builder(&f);
+        let (cp, sp, op_) = (codes.dptr(), stats.dptr(), out.dptr());
+        let (numel, bs, nb, dq) = (
+            meta.numel as u64,
+            meta.blocksize as u32,
+            meta.nested_blocksize as u32,
+            meta.double_quant as u32,
+        );
+        b.arg(&cp)
+            .arg(&sp)
+            .arg(&op_)
+            .arg(&numel)
+            .arg(&bs)
+            .arg(&nb)
+            .arg(&dq);
+        let threads = meta.numel.div_ceil(2).div_ceil(8);
+        // SAFETY: arguments match `nf4_dequant_*`; the kernel bounds-checks each thread.
+        return unsafe {
+            crate::cuda::launch("nf4 dequantize", b, crate::cuda::grid_1d(threads, 256))
+        };
+    }
+    let _ = dev;
+    let codes = crate::device::read_view(codes);
+    let stats = crate::device::read_view(stats);
+    let vals: Vec<f32> = (0..meta.numel)
+        .map(|i| op.value(&codes, &stats, i))
+        .collect();
+    crate::device::write_f32(out, &vals);
+    Ok(())
+}
+
 /// One quantized weight resident on a device.
 pub struct Nf4Device {
     /// Packed codes followed (double quant) by the 8-bit absmax codes. U8.
@@ -54,6 +136,16 @@ impl Nf4Device {
         self.shape.iter().product()
     }
 
+    /// What [`dequantize_view`] needs to know about this weight.
+    pub fn meta(&self) -> Nf4Meta {
+        Nf4Meta {
+            numel: self.numel(),
+            blocksize: self.blocksize,
+            nested_blocksize: self.nested_blocksize,
+            double_quant: self.double_quant,
+        }
+    }
+
     /// Device bytes held by this weight.
     pub fn storage_bytes(&self) -> usize {
         self.codes.elem_count() + 4 * self.stats.elem_count()
@@ -96,6 +188,17 @@ struct Nf4DequantOp {
 }
 
 impl Nf4DequantOp {
+    /// Weight `i` as f32 (the formula of the kernel).
+    fn value(&self, codes: &[u8], stats: &[f32], i: usize) -> f32 {
+        let byte = codes[i / 2];
+        let nibble = if i.is_multiple_of(2) {
+            byte >> 4
+        } else {
+            byte & 0x0f
+        };
+        NF4_CODE[nibble as usize] * self.absmax(codes, stats, i / self.blocksize)
+    }
+
     /// The absmax of quantization block `b`, undoing double quantization.
     fn absmax(&self, codes: &[u8], stats: &[f32], b: usize) -> f32 {
         if self.double_quant {
@@ -135,15 +238,7 @@ impl InplaceOp3 for Nf4DequantOp {
         let Some((d0, d1)) = dst_l.contiguous_offsets() else {
             candle_core::bail!("nf4 dequantize: output must be contiguous")
         };
-        let value = |i: usize| -> f32 {
-            let byte = codes[i / 2];
-            let nibble = if i.is_multiple_of(2) {
-                byte >> 4
-            } else {
-                byte & 0x0f
-            };
-            NF4_CODE[nibble as usize] * self.absmax(codes, stats, i / self.blocksize)
-        };
+        let value = |i: usize| self.value(codes, stats, i);
         match dst {
             CpuStorage::F32(v) => {
                 for (i, o) in v[d0..d1].iter_mut().enumerate() {

@@ -16,8 +16,8 @@ pub mod ops;
 
 pub use error::{LoraError, Result};
 pub use lora::{
-    dropout_mask, tensor_name, DropoutKey, HostTensor, LoraConfig, LoraGrads, LoraPair, LoraPart,
-    LoraWeights,
+    dropout_base, dropout_mask, tensor_name, DropoutKey, HostTensor, LoraConfig, LoraGrads,
+    LoraPair, LoraPart, LoraWeights,
 };
 pub use model::{
     forward_backward, forward_logits, forward_loss, forward_loss_train, StepLoss, StepOptions,

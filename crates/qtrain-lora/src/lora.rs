@@ -488,6 +488,18 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The hash base of a mask: element `i` is dropped when
+/// `splitmix64(base + i) >> 11 < p · 2⁵³` (the fused engine's device kernel draws
+/// the same elements from this number).
+pub fn dropout_base(key: DropoutKey) -> u64 {
+    mix(&[
+        key.seed,
+        key.micro_step,
+        key.layer as u64,
+        key.proj.index() as u64,
+    ])
+}
+
 /// Which dropout mask to draw: one per (seed, micro-step, layer, projection).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DropoutKey {
@@ -515,12 +527,7 @@ pub fn dropout_mask(
     if p <= 0.0 {
         return Ok(None);
     }
-    let base = mix(&[
-        key.seed,
-        key.micro_step,
-        key.layer as u64,
-        key.proj.index() as u64,
-    ]);
+    let base = dropout_base(key);
     let keep = 1.0 / (1.0 - p);
     let values: Vec<f32> = (0..rows * cols)
         .map(|i| {

@@ -105,7 +105,8 @@ impl TokenBatch {
         Ok(())
     }
 
-    fn validate(&self, vocab: usize) -> Result<()> {
+    /// Checks lengths, token ids and labels against the vocabulary.
+    pub fn validate(&self, vocab: usize) -> Result<()> {
         self.check_lengths()?;
         if let Some((index, &id)) = self
             .input_ids

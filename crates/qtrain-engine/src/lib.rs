@@ -1,0 +1,22 @@
+//! qtrain's fused training step ("the engine"): the decoder's forward and backward
+//! as a fixed sequence of fused kernels ([`qtrain_kernels`]) and GEMMs over
+//! preallocated buffers, the llm.c way. On a GPU this is the fast path; on the CPU
+//! the very same sequence runs every kernel's reference, which lets CI check the
+//! orchestration against the candle-ops reference `qtrain_lora::forward_backward`.
+//!
+//! - [`weights`]: the frozen base as device buffers and the dequantization of one
+//!   layer's weight groups into reused buffers.
+//! - [`lora`]: all adapters, their gradients and a compute-type copy in flat buffers.
+//! - [`plan`]: every buffer of the workspace and its size (the memory model's input).
+//! - [`step`]: [`Engine`], the training step and the evaluation forward.
+
+pub mod error;
+pub mod lora;
+pub mod plan;
+pub mod step;
+pub mod weights;
+
+pub use error::{EngineError, Result};
+pub use lora::{DeviceLora, LoraLayout};
+pub use plan::{BufferPlan, Component, PlanShape};
+pub use step::{Engine, EngineOptions};

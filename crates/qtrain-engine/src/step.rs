@@ -1,0 +1,836 @@
+//! The fused training step: forward, loss and backward of the whole decoder as a
+//! fixed sequence of kernel launches and GEMMs over the buffers of
+//! [`crate::plan::BufferPlan`].
+//!
+//! ```text
+//! embed → for each layer: save its input, run it            (forward, nothing else kept)
+//! final norm → chunked cross-entropy (logits never whole) → ∂L/∂(final hidden)
+//! for each layer, last first:
+//!     recompute the attention half from the saved input       (h1, q/k/v after RoPE, O, lse, x2, h2)
+//!     per MLP chunk: recompute gate/up and SwiGLU, then its backward
+//!     attention backward, RoPE⁻¹, q/k/v backward, input-norm backward
+//! ```
+//!
+//! Each layer's frozen weights are dequantized once per pass into four reused
+//! buffers (`[q;k;v]`, `o`, `[gate;up]`, `down`), so q/k/v and gate/up are each
+//! one GEMM. LoRA runs as two skinny GEMMs per adapted projection,
+//! `z = dropout(x) Aᵀ` then `y += s · z Bᵀ` (accumulated into the base product);
+//! its gradients are accumulated in f32 straight from compute-type operands.
+//! Residual adds are fused into the GEMMs (`beta = 1`) and into the norms'
+//! backward (`accumulate`).
+//!
+//! The same code runs on the CPU (f32, each kernel's reference), which is how CI
+//! checks the orchestration against `qtrain_lora::forward_backward`.
+
+use crate::error::{EngineError, Result};
+use crate::lora::{DeviceLora, PairSlot};
+use crate::plan::{BufferPlan, PlanShape};
+use crate::weights::{FrozenWeights, Group};
+use qtrain_kernels::attention::{attention_bwd, attention_fwd, AttnShape};
+use qtrain_kernels::gemm::{gemm, Op};
+use qtrain_kernels::norm::{rmsnorm_bwd, rmsnorm_fwd};
+use qtrain_kernels::rope::{rope, rope_tables};
+use qtrain_kernels::rows::{add_into, dropout, gather_rows, scatter_rows};
+use qtrain_kernels::swiglu::{swiglu_bwd, swiglu_fwd};
+use qtrain_kernels::xent::xent;
+use qtrain_kernels::{DBuf, Dev, Float, Mat, View};
+use qtrain_lora::{
+    dropout_base, DropoutKey, LoraWeights, StepLoss, StepOptions, TokenBatch, IGNORE_INDEX,
+};
+use qtrain_model::{BaseModel, ModelConfig, Proj};
+
+/// Tuning knobs of the engine (defaults suit 7B models on one GPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Tokens per MLP chunk: bounds the `[c, 2I]` gate/up buffer at long contexts.
+    pub mlp_chunk: usize,
+    /// Rows per cross-entropy chunk: bounds the `[cc, vocab]` f32 logits.
+    pub ce_chunk: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            mlp_chunk: 8192,
+            ce_chunk: 1024,
+        }
+    }
+}
+
+/// The preallocated buffers of one micro-batch size.
+struct Workspace<T: Float> {
+    plan: BufferPlan,
+    layer_inputs: DBuf<T>,
+    final_hidden: DBuf<T>,
+    h1: DBuf<T>,
+    inv1: DBuf<f32>,
+    qkv: DBuf<T>,
+    attn: DBuf<T>,
+    lse: DBuf<f32>,
+    x2: DBuf<T>,
+    inv2: DBuf<f32>,
+    h2: DBuf<T>,
+    dres: DBuf<T>,
+    dh: DBuf<T>,
+    dattn: DBuf<T>,
+    dqkv: DBuf<T>,
+    attn_scratch: DBuf<f32>,
+    gu: DBuf<T>,
+    m: DBuf<T>,
+    dm: DBuf<T>,
+    w_qkv: DBuf<T>,
+    w_o: DBuf<T>,
+    w_gu: DBuf<T>,
+    w_down: DBuf<T>,
+    ce_hidden: DBuf<T>,
+    logits: DBuf<f32>,
+    dlogits: DBuf<T>,
+    ce_dhidden: DBuf<T>,
+    z: DBuf<T>,
+    dz: DBuf<T>,
+    ids: DBuf<u32>,
+    rope_cos: DBuf<f32>,
+    rope_sin: DBuf<f32>,
+    segments: DBuf<u32>,
+    ce_rows: DBuf<u32>,
+    ce_targets: DBuf<i32>,
+    losses: DBuf<f32>,
+    dropped_input: Option<DBuf<T>>,
+    lora_dx: Option<DBuf<T>>,
+}
+
+impl<T: Float> Workspace<T> {
+    fn new(dev: &Dev, plan: BufferPlan) -> Result<Self> {
+        let p = &plan;
+        macro_rules! buf {
+            ($name:literal) => {
+                dev.zeros(p.elems($name), concat!("engine buffer ", $name))?
+            };
+        }
+        let dropout = p.shape.dropout;
+        Ok(Self {
+            layer_inputs: buf!("layer_inputs"),
+            final_hidden: buf!("final_hidden"),
+            h1: buf!("h1"),
+            inv1: buf!("inv1"),
+            qkv: buf!("qkv"),
+            attn: buf!("attn"),
+            lse: buf!("lse"),
+            x2: buf!("x2"),
+            inv2: buf!("inv2"),
+            h2: buf!("h2"),
+            dres: buf!("dres"),
+            dh: buf!("dh"),
+            dattn: buf!("dattn"),
+            dqkv: buf!("dqkv"),
+            attn_scratch: buf!("attn_scratch"),
+            gu: buf!("gu"),
+            m: buf!("m"),
+            dm: buf!("dm"),
+            w_qkv: buf!("w_qkv"),
+            w_o: buf!("w_o"),
+            w_gu: buf!("w_gu"),
+            w_down: buf!("w_down"),
+            ce_hidden: buf!("ce_hidden"),
+            logits: buf!("logits"),
+            dlogits: buf!("dlogits"),
+            ce_dhidden: buf!("ce_dhidden"),
+            z: buf!("z"),
+            dz: buf!("dz"),
+            ids: buf!("ids"),
+            rope_cos: buf!("rope_cos"),
+            rope_sin: buf!("rope_sin"),
+            segments: buf!("segments"),
+            ce_rows: buf!("ce_rows"),
+            ce_targets: buf!("ce_targets"),
+            losses: buf!("losses"),
+            dropped_input: if dropout {
+                Some(buf!("dropped_input"))
+            } else {
+                None
+            },
+            lora_dx: if dropout { Some(buf!("lora_dx")) } else { None },
+            plan,
+        })
+    }
+}
+
+/// Shapes of the current micro-batch, derived once.
+#[derive(Clone, Copy)]
+struct Dims {
+    n: usize,
+    h: usize,
+    d: usize,
+    qcols: usize,
+    kvcols: usize,
+    qc: usize,
+    inter: usize,
+    vocab: usize,
+    chunk: usize,
+    attn: AttnShape,
+}
+
+/// The fused forward/backward of one model, for compute type `T` (bf16 on GPUs,
+/// f32 on the CPU).
+pub struct Engine<T: Float> {
+    dev: Dev,
+    cfg: ModelConfig,
+    frozen: FrozenWeights<T>,
+    lora: DeviceLora<T>,
+    opts: EngineOptions,
+    ws: Option<Workspace<T>>,
+    /// `Some((seed, micro_step))` while a training pass with dropout runs.
+    dropout_key: Option<(u64, u64)>,
+}
+
+impl<T: Float + candle_core::WithDType> Engine<T> {
+    /// Builds the engine over `base` (its device and dtype decide where and in what
+    /// the engine computes) with the adapters `lora` copied to the device.
+    pub fn new(base: &BaseModel, lora: &LoraWeights, opts: EngineOptions) -> Result<Self> {
+        let dev = Dev::from_candle(&base.device)?;
+        let cfg = base.config.clone();
+        if cfg.head_dim() % 2 != 0 {
+            return Err(EngineError::Unsupported(format!(
+                "odd head_dim {}",
+                cfg.head_dim()
+            )));
+        }
+        let frozen = FrozenWeights::from_base(&dev, base)?;
+        let lora = DeviceLora::new(&dev, lora, &cfg)?;
+        Ok(Self {
+            dev,
+            cfg,
+            frozen,
+            lora,
+            opts,
+            ws: None,
+            dropout_key: None,
+        })
+    }
+}
+
+impl<T: Float> Engine<T> {
+    pub fn device(&self) -> &Dev {
+        &self.dev
+    }
+
+    pub fn lora(&self) -> &DeviceLora<T> {
+        &self.lora
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The buffer plan for a micro-batch of `batch x seq` tokens.
+    pub fn plan_for(&self, batch: usize, seq: usize) -> BufferPlan {
+        BufferPlan::new(
+            &self.cfg,
+            PlanShape {
+                tokens: batch * seq,
+                batch,
+                seq,
+                mlp_chunk: self.opts.mlp_chunk,
+                ce_chunk: self.opts.ce_chunk,
+                rank: self.lora.layout.rank,
+                dropout: self.lora.layout.dropout > 0.0,
+                elem: std::mem::size_of::<T>(),
+            },
+        )
+    }
+
+    /// Bytes held by the workspace (0 before the first step).
+    pub fn workspace_bytes(&self) -> usize {
+        self.ws.as_ref().map_or(0, |w| w.plan.total_bytes())
+    }
+
+    fn ensure_workspace(&mut self, batch: usize, seq: usize) -> Result<()> {
+        let plan = self.plan_for(batch, seq);
+        let fits = self.ws.as_ref().is_some_and(|w| {
+            w.plan.shape.batch == batch && w.plan.shape.seq == seq && w.plan.shape == plan.shape
+        });
+        if !fits {
+            // Free the old buffers before taking the new ones.
+            self.ws = None;
+            self.ws = Some(Workspace::new(&self.dev, plan)?);
+        }
+        Ok(())
+    }
+
+    fn dims(&self, batch: &TokenBatch) -> Dims {
+        let c = &self.cfg;
+        let d = c.head_dim();
+        let (heads, kv) = (c.num_attention_heads, c.num_kv_heads());
+        let n = batch.num_tokens();
+        Dims {
+            n,
+            h: c.hidden_size,
+            d,
+            qcols: heads * d,
+            kvcols: kv * d,
+            qc: (heads + 2 * kv) * d,
+            inter: c.intermediate_size,
+            vocab: c.vocab_size,
+            chunk: self.opts.mlp_chunk.min(n).max(1),
+            attn: AttnShape {
+                batch: batch.batch_size,
+                seq: batch.seq_len,
+                heads,
+                kv_heads: kv,
+                head_dim: d,
+                window: c.sliding_window,
+                scale: (1.0 / (d as f64).sqrt()) as f32,
+            },
+        }
+    }
+
+    /// One micro-batch of a training step: adds the LoRA gradients of
+    /// `loss_sum / loss_denominator` into the gradient buffer and returns the summed
+    /// loss; the same contract as [`qtrain_lora::forward_backward`].
+    pub fn forward_backward(
+        &mut self,
+        batch: &TokenBatch,
+        opts: &StepOptions,
+        loss_denominator: f64,
+    ) -> Result<StepLoss> {
+        if !(loss_denominator > 0.0 && loss_denominator.is_finite()) {
+            return Err(EngineError::LossDenominator(loss_denominator));
+        }
+        self.dropout_key =
+            (self.lora.layout.dropout > 0.0).then_some((opts.dropout_seed, opts.micro_step));
+        let r = self.run(batch, Some(1.0 / loss_denominator));
+        self.dropout_key = None;
+        r
+    }
+
+    /// The summed loss without gradients or dropout (evaluation).
+    pub fn forward_loss(&mut self, batch: &TokenBatch) -> Result<StepLoss> {
+        self.dropout_key = None;
+        self.run(batch, None)
+    }
+
+    fn run(&mut self, batch: &TokenBatch, grad_scale: Option<f64>) -> Result<StepLoss> {
+        batch.validate(self.cfg.vocab_size)?;
+        self.ensure_workspace(batch.batch_size, batch.seq_len)?;
+        let dims = self.dims(batch);
+        let ws = self.ws.as_ref().expect("workspace");
+        let has_segments = upload_batch(&self.dev, ws, batch, &self.cfg)?;
+        let targets = batch.shifted_targets();
+        let rows: Vec<u32> = (0..targets.len() as u32)
+            .filter(|&i| targets[i as usize] != IGNORE_INDEX)
+            .collect();
+        let nv = rows.len();
+        let tgt: Vec<i32> = rows.iter().map(|&i| targets[i as usize] as i32).collect();
+        if nv > 0 {
+            self.dev.write(ws.ce_rows.view(0, nv), &rows)?;
+            self.dev.write(ws.ce_targets.view(0, nv), &tgt)?;
+        }
+        self.lora.refresh(&self.dev)?;
+        let ctx = Ctx {
+            dev: &self.dev,
+            cfg: &self.cfg,
+            w: &self.frozen,
+            lora: &self.lora,
+            ws,
+            dims,
+            segments: has_segments.then(|| ws.segments.view(0, dims.n)),
+            dropout_key: self.dropout_key,
+        };
+        let train = grad_scale.is_some();
+        ctx.forward()?;
+        let scale = grad_scale.unwrap_or(0.0) as f32;
+        ctx.loss(nv, train.then_some(scale))?;
+        let losses = self.dev.download(ws.losses.view(0, nv))?;
+        let loss = StepLoss {
+            loss_sum: losses.iter().map(|&x| x as f64).sum(),
+            valid_tokens: nv,
+        };
+        if train && nv > 0 {
+            ctx.backward()?;
+        }
+        Ok(loss)
+    }
+}
+
+/// Uploads ids, RoPE tables and (when a row packs several documents) segment ids.
+/// Returns whether segment masking is needed.
+fn upload_batch<T: Float>(
+    dev: &Dev,
+    ws: &Workspace<T>,
+    batch: &TokenBatch,
+    cfg: &ModelConfig,
+) -> Result<bool> {
+    let n = batch.num_tokens();
+    let d = cfg.head_dim();
+    dev.write(ws.ids.view(0, n), &batch.input_ids)?;
+    let (cos, sin) = rope_tables(&batch.position_ids, d, cfg.rope_theta);
+    dev.write(ws.rope_cos.view(0, n * d / 2), &cos)?;
+    dev.write(ws.rope_sin.view(0, n * d / 2), &sin)?;
+    let packed = batch
+        .segment_ids
+        .chunks(batch.seq_len.max(1))
+        .any(|row| row.iter().any(|&s| s != row[0]));
+    if packed {
+        dev.write(ws.segments.view(0, n), &batch.segment_ids)?;
+    }
+    Ok(packed)
+}
+
+/// Everything one pass reads.
+struct Ctx<'a, T: Float> {
+    dev: &'a Dev,
+    cfg: &'a ModelConfig,
+    w: &'a FrozenWeights<T>,
+    lora: &'a DeviceLora<T>,
+    ws: &'a Workspace<T>,
+    dims: Dims,
+    segments: Option<View<'a, u32>>,
+    dropout_key: Option<(u64, u64)>,
+}
+
+/// `rows x cols` contiguous matrix at the start of `buf`.
+fn mat<T: qtrain_kernels::Elem>(buf: &DBuf<T>, rows: usize, cols: usize) -> Mat<'_, T> {
+    buf.view(0, rows * cols).mat(rows, cols, cols)
+}
+
+impl<'a, T: Float> Ctx<'a, T> {
+    fn layer_input(&self, l: usize) -> Mat<'a, T> {
+        let (n, h) = (self.dims.n, self.dims.h);
+        self.ws.layer_inputs.view(l * n * h, n * h).mat(n, h, h)
+    }
+
+    /// Output of layer `l`: the next layer's input, or the final hidden state.
+    fn layer_output(&self, l: usize) -> Mat<'a, T> {
+        if l + 1 < self.cfg.num_hidden_layers {
+            self.layer_input(l + 1)
+        } else {
+            mat(&self.ws.final_hidden, self.dims.n, self.dims.h)
+        }
+    }
+
+    fn group_sizes(&self, g: Group) -> Vec<usize> {
+        g.projs()
+            .iter()
+            .map(|&p| self.cfg.proj_shape(p).iter().product())
+            .collect()
+    }
+
+    /// The buffer of weight group `g` as `[out, in]` (whatever layer it holds now).
+    fn weight_buf(&self, g: Group) -> Mat<'a, T> {
+        let d = &self.dims;
+        let (buf, rows, cols) = match g {
+            Group::Qkv => (&self.ws.w_qkv, d.qc, d.h),
+            Group::O => (&self.ws.w_o, d.h, d.qcols),
+            Group::GateUp => (&self.ws.w_gu, 2 * d.inter, d.h),
+            Group::Down => (&self.ws.w_down, d.h, d.inter),
+        };
+        mat(buf, rows, cols)
+    }
+
+    /// Dequantizes `group` of layer `l` into its buffer and returns it as `[out, in]`.
+    fn weights(&self, l: usize, g: Group) -> Result<Mat<'a, T>> {
+        let w = self.weight_buf(g);
+        self.w
+            .materialize(self.dev, l, g, &self.group_sizes(g), w.v)?;
+        Ok(w)
+    }
+
+    fn slot(&self, l: usize, p: Proj) -> Option<&'a PairSlot> {
+        self.lora.layout.get(l, p)
+    }
+
+    /// `z` of projection `p` for `rows` rows starting at `row0` (MLP chunks use a
+    /// sub-range; the attention projections all `n` rows).
+    fn z(&self, p: Proj, row0: usize, rows: usize) -> Mat<'a, T> {
+        let (n, r) = (self.dims.n, self.lora.layout.rank);
+        self.ws
+            .z
+            .view(p.index() * n * r + row0 * r, rows * r)
+            .mat(rows, r, r)
+    }
+
+    /// `dropout(x)` of projection `p` (into scratch), or `x` itself without dropout.
+    fn dropped(&self, l: usize, p: Proj, x: Mat<'a, T>, row0: usize) -> Result<Mat<'a, T>> {
+        match (self.dropout_key, &self.ws.dropped_input) {
+            (Some((seed, micro_step)), Some(buf)) => {
+                let base = dropout_base(DropoutKey {
+                    seed,
+                    micro_step,
+                    layer: l,
+                    proj: p,
+                });
+                let out = buf.view(0, x.rows * x.cols).mat(x.rows, x.cols, x.cols);
+                dropout(self.dev, x, out, base, row0, self.lora.layout.dropout)?;
+                Ok(out)
+            }
+            _ => Ok(x),
+        }
+    }
+
+    /// LoRA forward of `(l, p)`: `z = dropout(x) Aᵀ`, and `y += s z Bᵀ` when `y` is
+    /// given (the recomputation of the down projection only needs `z`).
+    fn lora_fwd(
+        &self,
+        l: usize,
+        p: Proj,
+        x: Mat<'a, T>,
+        y: Option<Mat<'a, T>>,
+        row0: usize,
+    ) -> Result<()> {
+        let Some(s) = self.slot(l, p) else {
+            return Ok(());
+        };
+        let z = self.z(p, row0, x.rows);
+        let xd = self.dropped(l, p, x, row0)?;
+        gemm(self.dev, xd, Op::N, self.lora.a(s), Op::T, z, 1.0, 0.0)?;
+        if let Some(y) = y {
+            gemm(
+                self.dev,
+                z,
+                Op::N,
+                self.lora.b(s),
+                Op::T,
+                y,
+                self.lora.layout.scale,
+                1.0,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// LoRA backward of `(l, p)` given `dy`: accumulates `dA`, `dB` and, when `dx`
+    /// is given, adds the branch's input gradient into it.
+    fn lora_bwd(
+        &self,
+        l: usize,
+        p: Proj,
+        x: Mat<'a, T>,
+        dy: Mat<'a, T>,
+        dx: Option<Mat<'a, T>>,
+        row0: usize,
+    ) -> Result<()> {
+        let Some(s) = self.slot(l, p) else {
+            return Ok(());
+        };
+        let sc = self.lora.layout.scale;
+        let r = self.lora.layout.rank;
+        let z = self.z(p, row0, x.rows);
+        let dz = self.ws.dz.view(0, x.rows * r).mat(x.rows, r, r);
+        // dB += s dyᵀ z ; dz = s dy B
+        gemm(self.dev, dy, Op::T, z, Op::N, self.lora.grad_b(s), sc, 1.0)?;
+        gemm(self.dev, dy, Op::N, self.lora.b(s), Op::N, dz, sc, 0.0)?;
+        // dA += dzᵀ dropout(x)
+        let xd = self.dropped(l, p, x, row0)?;
+        gemm(
+            self.dev,
+            dz,
+            Op::T,
+            xd,
+            Op::N,
+            self.lora.grad_a(s),
+            1.0,
+            1.0,
+        )?;
+        if let Some(dx) = dx {
+            match (&self.ws.lora_dx, self.dropout_key) {
+                (Some(tmp), Some(_)) => {
+                    // dx += (dz A) ∘ mask: the mask is a per-element scale.
+                    let t = tmp.view(0, x.rows * x.cols).mat(x.rows, x.cols, x.cols);
+                    gemm(self.dev, dz, Op::N, self.lora.a(s), Op::N, t, 1.0, 0.0)?;
+                    let masked = self.dropped(l, p, t, row0)?;
+                    add_into(self.dev, masked, dx)?;
+                }
+                _ => gemm(self.dev, dz, Op::N, self.lora.a(s), Op::N, dx, 1.0, 1.0)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn qkv_blocks(&self, m: Mat<'a, T>) -> (Mat<'a, T>, Mat<'a, T>, Mat<'a, T>) {
+        let d = &self.dims;
+        (
+            m.col_block(0, d.qcols),
+            m.col_block(d.qcols, d.kvcols),
+            m.col_block(d.qcols + d.kvcols, d.kvcols),
+        )
+    }
+
+    /// The attention half of layer `l` on input `x`: leaves `h1`, `inv1`, `qkv`
+    /// (after RoPE), `attn`, `lse`, `x2`, `inv2`, `h2` (and the q/k/v/o `z`) in the
+    /// workspace.
+    fn attention_half(&self, l: usize, x: Mat<'a, T>) -> Result<()> {
+        let d = self.dims;
+        let ws = self.ws;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let lw = &self.w.layers[l];
+        let h1 = mat(&ws.h1, d.n, d.h);
+        rmsnorm_fwd(
+            self.dev,
+            x,
+            lw.input_norm.all(),
+            eps,
+            h1,
+            ws.inv1.view(0, d.n),
+        )?;
+        let wqkv = self.weights(l, Group::Qkv)?;
+        let qkv = mat(&ws.qkv, d.n, d.qc);
+        gemm(self.dev, h1, Op::N, wqkv, Op::T, qkv, 1.0, 0.0)?;
+        let (q, k, v) = self.qkv_blocks(qkv);
+        self.lora_fwd(l, Proj::Q, h1, Some(q), 0)?;
+        self.lora_fwd(l, Proj::K, h1, Some(k), 0)?;
+        self.lora_fwd(l, Proj::V, h1, Some(v), 0)?;
+        let (cos, sin) = (
+            ws.rope_cos.view(0, d.n * d.d / 2),
+            ws.rope_sin.view(0, d.n * d.d / 2),
+        );
+        rope(self.dev, q, d.d, cos, sin, false)?;
+        rope(self.dev, k, d.d, cos, sin, false)?;
+        let attn = mat(&ws.attn, d.n, d.qcols);
+        let lse = ws.lse.view(0, d.attn.stats_len());
+        attention_fwd(self.dev, &d.attn, q, k, v, self.segments, attn, lse)?;
+        // x2 = x + attn Woᵀ (+ LoRA)
+        let wo = self.weights(l, Group::O)?;
+        let x2 = mat(&ws.x2, d.n, d.h);
+        self.dev.copy(x.v, x2.v)?;
+        gemm(self.dev, attn, Op::N, wo, Op::T, x2, 1.0, 1.0)?;
+        self.lora_fwd(l, Proj::O, attn, Some(x2), 0)?;
+        let h2 = mat(&ws.h2, d.n, d.h);
+        rmsnorm_fwd(
+            self.dev,
+            x2,
+            lw.post_norm.all(),
+            eps,
+            h2,
+            ws.inv2.view(0, d.n),
+        )?;
+        Ok(())
+    }
+
+    /// Gate/up product, its LoRA, and SwiGLU for tokens `c0..c0 + cn`; returns
+    /// `(gu, g, u, m)` of the chunk.
+    #[allow(clippy::type_complexity)]
+    fn mlp_up(
+        &self,
+        l: usize,
+        wgu: Mat<'a, T>,
+        c0: usize,
+        cn: usize,
+    ) -> Result<(Mat<'a, T>, Mat<'a, T>, Mat<'a, T>, Mat<'a, T>)> {
+        let d = self.dims;
+        let h2c = mat(&self.ws.h2, d.n, d.h).row_block(c0, cn);
+        let gu = mat(&self.ws.gu, cn, 2 * d.inter);
+        gemm(self.dev, h2c, Op::N, wgu, Op::T, gu, 1.0, 0.0)?;
+        let (g, u) = (gu.col_block(0, d.inter), gu.col_block(d.inter, d.inter));
+        self.lora_fwd(l, Proj::Gate, h2c, Some(g), c0)?;
+        self.lora_fwd(l, Proj::Up, h2c, Some(u), c0)?;
+        let m = mat(&self.ws.m, cn, d.inter);
+        swiglu_fwd(self.dev, g, u, m)?;
+        Ok((gu, g, u, m))
+    }
+
+    fn chunks(&self) -> impl Iterator<Item = (usize, usize)> {
+        let (n, c) = (self.dims.n, self.dims.chunk);
+        (0..n.div_ceil(c)).map(move |i| (i * c, c.min(n - i * c)))
+    }
+
+    /// Layer `l`'s forward, writing its output (forward pass only).
+    fn layer_forward(&self, l: usize) -> Result<()> {
+        let d = self.dims;
+        self.attention_half(l, self.layer_input(l))?;
+        let wgu = self.weights(l, Group::GateUp)?;
+        let wd = self.weights(l, Group::Down)?;
+        let out = self.layer_output(l);
+        let x2 = mat(&self.ws.x2, d.n, d.h);
+        for (c0, cn) in self.chunks() {
+            let (_, _, _, m) = self.mlp_up(l, wgu, c0, cn)?;
+            let oc = out.row_block(c0, cn);
+            self.dev.copy(x2.row_block(c0, cn).v, oc.v)?;
+            gemm(self.dev, m, Op::N, wd, Op::T, oc, 1.0, 1.0)?;
+            self.lora_fwd(l, Proj::Down, m, Some(oc), c0)?;
+        }
+        Ok(())
+    }
+
+    fn forward(&self) -> Result<()> {
+        let d = self.dims;
+        gather_rows(
+            self.dev,
+            mat(&self.w.embed, d.vocab, d.h),
+            self.ws.ids.view(0, d.n),
+            self.layer_input(0),
+        )?;
+        for l in 0..self.cfg.num_hidden_layers {
+            self.layer_forward(l)?;
+        }
+        Ok(())
+    }
+
+    /// Final norm and chunked cross-entropy over the `nv` rows with a target; with
+    /// `grad_scale`, also leaves `∂L/∂(final hidden)` in `dres`.
+    fn loss(&self, nv: usize, grad_scale: Option<f32>) -> Result<()> {
+        let d = self.dims;
+        let ws = self.ws;
+        let xl = mat(&ws.final_hidden, d.n, d.h);
+        let hn = mat(&ws.h1, d.n, d.h);
+        let inv = ws.inv1.view(0, d.n);
+        rmsnorm_fwd(
+            self.dev,
+            xl,
+            self.w.final_norm.all(),
+            self.cfg.rms_norm_eps as f32,
+            hn,
+            inv,
+        )?;
+        let dhn = mat(&ws.dh, d.n, d.h);
+        if grad_scale.is_some() {
+            self.dev.fill_zero(dhn.v)?;
+        }
+        let lm = mat(&self.w.lm_head, d.vocab, d.h);
+        let cc = ws.plan.shape.ce_chunk.min(d.n).max(1);
+        let mut c0 = 0;
+        while c0 < nv {
+            let c = cc.min(nv - c0);
+            let rows = ws.ce_rows.view(c0, c);
+            let hv = mat(&ws.ce_hidden, c, d.h);
+            gather_rows(self.dev, hn, rows, hv)?;
+            let logits = mat(&ws.logits, c, d.vocab);
+            gemm(self.dev, hv, Op::N, lm, Op::T, logits, 1.0, 0.0)?;
+            let dl = grad_scale.map(|_| mat(&ws.dlogits, c, d.vocab));
+            xent(
+                self.dev,
+                logits,
+                ws.ce_targets.view(c0, c),
+                grad_scale.unwrap_or(0.0),
+                ws.losses.view(c0, c),
+                dl,
+            )?;
+            if let Some(dl) = dl {
+                let dhv = mat(&ws.ce_dhidden, c, d.h);
+                gemm(self.dev, dl, Op::N, lm, Op::N, dhv, 1.0, 0.0)?;
+                scatter_rows(self.dev, dhv, rows, dhn)?;
+            }
+            c0 += c;
+        }
+        if grad_scale.is_some() {
+            rmsnorm_bwd(
+                self.dev,
+                xl,
+                inv,
+                self.w.final_norm.all(),
+                dhn,
+                mat(&ws.dres, d.n, d.h),
+                false,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Backward through every layer, last first, recomputing each from its input.
+    fn backward(&self) -> Result<()> {
+        for l in (0..self.cfg.num_hidden_layers).rev() {
+            self.layer_backward(l, l > 0)?;
+        }
+        Ok(())
+    }
+
+    fn layer_backward(&self, l: usize, need_dx: bool) -> Result<()> {
+        let d = self.dims;
+        let ws = self.ws;
+        let lw = &self.w.layers[l];
+        let x = self.layer_input(l);
+        self.attention_half(l, x)?;
+        let dres = mat(&ws.dres, d.n, d.h);
+        let dh = mat(&ws.dh, d.n, d.h);
+        let h2 = mat(&ws.h2, d.n, d.h);
+        let x2 = mat(&ws.x2, d.n, d.h);
+
+        // MLP, one token chunk at a time: recompute up, then backward.
+        let wgu = self.weights(l, Group::GateUp)?;
+        let wd = self.weights(l, Group::Down)?;
+        for (c0, cn) in self.chunks() {
+            let (gu, g, u, m) = self.mlp_up(l, wgu, c0, cn)?;
+            self.lora_fwd(l, Proj::Down, m, None, c0)?;
+            let dres_c = dres.row_block(c0, cn);
+            let dm = mat(&ws.dm, cn, d.inter);
+            gemm(self.dev, dres_c, Op::N, wd, Op::N, dm, 1.0, 0.0)?;
+            self.lora_bwd(l, Proj::Down, m, dres_c, Some(dm), c0)?;
+            swiglu_bwd(self.dev, g, u, dm)?;
+            let dh_c = dh.row_block(c0, cn);
+            gemm(self.dev, gu, Op::N, wgu, Op::N, dh_c, 1.0, 0.0)?;
+            let h2c = h2.row_block(c0, cn);
+            self.lora_bwd(l, Proj::Gate, h2c, g, Some(dh_c), c0)?;
+            self.lora_bwd(l, Proj::Up, h2c, u, Some(dh_c), c0)?;
+            rmsnorm_bwd(
+                self.dev,
+                x2.row_block(c0, cn),
+                ws.inv2.view(c0, cn),
+                lw.post_norm.all(),
+                dh_c,
+                dres_c,
+                true,
+            )?;
+        }
+
+        // Attention: dres now holds ∂L/∂x2. The recomputation left this layer's
+        // o and q/k/v weights in their buffers.
+        let wo = self.weight_buf(Group::O);
+        let attn = mat(&ws.attn, d.n, d.qcols);
+        let dattn = mat(&ws.dattn, d.n, d.qcols);
+        gemm(self.dev, dres, Op::N, wo, Op::N, dattn, 1.0, 0.0)?;
+        self.lora_bwd(l, Proj::O, attn, dres, Some(dattn), 0)?;
+        let qkv = mat(&ws.qkv, d.n, d.qc);
+        let (q, k, v) = self.qkv_blocks(qkv);
+        let dqkv = mat(&ws.dqkv, d.n, d.qc);
+        let (dq, dk, dv) = self.qkv_blocks(dqkv);
+        attention_bwd(
+            self.dev,
+            &d.attn,
+            q,
+            k,
+            v,
+            attn,
+            dattn,
+            ws.lse.view(0, d.attn.stats_len()),
+            self.segments,
+            dq,
+            dk,
+            dv,
+            ws.attn_scratch.view(0, d.attn.stats_len()),
+        )?;
+        let (cos, sin) = (
+            ws.rope_cos.view(0, d.n * d.d / 2),
+            ws.rope_sin.view(0, d.n * d.d / 2),
+        );
+        rope(self.dev, dq, d.d, cos, sin, true)?;
+        rope(self.dev, dk, d.d, cos, sin, true)?;
+        let h1 = mat(&ws.h1, d.n, d.h);
+        if need_dx {
+            gemm(
+                self.dev,
+                dqkv,
+                Op::N,
+                self.weight_buf(Group::Qkv),
+                Op::N,
+                dh,
+                1.0,
+                0.0,
+            )?;
+        }
+        let dxo = need_dx.then_some(dh);
+        self.lora_bwd(l, Proj::Q, h1, dq, dxo, 0)?;
+        self.lora_bwd(l, Proj::K, h1, dk, dxo, 0)?;
+        self.lora_bwd(l, Proj::V, h1, dv, dxo, 0)?;
+        if need_dx {
+            rmsnorm_bwd(
+                self.dev,
+                x,
+                ws.inv1.view(0, d.n),
+                lw.input_norm.all(),
+                dh,
+                dres,
+                true,
+            )?;
+        }
+        Ok(())
+    }
+}

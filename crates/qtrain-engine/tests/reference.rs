@@ -1,0 +1,200 @@
+//! The fused engine on the CPU (every kernel's reference) against the candle-ops
+//! reference step `qtrain_lora::forward_backward`: the same loss and the same LoRA
+//! gradients, with GQA, packed documents, a sliding window, dropout, NF4 weights,
+//! MLP and cross-entropy chunking, and accumulation over micro-batches.
+
+#[path = "../../qtrain-lora/tests/common/mod.rs"]
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use qtrain_engine::{Engine, EngineOptions};
+use qtrain_lora::{
+    forward_backward, forward_loss, LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch,
+};
+use qtrain_model::{BaseModel, FrozenStorage, Proj};
+
+fn max_rel(a: &[f32], b: &[f32]) -> f64 {
+    let scale = a
+        .iter()
+        .fold(0f64, |m, &x| m.max(x.abs() as f64))
+        .max(1e-30);
+    a.iter()
+        .zip(b)
+        .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()))
+        / scale
+}
+
+/// Runs both paths over `batches` (one optimizer step of several micro-batches) and
+/// compares the summed loss and every gradient tensor.
+fn compare(
+    base: &BaseModel,
+    lora: &LoraWeights,
+    batches: &[TokenBatch],
+    opts: EngineOptions,
+    tol: f64,
+) {
+    let denom: f64 = batches.iter().map(|b| b.valid_targets() as f64).sum();
+    let mut ref_grads = LoraGrads::zeros_like(lora).unwrap();
+    let mut engine = Engine::<f32>::new(base, lora, opts).unwrap();
+    let (mut ref_loss, mut eng_loss) = (0.0, 0.0);
+    for (i, b) in batches.iter().enumerate() {
+        let so = StepOptions {
+            checkpointing: true,
+            dropout_seed: 11,
+            micro_step: i as u64,
+        };
+        let r = forward_backward(base, lora, b, &so, denom, &mut ref_grads).unwrap();
+        let e = engine.forward_backward(b, &so, denom).unwrap();
+        assert_eq!(r.valid_tokens, e.valid_tokens);
+        ref_loss += r.loss_sum;
+        eng_loss += e.loss_sum;
+    }
+    let rel = (ref_loss - eng_loss).abs() / ref_loss.abs();
+    assert!(
+        rel < tol,
+        "loss {eng_loss} vs reference {ref_loss} (rel {rel:.2e})"
+    );
+    let want = ref_grads.to_host().unwrap();
+    let got = engine.lora().grads_to_host(engine.device()).unwrap();
+    assert_eq!(want.len(), got.len());
+    for (w, g) in want.iter().zip(&got) {
+        assert_eq!(w.0, g.0);
+        assert_eq!(w.2, g.2);
+        let e = max_rel(&w.1, &g.1);
+        assert!(
+            w.1.iter().any(|&x| x != 0.0),
+            "{} has a zero reference gradient",
+            w.0
+        );
+        assert!(e < tol, "{}: max rel error {e:.2e}", w.0);
+    }
+}
+
+#[test]
+fn matches_reference_with_gqa_packing_and_all_targets() {
+    let cfg = small_config(61, None);
+    let (base, _) = random_base(&cfg, 1, DType::F32);
+    let lora = random_lora(&cfg, &all_targets_config(0.0), 2, DType::F32);
+    compare(
+        &base,
+        &lora,
+        &[packed_batch(61, 12, 3)],
+        EngineOptions::default(),
+        2e-5,
+    );
+}
+
+#[test]
+fn matches_reference_with_sliding_window_and_dropout() {
+    let cfg = small_config(61, Some(4));
+    let (base, _) = random_base(&cfg, 4, DType::F32);
+    let lora = random_lora(&cfg, &all_targets_config(0.25), 5, DType::F32);
+    compare(
+        &base,
+        &lora,
+        &[packed_batch(61, 13, 6), random_rows(61, 2, 13, 7)],
+        EngineOptions::default(),
+        2e-5,
+    );
+}
+
+#[test]
+fn chunked_mlp_and_cross_entropy_match_the_reference() {
+    let cfg = small_config(61, None);
+    let (base, _) = random_base(&cfg, 8, DType::F32);
+    let lcfg = LoraConfig {
+        targets: vec![Proj::Q, Proj::V, Proj::Down],
+        ..all_targets_config(0.1)
+    };
+    let lora = random_lora(&cfg, &lcfg, 9, DType::F32);
+    let opts = EngineOptions {
+        mlp_chunk: 5,
+        ce_chunk: 7,
+    };
+    compare(&base, &lora, &[random_rows(61, 3, 9, 10)], opts, 2e-5);
+}
+
+#[test]
+fn nf4_base_matches_reference() {
+    let cfg = small_config(61, None);
+    let (mut base, _) = random_base(&cfg, 12, DType::F32);
+    // Quantize every projection the way the CPU loader stores it.
+    for layer in &mut base.layers {
+        for fl in &mut layer.projs {
+            let FrozenStorage::Dense(t) = &fl.storage else {
+                unreachable!()
+            };
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let q =
+                qtrain_quant::Nf4Tensor::quantize(&v, &[fl.out_features, fl.in_features], 64, true)
+                    .unwrap();
+            fl.storage = FrozenStorage::Nf4(q);
+        }
+    }
+    let lora = random_lora(&cfg, &all_targets_config(0.0), 13, DType::F32);
+    compare(
+        &base,
+        &lora,
+        &[random_rows(61, 2, 8, 14)],
+        EngineOptions::default(),
+        2e-5,
+    );
+}
+
+#[test]
+fn eval_loss_and_workspace_memory_match_the_plan() {
+    let cfg = small_config(61, Some(5));
+    let (base, _) = random_base(&cfg, 15, DType::F32);
+    let lora = random_lora(&cfg, &all_targets_config(0.1), 16, DType::F32);
+    let batch = packed_batch(61, 10, 17);
+    let mut engine = Engine::<f32>::new(&base, &lora, EngineOptions::default()).unwrap();
+    let before = engine.device().held_bytes();
+    let e = engine.forward_loss(&batch).unwrap();
+    let r = forward_loss(&base, Some(&lora), &batch).unwrap();
+    assert_eq!(e.valid_tokens, r.valid_tokens);
+    assert!(
+        (e.loss_sum - r.loss_sum).abs() / r.loss_sum < 1e-5,
+        "{} vs {}",
+        e.loss_sum,
+        r.loss_sum
+    );
+    let plan = engine.plan_for(2, 10);
+    assert_eq!(engine.device().held_bytes() - before, plan.total_bytes());
+    assert_eq!(engine.workspace_bytes(), plan.total_bytes());
+    // The breakdown covers every byte.
+    assert_eq!(
+        plan.by_component().iter().map(|c| c.1).sum::<usize>(),
+        plan.total_bytes()
+    );
+}
+
+#[test]
+fn parameters_round_trip_through_the_host_and_bad_tensors_are_refused() {
+    let cfg = small_config(61, None);
+    let (base, _) = random_base(&cfg, 18, DType::F32);
+    let lora = random_lora(&cfg, &all_targets_config(0.0), 19, DType::F32);
+    let engine = Engine::<f32>::new(&base, &lora, EngineOptions::default()).unwrap();
+    let dev = engine.device();
+    let host = engine.lora().params_to_host(dev).unwrap();
+    assert_eq!(host, lora.to_host().unwrap());
+    let mut changed = host.clone();
+    changed[3].1[0] += 1.0;
+    engine.lora().params_from_host(dev, &changed).unwrap();
+    assert_eq!(engine.lora().params_to_host(dev).unwrap(), changed);
+    let mut bad = host.clone();
+    bad[0].2 = vec![1, 1];
+    let err = engine
+        .lora()
+        .params_from_host(dev, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&host[0].0) && err.contains("shape"), "{err}");
+    let err = engine
+        .lora()
+        .params_from_host(dev, &host[1..])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing"), "{err}");
+    let _ = Tensor::zeros(1, DType::F32, &Device::Cpu);
+}

@@ -1,0 +1,36 @@
+// Rotary position embedding in place, forward (inverse = 0) and backward
+// (inverse = 1, the transposed rotation). One thread per rotated pair
+// (x[i], x[i + d/2]) of one head of one token; consecutive threads take consecutive
+// i, so each half-row is read and written coalesced.
+// CPU reference and semantics: crates/qtrain-kernels/src/rope.rs.
+#include "common.cuh"
+
+template <typename T>
+__device__ void rope_impl(T *x, uint64_t ld, uint32_t rows, uint32_t heads, uint32_t head_dim,
+                          const float *__restrict__ cos_t, const float *__restrict__ sin_t,
+                          uint32_t inverse) {
+  const uint32_t half = head_dim / 2;
+  const uint64_t idx = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const uint64_t total = (uint64_t)rows * heads * half;
+  if (idx >= total) return;
+  const uint32_t i = idx % half;
+  const uint64_t th = idx / half;
+  const uint32_t h = th % heads;
+  const uint64_t t = th / heads;
+  const float c = cos_t[t * half + i];
+  float s = sin_t[t * half + i];
+  if (inverse) s = -s;
+  T *p = x + t * ld + (uint64_t)h * head_dim + i;
+  const float x1 = to_f(p[0]), x2 = to_f(p[half]);
+  // Separate roundings (no FMA contraction) like the CPU reference.
+  p[0] = from_f<T>(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
+  p[half] = from_f<T>(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+}
+
+#define QT_ROPE(T, S)                                                                          \
+  extern "C" __global__ void rope_##S(T *x, uint64_t ld, uint32_t rows, uint32_t heads,       \
+                                      uint32_t head_dim, const float *c, const float *s,      \
+                                      uint32_t inverse) {                                      \
+    rope_impl<T>(x, ld, rows, heads, head_dim, c, s, inverse);                                 \
+  }
+QT_FOR_FLOATS(QT_ROPE)
