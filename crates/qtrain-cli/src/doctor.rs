@@ -79,6 +79,26 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
 
+    // ---- Every fused kernel against its CPU reference (bf16 on the GPU).
+    let kdev = qtrain_kernels::Dev::from_candle(&gpu)?;
+    if let Some(c) = kdev.cuda() {
+        let (maj, min) = c.compute_capability()?;
+        let (free, total) = kdev.mem_info()?.unwrap_or((0, 0));
+        println!(
+            "GPU: {} (compute capability {maj}.{min}, {} multiprocessors), {:.1} GiB, {:.1} GiB free",
+            c.name()?,
+            c.sm_count()?,
+            total as f64 / 1073741824.0,
+            free as f64 / 1073741824.0
+        );
+    }
+    for c in qtrain_kernels::selftest::run_basic(&kdev, true)? {
+        println!("{}: {} {}", c.name, c.detail, if c.ok { "ok" } else { "MISMATCH" });
+        if !c.ok {
+            failures.push(c.name);
+        }
+    }
+
     // ---- One training step of a tiny model: GPU vs CPU.
     let dir = tempdir()?;
     qtrain_train::models::write_random("tiny", &dir, 3, usize::MAX)?;
@@ -124,6 +144,56 @@ pub fn run(a: Args) -> Result<()> {
             Ok((l.loss_sum / valid, grads.to_host()?))
         };
     let (cpu_loss, cpu_grads) = step(&Device::Cpu, DType::F32)?;
+    // The fused engine on the GPU (bf16) against the reference step on the CPU.
+    let engine_check = || -> Result<()> {
+        let base = qtrain_model::BaseModel::load(
+            &dir,
+            &LoadOptions {
+                device: gpu.clone(),
+                dtype: DType::BF16,
+                quantization: Quantization::default(),
+                threads: 0,
+            },
+        )?;
+        let mut lora = LoraWeights::init(&lcfg, &base.config, &gpu)?;
+        let mut host = lora.to_host()?;
+        for (i, (_, v, _)) in host.iter_mut().enumerate() {
+            for (j, x) in v.iter_mut().enumerate() {
+                if *x == 0.0 {
+                    *x = (((i * 31 + j * 17) % 97) as f32 - 48.0) * 1e-3;
+                }
+            }
+        }
+        lora.update_from_host(&host)?;
+        let mut engine = qtrain_engine::Engine::<half::bf16>::new(&base, &lora, Default::default())?;
+        let valid = batch.valid_targets() as f64;
+        let so = StepOptions {
+            checkpointing: true,
+            dropout_seed: 0,
+            micro_step: 0,
+        };
+        let l = engine.forward_backward(&batch, &so, valid)?.loss_sum / valid;
+        let g = engine.lora().grads_to_host(engine.device())?;
+        let loss_err = (l - cpu_loss).abs() / cpu_loss.abs();
+        let grad_err = cpu_grads
+            .iter()
+            .zip(&g)
+            .map(|(a, b)| max_rel_err(&a.1, &b.1))
+            .fold(0f64, f64::max);
+        let ok = loss_err <= 2e-2 && grad_err <= 6e-2;
+        println!(
+            "tiny training step, fused engine on GPU (bf16) vs reference on CPU (f32): loss {l:.5} vs {cpu_loss:.5} \
+             (rel {loss_err:.1e}), max rel gradient error {grad_err:.1e} over {} tensors {}",
+            g.len(),
+            if ok { "ok" } else { "MISMATCH" }
+        );
+        anyhow::ensure!(ok, "loss or gradients differ");
+        Ok(())
+    };
+    if let Err(e) = engine_check() {
+        println!("fused engine step: FAILED: {e:#}");
+        failures.push("fused engine step".into());
+    }
     for (dtype, tol_loss, tol_grad) in [(DType::F32, 1e-4, 1e-3), (DType::BF16, 2e-2, 6e-2)] {
         let (l, g) = step(&gpu, dtype)?;
         let loss_err = (l - cpu_loss).abs() / cpu_loss.abs();

@@ -80,20 +80,66 @@ pub fn time_it(dev: &Dev, iters: usize, mut f: impl FnMut() -> Result<()>) -> Re
 /// kernels have an f32 path the engine uses). `full` uses 7B-sized rows (for the
 /// bandwidth figures); otherwise small ones.
 pub fn run_basic(dev: &Dev, full: bool) -> Result<Vec<Check>> {
-    let (rows, h, inter) = if full {
-        (4096, 4096, 14336)
-    } else {
-        (33, 256, 80)
-    };
+    let (rows, h, inter) = if full { (4096, 4096, 14336) } else { (33, 256, 80) };
     let mut out = Vec::new();
-    out.extend(norm_checks::<half::bf16>(dev, rows, h, 1e-2)?);
-    out.extend(norm_checks::<f32>(dev, 257, 300, 1e-5)?);
-    out.push(rope_check::<half::bf16>(dev, 1e-2)?);
-    out.push(swiglu_check::<half::bf16>(dev, rows, inter, 1e-2)?);
-    out.push(xent_check::<half::bf16>(dev, 1e-2)?);
-    out.push(rows_check::<half::bf16>(dev)?);
-    out.push(gemm_check::<half::bf16>(dev, 1e-2)?);
-    out.push(gemm_check::<f32>(dev, 2e-3)?);
+    // A check that fails to run (a CUDA error) is reported as failed; the rest go on.
+    let mut add = |name: &str, r: Result<Vec<Check>>| match r {
+        Ok(v) => out.extend(v),
+        Err(e) => out.push(Check {
+            name: name.to_string(),
+            ok: false,
+            detail: format!("error: {e}"),
+        }),
+    };
+    add("rmsnorm bf16", norm_checks::<half::bf16>(dev, rows, h, 1e-2));
+    add("rmsnorm f32", norm_checks::<f32>(dev, 257, 300, 1e-5));
+    add("rope", rope_check::<half::bf16>(dev, 1e-2).map(|c| vec![c]));
+    add("swiglu", swiglu_check::<half::bf16>(dev, rows, inter, 1e-2).map(|c| vec![c]));
+    add("cross-entropy", xent_check::<half::bf16>(dev, 1e-2).map(|c| vec![c]));
+    add("row kernels", rows_check::<half::bf16>(dev).map(|c| vec![c]));
+    add("gemm bf16", gemm_check::<half::bf16>(dev, 1e-2).map(|c| vec![c]));
+    add("gemm f32", gemm_check::<f32>(dev, 2e-3).map(|c| vec![c]));
+    if full {
+        add("gemm speed", gemm_speed(dev));
+    }
+    Ok(out)
+}
+
+/// cuBLAS throughput on the products of a Mistral-7B layer at 4096 tokens (bf16
+/// operands, f32 accumulation): the ceiling the engine's GEMMs work against.
+fn gemm_speed(dev: &Dev) -> Result<Vec<Check>> {
+    use crate::gemm::{gemm, Op};
+    type B = half::bf16;
+    let n = 4096;
+    let mut out = Vec::new();
+    // (name, m, k, n_out, op_b): forward y = x Wᵀ (W stored [out, in]) and backward dx = dy W.
+    let shapes = [
+        ("qkv fwd", n, 4096, 6144, Op::T),
+        ("o fwd", n, 4096, 4096, Op::T),
+        ("gate/up fwd", n, 4096, 28672, Op::T),
+        ("down fwd", n, 14336, 4096, Op::T),
+        ("gate/up dX", n, 28672, 4096, Op::N),
+        ("qkv dX", n, 6144, 4096, Op::N),
+        ("lm_head chunk (f32 out)", 1024, 4096, 32768, Op::T),
+    ];
+    for (name, m, k, nn, op_b) in shapes {
+        let a = upload::<B>(dev, &random(m * k, 1.0, 21))?;
+        let w = upload::<B>(dev, &random(k * nn, 0.02, 22))?;
+        let wm = if op_b == Op::T { w.mat(nn, k) } else { w.mat(k, nn) };
+        let secs = if name.contains("f32") {
+            let c = dev.zeros::<f32>(m * nn, "gemm out")?;
+            time_it(dev, 20, || gemm(dev, a.mat(m, k), Op::N, wm, op_b, c.mat(m, nn), 1.0, 0.0))?
+        } else {
+            let c = dev.zeros::<B>(m * nn, "gemm out")?;
+            time_it(dev, 20, || gemm(dev, a.mat(m, k), Op::N, wm, op_b, c.mat(m, nn), 1.0, 0.0))?
+        };
+        let tflops = 2.0 * (m * k * nn) as f64 / secs / 1e12;
+        out.push(Check {
+            name: format!("gemm speed {name} [{m}x{k}]x[{k}x{nn}]"),
+            ok: true,
+            detail: format!("{:.1} us, {tflops:.0} TFLOP/s", secs * 1e6),
+        });
+    }
     Ok(out)
 }
 

@@ -122,6 +122,10 @@ pub struct TrainSection {
     pub max_nonfinite_steps: usize,
     /// Seeds dropout masks.
     pub seed: u64,
+    /// The step implementation: `fused` (hand-written kernels over preallocated
+    /// buffers, bf16 on GPUs), `reference` (candle ops, any device and dtype), or
+    /// `auto` (fused on a GPU in bf16, reference otherwise).
+    pub engine: String,
 }
 
 impl Default for TrainSection {
@@ -132,6 +136,7 @@ impl Default for TrainSection {
             max_grad_norm: 1.0,
             max_nonfinite_steps: 5,
             seed: 0,
+            engine: "auto".into(),
         }
     }
 }
@@ -364,6 +369,12 @@ impl RunConfig {
         }
         if t.max_nonfinite_steps == 0 {
             p.push("train.max_nonfinite_steps: must be >= 1".into());
+        }
+        if crate::backend::EngineChoice::parse(&t.engine).is_none() {
+            p.push(format!(
+                "train.engine: `{}` (expected auto, fused or reference)",
+                t.engine
+            ));
         }
         let o = &self.optimizer;
         if !["adamw8bit", "adamw32"].contains(&o.kind.as_str()) {

@@ -3,6 +3,7 @@
 //! model). The math lives in `qtrain-lora`, the data in `qtrain-data`, the optimizer
 //! in `qtrain-optim`; this crate wires them into one straight loop.
 
+pub mod backend;
 pub mod ckpt_io;
 pub mod config;
 pub mod generate;

@@ -21,13 +21,11 @@ use crate::peft::{self, PeftDtype, PeftSettings};
 use crate::planner::{Budget, Clock, Plan, Planner, PlannerState};
 use qtrain_data::{BatchStream, DataCursor, DatasetConfig, Encoder, EvalStream, Sample};
 use qtrain_lora::lora::HostTensor;
-use qtrain_lora::{
-    forward_backward, forward_loss, LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch,
-};
+use crate::backend::{Backend, EngineChoice};
+use qtrain_lora::{LoraConfig, LoraWeights, StepOptions, TokenBatch};
 use qtrain_model::{BaseModel, LoadOptions, Proj, Quantization};
 use qtrain_optim::{
-    clip_grad_norm, AdamW32, AdamW8bit, AdamWConfig, LrSchedule, Optimizer, PagingPolicy,
-    ParamSpec, ScheduleKind,
+    AdamW32, AdamW8bit, AdamWConfig, LrSchedule, Optimizer, PagingPolicy, ParamSpec, ScheduleKind,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -240,8 +238,8 @@ fn load_lora(path: &Path, expected: &[HostTensor]) -> Result<Vec<HostTensor>> {
 
 /// Mean eval loss over the held-out split (at most `max_batches` batches).
 fn evaluate(
+    backend: &mut Backend,
     base: &BaseModel,
-    lora: Option<&LoraWeights>,
     data: &DatasetConfig,
     enc: &Arc<Encoder>,
     max_batches: usize,
@@ -252,7 +250,7 @@ fn evaluate(
         if max_batches > 0 && i >= max_batches {
             break;
         }
-        let l = forward_loss(base, lora, &to_token_batch(&b?)?)?;
+        let l = backend.eval_loss(base, &to_token_batch(&b?)?)?;
         sum += l.loss_sum;
         n += l.valid_tokens;
     }
@@ -401,13 +399,12 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     // ---- adapters, optimizer, data
     let lcfg = lora_config(&cfg)?;
     let mut lora = LoraWeights::init(&lcfg, &base.config, &device)?;
-    let mut grads = LoraGrads::zeros_like(&lora)?;
-    let mut params = lora.to_host()?;
+    let params = lora.to_host()?;
     let specs: Vec<ParamSpec> = params
         .iter()
         .map(|(n, v, _)| ParamSpec::new(n.clone(), v.len()))
         .collect();
-    let mut opt = make_optimizer(
+    let opt = make_optimizer(
         &cfg,
         &specs,
         resume_dir
@@ -416,9 +413,10 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
             .as_deref(),
     )?;
     if let Some(dir) = &resume_dir {
-        params = load_lora(&dir.join(ADAPTER_FILE), &params)?;
-        lora.update_from_host(&params)?;
+        lora.update_from_host(&load_lora(&dir.join(ADAPTER_FILE), &params)?)?;
     }
+    let choice = EngineChoice::parse(&cfg.train.engine).unwrap_or(EngineChoice::Auto);
+    let mut backend = Backend::new(&base, lora, opt, choice)?;
     let mut stream = match &resumed {
         Some(st) => BatchStream::resume(&cfg.data, encoder.clone(), &st.data_cursor)?,
         None => BatchStream::new(&cfg.data, encoder.clone())?,
@@ -438,13 +436,14 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     let mut tokens_seen = resumed.as_ref().map_or(0, |s| s.tokens_seen);
     let mut nonfinite = resumed.as_ref().map_or(0, |s| s.nonfinite_in_a_row);
     tracing::info!(
-        "LoRA r={} alpha={} on {} ({:.2}M trainable parameters), {} optimizer, {:.1} MB state",
+        "LoRA r={} alpha={} on {} ({:.2}M trainable parameters), {} optimizer, {:.1} MB state, {} step",
         lcfg.rank,
         lcfg.alpha,
         cfg.lora.targets.join(","),
-        lora.num_parameters() as f64 / 1e6,
+        backend.num_parameters() as f64 / 1e6,
         cfg.optimizer.kind,
-        opt.state_bytes() as f64 / 1e6
+        backend.optimizer().state_bytes() as f64 / 1e6,
+        backend.name()
     );
     if step > 0 {
         tracing::info!(
@@ -458,7 +457,7 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     let before = if resumed.is_none() {
         answer(
             &base,
-            Some(&lora),
+            Some(backend.lora_weights()?),
             &encoder,
             &prompts,
             cfg.eval.max_new_tokens,
@@ -470,8 +469,8 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         Some(st) => st.first_eval_loss,
         None => {
             let l = evaluate(
+                &mut backend,
                 &base,
-                Some(&lora),
                 &cfg.data,
                 &encoder,
                 cfg.eval.max_batches,
@@ -555,7 +554,7 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
             );
             continue;
         }
-        grads.zero()?;
+        backend.zero_grads()?;
         let mut loss_sum = 0.0;
         for (i, b) in micro.iter().enumerate() {
             let so = StepOptions {
@@ -563,29 +562,18 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
                 dropout_seed: cfg.train.seed,
                 micro_step: step * accum as u64 + i as u64,
             };
-            loss_sum += forward_backward(
-                &base,
-                &lora,
-                &to_token_batch(b)?,
-                &so,
-                valid as f64,
-                &mut grads,
-            )?
-            .loss_sum;
+            loss_sum += backend
+                .micro_step(&base, &to_token_batch(b)?, &so, valid as f64)?
+                .loss_sum;
         }
         let loss = loss_sum / valid as f64;
-        let mut host_grads = grads.to_host()?;
-        let grad_norm = {
-            let mut slices: Vec<&mut [f32]> =
-                host_grads.iter_mut().map(|g| g.1.as_mut_slice()).collect();
-            clip_grad_norm(&mut slices, cfg.train.max_grad_norm)
-        };
+        let grad_norm = backend.clip(cfg.train.max_grad_norm)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
             nonfinite += 1;
             tracing::warn!("step {step}: loss {loss}, grad norm {grad_norm}: skipping the update ({nonfinite} in a row)");
             if nonfinite >= cfg.train.max_nonfinite_steps {
                 let st = state_now(step, tokens_seen, &planner, &stream, nonfinite);
-                let checkpoint = save(step, &params, opt.as_ref(), st)?;
+                let checkpoint = save(step, backend.params(), backend.optimizer(), st)?;
                 return Err(TrainError::NonFinite {
                     count: nonfinite,
                     step,
@@ -596,12 +584,7 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         }
         nonfinite = 0;
         let lr = sched.lr_at(step, planner.plan().total_steps);
-        {
-            let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| p.1.as_mut_slice()).collect();
-            let g: Vec<&[f32]> = host_grads.iter().map(|g| g.1.as_slice()).collect();
-            opt.step(&mut p, &g, lr)?;
-        }
-        lora.update_from_host(&params)?;
+        backend.update(lr)?;
         step += 1;
         let step_tokens: u64 = micro
             .iter()
@@ -635,8 +618,8 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         if cfg.eval.every_steps > 0 && step.is_multiple_of(cfg.eval.every_steps) {
             let t = Instant::now();
             if let Some(l) = evaluate(
+                &mut backend,
                 &base,
-                Some(&lora),
                 &cfg.data,
                 &encoder,
                 cfg.eval.max_batches,
@@ -662,8 +645,8 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
             let t = Instant::now();
             last_checkpoint = Some(save(
                 step,
-                &params,
-                opt.as_ref(),
+                backend.params(),
+                backend.optimizer(),
                 state_now(step, tokens_seen, &planner, &stream, 0),
             )?);
             let took = t.elapsed();
@@ -684,15 +667,15 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     // ---- final checkpoint, adapter, evaluation
     let checkpoint = save(
         step,
-        &params,
-        opt.as_ref(),
+        backend.params(),
+        backend.optimizer(),
         state_now(step, tokens_seen, &planner, &stream, nonfinite),
     )?;
     last_checkpoint.replace(checkpoint.clone());
     let adapter_dir = out_dir.join("adapter");
     peft::write_peft_adapter(
         &adapter_dir,
-        &params,
+        backend.params(),
         &PeftSettings {
             rank: lcfg.rank,
             alpha: lcfg.alpha,
@@ -707,8 +690,8 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         None
     } else {
         evaluate(
+            &mut backend,
             &base,
-            Some(&lora),
             &cfg.data,
             &encoder,
             cfg.eval.max_batches,
@@ -727,7 +710,7 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     } else {
         answer(
             &base,
-            Some(&lora),
+            Some(backend.lora_weights()?),
             &encoder,
             &prompts,
             cfg.eval.max_new_tokens,
