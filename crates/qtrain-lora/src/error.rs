@@ -43,6 +43,8 @@ pub enum LoraError {
     },
     #[error("LoRA weights were made for {found} layers, the base model has {expected}")]
     LayerCount { found: usize, expected: usize },
+    #[error("decode: {0}")]
+    Decode(String),
     #[error("loss denominator must be a positive token count, got {0}")]
     LossDenominator(f64),
     #[error(transparent)]

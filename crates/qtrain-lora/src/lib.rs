@@ -4,16 +4,19 @@
 //!
 //! - [`ops`]: one module per op, `forward`/`backward` on candle tensors.
 //! - [`lora`]: adapter config, weights, gradients, deterministic dropout.
-//! - [`model`]: the training step ([`forward_backward`]) and eval/generation forwards.
+//! - [`model`]: the training step ([`forward_backward`]) and eval forwards.
+//! - [`decode`]: incremental decoding with a KV cache ([`Decoder`]), for generation.
 //!
 //! Candle's graph autograd is not used for training: it would compute gradients of
 //! the frozen operands and loses them through fused ops.
 
+pub mod decode;
 pub mod error;
 pub mod lora;
 pub mod model;
 pub mod ops;
 
+pub use decode::{Decoder, KvCache, DEFAULT_KEEP_WEIGHTS_BYTES};
 pub use error::{LoraError, Result};
 pub use lora::{
     dropout_base, dropout_mask, tensor_name, DropoutKey, HostTensor, LoraConfig, LoraGrads,

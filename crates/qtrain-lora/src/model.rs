@@ -1,6 +1,6 @@
 //! The decoder with adapters: explicit forward and backward of every layer, the
 //! training step (`forward_backward`) with optional gradient checkpointing, and
-//! the evaluation / generation forwards.
+//! the evaluation forwards (generation decodes incrementally in [`crate::decode`]).
 //!
 //! The frozen base gets no gradient; each projection's full-precision weight is
 //! obtained from [`qtrain_model::FrozenLinear::weight`] right before it is used and
@@ -642,7 +642,8 @@ fn loss_with(
 }
 
 /// Logits `[batch, seq, vocab]` in the accumulation dtype (f32, or f64 for an f64
-/// model), without dropout. Materializes all logits: for generation and tests.
+/// model), without dropout. Materializes all logits: for tests, and the
+/// full-sequence oracle of the KV-cache decoder ([`crate::Decoder`]).
 pub fn forward_logits(
     base: &BaseModel,
     lora: Option<&LoraWeights>,
