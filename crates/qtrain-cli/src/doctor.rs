@@ -81,6 +81,7 @@ pub fn run(a: Args) -> Result<()> {
 
     // ---- Every fused kernel against its CPU reference (bf16 on the GPU).
     let kdev = qtrain_kernels::Dev::from_candle(&gpu)?;
+    #[cfg(feature = "cuda")]
     if let Some(c) = kdev.cuda() {
         let (maj, min) = c.compute_capability()?;
         let (free, total) = kdev.mem_info()?.unwrap_or((0, 0));
@@ -96,6 +97,19 @@ pub fn run(a: Args) -> Result<()> {
         println!("{}: {} {}", c.name, c.detail, if c.ok { "ok" } else { "MISMATCH" });
         if !c.ok {
             failures.push(c.name);
+        }
+    }
+
+    // ---- NF4 quantization on the GPU (how the loader quantizes): byte for byte against
+    // the CPU quantizer, and its speed on the largest Mistral-7B projection.
+    #[cfg(feature = "cuda")]
+    for (name, ok, detail) in qtrain_kernels::nf4_quant::selftest(&gpu) {
+        println!(
+            "nf4 quantize {name}: {} {detail}",
+            if ok { "ok" } else { "MISMATCH" }
+        );
+        if !ok {
+            failures.push(format!("nf4 quantize {name}"));
         }
     }
 
@@ -212,6 +226,35 @@ pub fn run(a: Args) -> Result<()> {
         if !ok {
             failures.push(format!("training step {dtype:?}"));
         }
+    }
+    // ---- The loader quantizes on the GPU: every projection must equal the CPU loader's.
+    let load = |device: &Device, dtype: DType| {
+        qtrain_model::BaseModel::load(
+            &dir,
+            &LoadOptions {
+                device: device.clone(),
+                dtype,
+                quantization: Quantization::default(),
+                threads: 0,
+            },
+        )
+    };
+    let (cpu_base, gpu_base) = (load(&Device::Cpu, DType::F32)?, load(&gpu, DType::BF16)?);
+    let projs: Vec<_> = cpu_base.layers.iter().flat_map(|l| &l.projs).collect();
+    let gpu_projs: Vec<_> = gpu_base.layers.iter().flat_map(|l| &l.projs).collect();
+    let differ = projs
+        .iter()
+        .zip(&gpu_projs)
+        .filter(|(c, g)| c.nf4().is_none() || c.nf4() != g.nf4())
+        .count();
+    let ok = differ == 0 && projs.len() == gpu_projs.len();
+    println!(
+        "tiny model loaded on GPU vs CPU: {differ} of {} NF4 projections differ {}",
+        projs.len(),
+        if ok { "ok" } else { "MISMATCH" }
+    );
+    if !ok {
+        failures.push("GPU loader quantization".into());
     }
     let _ = std::fs::remove_dir_all(&dir);
     if failures.is_empty() {

@@ -19,6 +19,7 @@ pub mod gemm;
 #[cfg(feature = "cuda")]
 mod launch;
 pub mod nf4;
+pub mod nf4_quant;
 pub mod norm;
 pub mod rope;
 pub mod rows;
@@ -30,11 +31,13 @@ pub use device::{to_f32_vec, DBuf, Dev, Elem, Float, FloatKind, Mat, View};
 pub use error::{KernelError, Result};
 pub use gemm::{gemm, Op};
 pub use nf4::Nf4Device;
+pub use nf4_quant::Nf4QuantizeError;
 
 /// PTX of the CUDA kernels, one module per `kernels/*.cu` file.
 #[cfg(feature = "cuda")]
 pub mod ptx {
     pub const NF4: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
+    pub const NF4_QUANT: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4_quant.ptx"));
     pub const NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
     pub const ROPE: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
     pub const SWIGLU: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));

@@ -269,7 +269,7 @@ impl InplaceOp3 for Nf4DequantOp {
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
 
-        if self.blocksize % 16 != 0 {
+        if !self.blocksize.is_multiple_of(16) {
             candle_core::bail!("nf4 dequantize on CUDA needs a blocksize multiple of 16");
         }
         let dev = dst.device().clone();

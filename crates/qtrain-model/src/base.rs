@@ -4,11 +4,19 @@
 //! Loading quantizes one projection at a time straight from the memory-mapped
 //! shards, so the host never holds more than one full-precision matrix (the largest
 //! Mistral-7B projection is 4096 x 14336, 235 MB in f32) besides the quantized model.
+//! On the CPU, worker threads each widen one matrix to f32 and quantize it with
+//! qtrain-quant. On a CUDA device each projection is instead uploaded in its stored
+//! dtype straight from the mapping (bf16 for real checkpoints: no host copy at all),
+//! quantized on the GPU by `qtrain_kernels::nf4_quant` (bit-exact with the CPU
+//! quantizer), and only the quantized result is downloaded, for the host copy that the
+//! bitsandbytes cache is written from; the device holds one full-precision matrix at
+//! a time.
 
 use crate::config::{ModelConfig, Proj, PROJECTIONS};
 use crate::error::{ModelError, Result};
 use crate::safetensors_io::{RawTensor, ShardedTensors};
 use candle_core::{DType, Device, Tensor};
+use qtrain_kernels::Nf4QuantizeError;
 use qtrain_quant::Nf4Tensor;
 use std::path::{Path, PathBuf};
 
@@ -257,28 +265,32 @@ impl BaseModel {
     }
 }
 
+/// The candle dtype of a stored float tensor, or an error naming it.
+fn stored_dtype(raw: &RawTensor<'_>) -> Result<DType> {
+    use safetensors::Dtype as S;
+    match raw.dtype {
+        S::BF16 => Ok(DType::BF16),
+        S::F16 => Ok(DType::F16),
+        S::F32 => Ok(DType::F32),
+        other => Err(ModelError::DtypeMismatch {
+            path: raw.path.to_path_buf(),
+            name: raw.name.to_string(),
+            found: format!("{other:?}"),
+            expected: "BF16, F16 or F32".into(),
+        }),
+    }
+}
+
 /// Reads a float tensor into the compute dtype without going through f32 when the
 /// stored dtype already matches (bf16 embeddings stay bf16 on the GPU).
 pub(crate) fn raw_to_tensor(raw: &RawTensor<'_>, dtype: DType, device: &Device) -> Result<Tensor> {
-    use safetensors::Dtype as S;
-    let stored = match raw.dtype {
-        S::BF16 => DType::BF16,
-        S::F16 => DType::F16,
-        S::F32 => DType::F32,
-        other => {
-            return Err(ModelError::DtypeMismatch {
-                path: raw.path.to_path_buf(),
-                name: raw.name.to_string(),
-                found: format!("{other:?}"),
-                expected: "BF16, F16 or F32".into(),
-            })
-        }
-    };
-    let t = Tensor::from_raw_buffer(raw.bytes, stored, raw.shape, &Device::Cpu)?;
+    let t = Tensor::from_raw_buffer(raw.bytes, stored_dtype(raw)?, raw.shape, &Device::Cpu)?;
     Ok(t.to_dtype(dtype)?.to_device(device)?)
 }
 
-/// Quantizes the seven projections of layer `l`, `threads` matrices at a time.
+/// Quantizes the seven projections of layer `l`, `threads` matrices at a time on the
+/// CPU; one after the other on a GPU, which quantizes each far faster than the host
+/// can page it in (and then holds only one full-precision matrix).
 fn quantize_layer(
     tensors: &ShardedTensors,
     config: &ModelConfig,
@@ -286,6 +298,13 @@ fn quantize_layer(
     opts: &LoadOptions,
     threads: usize,
 ) -> Result<Vec<FrozenLinear>> {
+    let on_gpu = opts.device.is_cuda() && matches!(opts.quantization, Quantization::Nf4 { .. });
+    if on_gpu {
+        return PROJECTIONS
+            .iter()
+            .map(|&p| load_one_projection(tensors, config, l, p, opts))
+            .collect();
+    }
     // Each worker converts one matrix to f32 and quantizes it; at most `threads`
     // f32 matrices exist at once.
     let mut out: Vec<Option<Result<FrozenLinear>>> = (0..PROJECTIONS.len()).map(|_| None).collect();
@@ -325,6 +344,32 @@ fn load_one_projection(
             let t = raw_to_tensor(&raw, opts.dtype, &opts.device)?;
             tensors.release(&name);
             FrozenStorage::Dense(t)
+        }
+        Quantization::Nf4 {
+            blocksize,
+            double_quant,
+        } if opts.device.is_cuda() => {
+            // Uploaded from the mapping in the stored dtype, quantized on the GPU.
+            let x = Tensor::from_raw_buffer(raw.bytes, stored_dtype(&raw)?, &[o, i], &opts.device)?;
+            let quant_err = |e| match e {
+                Nf4QuantizeError::Quant(source) => ModelError::Quant {
+                    path: raw.path.to_path_buf(),
+                    name: name.clone(),
+                    source,
+                },
+                Nf4QuantizeError::Dtype(d) => ModelError::DtypeMismatch {
+                    path: raw.path.to_path_buf(),
+                    name: name.clone(),
+                    found: format!("{d:?}"),
+                    expected: "BF16, F16 or F32".into(),
+                },
+                Nf4QuantizeError::Candle(e) => ModelError::Candle(e),
+            };
+            let (q, d) = qtrain_kernels::nf4_quant::quantize(&x, blocksize, double_quant)
+                .map_err(quant_err)?;
+            drop(x);
+            tensors.release(&name);
+            FrozenStorage::Nf4Device(Box::new((q, d)))
         }
         Quantization::Nf4 {
             blocksize,
