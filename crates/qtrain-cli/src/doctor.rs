@@ -204,6 +204,36 @@ pub fn run(a: Args) -> Result<()> {
         anyhow::ensure!(ok, "loss or gradients differ");
         Ok(())
     };
+    // KV-cached decoding on the GPU against the full forward (generation's fast path).
+    let decode_check = || -> Result<f64> {
+        let base = qtrain_model::BaseModel::load(
+            &dir,
+            &LoadOptions {
+                device: gpu.clone(),
+                dtype: DType::BF16,
+                quantization: Quantization::default(),
+                threads: 0,
+            },
+        )?;
+        let tokens: Vec<u32> = (0..48u32).map(|i| 3 + (i * 37) % 290).collect();
+        Ok(qtrain_lora::decode::max_rel_error_vs_full_forward(&base, None, &tokens, 20)?)
+    };
+    match decode_check() {
+        Ok(e) => {
+            let ok = e <= 3e-2;
+            println!(
+                "KV-cached decoding on GPU (bf16) vs full forward: max rel logit error {e:.1e} (tol 3e-2) {}",
+                if ok { "ok" } else { "MISMATCH" }
+            );
+            if !ok {
+                failures.push("kv-cache decode".into());
+            }
+        }
+        Err(e) => {
+            println!("KV-cached decoding on GPU: FAILED: {e:#}");
+            failures.push("kv-cache decode".into());
+        }
+    }
     if let Err(e) = engine_check() {
         println!("fused engine step: FAILED: {e:#}");
         failures.push("fused engine step".into());

@@ -50,6 +50,14 @@ enum Command {
 }
 
 fn main() {
+    // candle's CPU matmul asks the thread pool size for every product; when
+    // RAYON_NUM_THREADS is unset that means re-reading /proc/cpuinfo each time (tens
+    // of microseconds per matmul, a large share of a tiny model's step). Fix it once,
+    // before any pool starts.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
