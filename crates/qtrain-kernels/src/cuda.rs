@@ -57,9 +57,8 @@ impl Drop for DeviceMem {
 }
 
 /// The device address of a contiguous candle CUDA tensor's first element.
-pub(crate) fn tensor_dptr<T: candle_core::cuda_backend::CudaDType>(
-    t: &candle_core::Tensor,
-) -> Result<u64> {
+pub(crate) fn tensor_dptr(t: &candle_core::Tensor) -> Result<u64> {
+    use candle_core::DType;
     use cudarc::driver::DevicePtr;
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cuda(s) = &*storage else {
@@ -68,9 +67,26 @@ pub(crate) fn tensor_dptr<T: candle_core::cuda_backend::CudaDType>(
             msg: "tensor is not on a CUDA device".into(),
         });
     };
-    let slice = s.as_cuda_slice::<T>()?;
-    let (p, _guard) = slice.device_ptr(slice.stream());
-    Ok(p + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
+    macro_rules! ptr {
+        ($t:ty) => {{
+            let slice = s.as_cuda_slice::<$t>()?;
+            let (p, _guard) = slice.device_ptr(slice.stream());
+            p + (layout.start_offset() * std::mem::size_of::<$t>()) as u64
+        }};
+    }
+    Ok(match t.dtype() {
+        DType::U8 => ptr!(u8),
+        DType::U32 => ptr!(u32),
+        DType::BF16 => ptr!(half::bf16),
+        DType::F16 => ptr!(half::f16),
+        DType::F32 => ptr!(f32),
+        other => {
+            return Err(KernelError::Unsupported {
+                op: "borrow tensor",
+                msg: format!("dtype {other:?}"),
+            })
+        }
+    })
 }
 
 impl CudaDev {

@@ -45,7 +45,7 @@ pub trait Float: Elem {
 }
 
 /// Which float type, for dispatch to the right kernel instantiation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FloatKind {
     Bf16,
     F16,
@@ -356,7 +356,7 @@ impl Dev {
                 } else {
                     t.contiguous()?
                 };
-                let ptr = crate::cuda::tensor_dptr::<T>(&t)?;
+                let ptr = crate::cuda::tensor_dptr(&t)?;
                 Ok(DBuf {
                     len: t.elem_count(),
                     mem: Mem::Borrowed { ptr, _owner: t },
