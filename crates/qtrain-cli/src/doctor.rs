@@ -113,6 +113,15 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
 
+    // ---- Fused 8-bit AdamW on the GPU vs the CPU optimizer (bit-exact), and its speed.
+    for c in qtrain_optim::device::selftest(&kdev) {
+        let verdict = if c.ok { "ok" } else { "MISMATCH" };
+        println!("{}: {} {verdict}", c.name, c.detail);
+        if !c.ok {
+            failures.push(c.name);
+        }
+    }
+
     // ---- One training step of a tiny model: GPU vs CPU.
     let dir = tempdir()?;
     qtrain_train::models::write_random("tiny", &dir, 3, usize::MAX)?;

@@ -7,14 +7,17 @@
 //! We pass raw device addresses to kernels instead of cudarc's tracked slices: all
 //! of our work runs on one stream, so cudarc's per-slice events would only add
 //! overhead.
+//!
+//! For work that must overlap candle's stream (the paged optimizer state's copies),
+//! [`SideStream`], [`StreamEvent`] and [`PinnedBuf`] wrap the raw driver objects.
 
 use crate::error::{KernelError, Result};
 use candle_core::cuda_backend::cudarc;
-use cudarc::driver::{result as drv, sys, CudaFunction, CudaModule, CudaStream, LaunchConfig};
+use cudarc::driver::{result as drv, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-pub use cudarc::driver::{LaunchArgs, PushKernelArg};
+pub use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 
 pub(crate) fn cuda_err(op: &'static str, e: impl std::fmt::Debug) -> KernelError {
     KernelError::Cuda {
@@ -283,6 +286,249 @@ impl CudaDev {
         self.stream
             .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(|e| cuda_err("cuEventRecord", e))
+    }
+}
+
+impl CudaDev {
+    /// `bytes` of page-locked host memory (uninitialized contents are zeroed).
+    pub fn alloc_pinned(&self, bytes: usize) -> Result<PinnedBuf> {
+        PinnedBuf::new(self.stream.context().clone(), bytes)
+    }
+
+    /// A new stream beside candle's (see [`SideStream`]).
+    pub fn side_stream(&self) -> Result<SideStream> {
+        self.bind()?;
+        let raw = drv::stream::create(drv::stream::StreamKind::NonBlocking)
+            .map_err(|e| cuda_err("cuStreamCreate", e))?;
+        Ok(SideStream {
+            raw,
+            ctx: self.stream.context().clone(),
+        })
+    }
+
+    /// A new event without timing, for ordering streams.
+    pub fn stream_event(&self) -> Result<StreamEvent> {
+        self.bind()?;
+        let raw = drv::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(|e| cuda_err("cuEventCreate", e))?;
+        Ok(StreamEvent {
+            raw,
+            ctx: self.stream.context().clone(),
+        })
+    }
+
+    /// Records `ev` at the current end of candle's (the main) stream.
+    pub fn record_on_main(&self, ev: &StreamEvent) -> Result<()> {
+        self.bind()?;
+        // SAFETY: both handles are alive (owned by `ev` and candle's device).
+        unsafe { drv::event::record(ev.raw, self.stream.cu_stream()) }
+            .map_err(|e| cuda_err("cuEventRecord", e))
+    }
+
+    /// Makes work queued on the main stream from now on wait for `ev`.
+    pub fn wait_on_main(&self, ev: &StreamEvent) -> Result<()> {
+        self.bind()?;
+        // SAFETY: both handles are alive.
+        unsafe {
+            drv::stream::wait_event(
+                self.stream.cu_stream(),
+                ev.raw,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .map_err(|e| cuda_err("cuStreamWaitEvent", e))
+    }
+}
+
+/// Page-locked host memory from `cuMemHostAlloc` (portable, *not* write-combined:
+/// the host reads it back, e.g. to write a checkpoint, and write-combined memory is
+/// uncached for host reads). Copies between it and the device are truly asynchronous.
+pub struct PinnedBuf {
+    ptr: *mut u8,
+    len: usize,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: plain host memory owned by this value; the context handle is thread-safe.
+unsafe impl Send for PinnedBuf {}
+
+impl PinnedBuf {
+    fn new(ctx: Arc<CudaContext>, len: usize) -> Result<Self> {
+        let mut ptr = std::ptr::null_mut();
+        if len > 0 {
+            ctx.bind_to_thread()
+                .map_err(|e| cuda_err("bind context", e))?;
+            // SAFETY: a plain allocation of `len` bytes; zeroed right below.
+            ptr = unsafe { drv::malloc_host(len, sys::CU_MEMHOSTALLOC_PORTABLE) }
+                .map_err(|e| cuda_err("cuMemHostAlloc", e))? as *mut u8;
+            // SAFETY: `ptr` points to `len` writable bytes.
+            unsafe { std::ptr::write_bytes(ptr, 0, len) };
+        }
+        Ok(PinnedBuf { ptr, len, ctx })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// The bytes.
+    ///
+    /// # Safety
+    /// No asynchronous copy into this buffer may be in flight (synchronize the stream
+    /// that copies first).
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` holds `len` initialized bytes; no concurrent writer (caller).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The bytes, for writing.
+    ///
+    /// # Safety
+    /// No asynchronous copy from or into this buffer may be in flight.
+    pub unsafe fn as_mut_slice(&mut self) -> &mut [u8] {
+        if self.len == 0 {
+            return &mut [];
+        }
+        // SAFETY: as above, and `&mut self` excludes other host references.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for PinnedBuf {
+    fn drop(&mut self) {
+        if !self.ptr.is_null() {
+            let _ = self.ctx.bind_to_thread();
+            // SAFETY: allocated by cuMemHostAlloc; the owner synchronized its copies.
+            let _ = unsafe { drv::free_host(self.ptr as *mut std::ffi::c_void) };
+        }
+    }
+}
+
+/// A CUDA stream of our own beside candle's, created through the driver directly:
+/// cudarc's `CudaContext::new_stream` would switch the context candle shares into
+/// multi-stream mode, where cudarc records events on every use of candle's buffers.
+/// Ordering against the main stream is the caller's job, with [`StreamEvent`]s.
+pub struct SideStream {
+    raw: sys::CUstream,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: a driver stream handle; the driver API is thread-safe.
+unsafe impl Send for SideStream {}
+
+impl SideStream {
+    /// Queues a copy of `bytes` bytes from host `src` to device `dst`.
+    ///
+    /// # Safety
+    /// `src..src + bytes` must stay valid and unchanged until the copy has completed
+    /// (page-locked for the copy to be asynchronous), and `dst..dst + bytes` must lie
+    /// in a live device allocation that nothing else uses meanwhile.
+    pub unsafe fn htod(&self, dst: u64, src: *const u8, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("bind context", e))?;
+        // SAFETY: the caller's contract.
+        unsafe { drv::memcpy_htod_async(dst, std::slice::from_raw_parts(src, bytes), self.raw) }
+            .map_err(|e| cuda_err("cuMemcpyHtoDAsync", e))
+    }
+
+    /// Queues a copy of `bytes` bytes from device `src` to host `dst`.
+    ///
+    /// # Safety
+    /// As [`SideStream::htod`], with the host side written: nothing may read or write
+    /// `dst..dst + bytes` until the copy has completed.
+    pub unsafe fn dtoh(&self, dst: *mut u8, src: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("bind context", e))?;
+        // SAFETY: the caller's contract.
+        unsafe { drv::memcpy_dtoh_async(std::slice::from_raw_parts_mut(dst, bytes), src, self.raw) }
+            .map_err(|e| cuda_err("cuMemcpyDtoHAsync", e))
+    }
+
+    /// Records `ev` at the current end of this stream.
+    pub fn record(&self, ev: &StreamEvent) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("bind context", e))?;
+        // SAFETY: both handles are alive.
+        unsafe { drv::event::record(ev.raw, self.raw) }.map_err(|e| cuda_err("cuEventRecord", e))
+    }
+
+    /// Makes work queued on this stream from now on wait for `ev`.
+    pub fn wait(&self, ev: &StreamEvent) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("bind context", e))?;
+        // SAFETY: both handles are alive.
+        unsafe {
+            drv::stream::wait_event(
+                self.raw,
+                ev.raw,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .map_err(|e| cuda_err("cuStreamWaitEvent", e))
+    }
+
+    /// Waits until everything queued on this stream has completed.
+    pub fn synchronize(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("bind context", e))?;
+        // SAFETY: the stream is alive.
+        unsafe { drv::stream::synchronize(self.raw) }
+            .map_err(|e| cuda_err("cuStreamSynchronize", e))
+    }
+}
+
+impl Drop for SideStream {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: created by cuStreamCreate and destroyed once; queued work still
+        // completes (the driver defers the release).
+        unsafe {
+            let _ = drv::stream::synchronize(self.raw);
+            let _ = drv::stream::destroy(self.raw);
+        }
+    }
+}
+
+/// A CUDA event for ordering [`SideStream`] work against the main stream.
+pub struct StreamEvent {
+    raw: sys::CUevent,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: a driver event handle; the driver API is thread-safe.
+unsafe impl Send for StreamEvent {}
+
+impl Drop for StreamEvent {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: created by cuEventCreate and destroyed once.
+        let _ = unsafe { drv::event::destroy(self.raw) };
     }
 }
 

@@ -43,4 +43,6 @@ pub mod ptx {
     pub const SWIGLU: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
     pub const XENT: &str = include_str!(concat!(env!("OUT_DIR"), "/xent.ptx"));
     pub const ROWS: &str = include_str!(concat!(env!("OUT_DIR"), "/rows.ptx"));
+    /// The fused AdamW update (launched by `qtrain_optim::device`).
+    pub const ADAMW8BIT: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw8bit.ptx"));
 }

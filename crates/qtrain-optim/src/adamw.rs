@@ -42,6 +42,8 @@
 //! counts the padding lanes of a ragged last block in the absmax (this code counts only
 //! real elements); and nvcc contracts `a*b + c` into FMAs by default while Rust never
 //! does, so the port must build with `-fmad=false` or mirror this code's roundings.
+//! The port is `kernels/adamw8bit.cu`, driven by [`crate::device`]; it follows this
+//! code in all three points.
 
 use serde::{Deserialize, Serialize};
 
@@ -409,15 +411,7 @@ impl Core {
         let update = |chunk: Vec<Work<'_>>| {
             let mut acc = Acc::default();
             for (state, p, g) in chunk {
-                match &mut state.storage {
-                    StateStorage::F32 { m, v } => update_f32(p, g, m, v, &c, &mut acc),
-                    StateStorage::Blockwise8 {
-                        m_q,
-                        m_absmax,
-                        v_q,
-                        v_absmax,
-                    } => update_blockwise8(p, g, m_q, m_absmax, v_q, v_absmax, &c, &mut acc),
-                }
+                update_storage(&mut state.storage, p, g, &c, &mut acc);
             }
             acc
         };
@@ -463,22 +457,43 @@ pub(crate) fn check_names<'a>(names: impl Iterator<Item = &'a str>) -> Result<()
     Ok(())
 }
 
+/// One AdamW update of one parameter's values `p` and state with gradient `g`
+/// (same lengths, checked by the caller), in the arithmetic of its state format.
+pub(crate) fn update_storage(
+    storage: &mut StateStorage,
+    p: &mut [f32],
+    g: &[f32],
+    c: &Coeffs,
+    acc: &mut Acc,
+) {
+    match storage {
+        StateStorage::F32 { m, v } => update_f32(p, g, m, v, c, acc),
+        StateStorage::Blockwise8 {
+            m_q,
+            m_absmax,
+            v_q,
+            v_absmax,
+        } => update_blockwise8(p, g, m_q, m_absmax, v_q, v_absmax, c, acc),
+    }
+}
+
 /// One parameter's share of a step: its state, values and gradient.
 type Work<'a> = (&'a mut ParamState, &'a mut [f32], &'a [f32]);
 
-/// Per-step scalars, computed once in f32 exactly as bitsandbytes computes them.
-struct Coeffs {
-    b1: f32,
-    b2: f32,
-    step_size: f32,
+/// Per-step scalars, computed once in f32 exactly as bitsandbytes computes them (on
+/// the host also for the CUDA kernel, which receives them as arguments).
+pub(crate) struct Coeffs {
+    pub(crate) b1: f32,
+    pub(crate) b2: f32,
+    pub(crate) step_size: f32,
     /// `c2 * eps`: epsilon moved inside the bias-corrected denominator.
-    eps_hat: f32,
+    pub(crate) eps_hat: f32,
     /// `1 - lr*wd`, or `None` when weight decay is off (bitsandbytes tests `wd > 0`).
-    decay: Option<f32>,
+    pub(crate) decay: Option<f32>,
 }
 
 impl Coeffs {
-    fn new(config: &AdamWConfig, step: u64, lr: f32) -> Self {
+    pub(crate) fn new(config: &AdamWConfig, step: u64, lr: f32) -> Self {
         let (b1, b2) = config.betas;
         let t = step as f32;
         let c1 = 1.0 - b1.powf(t);
@@ -493,10 +508,11 @@ impl Coeffs {
     }
 }
 
+/// What a step accumulates besides the update itself (see [`StepStats`]).
 #[derive(Default)]
-struct Acc {
-    nonfinite: u64,
-    update_sq: f64,
+pub(crate) struct Acc {
+    pub(crate) nonfinite: u64,
+    pub(crate) update_sq: f64,
 }
 
 impl Acc {
@@ -644,10 +660,14 @@ macro_rules! optimizer_type {
         $(#[$doc])*
         #[derive(Clone, Debug, PartialEq)]
         pub struct $name {
-            core: Core,
+            pub(crate) core: Core,
         }
 
         impl $name {
+            pub(crate) fn from_core(core: Core) -> Self {
+                $name { core }
+            }
+
             /// A fresh optimizer (zero state, step 0) for `params`, in the order in which
             /// `step` will receive them. Names must be unique and non-empty.
             pub fn new(config: AdamWConfig, params: &[ParamSpec]) -> Result<Self> {

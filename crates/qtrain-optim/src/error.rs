@@ -19,6 +19,21 @@ pub enum OptimError {
         grads: usize,
     },
 
+    /// A flat parameter or gradient buffer of the device optimizer has the wrong length.
+    #[error(
+        "the flat {what} buffer has {found} elements, the optimizer's parameters total {expected}"
+    )]
+    FlatLen {
+        /// "parameter" or "gradient".
+        what: &'static str,
+        expected: usize,
+        found: usize,
+    },
+
+    /// A device operation of the device optimizer failed (allocation, copy, launch).
+    #[error("optimizer on the device: {0}")]
+    Device(#[from] qtrain_kernels::KernelError),
+
     /// A parameter or gradient slice has the wrong length.
     #[error("parameter '{name}': {what} has {found} elements, the optimizer expects {expected}")]
     ParamLen {

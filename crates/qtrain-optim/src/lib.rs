@@ -2,10 +2,12 @@
 //! ([`AdamW8bit`]) and its f32 reference ([`AdamW32`]), learning-rate schedules
 //! ([`LrSchedule`]), global-norm gradient clipping ([`clip_grad_norm`]), the state
 //! placement policy for paged optimizer state ([`PagingPolicy`]), and state
-//! checkpoints in safetensors with bit-exact resume.
+//! checkpoints in safetensors with bit-exact resume. [`device`] runs the same optimizer
+//! on a `qtrain_kernels::Dev` over the fused engine's flat parameter buffer (a fused
+//! CUDA kernel with the `cuda` feature), bit-identical to the host one.
 //!
-//! Parameters are plain f32 slices: the trainer owns f32 master copies of the LoRA
-//! weights and copies them to and from candle tensors. This crate is the CPU
+//! Parameters of the host optimizers are plain f32 slices: the trainer owns f32 master
+//! copies of the LoRA weights and copies them to and from candle tensors. This crate is the CPU
 //! implementation and the numerical oracle for the fused CUDA update kernel; the design
 //! and its reasons are written up in `docs/optimizer.md`.
 //!
@@ -32,6 +34,7 @@
 mod adamw;
 pub mod checkpoint;
 mod clip;
+pub mod device;
 mod error;
 pub mod paging;
 mod schedule;
@@ -41,6 +44,7 @@ pub use adamw::{
     StepStats, BLOCKSIZE, DEFAULT_MIN_8BIT_SIZE,
 };
 pub use clip::clip_grad_norm;
+pub use device::{DeviceAdamW32, DeviceAdamW8bit, DeviceOptimizer};
 pub use error::{OptimError, Result};
 pub use paging::{PagingPolicy, StatePlacement};
 pub use schedule::{LrSchedule, ScheduleKind};

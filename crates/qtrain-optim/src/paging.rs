@@ -8,8 +8,9 @@
 //! staging buffer by `cudaMemcpyAsync` on a side stream (ordered against the compute
 //! stream with events), and the updated state of parameter `i - 1` is copied back the
 //! same way. The GPU therefore holds at most two staging buffers the size of the largest
-//! parameter's state, and the copies overlap the update kernels. *Resident* state simply
-//! lives in device memory for the whole run.
+//! parameter's state, and the copies overlap the update kernels. (As built, the unit is
+//! a chunk of consecutive parameters rather than one: see "What exists today".)
+//! *Resident* state simply lives in device memory for the whole run.
 //!
 //! We do this rather than what bitsandbytes' paged optimizers do (CUDA unified memory,
 //! `cudaMallocManaged`, evicted to host by the driver under memory pressure) because:
@@ -40,10 +41,25 @@
 //!
 //! # What exists today
 //!
-//! Only the CPU path. On the CPU "host memory" is the state's home, so paged and resident
-//! state are the same plain `Vec`s and the placement is a recorded decision with no
-//! effect. The pinned-memory buffers and the side-stream prefetch arrive with the CUDA
-//! issue; nothing in this crate pretends to do GPU work.
+//! * The host optimizers ([`crate::AdamW8bit`], [`crate::AdamW32`]): on the CPU "host
+//!   memory" is the state's home, so paged and resident state are the same plain
+//!   `Vec`s and the placement is a recorded decision with no effect.
+//! * The device optimizers ([`crate::device::DeviceAdamW8bit`],
+//!   [`crate::device::DeviceAdamW32`]) implement both placements. Resident: the state
+//!   arena is one device buffer. Paged: the arena is page-locked host memory
+//!   (`cuMemHostAlloc`, portable, not write-combined because checkpoints read it back),
+//!   streamed through two device staging buffers on a side stream of our own (raw
+//!   driver stream and events, so candle's shared context stays in single-stream mode).
+//!   The unit of transfer is a *chunk* of consecutive tensors of at most
+//!   [`crate::device::PAGED_CHUNK_BYTES`] (4 MiB; a larger tensor is a chunk of its
+//!   own) rather than one parameter: LoRA tensors are ~130 KB of state each, too small
+//!   for a copy to reach PCIe bandwidth. While chunk `k` is updated on the main stream,
+//!   the side stream writes back chunk `k - 1` (after waiting for its update's event)
+//!   and uploads chunk `k + 1` into the freed buffer; the update of `k + 1` waits for
+//!   that upload's event, and the main stream waits for the last write-back at the end
+//!   of the step. The GPU therefore holds two staging buffers of the largest chunk.
+//!   On the CPU device the same schedule runs with immediate copies, and checks its own
+//!   invariants, so CI covers it.
 
 use serde::{Deserialize, Serialize};
 
