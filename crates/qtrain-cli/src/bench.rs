@@ -14,7 +14,7 @@ use qtrain_engine::{Engine, EngineOptions};
 use qtrain_lora::lora::HostTensor;
 use qtrain_lora::{forward_backward, LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch};
 use qtrain_model::BaseModel;
-use qtrain_optim::{AdamW8bit, AdamWConfig, ParamSpec};
+use qtrain_optim::{AdamW8bit, AdamWConfig, DeviceAdamW8bit, ParamSpec};
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -62,53 +62,78 @@ fn targets(spec: &str) -> Result<String> {
 
 /// The step being timed, on either backend.
 enum Stepper {
-    Reference { lora: LoraWeights, grads: LoraGrads },
-    FusedBf16(Box<Engine<half::bf16>>),
-    FusedF32(Box<Engine<f32>>),
+    Reference {
+        lora: LoraWeights,
+        grads: LoraGrads,
+        params: Vec<HostTensor>,
+        opt: Box<AdamW8bit>,
+    },
+    FusedBf16(Box<Engine<half::bf16>>, Box<DeviceAdamW8bit>),
+    FusedF32(Box<Engine<f32>>, Box<DeviceAdamW8bit>),
+}
+
+macro_rules! fused {
+    ($s:expr, $e:ident, $o:ident => $body:expr) => {
+        match $s {
+            Stepper::FusedBf16($e, $o) => Some($body),
+            Stepper::FusedF32($e, $o) => Some($body),
+            Stepper::Reference { .. } => None,
+        }
+    };
 }
 
 impl Stepper {
-    fn micro(&mut self, base: &BaseModel, batch: &TokenBatch, so: &StepOptions, denom: f64) -> Result<f64> {
+    fn micro(
+        &mut self,
+        base: &BaseModel,
+        batch: &TokenBatch,
+        so: &StepOptions,
+        denom: f64,
+    ) -> Result<f64> {
         Ok(match self {
-            Stepper::Reference { lora, grads } => {
+            Stepper::Reference { lora, grads, .. } => {
                 grads.zero()?;
                 forward_backward(base, lora, batch, so, denom, grads)?.loss_sum
             }
-            Stepper::FusedBf16(e) => {
+            Stepper::FusedBf16(e, _) => {
                 e.lora().zero_grads(e.device())?;
                 e.forward_backward(batch, so, denom)?.loss_sum
             }
-            Stepper::FusedF32(e) => {
+            Stepper::FusedF32(e, _) => {
                 e.lora().zero_grads(e.device())?;
                 e.forward_backward(batch, so, denom)?.loss_sum
             }
         })
     }
 
-    fn grads(&self) -> Result<Vec<HostTensor>> {
-        Ok(match self {
-            Stepper::Reference { grads, .. } => grads.to_host()?,
-            Stepper::FusedBf16(e) => e.lora().grads_to_host(e.device())?,
-            Stepper::FusedF32(e) => e.lora().grads_to_host(e.device())?,
-        })
-    }
-
-    fn set_params(&mut self, p: &[HostTensor]) -> Result<()> {
-        match self {
-            Stepper::Reference { lora, .. } => lora.update_from_host(p)?,
-            Stepper::FusedBf16(e) => e.lora().params_from_host(e.device(), p)?,
-            Stepper::FusedF32(e) => e.lora().params_from_host(e.device(), p)?,
+    /// The 8-bit AdamW update: on the device for the fused engine (state resident),
+    /// through the host for the reference path (download, update, upload).
+    fn update(&mut self, lr: f32) -> Result<()> {
+        if let Stepper::Reference {
+            lora,
+            grads,
+            params,
+            opt,
+        } = self
+        {
+            let g = grads.to_host()?;
+            let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| p.1.as_mut_slice()).collect();
+            let gs: Vec<&[f32]> = g.iter().map(|g| g.1.as_slice()).collect();
+            opt.step(&mut p, &gs, lr)?;
+            lora.update_from_host(params)?;
+            return Ok(());
         }
+        fused!(self, e, o => {
+            let l = e.lora();
+            o.step(l.params.all(), l.grads.all(), lr)
+        })
+        .expect("fused")?;
         Ok(())
     }
 
     /// Bytes held by the fused engine's own buffers at their peak.
     fn engine_peak(&self) -> Option<usize> {
-        match self {
-            Stepper::Reference { .. } => None,
-            Stepper::FusedBf16(e) => Some(e.device().peak_bytes()),
-            Stepper::FusedF32(e) => Some(e.device().peak_bytes()),
-        }
+        fused!(self, e, _o => e.device().peak_bytes())
     }
 }
 
@@ -126,7 +151,11 @@ pub fn run(a: Args) -> Result<()> {
     if !a.model.join("config.json").exists() {
         let t = Instant::now();
         qtrain_train::models::write_random(&a.preset, &a.model, 0, 5_000_000_000)?;
-        eprintln!("generated {} in {:.1}s", a.model.display(), t.elapsed().as_secs_f64());
+        eprintln!(
+            "generated {} in {:.1}s",
+            a.model.display(),
+            t.elapsed().as_secs_f64()
+        );
     }
     let device = qtrain_train::models::device(&a.device)?;
     let dtype = qtrain_train::models::dtype("auto", &device);
@@ -172,7 +201,12 @@ pub fn run(a: Args) -> Result<()> {
     for case in a.cases.split(',') {
         let (b, s) = case
             .split_once('x')
-            .and_then(|(b, s)| Some((b.trim().parse::<usize>().ok()?, s.trim().parse::<usize>().ok()?)))
+            .and_then(|(b, s)| {
+                Some((
+                    b.trim().parse::<usize>().ok()?,
+                    s.trim().parse::<usize>().ok()?,
+                ))
+            })
             .with_context(|| format!("--cases: `{case}` is not BATCHxSEQ"))?;
         let lcfg = LoraConfig {
             rank: a.rank,
@@ -183,32 +217,50 @@ pub fn run(a: Args) -> Result<()> {
             seed: 0,
         };
         let lora = LoraWeights::init(&lcfg, cfg, &device)?;
-        let mut params = lora.to_host()?;
-        let specs: Vec<ParamSpec> = params.iter().map(|(n, v, _)| ParamSpec::new(n.clone(), v.len())).collect();
+        let params = lora.to_host()?;
+        let specs: Vec<ParamSpec> = params
+            .iter()
+            .map(|(n, v, _)| ParamSpec::new(n.clone(), v.len()))
+            .collect();
         let trainable: usize = specs.iter().map(|s| s.numel).sum();
-        let mut opt = AdamW8bit::new(AdamWConfig::default(), &specs)?;
+        let opt = AdamW8bit::new(AdamWConfig::default(), &specs)?;
         let mut stepper = if !fused {
             Stepper::Reference {
                 grads: LoraGrads::zeros_like(&lora)?,
                 lora,
+                params,
+                opt: Box::new(opt),
             }
-        } else if base.dtype == DType::BF16 {
-            Stepper::FusedBf16(Box::new(Engine::new(&base, &lora, EngineOptions::default())?))
         } else {
-            Stepper::FusedF32(Box::new(Engine::new(&base, &lora, EngineOptions::default())?))
+            let kdev = qtrain_kernels::Dev::from_candle(&device)?;
+            let dopt = Box::new(DeviceAdamW8bit::from_host(&opt, &kdev)?);
+            if base.dtype == DType::BF16 {
+                Stepper::FusedBf16(
+                    Box::new(Engine::new(&base, &lora, EngineOptions::default())?),
+                    dopt,
+                )
+            } else {
+                Stepper::FusedF32(
+                    Box::new(Engine::new(&base, &lora, EngineOptions::default())?),
+                    dopt,
+                )
+            }
         };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let rows: Vec<Vec<u32>> = (0..b)
-            .map(|_| (0..s).map(|_| rng.random_range(3..cfg.vocab_size as u32)).collect())
+            .map(|_| {
+                (0..s)
+                    .map(|_| rng.random_range(3..cfg.vocab_size as u32))
+                    .collect()
+            })
             .collect();
         let batch = TokenBatch::from_rows(&rows)?;
         let valid = batch.valid_targets() as f64;
         let mut losses = Vec::new();
         let mut times = Vec::new();
         let mut peak_used = device_used(&device).unwrap_or(0);
-        // Per-phase seconds of the timed steps: forward+backward, gradient download,
-        // optimizer update, parameter upload.
-        let mut phases = [0f64; 4];
+        // Per-phase seconds of the timed steps: forward+backward, optimizer update.
+        let mut phases = [0f64; 2];
         for i in 0..a.warmup + a.steps {
             device.synchronize()?;
             let t = Instant::now();
@@ -221,28 +273,21 @@ pub fn run(a: Args) -> Result<()> {
             device.synchronize()?;
             let t1 = t.elapsed().as_secs_f64();
             peak_used = peak_used.max(device_used(&device).unwrap_or(0));
-            let g = stepper.grads()?;
-            let t2 = t.elapsed().as_secs_f64();
-            {
-                let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| p.1.as_mut_slice()).collect();
-                let gs: Vec<&[f32]> = g.iter().map(|g| g.1.as_slice()).collect();
-                opt.step(&mut p, &gs, 1e-3)?;
-            }
-            let t3 = t.elapsed().as_secs_f64();
-            stepper.set_params(&params)?;
+            stepper.update(1e-3)?;
             device.synchronize()?;
-            let t4 = t.elapsed().as_secs_f64();
+            let t2 = t.elapsed().as_secs_f64();
             if i >= a.warmup {
-                for (acc, d) in phases.iter_mut().zip([t1, t2 - t1, t3 - t2, t4 - t3]) {
+                for (acc, d) in phases.iter_mut().zip([t1, t2 - t1]) {
                     *acc += d / a.steps as f64;
                 }
-                times.push(t4);
+                times.push(t2);
             }
             losses.push(loss / valid);
         }
         let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
         let tokens = (b * s) as f64;
-        let attn = 2.0 * (cfg.num_hidden_layers * s * cfg.num_attention_heads * cfg.head_dim()) as f64;
+        let attn =
+            2.0 * (cfg.num_hidden_layers * s * cfg.num_attention_heads * cfg.head_dim()) as f64;
         let flops_per_token = 3.0 * 2.0 * matmul_params + 4.0 * attn;
         let tflops = flops_per_token * tokens / mean / 1e12;
         let falls = losses.windows(2).all(|w| w[1] < w[0]);
@@ -259,9 +304,7 @@ pub fn run(a: Args) -> Result<()> {
             "loss_falls": falls,
             "phase_s": {
                 "forward_backward": phases[0],
-                "grads_to_host": phases[1],
-                "optimizer": phases[2],
-                "params_to_device": phases[3],
+                "optimizer": phases[1],
             },
             "peak_device_used_mib": peak_used as f64 / 1048576.0,
             "engine_buffers_peak_mib": stepper.engine_peak().map(|b| b as f64 / 1048576.0),

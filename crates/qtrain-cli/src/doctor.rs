@@ -94,7 +94,12 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     for c in qtrain_kernels::selftest::run_basic(&kdev, true)? {
-        println!("{}: {} {}", c.name, c.detail, if c.ok { "ok" } else { "MISMATCH" });
+        println!(
+            "{}: {} {}",
+            c.name,
+            c.detail,
+            if c.ok { "ok" } else { "MISMATCH" }
+        );
         if !c.ok {
             failures.push(c.name);
         }
@@ -188,7 +193,8 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
         lora.update_from_host(&host)?;
-        let mut engine = qtrain_engine::Engine::<half::bf16>::new(&base, &lora, Default::default())?;
+        let mut engine =
+            qtrain_engine::Engine::<half::bf16>::new(&base, &lora, Default::default())?;
         let valid = batch.valid_targets() as f64;
         let so = StepOptions {
             checkpointing: true,
@@ -225,7 +231,9 @@ pub fn run(a: Args) -> Result<()> {
             },
         )?;
         let tokens: Vec<u32> = (0..48u32).map(|i| 3 + (i * 37) % 290).collect();
-        Ok(qtrain_lora::decode::max_rel_error_vs_full_forward(&base, None, &tokens, 20)?)
+        Ok(qtrain_lora::decode::max_rel_error_vs_full_forward(
+            &base, None, &tokens, 20,
+        )?)
     };
     match decode_check() {
         Ok(e) => {

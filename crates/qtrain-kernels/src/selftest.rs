@@ -80,7 +80,11 @@ pub fn time_it(dev: &Dev, iters: usize, mut f: impl FnMut() -> Result<()>) -> Re
 /// kernels have an f32 path the engine uses). `full` uses 7B-sized rows (for the
 /// bandwidth figures); otherwise small ones.
 pub fn run_basic(dev: &Dev, full: bool) -> Result<Vec<Check>> {
-    let (rows, h, inter) = if full { (4096, 4096, 14336) } else { (33, 256, 80) };
+    let (rows, h, inter) = if full {
+        (4096, 4096, 14336)
+    } else {
+        (33, 256, 80)
+    };
     let mut out = Vec::new();
     // A check that fails to run (a CUDA error) is reported as failed; the rest go on.
     let mut add = |name: &str, r: Result<Vec<Check>>| match r {
@@ -91,13 +95,28 @@ pub fn run_basic(dev: &Dev, full: bool) -> Result<Vec<Check>> {
             detail: format!("error: {e}"),
         }),
     };
-    add("rmsnorm bf16", norm_checks::<half::bf16>(dev, rows, h, 1e-2));
+    add(
+        "rmsnorm bf16",
+        norm_checks::<half::bf16>(dev, rows, h, 1e-2),
+    );
     add("rmsnorm f32", norm_checks::<f32>(dev, 257, 300, 1e-5));
     add("rope", rope_check::<half::bf16>(dev, 1e-2).map(|c| vec![c]));
-    add("swiglu", swiglu_check::<half::bf16>(dev, rows, inter, 1e-2).map(|c| vec![c]));
-    add("cross-entropy", xent_check::<half::bf16>(dev, 1e-2).map(|c| vec![c]));
-    add("row kernels", rows_check::<half::bf16>(dev).map(|c| vec![c]));
-    add("gemm bf16", gemm_check::<half::bf16>(dev, 1e-2).map(|c| vec![c]));
+    add(
+        "swiglu",
+        swiglu_check::<half::bf16>(dev, rows, inter, 1e-2).map(|c| vec![c]),
+    );
+    add(
+        "cross-entropy",
+        xent_check::<half::bf16>(dev, 1e-2).map(|c| vec![c]),
+    );
+    add(
+        "row kernels",
+        rows_check::<half::bf16>(dev).map(|c| vec![c]),
+    );
+    add(
+        "gemm bf16",
+        gemm_check::<half::bf16>(dev, 1e-2).map(|c| vec![c]),
+    );
     add("gemm f32", gemm_check::<f32>(dev, 2e-3).map(|c| vec![c]));
     if full {
         add("gemm speed", gemm_speed(dev));
@@ -125,13 +144,21 @@ fn gemm_speed(dev: &Dev) -> Result<Vec<Check>> {
     for (name, m, k, nn, op_b) in shapes {
         let a = upload::<B>(dev, &random(m * k, 1.0, 21))?;
         let w = upload::<B>(dev, &random(k * nn, 0.02, 22))?;
-        let wm = if op_b == Op::T { w.mat(nn, k) } else { w.mat(k, nn) };
+        let wm = if op_b == Op::T {
+            w.mat(nn, k)
+        } else {
+            w.mat(k, nn)
+        };
         let secs = if name.contains("f32") {
             let c = dev.zeros::<f32>(m * nn, "gemm out")?;
-            time_it(dev, 20, || gemm(dev, a.mat(m, k), Op::N, wm, op_b, c.mat(m, nn), 1.0, 0.0))?
+            time_it(dev, 20, || {
+                gemm(dev, a.mat(m, k), Op::N, wm, op_b, c.mat(m, nn), 1.0, 0.0)
+            })?
         } else {
             let c = dev.zeros::<B>(m * nn, "gemm out")?;
-            time_it(dev, 20, || gemm(dev, a.mat(m, k), Op::N, wm, op_b, c.mat(m, nn), 1.0, 0.0))?
+            time_it(dev, 20, || {
+                gemm(dev, a.mat(m, k), Op::N, wm, op_b, c.mat(m, nn), 1.0, 0.0)
+            })?
         };
         let tflops = 2.0 * (m * k * nn) as f64 / secs / 1e12;
         out.push(Check {

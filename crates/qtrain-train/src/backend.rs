@@ -10,16 +10,25 @@
 //!   GEMMs over preallocated buffers; bf16 on GPUs). The adapters' master weights and
 //!   gradients live in flat device buffers.
 //!
-//! Both keep the optimizer's view of the parameters as named host tensors in the
-//! order of `LoraWeights::to_host`, so checkpoints, resume and exports are the same
-//! files whichever backend wrote them.
+//! The reference path keeps the master weights on the host and runs the host
+//! optimizer; the fused path keeps them, the gradients and the 8-bit optimizer state
+//! on the device (`qtrain_optim::device`, bit-exact with the host optimizer) and only
+//! downloads for checkpoints and exports. Both write the same files (named tensors in
+//! the order of `LoraWeights::to_host`, the host optimizer's state format), so a run
+//! can resume on either.
 
 use crate::trainer::TrainError;
 use qtrain_engine::{Engine, EngineOptions};
 use qtrain_lora::lora::HostTensor;
-use qtrain_lora::{forward_backward, forward_loss, LoraGrads, LoraWeights, StepLoss, StepOptions, TokenBatch};
+use qtrain_lora::{
+    forward_backward, forward_loss, LoraGrads, LoraWeights, StepLoss, StepOptions, TokenBatch,
+};
 use qtrain_model::BaseModel;
-use qtrain_optim::{clip_grad_norm, Optimizer};
+use qtrain_optim::{
+    clip_grad_norm, AdamW32, AdamW8bit, DeviceAdamW32, DeviceAdamW8bit, DeviceOptimizer, Optimizer,
+    StatePlacement,
+};
+use std::path::Path;
 
 type Result<T> = std::result::Result<T, TrainError>;
 
@@ -49,6 +58,22 @@ impl EngineChoice {
     }
 }
 
+/// The optimizer a run starts with (fresh or read from a checkpoint), before it is
+/// placed on the backend's device.
+pub enum HostOptimizer {
+    AdamW8bit(AdamW8bit),
+    AdamW32(AdamW32),
+}
+
+impl HostOptimizer {
+    fn boxed(self) -> Box<dyn Optimizer> {
+        match self {
+            HostOptimizer::AdamW8bit(o) => Box::new(o),
+            HostOptimizer::AdamW32(o) => Box::new(o),
+        }
+    }
+}
+
 /// The fused engine in the model's compute type.
 enum AnyEngine {
     Bf16(Engine<half::bf16>),
@@ -67,32 +92,41 @@ macro_rules! with_engine {
 /// The trainable state and the step.
 pub struct Backend {
     kind: Kind,
-    /// Master weights as the optimizer sees them (host, f32, `to_host` order).
-    params: Vec<HostTensor>,
-    /// The step's gradients after clipping (host), valid between `clip` and `update`.
-    host_grads: Vec<HostTensor>,
-    opt: Box<dyn Optimizer>,
     /// Candle adapters for generation (and the whole reference path).
     lora: LoraWeights,
-    /// `lora` is behind `params` (the fused path updates it only when asked).
+    /// `lora` is behind the device's master weights (fused path).
     lora_stale: bool,
 }
 
 enum Kind {
-    Reference { grads: LoraGrads },
-    Fused(Box<AnyEngine>),
+    Reference {
+        grads: LoraGrads,
+        /// Master weights as the host optimizer sees them (f32, `to_host` order).
+        params: Vec<HostTensor>,
+        /// The step's gradients after clipping, valid between `clip` and `update`.
+        host_grads: Vec<HostTensor>,
+        opt: Box<dyn Optimizer>,
+    },
+    Fused {
+        engine: Box<AnyEngine>,
+        opt: Box<dyn DeviceOptimizer>,
+    },
 }
 
 impl Backend {
     /// Builds the backend `choice` resolves to for `base`, starting from `lora`
     /// (whose values are the run's initial or resumed adapters) and `opt`.
-    pub fn new(base: &BaseModel, lora: LoraWeights, opt: Box<dyn Optimizer>, choice: EngineChoice) -> Result<Self> {
+    pub fn new(
+        base: &BaseModel,
+        lora: LoraWeights,
+        opt: HostOptimizer,
+        choice: EngineChoice,
+    ) -> Result<Self> {
         let fused = match choice {
             EngineChoice::Reference => false,
             EngineChoice::Fused => true,
             EngineChoice::Auto => base.device.is_cuda() && base.dtype == candle_core::DType::BF16,
         };
-        let params = lora.to_host()?;
         let kind = if fused {
             let opts = EngineOptions::default();
             let engine = match base.dtype {
@@ -105,17 +139,25 @@ impl Backend {
                     )))
                 }
             };
-            Kind::Fused(Box::new(engine))
+            let dev = with_engine!(&engine, e => e.device().clone());
+            let opt: Box<dyn DeviceOptimizer> = match opt {
+                HostOptimizer::AdamW8bit(o) => Box::new(DeviceAdamW8bit::from_host(&o, &dev)?),
+                HostOptimizer::AdamW32(o) => Box::new(DeviceAdamW32::from_host(&o, &dev)?),
+            };
+            Kind::Fused {
+                engine: Box::new(engine),
+                opt,
+            }
         } else {
             Kind::Reference {
                 grads: LoraGrads::zeros_like(&lora)?,
+                params: lora.to_host()?,
+                host_grads: Vec::new(),
+                opt: opt.boxed(),
             }
         };
         Ok(Self {
             kind,
-            params,
-            host_grads: Vec::new(),
-            opt,
             lora,
             lora_stale: false,
         })
@@ -125,61 +167,109 @@ impl Backend {
     pub fn name(&self) -> &'static str {
         match self.kind {
             Kind::Reference { .. } => "reference",
-            Kind::Fused(_) => "fused",
+            Kind::Fused { .. } => "fused",
         }
     }
 
-    pub fn optimizer(&self) -> &dyn Optimizer {
-        self.opt.as_ref()
-    }
-
-    /// The master weights (host copy, what checkpoints and exports write).
-    pub fn params(&self) -> &[HostTensor] {
-        &self.params
+    /// The master weights on the host (what checkpoints and exports write).
+    pub fn params(&self) -> Result<Vec<HostTensor>> {
+        Ok(match &self.kind {
+            Kind::Reference { params, .. } => params.clone(),
+            Kind::Fused { engine, .. } => {
+                with_engine!(engine.as_ref(), e => e.lora().params_to_host(e.device())?)
+            }
+        })
     }
 
     pub fn num_parameters(&self) -> usize {
-        self.params.iter().map(|p| p.1.len()).sum()
+        self.lora.num_parameters()
+    }
+
+    /// Bytes of optimizer state, and where it lives.
+    pub fn optimizer_state(&self) -> (u64, StatePlacement) {
+        match &self.kind {
+            Kind::Reference { opt, .. } => (opt.state_bytes(), opt.placement()),
+            Kind::Fused { opt, .. } => (opt.state_bytes(), opt.placement()),
+        }
+    }
+
+    /// Writes the optimizer state (the host format, whichever device holds it).
+    pub fn save_optimizer(&self, path: &Path) -> Result<()> {
+        match &self.kind {
+            Kind::Reference { opt, .. } => opt.save_state(path)?,
+            Kind::Fused { opt, .. } => opt.save_state(path)?,
+        }
+        Ok(())
     }
 
     pub fn zero_grads(&mut self) -> Result<()> {
         match &mut self.kind {
-            Kind::Reference { grads } => grads.zero()?,
-            Kind::Fused(e) => with_engine!(e.as_ref(), e => e.lora().zero_grads(e.device())?),
+            Kind::Reference { grads, .. } => grads.zero()?,
+            Kind::Fused { engine, .. } => {
+                with_engine!(engine.as_ref(), e => e.lora().zero_grads(e.device())?)
+            }
         }
         Ok(())
     }
 
     /// One micro-batch: adds its gradient (of `loss_sum / loss_denominator`).
-    pub fn micro_step(&mut self, base: &BaseModel, batch: &TokenBatch, opts: &StepOptions, loss_denominator: f64) -> Result<StepLoss> {
+    pub fn micro_step(
+        &mut self,
+        base: &BaseModel,
+        batch: &TokenBatch,
+        opts: &StepOptions,
+        loss_denominator: f64,
+    ) -> Result<StepLoss> {
         Ok(match &mut self.kind {
-            Kind::Reference { grads } => forward_backward(base, &self.lora, batch, opts, loss_denominator, grads)?,
-            Kind::Fused(e) => with_engine!(e.as_mut(), e => e.forward_backward(batch, opts, loss_denominator)?),
+            Kind::Reference { grads, .. } => {
+                forward_backward(base, &self.lora, batch, opts, loss_denominator, grads)?
+            }
+            Kind::Fused { engine, .. } => {
+                with_engine!(engine.as_mut(), e => e.forward_backward(batch, opts, loss_denominator)?)
+            }
         })
     }
 
     /// Clips the accumulated gradients to `max_norm` (0: no clipping) and returns
     /// their norm before clipping (non-finite when any gradient is).
     pub fn clip(&mut self, max_norm: f32) -> Result<f32> {
-        self.host_grads = match &self.kind {
-            Kind::Reference { grads } => grads.to_host()?,
-            Kind::Fused(e) => with_engine!(e.as_ref(), e => e.lora().grads_to_host(e.device())?),
-        };
-        let mut slices: Vec<&mut [f32]> = self.host_grads.iter_mut().map(|g| g.1.as_mut_slice()).collect();
-        Ok(clip_grad_norm(&mut slices, max_norm))
+        match &mut self.kind {
+            Kind::Reference {
+                grads, host_grads, ..
+            } => {
+                *host_grads = grads.to_host()?;
+                let mut slices: Vec<&mut [f32]> =
+                    host_grads.iter_mut().map(|g| g.1.as_mut_slice()).collect();
+                Ok(clip_grad_norm(&mut slices, max_norm))
+            }
+            Kind::Fused { engine, .. } => Ok(with_engine!(engine.as_ref(), e => {
+                qtrain_optim::device::clip_grad_norm(e.device(), e.lora().grads.all(), max_norm)?
+            })),
+        }
     }
 
     /// The optimizer update with learning rate `lr`, from the clipped gradients.
     pub fn update(&mut self, lr: f32) -> Result<()> {
-        {
-            let mut p: Vec<&mut [f32]> = self.params.iter_mut().map(|p| p.1.as_mut_slice()).collect();
-            let g: Vec<&[f32]> = self.host_grads.iter().map(|g| g.1.as_slice()).collect();
-            self.opt.step(&mut p, &g, lr)?;
-        }
-        match &self.kind {
-            Kind::Reference { .. } => self.lora.update_from_host(&self.params)?,
-            Kind::Fused(e) => {
-                with_engine!(e.as_ref(), e => e.lora().params_from_host(e.device(), &self.params)?);
+        match &mut self.kind {
+            Kind::Reference {
+                params,
+                host_grads,
+                opt,
+                ..
+            } => {
+                {
+                    let mut p: Vec<&mut [f32]> =
+                        params.iter_mut().map(|p| p.1.as_mut_slice()).collect();
+                    let g: Vec<&[f32]> = host_grads.iter().map(|g| g.1.as_slice()).collect();
+                    opt.step(&mut p, &g, lr)?;
+                }
+                self.lora.update_from_host(params)?;
+            }
+            Kind::Fused { engine, opt } => {
+                with_engine!(engine.as_ref(), e => {
+                    let l = e.lora();
+                    opt.step(l.params.all(), l.grads.all(), lr)?
+                });
                 self.lora_stale = true;
             }
         }
@@ -190,14 +280,17 @@ impl Backend {
     pub fn eval_loss(&mut self, base: &BaseModel, batch: &TokenBatch) -> Result<StepLoss> {
         Ok(match &mut self.kind {
             Kind::Reference { .. } => forward_loss(base, Some(&self.lora), batch)?,
-            Kind::Fused(e) => with_engine!(e.as_mut(), e => e.forward_loss(batch)?),
+            Kind::Fused { engine, .. } => {
+                with_engine!(engine.as_mut(), e => e.forward_loss(batch)?)
+            }
         })
     }
 
     /// The adapters as candle tensors, current (for generation).
     pub fn lora_weights(&mut self) -> Result<&LoraWeights> {
         if self.lora_stale {
-            self.lora.update_from_host(&self.params)?;
+            let p = self.params()?;
+            self.lora.update_from_host(&p)?;
             self.lora_stale = false;
         }
         Ok(&self.lora)

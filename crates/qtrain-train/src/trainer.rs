@@ -13,6 +13,7 @@
 //! The LoRA weights' master copy lives on the host in f32 (the optimizer's slices);
 //! after each update it is written back to the device tensors the model reads.
 
+use crate::backend::{Backend, EngineChoice, HostOptimizer};
 use crate::ckpt_io::{self, CkptError};
 use crate::config::RunConfig;
 use crate::metrics::{MetricsSink, Record};
@@ -21,11 +22,10 @@ use crate::peft::{self, PeftDtype, PeftSettings};
 use crate::planner::{Budget, Clock, Plan, Planner, PlannerState};
 use qtrain_data::{BatchStream, DataCursor, DatasetConfig, Encoder, EvalStream, Sample};
 use qtrain_lora::lora::HostTensor;
-use crate::backend::{Backend, EngineChoice};
 use qtrain_lora::{LoraConfig, LoraWeights, StepOptions, TokenBatch};
 use qtrain_model::{BaseModel, LoadOptions, Proj, Quantization};
 use qtrain_optim::{
-    AdamW32, AdamW8bit, AdamWConfig, LrSchedule, Optimizer, PagingPolicy, ParamSpec, ScheduleKind,
+    AdamW32, AdamW8bit, AdamWConfig, LrSchedule, PagingPolicy, ParamSpec, ScheduleKind,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -189,13 +189,13 @@ fn make_optimizer(
     cfg: &RunConfig,
     specs: &[ParamSpec],
     from: Option<&Path>,
-) -> Result<Box<dyn Optimizer>> {
+) -> Result<HostOptimizer> {
     let c = adamw_config(cfg);
     Ok(match (cfg.optimizer.kind.as_str(), from) {
-        ("adamw32", None) => Box::new(AdamW32::new(c, specs)?),
-        ("adamw32", Some(p)) => Box::new(AdamW32::load_state_for(p, specs)?),
-        (_, None) => Box::new(AdamW8bit::new(c, specs)?),
-        (_, Some(p)) => Box::new(AdamW8bit::load_state_for(p, specs)?),
+        ("adamw32", None) => HostOptimizer::AdamW32(AdamW32::new(c, specs)?),
+        ("adamw32", Some(p)) => HostOptimizer::AdamW32(AdamW32::load_state_for(p, specs)?),
+        (_, None) => HostOptimizer::AdamW8bit(AdamW8bit::new(c, specs)?),
+        (_, Some(p)) => HostOptimizer::AdamW8bit(AdamW8bit::load_state_for(p, specs)?),
     })
 }
 
@@ -442,7 +442,7 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         cfg.lora.targets.join(","),
         backend.num_parameters() as f64 / 1e6,
         cfg.optimizer.kind,
-        backend.optimizer().state_bytes() as f64 / 1e6,
+        backend.optimizer_state().0 as f64 / 1e6,
         backend.name()
     );
     if step > 0 {
@@ -489,20 +489,20 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     };
     announce(&planner.plan(), tokens_per_step);
 
-    let save = |dir_step: u64,
-                params: &[HostTensor],
-                opt: &dyn Optimizer,
-                state: TrainerState|
-     -> Result<PathBuf> {
+    // The adapter and optimizer state come from the backend (downloaded from the
+    // device on the fused path), written into the checkpoint's temporary directory.
+    let save = |dir_step: u64, backend: &Backend, state: TrainerState| -> Result<PathBuf> {
         let elapsed = state.planner.elapsed_secs;
+        let params = backend.params()?;
         Ok(ckpt_io::save(
             &ckpt_root,
             dir_step,
             elapsed,
             cfg.checkpoint.keep_last,
             |d| {
-                save_lora(&d.join(ADAPTER_FILE), params).map_err(|e| e.to_string())?;
-                opt.save_state(&d.join(OPTIMIZER_FILE))
+                save_lora(&d.join(ADAPTER_FILE), &params).map_err(|e| e.to_string())?;
+                backend
+                    .save_optimizer(&d.join(OPTIMIZER_FILE))
                     .map_err(|e| e.to_string())?;
                 std::fs::write(
                     d.join(STATE_FILE),
@@ -573,7 +573,7 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
             tracing::warn!("step {step}: loss {loss}, grad norm {grad_norm}: skipping the update ({nonfinite} in a row)");
             if nonfinite >= cfg.train.max_nonfinite_steps {
                 let st = state_now(step, tokens_seen, &planner, &stream, nonfinite);
-                let checkpoint = save(step, backend.params(), backend.optimizer(), st)?;
+                let checkpoint = save(step, &backend, st)?;
                 return Err(TrainError::NonFinite {
                     count: nonfinite,
                     step,
@@ -645,8 +645,7 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
             let t = Instant::now();
             last_checkpoint = Some(save(
                 step,
-                backend.params(),
-                backend.optimizer(),
+                &backend,
                 state_now(step, tokens_seen, &planner, &stream, 0),
             )?);
             let took = t.elapsed();
@@ -667,15 +666,14 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     // ---- final checkpoint, adapter, evaluation
     let checkpoint = save(
         step,
-        backend.params(),
-        backend.optimizer(),
+        &backend,
         state_now(step, tokens_seen, &planner, &stream, nonfinite),
     )?;
     last_checkpoint.replace(checkpoint.clone());
     let adapter_dir = out_dir.join("adapter");
     peft::write_peft_adapter(
         &adapter_dir,
-        backend.params(),
+        &backend.params()?,
         &PeftSettings {
             rank: lcfg.rank,
             alpha: lcfg.alpha,

@@ -217,29 +217,83 @@ fn fused_engine_trains_like_the_reference_and_resumes_exactly() {
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
     );
-    let with = |out: &Path, engine: &str| {
+    // f32 optimizer state for the comparison: with 8-bit state a gradient that
+    // differs in its last bits can round a moment to the neighbouring code, which
+    // moves that parameter by a fraction of the learning rate and hides what this
+    // test is about (the same gradients). Resume is checked with the 8-bit default.
+    let with = |out: &Path, engine: &str, kind: &str| {
         let mut cfg = config(out, 6);
         cfg.train.engine = engine.into();
+        cfg.optimizer.kind = kind.into();
         cfg
     };
-    let reference = go(with(a.path(), "reference"), cache.path(), None, None, false);
-    let fused = go(with(b.path(), "fused"), cache.path(), None, None, false);
-    let read = |s: &RunSummary| qtrain_train::peft::read_peft_adapter(&s.adapter_dir).unwrap().tensors;
+    let reference = go(
+        with(a.path(), "reference", "adamw32"),
+        cache.path(),
+        None,
+        None,
+        false,
+    );
+    let fused = go(
+        with(b.path(), "fused", "adamw32"),
+        cache.path(),
+        None,
+        None,
+        false,
+    );
+    let read = |s: &RunSummary| {
+        qtrain_train::peft::read_peft_adapter(&s.adapter_dir)
+            .unwrap()
+            .tensors
+    };
     let (r, f) = (read(&reference), read(&fused));
     assert_eq!(r.len(), f.len());
     for (x, y) in r.iter().zip(&f) {
         assert_eq!(x.0, y.0);
         let scale = x.1.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let diff = x.1.iter().zip(&y.1).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-        assert!(diff <= 1e-4 * scale.max(1e-3), "{}: max diff {diff} (scale {scale})", x.0);
+        let diff =
+            x.1.iter()
+                .zip(&y.1)
+                .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(
+            diff <= 1e-4 * scale.max(1e-3),
+            "{}: max diff {diff} (scale {scale})",
+            x.0
+        );
     }
-    let (lr, lf) = (reference.last_train_loss.unwrap(), fused.last_train_loss.unwrap());
+    let (lr, lf) = (
+        reference.last_train_loss.unwrap(),
+        fused.last_train_loss.unwrap(),
+    );
     assert!((lr - lf).abs() < 1e-4 * lr, "train loss {lr} vs {lf}");
-    // Interrupt the fused run at step 3 and resume: identical to the uninterrupted one.
-    go(with(c.path(), "fused"), cache.path(), None, Some(3), false);
-    let rest = go(with(c.path(), "fused"), cache.path(), Some(Resume::Latest), None, false);
+    // Interrupt a fused 8-bit run at step 3 and resume: identical to an uninterrupted one.
+    let d = tempfile::tempdir().unwrap();
+    let full = go(
+        with(d.path(), "fused", "adamw8bit"),
+        cache.path(),
+        None,
+        None,
+        false,
+    );
+    go(
+        with(c.path(), "fused", "adamw8bit"),
+        cache.path(),
+        None,
+        Some(3),
+        false,
+    );
+    let rest = go(
+        with(c.path(), "fused", "adamw8bit"),
+        cache.path(),
+        Some(Resume::Latest),
+        None,
+        false,
+    );
     for name in ["adapter.safetensors", "optimizer.safetensors"] {
-        let (x, y) = (file(fused.checkpoint.join(name)), file(rest.checkpoint.join(name)));
+        let (x, y) = (
+            file(full.checkpoint.join(name)),
+            file(rest.checkpoint.join(name)),
+        );
         if let Err(e) = same_safetensors(&x, &y) {
             panic!("{name} after resume of the fused run: {e}");
         }
