@@ -1,6 +1,7 @@
 //! `qtrain run`: train LoRA adapters within a time budget.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use qtrain_dist::{DeviceSelection, LaunchSpec};
 use qtrain_train::trainer::{self, Resume, RunOptions};
 use qtrain_train::RunConfig;
 use std::path::{Path, PathBuf};
@@ -34,10 +35,47 @@ pub struct Args {
     /// (for preemptible machines; resume with --resume).
     #[arg(long, value_name = "STEP")]
     stop_at_step: Option<u64>,
+    /// Train data-parallel on the first N GPUs: one worker process per GPU, started
+    /// and supervised by this one (needs the CUDA build). Ignored in a worker
+    /// started by a launcher (RANK set, as torchrun does).
+    #[arg(long, value_name = "N", conflicts_with = "devices")]
+    gpus: Option<usize>,
+    /// Like --gpus, on these devices (numbered as CUDA numbers them, i.e. within
+    /// CUDA_VISIBLE_DEVICES if set), e.g. `--devices 0,2`. One device: train on it.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    devices: Option<Vec<usize>>,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let overrides = a.set.clone();
+    // A launcher's variables (RANK, WORLD_SIZE, ...) make this process a worker;
+    // without them, --gpus/--devices > 1 make it the supervisor of the workers.
+    let world = qtrain_dist::WorldEnv::from_env()?;
+    let selection = match (a.gpus, &a.devices) {
+        (Some(n), _) => Some(DeviceSelection::Count(n)),
+        (None, Some(list)) => Some(DeviceSelection::List(list.clone())),
+        (None, None) => None,
+    };
+    if selection.as_ref().is_some_and(DeviceSelection::is_empty) {
+        bail!("--gpus must be at least 1 and --devices must list a device");
+    }
+    let supervise = world.is_none() && selection.as_ref().is_some_and(|s| s.len() > 1);
+    if supervise && !cfg!(feature = "cuda") {
+        bail!(
+            "multi-GPU training needs the CUDA build (cargo build --release --features cuda); \
+             this qtrain was built for the CPU"
+        );
+    }
+    let mut overrides = a.set.clone();
+    match (&world, &selection) {
+        // A worker computes on cuda:LOCAL_RANK (see qtrain_dist::env).
+        (Some(w), _) if w.is_distributed() => {
+            overrides.push(format!("model.device=cuda:{}", w.cuda_ordinal()))
+        }
+        (None, Some(DeviceSelection::List(list))) if list.len() == 1 => {
+            overrides.push(format!("model.device=cuda:{}", list[0]))
+        }
+        _ => {}
+    }
     let cfg = match &a.config {
         Some(path) => load_with_budget(path, None, &overrides, &a)?,
         None => load_with_budget(
@@ -47,6 +85,18 @@ pub fn run(a: Args) -> Result<()> {
             &a,
         )?,
     };
+    if supervise {
+        // The config is checked once here, before any worker starts.
+        return supervise_workers(selection.as_ref().expect("selection"));
+    }
+    if let Some(w) = world.as_ref().filter(|w| w.is_distributed()) {
+        bail!(
+            "rank {} of {}: this qtrain's trainer does not run data-parallel workers \
+             (RANK/WORLD_SIZE are set by a launcher); run one process per machine without them",
+            w.rank,
+            w.world_size
+        );
+    }
     let stop = qtrain_train::signals::install_handler()
         .context("installing the SIGINT/SIGTERM handler")?;
     let resume = a.resume.as_deref().map(|r| match r {
@@ -100,6 +150,22 @@ pub fn run(a: Args) -> Result<()> {
     println!("checkpoint:   {}", summary.checkpoint.display());
     println!("PEFT adapter: {}", summary.adapter_dir.display());
     println!("metrics:      {}", out_dir.join("metrics.jsonl").display());
+    Ok(())
+}
+
+/// Starts one worker per selected GPU (this binary, same arguments, with the
+/// launcher variables set) and waits for them; see `qtrain_dist::launch`.
+fn supervise_workers(selection: &DeviceSelection) -> Result<()> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let spec = LaunchSpec::current_exe(args, selection)?;
+    let report = qtrain_dist::launch_local(&spec)?;
+    match report.forwarded_signal {
+        Some(sig) => println!(
+            "{} workers stopped after signal {sig}",
+            report.statuses.len()
+        ),
+        None => println!("{} workers finished", report.statuses.len()),
+    }
     Ok(())
 }
 
