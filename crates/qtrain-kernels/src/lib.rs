@@ -34,6 +34,7 @@ pub use nf4::Nf4Device;
 /// PTX of the CUDA kernels, one module per `kernels/*.cu` file.
 #[cfg(feature = "cuda")]
 pub mod ptx {
+    pub const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
     pub const NF4: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
     pub const NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
     pub const ROPE: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
