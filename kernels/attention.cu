@@ -67,6 +67,17 @@
 // visible key inside one tile keeps its running max at -inf; the exponent base then falls
 // back to 0 so exp(-inf - base) = 0 instead of NaN.
 //
+// Tuning variant: attn_fwd8_d128_S runs the forward with 8 warps (BQ = 128, 256 threads, one
+// CTA per SM) so each K/V tile in shared memory feeds twice the queries; the launcher
+// defaults to 4 warps and the GPU self-test times both.
+//
+// Testing without a GPU: kernels/emu/run.sh compiles this file for the host (-DQT_EMU) with
+// an emulation of every primitive below (kernels/emu/emu.h, layouts transcribed from the PTX
+// ISA tables above) and checks all kernels against a reference. If the GPU check fails but
+// the emulation passes, suspect what the emulator cannot see: the hardware's fragment
+// layouts themselves (the table above), cp.async / shared-memory ordering (the emulator
+// runs cp.async copies at the wait), and launch configuration (grid, block, dynamic smem).
+//
 // Numerics: scores, softmax and all accumulators are f32; P and dS are rounded to the
 // storage type only as mma operands (as FlashAttention-2 does); exp uses ex2.approx on
 // scores pre-multiplied by scale * log2(e).
@@ -87,11 +98,6 @@
 #endif
 
 namespace qt_attn {
-
-constexpr int kThreads = 128;  // 4 warps
-constexpr int kBQ = 64;        // query rows per tile (16 per warp)
-constexpr int kBK = 64;        // key rows per tile
-constexpr float kLog2e = 1.4426950408889634f;
 
 struct Bf16 {};
 struct F16 {};
@@ -181,6 +187,11 @@ template <> QT_DEV float2 unpack2<F16>(uint32_t u) {
 
 #if QT_ATTN_ON
 
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kBQ = 64;        // query rows per tile (16 per warp)
+constexpr int kBK = 64;        // key rows per tile
+constexpr float kLog2e = 1.4426950408889634f;
+
 QT_DEV int imin(int a, int b) { return a < b ? a : b; }
 QT_DEV int imax(int a, int b) { return a > b ? a : b; }
 
@@ -196,13 +207,13 @@ template <int D> struct Sw {
 
 // Rows [0, ROWS) of a global [rows][D] tile (row r at g + r * ld) into the swizzled tile at
 // shared address s; rows >= valid are zero-filled (never NaN garbage: P = 0 times a zero V).
-template <int D, int ROWS>
+template <int D, int ROWS, int THREADS = kThreads>
 QT_DEV void load_tile(uint32_t s, const uint16_t *g, uint64_t ld, int valid) {
   constexpr int kCpr = D / 8, kTotal = ROWS * kCpr;
-  static_assert(kTotal % kThreads == 0, "tile must split evenly over the CTA");
+  static_assert(kTotal % THREADS == 0, "tile must split evenly over the CTA");
 #pragma unroll
-  for (int it = 0; it < kTotal / kThreads; ++it) {
-    const int idx = it * kThreads + static_cast<int>(threadIdx.x);
+  for (int it = 0; it < kTotal / THREADS; ++it) {
+    const int idx = it * THREADS + static_cast<int>(threadIdx.x);
     const int r = idx / kCpr, c = idx % kCpr;
     const bool ok = r < valid;
     cp16(s + Sw<D>::off(r, c), g + (ok ? static_cast<uint64_t>(r) * ld : 0) + c * 8, ok);
@@ -305,48 +316,50 @@ QT_DEV void store_rows(const float (&acc)[D / 8][4], float mul0, float mul1, cha
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward.
-template <int D> struct FwdSmem {
-  static constexpr int kQ = kBQ * D * 2, kTile = kBK * D * 2;
+// Forward. W warps of 16 query rows each: BQ = 16 W queries per CTA (W = 4 everywhere by
+// default; W = 8 is a tuning variant at D = 128 where one K/V tile then feeds twice the
+// queries, halving the L2 -> shared traffic, at one CTA per SM).
+template <int D, int W = 4> struct FwdSmem {
+  static constexpr int kQ = 16 * W * D * 2, kTile = kBK * D * 2;
   static constexpr int kK = kQ, kV = kK + 2 * kTile, kSeg = kV + 2 * kTile;
   static constexpr int kBytes = kSeg + 2 * kBK * 4;
 };
 
-template <int D, class E>
+template <int D, int W, class E>
 QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__restrict__ k,
                 uint64_t ldk, const uint16_t *__restrict__ v, uint64_t ldv,
                 const uint32_t *__restrict__ seg, uint16_t *__restrict__ o, uint64_t ldo,
                 float *__restrict__ lse, int seq, int heads, int kv_heads, int window,
                 float scale) {
-  using L = FwdSmem<D>;
-  constexpr int NT = kBK / 8;
+  using L = FwdSmem<D, W>;
+  constexpr int NT = kBK / 8, BQ = 16 * W, THREADS = 32 * W;
   // Q fragments stay in registers for small D; at D = 128 they would take 32 of the 255
   // registers and starve the ldmatrix -> mma pipelining, so they are re-read from shared
   // memory per key tile (8 extra ldmatrix per 64 of K and V), as FlashAttention-2 does.
   constexpr bool kQRegs = D <= 64;
   const int h = blockIdx.x, qt = gridDim.y - 1 - blockIdx.y, b = blockIdx.z;
   const int kvh = h / (heads / kv_heads);
-  const int q0 = qt * kBQ;
+  const int q0 = qt * BQ;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int mi = lane >> 3, lr = lane & 7;
   const uint64_t tok0 = static_cast<uint64_t>(b) * seq;
   char *sm = smem_ptr();
   const uint32_t sb = smem_addr(sm);
 
-  const int q_end = imin(q0 + kBQ, seq);
+  const int q_end = imin(q0 + BQ, seq);
   const int j_lo = window ? imax(0, q0 - window + 1) : 0;
   const int kt_lo = j_lo / kBK, kt_hi = (q_end - 1) / kBK;
   const uint16_t *kb = k + tok0 * ldk + static_cast<uint64_t>(kvh) * D;
   const uint16_t *vb = v + tok0 * ldv + static_cast<uint64_t>(kvh) * D;
   const uint32_t *sg = seg ? seg + tok0 : nullptr;
 
-  load_tile<D, kBQ>(sb, q + (tok0 + q0) * ldq + static_cast<uint64_t>(h) * D, ldq, q_end - q0);
+  load_tile<D, BQ, THREADS>(sb, q + (tok0 + q0) * ldq + static_cast<uint64_t>(h) * D, ldq, q_end - q0);
   cp_commit();
   auto load_kv = [&](int kt, int st) {
     const int j0 = kt * kBK, valid = imin(kBK, seq - j0);
-    load_tile<D, kBK>(sb + L::kK + st * L::kTile, kb + static_cast<uint64_t>(j0) * ldk, ldk,
+    load_tile<D, kBK, THREADS>(sb + L::kK + st * L::kTile, kb + static_cast<uint64_t>(j0) * ldk, ldk,
                       valid);
-    load_tile<D, kBK>(sb + L::kV + st * L::kTile, vb + static_cast<uint64_t>(j0) * ldv, ldv,
+    load_tile<D, kBK, THREADS>(sb + L::kV + st * L::kTile, vb + static_cast<uint64_t>(j0) * ldv, ldv,
                       valid);
     if (sg) load_words<kBK>(sb + L::kSeg + st * kBK * 4, sg + j0, valid);
     cp_commit();
@@ -386,7 +399,7 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
     else
       mm_abt_smem<D, NT, E>(s, sb, warp * 16, cK, lane);
 
-    const bool need = (j0 + kBK - 1 > q0) || (window && q0 + kBQ - 1 - j0 >= window) ||
+    const bool need = (j0 + kBK - 1 > q0) || (window && q0 + BQ - 1 - j0 >= window) ||
                       (j0 + kBK > seq) || sg;
     if (need) {
       const uint32_t *ss = reinterpret_cast<const uint32_t *>(sm + L::kSeg + st * kBK * 4);
@@ -768,8 +781,8 @@ QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t 
                             uint64_t ldk, const uint16_t *v, uint64_t ldv,                  \
                             const uint32_t *seg, uint16_t *o, uint64_t ldo, float *lse,     \
                             int seq, int heads, int kv_heads, int window, float scale) {    \
-    QT_BODY(qt_attn::fwd<DIM, qt_attn::E>(q, ldq, k, ldk, v, ldv, seg, o, ldo, lse, seq,     \
-                                          heads, kv_heads, window, scale);)                 \
+    QT_BODY(qt_attn::fwd<DIM, 4, qt_attn::E>(q, ldq, k, ldk, v, ldv, seg, o, ldo, lse, seq,  \
+                                             heads, kv_heads, window, scale);)              \
   }                                                                                         \
   extern "C" __global__ void __launch_bounds__(128)                                         \
       attn_bwd_prep_d##DIM##_##S(const uint16_t *o, uint64_t ldo, const uint16_t *dout,     \
@@ -801,4 +814,17 @@ QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t 
   QT_ATTN_KERNELS(32, E, S) QT_ATTN_KERNELS(64, E, S) QT_ATTN_KERNELS(128, E, S)
 QT_ATTN_DIMS(Bf16, bf16)
 QT_ATTN_DIMS(F16, f16)
+
+// The 8-warp forward (tuning variant, see FwdSmem), head dim 128 only.
+#define QT_ATTN_FWD8(E, S)                                                                  \
+  extern "C" __global__ void __launch_bounds__(256)                                         \
+      attn_fwd8_d128_##S(const uint16_t *q, uint64_t ldq, const uint16_t *k, uint64_t ldk,  \
+                         const uint16_t *v, uint64_t ldv, const uint32_t *seg, uint16_t *o, \
+                         uint64_t ldo, float *lse, int seq, int heads, int kv_heads,        \
+                         int window, float scale) {                                         \
+    QT_BODY(qt_attn::fwd<128, 8, qt_attn::E>(q, ldq, k, ldk, v, ldv, seg, o, ldo, lse, seq,  \
+                                             heads, kv_heads, window, scale);)              \
+  }
+QT_ATTN_FWD8(Bf16, bf16)
+QT_ATTN_FWD8(F16, f16)
 #endif  // !QT_EMU

@@ -56,11 +56,17 @@ impl Drop for DeviceMem {
     }
 }
 
-/// The device address of a contiguous candle CUDA tensor's first element.
-pub(crate) fn tensor_dptr<T: candle_core::cuda_backend::CudaDType>(
-    t: &candle_core::Tensor,
-) -> Result<u64> {
-    use cudarc::driver::DevicePtr;
+/// The device address of a contiguous candle CUDA tensor's first element, `T` being
+/// its element type (the caller checked the dtype). Matching on the storage variant
+/// instead of going through candle's `CudaDType` keeps the callers generic over our
+/// own `Elem` types alone.
+pub(crate) fn tensor_dptr<T>(t: &candle_core::Tensor) -> Result<u64> {
+    use candle_core::cuda_backend::CudaStorageSlice as S;
+    use cudarc::driver::{CudaSlice, DevicePtr};
+    fn ptr<E>(s: &CudaSlice<E>) -> u64 {
+        let (p, _guard) = s.device_ptr(s.stream());
+        p
+    }
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cuda(s) = &*storage else {
         return Err(KernelError::Unsupported {
@@ -68,9 +74,19 @@ pub(crate) fn tensor_dptr<T: candle_core::cuda_backend::CudaDType>(
             msg: "tensor is not on a CUDA device".into(),
         });
     };
-    let slice = s.as_cuda_slice::<T>()?;
-    let (p, _guard) = slice.device_ptr(slice.stream());
-    Ok(p + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
+    let base = match &s.slice {
+        S::U8(x) | S::F6E2M3(x) | S::F6E3M2(x) | S::F4(x) | S::F8E8M0(x) => ptr(x),
+        S::U32(x) => ptr(x),
+        S::I16(x) => ptr(x),
+        S::I32(x) => ptr(x),
+        S::I64(x) => ptr(x),
+        S::BF16(x) => ptr(x),
+        S::F16(x) => ptr(x),
+        S::F32(x) => ptr(x),
+        S::F64(x) => ptr(x),
+        S::F8E4M3(x) => ptr(x),
+    };
+    Ok(base + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
 }
 
 impl CudaDev {

@@ -45,7 +45,7 @@ pub trait Float: Elem {
 }
 
 /// Which float type, for dispatch to the right kernel instantiation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FloatKind {
     Bf16,
     F16,

@@ -22,9 +22,15 @@ const THREADS: u32 = 128;
 /// Head dimensions with a kernel instantiation.
 const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 
+/// Warps per CTA of the forward by default. At head dim 128 an 8-warp variant exists
+/// too (128 queries share each K/V tile: half the L2 traffic, one CTA per SM instead of
+/// two); the GPU self-test times both (`selftest::attention_speed`), so the default can
+/// follow the measurement.
+pub(crate) const FWD_WARPS: usize = 4;
+
 /// Dynamic shared memory of each kernel, as laid out by `FwdSmem`, `DkvSmem`, `DqSmem`.
-fn fwd_smem(d: usize) -> u32 {
-    (640 * d + 512) as u32
+fn fwd_smem(d: usize, warps: usize) -> u32 {
+    (32 * warps * d + 512 * d + 512) as u32
 }
 fn dkdv_smem(d: usize) -> u32 {
     (768 * d + 1536) as u32
@@ -88,13 +94,10 @@ fn check_common<T: Float>(op: &'static str, c: &CudaDev, s: &AttnShape) -> Resul
     if !HEAD_DIMS.contains(&s.head_dim) {
         return Err(unsupported(
             op,
-            format!(
-                "head dim {} (kernels exist for {HEAD_DIMS:?})",
-                s.head_dim
-            ),
+            format!("head dim {} (kernels exist for {HEAD_DIMS:?})", s.head_dim),
         ));
     }
-    let tiles = s.seq.div_ceil(TILE);
+    let tiles = s.seq.div_ceil(TILE); // the most query/key tiles of any kernel
     let fits = s.seq <= i32::MAX as usize
         && s.heads <= i32::MAX as usize
         && tiles <= 65535
@@ -162,6 +165,22 @@ pub(crate) fn attention_fwd<T: Float>(
     o: Mat<'_, T>,
     lse: View<'_, f32>,
 ) -> Result<()> {
+    attention_fwd_warps(c, s, q, k, v, segments, o, lse, FWD_WARPS)
+}
+
+/// [`attention_fwd`] with `warps` per CTA: 4, or 8 at head dim 128.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_fwd_warps<T: Float>(
+    c: &CudaDev,
+    s: &AttnShape,
+    q: Mat<'_, T>,
+    k: Mat<'_, T>,
+    v: Mat<'_, T>,
+    segments: Option<View<'_, u32>>,
+    o: Mat<'_, T>,
+    lse: View<'_, f32>,
+    warps: usize,
+) -> Result<()> {
     const OP: &str = "attention_fwd";
     if s.tokens() == 0 || s.heads == 0 {
         return Ok(());
@@ -169,8 +188,18 @@ pub(crate) fn attention_fwd<T: Float>(
     check_common::<T>(OP, c, s)?;
     check_rows(OP, &[("q", q), ("k", k), ("v", v), ("o", o)])?;
     let d = s.head_dim;
-    let smem = fwd_smem(d);
-    let f = kernel::<T>(c, "fwd", d, smem)?;
+    let (op_name, rows) = match (warps, d) {
+        (4, _) => ("fwd", TILE),
+        (8, 128) => ("fwd8", 2 * TILE),
+        _ => {
+            return Err(unsupported(
+                OP,
+                format!("{warps} warps at head dim {d} (4 always, 8 at head dim 128)"),
+            ))
+        }
+    };
+    let smem = fwd_smem(d, warps);
+    let f = kernel::<T>(c, op_name, d, smem)?;
     let (qp, ldq, kp, ldk, vp, ldv) = (
         q.dptr(),
         q.ld as u64,
@@ -208,11 +237,14 @@ pub(crate) fn attention_fwd<T: Float>(
         .arg(&kvh)
         .arg(&win)
         .arg(&scale);
-    let grid = (s.heads, s.seq.div_ceil(TILE), s.batch);
-    // SAFETY: arguments match `attn_fwd_*` in number, order and type; the wrapper checked
-    // every matrix's shape against `s`, lse's and the segments' lengths, and overlaps; the
-    // kernel reads and writes only rows < seq of each batch row and columns of its head.
-    unsafe { launch(OP, b, cfg(grid, smem)) }
+    let grid = (s.heads, s.seq.div_ceil(rows), s.batch);
+    let mut config = cfg(grid, smem);
+    config.block_dim.0 = 32 * warps as u32;
+    // SAFETY: arguments match `attn_fwd_*` / `attn_fwd8_*` in number, order and type; the
+    // wrapper checked every matrix's shape against `s`, lse's and the segments' lengths,
+    // and overlaps; the kernel reads and writes only rows < seq of each batch row and the
+    // columns of its head; the block has the 32 * warps threads it was compiled for.
+    unsafe { launch(OP, b, config) }
 }
 
 #[allow(clippy::too_many_arguments)]
