@@ -189,7 +189,7 @@ impl<T: Float + candle_core::WithDType> Engine<T> {
     pub fn new(base: &BaseModel, lora: &LoraWeights, opts: EngineOptions) -> Result<Self> {
         let dev = Dev::from_candle(&base.device)?;
         let cfg = base.config.clone();
-        if cfg.head_dim() % 2 != 0 {
+        if !cfg.head_dim().is_multiple_of(2) {
             return Err(EngineError::Unsupported(format!(
                 "odd head_dim {}",
                 cfg.head_dim()

@@ -45,7 +45,7 @@ impl AttnShape {
 
     fn check(&self, op: &'static str) -> Result<()> {
         ensure!(
-            self.kv_heads > 0 && self.heads % self.kv_heads == 0,
+            self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads),
             op,
             "{} heads over {} KV heads",
             self.heads,
@@ -134,22 +134,22 @@ pub fn attention_fwd_ref<T: Float>(
                 let ti = b * s.seq + i;
                 let qi = qh.row(ti, h);
                 let mut m = f32::NEG_INFINITY;
-                for j in 0..=i {
+                for (j, sc) in scores.iter_mut().enumerate().take(i + 1) {
                     let tj = b * s.seq + j;
-                    scores[j] = if visible(i, j, s.window, segment(ti), segment(tj)) {
+                    *sc = if visible(i, j, s.window, segment(ti), segment(tj)) {
                         dot(qi, kh.row(tj, kvh)) * s.scale
                     } else {
                         f32::NEG_INFINITY
                     };
-                    m = m.max(scores[j]);
+                    m = m.max(*sc);
                 }
                 let mut l = 0f32;
                 let out = &mut o[(ti * s.heads + h) * d..(ti * s.heads + h + 1) * d];
-                for j in 0..=i {
-                    if scores[j] == f32::NEG_INFINITY {
+                for (j, &sc) in scores.iter().enumerate().take(i + 1) {
+                    if sc == f32::NEG_INFINITY {
                         continue;
                     }
-                    let p = (scores[j] - m).exp();
+                    let p = (sc - m).exp();
                     l += p;
                     let vj = vh.row(b * s.seq + j, kvh);
                     for c in 0..d {

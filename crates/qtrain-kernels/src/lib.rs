@@ -36,6 +36,7 @@ pub use nf4_quant::Nf4QuantizeError;
 /// PTX of the CUDA kernels, one module per `kernels/*.cu` file.
 #[cfg(feature = "cuda")]
 pub mod ptx {
+    pub const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
     pub const NF4: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
     pub const NF4_QUANT: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4_quant.ptx"));
     pub const NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));

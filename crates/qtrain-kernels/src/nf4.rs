@@ -45,7 +45,7 @@ pub fn dequantize_view<T: crate::Float>(
     #[cfg(feature = "cuda")]
     if let Some(c) = dev.cuda() {
         ensure!(
-            meta.blocksize % 16 == 0 && out.len() % 16 == 0,
+            meta.blocksize.is_multiple_of(16) && out.len().is_multiple_of(16),
             "nf4 dequantize",
             "the CUDA kernel needs a blocksize and size multiple of 16"
         );

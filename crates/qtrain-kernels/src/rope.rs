@@ -69,7 +69,7 @@ pub fn rope<T: Float>(
     inverse: bool,
 ) -> Result<()> {
     ensure!(
-        head_dim % 2 == 0 && head_dim > 0 && x.cols % head_dim == 0,
+        head_dim.is_multiple_of(2) && head_dim > 0 && x.cols.is_multiple_of(head_dim),
         "rope",
         "row length {} is not a whole number of heads of (even) dim {head_dim}",
         x.cols

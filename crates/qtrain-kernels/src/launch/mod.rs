@@ -5,7 +5,7 @@
 
 mod attention;
 
-pub(crate) use attention::{attention_bwd, attention_fwd};
+pub(crate) use attention::{attention_bwd, attention_fwd, attention_fwd_warps};
 
 use crate::cuda::{grid_1d, launch, CudaDev, PushKernelArg};
 use crate::device::{Float, FloatKind, Mat, View};

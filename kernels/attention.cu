@@ -1,0 +1,830 @@
+// Causal grouped-query flash attention, forward and backward, with sliding window and
+// packed-document (segment) masking. Contract and CPU reference:
+// crates/qtrain-kernels/src/attention.rs; launchers: crates/qtrain-kernels/src/launch/attention.rs.
+//
+// Kernels (D = head dim in {16, 32, 64, 128}, S = bf16 | f16; sm_80+, empty below):
+//   attn_fwd_dD_S        grid (heads, q tiles, batch): O and lse = m + log l (scores include scale)
+//   attn_bwd_prep_dD_S   1-D grid over (token, head) rows: Dsum = rowsum(dO * O) into scratch
+//   attn_bwd_dkdv_dD_S   grid (kv heads, key tiles, batch): dK, dV of one 64-key tile, looping
+//                        over every query head of its group and every query tile that sees it
+//   attn_bwd_dq_dD_S     grid (heads, q tiles, batch): dQ of one 64-query tile
+// Every output element is written by exactly one thread after a fixed-order reduction, with
+// no atomics: results are bit-reproducible run to run. Memory is O(seq): nothing of size
+// seq^2 is ever stored, the backward recomputes P from lse.
+//
+// 128 threads = 4 warps per CTA, each warp owns 16 rows of the CTA's 64-row tile (queries in
+// fwd / dQ, keys in dK/dV) and loops over 64-row tiles of the other side. Tiles are moved
+// with cp.async (16 B per thread and instruction, zero-filled past the sequence end) into
+// swizzled shared memory, double-buffered so the next tile loads while this one computes.
+//
+// ---------------------------------------------------------------------------------------
+// Fragment layouts this file relies on (PTX ISA, "Matrix Fragments for mma.m16n8k16 with
+// floating point type" and "ldmatrix"). lane = %laneid, g = lane >> 2, t = lane & 3.
+// A register holding two 16-bit elements keeps the lower column/k index in bits 0..15.
+//
+//  mma.m16n8k16 A (16x16, row-major), 4 regs:
+//     a0: (row g,   k 2t..2t+1)      a1: (row g+8, k 2t..2t+1)
+//     a2: (row g,   k 2t+8..2t+9)    a3: (row g+8, k 2t+8..2t+9)
+//  mma.m16n8k16 B (16x8, "col" = k-major per column n), 2 regs:
+//     b0: (k 2t..2t+1, n g)          b1: (k 2t+8..2t+9, n g)
+//  mma.m16n8k16 C/D (16x8 f32), 4 regs:
+//     c0,c1: (row g, n 2t, 2t+1)     c2,c3: (row g+8, n 2t, 2t+1)
+//  ldmatrix.m8n8.x4.b16: lanes 8i..8i+7 give the 8 row addresses (16 B each) of matrix i;
+//     destination reg i of lane holds matrix i's (row g, cols 2t, 2t+1).
+//  ldmatrix.m8n8.x4.trans.b16: same addresses; reg i holds matrix i's (rows 2t, 2t+1; col g),
+//     i.e. the non-trans fragment of the transposed 8x8 matrix.
+//
+// How the operands are built from row-major [rows][D] shared-memory tiles:
+//  * A from a tile X (Q in fwd/dQ, K or V in dK/dV, dO in dQ): x4 with lane -> row
+//    (lane & 7) + 8 * ((lane >> 3) & 1), 16-B chunk 2kk + (lane >> 4) gives a0..a3 of k-step kk
+//    (matrix 0 = rows 0-7/k 0-7, 1 = rows 8-15/k 0-7, 2 = rows 0-7/k 8-15, 3 = rows 8-15/k 8-15).
+//  * B = Y^T for S = X Y^T (Y = K, or Q/dO in dK/dV, or V for dP = dO V^T): Y's rows are the
+//    n index, its columns the k index, so non-trans ldmatrix of 8 Y rows at chunk c gives
+//    (k = 8c + 2t.., n = g): b0 for chunk 2kk, b1 for chunk 2kk+1. One x4 loads the n-tiles
+//    nt, nt+1: lane -> row 8 * (nt + (lane >> 4)) + (lane & 7), chunk 2kk + ((lane >> 3) & 1);
+//    regs 0,1 = (b0, b1) of n-tile nt, regs 2,3 of n-tile nt+1.
+//  * B = Y for O = P Y (Y = V, or dO / Q in dK/dV, or K in dQ): k = Y row, n = Y column, so
+//    .trans ldmatrix of 8 Y rows at chunk c gives (k = 2t.., n = 8c + g). x4: lane -> row
+//    16 kk + 8 * ((lane >> 3) & 1) + (lane & 7), chunk nt + (lane >> 4); regs 0,1 = (b0, b1) of
+//    n-tile nt, regs 2,3 of n-tile nt+1.
+//  * A = P (or dS) straight from the S accumulators: for the 16-wide k-step kk of P
+//    (columns 16kk..16kk+15 of S = n-tiles 2kk, 2kk+1):
+//       a0 = pack(S[2kk].c0, c1)  a1 = pack(S[2kk].c2, c3)
+//       a2 = pack(S[2kk+1].c0, c1)  a3 = pack(S[2kk+1].c2, c3)
+//  * Row statistics (max, sum) of an S row live in the 4 lanes of a quad (same g): reduced
+//    with shfl.xor 1 and 2.
+//
+// Shared-memory swizzle: a [rows][D] 16-bit tile stores row r, 16-byte chunk c at byte
+// r * 2D + 16 * (c ^ ((r / rpl) & m)), rpl = max(1, 8 / (D/8)) rows per 128-byte line and
+// m = min(8, D/8) - 1, so the 8 rows of one ldmatrix matrix hit 8 distinct 16-byte bank
+// groups (no bank conflicts) for every D.
+// ---------------------------------------------------------------------------------------
+//
+// Masking: key j is visible from query i of the same batch row when j <= i, j > i - window
+// (window 0 = none), both < seq, and seg[i] == seg[j] (when segment ids are given). Key
+// tiles entirely outside the causal/window range are skipped; the element mask runs only on
+// tiles that straddle a boundary (or always when segment ids are given). A row with no
+// visible key inside one tile keeps its running max at -inf; the exponent base then falls
+// back to 0 so exp(-inf - base) = 0 instead of NaN.
+//
+// Tuning variant: attn_fwd8_d128_S runs the forward with 8 warps (BQ = 128, 256 threads, one
+// CTA per SM) so each K/V tile in shared memory feeds twice the queries; the launcher
+// defaults to 4 warps and the GPU self-test times both.
+//
+// Testing without a GPU: kernels/emu/run.sh compiles this file for the host (-DQT_EMU) with
+// an emulation of every primitive below (kernels/emu/emu.h, layouts transcribed from the PTX
+// ISA tables above) and checks all kernels against a reference. If the GPU check fails but
+// the emulation passes, suspect what the emulator cannot see: the hardware's fragment
+// layouts themselves (the table above), cp.async / shared-memory ordering (the emulator
+// runs cp.async copies at the wait), and launch configuration (grid, block, dynamic smem).
+//
+// Numerics: scores, softmax and all accumulators are f32; P and dS are rounded to the
+// storage type only as mma operands (as FlashAttention-2 does); exp uses ex2.approx on
+// scores pre-multiplied by scale * log2(e).
+
+#include <stdint.h>
+
+#ifdef QT_EMU
+#include "emu/emu.h"  // host emulation of the warp primitives below (kernels/emu/)
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+#if defined(QT_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+#define QT_ATTN_ON 1
+#else
+#define QT_ATTN_ON 0
+#endif
+
+namespace qt_attn {
+
+struct Bf16 {};
+struct F16 {};
+
+// ---------------------------------------------------------------------------------------
+// Device primitives (the emulator provides the same names on the host).
+#ifndef QT_EMU
+#define QT_DEV __device__ __forceinline__
+
+QT_DEV void bar_sync() { __syncthreads(); }
+QT_DEV void warp_sync() { __syncwarp(); }
+QT_DEV float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+QT_DEV float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+QT_DEV char *smem_ptr() {
+  extern __shared__ __align__(128) char qt_attn_smem[];
+  return qt_attn_smem;
+}
+QT_DEV uint32_t smem_addr(const void *p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+template <class T> QT_DEV T gld(const T *p) { return *p; }
+QT_DEV void gst16(void *p, uint4 v) { *reinterpret_cast<uint4 *>(p) = v; }
+QT_DEV void gstf(float *p, float v) { *p = v; }
+
+#if QT_ATTN_ON
+QT_DEV void ldsm4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+QT_DEV void ldsm4t(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+template <class E>
+QT_DEV void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+QT_DEV void mma<Bf16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+QT_DEV void mma<F16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// 16 bytes global -> shared, bypassing L1; zero-filled when !ok (src is not read then).
+QT_DEV void cp16(uint32_t dst, const void *src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(ok ? 16 : 0));
+}
+QT_DEV void cp4(uint32_t dst, const void *src, bool ok) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+               "r"(ok ? 4 : 0));
+}
+QT_DEV void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> QT_DEV void cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+template <class E> QT_DEV uint32_t pack2(float lo, float hi);
+template <> QT_DEV uint32_t pack2<Bf16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo = bits 0..15
+  return *reinterpret_cast<uint32_t *>(&v);
+}
+template <> QT_DEV uint32_t pack2<F16>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t *>(&v);
+}
+template <class E> QT_DEV float2 unpack2(uint32_t u);
+template <> QT_DEV float2 unpack2<Bf16>(uint32_t u) {
+  return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+}
+template <> QT_DEV float2 unpack2<F16>(uint32_t u) {
+  return __half22float2(*reinterpret_cast<__half2 *>(&u));
+}
+#endif  // QT_ATTN_ON
+#endif  // !QT_EMU
+
+#if QT_ATTN_ON
+
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kBQ = 64;        // query rows per tile (16 per warp)
+constexpr int kBK = 64;        // key rows per tile
+constexpr float kLog2e = 1.4426950408889634f;
+
+QT_DEV int imin(int a, int b) { return a < b ? a : b; }
+QT_DEV int imax(int a, int b) { return a > b ? a : b; }
+
+// Byte offset of (row r, 16-byte chunk c) in a swizzled [rows][D] 16-bit tile.
+template <int D> struct Sw {
+  static constexpr int kCpr = D / 8;  // chunks per row
+  static constexpr int kRpl = kCpr >= 8 ? 1 : 8 / kCpr;
+  static constexpr int kMask = (kCpr >= 8 ? 8 : kCpr) - 1;
+  static QT_DEV uint32_t off(int r, int c) {
+    return static_cast<uint32_t>(r * (D * 2) + ((c ^ ((r / kRpl) & kMask)) << 4));
+  }
+};
+
+// Rows [0, ROWS) of a global [rows][D] tile (row r at g + r * ld) into the swizzled tile at
+// shared address s; rows >= valid are zero-filled (never NaN garbage: P = 0 times a zero V).
+template <int D, int ROWS, int THREADS = kThreads>
+QT_DEV void load_tile(uint32_t s, const uint16_t *g, uint64_t ld, int valid) {
+  constexpr int kCpr = D / 8, kTotal = ROWS * kCpr;
+  static_assert(kTotal % THREADS == 0, "tile must split evenly over the CTA");
+#pragma unroll
+  for (int it = 0; it < kTotal / THREADS; ++it) {
+    const int idx = it * THREADS + static_cast<int>(threadIdx.x);
+    const int r = idx / kCpr, c = idx % kCpr;
+    const bool ok = r < valid;
+    cp16(s + Sw<D>::off(r, c), g + (ok ? static_cast<uint64_t>(r) * ld : 0) + c * 8, ok);
+  }
+}
+
+// ROWS 32-bit words (lse, Dsum, segment ids) into shared memory, zero past `valid`.
+template <int ROWS> QT_DEV void load_words(uint32_t s, const void *g, int valid) {
+  const int i = static_cast<int>(threadIdx.x);
+  if (i < ROWS) {
+    const bool ok = i < valid;
+    cp4(s + 4 * i, static_cast<const uint32_t *>(g) + (ok ? i : 0), ok);
+  }
+}
+
+// Branch-free (bitwise, not short-circuit): it runs per score element on boundary tiles.
+QT_DEV bool visible(int i, int j, int seq, int window, bool has_seg, uint32_t si, uint32_t sj) {
+  return (j <= i) & (i < seq) & ((window == 0) | (j + window > i)) & (!has_seg | (si == sj));
+}
+
+// S[16 x 8*NT] += A(16 x D, fragments `a` per k-step) * Y^T, Y = rows [0, 8*NT) of the
+// swizzled tile at `y`.
+template <int D, int NT, class E>
+QT_DEV void mm_abt_regs(float (&s)[NT][4], const uint32_t (&a)[D / 16][4], uint32_t y, int lane) {
+  const int mi = lane >> 3, lr = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt += 2) {
+      uint32_t b[4];
+      ldsm4(b, y + Sw<D>::off((nt + (mi >> 1)) * 8 + lr, 2 * kk + (mi & 1)));
+      mma<E>(s[nt], a[kk], b[0], b[1]);
+      mma<E>(s[nt + 1], a[kk], b[2], b[3]);
+    }
+  }
+}
+
+// Same with A = rows [row0, row0 + 16) of the swizzled tile at `x`, loaded per k-step.
+template <int D, int NT, class E>
+QT_DEV void mm_abt_smem(float (&s)[NT][4], uint32_t x, int row0, uint32_t y, int lane) {
+  const int mi = lane >> 3, lr = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    ldsm4(a, x + Sw<D>::off(row0 + lr + (mi & 1) * 8, 2 * kk + (mi >> 1)));
+#pragma unroll
+    for (int nt = 0; nt < NT; nt += 2) {
+      uint32_t b[4];
+      ldsm4(b, y + Sw<D>::off((nt + (mi >> 1)) * 8 + lr, 2 * kk + (mi & 1)));
+      mma<E>(s[nt], a, b[0], b[1]);
+      mma<E>(s[nt + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc[16 x D] += P(16 x 16*KS, packed pairs p[n-tile][row half]) * Y, Y = rows [0, 16*KS)
+// of the swizzled tile at `y`.
+template <int D, int KS, class E>
+QT_DEV void mm_pb(float (&acc)[D / 8][4], const uint32_t (&p)[2 * KS][2], uint32_t y,
+                  int lane) {
+  const int mi = lane >> 3, lr = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    const uint32_t a[4] = {p[2 * kk][0], p[2 * kk][1], p[2 * kk + 1][0], p[2 * kk + 1][1]};
+#pragma unroll
+    for (int nt = 0; nt < D / 8; nt += 2) {
+      uint32_t b[4];
+      ldsm4t(b, y + Sw<D>::off(kk * 16 + (mi & 1) * 8 + lr, nt + (mi >> 1)));
+      mma<E>(acc[nt], a, b[0], b[1]);
+      mma<E>(acc[nt + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Writes a warp's 16 x D f32 accumulator (times `mul`) as 16-bit rows: staged through the
+// warp's own 16 rows of the swizzled tile `stage` (generic pointer; nobody else reads those
+// rows any more), then copied out 16 bytes per lane, rows < `valid` only.
+template <int D, class E>
+QT_DEV void store_rows(const float (&acc)[D / 8][4], float mul0, float mul1, char *stage,
+                       int row0, uint16_t *dst, uint64_t ld, int valid, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  warp_sync();  // this warp's last ldmatrix reads of `stage` are behind us
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+    *reinterpret_cast<uint32_t *>(stage + Sw<D>::off(row0 + g, nt) + 4 * t) =
+        pack2<E>(acc[nt][0] * mul0, acc[nt][1] * mul0);
+    *reinterpret_cast<uint32_t *>(stage + Sw<D>::off(row0 + g + 8, nt) + 4 * t) =
+        pack2<E>(acc[nt][2] * mul1, acc[nt][3] * mul1);
+  }
+  warp_sync();
+  constexpr int kCpr = D / 8;
+#pragma unroll
+  for (int idx = lane; idx < 16 * kCpr; idx += 32) {
+    const int r = idx / kCpr, c = idx % kCpr;
+    if (row0 + r < valid) {
+      gst16(dst + static_cast<uint64_t>(row0 + r) * ld + c * 8,
+            *reinterpret_cast<const uint4 *>(stage + Sw<D>::off(row0 + r, c)));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward. W warps of 16 query rows each: BQ = 16 W queries per CTA (W = 4 everywhere by
+// default; W = 8 is a tuning variant at D = 128 where one K/V tile then feeds twice the
+// queries, halving the L2 -> shared traffic, at one CTA per SM).
+template <int D, int W = 4> struct FwdSmem {
+  static constexpr int kQ = 16 * W * D * 2, kTile = kBK * D * 2;
+  static constexpr int kK = kQ, kV = kK + 2 * kTile, kSeg = kV + 2 * kTile;
+  static constexpr int kBytes = kSeg + 2 * kBK * 4;
+};
+
+template <int D, int W, class E>
+QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__restrict__ k,
+                uint64_t ldk, const uint16_t *__restrict__ v, uint64_t ldv,
+                const uint32_t *__restrict__ seg, uint16_t *__restrict__ o, uint64_t ldo,
+                float *__restrict__ lse, int seq, int heads, int kv_heads, int window,
+                float scale) {
+  using L = FwdSmem<D, W>;
+  constexpr int NT = kBK / 8, BQ = 16 * W, THREADS = 32 * W;
+  // Q fragments stay in registers for small D; at D = 128 they would take 32 of the 255
+  // registers and starve the ldmatrix -> mma pipelining, so they are re-read from shared
+  // memory per key tile (8 extra ldmatrix per 64 of K and V), as FlashAttention-2 does.
+  constexpr bool kQRegs = D <= 64;
+  const int h = blockIdx.x, qt = gridDim.y - 1 - blockIdx.y, b = blockIdx.z;
+  const int kvh = h / (heads / kv_heads);
+  const int q0 = qt * BQ;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int mi = lane >> 3, lr = lane & 7;
+  const uint64_t tok0 = static_cast<uint64_t>(b) * seq;
+  char *sm = smem_ptr();
+  const uint32_t sb = smem_addr(sm);
+
+  const int q_end = imin(q0 + BQ, seq);
+  const int j_lo = window ? imax(0, q0 - window + 1) : 0;
+  const int kt_lo = j_lo / kBK, kt_hi = (q_end - 1) / kBK;
+  const uint16_t *kb = k + tok0 * ldk + static_cast<uint64_t>(kvh) * D;
+  const uint16_t *vb = v + tok0 * ldv + static_cast<uint64_t>(kvh) * D;
+  const uint32_t *sg = seg ? seg + tok0 : nullptr;
+
+  load_tile<D, BQ, THREADS>(sb, q + (tok0 + q0) * ldq + static_cast<uint64_t>(h) * D, ldq, q_end - q0);
+  cp_commit();
+  auto load_kv = [&](int kt, int st) {
+    const int j0 = kt * kBK, valid = imin(kBK, seq - j0);
+    load_tile<D, kBK, THREADS>(sb + L::kK + st * L::kTile, kb + static_cast<uint64_t>(j0) * ldk, ldk,
+                      valid);
+    load_tile<D, kBK, THREADS>(sb + L::kV + st * L::kTile, vb + static_cast<uint64_t>(j0) * ldv, ldv,
+                      valid);
+    if (sg) load_words<kBK>(sb + L::kSeg + st * kBK * 4, sg + j0, valid);
+    cp_commit();
+  };
+  load_kv(kt_hi, 0);
+  cp_wait<1>();
+  bar_sync();
+
+  uint32_t qf[kQRegs ? D / 16 : 1][4];
+  if constexpr (kQRegs) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      ldsm4(qf[kk], sb + Sw<D>::off(warp * 16 + lr + (mi & 1) * 8, 2 * kk + (mi >> 1)));
+  }
+
+  const int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
+  const uint32_t si0 = sg ? gld(sg + imin(i0, seq - 1)) : 0;
+  const uint32_t si1 = sg ? gld(sg + imin(i1, seq - 1)) : 0;
+  const float sl2 = scale * kLog2e;
+  float acc[D / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+
+  for (int kt = kt_hi, st = 0; kt >= kt_lo; --kt, st ^= 1) {
+    cp_wait<0>();
+    bar_sync();  // tile kt is visible to all; everyone is done with the other buffer
+    if (kt > kt_lo) load_kv(kt - 1, st ^ 1);
+    const uint32_t cK = sb + L::kK + st * L::kTile, cV = sb + L::kV + st * L::kTile;
+    const int j0 = kt * kBK;
+
+    float s[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    if constexpr (kQRegs)
+      mm_abt_regs<D, NT, E>(s, qf, cK, lane);
+    else
+      mm_abt_smem<D, NT, E>(s, sb, warp * 16, cK, lane);
+
+    const bool need = (j0 + kBK - 1 > q0) || (window && q0 + BQ - 1 - j0 >= window) ||
+                      (j0 + kBK > seq) || sg;
+    if (need) {
+      const uint32_t *ss = reinterpret_cast<const uint32_t *>(sm + L::kSeg + st * kBK * 4);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = nt * 8 + 2 * t + (e & 1);
+          // ss[] is stale when there are no segment ids; visible() then ignores it.
+          if (!visible(e < 2 ? i0 : i1, j0 + c, seq, window, sg, e < 2 ? si0 : si1, ss[c]))
+            s[nt][e] = -INFINITY;
+        }
+    }
+
+    // Online softmax: running max m (raw score units), running sum l (thread partial).
+    float mx0 = m0, mx1 = m1;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+      mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+    }
+    mx0 = fmaxf(mx0, shfl_xor(mx0, 1));
+    mx0 = fmaxf(mx0, shfl_xor(mx0, 2));
+    mx1 = fmaxf(mx1, shfl_xor(mx1, 1));
+    mx1 = fmaxf(mx1, shfl_xor(mx1, 2));
+    const float base0 = mx0 == -INFINITY ? 0.f : mx0 * sl2;
+    const float base1 = mx1 == -INFINITY ? 0.f : mx1 * sl2;
+    const float al0 = ex2(m0 * sl2 - base0), al1 = ex2(m1 * sl2 - base1);
+    m0 = mx0;
+    m1 = mx1;
+    l0 *= al0;
+    l1 *= al1;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      acc[nt][0] *= al0;
+      acc[nt][1] *= al0;
+      acc[nt][2] *= al1;
+      acc[nt][3] *= al1;
+    }
+    uint32_t p[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const float p0 = ex2(fmaf(s[nt][0], sl2, -base0)), p1 = ex2(fmaf(s[nt][1], sl2, -base0));
+      const float p2 = ex2(fmaf(s[nt][2], sl2, -base1)), p3 = ex2(fmaf(s[nt][3], sl2, -base1));
+      l0 += p0 + p1;
+      l1 += p2 + p3;
+      p[nt][0] = pack2<E>(p0, p1);
+      p[nt][1] = pack2<E>(p2, p3);
+    }
+    mm_pb<D, kBK / 16, E>(acc, p, cV, lane);
+  }
+
+  l0 += shfl_xor(l0, 1);
+  l0 += shfl_xor(l0, 2);
+  l1 += shfl_xor(l1, 1);
+  l1 += shfl_xor(l1, 2);
+  if (t == 0) {
+    float *lrow = lse + (static_cast<uint64_t>(b) * heads + h) * seq;
+    if (i0 < seq) gstf(lrow + i0, m0 * scale + logf(l0));
+    if (i1 < seq) gstf(lrow + i1, m1 * scale + logf(l1));
+  }
+  // The diagonal is always visible, so l > 0 on every stored row.
+  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+  store_rows<D, E>(acc, inv0, inv1, sm, warp * 16,
+                   o + (tok0 + q0) * ldo + static_cast<uint64_t>(h) * D, ldo, q_end - q0, lane);
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward preprocessing: Dsum[b, h, i] = sum_d dO[i, h, d] * O[i, h, d] (stored O).
+template <int D, class E>
+QT_DEV void bwd_prep(const uint16_t *__restrict__ o, uint64_t ldo,
+                     const uint16_t *__restrict__ dout, uint64_t lddo, float *__restrict__ dsum,
+                     int seq, int heads, uint64_t rows) {
+  constexpr int kTpr = D / 8;  // threads per (token, head) row, 8 elements each
+  const uint64_t row =
+      static_cast<uint64_t>(blockIdx.x) * (kThreads / kTpr) + threadIdx.x / kTpr;
+  const int part = threadIdx.x % kTpr;
+  float acc = 0.f;
+  const bool ok = row < rows;
+  const uint64_t tok = ok ? row / heads : 0;
+  const int h = ok ? static_cast<int>(row % heads) : 0;
+  if (ok) {
+    const uint4 a = gld(reinterpret_cast<const uint4 *>(o + tok * ldo + h * D + part * 8));
+    const uint4 c = gld(reinterpret_cast<const uint4 *>(dout + tok * lddo + h * D + part * 8));
+    const uint32_t av[4] = {a.x, a.y, a.z, a.w}, cv[4] = {c.x, c.y, c.z, c.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 x = unpack2<E>(av[i]), y = unpack2<E>(cv[i]);
+      acc = fmaf(x.x, y.x, acc);
+      acc = fmaf(x.y, y.y, acc);
+    }
+  }
+#pragma unroll
+  for (int m = kTpr / 2; m > 0; m >>= 1) acc += shfl_xor(acc, m);
+  if (ok && part == 0) {
+    const uint64_t bb = tok / seq, i = tok % seq;
+    gstf(dsum + (bb * heads + h) * seq + i, acc);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward dK, dV: one CTA per (kv head, 64-key tile, batch row).
+template <int D> struct DkvSmem {
+  static constexpr int kTile = kBQ * D * 2;  // kBQ == kBK
+  static constexpr int kK = 0, kV = kTile, kQ = 2 * kTile, kO = 4 * kTile;
+  static constexpr int kL = 6 * kTile, kDs = kL + 2 * kBQ * 4, kSq = kDs + 2 * kBQ * 4;
+  static constexpr int kBytes = kSq + 2 * kBQ * 4;
+};
+
+template <int D, class E>
+QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
+                     const uint16_t *__restrict__ k, uint64_t ldk,
+                     const uint16_t *__restrict__ v, uint64_t ldv,
+                     const uint16_t *__restrict__ dout, uint64_t lddo,
+                     const float *__restrict__ lse, const float *__restrict__ dsum,
+                     const uint32_t *__restrict__ seg, uint16_t *__restrict__ dk, uint64_t lddk,
+                     uint16_t *__restrict__ dv, uint64_t lddv, int seq, int heads, int kv_heads,
+                     int window, float scale) {
+  using L = DkvSmem<D>;
+  // Queries per inner step. dK and dV take 2 * D/2 accumulator registers; at D = 128 a
+  // 64-query step's S^T and dP^T (64 more) would spill, so the tile is done in two halves
+  // (the K/V A-fragments are re-read once more per half: ~11% more ldmatrix).
+  constexpr int QH = D == 128 ? 32 : kBQ;
+  constexpr int NT = QH / 8;
+  const int kvh = blockIdx.x, kt = blockIdx.y, b = blockIdx.z;
+  const int group = heads / kv_heads;
+  const int k0 = kt * kBK;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const uint64_t tok0 = static_cast<uint64_t>(b) * seq;
+  char *sm = smem_ptr();
+  const uint32_t sb = smem_addr(sm);
+  const uint32_t *sg = seg ? seg + tok0 : nullptr;
+
+  const int k_valid = imin(kBK, seq - k0);
+  load_tile<D, kBK>(sb + L::kK, k + (tok0 + k0) * ldk + static_cast<uint64_t>(kvh) * D, ldk,
+                    k_valid);
+  load_tile<D, kBK>(sb + L::kV, v + (tok0 + k0) * ldv + static_cast<uint64_t>(kvh) * D, ldv,
+                    k_valid);
+  cp_commit();
+
+  // Queries that can see this key tile: i >= k0 and i < (last key) + window.
+  const int i_hi = window ? imin(seq - 1, k0 + kBK - 1 + window - 1) : seq - 1;
+  const int qt_lo = k0 / kBQ, nq = i_hi / kBQ - qt_lo + 1;
+  const int total = group * nq;
+  auto load_q = [&](int it, int st) {
+    const int h = kvh * group + it / nq, q0 = (qt_lo + it % nq) * kBQ;
+    const int valid = imin(kBQ, seq - q0);
+    load_tile<D, kBQ>(sb + L::kQ + st * L::kTile,
+                      q + (tok0 + q0) * ldq + static_cast<uint64_t>(h) * D, ldq, valid);
+    load_tile<D, kBQ>(sb + L::kO + st * L::kTile,
+                      dout + (tok0 + q0) * lddo + static_cast<uint64_t>(h) * D, lddo, valid);
+    const uint64_t srow = (static_cast<uint64_t>(b) * heads + h) * seq + q0;
+    load_words<kBQ>(sb + L::kL + st * kBQ * 4, lse + srow, valid);
+    load_words<kBQ>(sb + L::kDs + st * kBQ * 4, dsum + srow, valid);
+    if (sg) load_words<kBQ>(sb + L::kSq + st * kBQ * 4, sg + q0, valid);
+    cp_commit();
+  };
+  load_q(0, 0);
+
+  const int j0r = k0 + warp * 16 + g, j1r = j0r + 8;
+  const uint32_t sj0 = sg ? gld(sg + imin(j0r, seq - 1)) : 0;
+  const uint32_t sj1 = sg ? gld(sg + imin(j1r, seq - 1)) : 0;
+  const float sl2 = scale * kLog2e;
+  float dK[D / 8][4], dV[D / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dK[nt][e] = dV[nt][e] = 0.f;
+
+  for (int it = 0, st = 0; it < total; ++it, st ^= 1) {
+    cp_wait<0>();
+    bar_sync();
+    if (it + 1 < total) load_q(it + 1, st ^ 1);
+    const int q0 = (qt_lo + it % nq) * kBQ;
+    const uint32_t cQ = sb + L::kQ + st * L::kTile, cO = sb + L::kO + st * L::kTile;
+    const float *sL = reinterpret_cast<const float *>(sm + L::kL + st * kBQ * 4);
+    const float *sD = reinterpret_cast<const float *>(sm + L::kDs + st * kBQ * 4);
+    const uint32_t *sS = reinterpret_cast<const uint32_t *>(sm + L::kSq + st * kBQ * 4);
+
+    const bool need = (k0 + kBK - 1 > q0) || (window && q0 + kBQ - 1 - k0 >= window) ||
+                      (q0 + kBQ > seq) || sg;
+#pragma unroll 1
+    for (int hq = 0; hq < kBQ / QH; ++hq) {
+      // This step's QH queries: rows [hq * QH, hq * QH + QH) of the Q and dO tiles.
+      const uint32_t hQ = cQ + hq * QH * D * 2, hO = cO + hq * QH * D * 2;
+      const int c0 = hq * QH;
+      // S^T = K Q^T (16 keys of this warp x QH queries), P^T = exp(S^T * scale - lse).
+      float s[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      mm_abt_smem<D, NT, E>(s, sb + L::kK, warp * 16, hQ, lane);
+      uint32_t p[NT][2];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        float pe[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = c0 + nt * 8 + 2 * t + (e & 1);
+          pe[e] = ex2(fmaf(s[nt][e], sl2, -sL[c] * kLog2e));
+        }
+        if (need) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int c = c0 + nt * 8 + 2 * t + (e & 1);
+            if (!visible(q0 + c, e < 2 ? j0r : j1r, seq, window, sg, sS[c], e < 2 ? sj0 : sj1))
+              pe[e] = 0.f;
+          }
+        }
+        p[nt][0] = pack2<E>(pe[0], pe[1]);
+        p[nt][1] = pack2<E>(pe[2], pe[3]);
+      }
+      // dV += P^T dO
+      mm_pb<D, QH / 16, E>(dV, p, hO, lane);
+      // dP^T = V dO^T;  dS^T = P^T * (dP^T - Dsum), P^T as rounded for the mma above
+      float dp[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+      mm_abt_smem<D, NT, E>(dp, sb + L::kV, warp * 16, hO, lane);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int c = c0 + nt * 8 + 2 * t;
+        const float d0 = sD[c], d1 = sD[c + 1];
+        const float2 pa = unpack2<E>(p[nt][0]), pb = unpack2<E>(p[nt][1]);
+        p[nt][0] = pack2<E>(pa.x * (dp[nt][0] - d0), pa.y * (dp[nt][1] - d1));
+        p[nt][1] = pack2<E>(pb.x * (dp[nt][2] - d0), pb.y * (dp[nt][3] - d1));
+      }
+      // dK += dS^T Q  (times scale at the end)
+      mm_pb<D, QH / 16, E>(dK, p, hQ, lane);
+    }
+  }
+
+  // Each warp read only its own 16 rows of the K and V tiles: stage its results there.
+  const int kv_valid = k_valid;
+  store_rows<D, E>(dV, 1.f, 1.f, sm + L::kV, warp * 16,
+                   dv + (tok0 + k0) * lddv + static_cast<uint64_t>(kvh) * D, lddv, kv_valid,
+                   lane);
+  store_rows<D, E>(dK, scale, scale, sm + L::kK, warp * 16,
+                   dk + (tok0 + k0) * lddk + static_cast<uint64_t>(kvh) * D, lddk, kv_valid,
+                   lane);
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward dQ: one CTA per (head, 64-query tile, batch row).
+template <int D> struct DqSmem {
+  static constexpr int kTile = kBK * D * 2;
+  static constexpr int kQ = 0, kO = kTile, kK = 2 * kTile, kV = 4 * kTile, kSeg = 6 * kTile;
+  static constexpr int kBytes = kSeg + 2 * kBK * 4;
+};
+
+template <int D, class E>
+QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__restrict__ k,
+                   uint64_t ldk, const uint16_t *__restrict__ v, uint64_t ldv,
+                   const uint16_t *__restrict__ dout, uint64_t lddo,
+                   const float *__restrict__ lse, const float *__restrict__ dsum,
+                   const uint32_t *__restrict__ seg, uint16_t *__restrict__ dq, uint64_t lddq,
+                   int seq, int heads, int kv_heads, int window, float scale) {
+  using L = DqSmem<D>;
+  constexpr int NT = kBK / 8;
+  constexpr bool kQRegs = D <= 64;  // as in the forward
+  const int h = blockIdx.x, qt = gridDim.y - 1 - blockIdx.y, b = blockIdx.z;
+  const int kvh = h / (heads / kv_heads);
+  const int q0 = qt * kBQ;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int mi = lane >> 3, lr = lane & 7;
+  const uint64_t tok0 = static_cast<uint64_t>(b) * seq;
+  char *sm = smem_ptr();
+  const uint32_t sb = smem_addr(sm);
+
+  const int q_end = imin(q0 + kBQ, seq);
+  const int j_lo = window ? imax(0, q0 - window + 1) : 0;
+  const int kt_lo = j_lo / kBK, kt_hi = (q_end - 1) / kBK;
+  const uint16_t *kb = k + tok0 * ldk + static_cast<uint64_t>(kvh) * D;
+  const uint16_t *vb = v + tok0 * ldv + static_cast<uint64_t>(kvh) * D;
+  const uint32_t *sg = seg ? seg + tok0 : nullptr;
+
+  load_tile<D, kBQ>(sb + L::kQ, q + (tok0 + q0) * ldq + static_cast<uint64_t>(h) * D, ldq,
+                    q_end - q0);
+  load_tile<D, kBQ>(sb + L::kO, dout + (tok0 + q0) * lddo + static_cast<uint64_t>(h) * D, lddo,
+                    q_end - q0);
+  cp_commit();
+  auto load_kv = [&](int kt, int st) {
+    const int j0 = kt * kBK, valid = imin(kBK, seq - j0);
+    load_tile<D, kBK>(sb + L::kK + st * L::kTile, kb + static_cast<uint64_t>(j0) * ldk, ldk,
+                      valid);
+    load_tile<D, kBK>(sb + L::kV + st * L::kTile, vb + static_cast<uint64_t>(j0) * ldv, ldv,
+                      valid);
+    if (sg) load_words<kBK>(sb + L::kSeg + st * kBK * 4, sg + j0, valid);
+    cp_commit();
+  };
+  load_kv(kt_hi, 0);
+  cp_wait<1>();
+  bar_sync();
+
+  uint32_t qf[kQRegs ? D / 16 : 1][4];
+  if constexpr (kQRegs) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      ldsm4(qf[kk],
+            sb + L::kQ + Sw<D>::off(warp * 16 + lr + (mi & 1) * 8, 2 * kk + (mi >> 1)));
+  }
+
+  const int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
+  const uint64_t srow = (static_cast<uint64_t>(b) * heads + h) * seq;
+  const float ls0 = i0 < seq ? gld(lse + srow + i0) * kLog2e : 0.f;
+  const float ls1 = i1 < seq ? gld(lse + srow + i1) * kLog2e : 0.f;
+  const float ds0 = i0 < seq ? gld(dsum + srow + i0) : 0.f;
+  const float ds1 = i1 < seq ? gld(dsum + srow + i1) : 0.f;
+  const uint32_t si0 = sg ? gld(sg + imin(i0, seq - 1)) : 0;
+  const uint32_t si1 = sg ? gld(sg + imin(i1, seq - 1)) : 0;
+  const float sl2 = scale * kLog2e;
+  float acc[D / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+
+  for (int kt = kt_hi, st = 0; kt >= kt_lo; --kt, st ^= 1) {
+    cp_wait<0>();
+    bar_sync();
+    if (kt > kt_lo) load_kv(kt - 1, st ^ 1);
+    const uint32_t cK = sb + L::kK + st * L::kTile, cV = sb + L::kV + st * L::kTile;
+    const int j0 = kt * kBK;
+
+    float s[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    if constexpr (kQRegs)
+      mm_abt_regs<D, NT, E>(s, qf, cK, lane);
+    else
+      mm_abt_smem<D, NT, E>(s, sb + L::kQ, warp * 16, cK, lane);
+    const bool need = (j0 + kBK - 1 > q0) || (window && q0 + kBQ - 1 - j0 >= window) ||
+                      (j0 + kBK > seq) || sg;
+    const uint32_t *ss = reinterpret_cast<const uint32_t *>(sm + L::kSeg + st * kBK * 4);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = ex2(fmaf(s[nt][e], sl2, -(e < 2 ? ls0 : ls1)));
+    if (need) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = nt * 8 + 2 * t + (e & 1);
+          if (!visible(e < 2 ? i0 : i1, j0 + c, seq, window, sg, e < 2 ? si0 : si1, ss[c]))
+            s[nt][e] = 0.f;
+        }
+    }
+    float dp[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+    mm_abt_smem<D, NT, E>(dp, sb + L::kO, warp * 16, cV, lane);
+    uint32_t ds[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      ds[nt][0] = pack2<E>(s[nt][0] * (dp[nt][0] - ds0), s[nt][1] * (dp[nt][1] - ds0));
+      ds[nt][1] = pack2<E>(s[nt][2] * (dp[nt][2] - ds1), s[nt][3] * (dp[nt][3] - ds1));
+    }
+    mm_pb<D, kBK / 16, E>(acc, ds, cK, lane);
+  }
+  store_rows<D, E>(acc, scale, scale, sm + L::kQ, warp * 16,
+                   dq + (tok0 + q0) * lddq + static_cast<uint64_t>(h) * D, lddq, q_end - q0,
+                   lane);
+}
+
+#endif  // QT_ATTN_ON
+}  // namespace qt_attn
+
+// ---------------------------------------------------------------------------------------
+// extern "C" entry points (argument order = crates/qtrain-kernels/src/launch/attention.rs).
+// 16-bit tensors are passed as uint16_t*; `seg` may be null; `window` 0 means none.
+#ifndef QT_EMU
+#if QT_ATTN_ON
+#define QT_BODY(...) __VA_ARGS__
+#else
+#define QT_BODY(...)
+#endif
+
+#define QT_ATTN_KERNELS(DIM, E, S)                                                          \
+  extern "C" __global__ void __launch_bounds__(128)                                         \
+      attn_fwd_d##DIM##_##S(const uint16_t *q, uint64_t ldq, const uint16_t *k,             \
+                            uint64_t ldk, const uint16_t *v, uint64_t ldv,                  \
+                            const uint32_t *seg, uint16_t *o, uint64_t ldo, float *lse,     \
+                            int seq, int heads, int kv_heads, int window, float scale) {    \
+    QT_BODY(qt_attn::fwd<DIM, 4, qt_attn::E>(q, ldq, k, ldk, v, ldv, seg, o, ldo, lse, seq,  \
+                                             heads, kv_heads, window, scale);)              \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(128)                                         \
+      attn_bwd_prep_d##DIM##_##S(const uint16_t *o, uint64_t ldo, const uint16_t *dout,     \
+                                 uint64_t lddo, float *dsum, int seq, int heads,            \
+                                 uint64_t rows) {                                           \
+    QT_BODY(qt_attn::bwd_prep<DIM, qt_attn::E>(o, ldo, dout, lddo, dsum, seq, heads, rows);) \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(128) attn_bwd_dkdv_d##DIM##_##S(              \
+      const uint16_t *q, uint64_t ldq, const uint16_t *k, uint64_t ldk, const uint16_t *v,  \
+      uint64_t ldv, const uint16_t *dout, uint64_t lddo, const float *lse,                  \
+      const float *dsum, const uint32_t *seg, uint16_t *dk, uint64_t lddk, uint16_t *dv,    \
+      uint64_t lddv, int seq, int heads, int kv_heads, int window, float scale) {           \
+    QT_BODY(qt_attn::bwd_dkdv<DIM, qt_attn::E>(q, ldq, k, ldk, v, ldv, dout, lddo, lse,      \
+                                               dsum, seg, dk, lddk, dv, lddv, seq, heads,   \
+                                               kv_heads, window, scale);)                   \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(128) attn_bwd_dq_d##DIM##_##S(                \
+      const uint16_t *q, uint64_t ldq, const uint16_t *k, uint64_t ldk, const uint16_t *v,  \
+      uint64_t ldv, const uint16_t *dout, uint64_t lddo, const float *lse,                  \
+      const float *dsum, const uint32_t *seg, uint16_t *dq, uint64_t lddq, int seq,         \
+      int heads, int kv_heads, int window, float scale) {                                   \
+    QT_BODY(qt_attn::bwd_dq<DIM, qt_attn::E>(q, ldq, k, ldk, v, ldv, dout, lddo, lse, dsum,  \
+                                             seg, dq, lddq, seq, heads, kv_heads, window,   \
+                                             scale);)                                       \
+  }
+
+#define QT_ATTN_DIMS(E, S)                                                                  \
+  QT_ATTN_KERNELS(16, E, S)                                                                 \
+  QT_ATTN_KERNELS(32, E, S) QT_ATTN_KERNELS(64, E, S) QT_ATTN_KERNELS(128, E, S)
+QT_ATTN_DIMS(Bf16, bf16)
+QT_ATTN_DIMS(F16, f16)
+
+// The 8-warp forward (tuning variant, see FwdSmem), head dim 128 only.
+#define QT_ATTN_FWD8(E, S)                                                                  \
+  extern "C" __global__ void __launch_bounds__(256)                                         \
+      attn_fwd8_d128_##S(const uint16_t *q, uint64_t ldq, const uint16_t *k, uint64_t ldk,  \
+                         const uint16_t *v, uint64_t ldv, const uint32_t *seg, uint16_t *o, \
+                         uint64_t ldo, float *lse, int seq, int heads, int kv_heads,        \
+                         int window, float scale) {                                         \
+    QT_BODY(qt_attn::fwd<128, 8, qt_attn::E>(q, ldq, k, ldk, v, ldv, seg, o, ldo, lse, seq,  \
+                                             heads, kv_heads, window, scale);)              \
+  }
+QT_ATTN_FWD8(Bf16, bf16)
+QT_ATTN_FWD8(F16, f16)
+#endif  // !QT_EMU
