@@ -24,7 +24,10 @@ template <> __device__ __forceinline__ __nv_bfloat16 cast_out<__nv_bfloat16>(flo
   return __float2bfloat16_rn(v);
 }
 
-template <typename T>
+// BYTES code bytes (2 * BYTES weights) per thread: 8 (one 8-byte load) or 16 (one
+// 16-byte load, when a quantization block holds a multiple of 32 weights). More bytes
+// in flight per thread is what gets the kernel close to the copy bandwidth.
+template <typename T, int BYTES>
 __device__ __forceinline__ void nf4_dequant_impl(const uint8_t *__restrict__ codes,
                                                  const float *__restrict__ stats,
                                                  T *__restrict__ out, uint64_t numel,
@@ -39,10 +42,10 @@ __device__ __forceinline__ void nf4_dequant_impl(const uint8_t *__restrict__ cod
   __syncthreads();
 
   const uint64_t n_bytes = (numel + 1) / 2;
-  const uint64_t byte0 = ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+  const uint64_t byte0 = ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) * BYTES;
   if (byte0 >= n_bytes) return;
   const uint64_t elem0 = byte0 * 2;
-  // blocksize >= 16 and a multiple of 16: the 16 weights share one absmax.
+  // blocksize is a multiple of 2 * BYTES: the weights of one thread share one absmax.
   const uint64_t b = elem0 / blocksize;
   float absmax;
   if (double_quant) {
@@ -54,41 +57,51 @@ __device__ __forceinline__ void nf4_dequant_impl(const uint8_t *__restrict__ cod
     absmax = stats[b];
   }
 
-  if (byte0 + 8 <= n_bytes && elem0 + 16 <= numel) {
-    const uint2 packed = *reinterpret_cast<const uint2 *>(codes + byte0);
-    T vals[16];
+  if (byte0 + BYTES <= n_bytes && elem0 + 2 * BYTES <= numel) {
+    uint32_t words[BYTES / 4];
+    if constexpr (BYTES == 16) {
+      const uint4 packed = *reinterpret_cast<const uint4 *>(codes + byte0);
+      words[0] = packed.x; words[1] = packed.y; words[2] = packed.z; words[3] = packed.w;
+    } else {
+      const uint2 packed = *reinterpret_cast<const uint2 *>(codes + byte0);
+      words[0] = packed.x; words[1] = packed.y;
+    }
+    T vals[2 * BYTES];
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const uint32_t word = k < 4 ? packed.x : packed.y;
-      const uint32_t byte = (word >> (8 * (k & 3))) & 0xff;
+    for (int k = 0; k < BYTES; ++k) {
+      const uint32_t byte = (words[k >> 2] >> (8 * (k & 3))) & 0xff;
       vals[2 * k] = cast_out<T>(__fmul_rn(code[byte >> 4], absmax));
       vals[2 * k + 1] = cast_out<T>(__fmul_rn(code[byte & 15], absmax));
     }
     uint4 *dst = reinterpret_cast<uint4 *>(out + elem0);
     const uint4 *src = reinterpret_cast<const uint4 *>(vals);
 #pragma unroll
-    for (int k = 0; k < (int)(16 * sizeof(T) / 16); ++k) dst[k] = src[k];
+    for (int k = 0; k < (int)(2 * BYTES * sizeof(T) / 16); ++k) dst[k] = src[k];
   } else {
     // Tail: the last few bytes, and an odd final element.
-    for (uint64_t i = byte0; i < n_bytes; ++i) {
+    for (uint64_t i = byte0; i < n_bytes && i < byte0 + BYTES; ++i) {
       const uint8_t byte = codes[i];
       const uint64_t e = i * 2;
-      out[e] = cast_out<T>(__fmul_rn(code[byte >> 4], absmax));
-      if (e + 1 < numel) out[e + 1] = cast_out<T>(__fmul_rn(code[byte & 15], absmax));
+      const float am = double_quant
+          ? __fadd_rn(__fmul_rn(nested_code[codes[n_bytes + e / blocksize]],
+                                stats[257 + (e / blocksize) / nested_blocksize]),
+                      stats[0])
+          : stats[e / blocksize];
+      out[e] = cast_out<T>(__fmul_rn(code[byte >> 4], am));
+      if (e + 1 < numel) out[e + 1] = cast_out<T>(__fmul_rn(code[byte & 15], am));
     }
   }
 }
 
-extern "C" __global__ void nf4_dequant_bf16(const uint8_t *codes, const float *stats,
-                                            __nv_bfloat16 *out, uint64_t numel,
-                                            uint32_t blocksize, uint32_t nested_blocksize,
-                                            uint32_t double_quant) {
-  nf4_dequant_impl<__nv_bfloat16>(codes, stats, out, numel, blocksize, nested_blocksize,
-                                  double_quant);
-}
-
-extern "C" __global__ void nf4_dequant_f32(const uint8_t *codes, const float *stats, float *out,
-                                           uint64_t numel, uint32_t blocksize,
-                                           uint32_t nested_blocksize, uint32_t double_quant) {
-  nf4_dequant_impl<float>(codes, stats, out, numel, blocksize, nested_blocksize, double_quant);
-}
+#define QT_NF4(T, S, BYTES, SUFFIX)                                                            \
+  extern "C" __global__ void nf4_dequant_##S##SUFFIX(const uint8_t *codes, const float *stats, \
+                                                    T *out, uint64_t numel, uint32_t blocksize, \
+                                                    uint32_t nested_blocksize,                \
+                                                    uint32_t double_quant) {                  \
+    nf4_dequant_impl<T, BYTES>(codes, stats, out, numel, blocksize, nested_blocksize,          \
+                               double_quant);                                                  \
+  }
+QT_NF4(__nv_bfloat16, bf16, 8, )
+QT_NF4(float, f32, 8, )
+QT_NF4(__nv_bfloat16, bf16, 16, _wide)
+QT_NF4(float, f32, 16, _wide)

@@ -172,10 +172,12 @@ pub fn run(a: Args) -> Result<()> {
     )?;
     device.synchronize()?;
     let load_s = t.elapsed().as_secs_f64();
+    let used_after_load = device_used(&device);
     eprintln!(
-        "loaded in {load_s:.1}s ({outcome:?}): {:.2} GB frozen on {:?}",
+        "loaded in {load_s:.1}s ({outcome:?}): {:.2} GB frozen on {:?}; device memory in use {}",
         base.storage_bytes() as f64 / 1e9,
-        device
+        device,
+        used_after_load.map_or("n/a".into(), |b| format!("{:.0} MiB", b as f64 / 1048576.0))
     );
     let target_list = targets(&a.targets)?;
     let target_projs = LoraConfig::parse_targets(&target_list)?;
@@ -309,6 +311,12 @@ pub fn run(a: Args) -> Result<()> {
             "peak_device_used_mib": peak_used as f64 / 1048576.0,
             "engine_buffers_peak_mib": stepper.engine_peak().map(|b| b as f64 / 1048576.0),
             "frozen_mib": base.storage_bytes() as f64 / 1048576.0,
+            "device_used_after_load_mib": used_after_load.map(|b| b as f64 / 1048576.0),
+            "engine_workspace_plan_mib": match &stepper {
+                Stepper::FusedBf16(e, _) => Some(e.plan_for(b, s).total_bytes() as f64 / 1048576.0),
+                Stepper::FusedF32(e, _) => Some(e.plan_for(b, s).total_bytes() as f64 / 1048576.0),
+                Stepper::Reference { .. } => None,
+            },
             "trainable_params": trainable,
             "load_s": load_s,
         });

@@ -48,6 +48,23 @@ pub fn run(a: Args) -> Result<()> {
     let q = Nf4Tensor::quantize(&w, &[rows, cols], 64, true)?;
     let want = q.dequantize_to_vec();
     let dq = qtrain_kernels::Nf4Device::from_host(&q, &gpu)?;
+    // The ceiling a memory-bound kernel works against: a device-to-device copy of
+    // 1 GiB, counting the bytes read plus the bytes written.
+    let copy_gbs = {
+        let kd = qtrain_kernels::Dev::from_candle(&gpu)?;
+        let n = 1 << 28;
+        let (a, b) = (
+            kd.zeros::<f32>(n, "copy src")?,
+            kd.zeros::<f32>(n, "copy dst")?,
+        );
+        let secs = qtrain_kernels::selftest::time_it(&kd, 10, || {
+            kd.copy(a.all(), b.all())?;
+            Ok(())
+        })?;
+        let gbs = 2.0 * (n * 4) as f64 / secs / 1e9;
+        println!("device copy bandwidth (read + write, 1 GiB): {gbs:.0} GB/s");
+        gbs
+    };
     for dtype in [DType::F32, DType::BF16] {
         let out = Tensor::zeros((rows, cols), dtype, &gpu)?;
         dq.dequantize_into(&out)?;
@@ -69,10 +86,11 @@ pub fn run(a: Args) -> Result<()> {
         let bytes = dq.storage_bytes() as f64 + (rows * cols * dtype.size_in_bytes()) as f64;
         let ok = err <= tol;
         println!(
-            "nf4 dequantize {rows}x{cols} -> {dtype:?}: max rel err {err:.2e} (tol {tol:.1e}) {}, {:.1} us, {:.0} GB/s",
+            "nf4 dequantize {rows}x{cols} -> {dtype:?}: max rel err {err:.2e} (tol {tol:.1e}) {}, {:.1} us, {:.0} GB/s ({:.0}% of the copy bandwidth)",
             if ok { "ok" } else { "MISMATCH" },
             secs * 1e6,
-            bytes / secs / 1e9
+            bytes / secs / 1e9,
+            100.0 * bytes / secs / 1e9 / copy_gbs
         );
         if !ok {
             failures.push(format!("nf4 dequantize {dtype:?}"));

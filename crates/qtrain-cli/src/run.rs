@@ -46,6 +46,38 @@ pub struct Args {
     devices: Option<Vec<usize>>,
 }
 
+/// The data-parallel group of this process: NCCL between the workers a launcher
+/// started (rank 0 serves the NCCL id at MASTER_ADDR:MASTER_PORT), or this process
+/// alone.
+fn collective(
+    world: Option<&qtrain_dist::WorldEnv>,
+    cfg: &RunConfig,
+) -> Result<std::sync::Arc<dyn qtrain_dist::Collective>> {
+    let Some(w) = world.filter(|w| w.is_distributed()) else {
+        return Ok(std::sync::Arc::new(qtrain_dist::SingleProcess));
+    };
+    #[cfg(feature = "cuda")]
+    {
+        let device = qtrain_train::models::device(&cfg.model.device)?;
+        let stream = device
+            .as_cuda_device()
+            .context("data-parallel workers compute on a CUDA device")?
+            .cuda_stream();
+        let nccl = qtrain_dist::Nccl::init(w, stream, &qtrain_dist::NcclOptions::default())
+            .with_context(|| format!("rank {} of {}: NCCL init", w.rank, w.world_size))?;
+        Ok(std::sync::Arc::new(nccl))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = cfg;
+        bail!(
+            "rank {} of {}: data-parallel workers need the CUDA build (NCCL); this qtrain was built for the CPU",
+            w.rank,
+            w.world_size
+        )
+    }
+}
+
 pub fn run(a: Args) -> Result<()> {
     // A launcher's variables (RANK, WORLD_SIZE, ...) make this process a worker;
     // without them, --gpus/--devices > 1 make it the supervisor of the workers.
@@ -89,14 +121,7 @@ pub fn run(a: Args) -> Result<()> {
         // The config is checked once here, before any worker starts.
         return supervise_workers(selection.as_ref().expect("selection"));
     }
-    if let Some(w) = world.as_ref().filter(|w| w.is_distributed()) {
-        bail!(
-            "rank {} of {}: this qtrain's trainer does not run data-parallel workers \
-             (RANK/WORLD_SIZE are set by a launcher); run one process per machine without them",
-            w.rank,
-            w.world_size
-        );
-    }
+    let collective = collective(world.as_ref(), &cfg)?;
     let stop = qtrain_train::signals::install_handler()
         .context("installing the SIGINT/SIGTERM handler")?;
     let resume = a.resume.as_deref().map(|r| match r {
@@ -111,6 +136,7 @@ pub fn run(a: Args) -> Result<()> {
         stop: stop.flag(),
         halt_at_step: a.stop_at_step,
         cache_root: qtrain_model::bnb::default_cache_root(),
+        collective,
     })?;
 
     println!();

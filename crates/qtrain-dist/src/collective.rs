@@ -45,6 +45,23 @@ pub trait Collective: Send + Sync {
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
 
+    /// Sums `len` f32 at device address `ptr` over the ranks in place, enqueued on
+    /// the CUDA stream `stream` and waited for. `Ok(false)` when this backend has
+    /// no device path: the caller then stages the buffer through the host.
+    ///
+    /// # Safety
+    /// `ptr` must address `len` f32 of device memory of this rank's GPU, allocated
+    /// and not written by other streams until the call returns; `stream` must be a
+    /// live stream of that GPU's context.
+    unsafe fn device_all_reduce_sum_f32(
+        &self,
+        _ptr: u64,
+        _len: usize,
+        _stream: *mut std::ffi::c_void,
+    ) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Whether this is the rank that writes checkpoints, metrics and the adapter.
     fn is_root(&self) -> bool {
         self.rank() == 0

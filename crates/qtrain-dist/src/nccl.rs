@@ -443,6 +443,19 @@ impl Collective for Nccl {
         self.rank
     }
 
+    unsafe fn device_all_reduce_sum_f32(
+        &self,
+        ptr: u64,
+        len: usize,
+        stream: *mut std::ffi::c_void,
+    ) -> Result<bool> {
+        let stream = stream as dsys::CUstream;
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { self.all_reduce_sum_f32_device(ptr as dsys::CUdeviceptr, len, stream)? };
+        self.wait(stream)?;
+        Ok(true)
+    }
+
     fn world_size(&self) -> usize {
         self.world
     }

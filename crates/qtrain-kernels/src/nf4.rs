@@ -50,10 +50,14 @@ pub fn dequantize_view<T: crate::Float>(
             "the CUDA kernel needs a blocksize and size multiple of 16"
         );
         use crate::cuda::PushKernelArg;
-        let kname = match T::KIND {
-            crate::FloatKind::Bf16 => "nf4_dequant_bf16",
-            crate::FloatKind::F32 => "nf4_dequant_f32",
-            k => {
+        // 16 code bytes per thread when a block holds a multiple of 32 weights.
+        let wide = meta.blocksize % 32 == 0;
+        let kname = match (T::KIND, wide) {
+            (crate::FloatKind::Bf16, false) => "nf4_dequant_bf16",
+            (crate::FloatKind::F32, false) => "nf4_dequant_f32",
+            (crate::FloatKind::Bf16, true) => "nf4_dequant_bf16_wide",
+            (crate::FloatKind::F32, true) => "nf4_dequant_f32_wide",
+            (k, _) => {
                 return Err(crate::KernelError::Unsupported {
                     op: "nf4 dequantize",
                     msg: format!("{k:?} output"),
@@ -76,7 +80,7 @@ pub fn dequantize_view<T: crate::Float>(
             .arg(&bs)
             .arg(&nb)
             .arg(&dq);
-        let threads = meta.numel.div_ceil(2).div_ceil(8);
+        let threads = meta.numel.div_ceil(2).div_ceil(if wide { 16 } else { 8 });
         // SAFETY: arguments match `nf4_dequant_*`; the kernel bounds-checks each thread.
         return unsafe {
             crate::cuda::launch("nf4 dequantize", b, crate::cuda::grid_1d(threads, 256))
@@ -278,7 +282,8 @@ impl InplaceOp3 for Nf4DequantOp {
         let (d0, d1) = dst_l.contiguous_offsets().expect("contiguous output");
         let codes = codes.as_cuda_slice::<u8>()?.slice(c0..c1);
         let stats = stats.as_cuda_slice::<f32>()?.slice(s0..s1);
-        let threads = self.numel.div_ceil(2).div_ceil(8) as u32;
+        let wide = self.blocksize % 32 == 0;
+        let threads = self.numel.div_ceil(2).div_ceil(if wide { 16 } else { 8 }) as u32;
         let cfg = LaunchConfig {
             grid_dim: (threads.div_ceil(256), 1, 1),
             block_dim: (256, 1, 1),
@@ -290,8 +295,15 @@ impl InplaceOp3 for Nf4DequantOp {
         let dq = self.double_quant as u32;
         match dst.dtype() {
             DType::BF16 => {
-                let func =
-                    dev.get_or_load_custom_func("nf4_dequant_bf16", "qtrain_nf4", crate::ptx::NF4)?;
+                let func = dev.get_or_load_custom_func(
+                    if wide {
+                        "nf4_dequant_bf16_wide"
+                    } else {
+                        "nf4_dequant_bf16"
+                    },
+                    "qtrain_nf4",
+                    crate::ptx::NF4,
+                )?;
                 let mut out = dst.as_cuda_slice_mut::<half::bf16>()?.slice_mut(d0..d1);
                 let mut b = func.builder();
                 b.arg(&codes);
@@ -303,8 +315,15 @@ impl InplaceOp3 for Nf4DequantOp {
                 unsafe { b.launch(cfg) }.w()?;
             }
             DType::F32 => {
-                let func =
-                    dev.get_or_load_custom_func("nf4_dequant_f32", "qtrain_nf4", crate::ptx::NF4)?;
+                let func = dev.get_or_load_custom_func(
+                    if wide {
+                        "nf4_dequant_f32_wide"
+                    } else {
+                        "nf4_dequant_f32"
+                    },
+                    "qtrain_nf4",
+                    crate::ptx::NF4,
+                )?;
                 let mut out = dst.as_cuda_slice_mut::<f32>()?.slice_mut(d0..d1);
                 let mut b = func.builder();
                 b.arg(&codes);

@@ -18,6 +18,7 @@
 //! can resume on either.
 
 use crate::trainer::TrainError;
+use qtrain_dist::Collective;
 use qtrain_engine::{Engine, EngineOptions};
 use qtrain_lora::lora::HostTensor;
 use qtrain_lora::{
@@ -32,10 +33,33 @@ use std::path::Path;
 
 type Result<T> = std::result::Result<T, TrainError>;
 
+impl From<qtrain_kernels::KernelError> for TrainError {
+    fn from(e: qtrain_kernels::KernelError) -> Self {
+        TrainError::Other(format!("device: {e}"))
+    }
+}
+
 impl From<qtrain_engine::EngineError> for TrainError {
     fn from(e: qtrain_engine::EngineError) -> Self {
         TrainError::Other(format!("fused engine: {e}"))
     }
+}
+
+/// The device all-reduce of a gradient buffer when the collective has one (NCCL).
+fn device_all_reduce(
+    coll: &dyn Collective,
+    dev: &qtrain_kernels::Dev,
+    grads: qtrain_kernels::View<'_, f32>,
+) -> std::result::Result<bool, qtrain_dist::DistError> {
+    #[cfg(feature = "cuda")]
+    if let Some(c) = dev.cuda() {
+        let stream = c.stream().cu_stream() as *mut std::ffi::c_void;
+        // SAFETY: `grads` is a live device buffer of this GPU written only by the
+        // engine's stream, which is the stream the reduction is enqueued on.
+        return unsafe { coll.device_all_reduce_sum_f32(grads.dptr(), grads.len(), stream) };
+    }
+    let _ = (coll, dev, grads);
+    Ok(false)
 }
 
 /// Which step implementation `train.engine` asks for.
@@ -230,22 +254,75 @@ impl Backend {
         })
     }
 
-    /// Clips the accumulated gradients to `max_norm` (0: no clipping) and returns
-    /// their norm before clipping (non-finite when any gradient is).
-    pub fn clip(&mut self, max_norm: f32) -> Result<f32> {
+    /// Sums the accumulated gradients over the ranks of `coll` (data parallelism;
+    /// nothing to do for one process), then clips them to `max_norm` (0: no
+    /// clipping) and returns their norm before clipping (non-finite when any
+    /// gradient is). Every rank ends with the same gradients, hence the same norm
+    /// and the same update.
+    pub fn reduce_and_clip(&mut self, coll: &dyn Collective, max_norm: f32) -> Result<f32> {
+        let dist = |e: qtrain_dist::DistError| TrainError::Other(format!("data parallel: {e}"));
         match &mut self.kind {
             Kind::Reference {
                 grads, host_grads, ..
             } => {
                 *host_grads = grads.to_host()?;
+                if coll.world_size() > 1 {
+                    let mut flat: Vec<f32> = host_grads
+                        .iter()
+                        .flat_map(|g| g.1.iter().copied())
+                        .collect();
+                    coll.all_reduce_sum_f32(&mut flat).map_err(dist)?;
+                    let mut off = 0;
+                    for g in host_grads.iter_mut() {
+                        let n = g.1.len();
+                        g.1.copy_from_slice(&flat[off..off + n]);
+                        off += n;
+                    }
+                }
                 let mut slices: Vec<&mut [f32]> =
                     host_grads.iter_mut().map(|g| g.1.as_mut_slice()).collect();
                 Ok(clip_grad_norm(&mut slices, max_norm))
             }
             Kind::Fused { engine, .. } => Ok(with_engine!(engine.as_ref(), e => {
-                qtrain_optim::device::clip_grad_norm(e.device(), e.lora().grads.all(), max_norm)?
+                let dev = e.device();
+                let grads = e.lora().grads.all();
+                if coll.world_size() > 1 && !device_all_reduce(coll, dev, grads).map_err(dist)? {
+                    // No device path (e.g. ranks as threads): stage through the host.
+                    let mut flat = dev.download(grads)?;
+                    coll.all_reduce_sum_f32(&mut flat).map_err(dist)?;
+                    dev.write(grads, &flat)?;
+                }
+                qtrain_optim::device::clip_grad_norm(dev, grads, max_norm)?
             })),
         }
+    }
+
+    /// Makes every rank start from rank 0's adapters (initial or resumed).
+    pub fn broadcast_params(&mut self, coll: &dyn Collective) -> Result<()> {
+        if coll.world_size() == 1 {
+            return Ok(());
+        }
+        let dist = |e: qtrain_dist::DistError| TrainError::Other(format!("data parallel: {e}"));
+        let mut params = self.params()?;
+        let mut flat: Vec<f32> = params.iter().flat_map(|p| p.1.iter().copied()).collect();
+        coll.broadcast_f32(&mut flat).map_err(dist)?;
+        let mut off = 0;
+        for p in params.iter_mut() {
+            let n = p.1.len();
+            p.1.copy_from_slice(&flat[off..off + n]);
+            off += n;
+        }
+        match &mut self.kind {
+            Kind::Reference { params: mine, .. } => {
+                *mine = params;
+                self.lora.update_from_host(mine)?;
+            }
+            Kind::Fused { engine, .. } => {
+                with_engine!(engine.as_ref(), e => e.lora().params_from_host(e.device(), &params)?);
+                self.lora_stale = true;
+            }
+        }
+        Ok(())
     }
 
     /// The optimizer update with learning rate `lr`, from the clipped gradients.

@@ -21,6 +21,7 @@ use crate::models::{self, ModelSourceError};
 use crate::peft::{self, PeftDtype, PeftSettings};
 use crate::planner::{Budget, Clock, Plan, Planner, PlannerState};
 use qtrain_data::{BatchStream, DataCursor, DatasetConfig, Encoder, EvalStream, Sample};
+use qtrain_dist::{agreed_loss_denominator, Collective, StepSharding};
 use qtrain_lora::lora::HostTensor;
 use qtrain_lora::{LoraConfig, LoraWeights, StepOptions, TokenBatch};
 use qtrain_model::{BaseModel, LoadOptions, Proj, Quantization};
@@ -91,6 +92,10 @@ pub struct RunOptions {
     pub halt_at_step: Option<u64>,
     /// Where `builtin:` models and the quantized cache live.
     pub cache_root: PathBuf,
+    /// The data-parallel group this process trains in (`SingleProcess` alone).
+    /// Rank 0 decides (planner, stop), writes checkpoints, metrics and exports;
+    /// every rank trains on its share of each optimizer step's micro-batches.
+    pub collective: Arc<dyn Collective>,
 }
 
 /// What a finished run reports.
@@ -324,7 +329,10 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         stop,
         halt_at_step,
         cache_root,
+        collective: coll,
     } = opts;
+    let root = coll.is_root();
+    let dist = |e: qtrain_dist::DistError| TrainError::Other(format!("data parallel: {e}"));
     let out_dir = cfg.checkpoint.output_dir.clone();
     let ckpt_root = out_dir.join("checkpoints");
     std::fs::create_dir_all(&out_dir)
@@ -417,6 +425,11 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     }
     let choice = EngineChoice::parse(&cfg.train.engine).unwrap_or(EngineChoice::Auto);
     let mut backend = Backend::new(&base, lora, opt, choice)?;
+    // Every rank starts from rank 0's adapters and must read the same data.
+    backend.broadcast_params(&*coll)?;
+    // `train.grad_accum` counts the micro-batches of a global optimizer step; the
+    // ranks split them (so a resume on another number of GPUs trains the same steps).
+    let sharding = StepSharding::new(cfg.train.grad_accum, coll.world_size()).map_err(dist)?;
     let mut stream = match &resumed {
         Some(st) => BatchStream::resume(&cfg.data, encoder.clone(), &st.data_cursor)?,
         None => BatchStream::new(&cfg.data, encoder.clone())?,
@@ -452,8 +465,13 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         );
     }
 
-    let mut sink = MetricsSink::create(&out_dir, cfg.log.jsonl, cfg.log.tensorboard)?;
-    let prompts = sample_prompts(&cfg.data, cfg.eval.samples)?;
+    let mut sink =
+        MetricsSink::create(&out_dir, cfg.log.jsonl && root, cfg.log.tensorboard && root)?;
+    let prompts = if root {
+        sample_prompts(&cfg.data, cfg.eval.samples)?
+    } else {
+        Vec::new()
+    };
     let before = if resumed.is_none() {
         answer(
             &base,
@@ -467,6 +485,7 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     };
     let first_eval_loss = match &resumed {
         Some(st) => st.first_eval_loss,
+        None if !root => None,
         None => {
             let l = evaluate(
                 &mut backend,
@@ -536,17 +555,28 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     let mut window_tokens = 0u64;
     let mut window_start = Instant::now();
 
-    while !planner.should_stop() {
-        if stop.load(Ordering::SeqCst) {
+    loop {
+        // Rank 0's planner decides; a signal on any rank stops all of them.
+        if coll
+            .broadcast_u64(planner.should_stop() as u64)
+            .map_err(dist)?
+            != 0
+        {
+            break;
+        }
+        if coll.any(stop.load(Ordering::SeqCst)).map_err(dist)? {
             stopped_by_signal = true;
             break;
         }
         let t0 = Instant::now();
-        let mut micro = Vec::with_capacity(accum);
-        for _ in 0..accum {
-            micro.push(stream.next().ok_or(TrainError::NoData)??);
-        }
-        let valid: usize = micro.iter().map(|b| b.valid_tokens).sum();
+        let share = sharding.take_step(
+            coll.rank(),
+            || -> Result<qtrain_data::Batch> {
+                stream.next().ok_or(TrainError::NoData)?.map_err(Into::into)
+            },
+            |b| b.valid_tokens as u64,
+        )?;
+        let valid = agreed_loss_denominator(&*coll, &share).map_err(dist)? as usize;
         if valid == 0 {
             // Reported, never trained on: the data crate counts such documents too.
             tracing::warn!(
@@ -555,25 +585,30 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
             continue;
         }
         backend.zero_grads()?;
-        let mut loss_sum = 0.0;
-        for (i, b) in micro.iter().enumerate() {
+        let mut loss_sum = [0.0f64];
+        for (i, b) in share.indexed() {
             let so = StepOptions {
                 checkpointing: cfg.train.gradient_checkpointing,
                 dropout_seed: cfg.train.seed,
-                micro_step: step * accum as u64 + i as u64,
+                micro_step: sharding.micro_step(step, i),
             };
-            loss_sum += backend
+            loss_sum[0] += backend
                 .micro_step(&base, &to_token_batch(b)?, &so, valid as f64)?
                 .loss_sum;
         }
-        let loss = loss_sum / valid as f64;
-        let grad_norm = backend.clip(cfg.train.max_grad_norm)?;
+        coll.all_reduce_sum_f64(&mut loss_sum).map_err(dist)?;
+        let loss = loss_sum[0] / valid as f64;
+        let grad_norm = backend.reduce_and_clip(&*coll, cfg.train.max_grad_norm)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
             nonfinite += 1;
             tracing::warn!("step {step}: loss {loss}, grad norm {grad_norm}: skipping the update ({nonfinite} in a row)");
             if nonfinite >= cfg.train.max_nonfinite_steps {
                 let st = state_now(step, tokens_seen, &planner, &stream, nonfinite);
-                let checkpoint = save(step, &backend, st)?;
+                let checkpoint = if root {
+                    save(step, &backend, st)?
+                } else {
+                    PathBuf::new()
+                };
                 return Err(TrainError::NonFinite {
                     count: nonfinite,
                     step,
@@ -583,13 +618,15 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
             continue;
         }
         nonfinite = 0;
-        let lr = sched.lr_at(step, planner.plan().total_steps);
+        let total_steps = coll
+            .broadcast_u64(planner.plan().total_steps)
+            .map_err(dist)?;
+        let lr = sched.lr_at(step, total_steps);
         backend.update(lr)?;
         step += 1;
-        let step_tokens: u64 = micro
-            .iter()
-            .map(|b| (b.batch_size * b.seq_len) as u64)
-            .sum();
+        // Micro-batches are packed to a fixed [batch, seq]: every step has the same
+        // token count, whichever rank holds which micro-batch.
+        let step_tokens = tokens_per_step;
         tokens_seen += step_tokens;
         window_tokens += step_tokens;
         last_loss = Some(loss);
@@ -615,7 +652,7 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
                 ..Record::default()
             })?;
         }
-        if cfg.eval.every_steps > 0 && step.is_multiple_of(cfg.eval.every_steps) {
+        if root && cfg.eval.every_steps > 0 && step.is_multiple_of(cfg.eval.every_steps) {
             let t = Instant::now();
             if let Some(l) = evaluate(
                 &mut backend,
@@ -641,7 +678,7 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
             || (cfg.checkpoint.every_minutes > 0.0 && minutes_since >= cfg.checkpoint.every_minutes)
             // Measure what a checkpoint costs early, so the final one is planned for.
             || !measured_reserve;
-        if periodic {
+        if periodic && root {
             let t = Instant::now();
             last_checkpoint = Some(save(
                 step,
@@ -663,14 +700,33 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     }
     bar.finish_and_clear();
 
-    // ---- final checkpoint, adapter, evaluation
+    // ---- final checkpoint, adapter, evaluation (rank 0; the others learn where
+    // the checkpoint went and leave)
+    let adapter_dir = out_dir.join("adapter");
+    if !root {
+        let mut path = Vec::new();
+        coll.broadcast_bytes(&mut path).map_err(dist)?;
+        return Ok(RunSummary {
+            steps: step,
+            tokens: tokens_seen,
+            elapsed: planner.elapsed(),
+            last_train_loss: last_loss,
+            first_eval_loss,
+            final_eval_loss: None,
+            checkpoint: PathBuf::from(String::from_utf8_lossy(&path).into_owned()),
+            adapter_dir,
+            samples: Vec::new(),
+            stopped_by_signal,
+        });
+    }
     let checkpoint = save(
         step,
         &backend,
         state_now(step, tokens_seen, &planner, &stream, nonfinite),
     )?;
+    coll.broadcast_bytes(&mut checkpoint.to_string_lossy().into_owned().into_bytes())
+        .map_err(dist)?;
     last_checkpoint.replace(checkpoint.clone());
-    let adapter_dir = out_dir.join("adapter");
     peft::write_peft_adapter(
         &adapter_dir,
         &backend.params()?,

@@ -61,6 +61,7 @@ fn go(
         stop: Arc::new(AtomicBool::new(stop)),
         halt_at_step: halt,
         cache_root: cache.to_path_buf(),
+        collective: std::sync::Arc::new(qtrain_dist::SingleProcess),
     })
     .unwrap()
 }
@@ -155,6 +156,7 @@ fn stop_signal_checkpoints_and_resume_refuses_other_settings() {
         stop: Arc::new(AtomicBool::new(false)),
         halt_at_step: None,
         cache_root: cache.path().to_path_buf(),
+        collective: std::sync::Arc::new(qtrain_dist::SingleProcess),
     })
     .unwrap_err()
     .to_string();
@@ -178,6 +180,7 @@ fn corrupt_checkpoint_is_reported() {
         stop: Arc::new(AtomicBool::new(false)),
         halt_at_step: None,
         cache_root: cache.path().to_path_buf(),
+        collective: std::sync::Arc::new(qtrain_dist::SingleProcess),
     })
     .unwrap_err()
     .to_string();
@@ -297,5 +300,74 @@ fn fused_engine_trains_like_the_reference_and_resumes_exactly() {
         if let Err(e) = same_safetensors(&x, &y) {
             panic!("{name} after resume of the fused run: {e}");
         }
+    }
+}
+
+/// Data parallelism through the trainer: two ranks (threads of an in-process
+/// group) each train one of the two micro-batches of every optimizer step and
+/// all-reduce their gradients; the result is the single-process run's, to f32
+/// rounding, on both backends. Only rank 0 writes the checkpoint and the adapter.
+#[test]
+fn two_ranks_train_like_one_process() {
+    let cache = tempfile::tempdir().unwrap();
+    for engine in ["reference", "fused"] {
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let with = |out: &Path| {
+            let mut cfg = config(out, 4);
+            cfg.train.engine = engine.into();
+            // f32 state: see fused_engine_trains_like_the_reference_and_resumes_exactly.
+            cfg.optimizer.kind = "adamw32".into();
+            cfg
+        };
+        let single = go(with(one.path()), cache.path(), None, None, false);
+        let summaries = qtrain_dist::ThreadGroup::run(2, |comm| {
+            run(RunOptions {
+                config: with(two.path()),
+                resume: None,
+                clock: Box::new(SimClock::default()),
+                stop: Arc::new(AtomicBool::new(false)),
+                halt_at_step: None,
+                cache_root: cache.path().to_path_buf(),
+                collective: Arc::new(comm),
+            })
+            .unwrap()
+        })
+        .unwrap();
+        assert_eq!(summaries[0].steps, 4);
+        assert_eq!(summaries[1].steps, 4);
+        assert_eq!(
+            summaries[0].checkpoint, summaries[1].checkpoint,
+            "rank 1 learns rank 0's checkpoint"
+        );
+        let read = |s: &RunSummary| {
+            qtrain_train::peft::read_peft_adapter(&s.adapter_dir)
+                .unwrap()
+                .tensors
+        };
+        let (a, b) = (read(&single), read(&summaries[0]));
+        for (x, y) in a.iter().zip(&b) {
+            let scale = x.1.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff =
+                x.1.iter()
+                    .zip(&y.1)
+                    .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(
+                diff <= 1e-4 * scale.max(1e-3),
+                "{engine} {}: max diff {diff} (scale {scale})",
+                x.0
+            );
+        }
+        let (l1, l2) = (
+            single.last_train_loss.unwrap(),
+            summaries[0].last_train_loss.unwrap(),
+        );
+        assert!(
+            (l1 - l2).abs() < 1e-5 * l1,
+            "{engine}: train loss {l1} vs {l2}"
+        );
+        assert_eq!(
+            summaries[1].last_train_loss, summaries[0].last_train_loss,
+            "ranks agree on the loss"
+        );
     }
 }
