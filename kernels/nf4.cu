@@ -24,10 +24,52 @@ template <> __device__ __forceinline__ __nv_bfloat16 cast_out<__nv_bfloat16>(flo
   return __float2bfloat16_rn(v);
 }
 
-// BYTES code bytes (2 * BYTES weights) per thread: 8 (one 8-byte load) or 16 (one
-// 16-byte load, when a quantization block holds a multiple of 32 weights). More bytes
-// in flight per thread is what gets the kernel close to the copy bandwidth.
-template <typename T, int BYTES>
+// One 8-byte chunk of codes (16 weights) at byte offset `byte0`. blocksize is a
+// multiple of 16, so the chunk's weights share one absmax.
+template <typename T>
+__device__ __forceinline__ void nf4_chunk(const uint8_t *__restrict__ codes, const float *__restrict__ stats,
+                                          const float *code, const float *nested_code, T *__restrict__ out,
+                                          uint64_t numel, uint64_t n_bytes, uint64_t byte0, uint32_t blocksize,
+                                          uint32_t nested_blocksize, uint32_t double_quant, uint2 packed) {
+  const uint64_t elem0 = byte0 * 2;
+  const uint64_t b = elem0 / blocksize;
+  float absmax;
+  if (double_quant) {
+    const uint8_t *qabsmax = codes + n_bytes;
+    // _rn intrinsics: no fused multiply-add, so the result is bit-identical to the
+    // CPU reference's separate multiply and add.
+    absmax = __fadd_rn(__fmul_rn(nested_code[qabsmax[b]], stats[257 + b / nested_blocksize]), stats[0]);
+  } else {
+    absmax = stats[b];
+  }
+  if (byte0 + 8 <= n_bytes && elem0 + 16 <= numel) {
+    T vals[16];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const uint32_t word = k < 4 ? packed.x : packed.y;
+      const uint32_t byte = (word >> (8 * (k & 3))) & 0xff;
+      vals[2 * k] = cast_out<T>(__fmul_rn(code[byte >> 4], absmax));
+      vals[2 * k + 1] = cast_out<T>(__fmul_rn(code[byte & 15], absmax));
+    }
+    uint4 *dst = reinterpret_cast<uint4 *>(out + elem0);
+    const uint4 *src = reinterpret_cast<const uint4 *>(vals);
+#pragma unroll
+    for (int k = 0; k < (int)(16 * sizeof(T) / 16); ++k) dst[k] = src[k];
+  } else {
+    // Tail: the last few bytes, and an odd final element.
+    for (uint64_t i = byte0; i < n_bytes; ++i) {
+      const uint8_t byte = codes[i];
+      const uint64_t e = i * 2;
+      out[e] = cast_out<T>(__fmul_rn(code[byte >> 4], absmax));
+      if (e + 1 < numel) out[e + 1] = cast_out<T>(__fmul_rn(code[byte & 15], absmax));
+    }
+  }
+}
+
+// UNROLL chunks per thread, strided by the block width so every load stays
+// coalesced; all code loads are issued before the first is used, which keeps more
+// bytes in flight per thread (UNROLL = 1 is the plain one-chunk kernel).
+template <typename T, int UNROLL>
 __device__ __forceinline__ void nf4_dequant_impl(const uint8_t *__restrict__ codes,
                                                  const float *__restrict__ stats,
                                                  T *__restrict__ out, uint64_t numel,
@@ -40,68 +82,32 @@ __device__ __forceinline__ void nf4_dequant_impl(const uint8_t *__restrict__ cod
     for (uint32_t i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = stats[1 + i];
   }
   __syncthreads();
-
   const uint64_t n_bytes = (numel + 1) / 2;
-  const uint64_t byte0 = ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) * BYTES;
-  if (byte0 >= n_bytes) return;
-  const uint64_t elem0 = byte0 * 2;
-  // blocksize is a multiple of 2 * BYTES: the weights of one thread share one absmax.
-  const uint64_t b = elem0 / blocksize;
-  float absmax;
-  if (double_quant) {
-    const uint8_t *qabsmax = codes + n_bytes;
-    // _rn intrinsics: no fused multiply-add, so the result is bit-identical to the
-    // CPU reference's separate multiply and add.
-    absmax = __fadd_rn(__fmul_rn(nested_code[qabsmax[b]], stats[257 + b / nested_blocksize]), stats[0]);
-  } else {
-    absmax = stats[b];
+  const uint64_t first = ((uint64_t)blockIdx.x * blockDim.x * UNROLL + threadIdx.x) * 8;
+  uint2 packed[UNROLL];
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const uint64_t byte0 = first + (uint64_t)u * blockDim.x * 8;
+    packed[u] = byte0 + 8 <= n_bytes ? *reinterpret_cast<const uint2 *>(codes + byte0) : make_uint2(0, 0);
   }
-
-  if (byte0 + BYTES <= n_bytes && elem0 + 2 * BYTES <= numel) {
-    uint32_t words[BYTES / 4];
-    if constexpr (BYTES == 16) {
-      const uint4 packed = *reinterpret_cast<const uint4 *>(codes + byte0);
-      words[0] = packed.x; words[1] = packed.y; words[2] = packed.z; words[3] = packed.w;
-    } else {
-      const uint2 packed = *reinterpret_cast<const uint2 *>(codes + byte0);
-      words[0] = packed.x; words[1] = packed.y;
-    }
-    T vals[2 * BYTES];
 #pragma unroll
-    for (int k = 0; k < BYTES; ++k) {
-      const uint32_t byte = (words[k >> 2] >> (8 * (k & 3))) & 0xff;
-      vals[2 * k] = cast_out<T>(__fmul_rn(code[byte >> 4], absmax));
-      vals[2 * k + 1] = cast_out<T>(__fmul_rn(code[byte & 15], absmax));
-    }
-    uint4 *dst = reinterpret_cast<uint4 *>(out + elem0);
-    const uint4 *src = reinterpret_cast<const uint4 *>(vals);
-#pragma unroll
-    for (int k = 0; k < (int)(2 * BYTES * sizeof(T) / 16); ++k) dst[k] = src[k];
-  } else {
-    // Tail: the last few bytes, and an odd final element.
-    for (uint64_t i = byte0; i < n_bytes && i < byte0 + BYTES; ++i) {
-      const uint8_t byte = codes[i];
-      const uint64_t e = i * 2;
-      const float am = double_quant
-          ? __fadd_rn(__fmul_rn(nested_code[codes[n_bytes + e / blocksize]],
-                                stats[257 + (e / blocksize) / nested_blocksize]),
-                      stats[0])
-          : stats[e / blocksize];
-      out[e] = cast_out<T>(__fmul_rn(code[byte >> 4], am));
-      if (e + 1 < numel) out[e + 1] = cast_out<T>(__fmul_rn(code[byte & 15], am));
-    }
+  for (int u = 0; u < UNROLL; ++u) {
+    const uint64_t byte0 = first + (uint64_t)u * blockDim.x * 8;
+    if (byte0 < n_bytes)
+      nf4_chunk<T>(codes, stats, code, nested_code, out, numel, n_bytes, byte0, blocksize,
+                   nested_blocksize, double_quant, packed[u]);
   }
 }
 
-#define QT_NF4(T, S, BYTES, SUFFIX)                                                            \
+#define QT_NF4(T, S, UNROLL, SUFFIX)                                                            \
   extern "C" __global__ void nf4_dequant_##S##SUFFIX(const uint8_t *codes, const float *stats, \
                                                     T *out, uint64_t numel, uint32_t blocksize, \
                                                     uint32_t nested_blocksize,                \
                                                     uint32_t double_quant) {                  \
-    nf4_dequant_impl<T, BYTES>(codes, stats, out, numel, blocksize, nested_blocksize,          \
+    nf4_dequant_impl<T, UNROLL>(codes, stats, out, numel, blocksize, nested_blocksize,          \
                                double_quant);                                                  \
   }
-QT_NF4(__nv_bfloat16, bf16, 8, )
-QT_NF4(float, f32, 8, )
-QT_NF4(__nv_bfloat16, bf16, 16, _wide)
-QT_NF4(float, f32, 16, _wide)
+QT_NF4(__nv_bfloat16, bf16, 1, )
+QT_NF4(float, f32, 1, )
+QT_NF4(__nv_bfloat16, bf16, 4, _x4)
+QT_NF4(float, f32, 4, _x4)

@@ -308,7 +308,7 @@ pub fn run(a: Args) -> Result<()> {
                 "forward_backward": phases[0],
                 "optimizer": phases[1],
             },
-            "peak_device_used_mib": peak_used as f64 / 1048576.0,
+            "peak_device_mem_used_mib": peak_used as f64 / 1048576.0,
             "engine_buffers_peak_mib": stepper.engine_peak().map(|b| b as f64 / 1048576.0),
             "frozen_mib": base.storage_bytes() as f64 / 1048576.0,
             "device_used_after_load_mib": used_after_load.map(|b| b as f64 / 1048576.0),

@@ -65,7 +65,13 @@ pub fn run(a: Args) -> Result<()> {
         println!("device copy bandwidth (read + write, 1 GiB): {gbs:.0} GB/s");
         gbs
     };
-    for dtype in [DType::F32, DType::BF16] {
+    for (dtype, unroll) in [
+        (DType::F32, 1),
+        (DType::BF16, 1),
+        (DType::F32, 4),
+        (DType::BF16, 4),
+    ] {
+        qtrain_kernels::nf4::set_dequant_unroll(unroll);
         let out = Tensor::zeros((rows, cols), dtype, &gpu)?;
         dq.dequantize_into(&out)?;
         let got: Vec<f32> = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
@@ -86,16 +92,17 @@ pub fn run(a: Args) -> Result<()> {
         let bytes = dq.storage_bytes() as f64 + (rows * cols * dtype.size_in_bytes()) as f64;
         let ok = err <= tol;
         println!(
-            "nf4 dequantize {rows}x{cols} -> {dtype:?}: max rel err {err:.2e} (tol {tol:.1e}) {}, {:.1} us, {:.0} GB/s ({:.0}% of the copy bandwidth)",
+            "nf4 dequantize {rows}x{cols} -> {dtype:?} ({unroll} chunk(s)/thread): max rel err {err:.2e} (tol {tol:.1e}) {}, {:.1} us, {:.0} GB/s ({:.0}% of the copy bandwidth)",
             if ok { "ok" } else { "MISMATCH" },
             secs * 1e6,
             bytes / secs / 1e9,
             100.0 * bytes / secs / 1e9 / copy_gbs
         );
         if !ok {
-            failures.push(format!("nf4 dequantize {dtype:?}"));
+            failures.push(format!("nf4 dequantize {dtype:?} x{unroll}"));
         }
     }
+    qtrain_kernels::nf4::set_dequant_unroll(1);
 
     // ---- Every fused kernel against its CPU reference (bf16 on the GPU).
     let kdev = qtrain_kernels::Dev::from_candle(&gpu)?;

@@ -253,6 +253,28 @@ impl CudaDev {
         Ok(f)
     }
 
+    /// Returns the memory the stream-ordered allocator keeps cached (freed blocks
+    /// it holds for reuse) to the device, so that what the driver reports as used
+    /// is what is really held. Called after loading, whose temporaries (uploads,
+    /// quantization scratch) would otherwise stay reserved for the whole run.
+    pub fn trim_pool(&self) -> Result<()> {
+        self.synchronize()?;
+        self.bind()?;
+        let dev = self.stream.context().cu_device();
+        let mut pool = std::mem::MaybeUninit::uninit();
+        // SAFETY: plain driver queries on this context's device; the pool handle is
+        // only used for the trim.
+        unsafe {
+            sys::cuDeviceGetMemPool(pool.as_mut_ptr(), dev)
+                .result()
+                .map_err(|e| cuda_err("cuDeviceGetMemPool", e))?;
+            sys::cuMemPoolTrimTo(pool.assume_init(), 0)
+                .result()
+                .map_err(|e| cuda_err("cuMemPoolTrimTo", e))?;
+        }
+        Ok(())
+    }
+
     /// Raises a kernel's dynamic shared memory limit (needed above 48 KiB).
     pub fn set_max_dynamic_smem(&self, f: &CudaFunction, bytes: u32) -> Result<()> {
         f.set_attribute(

@@ -10,6 +10,21 @@
 use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Result, Tensor};
 use qtrain_quant::{Absmax, Nf4Tensor, NF4_CODE};
 
+static DEQUANT_UNROLL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
+/// Chunks of 8 code bytes each CUDA thread dequantizes: 1 (default) or 4 (all
+/// loads issued first). Both give identical results; `qtrain doctor` times both.
+pub fn set_dequant_unroll(u: usize) {
+    DEQUANT_UNROLL.store(
+        if u == 4 { 4 } else { 1 },
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+pub fn dequant_unroll() -> usize {
+    DEQUANT_UNROLL.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The shape of one quantized weight, as the dequantization kernel needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Nf4Meta {
@@ -50,13 +65,12 @@ pub fn dequantize_view<T: crate::Float>(
             "the CUDA kernel needs a blocksize and size multiple of 16"
         );
         use crate::cuda::PushKernelArg;
-        // 16 code bytes per thread when a block holds a multiple of 32 weights.
-        let wide = meta.blocksize % 32 == 0;
+        let wide = dequant_unroll() == 4;
         let kname = match (T::KIND, wide) {
             (crate::FloatKind::Bf16, false) => "nf4_dequant_bf16",
             (crate::FloatKind::F32, false) => "nf4_dequant_f32",
-            (crate::FloatKind::Bf16, true) => "nf4_dequant_bf16_wide",
-            (crate::FloatKind::F32, true) => "nf4_dequant_f32_wide",
+            (crate::FloatKind::Bf16, true) => "nf4_dequant_bf16_x4",
+            (crate::FloatKind::F32, true) => "nf4_dequant_f32_x4",
             (k, _) => {
                 return Err(crate::KernelError::Unsupported {
                     op: "nf4 dequantize",
@@ -80,7 +94,11 @@ pub fn dequantize_view<T: crate::Float>(
             .arg(&bs)
             .arg(&nb)
             .arg(&dq);
-        let threads = meta.numel.div_ceil(2).div_ceil(if wide { 16 } else { 8 });
+        let threads = meta
+            .numel
+            .div_ceil(2)
+            .div_ceil(8)
+            .div_ceil(if wide { 4 } else { 1 });
         // SAFETY: arguments match `nf4_dequant_*`; the kernel bounds-checks each thread.
         return unsafe {
             crate::cuda::launch("nf4 dequantize", b, crate::cuda::grid_1d(threads, 256))
@@ -282,8 +300,12 @@ impl InplaceOp3 for Nf4DequantOp {
         let (d0, d1) = dst_l.contiguous_offsets().expect("contiguous output");
         let codes = codes.as_cuda_slice::<u8>()?.slice(c0..c1);
         let stats = stats.as_cuda_slice::<f32>()?.slice(s0..s1);
-        let wide = self.blocksize % 32 == 0;
-        let threads = self.numel.div_ceil(2).div_ceil(if wide { 16 } else { 8 }) as u32;
+        let wide = dequant_unroll() == 4;
+        let threads = self
+            .numel
+            .div_ceil(2)
+            .div_ceil(8)
+            .div_ceil(if wide { 4 } else { 1 }) as u32;
         let cfg = LaunchConfig {
             grid_dim: (threads.div_ceil(256), 1, 1),
             block_dim: (256, 1, 1),

@@ -230,6 +230,15 @@ impl BaseModel {
         } else {
             opts.quantization
         };
+        // Loading's temporaries (uploads, GPU quantization scratch) were freed into
+        // the stream-ordered allocator's pool; give them back to the device so a run
+        // that quantized starts with as much free memory as one that read the cache.
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(_) = &opts.device {
+            if let Some(c) = qtrain_kernels::Dev::from_candle(&opts.device)?.cuda() {
+                c.trim_pool()?;
+            }
+        }
         Ok(Self {
             config,
             source_dir: dir.to_path_buf(),

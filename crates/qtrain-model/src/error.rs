@@ -56,6 +56,8 @@ pub enum ModelError {
     Hub(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Kernel(#[from] qtrain_kernels::KernelError),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
