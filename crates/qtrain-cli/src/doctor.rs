@@ -110,8 +110,9 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(c) = kdev.cuda() {
         let (maj, min) = c.compute_capability()?;
         let (free, total) = kdev.mem_info()?.unwrap_or((0, 0));
+        let (dmaj, dmin) = c.driver_version()?;
         println!(
-            "GPU: {} (compute capability {maj}.{min}, {} multiprocessors), {:.1} GiB, {:.1} GiB free",
+            "GPU: {} (compute capability {maj}.{min}, {} multiprocessors), driver for CUDA {dmaj}.{dmin}, {:.1} GiB, {:.1} GiB free",
             c.name()?,
             c.sm_count()?,
             total as f64 / 1073741824.0,

@@ -123,6 +123,16 @@ impl CudaDev {
             .map_err(|e| cuda_err("compute capability", e))
     }
 
+    /// The CUDA version the driver supports, e.g. `(13, 0)`.
+    pub fn driver_version(&self) -> Result<(i32, i32)> {
+        let mut v = 0i32;
+        // SAFETY: writes one int.
+        unsafe { sys::cuDriverGetVersion(&mut v) }
+            .result()
+            .map_err(|e| cuda_err("cuDriverGetVersion", e))?;
+        Ok((v / 1000, (v % 1000) / 10))
+    }
+
     pub fn name(&self) -> Result<String> {
         self.stream
             .context()
