@@ -61,6 +61,7 @@ pub fn run(a: Args) -> Result<()> {
         stop: stop.flag(),
         halt_at_step: a.stop_at_step,
         cache_root: qtrain_model::bnb::default_cache_root(),
+        engine_memory_limit: None,
     })?;
 
     println!();

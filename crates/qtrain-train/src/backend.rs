@@ -25,7 +25,13 @@ type Result<T> = std::result::Result<T, TrainError>;
 
 impl From<qtrain_engine::EngineError> for TrainError {
     fn from(e: qtrain_engine::EngineError) -> Self {
-        TrainError::Other(format!("fused engine: {e}"))
+        use qtrain_engine::EngineError::Kernel;
+        use qtrain_kernels::KernelError::OutOfMemory;
+        match e {
+            // Kept apart: the trainer recovers from it (crate::micro).
+            Kernel(OutOfMemory { .. }) => TrainError::OutOfMemory(format!("fused engine: {e}")),
+            e => TrainError::Other(format!("fused engine: {e}")),
+        }
     }
 }
 
@@ -45,6 +51,16 @@ impl EngineChoice {
             "fused" => Some(Self::Fused),
             "reference" => Some(Self::Reference),
             _ => None,
+        }
+    }
+
+    /// Whether this choice runs the fused engine for a model in `dtype`, on a GPU or
+    /// not (what [`Backend::new`] decides; the memory model asks the same question).
+    pub fn is_fused(self, on_gpu: bool, dtype: candle_core::DType) -> bool {
+        match self {
+            EngineChoice::Reference => false,
+            EngineChoice::Fused => true,
+            EngineChoice::Auto => on_gpu && dtype == candle_core::DType::BF16,
         }
     }
 }
@@ -87,11 +103,7 @@ impl Backend {
     /// Builds the backend `choice` resolves to for `base`, starting from `lora`
     /// (whose values are the run's initial or resumed adapters) and `opt`.
     pub fn new(base: &BaseModel, lora: LoraWeights, opt: Box<dyn Optimizer>, choice: EngineChoice) -> Result<Self> {
-        let fused = match choice {
-            EngineChoice::Reference => false,
-            EngineChoice::Fused => true,
-            EngineChoice::Auto => base.device.is_cuda() && base.dtype == candle_core::DType::BF16,
-        };
+        let fused = choice.is_fused(base.device.is_cuda(), base.dtype);
         let params = lora.to_host()?;
         let kind = if fused {
             let opts = EngineOptions::default();
@@ -119,6 +131,21 @@ impl Backend {
             lora,
             lora_stale: false,
         })
+    }
+
+    /// Caps the bytes the fused engine's own buffers may hold (`Dev::set_memory_limit`:
+    /// past it an allocation fails like an out-of-memory). For tests of the
+    /// recovery path and for emulating a smaller GPU; the reference path has no
+    /// such accounting and ignores it (with a warning).
+    pub fn set_memory_limit(&self, bytes: Option<usize>) {
+        match &self.kind {
+            Kind::Fused(e) => with_engine!(e.as_ref(), e => e.device().set_memory_limit(bytes)),
+            Kind::Reference { .. } => {
+                if bytes.is_some() {
+                    tracing::warn!("the engine memory limit applies to the fused engine only");
+                }
+            }
+        }
     }
 
     /// `"fused"` or `"reference"`, for the log.
@@ -161,10 +188,21 @@ impl Backend {
     /// Clips the accumulated gradients to `max_norm` (0: no clipping) and returns
     /// their norm before clipping (non-finite when any gradient is).
     pub fn clip(&mut self, max_norm: f32) -> Result<f32> {
+        self.clip_unscaled(max_norm, 1.0)
+    }
+
+    /// [`Backend::clip`] after multiplying the gradients by `unscale` (the inverse
+    /// of the fp16 loss scale: clipping and the update see the true gradients).
+    pub fn clip_unscaled(&mut self, max_norm: f32, unscale: f32) -> Result<f32> {
         self.host_grads = match &self.kind {
             Kind::Reference { grads } => grads.to_host()?,
             Kind::Fused(e) => with_engine!(e.as_ref(), e => e.lora().grads_to_host(e.device())?),
         };
+        if unscale != 1.0 {
+            for g in &mut self.host_grads {
+                g.1.iter_mut().for_each(|v| *v *= unscale);
+            }
+        }
         let mut slices: Vec<&mut [f32]> = self.host_grads.iter_mut().map(|g| g.1.as_mut_slice()).collect();
         Ok(clip_grad_norm(&mut slices, max_norm))
     }

@@ -61,6 +61,7 @@ fn go(
         stop: Arc::new(AtomicBool::new(stop)),
         halt_at_step: halt,
         cache_root: cache.to_path_buf(),
+        engine_memory_limit: None,
     })
     .unwrap()
 }
@@ -155,6 +156,7 @@ fn stop_signal_checkpoints_and_resume_refuses_other_settings() {
         stop: Arc::new(AtomicBool::new(false)),
         halt_at_step: None,
         cache_root: cache.path().to_path_buf(),
+        engine_memory_limit: None,
     })
     .unwrap_err()
     .to_string();
@@ -178,6 +180,7 @@ fn corrupt_checkpoint_is_reported() {
         stop: Arc::new(AtomicBool::new(false)),
         halt_at_step: None,
         cache_root: cache.path().to_path_buf(),
+        engine_memory_limit: None,
     })
     .unwrap_err()
     .to_string();
