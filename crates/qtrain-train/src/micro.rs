@@ -147,6 +147,9 @@ pub fn resolve_step_shape(
     })?;
     if cfg.data.batch_size_is_auto() || shape.micro_rows < shape.data_rows {
         let plan = spec.with_shape(shape.micro_rows, seq).plan();
+        for w in &plan.warnings {
+            tracing::warn!("memory model: {w}");
+        }
         tracing::info!(
             "micro-batch {} x {seq} ({}; predicted peak {:.0} MiB{}): {} passes per step of {} rows",
             shape.micro_rows,
