@@ -158,6 +158,9 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     let device = qtrain_train::models::device(&a.device)?;
+    // Before anything is loaded: the CUDA context and cuBLAS (memory::CONTEXT_BYTES).
+    let baseline_used = device_used(&device);
+    let gpu = qtrain_train::gpu::detect(&device)?;
     let dtype = qtrain_train::models::dtype("auto", &device);
     let t = Instant::now();
     let (base, outcome) = qtrain_model::bnb::load_cached(
@@ -172,12 +175,12 @@ pub fn run(a: Args) -> Result<()> {
     )?;
     device.synchronize()?;
     let load_s = t.elapsed().as_secs_f64();
-    let used_after_load = device_used(&device);
+    let loaded_used = device_used(&device);
     eprintln!(
         "loaded in {load_s:.1}s ({outcome:?}): {:.2} GB frozen on {:?}; device memory in use {}",
         base.storage_bytes() as f64 / 1e9,
         device,
-        used_after_load.map_or("n/a".into(), |b| format!("{:.0} MiB", b as f64 / 1048576.0))
+        loaded_used.map_or("n/a".into(), |b| format!("{:.0} MiB", b as f64 / 1048576.0))
     );
     let target_list = targets(&a.targets)?;
     let target_projs = LoraConfig::parse_targets(&target_list)?;
@@ -287,6 +290,42 @@ pub fn run(a: Args) -> Result<()> {
             losses.push(loss / valid);
         }
         let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+        // The memory model's prediction for this case (optimizer on the host, as here),
+        // next to what was measured: the numbers the runtime constants are calibrated on.
+        let predicted = qtrain_train::memory::MemorySpec {
+            model: cfg.clone(),
+            quantization: base.quantization,
+            dtype: base.dtype,
+            rank: a.rank,
+            targets: target_projs.clone(),
+            dropout: false,
+            batch: b,
+            seq: s,
+            checkpointing: true,
+            eight_bit: true,
+            optimizer: qtrain_train::memory::OptimizerPlace::Host,
+            engine: if fused {
+                qtrain_train::memory::EngineKind::Fused
+            } else {
+                qtrain_train::memory::EngineKind::Reference
+            },
+            engine_options: EngineOptions::default(),
+            compute_capability: gpu.as_ref().map(|g| g.compute_capability),
+        }
+        .plan();
+        eprintln!(
+            "memory, case {}:\n{}",
+            case.trim(),
+            qtrain_train::memory::compare(
+                &predicted,
+                &qtrain_train::memory::Measured {
+                    baseline_used,
+                    loaded_used,
+                    peak_used: (peak_used > 0).then_some(peak_used),
+                    engine_peak: stepper.engine_peak().map(|b| b as u64),
+                },
+            )
+        );
         let tokens = (b * s) as f64;
         let attn =
             2.0 * (cfg.num_hidden_layers * s * cfg.num_attention_heads * cfg.head_dim()) as f64;
@@ -311,7 +350,7 @@ pub fn run(a: Args) -> Result<()> {
             "peak_device_mem_used_mib": peak_used as f64 / 1048576.0,
             "engine_buffers_peak_mib": stepper.engine_peak().map(|b| b as f64 / 1048576.0),
             "frozen_mib": base.storage_bytes() as f64 / 1048576.0,
-            "device_used_after_load_mib": used_after_load.map(|b| b as f64 / 1048576.0),
+            "device_used_after_load_mib": loaded_used.map(|b| b as f64 / 1048576.0),
             "engine_workspace_plan_mib": match &stepper {
                 Stepper::FusedBf16(e, _) => Some(e.plan_for(b, s).total_bytes() as f64 / 1048576.0),
                 Stepper::FusedF32(e, _) => Some(e.plan_for(b, s).total_bytes() as f64 / 1048576.0),
@@ -319,6 +358,9 @@ pub fn run(a: Args) -> Result<()> {
             },
             "trainable_params": trainable,
             "load_s": load_s,
+            "baseline_used_mib": baseline_used.map(|b| b as f64 / 1048576.0),
+            "predicted_peak_mib": predicted.total() as f64 / 1048576.0,
+            "predicted_engine_mib": predicted.engine_bytes as f64 / 1048576.0,
         });
         println!("{json}");
         json_lines.push(json.to_string());

@@ -7,6 +7,7 @@ mod eval;
 mod export;
 mod generate;
 mod init_random;
+mod plan;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,10 @@ enum Command {
     /// checkpoints, exact resume and a PEFT adapter at the end. Without --config it
     /// runs the built-in tiny CPU demo.
     Run(run::Args),
+    /// Predict what a run config needs on a GPU: the memory breakdown against the
+    /// GPU's memory, the largest micro-batch and sequence length that fit, and the
+    /// estimated tokens/s and wall time. Reads only the model's config.json.
+    Plan(plan::Args),
     /// Time training steps on a model of real shape (generated if absent) and print
     /// tokens/s, step time and model FLOPs utilization as JSON lines.
     Bench(bench::Args),
@@ -68,6 +73,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run::run(a),
+        Command::Plan(a) => plan::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Doctor(a) => doctor::run(a),
         Command::Eval(a) => eval::run(a),

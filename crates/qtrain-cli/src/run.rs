@@ -137,6 +137,7 @@ pub fn run(a: Args) -> Result<()> {
         halt_at_step: a.stop_at_step,
         cache_root: qtrain_model::bnb::default_cache_root(),
         collective,
+        engine_memory_limit: None,
     })?;
 
     println!();

@@ -8,6 +8,11 @@ use serde::{Deserialize, Serialize};
 /// The source name of the embedded instruction dataset.
 pub const BUILTIN_INSTRUCTIONS: &str = "builtin:instructions";
 
+/// `batch_size = "auto"` as the field holds it: the trainer replaces it by a number
+/// of rows (from its memory model) before any stream is built; the streams refuse
+/// it. In TOML it is always written `"auto"`.
+pub const AUTO_BATCH_SIZE: usize = 0;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatasetConfig {
@@ -28,7 +33,8 @@ pub struct DatasetConfig {
     pub train_on_prompt: bool,
     /// Tokens per row.
     pub seq_len: usize,
-    /// Rows per batch.
+    /// Rows per batch, or `"auto"` ([`AUTO_BATCH_SIZE`]): sized by the trainer.
+    #[serde(with = "batch_size_serde")]
     pub batch_size: usize,
     /// Pack several documents per row (block-diagonal attention via `segment_ids`);
     /// `false` pads one document per row, bucketing rows of similar length.
@@ -167,9 +173,6 @@ impl DatasetConfig {
         if self.seq_len < 2 {
             return bad("seq_len", "must be at least 2");
         }
-        if self.batch_size == 0 {
-            return bad("batch_size", "must be at least 1");
-        }
         if !(0.0..1.0).contains(&self.eval_fraction) {
             return bad("eval_fraction", "must be in [0, 1)");
         }
@@ -182,6 +185,26 @@ impl DatasetConfig {
         Ok(())
     }
 
+    /// Whether `batch_size` is `"auto"`.
+    pub fn batch_size_is_auto(&self) -> bool {
+        self.batch_size == AUTO_BATCH_SIZE
+    }
+
+    /// [`DatasetConfig::validate`], and a concrete `batch_size`: what a stream
+    /// that batches needs.
+    pub fn validate_for_batching(&self) -> Result<()> {
+        self.validate()?;
+        if self.batch_size_is_auto() {
+            return Err(DataError::Config {
+                key: "batch_size",
+                message: "\"auto\" must be resolved to a number of rows before batching \
+                          (the trainer does this with its memory model)"
+                    .to_string(),
+            });
+        }
+        Ok(())
+    }
+
     /// Hash of everything that decides which batches come out in which order, stored
     /// in the cursor so a checkpoint is not resumed against different data settings.
     pub fn fingerprint(&self) -> u64 {
@@ -190,5 +213,58 @@ impl DatasetConfig {
         c.on_bad_line = OnBadLine::Error;
         let s = serde_json::to_string(&c).expect("config serializes");
         crate::util::fnv1a(s.as_bytes())
+    }
+}
+
+/// `batch_size` in TOML: a positive integer or `"auto"` ([`AUTO_BATCH_SIZE`]).
+mod batch_size_serde {
+    use super::AUTO_BATCH_SIZE;
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &usize, s: S) -> Result<S::Ok, S::Error> {
+        if *v == AUTO_BATCH_SIZE {
+            s.serialize_str("auto")
+        } else {
+            s.serialize_u64(*v as u64)
+        }
+    }
+
+    struct V;
+
+    const EXPECTED: &str = "a positive integer or \"auto\" for data.batch_size";
+
+    impl Visitor<'_> for V {
+        type Value = usize;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str(EXPECTED)
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<usize, E> {
+            if v == 0 {
+                return Err(E::custom(format!("expected {EXPECTED}, found 0")));
+            }
+            usize::try_from(v).map_err(|_| E::custom(format!("expected {EXPECTED}, found {v}")))
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<usize, E> {
+            if v <= 0 {
+                return Err(E::custom(format!("expected {EXPECTED}, found {v}")));
+            }
+            self.visit_u64(v as u64)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<usize, E> {
+            if v == "auto" {
+                Ok(AUTO_BATCH_SIZE)
+            } else {
+                Err(E::custom(format!("expected {EXPECTED}, found \"{v}\"")))
+            }
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        d.deserialize_any(V)
     }
 }

@@ -32,7 +32,9 @@ pub mod tiny_tokenizer;
 mod util;
 
 pub use batch::Batch;
-pub use config::{Columns, DatasetConfig, Format, OnBadLine, Truncation, BUILTIN_INSTRUCTIONS};
+pub use config::{
+    Columns, DatasetConfig, Format, OnBadLine, Truncation, AUTO_BATCH_SIZE, BUILTIN_INSTRUCTIONS,
+};
 pub use encode::{Encoder, Tokenized, IGNORE_INDEX};
 pub use error::{DataError, Location};
 pub use format::Sample;

@@ -223,7 +223,7 @@ fn fingerprint(cfg: &DatasetConfig, ds: &Dataset) -> u64 {
 
 impl Pipeline {
     fn new(cfg: &DatasetConfig, enc: Arc<Encoder>) -> Result<Self> {
-        cfg.validate()?;
+        cfg.validate_for_batching()?;
         let ds = Arc::new(Dataset::resolve(cfg)?);
         let eval = EvalSplit::new(cfg, &ds)?;
         let batcher = Batcher {
@@ -627,6 +627,7 @@ pub struct EvalStream {
 
 impl EvalStream {
     pub fn new(cfg: &DatasetConfig, encoder: Arc<Encoder>) -> Result<Self> {
+        cfg.validate_for_batching()?;
         let records = EvalRecords::new(cfg)?;
         let batcher = Batcher {
             seq_len: cfg.seq_len,

@@ -17,6 +17,6 @@ pub mod step;
 pub mod weights;
 
 pub use error::{EngineError, Result};
-pub use lora::{DeviceLora, LoraLayout};
+pub use lora::{device_lora_bytes, DeviceLora, LoraLayout};
 pub use plan::{BufferPlan, Component, PlanShape};
 pub use step::{Engine, EngineOptions};

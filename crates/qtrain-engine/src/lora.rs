@@ -117,6 +117,13 @@ pub struct DeviceLora<T: Float> {
     pub compute: DBuf<T>,
 }
 
+/// Device bytes of the adapters' buffers for `numel` parameters in a compute type of
+/// `elem` bytes: f32 master weights, f32 gradients and the compute copy, exactly
+/// what [`DeviceLora::new`] allocates.
+pub fn device_lora_bytes(numel: usize, elem: usize) -> usize {
+    numel * (4 + 4 + elem)
+}
+
 impl<T: Float> DeviceLora<T> {
     pub fn new(dev: &Dev, weights: &LoraWeights, cfg: &ModelConfig) -> Result<Self> {
         let layout = LoraLayout::new(weights, cfg)?;

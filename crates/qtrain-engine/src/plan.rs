@@ -16,6 +16,7 @@
 //! | `w_qkv w_o w_gu w_down` | one layer's weight groups | dequantized weights, reused by every layer |
 //! | `logits dlogits` | `cc·V` | one cross-entropy chunk of `cc` rows (f32, compute type) |
 
+use crate::step::EngineOptions;
 use qtrain_model::ModelConfig;
 
 /// Everything that sizes the buffers.
@@ -34,6 +35,32 @@ pub struct PlanShape {
     pub dropout: bool,
     /// Bytes per element of the compute type.
     pub elem: usize,
+}
+
+impl PlanShape {
+    /// The shape of a `batch x seq` micro-batch under `opts` with rank-`rank`
+    /// adapters (`dropout`: they carry dropout) in a compute type of `elem` bytes:
+    /// what [`crate::Engine`] allocates its workspace for, and what the memory model
+    /// of `qtrain plan` sizes without building an engine.
+    pub fn for_micro_batch(
+        opts: &EngineOptions,
+        rank: usize,
+        dropout: bool,
+        elem: usize,
+        batch: usize,
+        seq: usize,
+    ) -> Self {
+        PlanShape {
+            tokens: batch * seq,
+            batch,
+            seq,
+            mlp_chunk: opts.mlp_chunk,
+            ce_chunk: opts.ce_chunk,
+            rank,
+            dropout,
+            elem,
+        }
+    }
 }
 
 /// What a buffer is for, for the memory breakdown.

@@ -226,16 +226,14 @@ impl<T: Float> Engine<T> {
     pub fn plan_for(&self, batch: usize, seq: usize) -> BufferPlan {
         BufferPlan::new(
             &self.cfg,
-            PlanShape {
-                tokens: batch * seq,
+            PlanShape::for_micro_batch(
+                &self.opts,
+                self.lora.layout.rank,
+                self.lora.layout.dropout > 0.0,
+                std::mem::size_of::<T>(),
                 batch,
                 seq,
-                mlp_chunk: self.opts.mlp_chunk,
-                ce_chunk: self.opts.ce_chunk,
-                rank: self.lora.layout.rank,
-                dropout: self.lora.layout.dropout > 0.0,
-                elem: std::mem::size_of::<T>(),
-            },
+            ),
         )
     }
 

@@ -15,7 +15,11 @@
 //! reference into a buffer across another access.
 //!
 //! Every allocation is counted ([`Dev::held_bytes`], [`Dev::peak_bytes`]) so the
-//! memory model can be compared with what the engine really holds.
+//! memory model can be compared with what the engine really holds. An optional cap
+//! ([`Dev::set_memory_limit`]) makes an allocation past it fail exactly like a real
+//! out-of-memory ([`KernelError::OutOfMemory`]): how the CPU tests exercise the
+//! trainer's out-of-memory recovery, and a way to emulate a smaller GPU's budget
+//! for qtrain's own buffers on a larger one.
 
 use crate::error::{ensure, KernelError, Result};
 use std::cell::UnsafeCell;
@@ -113,11 +117,13 @@ impl Float for f32 {
     }
 }
 
-/// Bytes held and the high-water mark, shared by every buffer of a device.
+/// Bytes held and the high-water mark, shared by every buffer of a device; and the
+/// optional cap on the bytes held (0: none).
 #[derive(Default)]
 struct Accounting {
     held: AtomicUsize,
     peak: AtomicUsize,
+    limit: AtomicUsize,
 }
 
 impl Accounting {
@@ -209,6 +215,24 @@ impl Dev {
             .store(self.acct.held.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
+    /// Caps the bytes this device's own buffers may hold at once (`None`: no cap,
+    /// the default). An allocation that would pass the cap fails with
+    /// [`KernelError::OutOfMemory`], as if the device were full; borrowed buffers
+    /// (candle tensors) are not counted. Shared by every clone of this `Dev`.
+    pub fn set_memory_limit(&self, bytes: Option<usize>) {
+        self.acct
+            .limit
+            .store(bytes.map_or(0, |b| b.max(1)), Ordering::Relaxed);
+    }
+
+    /// The cap set by [`Dev::set_memory_limit`].
+    pub fn memory_limit(&self) -> Option<usize> {
+        match self.acct.limit.load(Ordering::Relaxed) {
+            0 => None,
+            b => Some(b),
+        }
+    }
+
     /// `(free, total)` device memory as the driver reports it (None on the CPU).
     pub fn mem_info(&self) -> Result<Option<(usize, usize)>> {
         match &*self.kind {
@@ -230,6 +254,16 @@ impl Dev {
     /// A zero-filled buffer of `len` elements; `what` names it in out-of-memory errors.
     pub fn zeros<T: Elem>(&self, len: usize, what: &str) -> Result<DBuf<T>> {
         let bytes = len * std::mem::size_of::<T>();
+        if let Some(limit) = self.memory_limit() {
+            let held = self.held_bytes();
+            if held + bytes > limit {
+                return Err(KernelError::OutOfMemory {
+                    what: what.to_string(),
+                    bytes,
+                    held,
+                });
+            }
+        }
         let mem = match &*self.kind {
             Kind::Cpu => {
                 let _ = what;
@@ -716,6 +750,34 @@ pub fn to_f32_vec<T: Float>(dev: &Dev, v: View<'_, T>) -> Result<Vec<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_limit_fails_allocations_past_it_like_an_oom() {
+        let dev = Dev::cpu();
+        dev.set_memory_limit(Some(1000));
+        let a = dev.zeros::<f32>(200, "a").unwrap(); // 800 bytes
+        let Err(e) = dev.zeros::<f32>(60, "engine buffer b") else {
+            panic!("allocated past the limit")
+        };
+        match &e {
+            KernelError::OutOfMemory { what, bytes, held } => {
+                assert_eq!(
+                    (what.as_str(), *bytes, *held),
+                    ("engine buffer b", 240, 800)
+                )
+            }
+            other => panic!("{other}"),
+        }
+        assert!(e.to_string().contains("engine buffer b"), "{e}");
+        // Exactly at the cap fits; freeing makes room again; clones share the cap.
+        let b = dev.clone().zeros::<u8>(200, "c").unwrap();
+        assert_eq!(dev.held_bytes(), 1000);
+        drop((a, b));
+        assert!(dev.zeros::<f32>(250, "d").is_ok());
+        dev.set_memory_limit(None);
+        assert!(dev.zeros::<f32>(10_000, "e").is_ok());
+        assert_eq!(dev.memory_limit(), None);
+    }
 
     #[test]
     fn views_and_blocks_stay_in_bounds_and_overlap_is_detected() {

@@ -157,6 +157,30 @@ pub enum StateFormat {
     Blockwise8,
 }
 
+impl StateFormat {
+    /// The format an optimizer gives a parameter of `numel` elements: 8-bit
+    /// (`eight_bit`, i.e. [`AdamW8bit`]) from `config.min_8bit_size` elements up,
+    /// f32 otherwise. What the memory planner sizes the state with.
+    pub fn for_param(eight_bit: bool, numel: usize, config: &AdamWConfig) -> Self {
+        let kind = if eight_bit {
+            OptimizerKind::AdamW8bit
+        } else {
+            OptimizerKind::AdamW32
+        };
+        kind.format_for(numel, config)
+    }
+
+    /// Bytes of state for `numel` elements in this format: two f32 moments, or two
+    /// 8-bit moments plus one f32 absmax per moment and [`BLOCKSIZE`] block.
+    pub fn bytes(self, numel: usize) -> u64 {
+        let n = numel as u64;
+        match self {
+            StateFormat::F32 => 8 * n,
+            StateFormat::Blockwise8 => 2 * n + 8 * num_blocks(numel) as u64,
+        }
+    }
+}
+
 /// Number of [`BLOCKSIZE`] blocks covering `numel` elements.
 pub(crate) fn num_blocks(numel: usize) -> usize {
     numel.div_ceil(BLOCKSIZE)
@@ -214,11 +238,7 @@ impl ParamState {
 
     /// Bytes of state held for this parameter.
     pub fn bytes(&self) -> u64 {
-        let n = self.numel as u64;
-        match self.storage {
-            StateStorage::F32 { .. } => 8 * n,
-            StateStorage::Blockwise8 { .. } => 2 * n + 8 * num_blocks(self.numel) as u64,
-        }
+        self.format().bytes(self.numel)
     }
 
     /// The moments `(m, v)` as f32 (dequantized for 8-bit state).

@@ -41,7 +41,13 @@ impl From<qtrain_kernels::KernelError> for TrainError {
 
 impl From<qtrain_engine::EngineError> for TrainError {
     fn from(e: qtrain_engine::EngineError) -> Self {
-        TrainError::Other(format!("fused engine: {e}"))
+        use qtrain_engine::EngineError::Kernel;
+        use qtrain_kernels::KernelError::OutOfMemory;
+        match e {
+            // Kept apart: the trainer recovers from it (crate::micro).
+            Kernel(OutOfMemory { .. }) => TrainError::OutOfMemory(format!("fused engine: {e}")),
+            e => TrainError::Other(format!("fused engine: {e}")),
+        }
     }
 }
 
@@ -78,6 +84,16 @@ impl EngineChoice {
             "fused" => Some(Self::Fused),
             "reference" => Some(Self::Reference),
             _ => None,
+        }
+    }
+
+    /// Whether this choice runs the fused engine for a model in `dtype`, on a GPU or
+    /// not (what [`Backend::new`] decides; the memory model asks the same question).
+    pub fn is_fused(self, on_gpu: bool, dtype: candle_core::DType) -> bool {
+        match self {
+            EngineChoice::Reference => false,
+            EngineChoice::Fused => true,
+            EngineChoice::Auto => on_gpu && dtype == candle_core::DType::BF16,
         }
     }
 }
@@ -146,11 +162,7 @@ impl Backend {
         opt: HostOptimizer,
         choice: EngineChoice,
     ) -> Result<Self> {
-        let fused = match choice {
-            EngineChoice::Reference => false,
-            EngineChoice::Fused => true,
-            EngineChoice::Auto => base.device.is_cuda() && base.dtype == candle_core::DType::BF16,
-        };
+        let fused = choice.is_fused(base.device.is_cuda(), base.dtype);
         let kind = if fused {
             let opts = EngineOptions::default();
             let engine = match base.dtype {
@@ -187,14 +199,6 @@ impl Backend {
         })
     }
 
-    /// `"fused"` or `"reference"`, for the log.
-    pub fn name(&self) -> &'static str {
-        match self.kind {
-            Kind::Reference { .. } => "reference",
-            Kind::Fused { .. } => "fused",
-        }
-    }
-
     /// The master weights on the host (what checkpoints and exports write).
     pub fn params(&self) -> Result<Vec<HostTensor>> {
         Ok(match &self.kind {
@@ -203,6 +207,14 @@ impl Backend {
                 with_engine!(engine.as_ref(), e => e.lora().params_to_host(e.device())?)
             }
         })
+    }
+
+    /// Which engine runs the steps: "fused" or "reference".
+    pub fn name(&self) -> &'static str {
+        match self.kind {
+            Kind::Reference { .. } => "reference",
+            Kind::Fused { .. } => "fused",
+        }
     }
 
     pub fn num_parameters(&self) -> usize {
@@ -254,12 +266,36 @@ impl Backend {
         })
     }
 
+    /// Caps the bytes the fused engine's own buffers may hold (`Dev::set_memory_limit`:
+    /// past it an allocation fails like an out-of-memory). For tests of the
+    /// recovery path and for emulating a smaller GPU; the reference path has no
+    /// such accounting and ignores it (with a warning).
+    pub fn set_memory_limit(&self, bytes: Option<usize>) {
+        match &self.kind {
+            Kind::Fused { engine, .. } => {
+                with_engine!(engine.as_ref(), e => e.device().set_memory_limit(bytes))
+            }
+            Kind::Reference { .. } => {
+                if bytes.is_some() {
+                    tracing::warn!("the engine memory limit applies to the fused engine only");
+                }
+            }
+        }
+    }
+
     /// Sums the accumulated gradients over the ranks of `coll` (data parallelism;
     /// nothing to do for one process), then clips them to `max_norm` (0: no
     /// clipping) and returns their norm before clipping (non-finite when any
     /// gradient is). Every rank ends with the same gradients, hence the same norm
-    /// and the same update.
-    pub fn reduce_and_clip(&mut self, coll: &dyn Collective, max_norm: f32) -> Result<f32> {
+    /// and the same update. `unscale` multiplies the summed gradients first (the
+    /// inverse of the fp16 loss scale, so clipping and the update see the true
+    /// gradients; 1 otherwise).
+    pub fn reduce_and_clip(
+        &mut self,
+        coll: &dyn Collective,
+        max_norm: f32,
+        unscale: f32,
+    ) -> Result<f32> {
         let dist = |e: qtrain_dist::DistError| TrainError::Other(format!("data parallel: {e}"));
         match &mut self.kind {
             Kind::Reference {
@@ -279,6 +315,11 @@ impl Backend {
                         off += n;
                     }
                 }
+                if unscale != 1.0 {
+                    for g in host_grads.iter_mut() {
+                        g.1.iter_mut().for_each(|v| *v *= unscale);
+                    }
+                }
                 let mut slices: Vec<&mut [f32]> =
                     host_grads.iter_mut().map(|g| g.1.as_mut_slice()).collect();
                 Ok(clip_grad_norm(&mut slices, max_norm))
@@ -291,6 +332,9 @@ impl Backend {
                     let mut flat = dev.download(grads)?;
                     coll.all_reduce_sum_f32(&mut flat).map_err(dist)?;
                     dev.write(grads, &flat)?;
+                }
+                if unscale != 1.0 {
+                    qtrain_kernels::rows::scale_in_place(dev, grads, unscale)?;
                 }
                 qtrain_optim::device::clip_grad_norm(dev, grads, max_norm)?
             })),

@@ -112,8 +112,19 @@ impl Default for LoraSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSection {
-    /// Micro-batches per optimizer step (the batch size itself is `data.batch_size`).
+    /// Data batches (of `data.batch_size` rows) per optimizer step: the effective
+    /// batch is `data.batch_size x grad_accum` rows. Stays 1 with
+    /// `data.batch_size = "auto"`, where `effective_batch` sets it instead.
     pub grad_accum: usize,
+    /// Rows per optimizer step, with `data.batch_size = "auto"` only (required
+    /// then): the trainer runs `ceil(effective_batch / m)` passes per step, `m` the
+    /// largest micro-batch that fits the GPU by the memory model (`qtrain plan`).
+    pub effective_batch: Option<usize>,
+    /// Out of GPU memory during the run: `retry` (checkpoint, then continue with
+    /// half the micro-batch and twice the passes per step: the same rows per step,
+    /// the same data order) or `stop` (checkpoint, then stop naming the setting to
+    /// lower).
+    pub oom: String,
     /// Recompute each layer in backward instead of keeping its activations.
     pub gradient_checkpointing: bool,
     /// Global-norm gradient clipping (0 disables).
@@ -132,6 +143,8 @@ impl Default for TrainSection {
     fn default() -> Self {
         Self {
             grad_accum: 1,
+            effective_batch: None,
+            oom: "retry".into(),
             gradient_checkpointing: true,
             max_grad_norm: 1.0,
             max_nonfinite_steps: 5,
@@ -366,6 +379,28 @@ impl RunConfig {
                 "train.max_grad_norm: {} must be finite and >= 0",
                 t.max_grad_norm
             ));
+        }
+        match (self.data.batch_size_is_auto(), t.effective_batch) {
+            (true, None) => p.push(
+                "train.effective_batch: required with data.batch_size = \"auto\" (rows per \
+                 optimizer step; the micro-batch that fits is chosen by the memory model)"
+                    .into(),
+            ),
+            (true, Some(0)) => p.push("train.effective_batch: must be >= 1".into()),
+            (true, Some(_)) if t.grad_accum != 1 => p.push(format!(
+                "train.grad_accum: {} with data.batch_size = \"auto\"; leave it at 1 (the \
+                 accumulation is train.effective_batch / the micro-batch that fits)",
+                t.grad_accum
+            )),
+            (false, Some(_)) => p.push(
+                "train.effective_batch: only with data.batch_size = \"auto\" (with an integer \
+                 batch size the effective batch is data.batch_size x train.grad_accum)"
+                    .into(),
+            ),
+            _ => {}
+        }
+        if !["retry", "stop"].contains(&t.oom.as_str()) {
+            p.push(format!("train.oom: `{}` (expected retry or stop)", t.oom));
         }
         if t.max_nonfinite_steps == 0 {
             p.push("train.max_nonfinite_steps: must be >= 1".into());
@@ -628,6 +663,65 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("key.path=value"), "{e}");
+    }
+
+    #[test]
+    fn batch_size_takes_an_integer_or_auto() {
+        let text = "[data]\nbatch_size = \"auto\"\n[train]\neffective_batch = 32\n";
+        let cfg = RunConfig::from_toml_str(text, p(), &[]).unwrap();
+        assert!(cfg.data.batch_size_is_auto());
+        assert_eq!(cfg.train.effective_batch, Some(32));
+        // Written back as "auto".
+        assert!(
+            cfg.to_toml().contains("batch_size = \"auto\""),
+            "{}",
+            cfg.to_toml()
+        );
+        assert_eq!(
+            RunConfig::from_toml_str(&cfg.to_toml(), p(), &[]).unwrap(),
+            cfg
+        );
+        for (bad, found) in [
+            ("\"big\"", "\"big\""),
+            ("0", "0"),
+            ("-3", "-3"),
+            ("1.5", "1.5"),
+        ] {
+            let text = format!("[data]\nseq_len = 64\nbatch_size = {bad}\n");
+            let e = RunConfig::from_toml_str(&text, p(), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("run.toml:3:14:"), "{e}");
+            assert!(
+                e.contains("data.batch_size") && e.contains("\"auto\""),
+                "{e}"
+            );
+            assert!(e.contains(found), "{e}");
+        }
+        let e = RunConfig::from_toml_str("", p(), &["data.batch_size=lots".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data.batch_size"), "{e}");
+    }
+
+    #[test]
+    fn auto_batch_and_oom_settings_are_checked_by_key() {
+        let problems = |text: &str| match RunConfig::from_toml_str(text, p(), &[]) {
+            Err(ConfigError::Invalid { problems, .. }) => problems.join("\n"),
+            other => panic!("{other:?}"),
+        };
+        let all = problems("[data]\nbatch_size = \"auto\"\n[train]\noom = \"pray\"\n");
+        assert!(all.contains("train.effective_batch: required"), "{all}");
+        assert!(all.contains("train.oom: `pray`"), "{all}");
+        let all = problems(
+            "[data]\nbatch_size = \"auto\"\n[train]\neffective_batch = 16\ngrad_accum = 4\n",
+        );
+        assert!(all.starts_with("train.grad_accum: 4"), "{all}");
+        let all = problems("[data]\nbatch_size = 4\n[train]\neffective_batch = 16\n");
+        assert!(all.starts_with("train.effective_batch: only with"), "{all}");
+        let cfg = RunConfig::from_toml_str("[train]\noom = \"stop\"\n", p(), &[]).unwrap();
+        assert_eq!(cfg.train.oom, "stop");
+        assert_eq!(RunConfig::default().train.oom, "retry");
     }
 
     #[test]

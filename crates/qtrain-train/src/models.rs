@@ -14,6 +14,8 @@ pub enum ModelSourceError {
     Tokenizer(String),
     #[error("model.device = `{0}`: {1}")]
     Device(String, String),
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
 }
 
 /// Writes a random model of `preset` with the built-in tokenizer into `out`.
@@ -100,7 +102,8 @@ pub fn device(spec: &str) -> Result<Device, ModelSourceError> {
     }
 }
 
-/// The compute dtype named by `model.dtype` on `device`.
+/// The compute dtype named by `model.dtype` on `device`, without the GPU policy
+/// (`auto` is bf16 on any GPU); the trainer uses [`resolve_dtype`].
 pub fn dtype(spec: &str, device: &Device) -> DType {
     match spec {
         "bf16" => DType::BF16,
@@ -109,6 +112,35 @@ pub fn dtype(spec: &str, device: &Device) -> DType {
         _ if device.is_cuda() => DType::BF16,
         _ => DType::F32,
     }
+}
+
+/// The compute dtype of `model.dtype = spec` on `device` with the GPU policy of
+/// [`crate::gpu`] applied: on a GPU, `auto` is bf16 (+ TF32) from compute capability
+/// 8.0 and fp16 (with loss scaling) on 7.x, bf16 is refused on 7.x and anything
+/// older than 7.0 is refused. Also returns the detected GPU.
+pub fn resolve_dtype(
+    spec: &str,
+    device: &Device,
+) -> Result<(DType, Option<crate::gpu::GpuInfo>), ModelSourceError> {
+    let Some(g) = crate::gpu::detect(device)? else {
+        return Ok((dtype(spec, device), None));
+    };
+    let dt = crate::gpu::dtype_for(spec, &g)?;
+    let precision = g.precision()?;
+    crate::gpu::apply_precision(precision);
+    tracing::info!(
+        "GPU: {} (compute capability {}.{}, {:.0} MiB): {}",
+        g.name,
+        g.compute_capability.0,
+        g.compute_capability.1,
+        g.total_bytes as f64 / 1048576.0,
+        if spec == "auto" {
+            precision.describe().to_string()
+        } else {
+            format!("model.dtype = {spec}")
+        }
+    );
+    Ok((dt, Some(g)))
 }
 
 /// Loads a base model for evaluation or generation: `path` as in `model.path`,
@@ -121,7 +153,7 @@ pub fn load_base(
     cache_root: &Path,
 ) -> Result<(qtrain_model::BaseModel, PathBuf), ModelSourceError> {
     let device = device(device_spec)?;
-    let dtype = dtype(dtype_spec, &device);
+    let (dtype, _) = resolve_dtype(dtype_spec, &device)?;
     let dir = resolve(path, cache_root)?;
     let opts = qtrain_model::LoadOptions {
         device,

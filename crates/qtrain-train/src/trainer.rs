@@ -12,18 +12,25 @@
 //!
 //! The LoRA weights' master copy lives on the host in f32 (the optimizer's slices);
 //! after each update it is written back to the device tensors the model reads.
+//!
+//! A step's data batches are cut into micro-batches of the rows that fit
+//! ([`crate::micro`]: `data.batch_size = "auto"` sizes them with the memory model,
+//! an out-of-memory halves them and retries the same rows), and on fp16 GPUs the
+//! loss is scaled dynamically ([`crate::loss_scale`]).
 
 use crate::backend::{Backend, EngineChoice, HostOptimizer};
 use crate::ckpt_io::{self, CkptError};
 use crate::config::RunConfig;
+use crate::loss_scale::{LossScaler, ScaleUpdate};
 use crate::metrics::{MetricsSink, Record};
+use crate::micro::{self, StepShape};
 use crate::models::{self, ModelSourceError};
 use crate::peft::{self, PeftDtype, PeftSettings};
 use crate::planner::{Budget, Clock, Plan, Planner, PlannerState};
 use qtrain_data::{BatchStream, DataCursor, DatasetConfig, Encoder, EvalStream, Sample};
 use qtrain_dist::{agreed_loss_denominator, Collective, StepSharding};
 use qtrain_lora::lora::HostTensor;
-use qtrain_lora::{LoraConfig, LoraWeights, StepOptions, TokenBatch};
+use qtrain_lora::{LoraConfig, LoraWeights};
 use qtrain_model::{BaseModel, LoadOptions, Proj, Quantization};
 use qtrain_optim::{
     AdamW32, AdamW8bit, AdamWConfig, LrSchedule, PagingPolicy, ParamSpec, ScheduleKind,
@@ -66,6 +73,12 @@ pub enum TrainError {
         step: u64,
         checkpoint: PathBuf,
     },
+    /// The device ran out of memory (recoverable: see [`crate::micro`]).
+    #[error("{0}")]
+    OutOfMemory(String),
+    /// The run stopped on an out-of-memory, with a checkpoint and what to lower.
+    #[error("{0}")]
+    OutOfMemoryStop(String),
     #[error("{0}")]
     Other(String),
 }
@@ -96,6 +109,10 @@ pub struct RunOptions {
     /// Rank 0 decides (planner, stop), writes checkpoints, metrics and exports;
     /// every rank trains on its share of each optimizer step's micro-batches.
     pub collective: Arc<dyn Collective>,
+    /// Caps the bytes the fused engine's own buffers may hold (past it they fail
+    /// like an out-of-memory, and `data.batch_size = "auto"` sizes against it): for
+    /// tests of the recovery path and for emulating a smaller GPU. `None` normally.
+    pub engine_memory_limit: Option<usize>,
 }
 
 /// What a finished run reports.
@@ -135,6 +152,13 @@ pub struct TrainerState {
     /// The config the run started with (TOML), so a resume can check compatibility.
     pub config_toml: String,
     pub model_dir: PathBuf,
+    /// Rows per forward/backward pass when written (after any out-of-memory
+    /// retries); a resume continues with it.
+    #[serde(default)]
+    pub micro_batch: Option<usize>,
+    /// The fp16 loss scaler's state (GPUs of compute capability 7.x).
+    #[serde(default)]
+    pub loss_scaler: Option<LossScaler>,
 }
 
 const ADAPTER_FILE: &str = "adapter.safetensors";
@@ -204,17 +228,6 @@ fn make_optimizer(
     })
 }
 
-fn to_token_batch(b: &qtrain_data::Batch) -> Result<TokenBatch> {
-    Ok(TokenBatch::new(
-        b.input_ids.clone(),
-        b.labels.clone(),
-        b.position_ids.clone(),
-        b.segment_ids.clone(),
-        b.batch_size,
-        b.seq_len,
-    )?)
-}
-
 /// Writes LoRA tensors (qtrain names, f32) as safetensors.
 fn save_lora(path: &Path, params: &[HostTensor]) -> Result<()> {
     use qtrain_model::safetensors_io::{f32_to_le_bytes, StreamingWriter, TensorSpec};
@@ -241,13 +254,15 @@ fn load_lora(path: &Path, expected: &[HostTensor]) -> Result<Vec<HostTensor>> {
         .collect()
 }
 
-/// Mean eval loss over the held-out split (at most `max_batches` batches).
+/// Mean eval loss over the held-out split (at most `max_batches` batches, each cut
+/// into micro-batches of `micro_rows` rows).
 fn evaluate(
     backend: &mut Backend,
     base: &BaseModel,
     data: &DatasetConfig,
     enc: &Arc<Encoder>,
     max_batches: usize,
+    micro_rows: usize,
 ) -> Result<Option<f64>> {
     let stream = EvalStream::new(data, enc.clone())?;
     let (mut sum, mut n) = (0.0, 0usize);
@@ -255,11 +270,43 @@ fn evaluate(
         if max_batches > 0 && i >= max_batches {
             break;
         }
-        let l = backend.eval_loss(base, &to_token_batch(&b?)?)?;
-        sum += l.loss_sum;
-        n += l.valid_tokens;
+        for part in micro::split_rows(&b?, micro_rows)? {
+            let l = backend.eval_loss(base, &part)?;
+            sum += l.loss_sum;
+            n += l.valid_tokens;
+        }
     }
     Ok((n > 0).then(|| sum / n as f64))
+}
+
+/// [`evaluate`], halving the micro-batch on an out-of-memory when `train.oom =
+/// "retry"` allows it.
+fn evaluate_fitting(
+    backend: &mut Backend,
+    base: &BaseModel,
+    cfg: &RunConfig,
+    data: &DatasetConfig,
+    enc: &Arc<Encoder>,
+    shape: &mut StepShape,
+) -> Result<Option<f64>> {
+    loop {
+        match evaluate(
+            backend,
+            base,
+            data,
+            enc,
+            cfg.eval.max_batches,
+            shape.micro_rows,
+        ) {
+            Err(e) if micro::is_oom(&e) && cfg.train.oom == "retry" && shape.halve() => {
+                tracing::warn!(
+                    "evaluation ran out of GPU memory ({e}); continuing with micro-batches of {} rows",
+                    shape.micro_rows
+                );
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Greedy answers to held-out prompts.
@@ -330,6 +377,7 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         halt_at_step,
         cache_root,
         collective: coll,
+        engine_memory_limit,
     } = opts;
     let root = coll.is_root();
     let dist = |e: qtrain_dist::DistError| TrainError::Other(format!("data parallel: {e}"));
@@ -352,11 +400,13 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
                 || old.model.path != cfg.model.path
                 || old.data != cfg.data
                 || old.train.grad_accum != cfg.train.grad_accum
+                || old.train.effective_batch != cfg.train.effective_batch
             {
                 return Err(TrainError::Resume {
                     path: dir.clone(),
-                    msg: "the checkpoint was made with a different [model].path, [lora], [data] or train.grad_accum; \
-                          resume with the config it was made with (its config is in trainer_state.json)"
+                    msg: "the checkpoint was made with a different [model].path, [lora], [data], train.grad_accum \
+                          or train.effective_batch; resume with the config it was made with (its config is in \
+                          trainer_state.json)"
                         .into(),
                 });
             }
@@ -366,7 +416,7 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
 
     // ---- model
     let device = models::device(&cfg.model.device)?;
-    let dtype = models::dtype(&cfg.model.dtype, &device);
+    let (dtype, gpu) = models::resolve_dtype(&cfg.model.dtype, &device)?;
     let model_dir = models::resolve(&cfg.model.path, &cache_root)?;
     let load = LoadOptions {
         device: device.clone(),
@@ -425,18 +475,45 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     }
     let choice = EngineChoice::parse(&cfg.train.engine).unwrap_or(EngineChoice::Auto);
     let mut backend = Backend::new(&base, lora, opt, choice)?;
+    backend.set_memory_limit(engine_memory_limit);
+    let mut shape = micro::resolve_step_shape(
+        &cfg,
+        &base,
+        &backend,
+        gpu.as_ref(),
+        engine_memory_limit,
+        resumed.as_ref().and_then(|s| s.micro_batch),
+    )?;
+    let data_cfg = shape.data_config(&cfg.data);
     // Every rank starts from rank 0's adapters and must read the same data.
     backend.broadcast_params(&*coll)?;
-    // `train.grad_accum` counts the micro-batches of a global optimizer step; the
-    // ranks split them (so a resume on another number of GPUs trains the same steps).
-    let sharding = StepSharding::new(cfg.train.grad_accum, coll.world_size()).map_err(dist)?;
+    // An optimizer step's data batches are split over the ranks (so a resume on
+    // another number of GPUs trains the same steps); each rank cuts its own into
+    // micro-batches.
+    let sharding = StepSharding::new(shape.data_batches, coll.world_size()).map_err(|e| {
+        TrainError::Other(format!(
+            "data parallel: {e}{}",
+            if cfg.data.batch_size_is_auto() {
+                " (data.batch_size = \"auto\" makes one data batch per step: with several GPUs \
+                 set data.batch_size and train.grad_accum instead)"
+            } else {
+                ""
+            }
+        ))
+    })?;
     let mut stream = match &resumed {
-        Some(st) => BatchStream::resume(&cfg.data, encoder.clone(), &st.data_cursor)?,
-        None => BatchStream::new(&cfg.data, encoder.clone())?,
+        Some(st) => BatchStream::resume(&data_cfg, encoder.clone(), &st.data_cursor)?,
+        None => BatchStream::new(&data_cfg, encoder.clone())?,
     };
     let sched = schedule(&cfg);
-    let accum = cfg.train.grad_accum;
-    let tokens_per_step = (cfg.data.batch_size * cfg.data.seq_len * accum) as u64;
+    let tokens_per_step = (shape.rows_per_step() * cfg.data.seq_len) as u64;
+    // fp16 (7.x GPUs) trains with a dynamic loss scale, resumed with the run.
+    let mut scaler = (dtype == candle_core::DType::F16).then(|| {
+        resumed
+            .as_ref()
+            .and_then(|s| s.loss_scaler.clone())
+            .unwrap_or_default()
+    });
 
     // ---- planner
     let budget = cfg.budget_kind().unwrap_or(Budget::Steps(100));
@@ -487,13 +564,18 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         Some(st) => st.first_eval_loss,
         None if !root => None,
         None => {
-            let l = evaluate(
-                &mut backend,
-                &base,
-                &cfg.data,
-                &encoder,
-                cfg.eval.max_batches,
-            )?;
+            let l = evaluate_fitting(&mut backend, &base, &cfg, &data_cfg, &encoder, &mut shape)
+                .map_err(|e| match e {
+                    e if micro::is_oom(&e) => TrainError::OutOfMemoryStop(micro::oom_stop_message(
+                        &format!("evaluating before training: {e}"),
+                        &shape,
+                        cfg.data.seq_len,
+                        step,
+                        None,
+                        &cfg.train.oom,
+                    )),
+                    e => e,
+                })?;
             if let Some(l) = l {
                 tracing::info!("eval loss before training: {l:.4}");
                 sink.log(&Record {
@@ -532,19 +614,26 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
             },
         )?)
     };
-    let state_now =
-        |step: u64, tokens: u64, planner: &Planner, stream: &BatchStream, nonfinite: usize| {
-            TrainerState {
-                step,
-                tokens_seen: tokens,
-                planner: planner.state(),
-                data_cursor: stream.cursor(),
-                nonfinite_in_a_row: nonfinite,
-                first_eval_loss,
-                config_toml: cfg.to_toml(),
-                model_dir: model_dir.clone(),
-            }
-        };
+    // `cursor`: where the data stands after the step (the stream's cursor, or the
+    // one from before the step's batches when the step did not complete).
+    let state_now = |step: u64,
+                     tokens: u64,
+                     planner: &Planner,
+                     cursor: DataCursor,
+                     nonfinite: usize,
+                     micro_batch: usize,
+                     scaler: &Option<LossScaler>| TrainerState {
+        step,
+        tokens_seen: tokens,
+        planner: planner.state(),
+        data_cursor: cursor,
+        nonfinite_in_a_row: nonfinite,
+        first_eval_loss,
+        config_toml: cfg.to_toml(),
+        model_dir: model_dir.clone(),
+        micro_batch: Some(micro_batch),
+        loss_scaler: scaler.clone(),
+    };
 
     let bar = progress_bar(&cfg, &planner.plan());
     let mut last_ckpt_at = planner.elapsed();
@@ -569,6 +658,7 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
             break;
         }
         let t0 = Instant::now();
+        let cursor_before = stream.cursor();
         let share = sharding.take_step(
             coll.rank(),
             || -> Result<qtrain_data::Batch> {
@@ -584,26 +674,107 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
             );
             continue;
         }
-        backend.zero_grads()?;
-        let mut loss_sum = [0.0f64];
-        for (i, b) in share.indexed() {
-            let so = StepOptions {
-                checkpointing: cfg.train.gradient_checkpointing,
-                dropout_seed: cfg.train.seed,
-                micro_step: sharding.micro_step(step, i),
+        let denominator = scaler
+            .as_ref()
+            .map_or(valid as f64, |s| s.loss_denominator(valid as f64));
+        let loss_sum = loop {
+            let passes = micro::step_passes(
+                &mut backend,
+                &base,
+                &share,
+                &sharding,
+                &shape,
+                step,
+                &cfg,
+                denominator,
+            );
+            // Every rank learns whether any ran out of memory, so all retry (or stop)
+            // together instead of waiting on a collective the failed one never joins.
+            let oom_here = matches!(&passes, Err(e) if micro::is_oom(e));
+            let any_oom = coll.any(oom_here).map_err(dist)?;
+            let passes = match passes {
+                Ok(_) if any_oom => Err(TrainError::OutOfMemory(
+                    "another rank ran out of GPU memory".into(),
+                )),
+                p => p,
             };
-            loss_sum[0] += backend
-                .micro_step(&base, &to_token_batch(b)?, &so, valid as f64)?
-                .loss_sum;
-        }
+            match passes {
+                Ok(l) => break l,
+                Err(e) if micro::is_oom(&e) => {
+                    // Checkpoint the last completed step (data from before this one),
+                    // with the micro-batch a resume should use.
+                    let failed = shape;
+                    let retry = cfg.train.oom == "retry" && shape.halve();
+                    let st = state_now(
+                        step,
+                        tokens_seen,
+                        &planner,
+                        cursor_before.clone(),
+                        nonfinite,
+                        shape.micro_rows,
+                        &scaler,
+                    );
+                    let checkpoint = if root {
+                        save(step, &backend, st)?
+                    } else {
+                        PathBuf::new()
+                    };
+                    if !retry {
+                        return Err(TrainError::OutOfMemoryStop(micro::oom_stop_message(
+                            &e.to_string(),
+                            &failed,
+                            cfg.data.seq_len,
+                            step,
+                            Some(&checkpoint),
+                            &cfg.train.oom,
+                        )));
+                    }
+                    bar.suspend(|| {
+                        tracing::warn!(
+                            "step {step}: out of GPU memory with micro-batches of {} x {} ({e}); \
+                             checkpoint in {}; retrying with {} rows per pass, {} passes per step \
+                             (the same {} rows per optimizer step)",
+                            failed.micro_rows,
+                            cfg.data.seq_len,
+                            checkpoint.display(),
+                            shape.micro_rows,
+                            shape.passes_per_step(),
+                            shape.rows_per_step()
+                        )
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let mut loss_sum = [loss_sum];
         coll.all_reduce_sum_f64(&mut loss_sum).map_err(dist)?;
         let loss = loss_sum[0] / valid as f64;
-        let grad_norm = backend.reduce_and_clip(&*coll, cfg.train.max_grad_norm)?;
+        let unscale = scaler.as_ref().map_or(1.0, LossScaler::inv_scale);
+        let grad_norm = backend.reduce_and_clip(&*coll, cfg.train.max_grad_norm, unscale)?;
+        if let Some(s) = scaler.as_mut() {
+            if loss.is_finite() && !grad_norm.is_finite() && s.can_back_off() {
+                // The scale overflowed fp16, not the model: skip, halve, go on.
+                if let ScaleUpdate::Skip { new_scale } = s.update(false) {
+                    tracing::info!(
+                        "step {step}: fp16 gradients overflowed; skipping the update, loss scale now {new_scale}"
+                    );
+                }
+                continue;
+            }
+        }
         if !loss.is_finite() || !grad_norm.is_finite() {
             nonfinite += 1;
             tracing::warn!("step {step}: loss {loss}, grad norm {grad_norm}: skipping the update ({nonfinite} in a row)");
             if nonfinite >= cfg.train.max_nonfinite_steps {
-                let st = state_now(step, tokens_seen, &planner, &stream, nonfinite);
+                let st = state_now(
+                    step,
+                    tokens_seen,
+                    &planner,
+                    stream.cursor(),
+                    nonfinite,
+                    shape.micro_rows,
+                    &scaler,
+                );
                 let checkpoint = if root {
                     save(step, &backend, st)?
                 } else {
@@ -618,6 +789,9 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
             continue;
         }
         nonfinite = 0;
+        if let Some(s) = scaler.as_mut() {
+            s.update(true);
+        }
         let total_steps = coll
             .broadcast_u64(planner.plan().total_steps)
             .map_err(dist)?;
@@ -654,13 +828,37 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         }
         if root && cfg.eval.every_steps > 0 && step.is_multiple_of(cfg.eval.every_steps) {
             let t = Instant::now();
-            if let Some(l) = evaluate(
+            let eval = match evaluate_fitting(
                 &mut backend,
                 &base,
-                &cfg.data,
+                &cfg,
+                &data_cfg,
                 &encoder,
-                cfg.eval.max_batches,
-            )? {
+                &mut shape,
+            ) {
+                Err(e) if micro::is_oom(&e) => {
+                    let st = state_now(
+                        step,
+                        tokens_seen,
+                        &planner,
+                        stream.cursor(),
+                        0,
+                        shape.micro_rows,
+                        &scaler,
+                    );
+                    let checkpoint = save(step, &backend, st)?;
+                    return Err(TrainError::OutOfMemoryStop(micro::oom_stop_message(
+                        &format!("during evaluation: {e}"),
+                        &shape,
+                        cfg.data.seq_len,
+                        step,
+                        Some(&checkpoint),
+                        &cfg.train.oom,
+                    )));
+                }
+                r => r?,
+            };
+            if let Some(l) = eval {
                 bar.suspend(|| {
                     tracing::info!("step {step}: train loss {loss:.4}, eval loss {l:.4}")
                 });
@@ -683,7 +881,15 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
             last_checkpoint = Some(save(
                 step,
                 &backend,
-                state_now(step, tokens_seen, &planner, &stream, 0),
+                state_now(
+                    step,
+                    tokens_seen,
+                    &planner,
+                    stream.cursor(),
+                    0,
+                    shape.micro_rows,
+                    &scaler,
+                ),
             )?);
             let took = t.elapsed();
             planner.record_overhead(took);
@@ -722,7 +928,15 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     let checkpoint = save(
         step,
         &backend,
-        state_now(step, tokens_seen, &planner, &stream, nonfinite),
+        state_now(
+            step,
+            tokens_seen,
+            &planner,
+            stream.cursor(),
+            nonfinite,
+            shape.micro_rows,
+            &scaler,
+        ),
     )?;
     coll.broadcast_bytes(&mut checkpoint.to_string_lossy().into_owned().into_bytes())
         .map_err(dist)?;
@@ -743,12 +957,18 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     let final_eval_loss = if stopped_by_signal || halt_at_step == Some(step) {
         None
     } else {
-        evaluate(
-            &mut backend,
-            &base,
-            &cfg.data,
-            &encoder,
-            cfg.eval.max_batches,
+        evaluate_fitting(&mut backend, &base, &cfg, &data_cfg, &encoder, &mut shape).map_err(
+            |e| match e {
+                e if micro::is_oom(&e) => TrainError::OutOfMemoryStop(micro::oom_stop_message(
+                    &format!("in the final evaluation: {e}"),
+                    &shape,
+                    cfg.data.seq_len,
+                    step,
+                    Some(&checkpoint),
+                    &cfg.train.oom,
+                )),
+                e => e,
+            },
         )?
     };
     if let Some(l) = final_eval_loss {

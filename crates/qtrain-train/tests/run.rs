@@ -62,6 +62,7 @@ fn go(
         halt_at_step: halt,
         cache_root: cache.to_path_buf(),
         collective: std::sync::Arc::new(qtrain_dist::SingleProcess),
+        engine_memory_limit: None,
     })
     .unwrap()
 }
@@ -157,6 +158,7 @@ fn stop_signal_checkpoints_and_resume_refuses_other_settings() {
         halt_at_step: None,
         cache_root: cache.path().to_path_buf(),
         collective: std::sync::Arc::new(qtrain_dist::SingleProcess),
+        engine_memory_limit: None,
     })
     .unwrap_err()
     .to_string();
@@ -181,6 +183,7 @@ fn corrupt_checkpoint_is_reported() {
         halt_at_step: None,
         cache_root: cache.path().to_path_buf(),
         collective: std::sync::Arc::new(qtrain_dist::SingleProcess),
+        engine_memory_limit: None,
     })
     .unwrap_err()
     .to_string();
@@ -329,6 +332,7 @@ fn two_ranks_train_like_one_process() {
                 halt_at_step: None,
                 cache_root: cache.path().to_path_buf(),
                 collective: Arc::new(comm),
+                engine_memory_limit: None,
             })
             .unwrap()
         })

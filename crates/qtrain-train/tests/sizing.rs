@@ -1,0 +1,391 @@
+//! The memory model against what the engine really allocates, and the trainer's
+//! micro-batch sizing and out-of-memory recovery, on the tiny CPU model. The
+//! out-of-memory is real allocation failure: the fused engine's `Dev` gets a byte
+//! cap (`RunOptions::engine_memory_limit`) between the needs of two micro-batches.
+
+use candle_core::DType;
+use qtrain_engine::{Engine, EngineOptions};
+use qtrain_lora::{LoraConfig, LoraWeights, StepOptions, TokenBatch};
+use qtrain_model::Proj;
+use qtrain_optim::{AdamW8bit, AdamWConfig, ParamSpec};
+use qtrain_train::config::RunConfig;
+use qtrain_train::memory::{Category, EngineKind, MemorySpec, OptimizerPlace};
+use qtrain_train::trainer::{run, RunOptions, RunSummary, TrainError, TrainerState};
+use qtrain_train::SimClock;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+fn config(out: &Path, steps: u64, extra: &str) -> RunConfig {
+    let text = format!(
+        r#"
+[model]
+path = "builtin:tiny"
+device = "cpu"
+[lora]
+targets = ["q_proj", "v_proj", "down_proj"]
+dropout = 0.1
+[data]
+seq_len = 48
+eval_samples = 2
+{extra}
+[optimizer]
+lr = 3e-3
+warmup_steps = 2
+[budget]
+steps = {steps}
+[checkpoint]
+output_dir = "{}"
+every_steps = 1
+every_minutes = 0.0
+keep_last = 20
+[eval]
+every_steps = 0
+max_batches = 1
+samples = 0
+[log]
+progress_bar = false
+"#,
+        out.display()
+    );
+    RunConfig::from_toml_str(&text, Path::new("test.toml"), &[]).unwrap()
+}
+
+// The trainer's error carries its context inline; boxing it for a test buys nothing.
+#[allow(clippy::result_large_err)]
+fn go(cfg: RunConfig, cache: &Path, limit: Option<usize>) -> Result<RunSummary, TrainError> {
+    run(RunOptions {
+        config: cfg,
+        resume: None,
+        clock: Box::new(SimClock::default()),
+        stop: Arc::new(AtomicBool::new(false)),
+        halt_at_step: None,
+        cache_root: cache.to_path_buf(),
+        engine_memory_limit: limit,
+        collective: std::sync::Arc::new(qtrain_dist::SingleProcess),
+    })
+}
+
+fn tiny_config(cache: &Path) -> qtrain_model::ModelConfig {
+    let dir = qtrain_train::models::resolve("builtin:tiny", cache).unwrap();
+    qtrain_model::ModelConfig::from_file(&dir.join("config.json")).unwrap()
+}
+
+/// The engine bytes the memory model predicts for `cfg` at micro-batch `rows`.
+fn engine_bytes(cfg: &RunConfig, cache: &Path, rows: usize) -> u64 {
+    let model = tiny_config(cache);
+    MemorySpec::for_run(
+        cfg,
+        &model,
+        DType::F32,
+        EngineKind::Fused,
+        rows,
+        cfg.data.seq_len,
+        None,
+    )
+    .plan()
+    .engine_bytes
+}
+
+fn state(summary_dir: &Path, step: u64) -> TrainerState {
+    let p = summary_dir
+        .join("checkpoints")
+        .join(qtrain_train::ckpt_io::step_dir_name(step))
+        .join("trainer_state.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+fn losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            v.get("loss")?.as_f64()
+        })
+        .collect()
+}
+
+/// The model's prediction is exactly what the engine holds on the CPU after a step,
+/// and its frozen and optimizer lines are what the loaded model and the optimizer
+/// report.
+#[test]
+fn memory_model_matches_the_engine_the_model_and_the_optimizer() {
+    let cache = tempfile::tempdir().unwrap();
+    let (base, _) =
+        qtrain_train::models::load_base("builtin:tiny", "nf4", "cpu", "auto", cache.path())
+            .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    for (rows, dropout) in [(3usize, 0.1), (1, 0.0)] {
+        let mut cfg = config(out.path(), 1, "batch_size = 4");
+        cfg.lora.dropout = dropout;
+        let spec = MemorySpec::for_run(
+            &cfg,
+            &base.config,
+            DType::F32,
+            EngineKind::Fused,
+            rows,
+            48,
+            None,
+        );
+        let plan = spec.plan();
+        let lcfg = LoraConfig {
+            rank: cfg.lora.rank,
+            alpha: cfg.lora.alpha,
+            dropout,
+            targets: vec![Proj::Q, Proj::V, Proj::Down],
+            rslora: false,
+            seed: 0,
+        };
+        let lora = LoraWeights::init(&lcfg, &base.config, &base.device).unwrap();
+        let mut engine = Engine::<f32>::new(&base, &lora, EngineOptions::default()).unwrap();
+        let ids: Vec<Vec<u32>> = (0..rows)
+            .map(|r| {
+                (0..48)
+                    .map(|t| 3 + ((r * 48 + t) * 7 % 300) as u32)
+                    .collect()
+            })
+            .collect();
+        let batch = TokenBatch::from_rows(&ids).unwrap();
+        let so = StepOptions {
+            checkpointing: true,
+            dropout_seed: 1,
+            micro_step: 0,
+        };
+        engine.forward_backward(&batch, &so, 100.0).unwrap();
+        // Exactly: the adapters' buffers plus the workspace's BufferPlan.
+        let ws = spec.buffer_plan().total_bytes() as u64;
+        let numel: usize = lora.to_host().unwrap().iter().map(|t| t.1.len()).sum();
+        assert_eq!(plan.lora_params, numel);
+        assert_eq!(
+            plan.engine_bytes,
+            ws + qtrain_engine::device_lora_bytes(numel, 4) as u64
+        );
+        assert_eq!(engine.device().held_bytes() as u64, plan.engine_bytes);
+        assert_eq!(engine.device().peak_bytes() as u64, plan.engine_bytes);
+        assert_eq!(
+            plan.bytes_of(|c| matches!(c, Category::Workspace(_))),
+            ws,
+            "{}",
+            plan.table()
+        );
+        // The frozen lines are the loaded model's storage, the optimizer line the
+        // 8-bit AdamW's state.
+        assert_eq!(
+            plan.bytes_of(|c| c == Category::Frozen),
+            base.storage_bytes() as u64
+        );
+        assert_eq!(spec.optimizer, OptimizerPlace::Resident);
+        let specs: Vec<ParamSpec> = lora
+            .to_host()
+            .unwrap()
+            .iter()
+            .map(|(n, v, _)| ParamSpec::new(n.clone(), v.len()))
+            .collect();
+        let opt = AdamW8bit::new(AdamWConfig::default(), &specs).unwrap();
+        assert_eq!(
+            plan.bytes_of(|c| c == Category::Optimizer),
+            opt.state_bytes()
+        );
+    }
+}
+
+/// An allocation failure in the middle of a run: with `train.oom = "retry"` the
+/// trainer checkpoints, halves the micro-batch and trains on exactly the same rows
+/// per step as a run that never ran out of memory.
+#[test]
+fn out_of_memory_retry_keeps_the_effective_batch_and_the_data_order() {
+    let cache = tempfile::tempdir().unwrap();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let extra = "batch_size = 4\n[train]\ngrad_accum = 2\nengine = \"fused\"";
+    let steps = 4;
+    // Without dropout: the cut batches then compute the very same function (with
+    // dropout, the second micro-batch of a cut batch draws its own masks).
+    let cfg_for = |out: &Path| {
+        let mut c = config(out, steps, extra);
+        c.lora.dropout = 0.0;
+        c
+    };
+    let cfg = cfg_for(a.path());
+    let (two, four) = (
+        engine_bytes(&cfg, cache.path(), 2),
+        engine_bytes(&cfg, cache.path(), 4),
+    );
+    assert!(two < four);
+    let limit = ((two + four) / 2) as usize;
+    let plain = go(cfg, cache.path(), None).unwrap();
+    let retried = go(cfg_for(b.path()), cache.path(), Some(limit)).unwrap();
+    assert_eq!((plain.steps, retried.steps), (steps, steps));
+    assert_eq!(plain.tokens, retried.tokens);
+    // The out-of-memory checkpoint of the last completed step (none yet: step 0),
+    // already holding the halved micro-batch.
+    let at_oom = state(b.path(), 0);
+    assert_eq!(at_oom.micro_batch, Some(2));
+    assert_eq!(at_oom.step, 0);
+    for step in 1..=steps {
+        let (x, y) = (state(a.path(), step), state(b.path(), step));
+        // The same batches consumed, step by step: identical data cursors.
+        assert_eq!(x.data_cursor, y.data_cursor, "step {step}");
+        assert_eq!(x.tokens_seen, y.tokens_seen);
+        assert_eq!((x.micro_batch, y.micro_batch), (Some(4), Some(2)));
+    }
+    // The same rows give the same losses (up to the order of the gradient sums).
+    let (la, lb) = (losses(a.path()), losses(b.path()));
+    assert_eq!(la.len(), steps as usize);
+    for (x, y) in la.iter().zip(&lb) {
+        assert!((x - y).abs() < 1e-4 * x.abs(), "{la:?} vs {lb:?}");
+    }
+}
+
+/// With `train.oom = "stop"` the run ends with a checkpoint and names what to lower.
+#[test]
+fn out_of_memory_stop_checkpoints_and_names_the_settings() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let extra = "batch_size = 4\n[train]\nengine = \"fused\"\noom = \"stop\"";
+    let cfg = config(out.path(), 3, extra);
+    let limit =
+        ((engine_bytes(&cfg, cache.path(), 2) + engine_bytes(&cfg, cache.path(), 4)) / 2) as usize;
+    let e = go(cfg, cache.path(), Some(limit)).unwrap_err();
+    let TrainError::OutOfMemoryStop(msg) = &e else {
+        panic!("{e}")
+    };
+    for needle in [
+        "out of GPU memory at step 0",
+        "4 x 48",
+        "data.batch_size",
+        "data.seq_len",
+        "lora.targets",
+        "train.oom = \"retry\"",
+    ] {
+        assert!(msg.contains(needle), "{needle} missing: {msg}");
+    }
+    let ckpt = out.path().join("checkpoints").join("step-00000000");
+    assert!(msg.contains(&ckpt.display().to_string()), "{msg}");
+    qtrain_train::ckpt_io::verify(&ckpt).unwrap();
+    assert_eq!(state(out.path(), 0).micro_batch, Some(4));
+}
+
+/// An out-of-memory in the evaluation before the first step: retried with smaller
+/// micro-batches (which training then keeps), or stopped with nothing to save.
+#[test]
+fn out_of_memory_in_the_first_evaluation() {
+    let cache = tempfile::tempdir().unwrap();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let with = |out: &Path, oom: &str| {
+        let extra = format!("batch_size = 4\n[train]\nengine = \"fused\"\noom = \"{oom}\"");
+        let mut c = config(out, 2, &extra);
+        // Enough held-out records for evaluation batches of 4 rows.
+        c.data.eval_samples = Some(40);
+        c
+    };
+    let cfg = with(a.path(), "retry");
+    let limit =
+        ((engine_bytes(&cfg, cache.path(), 2) + engine_bytes(&cfg, cache.path(), 4)) / 2) as usize;
+    let s = go(cfg, cache.path(), Some(limit)).unwrap();
+    assert_eq!(s.steps, 2);
+    assert!(s.first_eval_loss.is_some());
+    assert_eq!(state(a.path(), 2).micro_batch, Some(2));
+    let e = go(with(b.path(), "stop"), cache.path(), Some(limit))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("evaluating before training") && e.contains("nothing was trained yet"),
+        "{e}"
+    );
+    assert!(!b.path().join("checkpoints").exists());
+}
+
+/// `data.batch_size = "auto"` picks the largest micro-batch the memory model fits
+/// under the limit (no out-of-memory happens) and trains on the same rows as the
+/// unlimited run, in more passes.
+#[test]
+fn auto_batch_size_fits_the_limit_and_keeps_the_data() {
+    let cache = tempfile::tempdir().unwrap();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let extra = "batch_size = \"auto\"\n[train]\neffective_batch = 8\nengine = \"fused\"";
+    let cfg = config(a.path(), 2, extra);
+    let (three, four) = (
+        engine_bytes(&cfg, cache.path(), 3),
+        engine_bytes(&cfg, cache.path(), 4),
+    );
+    let whole = go(cfg, cache.path(), None).unwrap();
+    let fitted = go(
+        config(b.path(), 2, extra),
+        cache.path(),
+        Some(((three + four) / 2) as usize),
+    )
+    .unwrap();
+    assert_eq!(whole.tokens, fitted.tokens);
+    assert_eq!(whole.tokens, 2 * 8 * 48);
+    for step in 1..=2 {
+        let (x, y) = (state(a.path(), step), state(b.path(), step));
+        assert_eq!((x.micro_batch, y.micro_batch), (Some(8), Some(3)));
+        assert_eq!(x.data_cursor, y.data_cursor);
+    }
+    // No out-of-memory checkpoint: the first checkpoint is step 1's.
+    assert!(!b.path().join("checkpoints").join("step-00000000").exists());
+}
+
+/// fp16 (what 7.x GPUs train in) with the dynamic loss scaler: the run trains, the
+/// scaler's state is in every checkpoint, and a resume continues it exactly.
+#[test]
+fn fp16_runs_with_a_checkpointed_loss_scaler() {
+    let cache = tempfile::tempdir().unwrap();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let extra = "batch_size = 4\n[train]\nengine = \"reference\"";
+    let cfg_for = |out: &Path| {
+        let mut c = config(out, 4, extra);
+        c.model.dtype = "f16".into();
+        c
+    };
+    let full = go(cfg_for(a.path()), cache.path(), None).unwrap();
+    assert_eq!(full.steps, 4);
+    assert!(full.last_train_loss.unwrap().is_finite());
+    let st = state(a.path(), 4);
+    let scaler = st
+        .loss_scaler
+        .clone()
+        .expect("fp16 runs carry a loss scaler");
+    assert!(
+        scaler.scale() >= 1.0 && scaler.scale() <= 65536.0,
+        "{scaler:?}"
+    );
+    // f32 runs carry none.
+    assert!(state_of_f32(cache.path()).loss_scaler.is_none());
+    // Interrupted after 2 steps and resumed: the same adapter as the full run.
+    run(RunOptions {
+        halt_at_step: Some(2),
+        ..opts(cfg_for(b.path()), cache.path())
+    })
+    .unwrap();
+    let rest = run(RunOptions {
+        resume: Some(qtrain_train::trainer::Resume::Latest),
+        ..opts(cfg_for(b.path()), cache.path())
+    })
+    .unwrap();
+    assert_eq!(rest.steps, 4);
+    assert_eq!(state(b.path(), 4).loss_scaler, st.loss_scaler);
+    let read =
+        |s: &RunSummary| std::fs::read(s.adapter_dir.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(read(&full), read(&rest));
+}
+
+fn opts(cfg: RunConfig, cache: &Path) -> RunOptions {
+    RunOptions {
+        config: cfg,
+        resume: None,
+        clock: Box::new(SimClock::default()),
+        stop: Arc::new(AtomicBool::new(false)),
+        halt_at_step: None,
+        cache_root: cache.to_path_buf(),
+        engine_memory_limit: None,
+        collective: std::sync::Arc::new(qtrain_dist::SingleProcess),
+    }
+}
+
+fn state_of_f32(cache: &Path) -> TrainerState {
+    let out = tempfile::tempdir().unwrap();
+    go(config(out.path(), 1, "batch_size = 2"), cache, None).unwrap();
+    state(out.path(), 1)
+}
