@@ -10,6 +10,7 @@
 // The op is memory-bound (0.5 byte read + 2 bytes written per bf16 weight), so each
 // thread moves 8 code bytes (16 weights) with one 8-byte load and 16-byte stores.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 __constant__ float NF4_CODE[16] = {
@@ -23,6 +24,7 @@ template <> __device__ __forceinline__ float cast_out<float>(float v) { return v
 template <> __device__ __forceinline__ __nv_bfloat16 cast_out<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
+template <> __device__ __forceinline__ __half cast_out<__half>(float v) { return __float2half_rn(v); }
 
 // One 8-byte chunk of codes (16 weights) at byte offset `byte0`. blocksize is a
 // multiple of 16, so the chunk's weights share one absmax.
@@ -111,3 +113,72 @@ QT_NF4(__nv_bfloat16, bf16, 1, )
 QT_NF4(float, f32, 1, )
 QT_NF4(__nv_bfloat16, bf16, 4, _x4)
 QT_NF4(float, f32, 4, _x4)
+// fp16 output: the compute type on GPUs without bf16 (compute capability 7.x).
+QT_NF4(__half, f16, 1, )
+
+// bf16 with 4 code bytes (8 weights, one 16-byte store) per chunk: consecutive
+// threads store consecutive 16 bytes, so every store instruction of a warp writes
+// 512 contiguous bytes (the 8-byte chunks above store 2 x 16 bytes per thread at a
+// 32-byte stride). UNROLL chunks per thread, strided by the block width, loads first.
+// Needs blocksize divisible by 8 (a chunk shares one absmax).
+template <int UNROLL>
+__device__ __forceinline__ void nf4_dequant_narrow_impl(const uint8_t *__restrict__ codes,
+                                                        const float *__restrict__ stats,
+                                                        __nv_bfloat16 *__restrict__ out,
+                                                        uint64_t numel, uint32_t blocksize,
+                                                        uint32_t nested_blocksize,
+                                                        uint32_t double_quant) {
+  __shared__ float code[16];
+  __shared__ float nested_code[256];
+  if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
+  if (double_quant) {
+    for (uint32_t i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = stats[1 + i];
+  }
+  __syncthreads();
+  const uint64_t n_bytes = (numel + 1) / 2;
+  const uint64_t first = ((uint64_t)blockIdx.x * blockDim.x * UNROLL + threadIdx.x) * 4;
+  uint32_t packed[UNROLL];
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const uint64_t byte0 = first + (uint64_t)u * blockDim.x * 4;
+    packed[u] = byte0 + 4 <= n_bytes ? *reinterpret_cast<const uint32_t *>(codes + byte0) : 0u;
+  }
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const uint64_t byte0 = first + (uint64_t)u * blockDim.x * 4;
+    if (byte0 >= n_bytes) continue;
+    const uint64_t elem0 = byte0 * 2;
+    const uint64_t b = elem0 / blocksize;
+    float absmax;
+    if (double_quant) {
+      const uint8_t *qabsmax = codes + n_bytes;
+      absmax = __fadd_rn(__fmul_rn(nested_code[qabsmax[b]], stats[257 + b / nested_blocksize]), stats[0]);
+    } else {
+      absmax = stats[b];
+    }
+    if (byte0 + 4 <= n_bytes && elem0 + 8 <= numel) {
+      __nv_bfloat16 vals[8];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const uint32_t byte = (packed[u] >> (8 * k)) & 0xff;
+        vals[2 * k] = cast_out<__nv_bfloat16>(__fmul_rn(code[byte >> 4], absmax));
+        vals[2 * k + 1] = cast_out<__nv_bfloat16>(__fmul_rn(code[byte & 15], absmax));
+      }
+      *reinterpret_cast<uint4 *>(out + elem0) = *reinterpret_cast<const uint4 *>(vals);
+    } else {
+      for (uint64_t i = byte0; i < n_bytes; ++i) {
+        const uint8_t byte = codes[i];
+        const uint64_t e = i * 2;
+        out[e] = cast_out<__nv_bfloat16>(__fmul_rn(code[byte >> 4], absmax));
+        if (e + 1 < numel) out[e + 1] = cast_out<__nv_bfloat16>(__fmul_rn(code[byte & 15], absmax));
+      }
+    }
+  }
+}
+
+extern "C" __global__ void nf4_dequant_bf16_n2(const uint8_t *codes, const float *stats,
+                                               __nv_bfloat16 *out, uint64_t numel,
+                                               uint32_t blocksize, uint32_t nested_blocksize,
+                                               uint32_t double_quant) {
+  nf4_dequant_narrow_impl<2>(codes, stats, out, numel, blocksize, nested_blocksize, double_quant);
+}

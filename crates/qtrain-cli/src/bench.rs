@@ -50,6 +50,15 @@ pub struct Args {
     /// Write the JSON lines here too.
     #[arg(long)]
     json_out: Option<PathBuf>,
+    /// Keep every layer's attention residual so the backward skips the o
+    /// projection: `on`, `off`, or `auto` (on when the memory model says it fits in
+    /// 90% of this GPU's memory; off on the CPU), as `train.keep_attention_residuals`.
+    #[arg(long, default_value = "auto")]
+    keep_residuals: String,
+    /// After the timed steps, run one more with CUDA events around every kind of
+    /// work in the fused engine, and print where the step's GPU time goes.
+    #[arg(long)]
+    profile: bool,
 }
 
 fn targets(spec: &str) -> Result<String> {
@@ -201,6 +210,51 @@ pub fn run(a: Args) -> Result<()> {
         .sum::<usize>()
         * cfg.num_hidden_layers
         + cfg.vocab_size * cfg.hidden_size) as f64;
+    // The memory model of a case (8-bit AdamW state on the GPU for the fused engine,
+    // on the host for the reference path).
+    let spec_for = |b: usize, s: usize, opts: EngineOptions| qtrain_train::memory::MemorySpec {
+        model: cfg.clone(),
+        quantization: base.quantization,
+        dtype: base.dtype,
+        rank: a.rank,
+        targets: target_projs.clone(),
+        dropout: false,
+        batch: b,
+        seq: s,
+        checkpointing: true,
+        eight_bit: true,
+        optimizer: if fused {
+            qtrain_train::memory::OptimizerPlace::Resident
+        } else {
+            qtrain_train::memory::OptimizerPlace::Host
+        },
+        engine: if fused {
+            qtrain_train::memory::EngineKind::Fused
+        } else {
+            qtrain_train::memory::EngineKind::Reference
+        },
+        engine_options: opts,
+        compute_capability: gpu.as_ref().map(|g| g.compute_capability),
+    };
+    let keep_residuals = |b: usize, s: usize| -> Result<bool> {
+        Ok(match a.keep_residuals.as_str() {
+            "on" => true,
+            "off" => false,
+            "auto" => gpu.as_ref().is_some_and(|g| {
+                let opts = EngineOptions {
+                    save_attention_residual: true,
+                    ..EngineOptions::default()
+                };
+                spec_for(b, s, opts)
+                    .plan()
+                    .fits(qtrain_train::memory::usable(
+                        g.total_bytes,
+                        qtrain_train::memory::DEFAULT_HEADROOM,
+                    ))
+            }),
+            other => bail!("--keep-residuals: `{other}` (expected auto, on or off)"),
+        })
+    };
     let mut rows_out = Vec::new();
     let mut json_lines = Vec::new();
     for case in a.cases.split(',') {
@@ -239,16 +293,14 @@ pub fn run(a: Args) -> Result<()> {
         } else {
             let kdev = qtrain_kernels::Dev::from_candle(&device)?;
             let dopt = Box::new(DeviceAdamW8bit::from_host(&opt, &kdev)?);
+            let engine_opts = EngineOptions {
+                save_attention_residual: keep_residuals(b, s)?,
+                ..EngineOptions::default()
+            };
             if base.dtype == DType::BF16 {
-                Stepper::FusedBf16(
-                    Box::new(Engine::new(&base, &lora, EngineOptions::default())?),
-                    dopt,
-                )
+                Stepper::FusedBf16(Box::new(Engine::new(&base, &lora, engine_opts)?), dopt)
             } else {
-                Stepper::FusedF32(
-                    Box::new(Engine::new(&base, &lora, EngineOptions::default())?),
-                    dopt,
-                )
+                Stepper::FusedF32(Box::new(Engine::new(&base, &lora, engine_opts)?), dopt)
             }
         };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
@@ -290,28 +342,41 @@ pub fn run(a: Args) -> Result<()> {
             losses.push(loss / valid);
         }
         let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
-        // The memory model's prediction for this case (optimizer on the host, as here),
-        // next to what was measured: the numbers the runtime constants are calibrated on.
-        let predicted = qtrain_train::memory::MemorySpec {
-            model: cfg.clone(),
-            quantization: base.quantization,
-            dtype: base.dtype,
-            rank: a.rank,
-            targets: target_projs.clone(),
-            dropout: false,
-            batch: b,
-            seq: s,
-            checkpointing: true,
-            eight_bit: true,
-            optimizer: qtrain_train::memory::OptimizerPlace::Host,
-            engine: if fused {
-                qtrain_train::memory::EngineKind::Fused
-            } else {
-                qtrain_train::memory::EngineKind::Reference
-            },
-            engine_options: EngineOptions::default(),
-            compute_capability: gpu.as_ref().map(|g| g.compute_capability),
+        let engine_dev = match &stepper {
+            Stepper::FusedBf16(e, _) => Some(e.device().clone()),
+            Stepper::FusedF32(e, _) => Some(e.device().clone()),
+            Stepper::Reference { .. } => None,
+        };
+        let profile = match engine_dev.filter(|_| a.profile) {
+            Some(dev) => Some(profile_step(&dev, || {
+                let so = StepOptions {
+                    checkpointing: true,
+                    dropout_seed: 0,
+                    micro_step: (a.warmup + a.steps) as u64,
+                };
+                stepper.micro(&base, &batch, &so, valid)
+            })?),
+            None => None,
+        };
+        if let Some(p) = &profile {
+            eprintln!(
+                "profile of one step, case {}:\n{}",
+                case.trim(),
+                profile_table(p)
+            );
         }
+        // The memory model's prediction for this case (fused: the 8-bit AdamW state on
+        // the GPU as the host optimizer's placement policy decides; reference: on the host),
+        // next to what was measured: the numbers the runtime constants are calibrated on.
+        let predicted = spec_for(
+            b,
+            s,
+            match &stepper {
+                Stepper::FusedBf16(e, _) => e.options(),
+                Stepper::FusedF32(e, _) => e.options(),
+                Stepper::Reference { .. } => EngineOptions::default(),
+            },
+        )
         .plan();
         eprintln!(
             "memory, case {}:\n{}",
@@ -358,6 +423,15 @@ pub fn run(a: Args) -> Result<()> {
             },
             "trainable_params": trainable,
             "load_s": load_s,
+            "profile_ms": profile.as_ref().map(|p| p
+                .iter()
+                .map(|r| (r.name.to_string(), serde_json::json!({"ms": r.ms, "calls": r.calls})))
+                .collect::<serde_json::Map<_, _>>()),
+            "attention_residuals_kept": match &stepper {
+                Stepper::FusedBf16(e, _) => e.options().save_attention_residual,
+                Stepper::FusedF32(e, _) => e.options().save_attention_residual,
+                Stepper::Reference { .. } => false,
+            },
             "baseline_used_mib": baseline_used.map(|b| b as f64 / 1048576.0),
             "predicted_peak_mib": predicted.total() as f64 / 1048576.0,
             "predicted_engine_mib": predicted.engine_bytes as f64 / 1048576.0,
@@ -383,4 +457,49 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("{r}");
     }
     Ok(())
+}
+
+/// Runs `step` once with region timing on (`Dev::region` in the engine) and returns
+/// the regions, plus `[step]`: the whole step's device time.
+fn profile_step(
+    dev: &qtrain_kernels::Dev,
+    step: impl FnOnce() -> Result<f64>,
+) -> Result<Vec<qtrain_kernels::RegionTime>> {
+    let dev = dev.clone();
+    dev.take_profile()?;
+    dev.set_profiling(true);
+    let r = {
+        let _all = dev.region("[step]");
+        step()
+    };
+    dev.set_profiling(false);
+    r?;
+    Ok(dev.take_profile()?)
+}
+
+/// The profile as a table: regions by time, with their share of the step and the
+/// step time no region covers (launch gaps, small kernels, host waits).
+fn profile_table(p: &[qtrain_kernels::RegionTime]) -> String {
+    let step = p.iter().find(|r| r.name == "[step]").map_or(0.0, |r| r.ms);
+    let mut leaves: Vec<_> = p.iter().filter(|r| !r.name.starts_with('[')).collect();
+    leaves.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    let mut out = format!(
+        "{:<42} {:>7} {:>10} {:>7}\n",
+        "region", "calls", "ms", "share"
+    );
+    let mut row = |name: &str, calls: String, ms: f64| {
+        out.push_str(&format!(
+            "{name:<42} {calls:>7} {ms:>10.2} {:>6.1}%\n",
+            if step > 0.0 { 100.0 * ms / step } else { 0.0 }
+        ));
+    };
+    for r in p.iter().filter(|r| r.name.starts_with('[')) {
+        row(r.name, r.calls.to_string(), r.ms);
+    }
+    let covered: f64 = leaves.iter().map(|r| r.ms).sum();
+    for r in leaves {
+        row(r.name, r.calls.to_string(), r.ms);
+    }
+    row("(not in any region)", String::new(), step - covered);
+    out
 }

@@ -36,8 +36,46 @@ pub fn run(a: Args) -> Result<()> {
         bail!("this qtrain was built without CUDA: rebuild with `cargo build --release --features cuda`");
     }
     let gpu = Device::new_cuda(a.gpu)?;
-    println!("device: CUDA {} (candle {:?})", a.gpu, gpu);
     let mut failures = Vec::new();
+    // ---- What this GPU is, and how qtrain will train on it.
+    let kdev = qtrain_kernels::Dev::from_candle(&gpu)?;
+    #[cfg(feature = "cuda")]
+    if let Some(c) = kdev.cuda() {
+        let (maj, min) = c.compute_capability()?;
+        let (free, total) = kdev.mem_info()?.unwrap_or((0, 0));
+        let (dmaj, dmin) = c.driver_version()?;
+        println!(
+            "GPU: {} (compute capability {maj}.{min}, {} multiprocessors), driver for CUDA {dmaj}.{dmin}, {:.1} GiB, {:.1} GiB free",
+            c.name()?,
+            c.sm_count()?,
+            total as f64 / 1073741824.0,
+            free as f64 / 1073741824.0
+        );
+    }
+    match qtrain_train::gpu::detect(&gpu) {
+        Ok(Some(info)) => match info.precision() {
+            Ok(p) => println!(
+                "precision policy: {} ({}; {})",
+                p.describe(),
+                if p == qtrain_train::gpu::Precision::Bf16 {
+                    "fused engine"
+                } else {
+                    "reference engine: the fused one is bf16 only"
+                },
+                info.spec
+                    .map_or("not in qtrain's GPU table".to_string(), |s| format!(
+                        "`qtrain plan --gpu {}`",
+                        s.key
+                    ))
+            ),
+            Err(e) => {
+                println!("precision policy: {e}");
+                failures.push("unsupported GPU".to_string());
+            }
+        },
+        Ok(None) => {}
+        Err(e) => println!("GPU detection: {e}"),
+    }
 
     // ---- NF4 dequantization: bit-exact against the CPU reference, and bandwidth.
     let (rows, cols) = (4096usize, 14336usize);
@@ -65,21 +103,26 @@ pub fn run(a: Args) -> Result<()> {
         println!("device copy bandwidth (read + write, 1 GiB): {gbs:.0} GB/s");
         gbs
     };
-    for (dtype, unroll) in [
-        (DType::F32, 1),
-        (DType::BF16, 1),
-        (DType::F32, 4),
-        (DType::BF16, 4),
+    use qtrain_kernels::nf4::DequantKernel;
+    let chosen = qtrain_kernels::nf4::dequant_kernel();
+    let mut best_bf16: Option<(f64, DequantKernel)> = None;
+    for (dtype, kernel) in [
+        (DType::F32, DequantKernel::Chunk8),
+        (DType::F32, DequantKernel::Chunk8x4),
+        (DType::BF16, DequantKernel::Chunk8),
+        (DType::BF16, DequantKernel::Chunk8x4),
+        (DType::BF16, DequantKernel::Chunk4x2),
+        (DType::F16, DequantKernel::Chunk8),
     ] {
-        qtrain_kernels::nf4::set_dequant_unroll(unroll);
+        qtrain_kernels::nf4::set_dequant_kernel(kernel);
         let out = Tensor::zeros((rows, cols), dtype, &gpu)?;
         dq.dequantize_into(&out)?;
         let got: Vec<f32> = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let err = max_rel_err(&want, &got);
-        let tol = if dtype == DType::F32 {
-            0.0
-        } else {
-            1.0 / 256.0
+        let tol = match dtype {
+            DType::F32 => 0.0,
+            DType::F16 => 1.0 / 1024.0,
+            _ => 1.0 / 256.0,
         };
         gpu.synchronize()?;
         let iters = 20;
@@ -92,33 +135,28 @@ pub fn run(a: Args) -> Result<()> {
         let bytes = dq.storage_bytes() as f64 + (rows * cols * dtype.size_in_bytes()) as f64;
         let ok = err <= tol;
         println!(
-            "nf4 dequantize {rows}x{cols} -> {dtype:?} ({unroll} chunk(s)/thread): max rel err {err:.2e} (tol {tol:.1e}) {}, {:.1} us, {:.0} GB/s ({:.0}% of the copy bandwidth)",
+            "nf4 dequantize {rows}x{cols} -> {dtype:?} ({kernel:?}): max rel err {err:.2e} (tol {tol:.1e}) {}, {:.1} us, {:.0} GB/s ({:.0}% of the copy bandwidth)",
             if ok { "ok" } else { "MISMATCH" },
             secs * 1e6,
             bytes / secs / 1e9,
             100.0 * bytes / secs / 1e9 / copy_gbs
         );
         if !ok {
-            failures.push(format!("nf4 dequantize {dtype:?} x{unroll}"));
+            failures.push(format!("nf4 dequantize {dtype:?} {kernel:?}"));
+        }
+        if dtype == DType::BF16 && best_bf16.is_none_or(|(s, _)| secs < s) {
+            best_bf16 = Some((secs, kernel));
         }
     }
-    qtrain_kernels::nf4::set_dequant_unroll(1);
-
-    // ---- Every fused kernel against its CPU reference (bf16 on the GPU).
-    let kdev = qtrain_kernels::Dev::from_candle(&gpu)?;
-    #[cfg(feature = "cuda")]
-    if let Some(c) = kdev.cuda() {
-        let (maj, min) = c.compute_capability()?;
-        let (free, total) = kdev.mem_info()?.unwrap_or((0, 0));
-        let (dmaj, dmin) = c.driver_version()?;
+    qtrain_kernels::nf4::set_dequant_kernel(chosen);
+    if let Some((_, k)) = best_bf16 {
         println!(
-            "GPU: {} (compute capability {maj}.{min}, {} multiprocessors), driver for CUDA {dmaj}.{dmin}, {:.1} GiB, {:.1} GiB free",
-            c.name()?,
-            c.sm_count()?,
-            total as f64 / 1073741824.0,
-            free as f64 / 1073741824.0
+            "fastest bf16 dequantization here: {k:?}; training uses {chosen:?} \
+             (QTRAIN_NF4_KERNEL=chunk8|chunk8x4|chunk4x2 chooses)"
         );
     }
+
+    // ---- Every fused kernel against its CPU reference (bf16 on the GPU).
     for c in qtrain_kernels::selftest::run_basic(&kdev, true)? {
         println!(
             "{}: {} {}",

@@ -278,7 +278,20 @@ pub fn report(
         },
         Err(e) => return Err(e.into()),
     };
-    let spec = spec0.with_shape(shape.micro_rows, seq);
+    let mut spec = spec0.with_shape(shape.micro_rows, seq);
+    // What train.keep_attention_residuals decides for this micro-batch (the same
+    // rule as the trainer's `micro::keep_attention_residuals`).
+    let kept = {
+        let mut with = spec.clone();
+        with.engine_options.save_attention_residual = true;
+        fused
+            && match cfg.train.keep_attention_residuals.as_str() {
+                "on" => true,
+                "off" => false,
+                _ => with.plan().fits(usable),
+            }
+    };
+    spec.engine_options.save_attention_residual = kept;
     let plan = spec.plan();
     let mut t = String::new();
     let (major, minor) = gpu.compute_capability;
@@ -341,6 +354,17 @@ pub fn report(
         shape.rows_per_step(),
         shape.rows_per_step() * seq
     );
+    if fused {
+        t += &format!(
+            "recompute: {} (train.keep_attention_residuals = {})\n",
+            if kept {
+                "each layer's attention residual kept; the backward skips the o projection"
+            } else {
+                "the whole attention half in the backward"
+            },
+            cfg.train.keep_attention_residuals
+        );
+    }
     if cfg.model.device == "cpu" {
         t +=
             "note:  model.device = \"cpu\" in this config; the plan is for running it on the GPU\n";
@@ -364,6 +388,8 @@ pub fn report(
         t += &format!("warning: {w}\n");
     }
     let max_rows = 1 << 16;
+    // The searches keep the micro-batch first, as `auto` does (residuals off).
+    spec.engine_options.save_attention_residual = false;
     match memory::largest_batch(&spec, usable, max_rows) {
         Some(b) => {
             t += &format!(

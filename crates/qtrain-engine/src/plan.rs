@@ -9,12 +9,14 @@
 //! | buffer | elements | role |
 //! |---|---|---|
 //! | `layer_inputs` | `L·n·h` | gradient checkpoints: each layer's input |
+//! | `attn_residuals` | `L·n·h` | with `save_attention_residual`: each layer's residual after attention |
 //! | `h1 x2 h2 dres dh` | `n·h` each | norms' outputs, the residual after attention, gradients |
 //! | `qkv dqkv` | `n·qc` each | fused q/k/v (after RoPE) and their gradients |
 //! | `attn dattn` | `n·heads·d` each | attention output and its gradient |
 //! | `gu m dm` | `c·2I`, `c·I`, `c·I` | the MLP of one chunk of `c` tokens |
 //! | `w_qkv w_o w_gu w_down` | one layer's weight groups | dequantized weights, reused by every layer |
 //! | `logits dlogits` | `cc·V` | one cross-entropy chunk of `cc` rows (f32, compute type) |
+//! | `rope_table_cos rope_table_sin` | `seq·d/2` each | RoPE of positions `0..seq`, computed once per workspace; a batch's per-token tables `rope_cos rope_sin` are gathered from them by `positions` |
 
 use crate::step::EngineOptions;
 use qtrain_model::ModelConfig;
@@ -35,6 +37,8 @@ pub struct PlanShape {
     pub dropout: bool,
     /// Bytes per element of the compute type.
     pub elem: usize,
+    /// Every layer's residual after attention is kept (`EngineOptions`).
+    pub save_attention_residual: bool,
 }
 
 impl PlanShape {
@@ -59,6 +63,7 @@ impl PlanShape {
             rank,
             dropout,
             elem,
+            save_attention_residual: opts.save_attention_residual,
         }
     }
 }
@@ -85,7 +90,9 @@ pub enum Component {
 impl Component {
     pub fn describe(self) -> &'static str {
         match self {
-            Component::LayerInputs => "gradient checkpoints (layer inputs)",
+            Component::LayerInputs => {
+                "gradient checkpoints (layer inputs; attention residuals if kept)"
+            }
             Component::LayerActivations => "one layer's activations and gradients",
             Component::MlpChunk => "MLP chunk (gate/up, SwiGLU, its gradient)",
             Component::DequantWeights => "dequantized weights of one layer",
@@ -176,11 +183,22 @@ impl BufferPlan {
             b("ids", BatchInputs, n, 4),
             b("rope_cos", BatchInputs, n * d / 2, 4),
             b("rope_sin", BatchInputs, n * d / 2, 4),
+            b("positions", BatchInputs, n, 4),
+            b("rope_table_cos", BatchInputs, shape.seq * d / 2, 4),
+            b("rope_table_sin", BatchInputs, shape.seq * d / 2, 4),
             b("segments", BatchInputs, n, 4),
             b("ce_rows", BatchInputs, n, 4),
             b("ce_targets", BatchInputs, n, 4),
             b("losses", BatchInputs, n, 4),
         ];
+        if shape.save_attention_residual {
+            buffers.push(b(
+                "attn_residuals",
+                LayerInputs,
+                cfg.num_hidden_layers * n * h,
+                e,
+            ));
+        }
         if shape.dropout {
             buffers.push(b("dropped_input", LoraScratch, max_in, e));
             buffers.push(b("lora_dx", LoraScratch, max_in, e));

@@ -46,6 +46,11 @@ pub struct EngineOptions {
     pub mlp_chunk: usize,
     /// Rows per cross-entropy chunk: bounds the `[cc, vocab]` f32 logits.
     pub ce_chunk: usize,
+    /// Keep each layer's residual after attention (`x2`, `L·n·h` more elements)
+    /// from the forward: the backward's recomputation then stops at the attention
+    /// output and skips the o projection (selective recomputation, for when memory
+    /// allows; the results are identical).
+    pub save_attention_residual: bool,
 }
 
 impl Default for EngineOptions {
@@ -53,6 +58,7 @@ impl Default for EngineOptions {
         Self {
             mlp_chunk: 8192,
             ce_chunk: 1024,
+            save_attention_residual: false,
         }
     }
 }
@@ -91,12 +97,17 @@ struct Workspace<T: Float> {
     ids: DBuf<u32>,
     rope_cos: DBuf<f32>,
     rope_sin: DBuf<f32>,
+    positions: DBuf<u32>,
+    rope_table_cos: DBuf<f32>,
+    rope_table_sin: DBuf<f32>,
     segments: DBuf<u32>,
     ce_rows: DBuf<u32>,
     ce_targets: DBuf<i32>,
     losses: DBuf<f32>,
     dropped_input: Option<DBuf<T>>,
     lora_dx: Option<DBuf<T>>,
+    /// Every layer's `x2`, with `save_attention_residual`.
+    attn_residuals: Option<DBuf<T>>,
 }
 
 impl<T: Float> Workspace<T> {
@@ -140,6 +151,9 @@ impl<T: Float> Workspace<T> {
             ids: buf!("ids"),
             rope_cos: buf!("rope_cos"),
             rope_sin: buf!("rope_sin"),
+            positions: buf!("positions"),
+            rope_table_cos: buf!("rope_table_cos"),
+            rope_table_sin: buf!("rope_table_sin"),
             segments: buf!("segments"),
             ce_rows: buf!("ce_rows"),
             ce_targets: buf!("ce_targets"),
@@ -150,6 +164,11 @@ impl<T: Float> Workspace<T> {
                 None
             },
             lora_dx: if dropout { Some(buf!("lora_dx")) } else { None },
+            attn_residuals: if p.shape.save_attention_residual {
+                Some(buf!("attn_residuals"))
+            } else {
+                None
+            },
             plan,
         })
     }
@@ -223,6 +242,16 @@ impl<T: Float> Engine<T> {
     }
 
     /// The buffer plan for a micro-batch of `batch x seq` tokens.
+    pub fn options(&self) -> EngineOptions {
+        self.opts
+    }
+
+    /// Changes the options; the workspace is re-planned (and reallocated if its
+    /// buffers change) at the next pass.
+    pub fn set_options(&mut self, opts: EngineOptions) {
+        self.opts = opts;
+    }
+
     pub fn plan_for(&self, batch: usize, seq: usize) -> BufferPlan {
         BufferPlan::new(
             &self.cfg,
@@ -250,7 +279,15 @@ impl<T: Float> Engine<T> {
         if !fits {
             // Free the old buffers before taking the new ones.
             self.ws = None;
-            self.ws = Some(Workspace::new(&self.dev, plan)?);
+            let ws = Workspace::new(&self.dev, plan)?;
+            // RoPE of every position a row of `seq` tokens can hold, once: a batch
+            // then only uploads its position ids (computing its tables on the host
+            // took milliseconds per step, with the GPU idle).
+            let positions: Vec<u32> = (0..seq as u32).collect();
+            let (cos, sin) = rope_tables(&positions, self.cfg.head_dim(), self.cfg.rope_theta);
+            self.dev.write(ws.rope_table_cos.all(), &cos)?;
+            self.dev.write(ws.rope_table_sin.all(), &sin)?;
+            self.ws = Some(ws);
         }
         Ok(())
     }
@@ -335,18 +372,23 @@ impl<T: Float> Engine<T> {
             dropout_key: self.dropout_key,
         };
         let train = grad_scale.is_some();
-        ctx.forward()?;
+        {
+            let _r = self.dev.region("[pass] forward");
+            ctx.forward()?;
+        }
         let scale = grad_scale.unwrap_or(0.0) as f32;
         ctx.loss(nv, train.then_some(scale))?;
-        let losses = self.dev.download(ws.losses.view(0, nv))?;
-        let loss = StepLoss {
-            loss_sum: losses.iter().map(|&x| x as f64).sum(),
-            valid_tokens: nv,
-        };
         if train && nv > 0 {
+            let _r = self.dev.region("[pass] backward");
             ctx.backward()?;
         }
-        Ok(loss)
+        // Read after the backward is queued: the host never waits for the forward
+        // (a download synchronizes), so the GPU goes straight on to the backward.
+        let losses = self.dev.download(ws.losses.view(0, nv))?;
+        Ok(StepLoss {
+            loss_sum: losses.iter().map(|&x| x as f64).sum(),
+            valid_tokens: nv,
+        })
     }
 }
 
@@ -361,9 +403,30 @@ fn upload_batch<T: Float>(
     let n = batch.num_tokens();
     let d = cfg.head_dim();
     dev.write(ws.ids.view(0, n), &batch.input_ids)?;
-    let (cos, sin) = rope_tables(&batch.position_ids, d, cfg.rope_theta);
-    dev.write(ws.rope_cos.view(0, n * d / 2), &cos)?;
-    dev.write(ws.rope_sin.view(0, n * d / 2), &sin)?;
+    let (cos, sin) = (
+        ws.rope_cos.view(0, n * d / 2).mat(n, d / 2, d / 2),
+        ws.rope_sin.view(0, n * d / 2).mat(n, d / 2, d / 2),
+    );
+    let table_rows = ws.plan.shape.seq;
+    if batch
+        .position_ids
+        .iter()
+        .all(|&p| (p as usize) < table_rows)
+    {
+        let pos = ws.positions.view(0, n);
+        dev.write(pos, &batch.position_ids)?;
+        let half = d / 2;
+        let tc = ws.rope_table_cos.view(0, table_rows * half);
+        let ts = ws.rope_table_sin.view(0, table_rows * half);
+        gather_rows(dev, tc.mat(table_rows, half, half), pos, cos)?;
+        gather_rows(dev, ts.mat(table_rows, half, half), pos, sin)?;
+    } else {
+        // Positions past the row length (position ids given by the caller): the
+        // tables of exactly these positions.
+        let (c, s) = rope_tables(&batch.position_ids, d, cfg.rope_theta);
+        dev.write(cos.v, &c)?;
+        dev.write(sin.v, &s)?;
+    }
     let packed = batch
         .segment_ids
         .chunks(batch.seq_len.max(1))
@@ -397,6 +460,16 @@ impl<'a, T: Float> Ctx<'a, T> {
         self.ws.layer_inputs.view(l * n * h, n * h).mat(n, h, h)
     }
 
+    /// The residual after layer `l`'s attention: its saved copy, or the one shared
+    /// buffer (recomputed in the backward).
+    fn x2(&self, l: usize) -> Mat<'a, T> {
+        let (n, h) = (self.dims.n, self.dims.h);
+        match &self.ws.attn_residuals {
+            Some(b) => b.view(l * n * h, n * h).mat(n, h, h),
+            None => mat(&self.ws.x2, n, h),
+        }
+    }
+
     /// Output of layer `l`: the next layer's input, or the final hidden state.
     fn layer_output(&self, l: usize) -> Mat<'a, T> {
         if l + 1 < self.cfg.num_hidden_layers {
@@ -428,6 +501,7 @@ impl<'a, T: Float> Ctx<'a, T> {
     /// Dequantizes `group` of layer `l` into its buffer and returns it as `[out, in]`.
     fn weights(&self, l: usize, g: Group) -> Result<Mat<'a, T>> {
         let w = self.weight_buf(g);
+        let _r = self.dev.region("dequantize NF4");
         self.w
             .materialize(self.dev, l, g, &self.group_sizes(g), w.v)?;
         Ok(w)
@@ -478,6 +552,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         let Some(s) = self.slot(l, p) else {
             return Ok(());
         };
+        let _r = self.dev.region("LoRA forward");
         let z = self.z(p, row0, x.rows);
         let xd = self.dropped(l, p, x, row0)?;
         gemm(self.dev, xd, Op::N, self.lora.a(s), Op::T, z, 1.0, 0.0)?;
@@ -510,6 +585,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         let Some(s) = self.slot(l, p) else {
             return Ok(());
         };
+        let _r = self.dev.region("LoRA backward");
         let sc = self.lora.layout.scale;
         let r = self.lora.layout.rank;
         let z = self.z(p, row0, x.rows);
@@ -555,24 +631,31 @@ impl<'a, T: Float> Ctx<'a, T> {
 
     /// The attention half of layer `l` on input `x`: leaves `h1`, `inv1`, `qkv`
     /// (after RoPE), `attn`, `lse`, `x2`, `inv2`, `h2` (and the q/k/v/o `z`) in the
-    /// workspace.
-    fn attention_half(&self, l: usize, x: Mat<'a, T>) -> Result<()> {
+    /// workspace. `recompute`: the backward's second pass, which with a saved `x2`
+    /// only needs o's LoRA `z`, not the o projection.
+    fn attention_half(&self, l: usize, x: Mat<'a, T>, recompute: bool) -> Result<()> {
         let d = self.dims;
         let ws = self.ws;
         let eps = self.cfg.rms_norm_eps as f32;
         let lw = &self.w.layers[l];
         let h1 = mat(&ws.h1, d.n, d.h);
-        rmsnorm_fwd(
-            self.dev,
-            x,
-            lw.input_norm.all(),
-            eps,
-            h1,
-            ws.inv1.view(0, d.n),
-        )?;
+        {
+            let _r = self.dev.region("RMSNorm forward");
+            rmsnorm_fwd(
+                self.dev,
+                x,
+                lw.input_norm.all(),
+                eps,
+                h1,
+                ws.inv1.view(0, d.n),
+            )?;
+        }
         let wqkv = self.weights(l, Group::Qkv)?;
         let qkv = mat(&ws.qkv, d.n, d.qc);
-        gemm(self.dev, h1, Op::N, wqkv, Op::T, qkv, 1.0, 0.0)?;
+        {
+            let _r = self.dev.region("GEMM q/k/v");
+            gemm(self.dev, h1, Op::N, wqkv, Op::T, qkv, 1.0, 0.0)?;
+        }
         let (q, k, v) = self.qkv_blocks(qkv);
         self.lora_fwd(l, Proj::Q, h1, Some(q), 0)?;
         self.lora_fwd(l, Proj::K, h1, Some(k), 0)?;
@@ -581,18 +664,40 @@ impl<'a, T: Float> Ctx<'a, T> {
             ws.rope_cos.view(0, d.n * d.d / 2),
             ws.rope_sin.view(0, d.n * d.d / 2),
         );
-        rope(self.dev, q, d.d, cos, sin, false)?;
-        rope(self.dev, k, d.d, cos, sin, false)?;
+        {
+            // q and k are adjacent column blocks of equal head size: one launch.
+            let _r = self.dev.region("RoPE");
+            rope(
+                self.dev,
+                qkv.col_block(0, d.qcols + d.kvcols),
+                d.d,
+                cos,
+                sin,
+                false,
+            )?;
+        }
         let attn = mat(&ws.attn, d.n, d.qcols);
         let lse = ws.lse.view(0, d.attn.stats_len());
-        attention_fwd(self.dev, &d.attn, q, k, v, self.segments, attn, lse)?;
+        {
+            let _r = self.dev.region("attention forward");
+            attention_fwd(self.dev, &d.attn, q, k, v, self.segments, attn, lse)?;
+        }
         // x2 = x + attn Woᵀ (+ LoRA)
-        let wo = self.weights(l, Group::O)?;
-        let x2 = mat(&ws.x2, d.n, d.h);
-        self.dev.copy(x.v, x2.v)?;
-        gemm(self.dev, attn, Op::N, wo, Op::T, x2, 1.0, 1.0)?;
-        self.lora_fwd(l, Proj::O, attn, Some(x2), 0)?;
+        let x2 = self.x2(l);
+        if recompute && ws.attn_residuals.is_some() {
+            // x2 is saved; the backward needs only o's LoRA input product.
+            self.lora_fwd(l, Proj::O, attn, None, 0)?;
+        } else {
+            let wo = self.weights(l, Group::O)?;
+            {
+                let _r = self.dev.region("GEMM o (+ residual copy)");
+                self.dev.copy(x.v, x2.v)?;
+                gemm(self.dev, attn, Op::N, wo, Op::T, x2, 1.0, 1.0)?;
+            }
+            self.lora_fwd(l, Proj::O, attn, Some(x2), 0)?;
+        }
         let h2 = mat(&ws.h2, d.n, d.h);
+        let _r = self.dev.region("RMSNorm forward");
         rmsnorm_fwd(
             self.dev,
             x2,
@@ -617,12 +722,18 @@ impl<'a, T: Float> Ctx<'a, T> {
         let d = self.dims;
         let h2c = mat(&self.ws.h2, d.n, d.h).row_block(c0, cn);
         let gu = mat(&self.ws.gu, cn, 2 * d.inter);
-        gemm(self.dev, h2c, Op::N, wgu, Op::T, gu, 1.0, 0.0)?;
+        {
+            let _r = self.dev.region("GEMM gate/up");
+            gemm(self.dev, h2c, Op::N, wgu, Op::T, gu, 1.0, 0.0)?;
+        }
         let (g, u) = (gu.col_block(0, d.inter), gu.col_block(d.inter, d.inter));
         self.lora_fwd(l, Proj::Gate, h2c, Some(g), c0)?;
         self.lora_fwd(l, Proj::Up, h2c, Some(u), c0)?;
         let m = mat(&self.ws.m, cn, d.inter);
-        swiglu_fwd(self.dev, g, u, m)?;
+        {
+            let _r = self.dev.region("SwiGLU forward");
+            swiglu_fwd(self.dev, g, u, m)?;
+        }
         Ok((gu, g, u, m))
     }
 
@@ -633,17 +744,19 @@ impl<'a, T: Float> Ctx<'a, T> {
 
     /// Layer `l`'s forward, writing its output (forward pass only).
     fn layer_forward(&self, l: usize) -> Result<()> {
-        let d = self.dims;
-        self.attention_half(l, self.layer_input(l))?;
+        self.attention_half(l, self.layer_input(l), false)?;
         let wgu = self.weights(l, Group::GateUp)?;
         let wd = self.weights(l, Group::Down)?;
         let out = self.layer_output(l);
-        let x2 = mat(&self.ws.x2, d.n, d.h);
+        let x2 = self.x2(l);
         for (c0, cn) in self.chunks() {
             let (_, _, _, m) = self.mlp_up(l, wgu, c0, cn)?;
             let oc = out.row_block(c0, cn);
-            self.dev.copy(x2.row_block(c0, cn).v, oc.v)?;
-            gemm(self.dev, m, Op::N, wd, Op::T, oc, 1.0, 1.0)?;
+            {
+                let _r = self.dev.region("GEMM down (+ residual copy)");
+                self.dev.copy(x2.row_block(c0, cn).v, oc.v)?;
+                gemm(self.dev, m, Op::N, wd, Op::T, oc, 1.0, 1.0)?;
+            }
             self.lora_fwd(l, Proj::Down, m, Some(oc), c0)?;
         }
         Ok(())
@@ -668,6 +781,7 @@ impl<'a, T: Float> Ctx<'a, T> {
     fn loss(&self, nv: usize, grad_scale: Option<f32>) -> Result<()> {
         let d = self.dims;
         let ws = self.ws;
+        let _r = self.dev.region("final norm + cross-entropy (lm_head)");
         let xl = mat(&ws.final_hidden, d.n, d.h);
         let hn = mat(&ws.h1, d.n, d.h);
         let inv = ws.inv1.view(0, d.n);
@@ -736,11 +850,11 @@ impl<'a, T: Float> Ctx<'a, T> {
         let ws = self.ws;
         let lw = &self.w.layers[l];
         let x = self.layer_input(l);
-        self.attention_half(l, x)?;
+        self.attention_half(l, x, true)?;
         let dres = mat(&ws.dres, d.n, d.h);
         let dh = mat(&ws.dh, d.n, d.h);
         let h2 = mat(&ws.h2, d.n, d.h);
-        let x2 = mat(&ws.x2, d.n, d.h);
+        let x2 = self.x2(l);
 
         // MLP, one token chunk at a time: recompute up, then backward.
         let wgu = self.weights(l, Group::GateUp)?;
@@ -750,14 +864,24 @@ impl<'a, T: Float> Ctx<'a, T> {
             self.lora_fwd(l, Proj::Down, m, None, c0)?;
             let dres_c = dres.row_block(c0, cn);
             let dm = mat(&ws.dm, cn, d.inter);
-            gemm(self.dev, dres_c, Op::N, wd, Op::N, dm, 1.0, 0.0)?;
+            {
+                let _r = self.dev.region("GEMM down backward (dX)");
+                gemm(self.dev, dres_c, Op::N, wd, Op::N, dm, 1.0, 0.0)?;
+            }
             self.lora_bwd(l, Proj::Down, m, dres_c, Some(dm), c0)?;
-            swiglu_bwd(self.dev, g, u, dm)?;
+            {
+                let _r = self.dev.region("SwiGLU backward");
+                swiglu_bwd(self.dev, g, u, dm)?;
+            }
             let dh_c = dh.row_block(c0, cn);
-            gemm(self.dev, gu, Op::N, wgu, Op::N, dh_c, 1.0, 0.0)?;
+            {
+                let _r = self.dev.region("GEMM gate/up backward (dX)");
+                gemm(self.dev, gu, Op::N, wgu, Op::N, dh_c, 1.0, 0.0)?;
+            }
             let h2c = h2.row_block(c0, cn);
             self.lora_bwd(l, Proj::Gate, h2c, g, Some(dh_c), c0)?;
             self.lora_bwd(l, Proj::Up, h2c, u, Some(dh_c), c0)?;
+            let _r = self.dev.region("RMSNorm backward");
             rmsnorm_bwd(
                 self.dev,
                 x2.row_block(c0, cn),
@@ -770,16 +894,24 @@ impl<'a, T: Float> Ctx<'a, T> {
         }
 
         // Attention: dres now holds ∂L/∂x2. The recomputation left this layer's
-        // o and q/k/v weights in their buffers.
-        let wo = self.weight_buf(Group::O);
+        // q/k/v weights in their buffer, and o's unless x2 was saved.
+        let wo = if ws.attn_residuals.is_some() {
+            self.weights(l, Group::O)?
+        } else {
+            self.weight_buf(Group::O)
+        };
         let attn = mat(&ws.attn, d.n, d.qcols);
         let dattn = mat(&ws.dattn, d.n, d.qcols);
-        gemm(self.dev, dres, Op::N, wo, Op::N, dattn, 1.0, 0.0)?;
+        {
+            let _r = self.dev.region("GEMM o backward (dX)");
+            gemm(self.dev, dres, Op::N, wo, Op::N, dattn, 1.0, 0.0)?;
+        }
         self.lora_bwd(l, Proj::O, attn, dres, Some(dattn), 0)?;
         let qkv = mat(&ws.qkv, d.n, d.qc);
         let (q, k, v) = self.qkv_blocks(qkv);
         let dqkv = mat(&ws.dqkv, d.n, d.qc);
         let (dq, dk, dv) = self.qkv_blocks(dqkv);
+        let r_attn = self.dev.region("attention backward");
         attention_bwd(
             self.dev,
             &d.attn,
@@ -795,14 +927,25 @@ impl<'a, T: Float> Ctx<'a, T> {
             dv,
             ws.attn_scratch.view(0, d.attn.stats_len()),
         )?;
+        drop(r_attn);
         let (cos, sin) = (
             ws.rope_cos.view(0, d.n * d.d / 2),
             ws.rope_sin.view(0, d.n * d.d / 2),
         );
-        rope(self.dev, dq, d.d, cos, sin, true)?;
-        rope(self.dev, dk, d.d, cos, sin, true)?;
+        {
+            let _r = self.dev.region("RoPE");
+            rope(
+                self.dev,
+                dqkv.col_block(0, d.qcols + d.kvcols),
+                d.d,
+                cos,
+                sin,
+                true,
+            )?;
+        }
         let h1 = mat(&ws.h1, d.n, d.h);
         if need_dx {
+            let _r = self.dev.region("GEMM q/k/v backward (dX)");
             gemm(
                 self.dev,
                 dqkv,
@@ -819,6 +962,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         self.lora_bwd(l, Proj::K, h1, dk, dxo, 0)?;
         self.lora_bwd(l, Proj::V, h1, dv, dxo, 0)?;
         if need_dx {
+            let _r = self.dev.region("RMSNorm backward");
             rmsnorm_bwd(
                 self.dev,
                 x,

@@ -111,6 +111,7 @@ fn chunked_mlp_and_cross_entropy_match_the_reference() {
     let opts = EngineOptions {
         mlp_chunk: 5,
         ce_chunk: 7,
+        ..EngineOptions::default()
     };
     compare(&base, &lora, &[random_rows(61, 3, 9, 10)], opts, 2e-5);
 }
@@ -197,4 +198,59 @@ fn parameters_round_trip_through_the_host_and_bad_tensors_are_refused() {
         .to_string();
     assert!(err.contains("missing"), "{err}");
     let _ = Tensor::zeros(1, DType::F32, &Device::Cpu);
+}
+
+/// Keeping each layer's attention residual only removes recomputation: the same
+/// loss and bit-identical gradients as recomputing it, with dropout on o's input,
+/// a window and packed documents, and the workspace the plan says.
+#[test]
+fn saved_attention_residuals_change_no_bit() {
+    let cfg = small_config(61, Some(4));
+    let (base, _) = random_base(&cfg, 21, DType::F32);
+    let lora = random_lora(&cfg, &all_targets_config(0.2), 22, DType::F32);
+    let batches = [packed_batch(61, 11, 23), random_rows(61, 2, 11, 24)];
+    let run = |save: bool| {
+        let opts = EngineOptions {
+            save_attention_residual: save,
+            ..EngineOptions::default()
+        };
+        let mut engine = Engine::<f32>::new(&base, &lora, opts).unwrap();
+        let before = engine.device().held_bytes();
+        let mut loss = 0.0;
+        for (i, b) in batches.iter().enumerate() {
+            let so = StepOptions {
+                checkpointing: true,
+                dropout_seed: 3,
+                micro_step: i as u64,
+            };
+            loss += engine.forward_backward(b, &so, 40.0).unwrap().loss_sum;
+        }
+        let plan = engine.plan_for(2, 11);
+        assert_eq!(engine.workspace_bytes(), plan.total_bytes());
+        assert!(engine.device().held_bytes() - before >= plan.total_bytes());
+        (
+            loss,
+            engine.lora().grads_to_host(engine.device()).unwrap(),
+            plan.total_bytes(),
+        )
+    };
+    let (l0, g0, bytes0) = run(false);
+    let (l1, g1, bytes1) = run(true);
+    assert_eq!(l0, l1);
+    assert_eq!(g0, g1);
+    // The saved residuals: one [tokens, hidden] f32 matrix per layer.
+    assert_eq!(
+        bytes1 - bytes0,
+        cfg.num_hidden_layers * 2 * 11 * cfg.hidden_size * 4
+    );
+    compare(
+        &base,
+        &lora,
+        &batches,
+        EngineOptions {
+            save_attention_residual: true,
+            ..EngineOptions::default()
+        },
+        2e-5,
+    );
 }

@@ -147,6 +147,64 @@ enum Kind {
 pub struct Dev {
     kind: Arc<Kind>,
     acct: Arc<Accounting>,
+    prof: Arc<Profile>,
+}
+
+/// Where a region's time is read from: CUDA events on the device's stream (the
+/// GPU's time, not the host's), or the host clock on the CPU.
+enum Mark {
+    Host(std::time::Instant, std::time::Instant),
+    #[cfg(feature = "cuda")]
+    Cuda(
+        candle_core::cuda_backend::cudarc::driver::CudaEvent,
+        candle_core::cuda_backend::cudarc::driver::CudaEvent,
+    ),
+}
+
+/// The regions recorded while profiling is on ([`Dev::set_profiling`]).
+#[derive(Default)]
+struct Profile {
+    on: std::sync::atomic::AtomicBool,
+    marks: std::sync::Mutex<Vec<(&'static str, Mark)>>,
+}
+
+/// One named region's total over a profile ([`Dev::take_profile`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegionTime {
+    pub name: &'static str,
+    pub calls: usize,
+    pub ms: f64,
+}
+
+/// Times the work queued between its creation and its drop (see [`Dev::region`]).
+pub struct Region<'a> {
+    dev: &'a Dev,
+    name: &'static str,
+    start: Option<RegionStart>,
+}
+
+enum RegionStart {
+    Host(std::time::Instant),
+    #[cfg(feature = "cuda")]
+    Cuda(candle_core::cuda_backend::cudarc::driver::CudaEvent),
+}
+
+impl Drop for Region<'_> {
+    fn drop(&mut self) {
+        let mark = match self.start.take() {
+            None => return,
+            Some(RegionStart::Host(t0)) => Mark::Host(t0, std::time::Instant::now()),
+            #[cfg(feature = "cuda")]
+            Some(RegionStart::Cuda(e0)) => match self.dev.cuda().map(|c| c.event()) {
+                Some(Ok(e1)) => Mark::Cuda(e0, e1),
+                // A failed record only loses this sample; the work itself is queued.
+                _ => return,
+            },
+        };
+        if let Ok(mut m) = self.dev.prof.marks.lock() {
+            m.push((self.name, mark));
+        }
+    }
 }
 
 impl std::fmt::Debug for Dev {
@@ -165,6 +223,7 @@ impl Dev {
         Dev {
             kind: Arc::new(Kind::Cpu),
             acct: Arc::default(),
+            prof: Arc::default(),
         }
     }
 
@@ -178,6 +237,7 @@ impl Dev {
             candle_core::Device::Cuda(c) => Ok(Dev {
                 kind: Arc::new(Kind::Cuda(crate::cuda::CudaDev::new(c.clone())?)),
                 acct: Arc::default(),
+                prof: Arc::default(),
             }),
             #[allow(unreachable_patterns)]
             other => Err(KernelError::Unsupported {
@@ -197,6 +257,59 @@ impl Dev {
             Kind::Cuda(c) => Some(c),
             Kind::Cpu => None,
         }
+    }
+
+    /// Turns region timing on or off (off by default; shared by every clone). While
+    /// on, each [`Dev::region`] records a pair of CUDA events on the stream (a few
+    /// microseconds of host time each; the GPU's timeline is not disturbed as long
+    /// as the host stays ahead of it).
+    pub fn set_profiling(&self, on: bool) {
+        self.prof.on.store(on, Ordering::Relaxed);
+    }
+
+    /// A region named `name`: the device time of the work queued until the guard
+    /// drops is added to `name` in [`Dev::take_profile`]. Free when profiling is off.
+    pub fn region(&self, name: &'static str) -> Region<'_> {
+        let start = if !self.prof.on.load(Ordering::Relaxed) {
+            None
+        } else {
+            match &*self.kind {
+                Kind::Cpu => Some(RegionStart::Host(std::time::Instant::now())),
+                #[cfg(feature = "cuda")]
+                Kind::Cuda(c) => c.event().ok().map(RegionStart::Cuda),
+            }
+        };
+        Region {
+            dev: self,
+            name,
+            start,
+        }
+    }
+
+    /// Waits for the device, then returns the regions recorded since the last call,
+    /// summed by name, in order of first appearance, and clears them.
+    pub fn take_profile(&self) -> Result<Vec<RegionTime>> {
+        self.synchronize()?;
+        let marks = std::mem::take(&mut *self.prof.marks.lock().expect("profile lock"));
+        let mut out: Vec<RegionTime> = Vec::new();
+        for (name, mark) in marks {
+            let ms = match mark {
+                Mark::Host(a, b) => (b - a).as_secs_f64() * 1e3,
+                #[cfg(feature = "cuda")]
+                Mark::Cuda(a, b) => a.elapsed_ms(&b).map_err(|e| KernelError::Cuda {
+                    op: "cuEventElapsedTime",
+                    msg: e.to_string(),
+                })? as f64,
+            };
+            match out.iter_mut().find(|r| r.name == name) {
+                Some(r) => {
+                    r.calls += 1;
+                    r.ms += ms;
+                }
+                None => out.push(RegionTime { name, calls: 1, ms }),
+            }
+        }
+        Ok(out)
     }
 
     /// Bytes currently held by buffers this device allocated (not borrowed ones).

@@ -27,7 +27,7 @@ pub mod selftest;
 pub mod swiglu;
 pub mod xent;
 
-pub use device::{to_f32_vec, DBuf, Dev, Elem, Float, FloatKind, Mat, View};
+pub use device::{to_f32_vec, DBuf, Dev, Elem, Float, FloatKind, Mat, Region, RegionTime, View};
 pub use error::{KernelError, Result};
 pub use gemm::{gemm, Op};
 pub use nf4::Nf4Device;

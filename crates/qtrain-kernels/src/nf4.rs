@@ -10,19 +10,87 @@
 use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Result, Tensor};
 use qtrain_quant::{Absmax, Nf4Tensor, NF4_CODE};
 
-static DEQUANT_UNROLL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
-
-/// Chunks of 8 code bytes each CUDA thread dequantizes: 1 (default) or 4 (all
-/// loads issued first). Both give identical results; `qtrain doctor` times both.
-pub fn set_dequant_unroll(u: usize) {
-    DEQUANT_UNROLL.store(
-        if u == 4 { 4 } else { 1 },
-        std::sync::atomic::Ordering::Relaxed,
-    );
+/// Which CUDA kernel dequantizes (all give bit-identical results; `qtrain doctor`
+/// times each on the GPU at hand).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DequantKernel {
+    /// 8 code bytes (16 weights) per thread, two 16-byte stores.
+    Chunk8,
+    /// Four such chunks per thread, all loads issued first.
+    Chunk8x4,
+    /// 4 code bytes (8 weights, one 16-byte store) per chunk, two chunks per thread:
+    /// every store instruction of a warp writes 512 contiguous bytes. bf16 output
+    /// only (f32 uses `Chunk8`).
+    Chunk4x2,
 }
 
-pub fn dequant_unroll() -> usize {
-    DEQUANT_UNROLL.load(std::sync::atomic::Ordering::Relaxed)
+impl DequantKernel {
+    pub const ALL: [DequantKernel; 3] = [
+        DequantKernel::Chunk8,
+        DequantKernel::Chunk8x4,
+        DequantKernel::Chunk4x2,
+    ];
+
+    /// The kernel for `kind` outputs and its code bytes per thread.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn kernel(self, kind: crate::FloatKind) -> (&'static str, usize) {
+        use crate::FloatKind::{Bf16, F16, F32};
+        match (self, kind) {
+            (_, F16) => ("nf4_dequant_f16", 8),
+            (DequantKernel::Chunk8, Bf16) => ("nf4_dequant_bf16", 8),
+            (DequantKernel::Chunk8x4, Bf16) => ("nf4_dequant_bf16_x4", 32),
+            (DequantKernel::Chunk4x2, Bf16) => ("nf4_dequant_bf16_n2", 8),
+            (DequantKernel::Chunk8 | DequantKernel::Chunk4x2, F32) => ("nf4_dequant_f32", 8),
+            (DequantKernel::Chunk8x4, F32) => ("nf4_dequant_f32_x4", 32),
+        }
+    }
+}
+
+static DEQUANT_KERNEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+static DEQUANT_KERNEL_ENV: std::sync::Once = std::sync::Once::new();
+
+impl std::str::FromStr for DequantKernel {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "chunk8" => Ok(DequantKernel::Chunk8),
+            "chunk8x4" => Ok(DequantKernel::Chunk8x4),
+            "chunk4x2" => Ok(DequantKernel::Chunk4x2),
+            other => Err(format!(
+                "`{other}` is not a dequantization kernel (chunk8, chunk8x4 or chunk4x2)"
+            )),
+        }
+    }
+}
+
+/// `QTRAIN_NF4_KERNEL` (chunk8, chunk8x4, chunk4x2) picks the starting choice.
+fn init_from_env() {
+    DEQUANT_KERNEL_ENV.call_once(|| {
+        if let Ok(v) = std::env::var("QTRAIN_NF4_KERNEL") {
+            match v.parse::<DequantKernel>() {
+                Ok(k) => store_kernel(k),
+                Err(e) => eprintln!("warning: QTRAIN_NF4_KERNEL: {e}; using chunk8"),
+            }
+        }
+    });
+}
+
+fn store_kernel(k: DequantKernel) {
+    let v = DequantKernel::ALL.iter().position(|&x| x == k).unwrap_or(0) as u8;
+    DEQUANT_KERNEL.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Selects the dequantization kernel for every later call (process-wide).
+pub fn set_dequant_kernel(k: DequantKernel) {
+    init_from_env();
+    store_kernel(k);
+}
+
+/// The kernel in use: `Chunk8` unless `QTRAIN_NF4_KERNEL` or [`set_dequant_kernel`]
+/// chose another.
+pub fn dequant_kernel() -> DequantKernel {
+    init_from_env();
+    DequantKernel::ALL[DEQUANT_KERNEL.load(std::sync::atomic::Ordering::Relaxed) as usize % 3]
 }
 
 /// The shape of one quantized weight, as the dequantization kernel needs it.
@@ -65,19 +133,7 @@ pub fn dequantize_view<T: crate::Float>(
             "the CUDA kernel needs a blocksize and size multiple of 16"
         );
         use crate::cuda::PushKernelArg;
-        let wide = dequant_unroll() == 4;
-        let kname = match (T::KIND, wide) {
-            (crate::FloatKind::Bf16, false) => "nf4_dequant_bf16",
-            (crate::FloatKind::F32, false) => "nf4_dequant_f32",
-            (crate::FloatKind::Bf16, true) => "nf4_dequant_bf16_x4",
-            (crate::FloatKind::F32, true) => "nf4_dequant_f32_x4",
-            (k, _) => {
-                return Err(crate::KernelError::Unsupported {
-                    op: "nf4 dequantize",
-                    msg: format!("{k:?} output"),
-                })
-            }
-        };
+        let (kname, bytes_per_thread) = dequant_kernel().kernel(T::KIND);
         let f = c.func("qtrain_nf4_raw", crate::ptx::NF4, kname)?;
         let mut b = c.builder(&f);
         let (cp, sp, op_) = (codes.dptr(), stats.dptr(), out.dptr());
@@ -94,11 +150,7 @@ pub fn dequantize_view<T: crate::Float>(
             .arg(&bs)
             .arg(&nb)
             .arg(&dq);
-        let threads = meta
-            .numel
-            .div_ceil(2)
-            .div_ceil(8)
-            .div_ceil(if wide { 4 } else { 1 });
+        let threads = meta.numel.div_ceil(2).div_ceil(bytes_per_thread);
         // SAFETY: arguments match `nf4_dequant_*`; the kernel bounds-checks each thread.
         return unsafe {
             crate::cuda::launch("nf4 dequantize", b, crate::cuda::grid_1d(threads, 256))
@@ -173,8 +225,8 @@ impl Nf4Device {
         self.codes.elem_count() + 4 * self.stats.elem_count()
     }
 
-    /// Writes the dequantized weight into `out` (contiguous, `numel` elements of bf16
-    /// or f32, on the same device). `out` is typically one buffer reused for every
+    /// Writes the dequantized weight into `out` (contiguous, `numel` elements of bf16,
+    /// f16 or f32, on the same device). `out` is typically one buffer reused for every
     /// projection of every layer.
     pub fn dequantize_into(&self, out: &Tensor) -> Result<()> {
         if out.elem_count() != self.numel() || !out.is_contiguous() {
@@ -272,7 +324,12 @@ impl InplaceOp3 for Nf4DequantOp {
                     *o = half::bf16::from_f32(value(i));
                 }
             }
-            _ => candle_core::bail!("nf4 dequantize: output must be f32 or bf16"),
+            CpuStorage::F16(v) => {
+                for (i, o) in v[d0..d1].iter_mut().enumerate() {
+                    *o = half::f16::from_f32(value(i));
+                }
+            }
+            _ => candle_core::bail!("nf4 dequantize: output must be f32, bf16 or f16"),
         }
         Ok(())
     }
@@ -300,12 +357,14 @@ impl InplaceOp3 for Nf4DequantOp {
         let (d0, d1) = dst_l.contiguous_offsets().expect("contiguous output");
         let codes = codes.as_cuda_slice::<u8>()?.slice(c0..c1);
         let stats = stats.as_cuda_slice::<f32>()?.slice(s0..s1);
-        let wide = dequant_unroll() == 4;
-        let threads = self
-            .numel
-            .div_ceil(2)
-            .div_ceil(8)
-            .div_ceil(if wide { 4 } else { 1 }) as u32;
+        let kind = match dst.dtype() {
+            DType::BF16 => crate::FloatKind::Bf16,
+            DType::F16 => crate::FloatKind::F16,
+            DType::F32 => crate::FloatKind::F32,
+            other => candle_core::bail!("nf4 dequantize: output dtype {other:?} unsupported"),
+        };
+        let (kname, bytes_per_thread) = dequant_kernel().kernel(kind);
+        let threads = self.numel.div_ceil(2).div_ceil(bytes_per_thread) as u32;
         let cfg = LaunchConfig {
             grid_dim: (threads.div_ceil(256), 1, 1),
             block_dim: (256, 1, 1),
@@ -317,15 +376,7 @@ impl InplaceOp3 for Nf4DequantOp {
         let dq = self.double_quant as u32;
         match dst.dtype() {
             DType::BF16 => {
-                let func = dev.get_or_load_custom_func(
-                    if wide {
-                        "nf4_dequant_bf16_wide"
-                    } else {
-                        "nf4_dequant_bf16"
-                    },
-                    "qtrain_nf4",
-                    crate::ptx::NF4,
-                )?;
+                let func = dev.get_or_load_custom_func(kname, "qtrain_nf4", crate::ptx::NF4)?;
                 let mut out = dst.as_cuda_slice_mut::<half::bf16>()?.slice_mut(d0..d1);
                 let mut b = func.builder();
                 b.arg(&codes);
@@ -333,19 +384,22 @@ impl InplaceOp3 for Nf4DequantOp {
                 b.arg(&mut out);
                 candle_core::builder_arg!(b, numel, blocksize, nested, dq);
                 // SAFETY: argument types match the kernel signature; the grid covers
-                // exactly numel/16 threads, each bounds-checked.
+                // every code byte, each thread bounds-checked.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            DType::F16 => {
+                let func = dev.get_or_load_custom_func(kname, "qtrain_nf4", crate::ptx::NF4)?;
+                let mut out = dst.as_cuda_slice_mut::<half::f16>()?.slice_mut(d0..d1);
+                let mut b = func.builder();
+                b.arg(&codes);
+                b.arg(&stats);
+                b.arg(&mut out);
+                candle_core::builder_arg!(b, numel, blocksize, nested, dq);
+                // SAFETY: as above.
                 unsafe { b.launch(cfg) }.w()?;
             }
             DType::F32 => {
-                let func = dev.get_or_load_custom_func(
-                    if wide {
-                        "nf4_dequant_f32_wide"
-                    } else {
-                        "nf4_dequant_f32"
-                    },
-                    "qtrain_nf4",
-                    crate::ptx::NF4,
-                )?;
+                let func = dev.get_or_load_custom_func(kname, "qtrain_nf4", crate::ptx::NF4)?;
                 let mut out = dst.as_cuda_slice_mut::<f32>()?.slice_mut(d0..d1);
                 let mut b = func.builder();
                 b.arg(&codes);

@@ -100,7 +100,19 @@ pub fn run_basic(dev: &Dev, full: bool) -> Result<Vec<Check>> {
         norm_checks::<half::bf16>(dev, rows, h, 1e-2),
     );
     add("rmsnorm f32", norm_checks::<f32>(dev, 257, 300, 1e-5));
-    add("rope", rope_check::<half::bf16>(dev, 1e-2).map(|c| vec![c]));
+    // The vectorized kernel (head_dim/2 and ld divisible by 4) and the scalar one.
+    add(
+        "rope",
+        rope_check::<half::bf16>(dev, (300, 6, 128, 6 * 128 + 256), 1e-2).map(|c| vec![c]),
+    );
+    add(
+        "rope",
+        rope_check::<half::bf16>(dev, (37, 5, 12, 5 * 12 + 3), 1e-2).map(|c| vec![c]),
+    );
+    add(
+        "rope",
+        rope_check::<f32>(dev, (64, 4, 16, 4 * 16 + 2), 1e-6).map(|c| vec![c]),
+    );
     add(
         "swiglu",
         swiglu_check::<half::bf16>(dev, rows, inter, 1e-2).map(|c| vec![c]),
@@ -582,9 +594,12 @@ fn norm_checks<T: Float>(dev: &Dev, rows: usize, cols: usize, tol: f64) -> Resul
     ])
 }
 
-fn rope_check<T: Float>(dev: &Dev, tol: f64) -> Result<Check> {
+fn rope_check<T: Float>(
+    dev: &Dev,
+    (n, heads, d, ld): (usize, usize, usize, usize),
+    tol: f64,
+) -> Result<Check> {
     let cpu = Dev::cpu();
-    let (n, heads, d, ld) = (300, 6, 128, 6 * 128 + 256);
     let x = random(n * ld, 1.0, 5);
     let pos: Vec<u32> = (0..n as u32).map(|i| (i * 7) % 1000).collect();
     let (c, s) = crate::rope::rope_tables(&pos, d, 1e6);
@@ -597,7 +612,10 @@ fn rope_check<T: Float>(dev: &Dev, tol: f64) -> Result<Check> {
         to_f32_vec(dv, xb.all())
     };
     Ok(check(
-        format!("rope fwd + partial inverse {}", T::NAME),
+        format!(
+            "rope fwd + partial inverse {}, {n} x {heads} heads of {d}, ld {ld}",
+            T::NAME
+        ),
         rel_err(&run(dev)?, &run(&cpu)?),
         tol,
         "",

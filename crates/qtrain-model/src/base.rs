@@ -233,12 +233,7 @@ impl BaseModel {
         // Loading's temporaries (uploads, GPU quantization scratch) were freed into
         // the stream-ordered allocator's pool; give them back to the device so a run
         // that quantized starts with as much free memory as one that read the cache.
-        #[cfg(feature = "cuda")]
-        if let Device::Cuda(_) = &opts.device {
-            if let Some(c) = qtrain_kernels::Dev::from_candle(&opts.device)?.cuda() {
-                c.trim_pool()?;
-            }
-        }
+        trim_pool(&opts.device)?;
         Ok(Self {
             config,
             source_dir: dir.to_path_buf(),
@@ -440,4 +435,15 @@ fn load_prequantized(
         in_features: i,
         storage: nf4_storage(q, device)?,
     })
+}
+
+fn trim_pool(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = device {
+        if let Some(c) = qtrain_kernels::Dev::from_candle(device)?.cuda() {
+            c.trim_pool()?;
+        }
+    }
+    let _ = device;
+    Ok(())
 }

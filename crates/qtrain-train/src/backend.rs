@@ -209,6 +209,27 @@ impl Backend {
         })
     }
 
+    /// Whether the fused engine keeps every layer's attention residual
+    /// (`EngineOptions::save_attention_residual`); false on the reference path.
+    pub fn keeps_attention_residuals(&self) -> bool {
+        match &self.kind {
+            Kind::Fused { engine, .. } => {
+                with_engine!(engine.as_ref(), e => e.options().save_attention_residual)
+            }
+            Kind::Reference { .. } => false,
+        }
+    }
+
+    /// Sets [`Backend::keeps_attention_residuals`] (ignored on the reference path).
+    pub fn set_keep_attention_residuals(&mut self, keep: bool) {
+        if let Kind::Fused { engine, .. } = &mut self.kind {
+            with_engine!(engine.as_mut(), e => {
+                let opts = e.options();
+                e.set_options(EngineOptions { save_attention_residual: keep, ..opts });
+            });
+        }
+    }
+
     /// Which engine runs the steps: "fused" or "reference".
     pub fn name(&self) -> &'static str {
         match self.kind {

@@ -137,6 +137,13 @@ pub struct TrainSection {
     /// buffers, bf16 on GPUs), `reference` (candle ops, any device and dtype), or
     /// `auto` (fused on a GPU in bf16, reference otherwise).
     pub engine: String,
+    /// Keep each layer's residual after attention from the forward, so that the
+    /// backward does not recompute the o projection (fused engine; costs
+    /// `layers x tokens x hidden` compute-type elements: 1 GiB for Mistral-7B at
+    /// 4096 tokens per micro-batch): `on`, `off`, or `auto` (on when the memory
+    /// model says it fits the GPU beside the micro-batch; the micro-batch comes
+    /// first, and an out-of-memory turns it off before halving anything).
+    pub keep_attention_residuals: String,
 }
 
 impl Default for TrainSection {
@@ -150,6 +157,7 @@ impl Default for TrainSection {
             max_nonfinite_steps: 5,
             seed: 0,
             engine: "auto".into(),
+            keep_attention_residuals: "auto".into(),
         }
     }
 }
@@ -398,6 +406,12 @@ impl RunConfig {
                     .into(),
             ),
             _ => {}
+        }
+        if !["auto", "on", "off"].contains(&t.keep_attention_residuals.as_str()) {
+            p.push(format!(
+                "train.keep_attention_residuals: `{}` (expected auto, on or off)",
+                t.keep_attention_residuals
+            ));
         }
         if !["retry", "stop"].contains(&t.oom.as_str()) {
             p.push(format!("train.oom: `{}` (expected retry or stop)", t.oom));

@@ -24,7 +24,7 @@ use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::trainer::TrainError;
 use qtrain_data::{Batch, DatasetConfig};
-use qtrain_dist::{StepShare, StepSharding};
+use qtrain_dist::{StepSharding, StepShare};
 use qtrain_lora::{StepOptions, TokenBatch};
 use qtrain_model::BaseModel;
 
@@ -166,6 +166,44 @@ pub fn resolve_step_shape(
         );
     }
     Ok(shape)
+}
+
+/// Whether the fused engine should keep its attention residuals for micro-batches
+/// of `shape` (`train.keep_attention_residuals`; `auto`: when the memory model says
+/// they fit the GPU's usable memory and the engine memory limit beside the
+/// micro-batch, never on the CPU).
+pub fn keep_attention_residuals(
+    cfg: &RunConfig,
+    base: &BaseModel,
+    backend: &Backend,
+    gpu: Option<&crate::gpu::GpuInfo>,
+    engine_limit: Option<usize>,
+    shape: &StepShape,
+) -> bool {
+    use crate::memory::{self, EngineKind, MemorySpec};
+    if backend.name() != "fused" {
+        return false;
+    }
+    match cfg.train.keep_attention_residuals.as_str() {
+        "on" => true,
+        "off" => false,
+        _ => {
+            let Some(gpu) = gpu else { return false };
+            let mut spec = MemorySpec::for_run(
+                cfg,
+                &base.config,
+                base.dtype,
+                EngineKind::Fused,
+                shape.micro_rows,
+                cfg.data.seq_len,
+                Some(gpu.compute_capability),
+            );
+            spec.engine_options.save_attention_residual = true;
+            let plan = spec.plan();
+            plan.fits(memory::usable(gpu.total_bytes, memory::DEFAULT_HEADROOM))
+                && engine_limit.is_none_or(|l| plan.engine_bytes <= l as u64)
+        }
+    }
 }
 
 /// One optimizer step's forward/backward passes on this rank: every data batch of

@@ -485,6 +485,22 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         resumed.as_ref().and_then(|s| s.micro_batch),
     )?;
     let data_cfg = shape.data_config(&cfg.data);
+    let keep = micro::keep_attention_residuals(
+        &cfg,
+        &base,
+        &backend,
+        gpu.as_ref(),
+        engine_memory_limit,
+        &shape,
+    );
+    backend.set_keep_attention_residuals(keep);
+    if keep {
+        tracing::info!(
+            "keeping each layer's attention residual (train.keep_attention_residuals = {}): \
+             the backward skips recomputing the o projection",
+            cfg.train.keep_attention_residuals
+        );
+    }
     // Every rank starts from rank 0's adapters and must read the same data.
     backend.broadcast_params(&*coll)?;
     // An optimizer step's data batches are split over the ranks (so a resume on
@@ -704,6 +720,17 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
                     // Checkpoint the last completed step (data from before this one),
                     // with the micro-batch a resume should use.
                     let failed = shape;
+                    if cfg.train.oom == "retry" && backend.keeps_attention_residuals() {
+                        // The cheapest memory to give back: recompute o again.
+                        backend.set_keep_attention_residuals(false);
+                        bar.suspend(|| {
+                            tracing::warn!(
+                                "step {step}: out of GPU memory ({e}); no longer keeping the \
+                                 attention residuals, retrying the step"
+                            )
+                        });
+                        continue;
+                    }
                     let retry = cfg.train.oom == "retry" && shape.halve();
                     let st = state_now(
                         step,

@@ -122,11 +122,38 @@ pub(crate) fn rope<T: Float>(
     if total == 0 {
         return Ok(());
     }
-    let f = c.func("qtrain_rope", ptx::ROPE, name::<T>("rope"))?;
-    let mut b = c.builder(&f);
-    let (xp, ld, rows) = (x.dptr(), x.ld as u64, x.rows as u32);
+    let (xp, rows) = (x.dptr(), x.rows as u32);
     let (heads, hd) = ((x.cols / head_dim) as u32, head_dim as u32);
     let (cp, sp, inv) = (cos.dptr(), sin.dptr(), inverse as u32);
+    let esize = std::mem::size_of::<T>() as u64;
+    // Four pairs per thread where every vector access is aligned.
+    let quads = (total / 4) as u64;
+    if (head_dim / 2).is_multiple_of(4)
+        && x.ld.is_multiple_of(4)
+        && x.ld <= u32::MAX as usize
+        && xp.is_multiple_of(4 * esize)
+        && cp.is_multiple_of(16)
+        && sp.is_multiple_of(16)
+        && quads <= u32::MAX as u64
+    {
+        let f = c.func("qtrain_rope", ptx::ROPE, name::<T>("rope4"))?;
+        let mut b = c.builder(&f);
+        let ld = x.ld as u32;
+        b.arg(&xp)
+            .arg(&ld)
+            .arg(&rows)
+            .arg(&heads)
+            .arg(&hd)
+            .arg(&cp)
+            .arg(&sp)
+            .arg(&inv);
+        // SAFETY: arguments match `rope4_*`; one thread per four pairs, bounds-checked
+        // in the kernel; alignment checked above.
+        return unsafe { launch("rope", b, grid_1d(quads as usize, 256)) };
+    }
+    let f = c.func("qtrain_rope", ptx::ROPE, name::<T>("rope"))?;
+    let mut b = c.builder(&f);
+    let ld = x.ld as u64;
     b.arg(&xp)
         .arg(&ld)
         .arg(&rows)
