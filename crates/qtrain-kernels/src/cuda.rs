@@ -267,6 +267,24 @@ impl CudaDev {
     /// it holds for reuse) to the device, so that what the driver reports as used
     /// is what is really held. Called after loading, whose temporaries (uploads,
     /// quantization scratch) would otherwise stay reserved for the whole run.
+    /// Device memory in use (total - free) in MiB, for diagnostics.
+    pub fn used_mib(&self) -> f64 {
+        drv::mem_get_info()
+            .map(|(free, total)| (total - free) as f64 / 1048576.0)
+            .unwrap_or(f64::NAN)
+    }
+
+    /// The per-thread stack limit of the context (`CU_LIMIT_STACK_SIZE`), bytes.
+    pub fn stack_limit(&self) -> Result<usize> {
+        self.bind()?;
+        let mut v = 0usize;
+        // SAFETY: writes one usize.
+        unsafe { sys::cuCtxGetLimit(&mut v, sys::CUlimit::CU_LIMIT_STACK_SIZE) }
+            .result()
+            .map_err(|e| cuda_err("cuCtxGetLimit", e))?;
+        Ok(v)
+    }
+
     pub fn trim_pool(&self) -> Result<()> {
         self.synchronize()?;
         self.bind()?;

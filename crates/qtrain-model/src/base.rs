@@ -184,6 +184,7 @@ impl BaseModel {
             Ok(t)
         };
         let embed_tokens = dense("model.embed_tokens.weight", &[config.vocab_size, h])?;
+        tracing::debug!("embeddings loaded{}", device_note(&opts.device));
         let norm = dense("model.norm.weight", &[h])?;
         let lm_head = if config.tie_word_embeddings {
             embed_tokens.clone()
@@ -216,7 +217,7 @@ impl BaseModel {
                 post_attention_layernorm,
                 projs,
             });
-            tracing::debug!(layer = l, "loaded");
+            tracing::debug!(layer = l, "loaded{}", device_note(&opts.device));
         }
         let quantization = if prequantized {
             let q = config.quantization_config.as_ref().expect("prequantized");
@@ -437,7 +438,8 @@ fn load_prequantized(
     })
 }
 
-fn trim_pool(device: &Device) -> Result<()> {
+/// Returns the CUDA allocator pool's free memory to the device (nothing on the CPU).
+pub(crate) fn trim_pool(device: &Device) -> Result<()> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(_) = device {
         if let Some(c) = qtrain_kernels::Dev::from_candle(device)?.cuda() {
@@ -446,4 +448,22 @@ fn trim_pool(device: &Device) -> Result<()> {
     }
     let _ = device;
     Ok(())
+}
+
+/// ", device memory in use N MiB, stack limit S" on CUDA (debug logging of loads).
+fn device_note(device: &Device) -> String {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = device {
+        if let Ok(d) = qtrain_kernels::Dev::from_candle(device) {
+            if let Some(c) = d.cuda() {
+                return format!(
+                    ", device memory in use {:.0} MiB, stack limit {} B",
+                    c.used_mib(),
+                    c.stack_limit().unwrap_or(0)
+                );
+            }
+        }
+    }
+    let _ = device;
+    String::new()
 }
