@@ -298,6 +298,18 @@ fn evaluate_fitting(
             cfg.eval.max_batches,
             shape.micro_rows,
         ) {
+            Err(e)
+                if micro::is_oom(&e)
+                    && cfg.train.oom == "retry"
+                    && backend.keeps_attention_residuals() =>
+            {
+                // As in a training step: give back the kept residuals first.
+                backend.set_keep_attention_residuals(false);
+                tracing::warn!(
+                    "evaluation ran out of GPU memory ({e}); no longer keeping the attention \
+                     residuals"
+                );
+            }
             Err(e) if micro::is_oom(&e) && cfg.train.oom == "retry" && shape.halve() => {
                 tracing::warn!(
                     "evaluation ran out of GPU memory ({e}); continuing with micro-batches of {} rows",

@@ -389,3 +389,47 @@ fn state_of_f32(cache: &Path) -> TrainerState {
     go(config(out.path(), 1, "batch_size = 2"), cache, None).unwrap();
     state(out.path(), 1)
 }
+
+/// Kept attention residuals that do not fit are the first memory given back: the run
+/// keeps its micro-batch and trains bit for bit what a run without them trains.
+#[test]
+fn out_of_memory_gives_back_the_attention_residuals_first() {
+    let cache = tempfile::tempdir().unwrap();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let steps = 3;
+    let cfg_for = |out: &Path, keep: &str| {
+        let mut c = config(out, steps, "batch_size = 4\n[train]\nengine = \"fused\"");
+        c.train.keep_attention_residuals = keep.into();
+        // Rows long enough that the residuals (layers x tokens x hidden) outweigh the
+        // few small buffers a step allocates beside the plan on the CPU.
+        c.data.seq_len = 192;
+        c
+    };
+    let off = cfg_for(a.path(), "off");
+    let without = engine_bytes(&off, cache.path(), 4);
+    let with = {
+        let mut spec = MemorySpec::for_run(
+            &off,
+            &tiny_config(cache.path()),
+            DType::F32,
+            EngineKind::Fused,
+            4,
+            off.data.seq_len,
+            None,
+        );
+        spec.engine_options.save_attention_residual = true;
+        spec.plan().engine_bytes
+    };
+    assert!(without < with);
+    let plain = go(off, cache.path(), None).unwrap();
+    let limit = ((without + with) / 2) as usize;
+    let kept = go(cfg_for(b.path(), "on"), cache.path(), Some(limit)).unwrap();
+    assert_eq!((plain.steps, kept.steps), (steps, steps));
+    for step in 1..=steps {
+        assert_eq!(state(b.path(), step).micro_batch, Some(4), "step {step}");
+    }
+    let read =
+        |s: &RunSummary| std::fs::read(s.adapter_dir.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(read(&plain), read(&kept));
+    assert_eq!(losses(a.path()), losses(b.path()));
+}
