@@ -113,6 +113,32 @@ QT_NF4(__nv_bfloat16, bf16, 1, )
 QT_NF4(float, f32, 1, )
 QT_NF4(__nv_bfloat16, bf16, 4, _x4)
 QT_NF4(float, f32, 4, _x4)
+// Persistent variant: a grid of a few CTAs per multiprocessor loops over the 8-byte
+// chunks (grid stride), so the shared-memory tables are filled once per CTA rather
+// than once per 256 chunks, and no CTA is scheduled for a sliver of work.
+extern "C" __global__ void nf4_dequant_bf16_p(const uint8_t *codes, const float *stats,
+                                              __nv_bfloat16 *out, uint64_t numel,
+                                              uint32_t blocksize, uint32_t nested_blocksize,
+                                              uint32_t double_quant) {
+  __shared__ float code[16];
+  __shared__ float nested_code[256];
+  if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
+  if (double_quant) {
+    for (uint32_t i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = stats[1 + i];
+  }
+  __syncthreads();
+  const uint64_t n_bytes = (numel + 1) / 2;
+  const uint64_t n_chunks = (n_bytes + 7) / 8;
+  for (uint64_t c = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; c < n_chunks;
+       c += (uint64_t)gridDim.x * blockDim.x) {
+    const uint64_t byte0 = c * 8;
+    const uint2 packed =
+        byte0 + 8 <= n_bytes ? *reinterpret_cast<const uint2 *>(codes + byte0) : make_uint2(0, 0);
+    nf4_chunk<__nv_bfloat16>(codes, stats, code, nested_code, out, numel, n_bytes, byte0,
+                             blocksize, nested_blocksize, double_quant, packed);
+  }
+}
+
 // fp16 output: the compute type on GPUs without bf16 (compute capability 7.x).
 QT_NF4(__half, f16, 1, )
 

@@ -112,6 +112,7 @@ pub fn run(a: Args) -> Result<()> {
         (DType::BF16, DequantKernel::Chunk8),
         (DType::BF16, DequantKernel::Chunk8x4),
         (DType::BF16, DequantKernel::Chunk4x2),
+        (DType::BF16, DequantKernel::Chunk8Persistent),
         (DType::F16, DequantKernel::Chunk8),
     ] {
         qtrain_kernels::nf4::set_dequant_kernel(kernel);
@@ -152,7 +153,7 @@ pub fn run(a: Args) -> Result<()> {
     if let Some((_, k)) = best_bf16 {
         println!(
             "fastest bf16 dequantization here: {k:?}; training uses {chosen:?} \
-             (QTRAIN_NF4_KERNEL=chunk8|chunk8x4|chunk4x2 chooses)"
+             (QTRAIN_NF4_KERNEL=chunk8|chunk8x4|chunk4x2|chunk8p chooses)"
         );
     }
 

@@ -22,14 +22,29 @@ pub enum DequantKernel {
     /// every store instruction of a warp writes 512 contiguous bytes. bf16 output
     /// only (f32 uses `Chunk8`).
     Chunk4x2,
+    /// `Chunk8` in a persistent grid (a few CTAs per multiprocessor, grid-stride loop).
+    /// bf16 output only (f32 uses `Chunk8`).
+    Chunk8Persistent,
 }
 
 impl DequantKernel {
-    pub const ALL: [DequantKernel; 3] = [
+    pub const ALL: [DequantKernel; 4] = [
         DequantKernel::Chunk8,
         DequantKernel::Chunk8x4,
         DequantKernel::Chunk4x2,
+        DequantKernel::Chunk8Persistent,
     ];
+
+    /// Blocks of the launch for `threads` threads of 256: all of them, or for the
+    /// persistent kernel at most 8 per multiprocessor.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn grid_blocks(self, threads: usize, sms: usize) -> usize {
+        let blocks = threads.div_ceil(256).max(1);
+        match self {
+            DequantKernel::Chunk8Persistent => blocks.min(8 * sms.max(1)),
+            _ => blocks,
+        }
+    }
 
     /// The kernel for `kind` outputs and its code bytes per thread.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -40,7 +55,11 @@ impl DequantKernel {
             (DequantKernel::Chunk8, Bf16) => ("nf4_dequant_bf16", 8),
             (DequantKernel::Chunk8x4, Bf16) => ("nf4_dequant_bf16_x4", 32),
             (DequantKernel::Chunk4x2, Bf16) => ("nf4_dequant_bf16_n2", 8),
-            (DequantKernel::Chunk8 | DequantKernel::Chunk4x2, F32) => ("nf4_dequant_f32", 8),
+            (DequantKernel::Chunk8Persistent, Bf16) => ("nf4_dequant_bf16_p", 8),
+            (
+                DequantKernel::Chunk8 | DequantKernel::Chunk4x2 | DequantKernel::Chunk8Persistent,
+                F32,
+            ) => ("nf4_dequant_f32", 8),
             (DequantKernel::Chunk8x4, F32) => ("nf4_dequant_f32_x4", 32),
         }
     }
@@ -56,8 +75,9 @@ impl std::str::FromStr for DequantKernel {
             "chunk8" => Ok(DequantKernel::Chunk8),
             "chunk8x4" => Ok(DequantKernel::Chunk8x4),
             "chunk4x2" => Ok(DequantKernel::Chunk4x2),
+            "chunk8p" => Ok(DequantKernel::Chunk8Persistent),
             other => Err(format!(
-                "`{other}` is not a dequantization kernel (chunk8, chunk8x4 or chunk4x2)"
+                "`{other}` is not a dequantization kernel (chunk8, chunk8x4, chunk4x2 or chunk8p)"
             )),
         }
     }
@@ -90,7 +110,8 @@ pub fn set_dequant_kernel(k: DequantKernel) {
 /// chose another.
 pub fn dequant_kernel() -> DequantKernel {
     init_from_env();
-    DequantKernel::ALL[DEQUANT_KERNEL.load(std::sync::atomic::Ordering::Relaxed) as usize % 3]
+    DequantKernel::ALL[DEQUANT_KERNEL.load(std::sync::atomic::Ordering::Relaxed) as usize
+        % DequantKernel::ALL.len()]
 }
 
 /// The shape of one quantized weight, as the dequantization kernel needs it.
@@ -133,7 +154,8 @@ pub fn dequantize_view<T: crate::Float>(
             "the CUDA kernel needs a blocksize and size multiple of 16"
         );
         use crate::cuda::PushKernelArg;
-        let (kname, bytes_per_thread) = dequant_kernel().kernel(T::KIND);
+        let choice = dequant_kernel();
+        let (kname, bytes_per_thread) = choice.kernel(T::KIND);
         let f = c.func("qtrain_nf4_raw", crate::ptx::NF4, kname)?;
         let mut b = c.builder(&f);
         let (cp, sp, op_) = (codes.dptr(), stats.dptr(), out.dptr());
@@ -151,10 +173,15 @@ pub fn dequantize_view<T: crate::Float>(
             .arg(&nb)
             .arg(&dq);
         let threads = meta.numel.div_ceil(2).div_ceil(bytes_per_thread);
-        // SAFETY: arguments match `nf4_dequant_*`; the kernel bounds-checks each thread.
-        return unsafe {
-            crate::cuda::launch("nf4 dequantize", b, crate::cuda::grid_1d(threads, 256))
+        let blocks = choice.grid_blocks(threads, c.sm_count()? as usize);
+        let cfg = crate::cuda::LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
         };
+        // SAFETY: arguments match `nf4_dequant_*`; every kernel bounds-checks its
+        // chunks (the persistent one loops over them).
+        return unsafe { crate::cuda::launch("nf4 dequantize", b, cfg) };
     }
     let _ = dev;
     let codes = crate::device::read_view(codes);
@@ -363,10 +390,18 @@ impl InplaceOp3 for Nf4DequantOp {
             DType::F32 => crate::FloatKind::F32,
             other => candle_core::bail!("nf4 dequantize: output dtype {other:?} unsupported"),
         };
-        let (kname, bytes_per_thread) = dequant_kernel().kernel(kind);
-        let threads = self.numel.div_ceil(2).div_ceil(bytes_per_thread) as u32;
+        let choice = dequant_kernel();
+        let (kname, bytes_per_thread) = choice.kernel(kind);
+        let threads = self.numel.div_ceil(2).div_ceil(bytes_per_thread);
+        let sms = dev
+            .cuda_stream()
+            .context()
+            .attribute(
+                candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .w()? as usize;
         let cfg = LaunchConfig {
-            grid_dim: (threads.div_ceil(256), 1, 1),
+            grid_dim: (choice.grid_blocks(threads, sms) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
