@@ -26,6 +26,43 @@ template <> __device__ __forceinline__ __nv_bfloat16 cast_out<__nv_bfloat16>(flo
 }
 template <> __device__ __forceinline__ __half cast_out<__half>(float v) { return __float2half_rn(v); }
 
+// Fills the CTA's shared tables: the 16 NF4 values and (double quant) the 256-entry
+// code of the 8-bit absmax quantization. Ends with a barrier.
+__device__ __forceinline__ void nf4_load_tables(const float *__restrict__ stats, float *code,
+                                                float *nested_code, uint32_t double_quant) {
+  if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
+  if (double_quant) {
+    for (uint32_t i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = stats[1 + i];
+  }
+  __syncthreads();
+}
+
+// The absmax of quantization block `b`.
+__device__ __forceinline__ float nf4_absmax(const uint8_t *__restrict__ codes,
+                                            const float *__restrict__ stats,
+                                            const float *nested_code, uint64_t n_bytes, uint64_t b,
+                                            uint32_t nested_blocksize, uint32_t double_quant) {
+  if (!double_quant) return stats[b];
+  const uint8_t *qabsmax = codes + n_bytes;
+  // _rn intrinsics: no fused multiply-add, so the result is bit-identical to the
+  // CPU reference's separate multiply and add.
+  return __fadd_rn(__fmul_rn(nested_code[qabsmax[b]], stats[257 + b / nested_blocksize]), stats[0]);
+}
+
+// The weights of code bytes byte0 .. n_bytes one by one (the last partial chunk, and an
+// odd final element).
+template <typename T>
+__device__ __forceinline__ void nf4_tail(const uint8_t *__restrict__ codes, const float *code,
+                                         T *__restrict__ out, uint64_t numel, uint64_t n_bytes,
+                                         uint64_t byte0, float absmax) {
+  for (uint64_t i = byte0; i < n_bytes; ++i) {
+    const uint8_t byte = codes[i];
+    const uint64_t e = i * 2;
+    out[e] = cast_out<T>(__fmul_rn(code[byte >> 4], absmax));
+    if (e + 1 < numel) out[e + 1] = cast_out<T>(__fmul_rn(code[byte & 15], absmax));
+  }
+}
+
 // One 8-byte chunk of codes (16 weights) at byte offset `byte0`. blocksize is a
 // multiple of 16, so the chunk's weights share one absmax.
 template <typename T>
@@ -34,16 +71,8 @@ __device__ __forceinline__ void nf4_chunk(const uint8_t *__restrict__ codes, con
                                           uint64_t numel, uint64_t n_bytes, uint64_t byte0, uint32_t blocksize,
                                           uint32_t nested_blocksize, uint32_t double_quant, uint2 packed) {
   const uint64_t elem0 = byte0 * 2;
-  const uint64_t b = elem0 / blocksize;
-  float absmax;
-  if (double_quant) {
-    const uint8_t *qabsmax = codes + n_bytes;
-    // _rn intrinsics: no fused multiply-add, so the result is bit-identical to the
-    // CPU reference's separate multiply and add.
-    absmax = __fadd_rn(__fmul_rn(nested_code[qabsmax[b]], stats[257 + b / nested_blocksize]), stats[0]);
-  } else {
-    absmax = stats[b];
-  }
+  const float absmax = nf4_absmax(codes, stats, nested_code, n_bytes, elem0 / blocksize,
+                                  nested_blocksize, double_quant);
   if (byte0 + 8 <= n_bytes && elem0 + 16 <= numel) {
     T vals[16];
 #pragma unroll
@@ -58,13 +87,7 @@ __device__ __forceinline__ void nf4_chunk(const uint8_t *__restrict__ codes, con
 #pragma unroll
     for (int k = 0; k < (int)(16 * sizeof(T) / 16); ++k) dst[k] = src[k];
   } else {
-    // Tail: the last few bytes, and an odd final element.
-    for (uint64_t i = byte0; i < n_bytes; ++i) {
-      const uint8_t byte = codes[i];
-      const uint64_t e = i * 2;
-      out[e] = cast_out<T>(__fmul_rn(code[byte >> 4], absmax));
-      if (e + 1 < numel) out[e + 1] = cast_out<T>(__fmul_rn(code[byte & 15], absmax));
-    }
+    nf4_tail<T>(codes, code, out, numel, n_bytes, byte0, absmax);
   }
 }
 
@@ -79,11 +102,7 @@ __device__ __forceinline__ void nf4_dequant_impl(const uint8_t *__restrict__ cod
                                                  uint32_t double_quant) {
   __shared__ float code[16];
   __shared__ float nested_code[256];
-  if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
-  if (double_quant) {
-    for (uint32_t i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = stats[1 + i];
-  }
-  __syncthreads();
+  nf4_load_tables(stats, code, nested_code, double_quant);
   const uint64_t n_bytes = (numel + 1) / 2;
   const uint64_t first = ((uint64_t)blockIdx.x * blockDim.x * UNROLL + threadIdx.x) * 8;
   uint2 packed[UNROLL];
@@ -122,11 +141,7 @@ extern "C" __global__ void nf4_dequant_bf16_p(const uint8_t *codes, const float 
                                               uint32_t double_quant) {
   __shared__ float code[16];
   __shared__ float nested_code[256];
-  if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
-  if (double_quant) {
-    for (uint32_t i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = stats[1 + i];
-  }
-  __syncthreads();
+  nf4_load_tables(stats, code, nested_code, double_quant);
   const uint64_t n_bytes = (numel + 1) / 2;
   const uint64_t n_chunks = (n_bytes + 7) / 8;
   for (uint64_t c = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; c < n_chunks;
@@ -156,11 +171,7 @@ __device__ __forceinline__ void nf4_dequant_narrow_impl(const uint8_t *__restric
                                                         uint32_t double_quant) {
   __shared__ float code[16];
   __shared__ float nested_code[256];
-  if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
-  if (double_quant) {
-    for (uint32_t i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = stats[1 + i];
-  }
-  __syncthreads();
+  nf4_load_tables(stats, code, nested_code, double_quant);
   const uint64_t n_bytes = (numel + 1) / 2;
   const uint64_t first = ((uint64_t)blockIdx.x * blockDim.x * UNROLL + threadIdx.x) * 4;
   uint32_t packed[UNROLL];
@@ -174,14 +185,8 @@ __device__ __forceinline__ void nf4_dequant_narrow_impl(const uint8_t *__restric
     const uint64_t byte0 = first + (uint64_t)u * blockDim.x * 4;
     if (byte0 >= n_bytes) continue;
     const uint64_t elem0 = byte0 * 2;
-    const uint64_t b = elem0 / blocksize;
-    float absmax;
-    if (double_quant) {
-      const uint8_t *qabsmax = codes + n_bytes;
-      absmax = __fadd_rn(__fmul_rn(nested_code[qabsmax[b]], stats[257 + b / nested_blocksize]), stats[0]);
-    } else {
-      absmax = stats[b];
-    }
+    const float absmax = nf4_absmax(codes, stats, nested_code, n_bytes, elem0 / blocksize,
+                                    nested_blocksize, double_quant);
     if (byte0 + 4 <= n_bytes && elem0 + 8 <= numel) {
       __nv_bfloat16 vals[8];
 #pragma unroll
@@ -192,12 +197,7 @@ __device__ __forceinline__ void nf4_dequant_narrow_impl(const uint8_t *__restric
       }
       *reinterpret_cast<uint4 *>(out + elem0) = *reinterpret_cast<const uint4 *>(vals);
     } else {
-      for (uint64_t i = byte0; i < n_bytes; ++i) {
-        const uint8_t byte = codes[i];
-        const uint64_t e = i * 2;
-        out[e] = cast_out<__nv_bfloat16>(__fmul_rn(code[byte >> 4], absmax));
-        if (e + 1 < numel) out[e + 1] = cast_out<__nv_bfloat16>(__fmul_rn(code[byte & 15], absmax));
-      }
+      nf4_tail<__nv_bfloat16>(codes, code, out, numel, n_bytes, byte0, absmax);
     }
   }
 }
