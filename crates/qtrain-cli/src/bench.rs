@@ -15,6 +15,7 @@ use qtrain_lora::lora::HostTensor;
 use qtrain_lora::{forward_backward, LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch};
 use qtrain_model::BaseModel;
 use qtrain_optim::{AdamW8bit, AdamWConfig, DeviceAdamW8bit, ParamSpec};
+use qtrain_train::memory::{MemorySpec, OptimizerPlace};
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -70,6 +71,8 @@ fn targets(spec: &str) -> Result<String> {
 }
 
 /// The step being timed, on either backend.
+// One per bench case, built in place and never moved: the size gap costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Stepper {
     Reference {
         lora: LoraWeights,
@@ -144,6 +147,24 @@ impl Stepper {
     fn engine_peak(&self) -> Option<usize> {
         fused!(self, e, _o => e.device().peak_bytes())
     }
+
+    /// The fused engine's options (the defaults for the reference path).
+    fn engine_options(&self) -> EngineOptions {
+        fused!(self, e, _o => e.options()).unwrap_or_default()
+    }
+
+    /// Where the optimizer state lives, as the memory model counts it.
+    fn optimizer_place(&self) -> OptimizerPlace {
+        fused!(self, _e, o => place_of(o)).unwrap_or(OptimizerPlace::Host)
+    }
+}
+
+/// The memory model's name for where a device optimizer keeps its state.
+fn place_of(o: &DeviceAdamW8bit) -> OptimizerPlace {
+    match o.placement() {
+        qtrain_optim::StatePlacement::Paged => OptimizerPlace::Paged,
+        _ => OptimizerPlace::Resident,
+    }
 }
 
 /// Device memory in use (total − free), as nvidia-smi would show it.
@@ -210,50 +231,44 @@ pub fn run(a: Args) -> Result<()> {
         .sum::<usize>()
         * cfg.num_hidden_layers
         + cfg.vocab_size * cfg.hidden_size) as f64;
-    // The memory model of a case (8-bit AdamW state on the GPU for the fused engine,
-    // on the host for the reference path).
-    let spec_for = |b: usize, s: usize, opts: EngineOptions| qtrain_train::memory::MemorySpec {
-        model: cfg.clone(),
-        quantization: base.quantization,
-        dtype: base.dtype,
-        rank: a.rank,
-        targets: target_projs.clone(),
-        dropout: false,
-        batch: b,
-        seq: s,
-        checkpointing: true,
-        eight_bit: true,
-        optimizer: if fused {
-            qtrain_train::memory::OptimizerPlace::Resident
-        } else {
-            qtrain_train::memory::OptimizerPlace::Host
-        },
-        engine: if fused {
-            qtrain_train::memory::EngineKind::Fused
-        } else {
-            qtrain_train::memory::EngineKind::Reference
-        },
-        engine_options: opts,
-        compute_capability: gpu.as_ref().map(|g| g.compute_capability),
-    };
-    let keep_residuals = |b: usize, s: usize| -> Result<bool> {
-        Ok(match a.keep_residuals.as_str() {
-            "on" => true,
-            "off" => false,
-            "auto" => gpu.as_ref().is_some_and(|g| {
-                let opts = EngineOptions {
-                    save_attention_residual: true,
-                    ..EngineOptions::default()
-                };
-                spec_for(b, s, opts)
-                    .plan()
-                    .fits(qtrain_train::memory::usable(
-                        g.total_bytes,
-                        qtrain_train::memory::DEFAULT_HEADROOM,
-                    ))
+    // The memory model of a case, with the optimizer state where it lives.
+    let spec_for =
+        |b: usize, s: usize, optimizer: OptimizerPlace, opts: EngineOptions| MemorySpec {
+            model: cfg.clone(),
+            quantization: base.quantization,
+            dtype: base.dtype,
+            rank: a.rank,
+            targets: target_projs.clone(),
+            dropout: false,
+            batch: b,
+            seq: s,
+            checkpointing: true,
+            eight_bit: true,
+            optimizer,
+            engine: if fused {
+                qtrain_train::memory::EngineKind::Fused
+            } else {
+                qtrain_train::memory::EngineKind::Reference
+            },
+            engine_options: opts,
+            compute_capability: gpu.as_ref().map(|g| g.compute_capability),
+        };
+    if !["auto", "on", "off"].contains(&a.keep_residuals.as_str()) {
+        bail!(
+            "--keep-residuals: `{}` (expected auto, on or off)",
+            a.keep_residuals
+        );
+    }
+    // As the trainer decides: on the memory model of the case, against 90% of the GPU.
+    let keep_residuals = |b: usize, s: usize, optimizer: OptimizerPlace| {
+        qtrain_train::memory::keep_attention_residuals(
+            &a.keep_residuals,
+            &spec_for(b, s, optimizer, EngineOptions::default()),
+            gpu.as_ref().map(|g| {
+                qtrain_train::memory::usable(g.total_bytes, qtrain_train::memory::DEFAULT_HEADROOM)
             }),
-            other => bail!("--keep-residuals: `{other}` (expected auto, on or off)"),
-        })
+            None,
+        )
     };
     let mut rows_out = Vec::new();
     let mut json_lines = Vec::new();
@@ -294,7 +309,7 @@ pub fn run(a: Args) -> Result<()> {
             let kdev = qtrain_kernels::Dev::from_candle(&device)?;
             let dopt = Box::new(DeviceAdamW8bit::from_host(&opt, &kdev)?);
             let engine_opts = EngineOptions {
-                save_attention_residual: keep_residuals(b, s)?,
+                save_attention_residual: keep_residuals(b, s, place_of(&dopt)),
                 ..EngineOptions::default()
             };
             if base.dtype == DType::BF16 {
@@ -342,11 +357,7 @@ pub fn run(a: Args) -> Result<()> {
             losses.push(loss / valid);
         }
         let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
-        let engine_dev = match &stepper {
-            Stepper::FusedBf16(e, _) => Some(e.device().clone()),
-            Stepper::FusedF32(e, _) => Some(e.device().clone()),
-            Stepper::Reference { .. } => None,
-        };
+        let engine_dev = fused!(&stepper, e, _o => e.device().clone());
         let profile = match engine_dev.filter(|_| a.profile) {
             Some(dev) => Some(profile_step(&dev, || {
                 let so = StepOptions {
@@ -368,16 +379,7 @@ pub fn run(a: Args) -> Result<()> {
         // The memory model's prediction for this case (fused: the 8-bit AdamW state on
         // the GPU as the host optimizer's placement policy decides; reference: on the host),
         // next to what was measured: the numbers the runtime constants are calibrated on.
-        let predicted = spec_for(
-            b,
-            s,
-            match &stepper {
-                Stepper::FusedBf16(e, _) => e.options(),
-                Stepper::FusedF32(e, _) => e.options(),
-                Stepper::Reference { .. } => EngineOptions::default(),
-            },
-        )
-        .plan();
+        let predicted = spec_for(b, s, stepper.optimizer_place(), stepper.engine_options()).plan();
         eprintln!(
             "memory, case {}:\n{}",
             case.trim(),
@@ -416,22 +418,15 @@ pub fn run(a: Args) -> Result<()> {
             "engine_buffers_peak_mib": stepper.engine_peak().map(|b| b as f64 / 1048576.0),
             "frozen_mib": base.storage_bytes() as f64 / 1048576.0,
             "device_used_after_load_mib": loaded_used.map(|b| b as f64 / 1048576.0),
-            "engine_workspace_plan_mib": match &stepper {
-                Stepper::FusedBf16(e, _) => Some(e.plan_for(b, s).total_bytes() as f64 / 1048576.0),
-                Stepper::FusedF32(e, _) => Some(e.plan_for(b, s).total_bytes() as f64 / 1048576.0),
-                Stepper::Reference { .. } => None,
-            },
+            "engine_workspace_plan_mib":
+                fused!(&stepper, e, _o => e.plan_for(b, s).total_bytes() as f64 / 1048576.0),
             "trainable_params": trainable,
             "load_s": load_s,
             "profile_ms": profile.as_ref().map(|p| p
                 .iter()
                 .map(|r| (r.name.to_string(), serde_json::json!({"ms": r.ms, "calls": r.calls})))
                 .collect::<serde_json::Map<_, _>>()),
-            "attention_residuals_kept": match &stepper {
-                Stepper::FusedBf16(e, _) => e.options().save_attention_residual,
-                Stepper::FusedF32(e, _) => e.options().save_attention_residual,
-                Stepper::Reference { .. } => false,
-            },
+            "attention_residuals_kept": stepper.engine_options().save_attention_residual,
             "baseline_used_mib": baseline_used.map(|b| b as f64 / 1048576.0),
             "predicted_peak_mib": predicted.total() as f64 / 1048576.0,
             "predicted_engine_mib": predicted.engine_bytes as f64 / 1048576.0,

@@ -279,18 +279,14 @@ pub fn report(
         Err(e) => return Err(e.into()),
     };
     let mut spec = spec0.with_shape(shape.micro_rows, seq);
-    // What train.keep_attention_residuals decides for this micro-batch (the same
-    // rule as the trainer's `micro::keep_attention_residuals`).
-    let kept = {
-        let mut with = spec.clone();
-        with.engine_options.save_attention_residual = true;
-        fused
-            && match cfg.train.keep_attention_residuals.as_str() {
-                "on" => true,
-                "off" => false,
-                _ => with.plan().fits(usable),
-            }
-    };
+    // What train.keep_attention_residuals decides for this micro-batch (the trainer
+    // decides through the same function).
+    let kept = memory::keep_attention_residuals(
+        &cfg.train.keep_attention_residuals,
+        &spec,
+        Some(usable),
+        None,
+    );
     spec.engine_options.save_attention_residual = kept;
     let plan = spec.plan();
     let mut t = String::new();

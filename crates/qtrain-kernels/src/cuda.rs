@@ -288,12 +288,7 @@ impl CudaDev {
     pub fn trim_pool(&self) -> Result<()> {
         self.synchronize()?;
         self.bind()?;
-        let used = || {
-            drv::mem_get_info()
-                .map(|(free, total)| (total - free) as f64 / 1048576.0)
-                .unwrap_or(f64::NAN)
-        };
-        let before = used();
+        let before = self.used_mib();
         let dev = self.stream.context().cu_device();
         let mut pool = std::mem::MaybeUninit::uninit();
         // SAFETY: plain driver queries on this context's device; the pool handle is
@@ -308,7 +303,7 @@ impl CudaDev {
         }
         tracing::debug!(
             "allocator pool trimmed: device memory in use {before:.0} -> {:.0} MiB",
-            used()
+            self.used_mib()
         );
         Ok(())
     }

@@ -36,14 +36,19 @@ impl DequantKernel {
     ];
 
     /// Blocks of the launch for `threads` threads of 256: all of them, or for the
-    /// persistent kernel at most 8 per multiprocessor.
+    /// persistent kernel at most 8 per multiprocessor (`sms` is asked only then: the
+    /// other kernels launch without a driver query).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    fn grid_blocks(self, threads: usize, sms: usize) -> usize {
+    fn grid_blocks<E>(
+        self,
+        threads: usize,
+        sms: impl FnOnce() -> std::result::Result<usize, E>,
+    ) -> std::result::Result<usize, E> {
         let blocks = threads.div_ceil(256).max(1);
-        match self {
-            DequantKernel::Chunk8Persistent => blocks.min(8 * sms.max(1)),
+        Ok(match self {
+            DequantKernel::Chunk8Persistent => blocks.min(8 * sms()?.max(1)),
             _ => blocks,
-        }
+        })
     }
 
     /// The kernel for `kind` outputs and its code bytes per thread.
@@ -173,7 +178,7 @@ pub fn dequantize_view<T: crate::Float>(
             .arg(&nb)
             .arg(&dq);
         let threads = meta.numel.div_ceil(2).div_ceil(bytes_per_thread);
-        let blocks = choice.grid_blocks(threads, c.sm_count()? as usize);
+        let blocks = choice.grid_blocks(threads, || c.sm_count().map(|n| n as usize))?;
         let cfg = crate::cuda::LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -393,15 +398,17 @@ impl InplaceOp3 for Nf4DequantOp {
         let choice = dequant_kernel();
         let (kname, bytes_per_thread) = choice.kernel(kind);
         let threads = self.numel.div_ceil(2).div_ceil(bytes_per_thread);
-        let sms = dev
-            .cuda_stream()
-            .context()
-            .attribute(
-                candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )
-            .w()? as usize;
+        let blocks = choice.grid_blocks(threads, || {
+            dev.cuda_stream()
+                .context()
+                .attribute(
+                    candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                )
+                .w()
+                .map(|n| n as usize)
+        })?;
         let cfg = LaunchConfig {
-            grid_dim: (choice.grid_blocks(threads, sms) as u32, 1, 1),
+            grid_dim: (blocks as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };

@@ -69,6 +69,20 @@ pub struct ModelSection {
     pub device: String,
 }
 
+impl ModelSection {
+    /// The frozen weights' storage `quantization` and `double_quant` ask for.
+    pub fn quantization_spec(&self) -> qtrain_model::Quantization {
+        if self.quantization == "none" {
+            qtrain_model::Quantization::None
+        } else {
+            qtrain_model::Quantization::Nf4 {
+                blocksize: 64,
+                double_quant: self.double_quant,
+            }
+        }
+    }
+}
+
 impl Default for ModelSection {
     fn default() -> Self {
         Self {

@@ -290,14 +290,7 @@ impl MemorySpec {
         let (state, _) = optimizer_state_bytes(&numels, eight_bit);
         MemorySpec {
             model: model.clone(),
-            quantization: if cfg.model.quantization == "none" {
-                Quantization::None
-            } else {
-                Quantization::Nf4 {
-                    blocksize: 64,
-                    double_quant: cfg.model.double_quant,
-                }
-            },
+            quantization: cfg.model.quantization_spec(),
             dtype,
             rank: cfg.lora.rank,
             targets,
@@ -548,6 +541,32 @@ impl MemorySpec {
 
 fn slack(allocated: u64) -> u64 {
     ((allocated as f64 * ALLOCATOR_SLACK_FRACTION) as u64).max(ALLOCATOR_SLACK_MIN_BYTES)
+}
+
+/// What `train.keep_attention_residuals = policy` (`on`, `off` or `auto`) decides for
+/// a run sized by `spec`: never on the reference engine; with `auto`, keep them when
+/// the plan with them fits `usable` bytes and, when given, the engine's own buffers
+/// fit `engine_limit`; without a GPU to size against (`usable` None) `auto` keeps none.
+/// The trainer, `qtrain plan` and `qtrain bench` all decide through this.
+pub fn keep_attention_residuals(
+    policy: &str,
+    spec: &MemorySpec,
+    usable: Option<u64>,
+    engine_limit: Option<u64>,
+) -> bool {
+    if spec.engine != EngineKind::Fused {
+        return false;
+    }
+    match policy {
+        "on" => true,
+        "off" => false,
+        _ => usable.is_some_and(|usable| {
+            let mut with = spec.clone();
+            with.engine_options.save_attention_residual = true;
+            let plan = with.plan();
+            plan.fits(usable) && engine_limit.is_none_or(|l| plan.engine_bytes <= l)
+        }),
+    }
 }
 
 /// The bytes a plan may use on a GPU of `total` bytes with `headroom` (a share).

@@ -169,9 +169,8 @@ pub fn resolve_step_shape(
 }
 
 /// Whether the fused engine should keep its attention residuals for micro-batches
-/// of `shape` (`train.keep_attention_residuals`; `auto`: when the memory model says
-/// they fit the GPU's usable memory and the engine memory limit beside the
-/// micro-batch, never on the CPU).
+/// of `shape` on `gpu` (`memory::keep_attention_residuals`, sized against the GPU's
+/// usable memory and the engine memory limit; `auto` keeps none on the CPU).
 pub fn keep_attention_residuals(
     cfg: &RunConfig,
     base: &BaseModel,
@@ -181,29 +180,26 @@ pub fn keep_attention_residuals(
     shape: &StepShape,
 ) -> bool {
     use crate::memory::{self, EngineKind, MemorySpec};
-    if backend.name() != "fused" {
-        return false;
-    }
-    match cfg.train.keep_attention_residuals.as_str() {
-        "on" => true,
-        "off" => false,
-        _ => {
-            let Some(gpu) = gpu else { return false };
-            let mut spec = MemorySpec::for_run(
-                cfg,
-                &base.config,
-                base.dtype,
-                EngineKind::Fused,
-                shape.micro_rows,
-                cfg.data.seq_len,
-                Some(gpu.compute_capability),
-            );
-            spec.engine_options.save_attention_residual = true;
-            let plan = spec.plan();
-            plan.fits(memory::usable(gpu.total_bytes, memory::DEFAULT_HEADROOM))
-                && engine_limit.is_none_or(|l| plan.engine_bytes <= l as u64)
-        }
-    }
+    let engine = if backend.name() == "fused" {
+        EngineKind::Fused
+    } else {
+        EngineKind::Reference
+    };
+    let spec = MemorySpec::for_run(
+        cfg,
+        &base.config,
+        base.dtype,
+        engine,
+        shape.micro_rows,
+        cfg.data.seq_len,
+        gpu.map(|g| g.compute_capability),
+    );
+    memory::keep_attention_residuals(
+        &cfg.train.keep_attention_residuals,
+        &spec,
+        gpu.map(|g| memory::usable(g.total_bytes, memory::DEFAULT_HEADROOM)),
+        engine_limit.map(|l| l as u64),
+    )
 }
 
 /// One optimizer step's forward/backward passes on this rank: every data batch of
@@ -264,6 +260,33 @@ pub fn split_rows(b: &Batch, rows: usize) -> Result<Vec<TokenBatch>, TrainError>
 /// batch trains exactly as before).
 pub fn chunk_seed(seed: u64, chunk: usize) -> u64 {
     seed ^ (chunk as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// What [`give_back_memory`] did after an out-of-memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relief {
+    /// The engine no longer keeps the attention residuals (the micro-batch stays).
+    Residuals,
+    /// The micro-batch was halved.
+    HalvedMicroBatch,
+    /// Nothing left to give back (`train.oom = "stop"`, or one-row micro-batches).
+    None,
+}
+
+/// Frees memory for a retry after an out-of-memory, cheapest first: the kept
+/// attention residuals, then half the micro-batch (with `train.oom = "retry"`).
+/// Training steps and evaluations recover through this one rule.
+pub fn give_back_memory(backend: &mut Backend, shape: &mut StepShape, cfg: &RunConfig) -> Relief {
+    if cfg.train.oom != "retry" {
+        Relief::None
+    } else if backend.keeps_attention_residuals() {
+        backend.set_keep_attention_residuals(false);
+        Relief::Residuals
+    } else if shape.halve() {
+        Relief::HalvedMicroBatch
+    } else {
+        Relief::None
+    }
 }
 
 /// Whether an error is the device running out of memory: the fused engine's

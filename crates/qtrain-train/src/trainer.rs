@@ -31,7 +31,7 @@ use qtrain_data::{BatchStream, DataCursor, DatasetConfig, Encoder, EvalStream, S
 use qtrain_dist::{agreed_loss_denominator, Collective, StepSharding};
 use qtrain_lora::lora::HostTensor;
 use qtrain_lora::{LoraConfig, LoraWeights};
-use qtrain_model::{BaseModel, LoadOptions, Proj, Quantization};
+use qtrain_model::{BaseModel, LoadOptions, Proj};
 use qtrain_optim::{
     AdamW32, AdamW8bit, AdamWConfig, LrSchedule, PagingPolicy, ParamSpec, ScheduleKind,
 };
@@ -298,24 +298,17 @@ fn evaluate_fitting(
             cfg.eval.max_batches,
             shape.micro_rows,
         ) {
-            Err(e)
-                if micro::is_oom(&e)
-                    && cfg.train.oom == "retry"
-                    && backend.keeps_attention_residuals() =>
-            {
-                // As in a training step: give back the kept residuals first.
-                backend.set_keep_attention_residuals(false);
-                tracing::warn!(
+            Err(e) if micro::is_oom(&e) => match micro::give_back_memory(backend, shape, cfg) {
+                micro::Relief::Residuals => tracing::warn!(
                     "evaluation ran out of GPU memory ({e}); no longer keeping the attention \
                      residuals"
-                );
-            }
-            Err(e) if micro::is_oom(&e) && cfg.train.oom == "retry" && shape.halve() => {
-                tracing::warn!(
+                ),
+                micro::Relief::HalvedMicroBatch => tracing::warn!(
                     "evaluation ran out of GPU memory ({e}); continuing with micro-batches of {} rows",
                     shape.micro_rows
-                );
-            }
+                ),
+                micro::Relief::None => return Err(e),
+            },
             r => return r,
         }
     }
@@ -433,14 +426,7 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     let load = LoadOptions {
         device: device.clone(),
         dtype,
-        quantization: if cfg.model.quantization == "none" {
-            Quantization::None
-        } else {
-            Quantization::Nf4 {
-                blocksize: 64,
-                double_quant: cfg.model.double_quant,
-            }
-        },
+        quantization: cfg.model.quantization_spec(),
         threads: 0,
     };
     let t_load = Instant::now();
@@ -732,9 +718,8 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
                     // Checkpoint the last completed step (data from before this one),
                     // with the micro-batch a resume should use.
                     let failed = shape;
-                    if cfg.train.oom == "retry" && backend.keeps_attention_residuals() {
-                        // The cheapest memory to give back: recompute o again.
-                        backend.set_keep_attention_residuals(false);
+                    let relief = micro::give_back_memory(&mut backend, &mut shape, &cfg);
+                    if relief == micro::Relief::Residuals {
                         bar.suspend(|| {
                             tracing::warn!(
                                 "step {step}: out of GPU memory ({e}); no longer keeping the \
@@ -743,7 +728,7 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
                         });
                         continue;
                     }
-                    let retry = cfg.train.oom == "retry" && shape.halve();
+                    let retry = relief == micro::Relief::HalvedMicroBatch;
                     let st = state_now(
                         step,
                         tokens_seen,

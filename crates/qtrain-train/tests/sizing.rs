@@ -55,14 +55,8 @@ progress_bar = false
 #[allow(clippy::result_large_err)]
 fn go(cfg: RunConfig, cache: &Path, limit: Option<usize>) -> Result<RunSummary, TrainError> {
     run(RunOptions {
-        config: cfg,
-        resume: None,
-        clock: Box::new(SimClock::default()),
-        stop: Arc::new(AtomicBool::new(false)),
-        halt_at_step: None,
-        cache_root: cache.to_path_buf(),
         engine_memory_limit: limit,
-        collective: std::sync::Arc::new(qtrain_dist::SingleProcess),
+        ..opts(cfg, cache)
     })
 }
 
