@@ -11,7 +11,6 @@ use qtrain_lora::{forward_backward, LoraConfig, LoraGrads, LoraWeights, StepOpti
 use qtrain_model::{LoadOptions, Quantization};
 use qtrain_quant::Nf4Tensor;
 use rand::{Rng, SeedableRng};
-use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -105,44 +104,79 @@ pub fn run(a: Args) -> Result<()> {
     };
     use qtrain_kernels::nf4::DequantKernel;
     let chosen = qtrain_kernels::nf4::dequant_kernel();
+    let kd = qtrain_kernels::Dev::from_candle(&gpu)?;
+    // The CPU reference rounded to the output type: every kernel must match it bit
+    // for bit (the same f32 multiply, then round-to-nearest-even).
+    let rounded = |v: &[f32], dtype: DType| -> Result<Vec<f32>> {
+        Ok(Tensor::from_slice(v, v.len(), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_dtype(DType::F32)?
+            .to_vec1()?)
+    };
+    // Odd shapes first (a partial last tile, the smallest and a large blocksize, no
+    // double quantization), then the 7B shape, timed.
+    let odd: [(usize, usize, usize, bool); 4] = [
+        (3, 4160, 64, true),
+        (7, 1168, 32, true),
+        (9, 1024, 128, false),
+        (33, 256, 1024, true),
+    ];
+    let mut odd_cases = Vec::new();
+    for (i, &(r, c, bs, dq)) in odd.iter().enumerate() {
+        let w: Vec<f32> = (0..r * c)
+            .map(|_| rng.random_range(-0.05f32..0.05))
+            .collect();
+        let q = Nf4Tensor::quantize(&w, &[r, c], bs, dq)?;
+        let want = q.dequantize_to_vec();
+        odd_cases.push((
+            i,
+            r,
+            c,
+            bs,
+            dq,
+            qtrain_kernels::Nf4Device::from_host(&q, &gpu)?,
+            want,
+        ));
+    }
     let mut best_bf16: Option<(f64, DequantKernel)> = None;
     for (dtype, kernel) in [
+        (DType::F32, DequantKernel::Tile),
         (DType::F32, DequantKernel::Chunk8),
-        (DType::F32, DequantKernel::Chunk8x4),
+        (DType::BF16, DequantKernel::Tile),
         (DType::BF16, DequantKernel::Chunk8),
-        (DType::BF16, DequantKernel::Chunk8x4),
-        (DType::BF16, DequantKernel::Chunk4x2),
-        (DType::BF16, DequantKernel::Chunk8Persistent),
+        (DType::F16, DequantKernel::Tile),
         (DType::F16, DequantKernel::Chunk8),
     ] {
         qtrain_kernels::nf4::set_dequant_kernel(kernel);
+        for (_, r, c, bs, dq, dev_q, want) in &odd_cases {
+            let out = Tensor::zeros((*r, *c), dtype, &gpu)?;
+            dev_q.dequantize_into(&out)?;
+            let got: Vec<f32> = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            if got != rounded(want, dtype)? {
+                println!(
+                    "nf4 dequantize {r}x{c} blocksize {bs} double quant {dq} -> {dtype:?} ({kernel:?}): MISMATCH against the CPU reference"
+                );
+                failures.push(format!("nf4 dequantize {dtype:?} {kernel:?} {r}x{c}"));
+            }
+        }
         let out = Tensor::zeros((rows, cols), dtype, &gpu)?;
         dq.dequantize_into(&out)?;
         let got: Vec<f32> = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let err = max_rel_err(&want, &got);
-        let tol = match dtype {
-            DType::F32 => 0.0,
-            DType::F16 => 1.0 / 1024.0,
-            _ => 1.0 / 256.0,
-        };
-        gpu.synchronize()?;
-        let iters = 20;
-        let t = Instant::now();
-        for _ in 0..iters {
-            dq.dequantize_into(&out)?;
-        }
-        gpu.synchronize()?;
-        let secs = t.elapsed().as_secs_f64() / iters as f64;
+        let exact = got == rounded(&want, dtype)?;
+        let secs = qtrain_kernels::selftest::time_it(&kd, 50, || {
+            dq.dequantize_into(&out)
+                .map_err(qtrain_kernels::KernelError::from)
+        })?;
         let bytes = dq.storage_bytes() as f64 + (rows * cols * dtype.size_in_bytes()) as f64;
-        let ok = err <= tol;
         println!(
-            "nf4 dequantize {rows}x{cols} -> {dtype:?} ({kernel:?}): max rel err {err:.2e} (tol {tol:.1e}) {}, {:.1} us, {:.0} GB/s ({:.0}% of the copy bandwidth)",
-            if ok { "ok" } else { "MISMATCH" },
+            "nf4 dequantize {rows}x{cols} -> {dtype:?} ({kernel:?}): {} against the CPU reference (and {} odd shapes), {:.1} us, {:.0} GB/s ({:.0}% of the copy bandwidth)",
+            if exact { "bit-exact" } else { "MISMATCH" },
+            odd_cases.len(),
             secs * 1e6,
             bytes / secs / 1e9,
             100.0 * bytes / secs / 1e9 / copy_gbs
         );
-        if !ok {
+        if !exact {
             failures.push(format!("nf4 dequantize {dtype:?} {kernel:?}"));
         }
         if dtype == DType::BF16 && best_bf16.is_none_or(|(s, _)| secs < s) {
@@ -153,7 +187,7 @@ pub fn run(a: Args) -> Result<()> {
     if let Some((_, k)) = best_bf16 {
         println!(
             "fastest bf16 dequantization here: {k:?}; training uses {chosen:?} \
-             (QTRAIN_NF4_KERNEL=chunk8|chunk8x4|chunk4x2|chunk8p chooses)"
+             (QTRAIN_NF4_KERNEL=tile|chunk8 chooses)"
         );
     }
 

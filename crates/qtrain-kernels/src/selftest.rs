@@ -64,10 +64,28 @@ pub fn check(name: impl Into<String>, err: f64, tol: f64, extra: &str) -> Check 
     }
 }
 
-/// Seconds per call of `f` (after one warm-up call), timed on the device.
+/// Seconds per call of `f` (after one warm-up call): on CUDA between two events on
+/// the stream (the GPU's time, without the launch of the first call or the final
+/// synchronization), on the CPU by the host clock.
 pub fn time_it(dev: &Dev, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
     dev.synchronize()?;
+    #[cfg(feature = "cuda")]
+    if let Some(c) = dev.cuda() {
+        let start = c.event()?;
+        for _ in 0..iters {
+            f()?;
+        }
+        let end = c.event()?;
+        dev.synchronize()?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(|e| crate::KernelError::Cuda {
+                op: "cuEventElapsedTime",
+                msg: e.to_string(),
+            })?;
+        return Ok(ms as f64 * 1e-3 / iters as f64);
+    }
     let t = std::time::Instant::now();
     for _ in 0..iters {
         f()?;
