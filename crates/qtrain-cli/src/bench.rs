@@ -44,6 +44,11 @@ pub struct Args {
     engine: String,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Compute type: `auto` (the GPU's precision policy: bf16 from compute capability
+    /// 8.0, fp16 on 7.x; f32 on the CPU), `bf16`, `f16` or `f32`. fp16 steps scale
+    /// the loss by a fixed 4096 and divide the gradients back before the update.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
     /// Dense bf16 peak of the GPU in TFLOP/s, for MFU (H100/H200 SXM: ~790 measured
     /// with cuBLAS on random data, 989 on the datasheet).
     #[arg(long, default_value_t = 0.0)]
@@ -81,6 +86,7 @@ enum Stepper {
         opt: Box<AdamW8bit>,
     },
     FusedBf16(Box<Engine<half::bf16>>, Box<DeviceAdamW8bit>),
+    FusedF16(Box<Engine<half::f16>>, Box<DeviceAdamW8bit>),
     FusedF32(Box<Engine<f32>>, Box<DeviceAdamW8bit>),
 }
 
@@ -88,6 +94,7 @@ macro_rules! fused {
     ($s:expr, $e:ident, $o:ident => $body:expr) => {
         match $s {
             Stepper::FusedBf16($e, $o) => Some($body),
+            Stepper::FusedF16($e, $o) => Some($body),
             Stepper::FusedF32($e, $o) => Some($body),
             Stepper::Reference { .. } => None,
         }
@@ -102,25 +109,21 @@ impl Stepper {
         so: &StepOptions,
         denom: f64,
     ) -> Result<f64> {
-        Ok(match self {
-            Stepper::Reference { lora, grads, .. } => {
-                grads.zero()?;
-                forward_backward(base, lora, batch, so, denom, grads)?.loss_sum
-            }
-            Stepper::FusedBf16(e, _) => {
-                e.lora().zero_grads(e.device())?;
-                e.forward_backward(batch, so, denom)?.loss_sum
-            }
-            Stepper::FusedF32(e, _) => {
-                e.lora().zero_grads(e.device())?;
-                e.forward_backward(batch, so, denom)?.loss_sum
-            }
+        if let Stepper::Reference { lora, grads, .. } = self {
+            grads.zero()?;
+            return Ok(forward_backward(base, lora, batch, so, denom, grads)?.loss_sum);
+        }
+        Ok(fused!(self, e, _o => {
+            e.lora().zero_grads(e.device())?;
+            e.forward_backward(batch, so, denom)?.loss_sum
         })
+        .expect("fused"))
     }
 
     /// The 8-bit AdamW update: on the device for the fused engine (state resident),
-    /// through the host for the reference path (download, update, upload).
-    fn update(&mut self, lr: f32) -> Result<()> {
+    /// through the host for the reference path (download, update, upload). The
+    /// gradients are multiplied by `unscale` first (the inverse loss scale of fp16).
+    fn update(&mut self, lr: f32, unscale: f32) -> Result<()> {
         if let Stepper::Reference {
             lora,
             grads,
@@ -128,7 +131,11 @@ impl Stepper {
             opt,
         } = self
         {
-            let g = grads.to_host()?;
+            let mut g = grads.to_host()?;
+            if unscale != 1.0 {
+                g.iter_mut()
+                    .for_each(|t| t.1.iter_mut().for_each(|x| *x *= unscale));
+            }
             let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| p.1.as_mut_slice()).collect();
             let gs: Vec<&[f32]> = g.iter().map(|g| g.1.as_slice()).collect();
             opt.step(&mut p, &gs, lr)?;
@@ -137,6 +144,9 @@ impl Stepper {
         }
         fused!(self, e, o => {
             let l = e.lora();
+            if unscale != 1.0 {
+                qtrain_kernels::rows::scale_in_place(e.device(), l.grads.all(), unscale)?;
+            }
             o.step(l.params.all(), l.grads.all(), lr)
         })
         .expect("fused")?;
@@ -190,8 +200,11 @@ pub fn run(a: Args) -> Result<()> {
     let device = qtrain_train::models::device(&a.device)?;
     // Before anything is loaded: the CUDA context and cuBLAS (memory::CONTEXT_BYTES).
     let baseline_used = device_used(&device);
-    let gpu = qtrain_train::gpu::detect(&device)?;
-    let dtype = qtrain_train::models::dtype("auto", &device);
+    // The GPU and the compute type its precision policy gives (TF32 set as the trainer sets it).
+    let (dtype, gpu) = qtrain_train::models::resolve_dtype(&a.dtype, &device)?;
+    // fp16 has 5 exponent bits: the gradients flowing back are scaled clear of its
+    // underflow (a fixed scale here; the trainer adjusts it dynamically).
+    let loss_scale = if dtype == DType::F16 { 4096.0 } else { 1.0 };
     let t = Instant::now();
     let (base, outcome) = qtrain_model::bnb::load_cached(
         &a.model,
@@ -312,10 +325,14 @@ pub fn run(a: Args) -> Result<()> {
                 save_attention_residual: keep_residuals(b, s, place_of(&dopt)),
                 ..EngineOptions::default()
             };
-            if base.dtype == DType::BF16 {
-                Stepper::FusedBf16(Box::new(Engine::new(&base, &lora, engine_opts)?), dopt)
-            } else {
-                Stepper::FusedF32(Box::new(Engine::new(&base, &lora, engine_opts)?), dopt)
+            match base.dtype {
+                DType::BF16 => {
+                    Stepper::FusedBf16(Box::new(Engine::new(&base, &lora, engine_opts)?), dopt)
+                }
+                DType::F16 => {
+                    Stepper::FusedF16(Box::new(Engine::new(&base, &lora, engine_opts)?), dopt)
+                }
+                _ => Stepper::FusedF32(Box::new(Engine::new(&base, &lora, engine_opts)?), dopt),
             }
         };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
@@ -341,11 +358,11 @@ pub fn run(a: Args) -> Result<()> {
                 dropout_seed: 0,
                 micro_step: i as u64,
             };
-            let loss = stepper.micro(&base, &batch, &so, valid)?;
+            let loss = stepper.micro(&base, &batch, &so, valid / loss_scale)?;
             device.synchronize()?;
             let t1 = t.elapsed().as_secs_f64();
             peak_used = peak_used.max(device_used(&device).unwrap_or(0));
-            stepper.update(1e-3)?;
+            stepper.update(1e-3, (1.0 / loss_scale) as f32)?;
             device.synchronize()?;
             let t2 = t.elapsed().as_secs_f64();
             if i >= a.warmup {
@@ -365,7 +382,7 @@ pub fn run(a: Args) -> Result<()> {
                     dropout_seed: 0,
                     micro_step: (a.warmup + a.steps) as u64,
                 };
-                stepper.micro(&base, &batch, &so, valid)
+                stepper.micro(&base, &batch, &so, valid / loss_scale)
             })?),
             None => None,
         };
@@ -404,6 +421,7 @@ pub fn run(a: Args) -> Result<()> {
             "targets": a.targets,
             "rank": a.rank,
             "engine": if fused { "fused" } else { "reference" },
+            "dtype": format!("{:?}", base.dtype).to_lowercase(),
             "step_s": mean,
             "tokens_per_s": tokens / mean,
             "achieved_tflops": tflops,

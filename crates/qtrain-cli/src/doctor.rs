@@ -19,6 +19,20 @@ pub struct Args {
     gpu: usize,
 }
 
+/// One fused-engine training pass in compute type `T` over `batch`: the summed loss
+/// and the LoRA gradients.
+fn engine_step<T: qtrain_kernels::Float + candle_core::WithDType>(
+    base: &qtrain_model::BaseModel,
+    lora: &LoraWeights,
+    batch: &qtrain_lora::TokenBatch,
+    so: &StepOptions,
+    denominator: f64,
+) -> Result<(f64, Vec<qtrain_lora::lora::HostTensor>)> {
+    let mut engine = qtrain_engine::Engine::<T>::new(base, lora, Default::default())?;
+    let loss = engine.forward_backward(batch, so, denominator)?.loss_sum;
+    Ok((loss, engine.lora().grads_to_host(engine.device())?))
+}
+
 fn max_rel_err(a: &[f32], b: &[f32]) -> f64 {
     let scale = a
         .iter()
@@ -54,13 +68,8 @@ pub fn run(a: Args) -> Result<()> {
     match qtrain_train::gpu::detect(&gpu) {
         Ok(Some(info)) => match info.precision() {
             Ok(p) => println!(
-                "precision policy: {} ({}; {})",
+                "precision policy: {} (fused engine; {})",
                 p.describe(),
-                if p == qtrain_train::gpu::Precision::Bf16 {
-                    "fused engine"
-                } else {
-                    "reference engine: the fused one is bf16 only"
-                },
                 info.spec
                     .map_or("not in qtrain's GPU table".to_string(), |s| format!(
                         "`qtrain plan --gpu {}`",
@@ -88,13 +97,13 @@ pub fn run(a: Args) -> Result<()> {
     // The ceiling a memory-bound kernel works against: a device-to-device copy of
     // 1 GiB, counting the bytes read plus the bytes written.
     let copy_gbs = {
-        let kd = qtrain_kernels::Dev::from_candle(&gpu)?;
+        let kd = &kdev;
         let n = 1 << 28;
         let (a, b) = (
             kd.zeros::<f32>(n, "copy src")?,
             kd.zeros::<f32>(n, "copy dst")?,
         );
-        let secs = qtrain_kernels::selftest::time_it(&kd, 10, || {
+        let secs = qtrain_kernels::selftest::time_it(kd, 10, || {
             kd.copy(a.all(), b.all())?;
             Ok(())
         })?;
@@ -104,7 +113,6 @@ pub fn run(a: Args) -> Result<()> {
     };
     use qtrain_kernels::nf4::DequantKernel;
     let chosen = qtrain_kernels::nf4::dequant_kernel();
-    let kd = qtrain_kernels::Dev::from_candle(&gpu)?;
     // The CPU reference rounded to the output type: every kernel must match it bit
     // for bit (the same f32 multiply, then round-to-nearest-even).
     let rounded = |v: &[f32], dtype: DType| -> Result<Vec<f32>> {
@@ -163,7 +171,7 @@ pub fn run(a: Args) -> Result<()> {
         dq.dequantize_into(&out)?;
         let got: Vec<f32> = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let exact = got == rounded(&want, dtype)?;
-        let secs = qtrain_kernels::selftest::time_it(&kd, 50, || {
+        let secs = qtrain_kernels::selftest::time_it(&kdev, 50, || {
             dq.dequantize_into(&out)
                 .map_err(qtrain_kernels::KernelError::from)
         })?;
@@ -271,13 +279,14 @@ pub fn run(a: Args) -> Result<()> {
             Ok((l.loss_sum / valid, grads.to_host()?))
         };
     let (cpu_loss, cpu_grads) = step(&Device::Cpu, DType::F32)?;
-    // The fused engine on the GPU (bf16) against the reference step on the CPU.
-    let engine_check = || -> Result<()> {
+    // The fused engine on the GPU (bf16, and fp16 as 7.x GPUs train: the loss scaled,
+    // the gradients divided back) against the reference step on the CPU.
+    let engine_check = |dtype: DType| -> Result<()> {
         let base = qtrain_model::BaseModel::load(
             &dir,
             &LoadOptions {
                 device: gpu.clone(),
-                dtype: DType::BF16,
+                dtype,
                 quantization: Quantization::default(),
                 threads: 0,
             },
@@ -292,16 +301,21 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
         lora.update_from_host(&host)?;
-        let mut engine =
-            qtrain_engine::Engine::<half::bf16>::new(&base, &lora, Default::default())?;
         let valid = batch.valid_targets() as f64;
         let so = StepOptions {
             checkpointing: true,
             dropout_seed: 0,
             micro_step: 0,
         };
-        let l = engine.forward_backward(&batch, &so, valid)?.loss_sum / valid;
-        let g = engine.lora().grads_to_host(engine.device())?;
+        let scale = if dtype == DType::F16 { 4096.0 } else { 1.0 };
+        let (loss_sum, mut g) = match dtype {
+            DType::F16 => engine_step::<half::f16>(&base, &lora, &batch, &so, valid / scale)?,
+            _ => engine_step::<half::bf16>(&base, &lora, &batch, &so, valid / scale)?,
+        };
+        for t in &mut g {
+            t.1.iter_mut().for_each(|x| *x = (*x as f64 / scale) as f32);
+        }
+        let l = loss_sum / valid;
         let loss_err = (l - cpu_loss).abs() / cpu_loss.abs();
         let grad_err = cpu_grads
             .iter()
@@ -310,8 +324,14 @@ pub fn run(a: Args) -> Result<()> {
             .fold(0f64, f64::max);
         let ok = loss_err <= 2e-2 && grad_err <= 6e-2;
         println!(
-            "tiny training step, fused engine on GPU (bf16) vs reference on CPU (f32): loss {l:.5} vs {cpu_loss:.5} \
+            "tiny training step, fused engine on GPU ({}{}) vs reference on CPU (f32): loss {l:.5} vs {cpu_loss:.5} \
              (rel {loss_err:.1e}), max rel gradient error {grad_err:.1e} over {} tensors {}",
+            format!("{dtype:?}").to_lowercase(),
+            if scale != 1.0 {
+                format!(", loss scale {scale}")
+            } else {
+                String::new()
+            },
             g.len(),
             if ok { "ok" } else { "MISMATCH" }
         );
@@ -350,9 +370,11 @@ pub fn run(a: Args) -> Result<()> {
             failures.push("kv-cache decode".into());
         }
     }
-    if let Err(e) = engine_check() {
-        println!("fused engine step: FAILED: {e:#}");
-        failures.push("fused engine step".into());
+    for dtype in [DType::BF16, DType::F16] {
+        if let Err(e) = engine_check(dtype) {
+            println!("fused engine step ({dtype:?}): FAILED: {e:#}");
+            failures.push(format!("fused engine step {dtype:?}"));
+        }
     }
     for (dtype, tol_loss, tol_grad) in [(DType::F32, 1e-4, 1e-3), (DType::BF16, 2e-2, 6e-2)] {
         let (l, g) = step(&gpu, dtype)?;

@@ -249,10 +249,10 @@ pub fn report(
     let dtype = gpu::dtype_for(&cfg.model.dtype, gpu)?;
     let choice = EngineChoice::parse(&cfg.train.engine).unwrap_or(EngineChoice::Auto);
     let fused = choice.is_fused(true, dtype);
-    if fused && dtype != candle_core::DType::BF16 {
+    if fused && !matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16) {
         bail!(
-            "train.engine = \"fused\" computes in bf16 on GPUs; {} trains in {:?} here: use \
-             train.engine = \"auto\" or \"reference\"",
+            "train.engine = \"fused\" computes in bf16 or fp16 on GPUs; {} trains in {:?} here: \
+             use train.engine = \"auto\" or \"reference\"",
             gpu.name,
             dtype
         );
@@ -588,7 +588,7 @@ mod tests {
             time.contains("throughput") && time.contains("budget: 8h00m"),
             "{time}"
         );
-        // A T4 trains the same config in fp16 on the reference path: bf16 is refused.
+        // A T4 trains the same config in fp16 with the fused engine: bf16 is refused.
         let t4 = GpuInfo::from_preset(gpu::preset("t4").unwrap());
         let e = report(&cfg, "a10.toml", &t4, &shape_of("mistral-7b-v0.3"), 0.9)
             .err()
@@ -602,7 +602,13 @@ mod tests {
             "{}",
             r.text
         );
-        assert!(r.text.contains("warning: the reference"), "{}", r.text);
+        assert!(
+            r.text.contains("workspace: gradient checkpoints")
+                && !r.text.contains("warning: the reference"),
+            "{}",
+            r.text
+        );
+        assert_eq!(r.spec.dtype, candle_core::DType::F16);
         let p100 = GpuInfo::from_preset(gpu::preset("p100").unwrap());
         let e = report(&auto, "a10.toml", &p100, &shape_of("mistral-7b-v0.3"), 0.9)
             .err()

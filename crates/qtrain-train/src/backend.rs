@@ -93,7 +93,11 @@ impl EngineChoice {
         match self {
             EngineChoice::Reference => false,
             EngineChoice::Fused => true,
-            EngineChoice::Auto => on_gpu && dtype == candle_core::DType::BF16,
+            // bf16 on Ampere and later, fp16 (with loss scaling) on 7.x GPUs; f32 models
+            // on a GPU are test setups and take the reference path.
+            EngineChoice::Auto => {
+                on_gpu && matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16)
+            }
         }
     }
 }
@@ -117,6 +121,7 @@ impl HostOptimizer {
 /// The fused engine in the model's compute type.
 enum AnyEngine {
     Bf16(Engine<half::bf16>),
+    F16(Engine<half::f16>),
     F32(Engine<f32>),
 }
 
@@ -124,6 +129,7 @@ macro_rules! with_engine {
     ($e:expr, $x:ident => $body:expr) => {
         match $e {
             AnyEngine::Bf16($x) => $body,
+            AnyEngine::F16($x) => $body,
             AnyEngine::F32($x) => $body,
         }
     };
@@ -167,10 +173,11 @@ impl Backend {
             let opts = EngineOptions::default();
             let engine = match base.dtype {
                 candle_core::DType::BF16 => AnyEngine::Bf16(Engine::new(base, &lora, opts)?),
+                candle_core::DType::F16 => AnyEngine::F16(Engine::new(base, &lora, opts)?),
                 candle_core::DType::F32 => AnyEngine::F32(Engine::new(base, &lora, opts)?),
                 other => {
                     return Err(TrainError::Other(format!(
-                        "train.engine = \"fused\" needs a bf16 (GPU) or f32 (CPU) model, not {other:?}; \
+                        "train.engine = \"fused\" needs a bf16 or f16 (GPU) or f32 (CPU) model, not {other:?}; \
                          use train.engine = \"reference\""
                     )))
                 }

@@ -10,8 +10,9 @@
 //! | 7.x (V100, T4) | fp16 with dynamic loss scaling | tensor cores do fp16 but not bf16 |
 //! | < 7.0 | refused | no tensor cores: a 7B QLoRA step would take minutes |
 //!
-//! On 7.x the fused engine (bf16 only) is not used: the reference path trains in
-//! fp16 and the trainer scales the loss ([`crate::loss_scale`]).
+//! On 7.x the fused engine computes in fp16 and the trainer scales the loss
+//! ([`crate::loss_scale`]); its activations' gradients carry the scale, the LoRA
+//! gradients and master weights are f32.
 
 use candle_core::{DType, Device};
 

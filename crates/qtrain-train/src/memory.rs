@@ -435,7 +435,7 @@ impl MemorySpec {
                 warnings.push(
                     "the reference (candle-ops) step is modeled only roughly: an upper bound \
                      from the tensors it saves and the attention scores it materializes; the \
-                     fused engine (train.engine = \"fused\", bf16 GPUs) is modeled exactly"
+                     fused engine (train.engine = \"fused\", bf16 and fp16 GPUs) is modeled exactly"
                         .into(),
                 );
             }

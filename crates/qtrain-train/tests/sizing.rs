@@ -321,15 +321,27 @@ fn auto_batch_size_fits_the_limit_and_keeps_the_data() {
     assert!(!b.path().join("checkpoints").join("step-00000000").exists());
 }
 
-/// fp16 (what 7.x GPUs train in) with the dynamic loss scaler: the run trains, the
-/// scaler's state is in every checkpoint, and a resume continues it exactly.
+/// fp16 (what 7.x GPUs train in) with the dynamic loss scaler, on the reference
+/// step: the run trains, the scaler's state is in every checkpoint, and a resume
+/// continues it exactly.
 #[test]
 fn fp16_runs_with_a_checkpointed_loss_scaler() {
+    fp16_run_with_scaler("reference");
+}
+
+/// The same with the fused engine in fp16 (what `train.engine = "auto"` picks on a
+/// 7.x GPU), here on the CPU kernels.
+#[test]
+fn fp16_fused_engine_runs_with_a_checkpointed_loss_scaler() {
+    fp16_run_with_scaler("fused");
+}
+
+fn fp16_run_with_scaler(engine: &str) {
     let cache = tempfile::tempdir().unwrap();
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let extra = "batch_size = 4\n[train]\nengine = \"reference\"";
+    let extra = format!("batch_size = 4\n[train]\nengine = \"{engine}\"");
     let cfg_for = |out: &Path| {
-        let mut c = config(out, 4, extra);
+        let mut c = config(out, 4, &extra);
         c.model.dtype = "f16".into();
         c
     };
