@@ -61,6 +61,11 @@ pub struct Args {
     /// 90% of this GPU's memory; off on the CPU), as `train.keep_attention_residuals`.
     #[arg(long, default_value = "auto")]
     keep_residuals: String,
+    /// Keep every layer's gate/up output so the backward skips the gate/up product:
+    /// `on`, `off`, or `auto` (beside the residuals, when the memory model says it
+    /// fits), as `train.keep_mlp_activations`.
+    #[arg(long, default_value = "auto")]
+    keep_mlp: String,
     /// After the timed steps, run one more with CUDA events around every kind of
     /// work in the fused engine, and print where the step's GPU time goes.
     #[arg(long)]
@@ -266,16 +271,19 @@ pub fn run(a: Args) -> Result<()> {
             engine_options: opts,
             compute_capability: gpu.as_ref().map(|g| g.compute_capability),
         };
-    if !["auto", "on", "off"].contains(&a.keep_residuals.as_str()) {
-        bail!(
-            "--keep-residuals: `{}` (expected auto, on or off)",
-            a.keep_residuals
-        );
+    for (flag, v) in [
+        ("--keep-residuals", &a.keep_residuals),
+        ("--keep-mlp", &a.keep_mlp),
+    ] {
+        if !["auto", "on", "off"].contains(&v.as_str()) {
+            bail!("{flag}: `{v}` (expected auto, on or off)");
+        }
     }
     // As the trainer decides: on the memory model of the case, against 90% of the GPU.
-    let keep_residuals = |b: usize, s: usize, optimizer: OptimizerPlace| {
-        qtrain_train::memory::keep_attention_residuals(
+    let kept_for = |b: usize, s: usize, optimizer: OptimizerPlace| {
+        qtrain_train::memory::kept_activations(
             &a.keep_residuals,
+            &a.keep_mlp,
             &spec_for(b, s, optimizer, EngineOptions::default()),
             gpu.as_ref().map(|g| {
                 qtrain_train::memory::usable(g.total_bytes, qtrain_train::memory::DEFAULT_HEADROOM)
@@ -321,10 +329,8 @@ pub fn run(a: Args) -> Result<()> {
         } else {
             let kdev = qtrain_kernels::Dev::from_candle(&device)?;
             let dopt = Box::new(DeviceAdamW8bit::from_host(&opt, &kdev)?);
-            let engine_opts = EngineOptions {
-                save_attention_residual: keep_residuals(b, s, place_of(&dopt)),
-                ..EngineOptions::default()
-            };
+            let mut engine_opts = EngineOptions::default();
+            kept_for(b, s, place_of(&dopt)).apply(&mut engine_opts);
             match base.dtype {
                 DType::BF16 => {
                     Stepper::FusedBf16(Box::new(Engine::new(&base, &lora, engine_opts)?), dopt)
@@ -445,6 +451,7 @@ pub fn run(a: Args) -> Result<()> {
                 .map(|r| (r.name.to_string(), serde_json::json!({"ms": r.ms, "calls": r.calls})))
                 .collect::<serde_json::Map<_, _>>()),
             "attention_residuals_kept": stepper.engine_options().save_attention_residual,
+            "mlp_activations_kept": stepper.engine_options().save_mlp_activations,
             "baseline_used_mib": baseline_used.map(|b| b as f64 / 1048576.0),
             "predicted_peak_mib": predicted.total() as f64 / 1048576.0,
             "predicted_engine_mib": predicted.engine_bytes as f64 / 1048576.0,

@@ -19,16 +19,17 @@ pub struct Args {
     gpu: usize,
 }
 
-/// One fused-engine training pass in compute type `T` over `batch`: the summed loss
-/// and the LoRA gradients.
+/// One fused-engine training pass in compute type `T` over `batch` with `opts`: the
+/// summed loss and the LoRA gradients.
 fn engine_step<T: qtrain_kernels::Float + candle_core::WithDType>(
     base: &qtrain_model::BaseModel,
     lora: &LoraWeights,
     batch: &qtrain_lora::TokenBatch,
     so: &StepOptions,
     denominator: f64,
+    opts: qtrain_engine::EngineOptions,
 ) -> Result<(f64, Vec<qtrain_lora::lora::HostTensor>)> {
-    let mut engine = qtrain_engine::Engine::<T>::new(base, lora, Default::default())?;
+    let mut engine = qtrain_engine::Engine::<T>::new(base, lora, opts)?;
     let loss = engine.forward_backward(batch, so, denominator)?.loss_sum;
     Ok((loss, engine.lora().grads_to_host(engine.device())?))
 }
@@ -308,10 +309,19 @@ pub fn run(a: Args) -> Result<()> {
             micro_step: 0,
         };
         let scale = if dtype == DType::F16 { 4096.0 } else { 1.0 };
-        let (loss_sum, mut g) = match dtype {
-            DType::F16 => engine_step::<half::f16>(&base, &lora, &batch, &so, valid / scale)?,
-            _ => engine_step::<half::bf16>(&base, &lora, &batch, &so, valid / scale)?,
+        let step_with = |opts: qtrain_engine::EngineOptions| match dtype {
+            DType::F16 => engine_step::<half::f16>(&base, &lora, &batch, &so, valid / scale, opts),
+            _ => engine_step::<half::bf16>(&base, &lora, &batch, &so, valid / scale, opts),
         };
+        let (loss_sum, mut g) = step_with(Default::default())?;
+        // Keeping activations from the forward (selective recomputation) must change
+        // no bit of the loss or the gradients.
+        let kept = step_with(qtrain_engine::EngineOptions {
+            save_attention_residual: true,
+            save_mlp_activations: true,
+            ..Default::default()
+        })?;
+        let kept_same = kept.0 == loss_sum && kept.1 == g;
         for t in &mut g {
             t.1.iter_mut().for_each(|x| *x = (*x as f64 / scale) as f32);
         }
@@ -322,10 +332,10 @@ pub fn run(a: Args) -> Result<()> {
             .zip(&g)
             .map(|(a, b)| max_rel_err(&a.1, &b.1))
             .fold(0f64, f64::max);
-        let ok = loss_err <= 2e-2 && grad_err <= 6e-2;
+        let ok = loss_err <= 2e-2 && grad_err <= 6e-2 && kept_same;
         println!(
             "tiny training step, fused engine on GPU ({}{}) vs reference on CPU (f32): loss {l:.5} vs {cpu_loss:.5} \
-             (rel {loss_err:.1e}), max rel gradient error {grad_err:.1e} over {} tensors {}",
+             (rel {loss_err:.1e}), max rel gradient error {grad_err:.1e} over {} tensors; kept activations {} {}",
             format!("{dtype:?}").to_lowercase(),
             if scale != 1.0 {
                 format!(", loss scale {scale}")
@@ -333,6 +343,11 @@ pub fn run(a: Args) -> Result<()> {
                 String::new()
             },
             g.len(),
+            if kept_same {
+                "bit-identical"
+            } else {
+                "DIFFER"
+            },
             if ok { "ok" } else { "MISMATCH" }
         );
         anyhow::ensure!(ok, "loss or gradients differ");

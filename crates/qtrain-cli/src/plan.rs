@@ -279,15 +279,16 @@ pub fn report(
         Err(e) => return Err(e.into()),
     };
     let mut spec = spec0.with_shape(shape.micro_rows, seq);
-    // What train.keep_attention_residuals decides for this micro-batch (the trainer
-    // decides through the same function).
-    let kept = memory::keep_attention_residuals(
+    // What train.keep_attention_residuals and train.keep_mlp_activations decide for
+    // this micro-batch (the trainer decides through the same function).
+    let kept = memory::kept_activations(
         &cfg.train.keep_attention_residuals,
+        &cfg.train.keep_mlp_activations,
         &spec,
         Some(usable),
         None,
     );
-    spec.engine_options.save_attention_residual = kept;
+    kept.apply(&mut spec.engine_options);
     let plan = spec.plan();
     let mut t = String::new();
     let (major, minor) = gpu.compute_capability;
@@ -352,13 +353,19 @@ pub fn report(
     );
     if fused {
         t += &format!(
-            "recompute: {} (train.keep_attention_residuals = {})\n",
-            if kept {
-                "each layer's attention residual kept; the backward skips the o projection"
+            "recompute: {}; {} (train.keep_attention_residuals = {}, train.keep_mlp_activations = {})\n",
+            if kept.attention_residuals {
+                "attention residuals kept, no o projection"
             } else {
-                "the whole attention half in the backward"
+                "the whole attention half"
             },
-            cfg.train.keep_attention_residuals
+            if kept.mlp {
+                "gate/up outputs kept, no gate/up product"
+            } else {
+                "the gate/up product"
+            },
+            cfg.train.keep_attention_residuals,
+            cfg.train.keep_mlp_activations
         );
     }
     if cfg.model.device == "cpu" {
@@ -384,8 +391,8 @@ pub fn report(
         t += &format!("warning: {w}\n");
     }
     let max_rows = 1 << 16;
-    // The searches keep the micro-batch first, as `auto` does (residuals off).
-    spec.engine_options.save_attention_residual = false;
+    // The searches keep the micro-batch first, as `auto` does (nothing kept).
+    memory::KeptActivations::default().apply(&mut spec.engine_options);
     match memory::largest_batch(&spec, usable, max_rows) {
         Some(b) => {
             t += &format!(
@@ -424,6 +431,8 @@ pub fn report(
             )
         }
     }
+    // The report's spec is the run's: with the activations it keeps.
+    kept.apply(&mut spec.engine_options);
     Ok(Report {
         text: t,
         shape,
@@ -462,6 +471,12 @@ pub fn time_estimate(
     );
     let tps = e.tokens_per_s;
     t += &format!("throughput: ~{tps:.0} tokens/s ({})\n", e.basis);
+    if r.spec.engine_options.save_mlp_activations {
+        // The table's figures recompute the gate/up product; keeping it measured
+        // 14-23% faster on the H200 (docs/perf.md v6): the estimate stays the lower one.
+        t += "note:  measured with the gate/up product recomputed; this run keeps it \
+              (train.keep_mlp_activations), which ran 14-23% faster on the H200\n";
+    }
     if r.spec.model.num_parameters() < 1_000_000_000 {
         t += "note:  the estimate scales by FLOPs; a model this small is bound by kernel \
               launches and host work instead: expect far less\n";

@@ -13,7 +13,8 @@
 //! | `h1 x2 h2 dres dh` | `n·h` each | norms' outputs, the residual after attention, gradients |
 //! | `qkv dqkv` | `n·qc` each | fused q/k/v (after RoPE) and their gradients |
 //! | `attn dattn` | `n·heads·d` each | attention output and its gradient |
-//! | `gu m dm` | `c·2I`, `c·I`, `c·I` | the MLP of one chunk of `c` tokens |
+//! | `gu m dm` | `c·2I`, `c·I`, `c·I` | the MLP of one chunk of `c` tokens (`gu` only without `mlp_activations`) |
+//! | `mlp_activations` | `L·n·2I` | with `save_mlp_activations`: each layer's gate/up output (after its LoRA) |
 //! | `w_qkv w_o w_gu w_down` | one layer's weight groups | dequantized weights, reused by every layer |
 //! | `logits dlogits` | `cc·V` | one cross-entropy chunk of `cc` rows (f32, compute type) |
 //! | `rope_table_cos rope_table_sin` | `seq·d/2` each | RoPE of positions `0..seq`, computed once per workspace; a batch's per-token tables `rope_cos rope_sin` are gathered from them by `positions` |
@@ -39,6 +40,8 @@ pub struct PlanShape {
     pub elem: usize,
     /// Every layer's residual after attention is kept (`EngineOptions`).
     pub save_attention_residual: bool,
+    /// Every layer's gate/up output is kept (`EngineOptions`).
+    pub save_mlp_activations: bool,
 }
 
 impl PlanShape {
@@ -64,6 +67,7 @@ impl PlanShape {
             dropout,
             elem,
             save_attention_residual: opts.save_attention_residual,
+            save_mlp_activations: opts.save_mlp_activations,
         }
     }
 }
@@ -85,6 +89,8 @@ pub enum Component {
     LoraScratch,
     /// The uploaded batch: ids, rotary tables, segments, targets.
     BatchInputs,
+    /// Every layer's gate/up output, kept from the forward.
+    MlpActivations,
 }
 
 impl Component {
@@ -99,6 +105,7 @@ impl Component {
             Component::Logits => "cross-entropy chunk (f32 logits + gradient)",
             Component::LoraScratch => "LoRA intermediates",
             Component::BatchInputs => "batch inputs (ids, RoPE tables, targets)",
+            Component::MlpActivations => "kept gate/up outputs (no MLP recomputation)",
         }
     }
 }
@@ -167,7 +174,6 @@ impl BufferPlan {
             b("dattn", LayerActivations, n * qcols, e),
             b("dqkv", LayerActivations, n * qc, e),
             b("attn_scratch", LayerActivations, stats, 4),
-            b("gu", MlpChunk, c * 2 * inter, e),
             b("m", MlpChunk, c * inter, e),
             b("dm", MlpChunk, c * inter, e),
             b("w_qkv", DequantWeights, qc * h, e),
@@ -198,6 +204,16 @@ impl BufferPlan {
                 cfg.num_hidden_layers * n * h,
                 e,
             ));
+        }
+        if shape.save_mlp_activations {
+            buffers.push(b(
+                "mlp_activations",
+                MlpActivations,
+                cfg.num_hidden_layers * n * 2 * inter,
+                e,
+            ));
+        } else {
+            buffers.push(b("gu", MlpChunk, c * 2 * inter, e));
         }
         if shape.dropout {
             buffers.push(b("dropped_input", LoraScratch, max_in, e));

@@ -51,6 +51,11 @@ pub struct EngineOptions {
     /// output and skips the o projection (selective recomputation, for when memory
     /// allows; the results are identical).
     pub save_attention_residual: bool,
+    /// Keep each layer's gate/up output (after its LoRA; `L·n·2I` more elements, the
+    /// largest activation of a layer) from the forward: the backward then does not
+    /// recompute the gate/up product, the costliest GEMM of the recomputation (the
+    /// results are identical).
+    pub save_mlp_activations: bool,
 }
 
 impl Default for EngineOptions {
@@ -59,6 +64,7 @@ impl Default for EngineOptions {
             mlp_chunk: 8192,
             ce_chunk: 1024,
             save_attention_residual: false,
+            save_mlp_activations: false,
         }
     }
 }
@@ -81,7 +87,7 @@ struct Workspace<T: Float> {
     dattn: DBuf<T>,
     dqkv: DBuf<T>,
     attn_scratch: DBuf<f32>,
-    gu: DBuf<T>,
+    gu: Option<DBuf<T>>,
     m: DBuf<T>,
     dm: DBuf<T>,
     w_qkv: DBuf<T>,
@@ -108,6 +114,9 @@ struct Workspace<T: Float> {
     lora_dx: Option<DBuf<T>>,
     /// Every layer's `x2`, with `save_attention_residual`.
     attn_residuals: Option<DBuf<T>>,
+    /// Every layer's gate/up output, with `save_mlp_activations` (then there is no
+    /// chunk buffer `gu`: the chunks are row blocks of this).
+    mlp_activations: Option<DBuf<T>>,
 }
 
 impl<T: Float> Workspace<T> {
@@ -135,7 +144,11 @@ impl<T: Float> Workspace<T> {
             dattn: buf!("dattn"),
             dqkv: buf!("dqkv"),
             attn_scratch: buf!("attn_scratch"),
-            gu: buf!("gu"),
+            gu: if p.shape.save_mlp_activations {
+                None
+            } else {
+                Some(buf!("gu"))
+            },
             m: buf!("m"),
             dm: buf!("dm"),
             w_qkv: buf!("w_qkv"),
@@ -166,6 +179,11 @@ impl<T: Float> Workspace<T> {
             lora_dx: if dropout { Some(buf!("lora_dx")) } else { None },
             attn_residuals: if p.shape.save_attention_residual {
                 Some(buf!("attn_residuals"))
+            } else {
+                None
+            },
+            mlp_activations: if p.shape.save_mlp_activations {
+                Some(buf!("mlp_activations"))
             } else {
                 None
             },
@@ -460,6 +478,17 @@ impl<'a, T: Float> Ctx<'a, T> {
         self.ws.layer_inputs.view(l * n * h, n * h).mat(n, h, h)
     }
 
+    /// Where the gate/up output of tokens `c0..c0 + cn` of layer `l` lives: its rows
+    /// of the kept activations, or the one chunk buffer (recomputed in the backward).
+    fn gu_chunk(&self, l: usize, c0: usize, cn: usize) -> Mat<'a, T> {
+        let (n, w) = (self.dims.n, 2 * self.dims.inter);
+        match (&self.ws.mlp_activations, &self.ws.gu) {
+            (Some(b), _) => b.view((l * n + c0) * w, cn * w).mat(cn, w, w),
+            (None, Some(g)) => mat(g, cn, w),
+            (None, None) => unreachable!("the plan has one of the two"),
+        }
+    }
+
     /// The residual after layer `l`'s attention: its saved copy, or the one shared
     /// buffer (recomputed in the backward).
     fn x2(&self, l: usize) -> Mat<'a, T> {
@@ -721,7 +750,7 @@ impl<'a, T: Float> Ctx<'a, T> {
     ) -> Result<(Mat<'a, T>, Mat<'a, T>, Mat<'a, T>, Mat<'a, T>)> {
         let d = self.dims;
         let h2c = mat(&self.ws.h2, d.n, d.h).row_block(c0, cn);
-        let gu = mat(&self.ws.gu, cn, 2 * d.inter);
+        let gu = self.gu_chunk(l, c0, cn);
         {
             let _r = self.dev.region("GEMM gate/up");
             gemm(self.dev, h2c, Op::N, wgu, Op::T, gu, 1.0, 0.0)?;
@@ -731,6 +760,31 @@ impl<'a, T: Float> Ctx<'a, T> {
         self.lora_fwd(l, Proj::Up, h2c, Some(u), c0)?;
         let m = mat(&self.ws.m, cn, d.inter);
         {
+            let _r = self.dev.region("SwiGLU forward");
+            swiglu_fwd(self.dev, g, u, m)?;
+        }
+        Ok((gu, g, u, m))
+    }
+
+    /// The backward's view of a chunk whose gate/up output was kept from the forward:
+    /// what [`Self::mlp_up`] would recompute, without its GEMM. Only the LoRA inputs
+    /// the backward reads are rebuilt: gate's and up's `z` (their buffers hold the
+    /// last layer's), and the SwiGLU output when down carries an adapter.
+    #[allow(clippy::type_complexity)]
+    fn mlp_kept(
+        &self,
+        l: usize,
+        c0: usize,
+        cn: usize,
+    ) -> Result<(Mat<'a, T>, Mat<'a, T>, Mat<'a, T>, Mat<'a, T>)> {
+        let d = self.dims;
+        let h2c = mat(&self.ws.h2, d.n, d.h).row_block(c0, cn);
+        let gu = self.gu_chunk(l, c0, cn);
+        let (g, u) = (gu.col_block(0, d.inter), gu.col_block(d.inter, d.inter));
+        self.lora_fwd(l, Proj::Gate, h2c, None, c0)?;
+        self.lora_fwd(l, Proj::Up, h2c, None, c0)?;
+        let m = mat(&self.ws.m, cn, d.inter);
+        if self.slot(l, Proj::Down).is_some() {
             let _r = self.dev.region("SwiGLU forward");
             swiglu_fwd(self.dev, g, u, m)?;
         }
@@ -860,7 +914,11 @@ impl<'a, T: Float> Ctx<'a, T> {
         let wgu = self.weights(l, Group::GateUp)?;
         let wd = self.weights(l, Group::Down)?;
         for (c0, cn) in self.chunks() {
-            let (gu, g, u, m) = self.mlp_up(l, wgu, c0, cn)?;
+            let (gu, g, u, m) = if ws.mlp_activations.is_some() {
+                self.mlp_kept(l, c0, cn)?
+            } else {
+                self.mlp_up(l, wgu, c0, cn)?
+            };
             self.lora_fwd(l, Proj::Down, m, None, c0)?;
             let dres_c = dres.row_block(c0, cn);
             let dm = mat(&ws.dm, cn, d.inter);

@@ -200,18 +200,22 @@ fn parameters_round_trip_through_the_host_and_bad_tensors_are_refused() {
     let _ = Tensor::zeros(1, DType::F32, &Device::Cpu);
 }
 
-/// Keeping each layer's attention residual only removes recomputation: the same
-/// loss and bit-identical gradients as recomputing it, with dropout on o's input,
-/// a window and packed documents, and the workspace the plan says.
+/// Keeping each layer's attention residual and/or its gate/up output only removes
+/// recomputation: the same loss and bit-identical gradients as recomputing them,
+/// with dropout on every adapter's input (down's included, whose SwiGLU input the
+/// kept path rebuilds), a window, packed documents, MLP chunks, and the workspace the
+/// plan says.
 #[test]
-fn saved_attention_residuals_change_no_bit() {
+fn kept_activations_change_no_bit() {
     let cfg = small_config(61, Some(4));
     let (base, _) = random_base(&cfg, 21, DType::F32);
     let lora = random_lora(&cfg, &all_targets_config(0.2), 22, DType::F32);
     let batches = [packed_batch(61, 11, 23), random_rows(61, 2, 11, 24)];
-    let run = |save: bool| {
+    let run = |residual: bool, mlp: bool, mlp_chunk: usize| {
         let opts = EngineOptions {
-            save_attention_residual: save,
+            save_attention_residual: residual,
+            save_mlp_activations: mlp,
+            mlp_chunk,
             ..EngineOptions::default()
         };
         let mut engine = Engine::<f32>::new(&base, &lora, opts).unwrap();
@@ -234,21 +238,35 @@ fn saved_attention_residuals_change_no_bit() {
             plan.total_bytes(),
         )
     };
-    let (l0, g0, bytes0) = run(false);
-    let (l1, g1, bytes1) = run(true);
-    assert_eq!(l0, l1);
-    assert_eq!(g0, g1);
-    // The saved residuals: one [tokens, hidden] f32 matrix per layer.
-    assert_eq!(
-        bytes1 - bytes0,
-        cfg.num_hidden_layers * 2 * 11 * cfg.hidden_size * 4
-    );
+    let chunk = EngineOptions::default().mlp_chunk;
+    let (n, h, i2) = (2 * 11, cfg.hidden_size, 2 * cfg.intermediate_size);
+    for (residual, mlp, mlp_chunk) in [
+        (true, false, chunk),
+        (false, true, chunk),
+        (true, true, chunk),
+        (false, true, 5),
+    ] {
+        // Against recomputing everything with the same chunks (chunking changes the
+        // order of the gradient sums).
+        let (l0, g0, bytes0) = run(false, false, mlp_chunk);
+        let (l1, g1, bytes1) = run(residual, mlp, mlp_chunk);
+        assert_eq!(l0, l1, "residual {residual} mlp {mlp} chunk {mlp_chunk}");
+        assert_eq!(g0, g1, "residual {residual} mlp {mlp} chunk {mlp_chunk}");
+        // The saved residuals: one [tokens, hidden] f32 matrix per layer; the kept
+        // gate/up outputs one [tokens, 2I] per layer, in place of the chunk buffer.
+        if mlp_chunk == chunk {
+            let extra = residual as usize * cfg.num_hidden_layers * n * h * 4
+                + mlp as usize * (cfg.num_hidden_layers - 1) * n * i2 * 4;
+            assert_eq!(bytes1 - bytes0, extra, "residual {residual} mlp {mlp}");
+        }
+    }
     compare(
         &base,
         &lora,
         &batches,
         EngineOptions {
             save_attention_residual: true,
+            save_mlp_activations: true,
             ..EngineOptions::default()
         },
         2e-5,

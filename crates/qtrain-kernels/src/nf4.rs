@@ -553,6 +553,10 @@ mod tests {
         }
         assert_eq!(
             DequantKernel::Tile.launch_shape(F32, 64).kernel,
+            "nf4_dequant_f32_tile"
+        );
+        assert_eq!(
+            DequantKernel::Chunk8.launch_shape(F32, 64).kernel,
             "nf4_dequant_f32"
         );
         assert_eq!(

@@ -17,6 +17,7 @@
 //! the order of `LoraWeights::to_host`, the host optimizer's state format), so a run
 //! can resume on either.
 
+use crate::memory::KeptActivations;
 use crate::trainer::TrainError;
 use qtrain_dist::Collective;
 use qtrain_engine::{Engine, EngineOptions};
@@ -216,23 +217,26 @@ impl Backend {
         })
     }
 
-    /// Whether the fused engine keeps every layer's attention residual
-    /// (`EngineOptions::save_attention_residual`); false on the reference path.
-    pub fn keeps_attention_residuals(&self) -> bool {
+    /// Which activations the fused engine keeps from the forward
+    /// (`EngineOptions::save_attention_residual`, `save_mlp_activations`); none on
+    /// the reference path.
+    pub fn kept_activations(&self) -> KeptActivations {
         match &self.kind {
             Kind::Fused { engine, .. } => {
-                with_engine!(engine.as_ref(), e => e.options().save_attention_residual)
+                with_engine!(engine.as_ref(), e => KeptActivations::of(&e.options()))
             }
-            Kind::Reference { .. } => false,
+            Kind::Reference { .. } => KeptActivations::default(),
         }
     }
 
-    /// Sets [`Backend::keeps_attention_residuals`] (ignored on the reference path).
-    pub fn set_keep_attention_residuals(&mut self, keep: bool) {
+    /// Sets [`Backend::kept_activations`] (ignored on the reference path); the
+    /// workspace is re-planned at the next pass.
+    pub fn set_kept_activations(&mut self, kept: KeptActivations) {
         if let Kind::Fused { engine, .. } = &mut self.kind {
             with_engine!(engine.as_mut(), e => {
-                let opts = e.options();
-                e.set_options(EngineOptions { save_attention_residual: keep, ..opts });
+                let mut opts = e.options();
+                kept.apply(&mut opts);
+                e.set_options(opts);
             });
         }
     }

@@ -148,8 +148,8 @@ pub struct TrainSection {
     /// Seeds dropout masks.
     pub seed: u64,
     /// The step implementation: `fused` (hand-written kernels over preallocated
-    /// buffers, bf16 on GPUs), `reference` (candle ops, any device and dtype), or
-    /// `auto` (fused on a GPU in bf16, reference otherwise).
+    /// buffers, bf16 or fp16 on GPUs), `reference` (candle ops, any device and
+    /// dtype), or `auto` (fused on a GPU, reference otherwise).
     pub engine: String,
     /// Keep each layer's residual after attention from the forward, so that the
     /// backward does not recompute the o projection (fused engine; costs
@@ -158,6 +158,13 @@ pub struct TrainSection {
     /// model says it fits the GPU beside the micro-batch; the micro-batch comes
     /// first, and an out-of-memory turns it off before halving anything).
     pub keep_attention_residuals: String,
+    /// Keep each layer's gate/up output from the forward, so that the backward does
+    /// not recompute the gate/up product, the largest GEMM of the recomputation
+    /// (fused engine; costs `layers x tokens x 2 x intermediate` compute-type
+    /// elements: 7 GiB for Mistral-7B at 4096 tokens per micro-batch): `on`, `off`,
+    /// or `auto` (on when the memory model says it fits beside the micro-batch and
+    /// the attention residuals; an out-of-memory gives it back first).
+    pub keep_mlp_activations: String,
 }
 
 impl Default for TrainSection {
@@ -172,6 +179,7 @@ impl Default for TrainSection {
             seed: 0,
             engine: "auto".into(),
             keep_attention_residuals: "auto".into(),
+            keep_mlp_activations: "auto".into(),
         }
     }
 }
@@ -421,11 +429,13 @@ impl RunConfig {
             ),
             _ => {}
         }
-        if !["auto", "on", "off"].contains(&t.keep_attention_residuals.as_str()) {
-            p.push(format!(
-                "train.keep_attention_residuals: `{}` (expected auto, on or off)",
-                t.keep_attention_residuals
-            ));
+        for (key, v) in [
+            ("keep_attention_residuals", &t.keep_attention_residuals),
+            ("keep_mlp_activations", &t.keep_mlp_activations),
+        ] {
+            if !["auto", "on", "off"].contains(&v.as_str()) {
+                p.push(format!("train.{key}: `{v}` (expected auto, on or off)"));
+            }
         }
         if !["retry", "stop"].contains(&t.oom.as_str()) {
             p.push(format!("train.oom: `{}` (expected retry or stop)", t.oom));

@@ -543,30 +543,73 @@ fn slack(allocated: u64) -> u64 {
     ((allocated as f64 * ALLOCATOR_SLACK_FRACTION) as u64).max(ALLOCATOR_SLACK_MIN_BYTES)
 }
 
-/// What `train.keep_attention_residuals = policy` (`on`, `off` or `auto`) decides for
-/// a run sized by `spec`: never on the reference engine; with `auto`, keep them when
-/// the plan with them fits `usable` bytes and, when given, the engine's own buffers
-/// fit `engine_limit`; without a GPU to size against (`usable` None) `auto` keeps none.
-/// The trainer, `qtrain plan` and `qtrain bench` all decide through this.
-pub fn keep_attention_residuals(
-    policy: &str,
+/// Which activations the fused engine keeps from the forward so that its backward
+/// recomputes less (selective recomputation; gradients are identical either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeptActivations {
+    /// Each layer's residual after attention (`train.keep_attention_residuals`):
+    /// `L·n·h` elements, saves the o projection.
+    pub attention_residuals: bool,
+    /// Each layer's gate/up output (`train.keep_mlp_activations`): `L·n·2I`
+    /// elements, saves the gate/up product, the costliest GEMM recomputed.
+    pub mlp: bool,
+}
+
+impl KeptActivations {
+    pub fn apply(self, opts: &mut EngineOptions) {
+        opts.save_attention_residual = self.attention_residuals;
+        opts.save_mlp_activations = self.mlp;
+    }
+
+    pub fn of(opts: &EngineOptions) -> Self {
+        Self {
+            attention_residuals: opts.save_attention_residual,
+            mlp: opts.save_mlp_activations,
+        }
+    }
+}
+
+/// What `train.keep_attention_residuals = residual_policy` and
+/// `train.keep_mlp_activations = mlp_policy` (`on`, `off` or `auto` each) decide for
+/// a run sized by `spec`: nothing on the reference engine; with `auto`, the
+/// attention residuals first (more time saved per byte), then the gate/up outputs
+/// beside them, each kept when the plan with it fits `usable` bytes and, when
+/// given, the engine's own buffers fit `engine_limit`; without a GPU to size
+/// against (`usable` None) `auto` keeps nothing. The trainer, `qtrain plan` and
+/// `qtrain bench` all decide through this.
+pub fn kept_activations(
+    residual_policy: &str,
+    mlp_policy: &str,
     spec: &MemorySpec,
     usable: Option<u64>,
     engine_limit: Option<u64>,
-) -> bool {
+) -> KeptActivations {
+    let mut kept = KeptActivations::default();
     if spec.engine != EngineKind::Fused {
-        return false;
+        return kept;
     }
-    match policy {
-        "on" => true,
-        "off" => false,
-        _ => usable.is_some_and(|usable| {
+    let fits = |k: KeptActivations| {
+        usable.is_some_and(|usable| {
             let mut with = spec.clone();
-            with.engine_options.save_attention_residual = true;
+            k.apply(&mut with.engine_options);
             let plan = with.plan();
             plan.fits(usable) && engine_limit.is_none_or(|l| plan.engine_bytes <= l)
+        })
+    };
+    kept.attention_residuals = match residual_policy {
+        "on" => true,
+        "off" => false,
+        _ => fits(KeptActivations {
+            attention_residuals: true,
+            ..kept
         }),
-    }
+    };
+    kept.mlp = match mlp_policy {
+        "on" => true,
+        "off" => false,
+        _ => fits(KeptActivations { mlp: true, ..kept }),
+    };
+    kept
 }
 
 /// The bytes a plan may use on a GPU of `total` bytes with `headroom` (a share).
@@ -778,5 +821,63 @@ mod tests {
         let s = compare(&plan, &m);
         assert!(s.contains("whole device") && s.contains("+0.0%"), "{s}");
         assert!(s.lines().count() == 5, "{s}");
+    }
+
+    /// `auto` keeps the attention residuals first, then the gate/up outputs beside
+    /// them, each only where it fits; `on`/`off` are taken as said; the reference
+    /// engine and a run with no GPU to size against keep nothing on `auto`.
+    #[test]
+    fn kept_activations_residuals_first_then_mlp() {
+        let spec = mistral(8, 512);
+        let total = |k: KeptActivations| {
+            let mut s = spec.clone();
+            k.apply(&mut s.engine_options);
+            s.plan().total()
+        };
+        let none = KeptActivations::default();
+        let res = KeptActivations {
+            attention_residuals: true,
+            mlp: false,
+        };
+        let both = KeptActivations {
+            attention_residuals: true,
+            mlp: true,
+        };
+        let engine = |k: KeptActivations| {
+            let mut s = spec.clone();
+            k.apply(&mut s.engine_options);
+            s.plan().engine_bytes
+        };
+        // Mistral-7B at 4096 tokens: 1 GiB of residuals, 7 GiB of gate/up outputs
+        // (in place of the one chunk buffer).
+        assert_eq!(engine(res) - engine(none), 32 * 4096 * 4096 * 2);
+        let gu_chunk = 4096 * 2 * 14336 * 2;
+        assert_eq!(
+            engine(both) - engine(res),
+            32 * 4096 * 2 * 14336 * 2 - gu_chunk
+        );
+        let auto = |usable| kept_activations("auto", "auto", &spec, Some(usable), None);
+        assert_eq!(auto(total(none)), none);
+        assert_eq!(auto((total(res) + total(both)) / 2), res);
+        assert_eq!(auto(total(both)), both);
+        assert_eq!(kept_activations("auto", "auto", &spec, None, None), none);
+        assert_eq!(
+            kept_activations("off", "on", &spec, None, None),
+            KeptActivations {
+                attention_residuals: false,
+                mlp: true
+            }
+        );
+        // The engine limit counts too.
+        assert_eq!(
+            kept_activations("auto", "auto", &spec, Some(u64::MAX), Some(engine(res))),
+            res
+        );
+        let mut reference = spec.clone();
+        reference.engine = EngineKind::Reference;
+        assert_eq!(
+            kept_activations("on", "on", &reference, Some(u64::MAX), None),
+            none
+        );
     }
 }

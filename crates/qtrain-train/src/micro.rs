@@ -22,6 +22,7 @@
 
 use crate::backend::Backend;
 use crate::config::RunConfig;
+use crate::memory::KeptActivations;
 use crate::trainer::TrainError;
 use qtrain_data::{Batch, DatasetConfig};
 use qtrain_dist::{StepSharding, StepShare};
@@ -168,17 +169,17 @@ pub fn resolve_step_shape(
     Ok(shape)
 }
 
-/// Whether the fused engine should keep its attention residuals for micro-batches
-/// of `shape` on `gpu` (`memory::keep_attention_residuals`, sized against the GPU's
-/// usable memory and the engine memory limit; `auto` keeps none on the CPU).
-pub fn keep_attention_residuals(
+/// Which activations the fused engine should keep for micro-batches of `shape` on
+/// `gpu` (`memory::kept_activations`, sized against the GPU's usable memory and the
+/// engine memory limit; `auto` keeps none on the CPU).
+pub fn kept_activations(
     cfg: &RunConfig,
     base: &BaseModel,
     backend: &Backend,
     gpu: Option<&crate::gpu::GpuInfo>,
     engine_limit: Option<usize>,
     shape: &StepShape,
-) -> bool {
+) -> KeptActivations {
     use crate::memory::{self, EngineKind, MemorySpec};
     let engine = if backend.name() == "fused" {
         EngineKind::Fused
@@ -194,8 +195,9 @@ pub fn keep_attention_residuals(
         cfg.data.seq_len,
         gpu.map(|g| g.compute_capability),
     );
-    memory::keep_attention_residuals(
+    memory::kept_activations(
         &cfg.train.keep_attention_residuals,
+        &cfg.train.keep_mlp_activations,
         &spec,
         gpu.map(|g| memory::usable(g.total_bytes, memory::DEFAULT_HEADROOM)),
         engine_limit.map(|l| l as u64),
@@ -265,6 +267,8 @@ pub fn chunk_seed(seed: u64, chunk: usize) -> u64 {
 /// What [`give_back_memory`] did after an out-of-memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Relief {
+    /// The engine no longer keeps the gate/up outputs (the micro-batch stays).
+    MlpActivations,
     /// The engine no longer keeps the attention residuals (the micro-batch stays).
     Residuals,
     /// The micro-batch was halved.
@@ -273,14 +277,36 @@ pub enum Relief {
     None,
 }
 
-/// Frees memory for a retry after an out-of-memory, cheapest first: the kept
-/// attention residuals, then half the micro-batch (with `train.oom = "retry"`).
-/// Training steps and evaluations recover through this one rule.
+impl Relief {
+    /// The retry keeps the micro-batch: only kept activations were given back.
+    pub fn keeps_micro_batch(self) -> bool {
+        matches!(self, Relief::MlpActivations | Relief::Residuals)
+    }
+
+    /// What was given back, for the log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Relief::MlpActivations => "no longer keeping the gate/up outputs",
+            Relief::Residuals => "no longer keeping the attention residuals",
+            Relief::HalvedMicroBatch => "halved the micro-batch",
+            Relief::None => "nothing left to give back",
+        }
+    }
+}
+
+/// Frees memory for a retry after an out-of-memory, most bytes per lost millisecond
+/// first: the kept gate/up outputs, then the kept attention residuals, then half
+/// the micro-batch (with `train.oom = "retry"`). Training steps and evaluations
+/// recover through this one rule.
 pub fn give_back_memory(backend: &mut Backend, shape: &mut StepShape, cfg: &RunConfig) -> Relief {
+    let kept = backend.kept_activations();
     if cfg.train.oom != "retry" {
         Relief::None
-    } else if backend.keeps_attention_residuals() {
-        backend.set_keep_attention_residuals(false);
+    } else if kept.mlp {
+        backend.set_kept_activations(KeptActivations { mlp: false, ..kept });
+        Relief::MlpActivations
+    } else if kept.attention_residuals {
+        backend.set_kept_activations(KeptActivations::default());
         Relief::Residuals
     } else if shape.halve() {
         Relief::HalvedMicroBatch

@@ -299,9 +299,9 @@ fn evaluate_fitting(
             shape.micro_rows,
         ) {
             Err(e) if micro::is_oom(&e) => match micro::give_back_memory(backend, shape, cfg) {
-                micro::Relief::Residuals => tracing::warn!(
-                    "evaluation ran out of GPU memory ({e}); no longer keeping the attention \
-                     residuals"
+                r @ (micro::Relief::MlpActivations | micro::Relief::Residuals) => tracing::warn!(
+                    "evaluation ran out of GPU memory ({e}); {}",
+                    r.describe()
                 ),
                 micro::Relief::HalvedMicroBatch => tracing::warn!(
                     "evaluation ran out of GPU memory ({e}); continuing with micro-batches of {} rows",
@@ -483,7 +483,7 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         resumed.as_ref().and_then(|s| s.micro_batch),
     )?;
     let data_cfg = shape.data_config(&cfg.data);
-    let keep = micro::keep_attention_residuals(
+    let kept = micro::kept_activations(
         &cfg,
         &base,
         &backend,
@@ -491,12 +491,19 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         engine_memory_limit,
         &shape,
     );
-    backend.set_keep_attention_residuals(keep);
-    if keep {
+    backend.set_kept_activations(kept);
+    if kept.attention_residuals {
         tracing::info!(
             "keeping each layer's attention residual (train.keep_attention_residuals = {}): \
              the backward skips recomputing the o projection",
             cfg.train.keep_attention_residuals
+        );
+    }
+    if kept.mlp {
+        tracing::info!(
+            "keeping each layer's gate/up output (train.keep_mlp_activations = {}): the \
+             backward skips recomputing the gate/up product",
+            cfg.train.keep_mlp_activations
         );
     }
     // Every rank starts from rank 0's adapters and must read the same data.
@@ -719,11 +726,11 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
                     // with the micro-batch a resume should use.
                     let failed = shape;
                     let relief = micro::give_back_memory(&mut backend, &mut shape, &cfg);
-                    if relief == micro::Relief::Residuals {
+                    if relief.keeps_micro_batch() {
                         bar.suspend(|| {
                             tracing::warn!(
-                                "step {step}: out of GPU memory ({e}); no longer keeping the \
-                                 attention residuals, retrying the step"
+                                "step {step}: out of GPU memory ({e}); {}, retrying the step",
+                                relief.describe()
                             )
                         });
                         continue;

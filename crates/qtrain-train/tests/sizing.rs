@@ -400,20 +400,32 @@ fn state_of_f32(cache: &Path) -> TrainerState {
 /// keeps its micro-batch and trains bit for bit what a run without them trains.
 #[test]
 fn out_of_memory_gives_back_the_attention_residuals_first() {
+    gives_back_kept_activations(false);
+}
+
+/// With the gate/up outputs kept too and room for the residuals only, the gate/up
+/// outputs go first and the run still trains bit for bit the same, at the same
+/// micro-batch.
+#[test]
+fn out_of_memory_gives_back_the_mlp_activations_before_the_residuals() {
+    gives_back_kept_activations(true);
+}
+
+fn gives_back_kept_activations(mlp: bool) {
     let cache = tempfile::tempdir().unwrap();
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let steps = 3;
     let cfg_for = |out: &Path, keep: &str| {
         let mut c = config(out, steps, "batch_size = 4\n[train]\nengine = \"fused\"");
         c.train.keep_attention_residuals = keep.into();
+        c.train.keep_mlp_activations = if mlp { keep.into() } else { "off".into() };
         // Rows long enough that the residuals (layers x tokens x hidden) outweigh the
         // few small buffers a step allocates beside the plan on the CPU.
         c.data.seq_len = 192;
         c
     };
     let off = cfg_for(a.path(), "off");
-    let without = engine_bytes(&off, cache.path(), 4);
-    let with = {
+    let engine_with = |residuals: bool, mlp: bool| {
         let mut spec = MemorySpec::for_run(
             &off,
             &tiny_config(cache.path()),
@@ -423,12 +435,22 @@ fn out_of_memory_gives_back_the_attention_residuals_first() {
             off.data.seq_len,
             None,
         );
-        spec.engine_options.save_attention_residual = true;
+        spec.engine_options.save_attention_residual = residuals;
+        spec.engine_options.save_mlp_activations = mlp;
         spec.plan().engine_bytes
     };
-    assert!(without < with);
+    let without = engine_bytes(&off, cache.path(), 4);
+    assert_eq!(without, engine_with(false, false));
+    let (with, both) = (engine_with(true, false), engine_with(true, true));
+    assert!(without < with && with < both);
     let plain = go(off, cache.path(), None).unwrap();
-    let limit = ((without + with) / 2) as usize;
+    // Room for the residuals, not for the gate/up outputs (mlp) / not for the
+    // residuals (residuals only).
+    let limit = if mlp {
+        ((with + both) / 2) as usize
+    } else {
+        ((without + with) / 2) as usize
+    };
     let kept = go(cfg_for(b.path(), "on"), cache.path(), Some(limit)).unwrap();
     assert_eq!((plain.steps, kept.steps), (steps, steps));
     for step in 1..=steps {
