@@ -632,6 +632,34 @@ mod tests {
         assert!(e.contains("not supported") && e.contains("P100"), "{e}");
     }
 
+    /// The shipped T4 config: fp16 with the fused engine, and it fits 16 GB.
+    #[test]
+    fn t4_plan_of_the_shipped_config() {
+        let cfg = config("t4.toml", &[]);
+        let t4 = GpuInfo::from_preset(gpu::preset("t4").unwrap());
+        let r = report(
+            &cfg,
+            "configs/t4.toml",
+            &t4,
+            &shape_of("mistral-7b-v0.3"),
+            0.9,
+        )
+        .unwrap();
+        assert_eq!(r.spec.dtype, candle_core::DType::F16);
+        assert_eq!(r.spec.engine, EngineKind::Fused);
+        assert!(
+            r.text.contains("fits") && !r.text.contains("DOES NOT FIT"),
+            "{}",
+            r.text
+        );
+        assert!(
+            r.text.contains("fp16 with dynamic loss scaling"),
+            "{}",
+            r.text
+        );
+        assert_eq!(r.shape.rows_per_step(), 32);
+    }
+
     #[test]
     fn auto_batch_takes_the_largest_micro_batch_that_fits() {
         let cfg = config(
