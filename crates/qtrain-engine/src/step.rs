@@ -739,52 +739,32 @@ impl<'a, T: Float> Ctx<'a, T> {
     }
 
     /// Gate/up product, its LoRA, and SwiGLU for tokens `c0..c0 + cn`; returns
-    /// `(gu, g, u, m)` of the chunk.
+    /// `(gu, g, u, m)` of the chunk. With `wgu` None the backward takes the gate/up
+    /// output kept from the forward (`save_mlp_activations`) instead of recomputing
+    /// it, and rebuilds only what it reads that is not kept: gate's and up's LoRA `z`
+    /// (their buffers hold the last layer's) and the SwiGLU output when down carries
+    /// an adapter.
     #[allow(clippy::type_complexity)]
     fn mlp_up(
         &self,
         l: usize,
-        wgu: Mat<'a, T>,
+        wgu: Option<Mat<'a, T>>,
         c0: usize,
         cn: usize,
     ) -> Result<(Mat<'a, T>, Mat<'a, T>, Mat<'a, T>, Mat<'a, T>)> {
         let d = self.dims;
         let h2c = mat(&self.ws.h2, d.n, d.h).row_block(c0, cn);
         let gu = self.gu_chunk(l, c0, cn);
-        {
+        if let Some(wgu) = wgu {
             let _r = self.dev.region("GEMM gate/up");
             gemm(self.dev, h2c, Op::N, wgu, Op::T, gu, 1.0, 0.0)?;
         }
         let (g, u) = (gu.col_block(0, d.inter), gu.col_block(d.inter, d.inter));
-        self.lora_fwd(l, Proj::Gate, h2c, Some(g), c0)?;
-        self.lora_fwd(l, Proj::Up, h2c, Some(u), c0)?;
+        // Kept: only `z`, the output already holds the LoRA term.
+        self.lora_fwd(l, Proj::Gate, h2c, wgu.map(|_| g), c0)?;
+        self.lora_fwd(l, Proj::Up, h2c, wgu.map(|_| u), c0)?;
         let m = mat(&self.ws.m, cn, d.inter);
-        {
-            let _r = self.dev.region("SwiGLU forward");
-            swiglu_fwd(self.dev, g, u, m)?;
-        }
-        Ok((gu, g, u, m))
-    }
-
-    /// The backward's view of a chunk whose gate/up output was kept from the forward:
-    /// what [`Self::mlp_up`] would recompute, without its GEMM. Only the LoRA inputs
-    /// the backward reads are rebuilt: gate's and up's `z` (their buffers hold the
-    /// last layer's), and the SwiGLU output when down carries an adapter.
-    #[allow(clippy::type_complexity)]
-    fn mlp_kept(
-        &self,
-        l: usize,
-        c0: usize,
-        cn: usize,
-    ) -> Result<(Mat<'a, T>, Mat<'a, T>, Mat<'a, T>, Mat<'a, T>)> {
-        let d = self.dims;
-        let h2c = mat(&self.ws.h2, d.n, d.h).row_block(c0, cn);
-        let gu = self.gu_chunk(l, c0, cn);
-        let (g, u) = (gu.col_block(0, d.inter), gu.col_block(d.inter, d.inter));
-        self.lora_fwd(l, Proj::Gate, h2c, None, c0)?;
-        self.lora_fwd(l, Proj::Up, h2c, None, c0)?;
-        let m = mat(&self.ws.m, cn, d.inter);
-        if self.slot(l, Proj::Down).is_some() {
+        if wgu.is_some() || self.slot(l, Proj::Down).is_some() {
             let _r = self.dev.region("SwiGLU forward");
             swiglu_fwd(self.dev, g, u, m)?;
         }
@@ -804,7 +784,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         let out = self.layer_output(l);
         let x2 = self.x2(l);
         for (c0, cn) in self.chunks() {
-            let (_, _, _, m) = self.mlp_up(l, wgu, c0, cn)?;
+            let (_, _, _, m) = self.mlp_up(l, Some(wgu), c0, cn)?;
             let oc = out.row_block(c0, cn);
             {
                 let _r = self.dev.region("GEMM down (+ residual copy)");
@@ -910,15 +890,13 @@ impl<'a, T: Float> Ctx<'a, T> {
         let h2 = mat(&ws.h2, d.n, d.h);
         let x2 = self.x2(l);
 
-        // MLP, one token chunk at a time: recompute up, then backward.
+        // MLP, one token chunk at a time: recompute up (or take the kept gate/up
+        // output), then backward.
         let wgu = self.weights(l, Group::GateUp)?;
         let wd = self.weights(l, Group::Down)?;
         for (c0, cn) in self.chunks() {
-            let (gu, g, u, m) = if ws.mlp_activations.is_some() {
-                self.mlp_kept(l, c0, cn)?
-            } else {
-                self.mlp_up(l, wgu, c0, cn)?
-            };
+            let recompute = ws.mlp_activations.is_none().then_some(wgu);
+            let (gu, g, u, m) = self.mlp_up(l, recompute, c0, cn)?;
             self.lora_fwd(l, Proj::Down, m, None, c0)?;
             let dres_c = dres.row_block(c0, cn);
             let dm = mat(&ws.dm, cn, d.inter);
