@@ -467,16 +467,11 @@ pub fn time_estimate(
         &r.spec.targets,
         r.spec.engine,
         r.spec.seq,
+        r.spec.engine_options.save_mlp_activations,
         spec,
     );
     let tps = e.tokens_per_s;
     t += &format!("throughput: ~{tps:.0} tokens/s ({})\n", e.basis);
-    if r.spec.engine_options.save_mlp_activations {
-        // The table's figures recompute the gate/up product; keeping it measured
-        // 14-23% faster on the H200 (docs/perf.md v6): the estimate stays the lower one.
-        t += "note:  measured with the gate/up product recomputed; this run keeps it \
-              (train.keep_mlp_activations), which ran 14-23% faster on the H200\n";
-    }
     if r.spec.model.num_parameters() < 1_000_000_000 {
         t += "note:  the estimate scales by FLOPs; a model this small is bound by kernel \
               launches and host work instead: expect far less\n";
