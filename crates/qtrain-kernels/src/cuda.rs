@@ -263,10 +263,6 @@ impl CudaDev {
         Ok(f)
     }
 
-    /// Returns the memory the stream-ordered allocator keeps cached (freed blocks
-    /// it holds for reuse) to the device, so that what the driver reports as used
-    /// is what is really held. Called after loading, whose temporaries (uploads,
-    /// quantization scratch) would otherwise stay reserved for the whole run.
     /// Device memory in use (total - free) in MiB, for diagnostics.
     pub fn used_mib(&self) -> f64 {
         drv::mem_get_info()
@@ -285,6 +281,10 @@ impl CudaDev {
         Ok(v)
     }
 
+    /// Returns the memory the stream-ordered allocator keeps cached (freed blocks
+    /// it holds for reuse) to the device, so that what the driver reports as used
+    /// is what is really held. Called after loading, whose temporaries (uploads,
+    /// quantization scratch) would otherwise stay reserved for the whole run.
     pub fn trim_pool(&self) -> Result<()> {
         self.synchronize()?;
         self.bind()?;
@@ -341,6 +341,17 @@ impl CudaDev {
         self.stream
             .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(|e| cuda_err("cuEventRecord", e))
+    }
+
+    /// Milliseconds between two recorded events (both must have completed).
+    pub fn elapsed_ms(
+        start: &cudarc::driver::CudaEvent,
+        end: &cudarc::driver::CudaEvent,
+    ) -> Result<f64> {
+        start
+            .elapsed_ms(end)
+            .map(f64::from)
+            .map_err(|e| cuda_err("cuEventElapsedTime", e))
     }
 }
 

@@ -296,10 +296,7 @@ impl Dev {
             let ms = match mark {
                 Mark::Host(a, b) => (b - a).as_secs_f64() * 1e3,
                 #[cfg(feature = "cuda")]
-                Mark::Cuda(a, b) => a.elapsed_ms(&b).map_err(|e| KernelError::Cuda {
-                    op: "cuEventElapsedTime",
-                    msg: e.to_string(),
-                })? as f64,
+                Mark::Cuda(a, b) => crate::cuda::CudaDev::elapsed_ms(&a, &b)?,
             };
             match out.iter_mut().find(|r| r.name == name) {
                 Some(r) => {

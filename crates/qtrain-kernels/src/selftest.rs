@@ -78,13 +78,8 @@ pub fn time_it(dev: &Dev, iters: usize, mut f: impl FnMut() -> Result<()>) -> Re
         }
         let end = c.event()?;
         dev.synchronize()?;
-        let ms = start
-            .elapsed_ms(&end)
-            .map_err(|e| crate::KernelError::Cuda {
-                op: "cuEventElapsedTime",
-                msg: e.to_string(),
-            })?;
-        return Ok(ms as f64 * 1e-3 / iters as f64);
+        let ms = crate::cuda::CudaDev::elapsed_ms(&start, &end)?;
+        return Ok(ms * 1e-3 / iters as f64);
     }
     let t = std::time::Instant::now();
     for _ in 0..iters {
