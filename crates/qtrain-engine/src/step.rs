@@ -87,7 +87,7 @@ struct Workspace<T: Float> {
     dattn: DBuf<T>,
     dqkv: DBuf<T>,
     attn_scratch: DBuf<f32>,
-    gu: Option<DBuf<T>>,
+    gu: GateUp<T>,
     m: DBuf<T>,
     dm: DBuf<T>,
     w_qkv: DBuf<T>,
@@ -114,9 +114,14 @@ struct Workspace<T: Float> {
     lora_dx: Option<DBuf<T>>,
     /// Every layer's `x2`, with `save_attention_residual`.
     attn_residuals: Option<DBuf<T>>,
-    /// Every layer's gate/up output, with `save_mlp_activations` (then there is no
-    /// chunk buffer `gu`: the chunks are row blocks of this).
-    mlp_activations: Option<DBuf<T>>,
+}
+
+/// Where the gate/up output lives: one token chunk's buffer, recomputed in the
+/// backward, or every layer's, kept from the forward (`save_mlp_activations`; the
+/// chunks are then row blocks of it).
+enum GateUp<T: Float> {
+    Chunk(DBuf<T>),
+    Kept(DBuf<T>),
 }
 
 impl<T: Float> Workspace<T> {
@@ -145,9 +150,9 @@ impl<T: Float> Workspace<T> {
             dqkv: buf!("dqkv"),
             attn_scratch: buf!("attn_scratch"),
             gu: if p.shape.save_mlp_activations {
-                None
+                GateUp::Kept(buf!("mlp_activations"))
             } else {
-                Some(buf!("gu"))
+                GateUp::Chunk(buf!("gu"))
             },
             m: buf!("m"),
             dm: buf!("dm"),
@@ -179,11 +184,6 @@ impl<T: Float> Workspace<T> {
             lora_dx: if dropout { Some(buf!("lora_dx")) } else { None },
             attn_residuals: if p.shape.save_attention_residual {
                 Some(buf!("attn_residuals"))
-            } else {
-                None
-            },
-            mlp_activations: if p.shape.save_mlp_activations {
-                Some(buf!("mlp_activations"))
             } else {
                 None
             },
@@ -482,10 +482,9 @@ impl<'a, T: Float> Ctx<'a, T> {
     /// of the kept activations, or the one chunk buffer (recomputed in the backward).
     fn gu_chunk(&self, l: usize, c0: usize, cn: usize) -> Mat<'a, T> {
         let (n, w) = (self.dims.n, 2 * self.dims.inter);
-        match (&self.ws.mlp_activations, &self.ws.gu) {
-            (Some(b), _) => b.view((l * n + c0) * w, cn * w).mat(cn, w, w),
-            (None, Some(g)) => mat(g, cn, w),
-            (None, None) => unreachable!("the plan has one of the two"),
+        match &self.ws.gu {
+            GateUp::Kept(b) => b.view((l * n + c0) * w, cn * w).mat(cn, w, w),
+            GateUp::Chunk(g) => mat(g, cn, w),
         }
     }
 
@@ -895,7 +894,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         let wgu = self.weights(l, Group::GateUp)?;
         let wd = self.weights(l, Group::Down)?;
         for (c0, cn) in self.chunks() {
-            let recompute = ws.mlp_activations.is_none().then_some(wgu);
+            let recompute = matches!(ws.gu, GateUp::Chunk(_)).then_some(wgu);
             let (gu, g, u, m) = self.mlp_up(l, recompute, c0, cn)?;
             self.lora_fwd(l, Proj::Down, m, None, c0)?;
             let dres_c = dres.row_block(c0, cn);
