@@ -170,15 +170,7 @@ impl Stepper {
 
     /// Where the optimizer state lives, as the memory model counts it.
     fn optimizer_place(&self) -> OptimizerPlace {
-        fused!(self, _e, o => place_of(o)).unwrap_or(OptimizerPlace::Host)
-    }
-}
-
-/// The memory model's name for where a device optimizer keeps its state.
-fn place_of(o: &DeviceAdamW8bit) -> OptimizerPlace {
-    match o.placement() {
-        qtrain_optim::StatePlacement::Paged => OptimizerPlace::Paged,
-        _ => OptimizerPlace::Resident,
+        fused!(self, _e, o => o.placement().into()).unwrap_or(OptimizerPlace::Host)
     }
 }
 
@@ -330,7 +322,7 @@ pub fn run(a: Args) -> Result<()> {
             let kdev = qtrain_kernels::Dev::from_candle(&device)?;
             let dopt = Box::new(DeviceAdamW8bit::from_host(&opt, &kdev)?);
             let mut engine_opts = EngineOptions::default();
-            kept_for(b, s, place_of(&dopt)).apply(&mut engine_opts);
+            kept_for(b, s, dopt.placement().into()).apply(&mut engine_opts);
             match base.dtype {
                 DType::BF16 => {
                     Stepper::FusedBf16(Box::new(Engine::new(&base, &lora, engine_opts)?), dopt)

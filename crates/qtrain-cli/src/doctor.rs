@@ -131,21 +131,14 @@ pub fn run(a: Args) -> Result<()> {
         (33, 256, 1024, true),
     ];
     let mut odd_cases = Vec::new();
-    for (i, &(r, c, bs, dq)) in odd.iter().enumerate() {
+    for &(r, c, bs, dq) in &odd {
         let w: Vec<f32> = (0..r * c)
             .map(|_| rng.random_range(-0.05f32..0.05))
             .collect();
         let q = Nf4Tensor::quantize(&w, &[r, c], bs, dq)?;
         let want = q.dequantize_to_vec();
-        odd_cases.push((
-            i,
-            r,
-            c,
-            bs,
-            dq,
-            qtrain_kernels::Nf4Device::from_host(&q, &gpu)?,
-            want,
-        ));
+        let on_gpu = qtrain_kernels::Nf4Device::from_host(&q, &gpu)?;
+        odd_cases.push((r, c, bs, dq, on_gpu, want));
     }
     let mut best_bf16: Option<(f64, DequantKernel)> = None;
     for (dtype, kernel) in [
@@ -157,7 +150,7 @@ pub fn run(a: Args) -> Result<()> {
         (DType::F16, DequantKernel::Chunk8),
     ] {
         qtrain_kernels::nf4::set_dequant_kernel(kernel);
-        for (_, r, c, bs, dq, dev_q, want) in &odd_cases {
+        for (r, c, bs, dq, dev_q, want) in &odd_cases {
             let out = Tensor::zeros((*r, *c), dtype, &gpu)?;
             dev_q.dequantize_into(&out)?;
             let got: Vec<f32> = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
@@ -247,52 +240,19 @@ pub fn run(a: Args) -> Result<()> {
         targets: qtrain_model::PROJECTIONS.to_vec(),
         ..LoraConfig::default()
     };
-    let step =
-        |device: &Device, dtype: DType| -> Result<(f64, Vec<qtrain_lora::lora::HostTensor>)> {
-            let base = qtrain_model::BaseModel::load(
-                &dir,
-                &LoadOptions {
-                    device: device.clone(),
-                    dtype,
-                    quantization: Quantization::default(),
-                    threads: 0,
-                },
-            )?;
-            let mut lora = LoraWeights::init(&lcfg, &base.config, device)?;
-            // Non-zero B so that every gradient is non-trivial.
-            let mut host = lora.to_host()?;
-            for (i, (_, v, _)) in host.iter_mut().enumerate() {
-                for (j, x) in v.iter_mut().enumerate() {
-                    if *x == 0.0 {
-                        *x = (((i * 31 + j * 17) % 97) as f32 - 48.0) * 1e-3;
-                    }
-                }
-            }
-            lora.update_from_host(&host)?;
-            let mut grads = LoraGrads::zeros_like(&lora)?;
-            let valid = batch.valid_targets() as f64;
-            let so = StepOptions {
-                checkpointing: true,
-                dropout_seed: 0,
-                micro_step: 0,
-            };
-            let l = forward_backward(&base, &lora, &batch, &so, valid, &mut grads)?;
-            Ok((l.loss_sum / valid, grads.to_host()?))
-        };
-    let (cpu_loss, cpu_grads) = step(&Device::Cpu, DType::F32)?;
-    // The fused engine on the GPU (bf16, and fp16 as 7.x GPUs train: the loss scaled,
-    // the gradients divided back) against the reference step on the CPU.
-    let engine_check = |dtype: DType| -> Result<()> {
+    // The tiny model on `device` in `dtype` with non-zero B adapters (so that every
+    // gradient is non-trivial): what both the reference steps and the engine run.
+    let model_and_adapters = |device: &Device, dtype: DType| -> Result<_> {
         let base = qtrain_model::BaseModel::load(
             &dir,
             &LoadOptions {
-                device: gpu.clone(),
+                device: device.clone(),
                 dtype,
                 quantization: Quantization::default(),
                 threads: 0,
             },
         )?;
-        let mut lora = LoraWeights::init(&lcfg, &base.config, &gpu)?;
+        let mut lora = LoraWeights::init(&lcfg, &base.config, device)?;
         let mut host = lora.to_host()?;
         for (i, (_, v, _)) in host.iter_mut().enumerate() {
             for (j, x) in v.iter_mut().enumerate() {
@@ -302,12 +262,26 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
         lora.update_from_host(&host)?;
-        let valid = batch.valid_targets() as f64;
-        let so = StepOptions {
-            checkpointing: true,
-            dropout_seed: 0,
-            micro_step: 0,
+        Ok((base, lora))
+    };
+    let valid = batch.valid_targets() as f64;
+    let so = StepOptions {
+        checkpointing: true,
+        dropout_seed: 0,
+        micro_step: 0,
+    };
+    let step =
+        |device: &Device, dtype: DType| -> Result<(f64, Vec<qtrain_lora::lora::HostTensor>)> {
+            let (base, lora) = model_and_adapters(device, dtype)?;
+            let mut grads = LoraGrads::zeros_like(&lora)?;
+            let l = forward_backward(&base, &lora, &batch, &so, valid, &mut grads)?;
+            Ok((l.loss_sum / valid, grads.to_host()?))
         };
+    let (cpu_loss, cpu_grads) = step(&Device::Cpu, DType::F32)?;
+    // The fused engine on the GPU (bf16, and fp16 as 7.x GPUs train: the loss scaled,
+    // the gradients divided back) against the reference step on the CPU.
+    let engine_check = |dtype: DType| -> Result<()> {
+        let (base, lora) = model_and_adapters(&gpu, dtype)?;
         let scale = if dtype == DType::F16 { 4096.0 } else { 1.0 };
         let step_with = |opts: qtrain_engine::EngineOptions| match dtype {
             DType::F16 => engine_step::<half::f16>(&base, &lora, &batch, &so, valid / scale, opts),

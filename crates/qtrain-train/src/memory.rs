@@ -259,9 +259,16 @@ pub fn placement_for(paged: &str, state_bytes: u64) -> OptimizerPlace {
         "never" => PagingPolicy::Never,
         _ => PagingPolicy::default(),
     };
-    match policy.placement(state_bytes) {
-        StatePlacement::Resident => OptimizerPlace::Resident,
-        StatePlacement::Paged => OptimizerPlace::Paged,
+    policy.placement(state_bytes).into()
+}
+
+/// Where a device optimizer keeps its state, as the model counts it.
+impl From<StatePlacement> for OptimizerPlace {
+    fn from(p: StatePlacement) -> Self {
+        match p {
+            StatePlacement::Resident => OptimizerPlace::Resident,
+            StatePlacement::Paged => OptimizerPlace::Paged,
+        }
     }
 }
 
@@ -829,11 +836,13 @@ mod tests {
     #[test]
     fn kept_activations_residuals_first_then_mlp() {
         let spec = mistral(8, 512);
-        let total = |k: KeptActivations| {
+        let plan = |k: KeptActivations| {
             let mut s = spec.clone();
             k.apply(&mut s.engine_options);
-            s.plan().total()
+            s.plan()
         };
+        let total = |k| plan(k).total();
+        let engine = |k| plan(k).engine_bytes;
         let none = KeptActivations::default();
         let res = KeptActivations {
             attention_residuals: true,
@@ -842,11 +851,6 @@ mod tests {
         let both = KeptActivations {
             attention_residuals: true,
             mlp: true,
-        };
-        let engine = |k: KeptActivations| {
-            let mut s = spec.clone();
-            k.apply(&mut s.engine_options);
-            s.plan().engine_bytes
         };
         // Mistral-7B at 4096 tokens: 1 GiB of residuals, 7 GiB of gate/up outputs
         // (in place of the one chunk buffer).
