@@ -1,7 +1,7 @@
-// NF4 dequantization lab (see lab.py): the shipped kernels of kernels/nf4.cu plus the
+// NF4 dequantization lab (see lab.py): the shipped kernels of crates/qtrain-device/src/ops/nf4/nf4.cu plus the
 // candidates and access-pattern ceilings measured for docs/perf.md (v5). The `t*`
 // kernels use the Hopper bulk copy: compile with -arch=sm_90.
-#include "../../kernels/nf4.cu"
+#include "../../crates/qtrain-device/src/ops/nf4/nf4.cu"
 
 // Pattern ceilings.
 extern "C" __global__ void fill16(uint4 *out, uint64_t n16) {

@@ -1,4 +1,4 @@
-"""NF4 dequantization lab: times the shipped kernels (kernels/nf4.cu) and candidate
+"""NF4 dequantization lab: times the shipped kernels (crates/qtrain-device/src/ops/nf4/nf4.cu) and candidate
 kernels (lab.cu) with CUDA events, and checks each bit for bit against a torch reference.
 
 Build the PTX where nvcc is (here: `eval "$(../shared/cuda/toolchain.sh)"`), then run it

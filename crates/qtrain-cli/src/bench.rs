@@ -150,7 +150,7 @@ impl Stepper {
         fused!(self, e, o => {
             let l = e.lora();
             if unscale != 1.0 {
-                qtrain_device::rows::scale_in_place(e.device(), l.grads.all(), unscale)?;
+                qtrain_device::ops::rows::scale_in_place(e.device(), l.grads.all(), unscale)?;
             }
             o.step(l.params.all(), l.grads.all(), lr)
         })

@@ -8,7 +8,6 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use qtrain_model::{LoadOptions, Quantization};
-use qtrain_quant::Nf4Tensor;
 use qtrain_reference::forward_backward;
 use qtrain_step::{LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch};
 use rand::{Rng, SeedableRng};
@@ -88,110 +87,16 @@ pub fn run(a: Args) -> Result<()> {
     }
 
     // ---- NF4 dequantization: bit-exact against the CPU reference, and bandwidth.
-    let (rows, cols) = (4096usize, 14336usize);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let w: Vec<f32> = (0..rows * cols)
-        .map(|_| rng.random_range(-0.05f32..0.05))
-        .collect();
-    let q = Nf4Tensor::quantize(&w, &[rows, cols], 64, true)?;
-    let want = q.dequantize_to_vec();
-    let dq = qtrain_device::Nf4Device::from_host(&q, &gpu)?;
-    // The ceiling a memory-bound kernel works against: a device-to-device copy of
-    // 1 GiB, counting the bytes read plus the bytes written.
-    let copy_gbs = {
-        let kd = &kdev;
-        let n = 1 << 28;
-        let (a, b) = (
-            kd.zeros::<f32>(n, "copy src")?,
-            kd.zeros::<f32>(n, "copy dst")?,
-        );
-        let secs = qtrain_device::selftest::time_it(kd, 10, || {
-            kd.copy(a.all(), b.all())?;
-            Ok(())
-        })?;
-        let gbs = 2.0 * (n * 4) as f64 / secs / 1e9;
-        println!("device copy bandwidth (read + write, 1 GiB): {gbs:.0} GB/s");
-        gbs
-    };
-    use qtrain_device::nf4::DequantKernel;
-    let chosen = qtrain_device::nf4::dequant_kernel();
-    // The CPU reference rounded to the output type: every kernel must match it bit
-    // for bit (the same f32 multiply, then round-to-nearest-even).
-    let rounded = |v: &[f32], dtype: DType| -> Result<Vec<f32>> {
-        Ok(Tensor::from_slice(v, v.len(), &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_dtype(DType::F32)?
-            .to_vec1()?)
-    };
-    // Odd shapes first (a partial last tile, the smallest and a large blocksize, no
-    // double quantization), then the 7B shape, timed.
-    let odd: [(usize, usize, usize, bool); 4] = [
-        (3, 4160, 64, true),
-        (7, 1168, 32, true),
-        (9, 1024, 128, false),
-        (33, 256, 1024, true),
-    ];
-    let mut odd_cases = Vec::new();
-    for &(r, c, bs, dq) in &odd {
-        let w: Vec<f32> = (0..r * c)
-            .map(|_| rng.random_range(-0.05f32..0.05))
-            .collect();
-        let q = Nf4Tensor::quantize(&w, &[r, c], bs, dq)?;
-        let want = q.dequantize_to_vec();
-        let on_gpu = qtrain_device::Nf4Device::from_host(&q, &gpu)?;
-        odd_cases.push((r, c, bs, dq, on_gpu, want));
-    }
-    let mut best_bf16: Option<(f64, DequantKernel)> = None;
-    for (dtype, kernel) in [
-        (DType::F32, DequantKernel::Tile),
-        (DType::F32, DequantKernel::Chunk8),
-        (DType::BF16, DequantKernel::Tile),
-        (DType::BF16, DequantKernel::Chunk8),
-        (DType::F16, DequantKernel::Tile),
-        (DType::F16, DequantKernel::Chunk8),
-    ] {
-        qtrain_device::nf4::set_dequant_kernel(kernel);
-        for (r, c, bs, dq, dev_q, want) in &odd_cases {
-            let out = Tensor::zeros((*r, *c), dtype, &gpu)?;
-            dev_q.dequantize_into(&out)?;
-            let got: Vec<f32> = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            if got != rounded(want, dtype)? {
-                println!(
-                    "nf4 dequantize {r}x{c} blocksize {bs} double quant {dq} -> {dtype:?} ({kernel:?}): MISMATCH against the CPU reference"
-                );
-                failures.push(format!("nf4 dequantize {dtype:?} {kernel:?} {r}x{c}"));
-            }
-        }
-        let out = Tensor::zeros((rows, cols), dtype, &gpu)?;
-        dq.dequantize_into(&out)?;
-        let got: Vec<f32> = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let exact = got == rounded(&want, dtype)?;
-        let secs = qtrain_device::selftest::time_it(&kdev, 50, || {
-            dq.dequantize_into(&out)
-                .map_err(qtrain_device::DeviceError::from)
-        })?;
-        let bytes = dq.storage_bytes() as f64 + (rows * cols * dtype.size_in_bytes()) as f64;
+    for c in qtrain_device::ops::nf4::self_test(&gpu, true)? {
         println!(
-            "nf4 dequantize {rows}x{cols} -> {dtype:?} ({kernel:?}): {} against the CPU reference (and {} odd shapes), {:.1} us, {:.0} GB/s ({:.0}% of the copy bandwidth)",
-            if exact { "bit-exact" } else { "MISMATCH" },
-            odd_cases.len(),
-            secs * 1e6,
-            bytes / secs / 1e9,
-            100.0 * bytes / secs / 1e9 / copy_gbs
+            "{}: {} {}",
+            c.name,
+            c.detail,
+            if c.ok { "ok" } else { "MISMATCH" }
         );
-        if !exact {
-            failures.push(format!("nf4 dequantize {dtype:?} {kernel:?}"));
+        if !c.ok {
+            failures.push(c.name);
         }
-        if dtype == DType::BF16 && best_bf16.is_none_or(|(s, _)| secs < s) {
-            best_bf16 = Some((secs, kernel));
-        }
-    }
-    qtrain_device::nf4::set_dequant_kernel(chosen);
-    if let Some((_, k)) = best_bf16 {
-        println!(
-            "fastest bf16 dequantization here: {k:?}; training uses {chosen:?} \
-             (QTRAIN_NF4_KERNEL=tile|chunk8 chooses)"
-        );
     }
 
     // ---- Every fused kernel against its CPU reference (bf16 on the GPU).
@@ -209,14 +114,15 @@ pub fn run(a: Args) -> Result<()> {
 
     // ---- NF4 quantization on the GPU (how the loader quantizes): byte for byte against
     // the CPU quantizer, and its speed on the largest Mistral-7B projection.
-    #[cfg(feature = "cuda")]
-    for (name, ok, detail) in qtrain_device::nf4_quant::selftest(&gpu) {
+    for c in qtrain_device::ops::nf4_quant::self_test(&gpu, true) {
         println!(
-            "nf4 quantize {name}: {} {detail}",
-            if ok { "ok" } else { "MISMATCH" }
+            "{}: {} {}",
+            c.name,
+            c.detail,
+            if c.ok { "ok" } else { "MISMATCH" }
         );
-        if !ok {
-            failures.push(format!("nf4 quantize {name}"));
+        if !c.ok {
+            failures.push(c.name);
         }
     }
 
@@ -232,6 +138,7 @@ pub fn run(a: Args) -> Result<()> {
     // ---- One training step of a tiny model: GPU vs CPU.
     let dir = tempdir()?;
     qtrain_train::models::write_random("tiny", &dir, 3, usize::MAX)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let rows_tok: Vec<Vec<u32>> = (0..4)
         .map(|_| (0..64).map(|_| rng.random_range(3..300u32)).collect())
         .collect();

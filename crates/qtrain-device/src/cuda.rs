@@ -616,3 +616,36 @@ pub fn grid_1d(threads: usize, block: u32) -> LaunchConfig {
         shared_mem_bytes: 0,
     }
 }
+
+/// The kernel `{base}_{suffix of T}`, e.g. `rmsnorm_fwd_bf16`.
+pub(crate) fn kernel_name<T: crate::Float>(base: &'static str) -> &'static str {
+    // Kernel names are a small fixed set: intern them once.
+    type Names = HashMap<(&'static str, crate::FloatKind), &'static str>;
+    static NAMES: Mutex<Option<Names>> = Mutex::new(None);
+    let mut g = NAMES.lock().unwrap();
+    let map = g.get_or_insert_with(HashMap::new);
+    map.entry((base, T::KIND))
+        .or_insert_with(|| Box::leak(format!("{base}_{}", T::KIND.suffix()).into_boxed_str()))
+}
+
+/// One block of `threads` threads per row.
+pub(crate) fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Threads per row-block for a row of `cols` elements moved 8 at a time.
+pub(crate) fn row_threads(cols: usize) -> u32 {
+    (cols.div_ceil(8).div_ceil(32) * 32).clamp(32, 512) as u32
+}
+
+/// Whether matrices `(device address, cols, ld)` of `T` can all be moved 8 elements
+/// at a time (the kernels' `vec8_ok`).
+pub(crate) fn vec8<T: crate::Float>(mats: &[(u64, usize, usize)]) -> bool {
+    mats.iter()
+        .all(|&(p, cols, ld)| cols % 8 == 0 && ld % 8 == 0 && p % 16 == 0)
+        && std::mem::size_of::<T>() <= 4
+}

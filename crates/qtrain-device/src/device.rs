@@ -1,7 +1,7 @@
 //! The device the fused kernels run on and the buffers they read and write.
 //!
 //! [`Dev`] is either the CPU, where every kernel runs its plain Rust reference, or a
-//! CUDA GPU (feature `cuda`), where it launches the kernel from `kernels/*.cu` on
+//! CUDA GPU (feature `cuda`), where it launches the op's kernel (`ops/*/*.cu`) on
 //! candle's stream (so our work and candle's are ordered without events).
 //! [`DBuf<T>`] owns `len` elements on one device; [`View`] is a range of a buffer and
 //! [`Mat`] a row-major matrix inside a view (rows, columns, leading dimension).
@@ -70,6 +70,15 @@ impl FloatKind {
         match self {
             FloatKind::Bf16 | FloatKind::F16 => 2,
             FloatKind::F32 => 4,
+        }
+    }
+
+    /// The candle dtype of this type (the CPU references built on candle ops).
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            FloatKind::Bf16 => candle_core::DType::BF16,
+            FloatKind::F16 => candle_core::DType::F16,
+            FloatKind::F32 => candle_core::DType::F32,
         }
     }
 }

@@ -18,6 +18,8 @@
 
 use crate::device::{check_disjoint, read_mat, write_mat, Dev, Float, Mat};
 use crate::error::{ensure, Result};
+use crate::selftest::{check, random, rel_err, time_it, upload, Check};
+use crate::to_f32_vec;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static TF32: AtomicBool = AtomicBool::new(true);
@@ -215,6 +217,75 @@ fn cuda_gemm<TI: Float, TO: Float>(
         return Err(cuda_err("cublasGemmEx", (status, m, n, k)));
     }
     Ok(())
+}
+
+/// `Aᵀ·Bᵀ` from strided blocks into an f32 output with `beta = 1` on `dev` against
+/// the CPU reference.
+pub fn self_test<T: Float>(dev: &Dev, tol: f64) -> Result<Check> {
+    let cpu = Dev::cpu();
+    let (m, n, k) = (96, 80, 72);
+    let a = random(k * (m + 8), 1.0, 11);
+    let b = random(n * k, 1.0, 12);
+    let c0 = random(m * n, 1.0, 13);
+    let run = |d: &Dev| -> Result<Vec<f32>> {
+        let (ab, bb) = (upload::<T>(d, &a)?, upload::<T>(d, &b)?);
+        let c = d.upload(&c0, "c")?;
+        // op(A) = Aᵀ from a [k, m] block of a wider matrix, op(B) = Bᵀ; f32 output, beta 1.
+        let am = ab.all().mat(k, m, m + 8);
+        gemm(d, am, Op::T, bb.mat(n, k), Op::T, c.mat(m, n), 0.5, 1.0)?;
+        to_f32_vec(d, c.all())
+    };
+    Ok(check(
+        format!("gemm {} (Aᵀ·Bᵀ, strided, f32 out, beta 1)", T::NAME),
+        rel_err(&run(dev)?, &run(&cpu)?),
+        tol,
+        "",
+    ))
+}
+
+/// cuBLAS throughput on the products of a Mistral-7B layer at 4096 tokens (bf16
+/// operands, f32 accumulation): the ceiling the engine's GEMMs work against.
+pub fn speed(dev: &Dev) -> Result<Vec<Check>> {
+    type B = half::bf16;
+    let n = 4096;
+    let mut out = Vec::new();
+    // (name, m, k, n_out, op_b): forward y = x Wᵀ (W stored [out, in]) and backward dx = dy W.
+    let shapes = [
+        ("qkv fwd", n, 4096, 6144, Op::T),
+        ("o fwd", n, 4096, 4096, Op::T),
+        ("gate/up fwd", n, 4096, 28672, Op::T),
+        ("down fwd", n, 14336, 4096, Op::T),
+        ("gate/up dX", n, 28672, 4096, Op::N),
+        ("qkv dX", n, 6144, 4096, Op::N),
+        ("lm_head chunk (f32 out)", 1024, 4096, 32768, Op::T),
+    ];
+    for (name, m, k, nn, op_b) in shapes {
+        let a = upload::<B>(dev, &random(m * k, 1.0, 21))?;
+        let w = upload::<B>(dev, &random(k * nn, 0.02, 22))?;
+        let wm = if op_b == Op::T {
+            w.mat(nn, k)
+        } else {
+            w.mat(k, nn)
+        };
+        let secs = if name.contains("f32") {
+            let c = dev.zeros::<f32>(m * nn, "gemm out")?;
+            time_it(dev, 20, || {
+                gemm(dev, a.mat(m, k), Op::N, wm, op_b, c.mat(m, nn), 1.0, 0.0)
+            })?
+        } else {
+            let c = dev.zeros::<B>(m * nn, "gemm out")?;
+            time_it(dev, 20, || {
+                gemm(dev, a.mat(m, k), Op::N, wm, op_b, c.mat(m, nn), 1.0, 0.0)
+            })?
+        };
+        let tflops = 2.0 * (m * k * nn) as f64 / secs / 1e12;
+        out.push(Check {
+            name: format!("gemm speed {name} [{m}x{k}]x[{k}x{nn}]"),
+            ok: true,
+            detail: format!("{:.1} us, {tflops:.0} TFLOP/s", secs * 1e6),
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 //! and a data-parallel all-reduce one call.
 
 use crate::error::{EngineError, Result};
-use qtrain_device::rows::cast;
+use qtrain_device::ops::rows::cast;
 use qtrain_device::{DBuf, Dev, Float, Mat};
 use qtrain_model::{ModelConfig, Proj, PROJECTIONS};
 use qtrain_step::{HostTensor, LoraWeights};

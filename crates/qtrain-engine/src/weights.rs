@@ -9,7 +9,7 @@
 //! projection, at its row offset inside the group.
 
 use crate::error::{EngineError, Result};
-use qtrain_device::nf4::{dequantize_view, Nf4Meta};
+use qtrain_device::ops::nf4::{dequantize_view, Nf4Meta};
 use qtrain_device::{DBuf, Dev, Float, View};
 use qtrain_model::{BaseModel, FrozenStorage, Proj};
 

@@ -7,7 +7,7 @@
 //! On the CPU, worker threads each widen one matrix to f32 and quantize it with
 //! qtrain-quant. On a CUDA device each projection is instead uploaded in its stored
 //! dtype straight from the mapping (bf16 for real checkpoints: no host copy at all),
-//! quantized on the GPU by `qtrain_device::nf4_quant` (bit-exact with the CPU
+//! quantized on the GPU by `qtrain_device::ops::nf4_quant` (bit-exact with the CPU
 //! quantizer), and only the quantized result is downloaded, for the host copy that the
 //! bitsandbytes cache is written from; the device holds one full-precision matrix at
 //! a time.
@@ -370,7 +370,7 @@ fn load_one_projection(
                 },
                 Nf4QuantizeError::Candle(e) => ModelError::Candle(e),
             };
-            let (q, d) = qtrain_device::nf4_quant::quantize(&x, blocksize, double_quant)
+            let (q, d) = qtrain_device::ops::nf4_quant::quantize(&x, blocksize, double_quant)
                 .map_err(quant_err)?;
             drop(x);
             tensors.release(&name);

@@ -42,7 +42,7 @@
 //! counts the padding lanes of a ragged last block in the absmax (this code counts only
 //! real elements); and nvcc contracts `a*b + c` into FMAs by default while Rust never
 //! does, so the port must build with `-fmad=false` or mirror this code's roundings.
-//! The port is `kernels/adamw8bit.cu`, driven by [`crate::device`]; it follows this
+//! The port is `device/adamw8bit.cu`, driven by [`crate::device`]; it follows this
 //! code in all three points.
 
 use serde::{Deserialize, Serialize};

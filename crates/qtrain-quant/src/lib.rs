@@ -6,7 +6,7 @@
 //! - [`dynamic_map`]: bitsandbytes' signed and unsigned dynamic 8-bit maps.
 //! - [`bnb_format`]: bitsandbytes' serialized quant state (safetensors entries).
 //!
-//! Pure Rust on slices, no tensor library: the CUDA kernels in `kernels/` are
+//! Pure Rust on slices, no tensor library: the CUDA kernels (qtrain-device's `ops`, qtrain-optim's AdamW) are
 //! tested against these functions.
 
 pub mod blockwise;

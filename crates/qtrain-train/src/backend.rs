@@ -364,7 +364,7 @@ impl Backend {
                     dev.write(grads, &flat)?;
                 }
                 if unscale != 1.0 {
-                    qtrain_device::rows::scale_in_place(dev, grads, unscale)?;
+                    qtrain_device::ops::rows::scale_in_place(dev, grads, unscale)?;
                 }
                 qtrain_optim::device::clip_grad_norm(dev, grads, max_norm)?
             })),

@@ -1,11 +1,11 @@
 //! The CUDA side of the device optimizer: the kernel launches of
-//! `kernels/adamw8bit.cu`, the per-block statistics, and the paged pipeline's side
+//! `adamw8bit.cu` (beside this file), the per-block statistics, and the paged pipeline's side
 //! stream, events and copies.
 
 use qtrain_device::cuda::{
     grid_1d, launch, CudaDev, PinnedBuf, PushKernelArg, SideStream, StreamEvent,
 };
-use qtrain_device::{ptx, DBuf, Dev, DeviceError, View};
+use qtrain_device::{DBuf, Dev, DeviceError, View};
 
 use super::schedule::{Pipeline, Staging};
 use super::{Chunk, ENTRY_WORDS};
@@ -13,6 +13,8 @@ use crate::adamw::{Acc, Coeffs};
 use crate::error::{OptimError, Result};
 use crate::paging::StatePlacement;
 
+/// `adamw8bit.cu`, compiled by this crate's build script.
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw8bit.ptx"));
 const MODULE: &str = "qtrain_adamw8bit";
 const THREADS: u32 = 256;
 
@@ -58,8 +60,8 @@ impl Gpu {
             }),
         };
         // Load the module now, so a broken PTX fails at construction.
-        c.func(MODULE, ptx::ADAMW8BIT, "adamw_update")?;
-        c.func(MODULE, ptx::ADAMW8BIT, "adamw_stats")?;
+        c.func(MODULE, PTX, "adamw_update")?;
+        c.func(MODULE, PTX, "adamw_stats")?;
         Ok(Gpu {
             table: dev.upload(table, "optimizer tensor table")?,
             maps: dev.upload(&maps, "optimizer quantization maps")?,
@@ -103,7 +105,7 @@ impl Gpu {
             state.len() >= chunk.bytes.len(),
             "state view holds the chunk"
         );
-        let f = c.func(MODULE, ptx::ADAMW8BIT, "adamw_update")?;
+        let f = c.func(MODULE, PTX, "adamw_update")?;
         let mut b = c.builder(&f);
         let (pp, gp, sp) = (params.dptr(), grads.dptr(), state.dptr());
         let base = state_base as u64;
@@ -158,7 +160,7 @@ impl Gpu {
             dev.synchronize()?;
             return Ok(Acc::default());
         }
-        let f = c.func(MODULE, ptx::ADAMW8BIT, "adamw_stats")?;
+        let f = c.func(MODULE, PTX, "adamw_stats")?;
         let mut b = c.builder(&f);
         let total = self.part.len() / 3;
         let sq = self.part.view(0, 2 * total).dptr();

@@ -1,7 +1,7 @@
 //! The optimizer on a [`qtrain_device::Dev`]: [`DeviceAdamW8bit`] (and
 //! [`DeviceAdamW32`]) update a flat f32 parameter buffer in place from a flat
 //! gradient buffer of the same layout, the fused engine's `DeviceLora::params` /
-//! `grads`, with the fused CUDA kernel `kernels/adamw8bit.cu` on a GPU and with the
+//! `grads`, with the fused CUDA kernel `adamw8bit.cu` on a GPU and with the
 //! CPU oracle ([`crate::AdamW8bit`]'s per-tensor update) on [`Dev::cpu`]. Results
 //! are bit-identical to [`crate::AdamW8bit::step`] on the same inputs; the state
 //! converts to and from the host optimizer, so checkpoints are the host format
@@ -56,7 +56,7 @@
 //!   so its value also depends on the core count beyond 1M parameters.)
 //! * NaN payloads, only when the state itself overflows (a gradient above ~1.8e19,
 //!   whose square is infinite): the GPU's canonical NaN differs from x86's.
-//! * [`clip_grad_norm`] on the GPU: `qtrain_device::rows::sum_squares` sums in a
+//! * [`clip_grad_norm`] on the GPU: `qtrain_device::ops::rows::sum_squares` sums in a
 //!   grid-stride order, so the norm can differ from the CPU's in the last bits of
 //!   the f64 sum (same bound as above); when clipping applies, the f32 scale factor
 //!   can then differ by one ulp, and so can the clipped gradients.
@@ -248,7 +248,7 @@ fn decode(rec: &[u8], slot: &Slot) -> StateStorage {
 }
 
 /// The kernel's tensor table: [`ENTRY_WORDS`] u32 per tensor, eight little-endian
-/// u64 (`AdamTensor` in `kernels/adamw8bit.cu`), arena offsets absolute.
+/// u64 (`AdamTensor` in `adamw8bit.cu`), arena offsets absolute.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn table_words(slots: &[Slot]) -> Vec<u32> {
     let mut w = Vec::with_capacity(slots.len() * ENTRY_WORDS);
@@ -818,7 +818,7 @@ macro_rules! device_optimizer_type {
 device_optimizer_type!(
     /// [`crate::AdamW8bit`] on a device: 8-bit blockwise state for parameters of at
     /// least `min_8bit_size` elements, f32 state for the others, updated by the fused
-    /// kernel `kernels/adamw8bit.cu` (CPU: the host optimizer's code).
+    /// kernel `adamw8bit.cu` (CPU: the host optimizer's code).
     DeviceAdamW8bit,
     AdamW8bit,
     OptimizerKind::AdamW8bit
@@ -838,14 +838,14 @@ device_optimizer_type!(
 /// On the CPU this equals `clip_grad_norm` on the same values bit for bit; on the GPU
 /// see the module docs.
 pub fn clip_grad_norm(dev: &Dev, grads: View<'_, f32>, max_norm: f32) -> Result<f32> {
-    let sum_sq = qtrain_device::rows::sum_squares(dev, grads)?;
+    let sum_sq = qtrain_device::ops::rows::sum_squares(dev, grads)?;
     let norm = sum_sq.sqrt();
     if max_norm.is_nan() || max_norm <= 0.0 || !norm.is_finite() {
         return Ok(norm as f32);
     }
     let coef = f64::from(max_norm) / (norm + 1e-6);
     if coef < 1.0 {
-        qtrain_device::rows::scale_in_place(dev, grads, coef as f32)?;
+        qtrain_device::ops::rows::scale_in_place(dev, grads, coef as f32)?;
     }
     Ok(norm as f32)
 }

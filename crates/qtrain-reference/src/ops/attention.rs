@@ -11,14 +11,9 @@
 use super::acc_dtype;
 use candle_core::{DType, Device, Result, Tensor, D};
 
-/// Whether key `j` is visible from query `i` (same row of the batch):
-/// causal (`j <= i`), inside the sliding window when there is one (Hugging Face
-/// Mistral semantics: `j > i - window`, i.e. the query and the `window - 1`
-/// previous tokens; note candle-transformers' Mistral keeps one more), and in the
-/// same packed document (`segment[i] == segment[j]`).
-pub fn visible(i: usize, j: usize, window: Option<usize>, seg_i: u32, seg_j: u32) -> bool {
-    j <= i && window.is_none_or(|w| j + w > i) && seg_i == seg_j
-}
+/// Whether key `j` is visible from query `i` (one rule for every attention path,
+/// defined beside the kernels).
+pub use qtrain_device::ops::attention::visible;
 
 /// Additive mask `[batch, 1, seq, seq]`: 0 where visible, -inf elsewhere. The
 /// diagonal is always visible, so no softmax row is empty.

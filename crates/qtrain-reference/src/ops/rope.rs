@@ -11,9 +11,10 @@ use candle_core::{DType, Device, Result, Tensor, D};
 /// `cos` and `sin` tables `[batch, 1, seq, head_dim]` for the given positions
 /// (`position_ids` is `[batch * seq]`, row-major), in `dtype` on `device`.
 ///
-/// For f32/bf16 the angles are computed the way Hugging Face does (inverse
-/// frequencies and `inv_freq * pos` rounded to f32, then cos/sin), so a model
-/// trained with `transformers` sees the same rotations; for f64 everything is f64.
+/// For f32/bf16 the angles are those of the engine's tables
+/// (`qtrain_device::ops::rope::rope_angles`: Hugging Face's f32 arithmetic), so a
+/// model trained with `transformers` sees the same rotations; for f64 everything
+/// is f64.
 pub fn tables(
     position_ids: &[u32],
     batch: usize,
@@ -24,35 +25,30 @@ pub fn tables(
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
-    let f64_path = acc_dtype(dtype) == DType::F64;
-    let inv_freq: Vec<f64> = (0..half)
-        .map(|i| {
-            if f64_path {
-                1.0 / theta.powf((2 * i) as f64 / head_dim as f64)
-            } else {
-                let e = (2 * i) as f32 / head_dim as f32;
-                (1.0f32 / (theta as f32).powf(e)) as f64
-            }
-        })
-        .collect();
     let n = batch * seq;
-    let mut cos = vec![0f64; n * head_dim];
-    let mut sin = vec![0f64; n * head_dim];
-    for (t, &p) in position_ids.iter().enumerate().take(n) {
-        for (i, &f) in inv_freq.iter().enumerate() {
-            let angle = if f64_path {
-                p as f64 * f
-            } else {
-                (p as f32 * f as f32) as f64
-            };
-            let (s, c) = angle.sin_cos();
-            let row = t * head_dim;
-            cos[row + i] = c;
-            cos[row + i + half] = c;
-            sin[row + i] = s;
-            sin[row + i + half] = s;
+    let positions = &position_ids[..n.min(position_ids.len())];
+    // Per position, the `half` values of the angles `(cos, sin)`.
+    let (c, s) = if acc_dtype(dtype) == DType::F64 {
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
+            .collect();
+        let angles = positions
+            .iter()
+            .flat_map(|&p| inv_freq.iter().map(move |&f| (p as f64 * f).sin_cos()));
+        angles.map(|(s, c)| (c, s)).unzip()
+    } else {
+        qtrain_device::ops::rope::rope_angles(positions, head_dim, theta)
+    };
+    // `rotate_half` pairs `i` with `i + half`: both halves of a row get the same angle.
+    let widen = |half_rows: Vec<f64>| -> Vec<f64> {
+        let mut full = vec![0f64; n * head_dim];
+        for (t, row) in half_rows.chunks(half.max(1)).enumerate() {
+            full[t * head_dim..t * head_dim + half].copy_from_slice(row);
+            full[t * head_dim + half..(t + 1) * head_dim].copy_from_slice(row);
         }
-    }
+        full
+    };
+    let (cos, sin) = (widen(c), widen(s));
     let shape = (batch, 1, seq, head_dim);
     let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
     let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;

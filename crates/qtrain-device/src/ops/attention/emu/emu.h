@@ -1,5 +1,5 @@
-// Host emulation of the CUDA primitives used by kernels/attention.cu (compiled with
-// -DQT_EMU by kernels/emu/attention_emu.cpp; never part of the PTX build).
+// Host emulation of the CUDA primitives used by attention.cu (compiled with
+// -DQT_EMU by emu/attention_emu.cpp; never part of the PTX build).
 //
 // Every CUDA thread runs as one host thread; a CTA's threads share a heap "shared memory"
 // (poisoned with 0xFF = NaN for 16-bit floats) and a barrier; each warp has a barrier and

@@ -31,37 +31,6 @@ struct AdamTensor {
   uint64_t v_absmax_off; // 8-bit: v absmax[blocks]
 };
 
-// The index of the code entry nearest to x: qtrain_quant::quantize_one (bitsandbytes'
-// dQuantize<0>): a 7-step binary search from pivot 127, then the midpoint test.
-// NaN compares false everywhere and ends at index 0, as on the CPU.
-__device__ __forceinline__ uint32_t quantize_one(const float *code, float x) {
-  uint32_t pivot = 127, upper_pivot = 255, lower_pivot = 0;
-  float lower = -1.0f, upper = 1.0f;
-  float val = code[pivot];
-#pragma unroll
-  for (uint32_t i = 64; i > 0; i >>= 1) {
-    if (x > val) {
-      lower_pivot = pivot;
-      lower = val;
-      pivot += i;
-    } else {
-      upper_pivot = pivot;
-      upper = val;
-      pivot -= i;
-    }
-    val = code[pivot];
-  }
-  if (upper_pivot == 255) upper = code[upper_pivot];
-  if (lower_pivot == 0) lower = code[lower_pivot];
-  if (x > val) {
-    const float mid = __fmul_rn(__fadd_rn(upper, val), 0.5f);
-    return x > mid ? upper_pivot : pivot;
-  } else {
-    const float mid = __fmul_rn(__fadd_rn(lower, val), 0.5f);
-    return x < mid ? lower_pivot : pivot;
-  }
-}
-
 // Deterministic block sums (fixed shuffle tree, then warps in order by thread 0).
 __device__ __forceinline__ double warp_sum_d(double v) {
 #pragma unroll

@@ -1,4 +1,4 @@
-//! CUDA launchers of the flash-attention kernels (`kernels/attention.cu`): kernel
+//! CUDA launchers of the flash-attention kernels (`attention.cu`): kernel
 //! choice (head dim, element type), the checks the kernels rely on (compute capability
 //! 8.0+, 16-byte aligned rows), grids, dynamic shared memory, and the arguments in
 //! the exact order of the kernels' parameters.
@@ -8,12 +8,13 @@
 //! tiles, batch) and `attn_bwd_dq` over (heads, query tiles, batch): every gradient
 //! element has one writer, so the result is bit-reproducible (no atomics).
 
-use crate::attention::AttnShape;
+use super::AttnShape;
 use crate::cuda::{launch, CudaDev, PushKernelArg};
 use crate::device::{Float, FloatKind, Mat, View};
 use crate::error::{DeviceError, Result};
-use crate::ptx;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 
 /// Rows per tile on both sides (`kBQ`, `kBK` in the kernel file).
 const TILE: usize = 64;
@@ -24,7 +25,7 @@ const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 
 /// Warps per CTA of the forward by default. At head dim 128 an 8-warp variant exists
 /// too (128 queries share each K/V tile: half the L2 traffic, one CTA per SM instead of
-/// two); the GPU self-test times both (`selftest::attention_speed`), so the default can
+/// two); the GPU self-test times both (`selftest::speed`), so the default can
 /// follow the measurement.
 pub(crate) const FWD_WARPS: usize = 4;
 
@@ -57,11 +58,7 @@ fn kernel_name(op: &str, d: usize, kind: FloatKind) -> &'static str {
 
 /// Loads `attn_{op}` for this shape and type, raising its shared-memory limit when needed.
 fn kernel<T: Float>(c: &CudaDev, op: &str, d: usize, smem: u32) -> Result<CudaFunction> {
-    let f = c.func(
-        "qtrain_attention",
-        ptx::ATTENTION,
-        kernel_name(op, d, T::KIND),
-    )?;
+    let f = c.func("qtrain_attention", PTX, kernel_name(op, d, T::KIND))?;
     if smem > 48 * 1024 {
         c.set_max_dynamic_smem(&f, smem)?;
     }
@@ -155,7 +152,7 @@ fn cfg(grid: (usize, usize, usize), smem: u32) -> LaunchConfig {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attention_fwd<T: Float>(
+pub(super) fn attention_fwd<T: Float>(
     c: &CudaDev,
     s: &AttnShape,
     q: Mat<'_, T>,
@@ -170,7 +167,7 @@ pub(crate) fn attention_fwd<T: Float>(
 
 /// [`attention_fwd`] with `warps` per CTA: 4, or 8 at head dim 128.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attention_fwd_warps<T: Float>(
+pub(super) fn attention_fwd_warps<T: Float>(
     c: &CudaDev,
     s: &AttnShape,
     q: Mat<'_, T>,
@@ -248,7 +245,7 @@ pub(crate) fn attention_fwd_warps<T: Float>(
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attention_bwd<T: Float>(
+pub(super) fn attention_bwd<T: Float>(
     c: &CudaDev,
     s: &AttnShape,
     q: Mat<'_, T>,

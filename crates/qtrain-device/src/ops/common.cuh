@@ -98,6 +98,40 @@ __device__ __forceinline__ float block_max(float v, float *scratch) {
   return r;
 }
 
+// The index of the entry of the sorted 256-entry `code` nearest to x, for the 8-bit
+// blockwise quantization of AdamW's state and of the NF4 absmax (double quantization):
+// qtrain_quant::quantize_one, a line-by-line port of bitsandbytes' dQuantize<0>: a 7-step
+// binary search from pivot 127, then the midpoint to the neighbour on x's side decides
+// (the asymmetric ties follow the CPU). NaN compares false everywhere and ends at index
+// 0, as on the CPU.
+__device__ __forceinline__ uint32_t quantize_one(const float *code, float x) {
+  uint32_t pivot = 127, upper_pivot = 255, lower_pivot = 0;
+  float lower = -1.0f, upper = 1.0f;
+  float val = code[pivot];
+#pragma unroll
+  for (uint32_t i = 64; i > 0; i >>= 1) {
+    if (x > val) {
+      lower_pivot = pivot;
+      lower = val;
+      pivot += i;
+    } else {
+      upper_pivot = pivot;
+      upper = val;
+      pivot -= i;
+    }
+    val = code[pivot];
+  }
+  if (upper_pivot == 255) upper = code[upper_pivot];
+  if (lower_pivot == 0) lower = code[lower_pivot];
+  if (x > val) {
+    const float mid = __fmul_rn(__fadd_rn(upper, val), 0.5f);
+    return x > mid ? upper_pivot : pivot;
+  } else {
+    const float mid = __fmul_rn(__fadd_rn(lower, val), 0.5f);
+    return x < mid ? lower_pivot : pivot;
+  }
+}
+
 // Instantiates `name##_bf16`, `name##_f16`, `name##_f32` extern "C" wrappers around
 // a template kernel body `name##_impl<T>` with the given parameter list.
 #define QT_FOR_FLOATS(MACRO) MACRO(__nv_bfloat16, bf16) MACRO(__half, f16) MACRO(float, f32)

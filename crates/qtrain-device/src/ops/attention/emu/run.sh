@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds and runs the CPU emulation of kernels/attention.cu (see attention_emu.cpp).
-# usage: kernels/emu/run.sh [quick]
+# Builds and runs the CPU emulation of crates/qtrain-device/src/ops/attention/attention.cu (see attention_emu.cpp).
+# usage: crates/qtrain-device/src/ops/attention/emu/run.sh [quick]
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OUT="${TMPDIR:-/tmp}/qtrain-attention-emu"

@@ -71,8 +71,8 @@
 // CTA per SM) so each K/V tile in shared memory feeds twice the queries; the launcher
 // defaults to 4 warps and the GPU self-test times both.
 //
-// Testing without a GPU: kernels/emu/run.sh compiles this file for the host (-DQT_EMU) with
-// an emulation of every primitive below (kernels/emu/emu.h, layouts transcribed from the PTX
+// Testing without a GPU: crates/qtrain-device/src/ops/attention/emu/run.sh compiles this file for the host (-DQT_EMU) with
+// an emulation of every primitive below (emu/emu.h, layouts transcribed from the PTX
 // ISA tables above) and checks all kernels against a reference. If the GPU check fails but
 // the emulation passes, suspect what the emulator cannot see: the hardware's fragment
 // layouts themselves (the table above), cp.async / shared-memory ordering (the emulator
@@ -85,7 +85,7 @@
 #include <stdint.h>
 
 #ifdef QT_EMU
-#include "emu/emu.h"  // host emulation of the warp primitives below (kernels/emu/)
+#include "emu/emu.h"  // host emulation of the warp primitives below (emu/)
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -3,9 +3,9 @@
 //
 // CPU reference: qtrain_quant::Nf4Tensor::quantize (crates/qtrain-quant/src/nf4.rs) and
 // qtrain_quant::quantize_blockwise (blockwise.rs), themselves bit-exact with bitsandbytes;
-// crates/qtrain-device/src/nf4_quant.rs drives these kernels and its `selftest` compares
+// crates/qtrain-device/src/ops/nf4_quant/ drives these kernels and its `selftest` compares
 // them byte for byte with the CPU on random data. The outputs are the layout of
-// kernels/nf4.cu (what the dequantization kernel reads):
+// ops/nf4/nf4.cu (what the dequantization kernel reads):
 //   codes : packed 4-bit codes, first element of a pair in the high nibble (numel/2
 //           bytes, rounded up), followed (double quant) by one 8-bit absmax code per block.
 //   stats : double quant: [offset, nested_code[256], nested_absmax[n_nested]]
@@ -14,9 +14,7 @@
 // Exactness: every rounding is the CPU's. The reciprocal is `__frcp_rn` (IEEE 1/x, as the
 // CPU's `1.0 / m`), products and sums use the `_rn` intrinsics, which nvcc never fuses into
 // an FMA, and max/compare are exact. Build flags keep denormals (no --use_fast_math).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 // The 15 thresholds of bitsandbytes' NF4 decision tree (`dQuantizeNF4`), ascending. The
 // tree's leaf is the number of thresholds strictly below x (NaN: none, code 0), which is
@@ -179,40 +177,6 @@ extern "C" __global__ void nf4_quant_f32(const float *x, uint8_t *packed, float 
                                          unsigned long long *first_bad, uint64_t numel,
                                          uint32_t blocksize) {
   nf4_quant_impl<float>(x, packed, absmax, first_bad, numel, blocksize);
-}
-
-// bitsandbytes' `dQuantize<0>` / qtrain_quant::quantize_one: a 7-step binary search from
-// pivot 127 over the sorted 256-entry code, then the midpoint to the neighbour on x's side
-// decides. A line-by-line port: the asymmetric ties and the NaN path (every comparison
-// false) follow the CPU.
-__device__ __forceinline__ uint32_t quantize_one(const float *code, float x) {
-  int pivot = 127;
-  int upper_pivot = 255;
-  int lower_pivot = 0;
-  float lower = -1.0f;
-  float upper = 1.0f;
-  float val = code[pivot];
-  for (int i = 64; i > 0; i >>= 1) {
-    if (x > val) {
-      lower_pivot = pivot;
-      lower = val;
-      pivot += i;
-    } else {
-      upper_pivot = pivot;
-      upper = val;
-      pivot -= i;
-    }
-    val = code[pivot];
-  }
-  if (upper_pivot == 255) upper = code[upper_pivot];
-  if (lower_pivot == 0) lower = code[lower_pivot];
-  if (x > val) {
-    const float midpoint = __fmul_rn(__fadd_rn(upper, val), 0.5f);
-    return x > midpoint ? (uint32_t)upper_pivot : (uint32_t)pivot;
-  } else {
-    const float midpoint = __fmul_rn(__fadd_rn(lower, val), 0.5f);
-    return x < midpoint ? (uint32_t)lower_pivot : (uint32_t)pivot;
-  }
 }
 
 // Double quantization: `quantize_blockwise(absmax - offset, code, 256)` with the offset

@@ -1,7 +1,9 @@
-//! NF4 weights on the compute device and their dequantization into a reused buffer.
+//! NF4 weights on the compute device and their dequantization into a reused buffer:
+//! the kernels (`nf4.cu`), their launch, the CPU reference and its tests, and the
+//! self-test (`selftest.rs`).
 //!
 //! [`Nf4Device`] holds one projection's quantized weight as two device tensors (the
-//! layout is documented in `kernels/nf4.cu`), and [`Nf4Device::dequantize_into`]
+//! layout is documented in `nf4.cu`), and [`Nf4Device::dequantize_into`]
 //! writes the full-precision weight into a caller-owned buffer with an in-place
 //! candle op: on CUDA the `nf4_dequant_*` kernels, on the CPU the plain loop below,
 //! which is the reference the kernel is tested against (and which is itself tested
@@ -9,6 +11,13 @@
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Result, Tensor};
 use qtrain_quant::{Absmax, Nf4Tensor, NF4_CODE};
+
+mod selftest;
+
+pub use selftest::self_test;
+
+#[cfg(feature = "cuda")]
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
 
 /// Which CUDA kernel dequantizes (both give bit-identical results; `qtrain doctor`
 /// times each on the GPU at hand).
@@ -35,7 +44,7 @@ impl DequantKernel {
     pub const ALL: [DequantKernel; 2] = [DequantKernel::Tile, DequantKernel::Chunk8];
 
     /// The kernel, grid and block for `numel` weights into `kind` outputs (the tile
-    /// size and thread count are those of `kernels/nf4.cu`).
+    /// size and thread count are those of `nf4.cu`).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fn launch_shape(self, kind: crate::FloatKind, numel: usize) -> LaunchShape {
         use crate::FloatKind::{Bf16, F16, F32};
@@ -150,7 +159,7 @@ pub fn dequantize_view<T: crate::Float>(
         );
         use crate::cuda::PushKernelArg;
         let shape = dequant_kernel().launch_shape(T::KIND, meta.numel);
-        let f = c.func("qtrain_nf4_raw", crate::ptx::NF4, shape.kernel)?;
+        let f = c.func("qtrain_nf4_raw", PTX, shape.kernel)?;
         let mut b = c.builder(&f);
         let (cp, sp, op_) = (codes.dptr(), stats.dptr(), out.dptr());
         let (numel, bs, nb, dq) = (
@@ -395,7 +404,7 @@ impl InplaceOp3 for Nf4DequantOp {
         let dq = self.double_quant as u32;
         match dst.dtype() {
             DType::BF16 => {
-                let func = dev.get_or_load_custom_func(kname, "qtrain_nf4", crate::ptx::NF4)?;
+                let func = dev.get_or_load_custom_func(kname, "qtrain_nf4", PTX)?;
                 let mut out = dst.as_cuda_slice_mut::<half::bf16>()?.slice_mut(d0..d1);
                 let mut b = func.builder();
                 b.arg(&codes);
@@ -407,7 +416,7 @@ impl InplaceOp3 for Nf4DequantOp {
                 unsafe { b.launch(cfg) }.w()?;
             }
             DType::F16 => {
-                let func = dev.get_or_load_custom_func(kname, "qtrain_nf4", crate::ptx::NF4)?;
+                let func = dev.get_or_load_custom_func(kname, "qtrain_nf4", PTX)?;
                 let mut out = dst.as_cuda_slice_mut::<half::f16>()?.slice_mut(d0..d1);
                 let mut b = func.builder();
                 b.arg(&codes);
@@ -418,7 +427,7 @@ impl InplaceOp3 for Nf4DequantOp {
                 unsafe { b.launch(cfg) }.w()?;
             }
             DType::F32 => {
-                let func = dev.get_or_load_custom_func(kname, "qtrain_nf4", crate::ptx::NF4)?;
+                let func = dev.get_or_load_custom_func(kname, "qtrain_nf4", PTX)?;
                 let mut out = dst.as_cuda_slice_mut::<f32>()?.slice_mut(d0..d1);
                 let mut b = func.builder();
                 b.arg(&codes);
@@ -492,7 +501,7 @@ mod tests {
     /// must be the same numbers as the CPU reference's.
     #[test]
     fn kernel_codebook_equals_reference() {
-        let src = include_str!("../../../kernels/nf4.cu");
+        let src = include_str!("nf4.cu");
         let start = src.find("NF4_CODE[16] = {").expect("codebook in nf4.cu") + 16;
         let end = start + src[start..].find("};").unwrap();
         let values: Vec<f32> = src[start..end]
@@ -506,7 +515,7 @@ mod tests {
     /// every launch shape covers all weights (a partial last tile or chunk included).
     #[test]
     fn launch_shapes_cover_every_weight() {
-        let src = include_str!("../../../kernels/nf4.cu");
+        let src = include_str!("nf4.cu");
         let constant = |name: &str| -> usize {
             let at = src.find(&format!("constexpr int {name} = ")).expect(name) + name.len() + 17;
             src[at..at + src[at..].find(';').unwrap()]

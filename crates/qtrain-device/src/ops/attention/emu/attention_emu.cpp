@@ -1,11 +1,11 @@
-// Runs kernels/attention.cu on the CPU through the warp-primitive emulator (emu.h) and
+// Runs crates/qtrain-device/src/ops/attention/attention.cu on the CPU through the warp-primitive emulator (emu.h) and
 // compares forward (O, lse) and backward (dQ, dK, dV) with a plain double-precision
 // reference of the contract in crates/qtrain-device/src/attention.rs, on random data, for
 // several shapes (head dims 16..128, ragged sequence ends, windows, segments, GQA, batch > 1,
 // strided q/k/v column blocks of one fused buffer). Also checks that nothing outside the
 // outputs' column blocks is written and that every output element is (no NaN poison left).
 //
-// Build and run: kernels/emu/run.sh [quick | shape indices...]   (g++ 12+, C++20; no GPU,
+// Build and run: crates/qtrain-device/src/ops/attention/emu/run.sh [quick | shape indices...]   (g++ 12+, C++20; no GPU,
 // no CUDA toolkit needed; all shapes take a few minutes on 2 cores)
 #include "../attention.cu"
 

@@ -1,4 +1,5 @@
-//! Cross-entropy of one chunk of logit rows, with its gradient (`kernels/xent.cu`).
+//! Cross-entropy of one chunk of logit rows, with its gradient: the kernel
+//! (`xent.cu`), its launcher, its CPU reference ([`xent_ref`]) and its self-test.
 //!
 //! The caller computes `logits = hidden_chunk · lm_headᵀ` in f32 for a chunk of
 //! rows (never the whole batch: 8 x 4096 tokens x 32768 in f32 would be 4 GiB),
@@ -11,6 +12,8 @@ use crate::device::{
     check_disjoint, read_mat, read_view, write_f32, write_mat, Dev, Float, Mat, View,
 };
 use crate::error::{ensure, Result};
+use crate::selftest::{check, poisoned, random, rel_err, Check};
+use crate::to_f32_vec;
 
 /// CPU reference: per-row losses, and the gradient rows when `want_grad`.
 pub fn xent_ref(
@@ -84,7 +87,7 @@ pub fn xent<T: Float>(
     }
     #[cfg(feature = "cuda")]
     if let Some(c) = dev.cuda() {
-        return crate::launch::xent(c, logits, targets, scale, loss, dlogits);
+        return cuda::xent(c, logits, targets, scale, loss, dlogits);
     }
     let _ = dev;
     let (l, g) = xent_ref(
@@ -99,4 +102,82 @@ pub fn xent<T: Float>(
         write_mat(d, &g);
     }
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::cuda::{kernel_name, launch, rows_cfg, CudaDev, PushKernelArg};
+    use crate::device::{Float, Mat, View};
+    use crate::error::Result;
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/xent.ptx"));
+
+    pub(super) fn xent<T: Float>(
+        c: &CudaDev,
+        logits: Mat<'_, f32>,
+        targets: View<'_, i32>,
+        scale: f32,
+        loss: View<'_, f32>,
+        dlogits: Option<Mat<'_, T>>,
+    ) -> Result<()> {
+        if logits.rows == 0 {
+            return Ok(());
+        }
+        let f = c.func("qtrain_xent", PTX, kernel_name::<T>("xent"))?;
+        let mut b = c.builder(&f);
+        let (lp, ldl, tp, lossp) = (logits.dptr(), logits.ld as u64, targets.dptr(), loss.dptr());
+        let (dp, ldd) = dlogits.map_or((0u64, 0u64), |d| (d.dptr(), d.ld as u64));
+        let (vocab, want) = (logits.cols as u32, dlogits.is_some() as u32);
+        b.arg(&lp)
+            .arg(&ldl)
+            .arg(&tp)
+            .arg(&scale)
+            .arg(&lossp)
+            .arg(&dp)
+            .arg(&ldd)
+            .arg(&vocab)
+            .arg(&want);
+        // SAFETY: arguments match `xent_*`; one block per row; `d` unused when want = 0.
+        unsafe { launch("xent", b, rows_cfg(logits.rows, 512)) }
+    }
+}
+
+/// Loss and gradient on `dev` against the CPU reference, on 64 rows of a
+/// 32768-token vocabulary with some rows without a target.
+pub fn self_test<T: Float>(dev: &Dev, tol: f64) -> Result<Check> {
+    let cpu = Dev::cpu();
+    let (rows, vocab) = (64, 32768);
+    let logits = random(rows * vocab, 8.0, 8);
+    let tg: Vec<i32> = (0..rows as i32)
+        .map(|i| {
+            if i % 9 == 4 {
+                -1
+            } else {
+                (i * 977) % vocab as i32
+            }
+        })
+        .collect();
+    let run = |d: &Dev| -> Result<(Vec<f32>, Vec<f32>)> {
+        let lb = d.upload(&logits, "logits")?;
+        let tb = d.upload(&tg, "targets")?;
+        let loss = poisoned::<f32>(d, rows)?;
+        let dl = poisoned::<T>(d, rows * vocab)?;
+        xent(
+            d,
+            lb.mat(rows, vocab),
+            tb.all(),
+            0.01,
+            loss.all(),
+            Some(dl.mat(rows, vocab)),
+        )?;
+        Ok((to_f32_vec(d, loss.all())?, to_f32_vec(d, dl.all())?))
+    };
+    let (l, g) = run(dev)?;
+    let (lr, gr) = run(&cpu)?;
+    Ok(check(
+        format!("cross-entropy fwd+bwd {} {rows}x{vocab}", T::NAME),
+        rel_err(&l, &lr).max(rel_err(&g, &gr)),
+        tol,
+        "",
+    ))
 }

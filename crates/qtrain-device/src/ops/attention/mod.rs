@@ -1,13 +1,15 @@
 //! Causal grouped-query attention, forward and backward, with sliding window and
-//! packed-document (segment) masking (`kernels/attention.cu`: flash-style tiling,
-//! memory linear in the sequence length).
+//! packed-document (segment) masking: the kernels (`attention.cu`: flash-style
+//! tiling, memory linear in the sequence length; `emu/` runs them on the host),
+//! their launchers (`cuda.rs`), the CPU references ([`attention_fwd_ref`],
+//! [`attention_bwd_ref`]) and the self-test (`selftest.rs`).
 //!
 //! Layout: `n = batch · seq` tokens, one row each. `q: [n, heads · d]`,
 //! `k, v: [n, kv_heads · d]` (column blocks of the fused q/k/v buffer are fine),
 //! `o: [n, heads · d]`. Query head `h` reads KV head `h / (heads / kv_heads)`.
 //! Key `j` is visible from query `i` of the same batch row when `j <= i`,
 //! `j > i − window` (if there is a window) and both tokens carry the same segment
-//! id, the rule of `qtrain_reference::ops::attention::visible`.
+//! id ([`visible`], which the reference decoder's mask uses too).
 //!
 //! The forward saves `lse = log Σ_j exp(s_ij)` per query and head, laid out
 //! `[batch, heads, seq]`; the backward recomputes `P = exp(S − lse)` from it, and
@@ -18,6 +20,12 @@ use crate::device::{
     check_disjoint, read_f32, read_mat, read_view, write_f32, write_mat, Dev, Float, Mat, View,
 };
 use crate::error::{ensure, Result};
+
+#[cfg(feature = "cuda")]
+mod cuda;
+mod selftest;
+
+pub use selftest::{self_test, speed};
 
 /// The shape and masking of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -60,7 +68,12 @@ impl AttnShape {
     }
 }
 
-/// Whether key `j` is visible from query `i` of the same batch row.
+/// Whether key `j` is visible from query `i` (same row of the batch):
+/// causal (`j <= i`), inside the sliding window when there is one (Hugging Face
+/// Mistral semantics: `j > i - window`, i.e. the query and the `window - 1`
+/// previous tokens; note candle-transformers' Mistral keeps one more), and in the
+/// same packed document (`segment[i] == segment[j]`). The reference decoder's
+/// mask and KV-cached decoding use this rule too.
 pub fn visible(i: usize, j: usize, window: Option<usize>, seg_i: u32, seg_j: u32) -> bool {
     j <= i && window.is_none_or(|w| j + w > i) && seg_i == seg_j
 }
@@ -254,7 +267,7 @@ pub fn attention_fwd<T: Float>(
     check_disjoint("attention_fwd", &[o.span(), lse.span()], &ins)?;
     #[cfg(feature = "cuda")]
     if let Some(c) = dev.cuda() {
-        return crate::launch::attention_fwd(c, s, q, k, v, segments, o, lse);
+        return cuda::attention_fwd(c, s, q, k, v, segments, o, lse);
     }
     let _ = dev;
     let seg = segments.map(read_view);
@@ -309,9 +322,7 @@ pub fn attention_bwd<T: Float>(
     )?;
     #[cfg(feature = "cuda")]
     if let Some(c) = dev.cuda() {
-        return crate::launch::attention_bwd(
-            c, s, q, k, v, o, d_o, lse, segments, dq, dk, dv, scratch,
-        );
+        return cuda::attention_bwd(c, s, q, k, v, o, d_o, lse, segments, dq, dk, dv, scratch);
     }
     let _ = dev;
     let seg = segments.map(read_view);

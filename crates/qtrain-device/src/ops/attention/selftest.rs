@@ -1,0 +1,346 @@
+//! The attention kernels against the CPU reference on random data, for `qtrain
+//! doctor` ([`self_test`]), and their speed at Mistral-7B's shape ([`speed`]).
+
+use super::{attention_bwd, attention_fwd, AttnShape};
+use crate::device::{to_f32_vec, DBuf, Dev, Float, Mat, View};
+use crate::error::Result;
+use crate::selftest::{check, poisoned, random, rel_err, time_it, upload, Check};
+
+/// Flash attention forward and backward against the CPU reference on random data, for
+/// the shapes the engine runs (q/k/v as column blocks of one fused buffer, dq/dk/dv of
+/// another), ragged sequence ends, sliding windows, packed segments, batch > 1 and head
+/// dims 16..128; the backward also must leave the fused buffer's padding untouched and
+/// be bit-identical across two runs. With `full` on a GPU: a 1500-token Mistral-sized
+/// check, and forward/backward TFLOP/s at 1 x 8192 (see [`speed`]).
+pub fn self_test(dev: &Dev, full: bool) -> Result<Vec<Check>> {
+    use AttnShape;
+    let shape = |batch, seq, heads, kv_heads, head_dim, window| AttnShape {
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        head_dim,
+        window,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+    };
+    let docs = |batch: usize, seq: usize, lens: &[usize]| -> Vec<u32> {
+        // Documents of the given lengths, cycled, numbered on from 3 in every batch row.
+        let mut ids = Vec::with_capacity(batch * seq);
+        for _ in 0..batch {
+            let (mut id, mut left, mut k) = (3u32, lens[0], 0);
+            for _ in 0..seq {
+                if left == 0 {
+                    k += 1;
+                    id += 1;
+                    left = lens[k % lens.len()];
+                }
+                left -= 1;
+                ids.push(id);
+            }
+        }
+        ids
+    };
+    // bf16: operands and outputs carry 2^-9 relative rounding, P and dS are rounded for
+    // the tensor cores; the gradients sum up to seq such terms, but their errors are
+    // independent, so relative to max |ref| they stay at a few 2^-9 (the CPU emulation of
+    // these kernels shows 3-4e-3). f16 has 3 more mantissa bits.
+    let (bf_fwd, bf_bwd, hf) = (1e-2, 2e-2, 5e-3);
+    let mut out = Vec::new();
+    type Bf = half::bf16;
+    out.extend(attention_case::<Bf>(
+        dev,
+        "tiny model",
+        shape(2, 77, 4, 2, 32, None),
+        None,
+        bf_fwd,
+        bf_bwd,
+    )?);
+    out.extend(attention_case::<Bf>(
+        dev,
+        "window 40 + segments",
+        shape(1, 150, 2, 1, 64, Some(40)),
+        Some(docs(1, 150, &[37, 70, 5, 90])),
+        bf_fwd,
+        bf_bwd,
+    )?);
+    out.extend(attention_case::<Bf>(
+        dev,
+        "d16 segments",
+        shape(2, 70, 2, 2, 16, None),
+        Some(docs(2, 70, &[1, 40, 9])),
+        bf_fwd,
+        bf_bwd,
+    )?);
+    let mistral_seq = if full && dev.is_cuda() { 1500 } else { 130 };
+    out.extend(attention_case::<Bf>(
+        dev,
+        "Mistral heads",
+        shape(1, mistral_seq, 32, 8, 128, None),
+        None,
+        bf_fwd,
+        bf_bwd,
+    )?);
+    out.extend(attention_case::<half::f16>(
+        dev,
+        "window 70 + segments",
+        shape(2, 100, 2, 2, 64, Some(70)),
+        Some(docs(2, 100, &[60, 25])),
+        hf,
+        hf,
+    )?);
+    if full && dev.is_cuda() {
+        out.push(speed(dev)?);
+    }
+    Ok(out)
+}
+
+/// Columns `[a, b)` of each of `rows` rows of a dense `[rows, ld]` array.
+fn cols(data: &[f32], rows: usize, ld: usize, a: usize, b: usize) -> Vec<f32> {
+    (0..rows)
+        .flat_map(|r| data[r * ld + a..r * ld + b].iter().copied())
+        .collect()
+}
+
+/// The forward with `warps` per CTA on a GPU (the launcher's tuning variants); on the
+/// CPU there is one implementation, the reference.
+#[allow(clippy::too_many_arguments)]
+fn attention_fwd_variant<T: Float>(
+    dev: &Dev,
+    s: &AttnShape,
+    q: Mat<'_, T>,
+    k: Mat<'_, T>,
+    v: Mat<'_, T>,
+    seg: Option<View<'_, u32>>,
+    o: Mat<'_, T>,
+    lse: View<'_, f32>,
+    warps: usize,
+) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(c) = dev.cuda() {
+        return super::cuda::attention_fwd_warps(c, s, q, k, v, seg, o, lse, warps);
+    }
+    let _ = warps;
+    attention_fwd(dev, s, q, k, v, seg, o, lse)
+}
+
+/// The q, k, v (or dq, dk, dv) column blocks of a fused `[n, ld]` buffer.
+fn fused_blocks<T: Float>(
+    b: &DBuf<T>,
+    n: usize,
+    ld: usize,
+    qc: usize,
+    kc: usize,
+) -> (Mat<'_, T>, Mat<'_, T>, Mat<'_, T>) {
+    let m = b.all().mat(n, qc + 2 * kc, ld);
+    (
+        m.col_block(0, qc),
+        m.col_block(qc, kc),
+        m.col_block(qc + kc, kc),
+    )
+}
+
+fn attention_case<T: Float>(
+    dev: &Dev,
+    label: &str,
+    s: AttnShape,
+    seg: Option<Vec<u32>>,
+    tol_fwd: f64,
+    tol_bwd: f64,
+) -> Result<Vec<Check>> {
+    let cpu = Dev::cpu();
+    let (n, d) = (s.tokens(), s.head_dim);
+    let (qc, kc) = (s.heads * d, s.kv_heads * d);
+    let width = qc + 2 * kc;
+    let ld = width + 8; // padded, so the blocks really are strided
+    let seed = (s.seq * 31 + d) as u64;
+    // Larger q/k than unit scale so the softmax is peaked and the running max matters.
+    let qkv = random(n * ld, 2.5, seed);
+    let dout = random(n * qc, 1.0, seed + 1);
+    let segs = |dv: &Dev| -> Result<Option<DBuf<u32>>> {
+        seg.as_ref()
+            .map(|g| dv.upload(g, "segment ids"))
+            .transpose()
+    };
+    let fwd = |dv: &Dev, warps: usize| -> Result<(Vec<f32>, Vec<f32>)> {
+        let buf = upload::<T>(dv, &qkv)?;
+        let (q, k, v) = fused_blocks(&buf, n, ld, qc, kc);
+        let sg = segs(dv)?;
+        let o = poisoned::<T>(dv, n * qc)?;
+        let lse = poisoned::<f32>(dv, s.stats_len())?;
+        let seg_view = sg.as_ref().map(|b| b.all());
+        if warps == 4 {
+            attention_fwd(dv, &s, q, k, v, seg_view, o.mat(n, qc), lse.all())?;
+        } else {
+            attention_fwd_variant(dv, &s, q, k, v, seg_view, o.mat(n, qc), lse.all(), warps)?;
+        }
+        Ok((to_f32_vec(dv, o.all())?, to_f32_vec(dv, lse.all())?))
+    };
+    let (o, lse) = fwd(dev, 4)?;
+    let (o_ref, lse_ref) = fwd(&cpu, 4)?;
+    let (eo, el) = (rel_err(&o, &o_ref), rel_err(&lse, &lse_ref));
+    // The 8-warp forward variant at head dim 128 (GPU only; see attention_speed).
+    let e8 = if dev.is_cuda() && d == 128 {
+        let (o8, l8) = fwd(dev, 8)?;
+        Some(rel_err(&o8, &o_ref).max(rel_err(&l8, &lse_ref)))
+    } else {
+        None
+    };
+
+    // The backward of both devices starts from the reference's (rounded) O and lse, so
+    // it is checked on its own.
+    let bwd = |dv: &Dev| -> Result<Vec<f32>> {
+        let buf = upload::<T>(dv, &qkv)?;
+        let (q, k, v) = fused_blocks(&buf, n, ld, qc, kc);
+        let sg = segs(dv)?;
+        let (ob, dob) = (upload::<T>(dv, &o_ref)?, upload::<T>(dv, &dout)?);
+        let lb = dv.upload(&lse_ref, "lse")?;
+        let g = poisoned::<T>(dv, n * ld)?;
+        let (dq, dk, dv_) = fused_blocks(&g, n, ld, qc, kc);
+        let scratch = poisoned::<f32>(dv, s.stats_len())?;
+        attention_bwd(
+            dv,
+            &s,
+            q,
+            k,
+            v,
+            ob.mat(n, qc),
+            dob.mat(n, qc),
+            lb.all(),
+            sg.as_ref().map(|b| b.all()),
+            dq,
+            dk,
+            dv_,
+            scratch.all(),
+        )?;
+        to_f32_vec(dv, g.all())
+    };
+    let (g, g2, g_ref) = (bwd(dev)?, bwd(dev)?, bwd(&cpu)?);
+    let same = g.iter().zip(&g2).all(|(a, b)| a.to_bits() == b.to_bits());
+    let pad_kept = cols(&g, n, ld, width, ld).iter().all(|x| x.is_nan());
+    let err = |a: usize, b: usize| rel_err(&cols(&g, n, ld, a, b), &cols(&g_ref, n, ld, a, b));
+    let (eq, ek, ev) = (err(0, qc), err(qc, qc + kc), err(qc + kc, width));
+    let worst = if same && pad_kept {
+        eq.max(ek).max(ev)
+    } else {
+        f64::INFINITY
+    };
+    let t = T::NAME;
+    let what = format!(
+        "{label}: b{} s{} h{}/{} d{}{}{}",
+        s.batch,
+        s.seq,
+        s.heads,
+        s.kv_heads,
+        d,
+        s.window.map_or(String::new(), |w| format!(" window {w}")),
+        if seg.is_some() { " segments" } else { "" }
+    );
+    Ok(vec![
+        check(
+            format!("attention fwd {t} {what}"),
+            eo.max(el).max(e8.unwrap_or(0.0)),
+            tol_fwd,
+            &format!(
+                " (o {eo:.1e}, lse {el:.1e}{})",
+                e8.map_or(String::new(), |e| format!(", 8-warp variant {e:.1e}"))
+            ),
+        ),
+        check(
+            format!("attention bwd {t} {what}"),
+            worst,
+            tol_bwd,
+            &format!(
+                " (dq {eq:.1e}, dk {ek:.1e}, dv {ev:.1e}{}{})",
+                if same { "" } else { ", NOT deterministic" },
+                if pad_kept {
+                    ""
+                } else {
+                    ", wrote outside dq/dk/dv"
+                }
+            ),
+        ),
+    ])
+}
+
+/// Forward and backward time at batch 1 x 8192 tokens, 32 query / 8 KV heads of 128
+/// (Mistral 7B), causal, in bf16. FLOPs count the causal half of the score matrix:
+/// forward `2 · 2 · b · h · (s²/2) · d` (QKᵀ and PV), backward 2.5 times that (the five
+/// matmuls of FlashAttention-2's count; qtrain's deterministic backward really does
+/// seven, recomputing S and dP in the dQ kernel, so its hardware rate is 1.4x what is
+/// printed). The forward is timed in both CTA shapes of the launcher (4 warps x 16
+/// queries, the default, and 8 warps). The check fails only on non-finite outputs.
+pub fn speed(dev: &Dev) -> Result<Check> {
+    type T = half::bf16;
+    let s = AttnShape {
+        batch: 1,
+        seq: 8192,
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        window: None,
+        scale: 1.0 / (128f32).sqrt(),
+    };
+    let (n, d) = (s.tokens(), s.head_dim);
+    let (qc, kc) = (s.heads * d, s.kv_heads * d);
+    let width = qc + 2 * kc;
+    let qkv = upload::<T>(dev, &random(n * width, 2.0, 41))?;
+    let m = qkv.mat(n, width);
+    let (q, k, v) = (
+        m.col_block(0, qc),
+        m.col_block(qc, kc),
+        m.col_block(qc + kc, kc),
+    );
+    let o = poisoned::<T>(dev, n * qc)?;
+    let lse = poisoned::<f32>(dev, s.stats_len())?;
+    let dout = upload::<T>(dev, &random(n * qc, 1.0, 42))?;
+    let g = poisoned::<T>(dev, n * width)?;
+    let gm = g.mat(n, width);
+    let (dq, dk, dv) = (
+        gm.col_block(0, qc),
+        gm.col_block(qc, kc),
+        gm.col_block(qc + kc, kc),
+    );
+    let scratch = poisoned::<f32>(dev, s.stats_len())?;
+    let fwd = |warps| {
+        time_it(dev, 10, || {
+            attention_fwd_variant(dev, &s, q, k, v, None, o.mat(n, qc), lse.all(), warps)
+        })
+    };
+    let (t_fwd8, t_fwd) = (fwd(8)?, fwd(4)?);
+    let bwd = || {
+        attention_bwd(
+            dev,
+            &s,
+            q,
+            k,
+            v,
+            o.mat(n, qc),
+            dout.mat(n, qc),
+            lse.all(),
+            None,
+            dq,
+            dk,
+            dv,
+            scratch.all(),
+        )
+    };
+    let t_bwd = time_it(dev, 5, bwd)?;
+    let flops = 4.0 * (s.batch * s.heads) as f64 * (s.seq as f64).powi(2) / 2.0 * d as f64;
+    let finite = to_f32_vec(dev, o.all())?.iter().all(|x| x.is_finite())
+        && to_f32_vec(dev, g.all())?.iter().all(|x| x.is_finite());
+    Ok(Check {
+        name: "attention speed bf16 b1 s8192 h32/8 d128 causal".into(),
+        ok: finite,
+        detail: format!(
+            "fwd {:.2} ms {:.0} TFLOP/s (8-warp variant {:.2} ms {:.0}), bwd {:.2} ms {:.0} \
+             TFLOP/s (2.5x fwd FLOPs){}",
+            t_fwd * 1e3,
+            flops / t_fwd / 1e12,
+            t_fwd8 * 1e3,
+            flops / t_fwd8 / 1e12,
+            t_bwd * 1e3,
+            2.5 * flops / t_bwd / 1e12,
+            if finite { "" } else { ", NON-FINITE outputs" }
+        ),
+    })
+}
