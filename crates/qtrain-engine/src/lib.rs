@@ -7,16 +7,16 @@
 //! - [`weights`]: the frozen base as device buffers and the dequantization of one
 //!   layer's weight groups into reused buffers.
 //! - [`lora`]: all adapters, their gradients and a compute-type copy in flat buffers.
-//! - [`plan`]: every buffer of the workspace and its size (the memory model's input).
+//! - [`layout`]: every buffer of the workspace and its size (the memory model's input).
 //! - [`step`]: [`Engine`], the training step and the evaluation forward.
 
 pub mod error;
+pub mod layout;
 pub mod lora;
-pub mod plan;
 pub mod step;
 pub mod weights;
 
 pub use error::{EngineError, Result};
+pub use layout::{Component, WorkspaceLayout, WorkspaceShape};
 pub use lora::{device_lora_bytes, DeviceLora, LoraLayout};
-pub use plan::{BufferPlan, Component, PlanShape};
 pub use step::{Engine, EngineOptions};

@@ -1,6 +1,6 @@
 //! The fused training step: forward, loss and backward of the whole decoder as a
 //! fixed sequence of kernel launches and GEMMs over the buffers of
-//! [`crate::plan::BufferPlan`].
+//! [`crate::layout::WorkspaceLayout`].
 //!
 //! ```text
 //! embed → for each layer: save its input, run it            (forward, nothing else kept)
@@ -23,8 +23,8 @@
 //! checks the orchestration against `qtrain_reference::forward_backward`.
 
 use crate::error::{EngineError, Result};
+use crate::layout::{WorkspaceLayout, WorkspaceShape};
 use crate::lora::{DeviceLora, PairSlot};
-use crate::plan::{BufferPlan, PlanShape};
 use crate::weights::{FrozenWeights, Group};
 use qtrain_device::gemm::{gemm, Op};
 use qtrain_device::ops::attention::{attention_bwd, attention_fwd, AttnShape};
@@ -71,7 +71,7 @@ impl Default for EngineOptions {
 
 /// The preallocated buffers of one micro-batch size.
 struct Workspace<T: Float> {
-    plan: BufferPlan,
+    layout: WorkspaceLayout,
     layer_inputs: DBuf<T>,
     final_hidden: DBuf<T>,
     h1: DBuf<T>,
@@ -125,8 +125,8 @@ enum GateUp<T: Float> {
 }
 
 impl<T: Float> Workspace<T> {
-    fn new(dev: &Dev, plan: BufferPlan) -> Result<Self> {
-        let p = &plan;
+    fn new(dev: &Dev, layout: WorkspaceLayout) -> Result<Self> {
+        let p = &layout;
         macro_rules! buf {
             ($name:literal) => {
                 dev.zeros(p.elems($name), concat!("engine buffer ", $name))?
@@ -187,7 +187,7 @@ impl<T: Float> Workspace<T> {
             } else {
                 None
             },
-            plan,
+            layout,
         })
     }
 }
@@ -259,21 +259,21 @@ impl<T: Float> Engine<T> {
         &self.cfg
     }
 
-    /// The buffer plan for a micro-batch of `batch x seq` tokens.
+    /// The workspace layout for a micro-batch of `batch x seq` tokens.
     pub fn options(&self) -> EngineOptions {
         self.opts
     }
 
-    /// Changes the options; the workspace is re-planned (and reallocated if its
+    /// Changes the options; the workspace is sized anew (and reallocated if its
     /// buffers change) at the next pass.
     pub fn set_options(&mut self, opts: EngineOptions) {
         self.opts = opts;
     }
 
-    pub fn plan_for(&self, batch: usize, seq: usize) -> BufferPlan {
-        BufferPlan::new(
+    pub fn workspace_layout(&self, batch: usize, seq: usize) -> WorkspaceLayout {
+        WorkspaceLayout::new(
             &self.cfg,
-            PlanShape::for_micro_batch(
+            WorkspaceShape::for_micro_batch(
                 &self.opts,
                 self.lora.layout.rank,
                 self.lora.layout.dropout > 0.0,
@@ -286,18 +286,20 @@ impl<T: Float> Engine<T> {
 
     /// Bytes held by the workspace (0 before the first step).
     pub fn workspace_bytes(&self) -> usize {
-        self.ws.as_ref().map_or(0, |w| w.plan.total_bytes())
+        self.ws.as_ref().map_or(0, |w| w.layout.total_bytes())
     }
 
     fn ensure_workspace(&mut self, batch: usize, seq: usize) -> Result<()> {
-        let plan = self.plan_for(batch, seq);
+        let layout = self.workspace_layout(batch, seq);
         let fits = self.ws.as_ref().is_some_and(|w| {
-            w.plan.shape.batch == batch && w.plan.shape.seq == seq && w.plan.shape == plan.shape
+            w.layout.shape.batch == batch
+                && w.layout.shape.seq == seq
+                && w.layout.shape == layout.shape
         });
         if !fits {
             // Free the old buffers before taking the new ones.
             self.ws = None;
-            let ws = Workspace::new(&self.dev, plan)?;
+            let ws = Workspace::new(&self.dev, layout)?;
             // RoPE of every position a row of `seq` tokens can hold, once: a batch
             // then only uploads its position ids (computing its tables on the host
             // took milliseconds per step, with the GPU idle).
@@ -425,7 +427,7 @@ fn upload_batch<T: Float>(
         ws.rope_cos.view(0, n * d / 2).mat(n, d / 2, d / 2),
         ws.rope_sin.view(0, n * d / 2).mat(n, d / 2, d / 2),
     );
-    let table_rows = ws.plan.shape.seq;
+    let table_rows = ws.layout.shape.seq;
     if batch
         .position_ids
         .iter()
@@ -831,7 +833,7 @@ impl<'a, T: Float> Ctx<'a, T> {
             self.dev.fill_zero(dhn.v)?;
         }
         let lm = mat(&self.w.lm_head, d.vocab, d.h);
-        let cc = ws.plan.shape.ce_chunk.min(d.n).max(1);
+        let cc = ws.layout.shape.ce_chunk.min(d.n).max(1);
         let mut c0 = 0;
         while c0 < nv {
             let c = cc.min(nv - c0);

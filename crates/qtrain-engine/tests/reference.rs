@@ -159,13 +159,13 @@ fn eval_loss_and_workspace_memory_match_the_plan() {
         e.loss_sum,
         r.loss_sum
     );
-    let plan = engine.plan_for(2, 10);
-    assert_eq!(engine.device().held_bytes() - before, plan.total_bytes());
-    assert_eq!(engine.workspace_bytes(), plan.total_bytes());
+    let layout = engine.workspace_layout(2, 10);
+    assert_eq!(engine.device().held_bytes() - before, layout.total_bytes());
+    assert_eq!(engine.workspace_bytes(), layout.total_bytes());
     // The breakdown covers every byte.
     assert_eq!(
-        plan.by_component().iter().map(|c| c.1).sum::<usize>(),
-        plan.total_bytes()
+        layout.by_component().iter().map(|c| c.1).sum::<usize>(),
+        layout.total_bytes()
     );
 }
 
@@ -203,7 +203,7 @@ fn parameters_round_trip_through_the_host_and_bad_tensors_are_refused() {
 /// recomputation: the same loss and bit-identical gradients as recomputing them,
 /// with dropout on every adapter's input (down's included, whose SwiGLU input the
 /// kept path rebuilds), a window, packed documents, MLP chunks, and the workspace the
-/// plan says.
+/// layout says.
 #[test]
 fn kept_activations_change_no_bit() {
     let cfg = small_config(61, Some(4));
@@ -228,13 +228,13 @@ fn kept_activations_change_no_bit() {
             };
             loss += engine.forward_backward(b, &so, 40.0).unwrap().loss_sum;
         }
-        let plan = engine.plan_for(2, 11);
-        assert_eq!(engine.workspace_bytes(), plan.total_bytes());
-        assert!(engine.device().held_bytes() - before >= plan.total_bytes());
+        let layout = engine.workspace_layout(2, 11);
+        assert_eq!(engine.workspace_bytes(), layout.total_bytes());
+        assert!(engine.device().held_bytes() - before >= layout.total_bytes());
         (
             loss,
             engine.lora().grads_to_host(engine.device()).unwrap(),
-            plan.total_bytes(),
+            layout.total_bytes(),
         )
     };
     let chunk = EngineOptions::default().mlp_chunk;

@@ -17,10 +17,10 @@
 //! the order of `LoraWeights::to_host`, the host optimizer's state format), so a run
 //! can resume on either.
 
-use crate::memory::KeptActivations;
+use crate::memory::{KeptActivations, OptimizerPlace};
 use crate::trainer::TrainError;
 use qtrain_dist::Collective;
-use qtrain_engine::{Engine, EngineOptions};
+use qtrain_engine::{Engine, EngineOptions, WorkspaceLayout};
 use qtrain_model::BaseModel;
 use qtrain_optim::{
     clip_grad_norm, AdamW32, AdamW8bit, DeviceAdamW32, DeviceAdamW8bit, DeviceOptimizer, Optimizer,
@@ -67,36 +67,40 @@ fn device_all_reduce(
     Ok(false)
 }
 
-/// Which step implementation `train.engine` asks for.
+/// Which implementation computes the training step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EngineChoice {
-    /// Fused on GPUs with bf16, reference elsewhere.
-    Auto,
+pub enum EngineKind {
+    /// The fused engine (`qtrain_engine`).
     Fused,
+    /// The candle-ops reference decoder (`qtrain_reference`).
     Reference,
 }
 
-impl EngineChoice {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "auto" => Some(Self::Auto),
-            "fused" => Some(Self::Fused),
-            "reference" => Some(Self::Reference),
-            _ => None,
+impl EngineKind {
+    /// The values `train.engine` (and `qtrain bench --engine`) accept.
+    pub const SETTINGS: [&'static str; 3] = ["auto", "fused", "reference"];
+
+    /// What the setting `setting` (one of [`EngineKind::SETTINGS`]; the config
+    /// rejects others, which count as `auto` here) runs for a model in `dtype`, on a
+    /// GPU or not: `auto` is the fused engine on GPUs computing in bf16 (Ampere and
+    /// later) or fp16 (7.x, with loss scaling), the reference elsewhere (f32 models
+    /// on a GPU are test setups).
+    pub fn resolve(setting: &str, on_gpu: bool, dtype: candle_core::DType) -> Self {
+        match setting {
+            "fused" => EngineKind::Fused,
+            "reference" => EngineKind::Reference,
+            _ if on_gpu && matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16) => {
+                EngineKind::Fused
+            }
+            _ => EngineKind::Reference,
         }
     }
 
-    /// Whether this choice runs the fused engine for a model in `dtype`, on a GPU or
-    /// not (what [`Backend::new`] decides; the memory model asks the same question).
-    pub fn is_fused(self, on_gpu: bool, dtype: candle_core::DType) -> bool {
+    /// `"fused"` or `"reference"`.
+    pub fn name(self) -> &'static str {
         match self {
-            EngineChoice::Reference => false,
-            EngineChoice::Fused => true,
-            // bf16 on Ampere and later, fp16 (with loss scaling) on 7.x GPUs; f32 models
-            // on a GPU are test setups and take the reference path.
-            EngineChoice::Auto => {
-                on_gpu && matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16)
-            }
+            EngineKind::Fused => "fused",
+            EngineKind::Reference => "reference",
         }
     }
 }
@@ -159,16 +163,15 @@ enum Kind {
 }
 
 impl Backend {
-    /// Builds the backend `choice` resolves to for `base`, starting from `lora`
-    /// (whose values are the run's initial or resumed adapters) and `opt`.
+    /// Builds the backend of `engine` for `base`, starting from `lora` (whose values
+    /// are the run's initial or resumed adapters) and `opt`.
     pub fn new(
         base: &BaseModel,
         lora: LoraWeights,
         opt: HostOptimizer,
-        choice: EngineChoice,
+        engine: EngineKind,
     ) -> Result<Self> {
-        let fused = choice.is_fused(base.device.is_cuda(), base.dtype);
-        let kind = if fused {
+        let kind = if engine == EngineKind::Fused {
             let opts = EngineOptions::default();
             let engine = match base.dtype {
                 candle_core::DType::BF16 => AnyEngine::Bf16(Engine::new(base, &lora, opts)?),
@@ -219,16 +222,11 @@ impl Backend {
     /// (`EngineOptions::save_attention_residual`, `save_mlp_activations`); none on
     /// the reference path.
     pub fn kept_activations(&self) -> KeptActivations {
-        match &self.kind {
-            Kind::Fused { engine, .. } => {
-                with_engine!(engine.as_ref(), e => KeptActivations::of(&e.options()))
-            }
-            Kind::Reference { .. } => KeptActivations::default(),
-        }
+        KeptActivations::of(&self.engine_options())
     }
 
     /// Sets [`Backend::kept_activations`] (ignored on the reference path); the
-    /// workspace is re-planned at the next pass.
+    /// workspace is sized anew at the next pass.
     pub fn set_kept_activations(&mut self, kept: KeptActivations) {
         if let Kind::Fused { engine, .. } = &mut self.kind {
             with_engine!(engine.as_mut(), e => {
@@ -239,12 +237,68 @@ impl Backend {
         }
     }
 
+    /// The fused engine's device (`None` on the reference path): its memory
+    /// accounting and profiler.
+    pub fn engine_device(&self) -> Option<qtrain_device::Dev> {
+        match &self.kind {
+            Kind::Fused { engine, .. } => {
+                Some(with_engine!(engine.as_ref(), e => e.device().clone()))
+            }
+            Kind::Reference { .. } => None,
+        }
+    }
+
+    /// The fused engine's options (the defaults on the reference path).
+    pub fn engine_options(&self) -> EngineOptions {
+        match &self.kind {
+            Kind::Fused { engine, .. } => with_engine!(engine.as_ref(), e => e.options()),
+            Kind::Reference { .. } => EngineOptions::default(),
+        }
+    }
+
+    /// Bytes the fused engine's own buffers (adapters and workspace) held at their
+    /// peak: its device's peak less the device optimizer's bytes, which it holds from
+    /// construction on. `None` on the reference path.
+    pub fn engine_peak_bytes(&self) -> Option<usize> {
+        match &self.kind {
+            Kind::Fused { engine, opt } => {
+                let peak = with_engine!(engine.as_ref(), e => e.device().peak_bytes());
+                Some(peak.saturating_sub(opt.device_bytes() as usize))
+            }
+            Kind::Reference { .. } => None,
+        }
+    }
+
+    /// The fused engine's workspace for micro-batches of `batch x seq` (`None` on
+    /// the reference path).
+    pub fn workspace_layout(&self, batch: usize, seq: usize) -> Option<WorkspaceLayout> {
+        match &self.kind {
+            Kind::Fused { engine, .. } => {
+                Some(with_engine!(engine.as_ref(), e => e.workspace_layout(batch, seq)))
+            }
+            Kind::Reference { .. } => None,
+        }
+    }
+
+    /// Where the optimizer state lives, as the memory model counts it.
+    pub fn optimizer_place(&self) -> OptimizerPlace {
+        match &self.kind {
+            Kind::Fused { opt, .. } => opt.placement().into(),
+            Kind::Reference { .. } => OptimizerPlace::Host,
+        }
+    }
+
+    /// Which engine runs the steps.
+    pub fn engine(&self) -> EngineKind {
+        match self.kind {
+            Kind::Reference { .. } => EngineKind::Reference,
+            Kind::Fused { .. } => EngineKind::Fused,
+        }
+    }
+
     /// Which engine runs the steps: "fused" or "reference".
     pub fn name(&self) -> &'static str {
-        match self.kind {
-            Kind::Reference { .. } => "reference",
-            Kind::Fused { .. } => "fused",
-        }
+        self.engine().name()
     }
 
     pub fn num_parameters(&self) -> usize {

@@ -443,7 +443,7 @@ impl RunConfig {
         if t.max_nonfinite_steps == 0 {
             p.push("train.max_nonfinite_steps: must be >= 1".into());
         }
-        if crate::backend::EngineChoice::parse(&t.engine).is_none() {
+        if !crate::backend::EngineKind::SETTINGS.contains(&t.engine.as_str()) {
             p.push(format!(
                 "train.engine: `{}` (expected auto, fused or reference)",
                 t.engine

@@ -351,6 +351,54 @@ fn detect_cuda(_device: &Device) -> Result<GpuInfo, GpuError> {
     ))
 }
 
+/// What `qtrain doctor` says about the GPU behind `device` (nothing on the CPU):
+/// its name, compute capability, multiprocessors, driver and memory, and the
+/// precision qtrain trains in on it. `false` when qtrain refuses this GPU.
+pub fn describe(device: &Device) -> (Vec<String>, bool) {
+    let mut lines = Vec::new();
+    #[cfg(feature = "cuda")]
+    if let Ok(dev) = qtrain_device::Dev::from_candle(device) {
+        if let Some(c) = dev.cuda() {
+            let gib = |b: usize| b as f64 / 1073741824.0;
+            let (free, total) = dev.mem_info().ok().flatten().unwrap_or((0, 0));
+            let line = (|| -> qtrain_device::Result<String> {
+                let (maj, min) = c.compute_capability()?;
+                let (dmaj, dmin) = c.driver_version()?;
+                Ok(format!(
+                    "GPU: {} (compute capability {maj}.{min}, {} multiprocessors), driver for \
+                     CUDA {dmaj}.{dmin}, {:.1} GiB, {:.1} GiB free",
+                    c.name()?,
+                    c.sm_count()?,
+                    gib(total),
+                    gib(free)
+                ))
+            })();
+            lines.push(line.unwrap_or_else(|e| format!("GPU: {e}")));
+        }
+    }
+    let mut supported = true;
+    match detect(device) {
+        Ok(Some(info)) => match info.precision() {
+            Ok(p) => lines.push(format!(
+                "precision policy: {} (fused engine; {})",
+                p.describe(),
+                info.spec
+                    .map_or("not in qtrain's GPU table".to_string(), |s| format!(
+                        "`qtrain plan --gpu {}`",
+                        s.key
+                    ))
+            )),
+            Err(e) => {
+                lines.push(format!("precision policy: {e}"));
+                supported = false;
+            }
+        },
+        Ok(None) => {}
+        Err(e) => lines.push(format!("GPU detection: {e}")),
+    }
+    (lines, supported)
+}
+
 /// Applies the precision's process-wide switches: TF32 for f32 products (candle's
 /// and the kernels') on GPUs that have it, off elsewhere.
 pub fn apply_precision(precision: Precision) {

@@ -1,14 +1,20 @@
 //! The training run: its configuration, the time-budget planner, the training loop
 //! with checkpoints and exact resume, metrics, and the exports (PEFT adapter, merged
-//! model). The math lives in `qtrain-reference`, the data in `qtrain-data`, the optimizer
-//! in `qtrain-optim`; this crate wires them into one straight loop.
+//! model). The step's math lives in `qtrain-reference` and `qtrain-engine` (over the
+//! shared types of `qtrain-step`; [`backend`] switches between them), the data in
+//! `qtrain-data`, the optimizer in `qtrain-optim`; this crate wires them into one
+//! straight loop.
 //!
-//! Sizing: [`memory`] predicts a run's peak GPU memory (`qtrain plan`), [`gpu`]
-//! knows the GPUs and their precision policy, [`throughput`] estimates tokens/s,
-//! [`micro`] cuts steps into micro-batches that fit and recovers from
-//! out-of-memory, [`loss_scale`] scales fp16 losses.
+//! Sizing: [`memory`] predicts a run's peak GPU memory, [`gpu`] knows the GPUs and
+//! their precision policy, [`throughput`] estimates tokens/s, [`sizing`] puts them
+//! together into `qtrain plan`'s report, [`micro`] cuts steps into micro-batches
+//! that fit and recovers from out-of-memory, [`loss_scale`] scales fp16 losses.
+//!
+//! Checks: [`bench`] times training steps (`qtrain bench`), [`selftest`] checks a
+//! tiny model's training step on a device against the CPU (`qtrain doctor`).
 
 pub mod backend;
+pub mod bench;
 pub mod ckpt_io;
 pub mod config;
 pub mod generate;
@@ -21,7 +27,9 @@ pub mod micro;
 pub mod models;
 pub mod peft;
 pub mod planner;
+pub mod selftest;
 pub mod signals;
+pub mod sizing;
 pub mod tensorboard;
 pub mod throughput;
 pub mod trainer;

@@ -16,8 +16,8 @@
 //!   parameter + two f32 absmax per 256-block, f32 state below 4096 elements; the
 //!   formula of `qtrain_optim::StateFormat::bytes`), or, paged, two staging buffers
 //!   the size of the largest tensor's state; or nothing for today's host optimizer.
-//! - **The engine's workspace**: every buffer of [`qtrain_engine::BufferPlan`] by
-//!   [`qtrain_engine::Component`] (the engine allocates exactly that plan).
+//! - **The engine's workspace**: every buffer of [`qtrain_engine::WorkspaceLayout`] by
+//!   [`qtrain_engine::Component`] (the engine allocates exactly that layout).
 //! - **Runtime**: the CUDA context, the cuBLAS workspace and the allocator's slack,
 //!   as named constants to be calibrated on a GPU (`qtrain bench` prints predicted
 //!   against measured memory, see [`compare`]).
@@ -28,7 +28,7 @@
 
 use crate::config::RunConfig;
 use candle_core::DType;
-use qtrain_engine::{BufferPlan, Component, EngineOptions, PlanShape};
+use qtrain_engine::{Component, EngineOptions, WorkspaceLayout, WorkspaceShape};
 use qtrain_model::{ModelConfig, Proj, Quantization, PROJECTIONS};
 use qtrain_optim::{AdamWConfig, PagingPolicy, StateFormat, StatePlacement};
 
@@ -56,7 +56,7 @@ pub const ALLOCATOR_SLACK_FRACTION: f64 = 0.02;
 /// The smallest slack assumed, whatever the size of the run.
 pub const ALLOCATOR_SLACK_MIN_BYTES: u64 = 64 * MIB;
 
-/// Share of a GPU's memory a plan may use by default; the rest is headroom for what
+/// Share of a GPU's memory a run may use by default; the rest is headroom for what
 /// the model does not see (another process, a display, fragmentation).
 pub const DEFAULT_HEADROOM: f64 = 0.90;
 
@@ -75,12 +75,9 @@ pub enum OptimizerPlace {
     Host,
 }
 
-/// Which step implementation the run uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EngineKind {
-    Fused,
-    Reference,
-}
+/// Which step implementation the run uses (defined with the backend that switches
+/// between them; the memory model sizes either).
+pub use crate::backend::EngineKind;
 
 /// Everything the prediction depends on.
 #[derive(Debug, Clone, PartialEq)]
@@ -132,7 +129,7 @@ pub struct MemoryLine {
 
 /// A predicted breakdown.
 #[derive(Debug, Clone, PartialEq)]
-pub struct MemoryPlan {
+pub struct MemoryBreakdown {
     pub lines: Vec<MemoryLine>,
     /// Bytes the fused engine's own `Dev` holds after a step (its adapters'
     /// buffers and workspace; `Dev::held_bytes`). Zero on the reference path.
@@ -143,7 +140,7 @@ pub struct MemoryPlan {
     pub warnings: Vec<String>,
 }
 
-impl MemoryPlan {
+impl MemoryBreakdown {
     pub fn total(&self) -> u64 {
         self.lines.iter().map(|l| l.bytes).sum()
     }
@@ -157,7 +154,7 @@ impl MemoryPlan {
             .sum()
     }
 
-    /// Whether the plan fits in `usable` bytes.
+    /// Whether the predicted total fits in `usable` bytes.
     pub fn fits(&self, usable: u64) -> bool {
         self.total() <= usable
     }
@@ -317,11 +314,11 @@ impl MemorySpec {
         }
     }
 
-    /// The fused engine's buffer plan for this micro-batch.
-    pub fn buffer_plan(&self) -> BufferPlan {
-        BufferPlan::new(
+    /// The fused engine's workspace layout for this micro-batch.
+    pub fn workspace_layout(&self) -> WorkspaceLayout {
+        WorkspaceLayout::new(
             &self.model,
-            PlanShape::for_micro_batch(
+            WorkspaceShape::for_micro_batch(
                 &self.engine_options,
                 self.rank,
                 self.dropout,
@@ -342,7 +339,7 @@ impl MemorySpec {
     }
 
     /// The predicted breakdown.
-    pub fn plan(&self) -> MemoryPlan {
+    pub fn predict(&self) -> MemoryBreakdown {
         let cfg = &self.model;
         let e = elem_size(self.dtype);
         let dt = format!("{:?}", self.dtype).to_lowercase();
@@ -402,8 +399,8 @@ impl MemorySpec {
                     "LoRA: candle copy for generation (f32)".into(),
                     n4,
                 );
-                let plan = self.buffer_plan();
-                for (c, bytes) in plan.by_component() {
+                let layout = self.workspace_layout();
+                for (c, bytes) in layout.by_component() {
                     push(
                         &mut lines,
                         Category::Workspace(c),
@@ -411,7 +408,7 @@ impl MemorySpec {
                         bytes as u64,
                     );
                 }
-                engine_bytes = lora + plan.total_bytes() as u64;
+                engine_bytes = lora + layout.total_bytes() as u64;
             }
             EngineKind::Reference => {
                 push(
@@ -448,61 +445,67 @@ impl MemorySpec {
             }
         }
 
-        let (state, largest) = optimizer_state_bytes(&numels, self.eight_bit);
-        let kind = if self.eight_bit { "8-bit" } else { "f32" };
-        match self.optimizer {
-            OptimizerPlace::Resident => push(
-                &mut lines,
-                Category::Optimizer,
-                format!("optimizer state ({kind} AdamW, on the GPU)"),
-                state,
-            ),
-            OptimizerPlace::Paged => push(
-                &mut lines,
-                Category::Optimizer,
-                format!("optimizer staging (paged {kind} AdamW: 2 x largest tensor)"),
-                2 * largest,
-            ),
-            OptimizerPlace::Host => push(
-                &mut lines,
-                Category::Optimizer,
-                format!("optimizer state ({kind} AdamW, on the host)"),
-                0,
-            ),
-        }
-
+        lines.push(self.optimizer_line(&numels));
         let allocated: u64 = lines.iter().map(|l| l.bytes).sum();
-        push(
-            &mut lines,
-            Category::Runtime,
-            "CUDA context (calibrated constant)".into(),
-            CONTEXT_BYTES,
-        );
-        let cublas = match self.compute_capability {
-            Some((major, _)) if major < 9 => CUBLAS_WORKSPACE_BYTES,
-            _ => CUBLAS_WORKSPACE_BYTES_SM90,
-        };
-        push(
-            &mut lines,
-            Category::Runtime,
-            "cuBLAS workspace (calibrated constant)".into(),
-            cublas,
-        );
-        push(
-            &mut lines,
-            Category::Runtime,
-            format!(
-                "allocator slack ({:.0}% of allocations, calibrated)",
-                100.0 * ALLOCATOR_SLACK_FRACTION
-            ),
-            slack(allocated),
-        );
-        MemoryPlan {
+        lines.extend(self.runtime_lines(allocated));
+        MemoryBreakdown {
             lines,
             engine_bytes,
             lora_params: numel,
             warnings,
         }
+    }
+
+    /// The optimizer state on the GPU: all of it (resident), two staging buffers
+    /// (paged), or nothing (on the host).
+    fn optimizer_line(&self, numels: &[usize]) -> MemoryLine {
+        let (state, largest) = optimizer_state_bytes(numels, self.eight_bit);
+        let kind = if self.eight_bit { "8-bit" } else { "f32" };
+        let (label, bytes) = match self.optimizer {
+            OptimizerPlace::Resident => {
+                (format!("optimizer state ({kind} AdamW, on the GPU)"), state)
+            }
+            OptimizerPlace::Paged => (
+                format!("optimizer staging (paged {kind} AdamW: 2 x largest tensor)"),
+                2 * largest,
+            ),
+            OptimizerPlace::Host => (format!("optimizer state ({kind} AdamW, on the host)"), 0),
+        };
+        MemoryLine {
+            category: Category::Optimizer,
+            label,
+            bytes,
+        }
+    }
+
+    /// The runtime's share (calibrated constants): the CUDA context, the cuBLAS
+    /// workspace and the allocator's slack on `allocated` bytes.
+    fn runtime_lines(&self, allocated: u64) -> Vec<MemoryLine> {
+        let cublas = match self.compute_capability {
+            Some((major, _)) if major < 9 => CUBLAS_WORKSPACE_BYTES,
+            _ => CUBLAS_WORKSPACE_BYTES_SM90,
+        };
+        [
+            (
+                "CUDA context (calibrated constant)".to_string(),
+                CONTEXT_BYTES,
+            ),
+            ("cuBLAS workspace (calibrated constant)".to_string(), cublas),
+            (
+                format!(
+                    "allocator slack ({:.0}% of allocations, calibrated)",
+                    100.0 * ALLOCATOR_SLACK_FRACTION
+                ),
+                slack(allocated),
+            ),
+        ]
+        .into_iter()
+        .map(|(label, bytes)| MemoryLine {
+            category: Category::Runtime,
+            label,
+            bytes,
+        })
+        .collect()
     }
 
     /// A rough upper bound of the reference step's activations: the saved layer
@@ -580,7 +583,7 @@ impl KeptActivations {
 /// `train.keep_mlp_activations = mlp_policy` (`on`, `off` or `auto` each) decide for
 /// a run sized by `spec`: nothing on the reference engine; with `auto`, the
 /// attention residuals first (more time saved per byte), then the gate/up outputs
-/// beside them, each kept when the plan with it fits `usable` bytes and, when
+/// beside them, each kept when the prediction with it fits `usable` bytes and, when
 /// given, the engine's own buffers fit `engine_limit`; without a GPU to size
 /// against (`usable` None) `auto` keeps nothing. The trainer, `qtrain plan` and
 /// `qtrain bench` all decide through this.
@@ -599,8 +602,8 @@ pub fn kept_activations(
         usable.is_some_and(|usable| {
             let mut with = spec.clone();
             k.apply(&mut with.engine_options);
-            let plan = with.plan();
-            plan.fits(usable) && engine_limit.is_none_or(|l| plan.engine_bytes <= l)
+            let predicted = with.predict();
+            predicted.fits(usable) && engine_limit.is_none_or(|l| predicted.engine_bytes <= l)
         })
     };
     kept.attention_residuals = match residual_policy {
@@ -619,7 +622,7 @@ pub fn kept_activations(
     kept
 }
 
-/// The bytes a plan may use on a GPU of `total` bytes with `headroom` (a share).
+/// The bytes a run may use on a GPU of `total` bytes with `headroom` (a share).
 pub fn usable(total: u64, headroom: f64) -> u64 {
     (total as f64 * headroom) as u64
 }
@@ -648,15 +651,17 @@ pub fn largest_fitting(max: usize, fits: impl Fn(usize) -> bool) -> Option<usize
     Some(lo)
 }
 
-/// The largest micro-batch (rows of `spec.seq` tokens, at most `max`) whose plan
+/// The largest micro-batch (rows of `spec.seq` tokens, at most `max`) whose prediction
 /// fits in `usable` bytes.
 pub fn largest_batch(spec: &MemorySpec, usable: u64, max: usize) -> Option<usize> {
-    largest_fitting(max, |b| spec.with_shape(b, spec.seq).plan().fits(usable))
+    largest_fitting(max, |b| spec.with_shape(b, spec.seq).predict().fits(usable))
 }
 
 /// The largest sequence length (of `spec.batch` rows, at most `max`) that fits.
 pub fn largest_seq(spec: &MemorySpec, usable: u64, max: usize) -> Option<usize> {
-    largest_fitting(max, |s| spec.with_shape(spec.batch, s).plan().fits(usable))
+    largest_fitting(max, |s| {
+        spec.with_shape(spec.batch, s).predict().fits(usable)
+    })
 }
 
 /// What `qtrain bench` measured for one case, to put next to the prediction.
@@ -674,9 +679,9 @@ pub struct Measured {
 
 /// Predicted against measured, one line per quantity the bench can measure, for
 /// calibrating the runtime constants (the lead fills docs/memory.md from these).
-pub fn compare(plan: &MemoryPlan, m: &Measured) -> String {
-    let frozen = plan.bytes_of(|c| c == Category::Frozen);
-    let runtime_fixed: u64 = plan
+pub fn compare(predicted: &MemoryBreakdown, m: &Measured) -> String {
+    let frozen = predicted.bytes_of(|c| c == Category::Frozen);
+    let runtime_fixed: u64 = predicted
         .lines
         .iter()
         .filter(|l| l.category == Category::Runtime && !l.label.starts_with("allocator"))
@@ -694,14 +699,18 @@ pub fn compare(plan: &MemoryPlan, m: &Measured) -> String {
             .zip(m.baseline_used)
             .map(|(l, b)| l.saturating_sub(b)),
     ));
-    if plan.engine_bytes > 0 {
+    if predicted.engine_bytes > 0 {
         rows.push((
             "fused engine's own buffers (Dev peak)",
-            plan.engine_bytes,
+            predicted.engine_bytes,
             m.engine_peak,
         ));
     }
-    rows.push(("whole device at peak (used)", plan.total(), m.peak_used));
+    rows.push((
+        "whole device at peak (used)",
+        predicted.total(),
+        m.peak_used,
+    ));
     let mut s = format!(
         "{:<40} {:>12} {:>12} {:>8}\n",
         "memory", "predicted MiB", "measured MiB", "error"
@@ -747,28 +756,28 @@ mod tests {
 
     #[test]
     fn mistral_7b_breakdown_is_plausible() {
-        let plan = mistral(8, 512).plan();
-        let frozen = plan.bytes_of(|c| c == Category::Frozen);
+        let predicted = mistral(8, 512).predict();
+        let frozen = predicted.bytes_of(|c| c == Category::Frozen);
         // 6.98B projection weights in NF4 at ~4.13 bits, 0.27B in bf16: the 4.14 GB
         // docs/perf.md reports for the loaded model on the GPU.
         assert!((4.1e9..4.2e9).contains(&(frozen as f64)), "frozen {frozen}");
         // r16 on q,k,v,o of Mistral-7B: 13.6M parameters.
-        assert_eq!(plan.lora_params, 13_631_488);
-        let state = plan.bytes_of(|c| c == Category::Optimizer);
+        assert_eq!(predicted.lora_params, 13_631_488);
+        let state = predicted.bytes_of(|c| c == Category::Optimizer);
         assert!((27e6..28e6).contains(&(state as f64)), "state {state}");
-        let ws = plan.bytes_of(|c| matches!(c, Category::Workspace(_)));
+        let ws = predicted.bytes_of(|c| matches!(c, Category::Workspace(_)));
         // Checkpoints: 32 layers x 4096 tokens x 4096 x 2 bytes = 1 GiB, the largest part.
-        let ckpt = plan.bytes_of(|c| c == Category::Workspace(Component::LayerInputs));
+        let ckpt = predicted.bytes_of(|c| c == Category::Workspace(Component::LayerInputs));
         assert_eq!(ckpt, 1 << 30);
         assert!(ws > ckpt && ws < 3 * ckpt, "workspace {ws}");
-        let total = plan.total();
+        let total = predicted.total();
         assert!((5.5e9..9e9).contains(&(total as f64)), "total {total}");
-        assert!(plan.fits(usable(23028 * MIB, DEFAULT_HEADROOM)));
-        assert!(plan.warnings.is_empty());
+        assert!(predicted.fits(usable(23028 * MIB, DEFAULT_HEADROOM)));
+        assert!(predicted.warnings.is_empty());
         assert!(
-            plan.table().contains("gradient checkpoints"),
+            predicted.table().contains("gradient checkpoints"),
             "{}",
-            plan.table()
+            predicted.table()
         );
     }
 
@@ -778,20 +787,20 @@ mod tests {
         let a10 = usable(23028 * MIB, DEFAULT_HEADROOM);
         let b = largest_batch(&spec, a10, 4096).unwrap();
         assert!(b >= 8, "batch {b}");
-        assert!(spec.with_shape(b, 512).plan().fits(a10));
-        assert!(!spec.with_shape(b + 1, 512).plan().fits(a10));
+        assert!(spec.with_shape(b, 512).predict().fits(a10));
+        assert!(!spec.with_shape(b + 1, 512).predict().fits(a10));
         // More memory never allows less; totals grow with batch and sequence.
         let h100 = usable(81559 * MIB, DEFAULT_HEADROOM);
         assert!(largest_batch(&spec, h100, 4096).unwrap() > b);
         let mut last = 0;
         for bb in 1..40 {
-            let t = spec.with_shape(bb, 512).plan().total();
+            let t = spec.with_shape(bb, 512).predict().total();
             assert!(t > last);
             last = t;
         }
         let s = largest_seq(&spec, a10, 1 << 20).unwrap();
-        assert!(s >= 512 && spec.with_shape(8, s).plan().fits(a10));
-        assert!(!spec.with_shape(8, s + 1).plan().fits(a10));
+        assert!(s >= 512 && spec.with_shape(8, s).predict().fits(a10));
+        assert!(!spec.with_shape(8, s + 1).predict().fits(a10));
         // Nothing fits in 1 GiB: the frozen base alone is larger.
         assert_eq!(largest_batch(&spec, 1 << 30, 4096), None);
         // The search respects its cap.
@@ -803,14 +812,14 @@ mod tests {
     fn paging_and_reference_lines() {
         let mut spec = mistral(4, 256);
         spec.optimizer = OptimizerPlace::Paged;
-        let paged = spec.plan().bytes_of(|c| c == Category::Optimizer);
+        let paged = spec.predict().bytes_of(|c| c == Category::Optimizer);
         // Largest tensor: B of o_proj or A of q_proj, 4096 x 16 = 65536 elements.
         assert_eq!(paged, 2 * (2 * 65536 + 8 * 256));
         spec.engine = EngineKind::Reference;
-        let plan = spec.plan();
-        assert_eq!(plan.engine_bytes, 0);
-        assert_eq!(plan.warnings.len(), 1);
-        assert!(plan.bytes_of(|c| c == Category::ReferenceActivations) > 0);
+        let predicted = spec.predict();
+        assert_eq!(predicted.engine_bytes, 0);
+        assert_eq!(predicted.warnings.len(), 1);
+        assert!(predicted.bytes_of(|c| c == Category::ReferenceActivations) > 0);
         assert_eq!(placement_for("never", u64::MAX), OptimizerPlace::Resident);
         assert_eq!(placement_for("always", 0), OptimizerPlace::Paged);
         assert_eq!(placement_for("auto", 1 << 20), OptimizerPlace::Resident);
@@ -818,14 +827,14 @@ mod tests {
 
     #[test]
     fn compare_lists_predicted_and_measured() {
-        let plan = mistral(8, 512).plan();
+        let predicted = mistral(8, 512).predict();
         let m = Measured {
             baseline_used: Some(500 * MIB),
             loaded_used: Some(4500 * MIB),
-            peak_used: Some(plan.total()),
-            engine_peak: Some(plan.engine_bytes),
+            peak_used: Some(predicted.total()),
+            engine_peak: Some(predicted.engine_bytes),
         };
-        let s = compare(&plan, &m);
+        let s = compare(&predicted, &m);
         assert!(s.contains("whole device") && s.contains("+0.0%"), "{s}");
         assert!(s.lines().count() == 5, "{s}");
     }
@@ -836,13 +845,13 @@ mod tests {
     #[test]
     fn kept_activations_residuals_first_then_mlp() {
         let spec = mistral(8, 512);
-        let plan = |k: KeptActivations| {
+        let predicted = |k: KeptActivations| {
             let mut s = spec.clone();
             k.apply(&mut s.engine_options);
-            s.plan()
+            s.predict()
         };
-        let total = |k| plan(k).total();
-        let engine = |k| plan(k).engine_bytes;
+        let total = |k| predicted(k).total();
+        let engine = |k| predicted(k).engine_bytes;
         let none = KeptActivations::default();
         let res = KeptActivations {
             attention_residuals: true,

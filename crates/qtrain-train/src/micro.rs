@@ -142,13 +142,13 @@ pub fn resolve_step_shape(
     let usable = gpu.map(|g| memory::usable(g.total_bytes, memory::DEFAULT_HEADROOM));
     let shape = StepShape::resolve(cfg, resumed_micro, |max| {
         memory::largest_fitting(max, |m| {
-            let plan = spec.with_shape(m, seq).plan();
+            let plan = spec.with_shape(m, seq).predict();
             usable.is_none_or(|u| plan.fits(u))
                 && engine_limit.is_none_or(|l| plan.engine_bytes <= l as u64)
         })
     })?;
     if cfg.data.batch_size_is_auto() || shape.micro_rows < shape.data_rows {
-        let plan = spec.with_shape(shape.micro_rows, seq).plan();
+        let plan = spec.with_shape(shape.micro_rows, seq).predict();
         for w in &plan.warnings {
             tracing::warn!("memory model: {w}");
         }

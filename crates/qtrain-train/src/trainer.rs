@@ -18,7 +18,7 @@
 //! an out-of-memory halves them and retries the same rows), and on fp16 GPUs the
 //! loss is scaled dynamically ([`crate::loss_scale`]).
 
-use crate::backend::{Backend, EngineChoice, HostOptimizer};
+use crate::backend::{Backend, EngineKind, HostOptimizer};
 use crate::ckpt_io::{self, CkptError};
 use crate::config::RunConfig;
 use crate::loss_scale::{LossScaler, ScaleUpdate};
@@ -472,8 +472,8 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     if let Some(dir) = &resume_dir {
         lora.update_from_host(&load_lora(&dir.join(ADAPTER_FILE), &params)?)?;
     }
-    let choice = EngineChoice::parse(&cfg.train.engine).unwrap_or(EngineChoice::Auto);
-    let mut backend = Backend::new(&base, lora, opt, choice)?;
+    let engine = EngineKind::resolve(&cfg.train.engine, base.device.is_cuda(), base.dtype);
+    let mut backend = Backend::new(&base, lora, opt, engine)?;
     backend.set_memory_limit(engine_memory_limit);
     let mut shape = micro::resolve_step_shape(
         &cfg,

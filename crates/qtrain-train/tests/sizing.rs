@@ -77,7 +77,7 @@ fn engine_bytes(cfg: &RunConfig, cache: &Path, rows: usize) -> u64 {
         cfg.data.seq_len,
         None,
     )
-    .plan()
+    .predict()
     .engine_bytes
 }
 
@@ -122,7 +122,7 @@ fn memory_model_matches_the_engine_the_model_and_the_optimizer() {
             48,
             None,
         );
-        let plan = spec.plan();
+        let plan = spec.predict();
         let lcfg = LoraConfig {
             rank: cfg.lora.rank,
             alpha: cfg.lora.alpha,
@@ -147,8 +147,8 @@ fn memory_model_matches_the_engine_the_model_and_the_optimizer() {
             micro_step: 0,
         };
         engine.forward_backward(&batch, &so, 100.0).unwrap();
-        // Exactly: the adapters' buffers plus the workspace's BufferPlan.
-        let ws = spec.buffer_plan().total_bytes() as u64;
+        // Exactly: the adapters' buffers plus the workspace's WorkspaceLayout.
+        let ws = spec.workspace_layout().total_bytes() as u64;
         let numel: usize = lora.to_host().unwrap().iter().map(|t| t.1.len()).sum();
         assert_eq!(plan.lora_params, numel);
         assert_eq!(
@@ -437,7 +437,7 @@ fn gives_back_kept_activations(mlp: bool) {
         );
         spec.engine_options.save_attention_residual = residuals;
         spec.engine_options.save_mlp_activations = mlp;
-        spec.plan().engine_bytes
+        spec.predict().engine_bytes
     };
     let without = engine_bytes(&off, cache.path(), 4);
     assert_eq!(without, engine_with(false, false));

@@ -1,6 +1,6 @@
 //! The engine's buffers and their sizes, as a pure function of the model shape,
 //! the adapters and the micro-batch. The workspace allocates exactly these buffers
-//! (a test checks the bytes it holds against [`BufferPlan::total_bytes`]), so the
+//! (a test checks the bytes it holds against [`WorkspaceLayout::total_bytes`]), so the
 //! memory model of `qtrain plan` predicts what the engine really takes.
 //!
 //! Names and their roles (`n` tokens of the micro-batch, `h` hidden, `qc` fused
@@ -24,7 +24,7 @@ use qtrain_model::ModelConfig;
 
 /// Everything that sizes the buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PlanShape {
+pub struct WorkspaceShape {
     pub tokens: usize,
     /// Batch rows (attention statistics are `batch · heads · seq`).
     pub batch: usize,
@@ -44,7 +44,7 @@ pub struct PlanShape {
     pub save_mlp_activations: bool,
 }
 
-impl PlanShape {
+impl WorkspaceShape {
     /// The shape of a `batch x seq` micro-batch under `opts` with rank-`rank`
     /// adapters (`dropout`: they carry dropout) in a compute type of `elem` bytes:
     /// what [`crate::Engine`] allocates its workspace for, and what the memory model
@@ -57,7 +57,7 @@ impl PlanShape {
         batch: usize,
         seq: usize,
     ) -> Self {
-        PlanShape {
+        WorkspaceShape {
             tokens: batch * seq,
             batch,
             seq,
@@ -110,7 +110,7 @@ impl Component {
     }
 }
 
-/// One buffer of the plan.
+/// One buffer of the workspace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BufferSpec {
     pub name: &'static str,
@@ -127,13 +127,13 @@ impl BufferSpec {
 
 /// All buffers of the engine's workspace for one shape.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BufferPlan {
-    pub shape: PlanShape,
+pub struct WorkspaceLayout {
+    pub shape: WorkspaceShape,
     pub buffers: Vec<BufferSpec>,
 }
 
-impl BufferPlan {
-    pub fn new(cfg: &ModelConfig, shape: PlanShape) -> Self {
+impl WorkspaceLayout {
+    pub fn new(cfg: &ModelConfig, shape: WorkspaceShape) -> Self {
         let n = shape.tokens;
         let h = cfg.hidden_size;
         let d = cfg.head_dim();
@@ -226,7 +226,7 @@ impl BufferPlan {
         self.buffers
             .iter()
             .find(|b| b.name == name)
-            .unwrap_or_else(|| panic!("no buffer {name} in the plan"))
+            .unwrap_or_else(|| panic!("no buffer {name} in the layout"))
             .elems
     }
 

@@ -1,0 +1,428 @@
+//! Timing training steps on a model of real shape, for `qtrain bench`: full
+//! optimizer steps (forward, backward with checkpointing, 8-bit AdamW update) of
+//! either engine ([`Backend`]) on a fixed random batch after warm-up steps, with
+//! the loss of each step (it must fall on a repeated batch), the phases' times,
+//! peak device memory (the whole device as the driver reports it, and the engine's
+//! own buffers) against the memory model's prediction, and optionally where one
+//! step's GPU time goes.
+
+use crate::backend::{Backend, EngineKind, HostOptimizer};
+use crate::gpu::GpuInfo;
+use crate::memory::{self, KeptActivations, Measured, MemoryBreakdown, MemorySpec};
+use crate::trainer::TrainError;
+use candle_core::{DType, Device};
+use qtrain_dist::SingleProcess;
+use qtrain_engine::EngineOptions;
+use qtrain_model::{BaseModel, Proj};
+use qtrain_optim::{AdamW8bit, AdamWConfig, ParamSpec};
+use qtrain_step::{LoraConfig, LoraWeights, StepOptions, TokenBatch};
+use rand::{Rng, SeedableRng};
+use std::time::Instant;
+
+type Result<T> = std::result::Result<T, TrainError>;
+
+/// Waits for the device's queued work (the timings stop the clock after it).
+fn synchronize(device: &Device) -> Result<()> {
+    Ok(device
+        .synchronize()
+        .map_err(qtrain_device::DeviceError::from)?)
+}
+
+/// Device memory in use (total − free), as nvidia-smi would show it; `None` on the
+/// CPU.
+pub fn device_used(device: &Device) -> Option<u64> {
+    if !device.is_cuda() {
+        return None;
+    }
+    let dev = qtrain_device::Dev::from_candle(device).ok()?;
+    let (free, total) = dev.mem_info().ok()??;
+    Some((total - free) as u64)
+}
+
+/// The model being benchmarked and what loading it measured.
+pub struct BenchModel {
+    pub base: BaseModel,
+    /// The GPU, when there is one (sizes the memory model).
+    pub gpu: Option<GpuInfo>,
+    /// Device memory in use before anything was loaded (the CUDA context, cuBLAS).
+    pub baseline_used: Option<u64>,
+    /// ... and after the frozen base was loaded.
+    pub loaded_used: Option<u64>,
+    /// Seconds the load took, and whether the quantized cache was read or written.
+    pub load_s: f64,
+    pub cache: String,
+}
+
+impl BenchModel {
+    /// fp16 has 5 exponent bits: the gradients flowing back are scaled clear of its
+    /// underflow (a fixed scale here; the trainer adjusts it dynamically).
+    pub fn loss_scale(&self) -> f64 {
+        if self.base.dtype == DType::F16 {
+            4096.0
+        } else {
+            1.0
+        }
+    }
+}
+
+/// What a bench case runs: the adapters, the engine, the kept activations and the
+/// number of steps.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub targets: Vec<Proj>,
+    pub rank: usize,
+    /// `train.engine`'s values; `auto` is the fused engine on any GPU here.
+    pub engine: String,
+    /// `train.keep_attention_residuals` / `train.keep_mlp_activations` policies.
+    pub keep_residuals: String,
+    pub keep_mlp: String,
+    pub warmup: usize,
+    pub steps: usize,
+    /// Time one more step with the engine's regions profiled.
+    pub profile: bool,
+}
+
+/// One case's measurements.
+pub struct CaseResult {
+    pub batch: usize,
+    pub seq: usize,
+    pub engine: EngineKind,
+    pub rank: usize,
+    /// Mean seconds per timed optimizer step.
+    pub step_s: f64,
+    /// Mean seconds of the forward/backward and of the optimizer update.
+    pub phase_s: [f64; 2],
+    /// The mean loss of every step, warm-up included.
+    pub losses: Vec<f64>,
+    /// Model FLOP/s achieved (see [`flops_per_token`]), in TFLOP/s.
+    pub tflops: f64,
+    /// Peak device memory in use during the steps (0 on the CPU).
+    pub peak_used: u64,
+    pub engine_peak: Option<usize>,
+    pub workspace_bytes: Option<usize>,
+    pub trainable: usize,
+    pub kept: KeptActivations,
+    /// The memory model's prediction for this case.
+    pub predicted: MemoryBreakdown,
+    /// With [`BenchOptions::profile`]: the regions of one step, `[step]` the whole.
+    pub profile: Option<Vec<qtrain_device::RegionTime>>,
+}
+
+impl CaseResult {
+    /// Whether the loss fell at every step (on the same batch).
+    pub fn loss_falls(&self) -> bool {
+        self.losses.windows(2).all(|w| w[1] < w[0])
+    }
+
+    pub fn tokens_per_s(&self) -> f64 {
+        (self.batch * self.seq) as f64 / self.step_s
+    }
+
+    /// The case as one JSON object, `qtrain bench`'s output line (`case` its
+    /// label, `targets` the targets as given; MFU against `peak_tflops` when > 0).
+    pub fn record(
+        &self,
+        model: &BenchModel,
+        case: &str,
+        targets: &str,
+        peak_tflops: f64,
+    ) -> serde_json::Value {
+        let mib = |b: u64| b as f64 / 1048576.0;
+        let base = &model.base;
+        serde_json::json!({
+            "case": case,
+            "targets": targets,
+            "rank": self.rank,
+            "engine": self.engine.name(),
+            "dtype": format!("{:?}", base.dtype).to_lowercase(),
+            "step_s": self.step_s,
+            "tokens_per_s": self.tokens_per_s(),
+            "achieved_tflops": self.tflops,
+            "mfu": (peak_tflops > 0.0).then(|| self.tflops / peak_tflops),
+            "losses": self.losses,
+            "loss_falls": self.loss_falls(),
+            "phase_s": {"forward_backward": self.phase_s[0], "optimizer": self.phase_s[1]},
+            "peak_device_mem_used_mib": mib(self.peak_used),
+            "engine_buffers_peak_mib": self.engine_peak.map(|b| mib(b as u64)),
+            "frozen_mib": mib(base.storage_bytes() as u64),
+            "device_used_after_load_mib": model.loaded_used.map(mib),
+            "engine_workspace_plan_mib": self.workspace_bytes.map(|b| mib(b as u64)),
+            "trainable_params": self.trainable,
+            "load_s": model.load_s,
+            "profile_ms": self.profile.as_ref().map(|p| p
+                .iter()
+                .map(|r| (r.name.to_string(), serde_json::json!({"ms": r.ms, "calls": r.calls})))
+                .collect::<serde_json::Map<_, _>>()),
+            "attention_residuals_kept": self.kept.attention_residuals,
+            "mlp_activations_kept": self.kept.mlp,
+            "baseline_used_mib": model.baseline_used.map(mib),
+            "predicted_peak_mib": mib(self.predicted.total()),
+            "predicted_engine_mib": mib(self.predicted.engine_bytes),
+        })
+    }
+
+    /// The predicted memory next to what was measured.
+    pub fn memory_comparison(&self, model: &BenchModel) -> String {
+        memory::compare(
+            &self.predicted,
+            &Measured {
+                baseline_used: model.baseline_used,
+                loaded_used: model.loaded_used,
+                peak_used: (self.peak_used > 0).then_some(self.peak_used),
+                engine_peak: self.engine_peak.map(|b| b as u64),
+            },
+        )
+    }
+}
+
+/// Loads `dir` NF4-quantized on `device` in the compute type `dtype_spec` resolves
+/// to (the GPU's precision policy for `auto`), through the quantized cache.
+pub fn load_model(dir: &std::path::Path, device: &Device, dtype_spec: &str) -> Result<BenchModel> {
+    // Before anything is loaded: the CUDA context and cuBLAS (memory::CONTEXT_BYTES).
+    let baseline_used = device_used(device);
+    let (dtype, gpu) = crate::models::resolve_dtype(dtype_spec, device)?;
+    let t = Instant::now();
+    let (base, outcome) = qtrain_model::bnb::load_cached(
+        dir,
+        &qtrain_model::LoadOptions {
+            device: device.clone(),
+            dtype,
+            quantization: qtrain_model::Quantization::default(),
+            threads: 0,
+        },
+        &qtrain_model::bnb::default_cache_root().join("nf4"),
+    )?;
+    synchronize(device)?;
+    Ok(BenchModel {
+        base,
+        gpu,
+        baseline_used,
+        loaded_used: device_used(device),
+        load_s: t.elapsed().as_secs_f64(),
+        cache: format!("{outcome:?}"),
+    })
+}
+
+/// Model FLOPs per token at `seq`, the convention of the throughput figures: 2P
+/// forward and 2P backward (frozen weights need dX only, no dW; LoRA adds little)
+/// = 4P, plus 2P for the recomputed forward with checkpointing = 6P, P counting
+/// every matmul weight; causal attention adds 2 x 2 x seq/2 x (heads x head_dim)
+/// per layer forward, four times over.
+pub fn flops_per_token(base: &BaseModel, seq: usize) -> f64 {
+    let cfg = &base.config;
+    let matmul_params = (qtrain_model::PROJECTIONS
+        .iter()
+        .map(|&p| cfg.proj_shape(p).iter().product::<usize>())
+        .sum::<usize>()
+        * cfg.num_hidden_layers
+        + cfg.vocab_size * cfg.hidden_size) as f64;
+    let attn =
+        2.0 * (cfg.num_hidden_layers * seq * cfg.num_attention_heads * cfg.head_dim()) as f64;
+    3.0 * 2.0 * matmul_params + 4.0 * attn
+}
+
+/// The memory model of a `batch x seq` case with the optimizer state where it
+/// lives and the engine's options.
+fn spec_for(
+    model: &BenchModel,
+    o: &BenchOptions,
+    engine: EngineKind,
+    (batch, seq): (usize, usize),
+    optimizer: memory::OptimizerPlace,
+    engine_options: EngineOptions,
+) -> MemorySpec {
+    let base = &model.base;
+    MemorySpec {
+        model: base.config.clone(),
+        quantization: base.quantization,
+        dtype: base.dtype,
+        rank: o.rank,
+        targets: o.targets.clone(),
+        dropout: false,
+        batch,
+        seq,
+        checkpointing: true,
+        eight_bit: true,
+        optimizer,
+        engine,
+        engine_options,
+        compute_capability: model.gpu.as_ref().map(|g| g.compute_capability),
+    }
+}
+
+/// Times `warmup + steps` optimizer steps on a random `batch x seq` batch.
+pub fn run_case(
+    model: &BenchModel,
+    o: &BenchOptions,
+    batch: usize,
+    seq: usize,
+) -> Result<CaseResult> {
+    let (base, device) = (&model.base, &model.base.device);
+    // `auto` runs the fused engine on any GPU (whatever the dtype), unlike a run.
+    let engine = match o.engine.as_str() {
+        "auto" if device.is_cuda() => EngineKind::Fused,
+        setting => EngineKind::resolve(setting, device.is_cuda(), base.dtype),
+    };
+    let lcfg = LoraConfig {
+        rank: o.rank,
+        alpha: 2.0 * o.rank as f64,
+        dropout: 0.0,
+        targets: o.targets.clone(),
+        rslora: false,
+        seed: 0,
+    };
+    let lora = LoraWeights::init(&lcfg, &base.config, device)?;
+    let specs: Vec<ParamSpec> = lora
+        .to_host()?
+        .iter()
+        .map(|(n, v, _)| ParamSpec::new(n.clone(), v.len()))
+        .collect();
+    let trainable = specs.iter().map(|s| s.numel).sum();
+    let opt = AdamW8bit::new(AdamWConfig::default(), &specs)?;
+    let mut backend = Backend::new(base, lora, HostOptimizer::AdamW8bit(opt), engine)?;
+    // As the trainer decides: on the memory model of the case, against 90% of the GPU.
+    let kept = memory::kept_activations(
+        &o.keep_residuals,
+        &o.keep_mlp,
+        &spec_for(
+            model,
+            o,
+            engine,
+            (batch, seq),
+            backend.optimizer_place(),
+            EngineOptions::default(),
+        ),
+        model
+            .gpu
+            .as_ref()
+            .map(|g| memory::usable(g.total_bytes, memory::DEFAULT_HEADROOM)),
+        None,
+    );
+    backend.set_kept_activations(kept);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let rows: Vec<Vec<u32>> = (0..batch)
+        .map(|_| {
+            (0..seq)
+                .map(|_| rng.random_range(3..base.config.vocab_size as u32))
+                .collect()
+        })
+        .collect();
+    let tokens = TokenBatch::from_rows(&rows)?;
+    let valid = tokens.valid_targets() as f64;
+    let scale = model.loss_scale();
+    let options = |i: usize| StepOptions {
+        checkpointing: true,
+        dropout_seed: 0,
+        micro_step: i as u64,
+    };
+    let (mut losses, mut times, mut phase_s) = (Vec::new(), Vec::new(), [0f64; 2]);
+    let mut peak_used = device_used(device).unwrap_or(0);
+    for i in 0..o.warmup + o.steps {
+        synchronize(device)?;
+        let t = Instant::now();
+        backend.zero_grads()?;
+        let loss = backend
+            .micro_step(base, &tokens, &options(i), valid / scale)?
+            .loss_sum;
+        synchronize(device)?;
+        let t1 = t.elapsed().as_secs_f64();
+        peak_used = peak_used.max(device_used(device).unwrap_or(0));
+        // No clipping (a norm of 0), as the trainer's update otherwise.
+        backend.reduce_and_clip(&SingleProcess, 0.0, (1.0 / scale) as f32)?;
+        backend.update(1e-3)?;
+        synchronize(device)?;
+        let t2 = t.elapsed().as_secs_f64();
+        if i >= o.warmup {
+            for (acc, d) in phase_s.iter_mut().zip([t1, t2 - t1]) {
+                *acc += d / o.steps as f64;
+            }
+            times.push(t2);
+        }
+        losses.push(loss / valid);
+    }
+    let profile = match backend.engine_device().filter(|_| o.profile) {
+        Some(dev) => Some(profile_step(&dev, || {
+            backend.zero_grads()?;
+            let so = options(o.warmup + o.steps);
+            backend.micro_step(base, &tokens, &so, valid / scale)?;
+            Ok(())
+        })?),
+        None => None,
+    };
+    // The memory model's prediction (fused: the 8-bit AdamW state on the GPU as the
+    // placement policy decided; reference: on the host), next to what was measured:
+    // the numbers the runtime constants are calibrated on.
+    let predicted = spec_for(
+        model,
+        o,
+        engine,
+        (batch, seq),
+        backend.optimizer_place(),
+        backend.engine_options(),
+    )
+    .predict();
+    let step_s = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    Ok(CaseResult {
+        batch,
+        seq,
+        engine,
+        rank: o.rank,
+        step_s,
+        phase_s,
+        losses,
+        tflops: flops_per_token(base, seq) * (batch * seq) as f64 / step_s / 1e12,
+        peak_used,
+        engine_peak: backend.engine_peak_bytes(),
+        workspace_bytes: backend
+            .workspace_layout(batch, seq)
+            .map(|l| l.total_bytes()),
+        trainable,
+        kept: backend.kept_activations(),
+        predicted,
+        profile,
+    })
+}
+
+/// Runs `step` once with region timing on (`Dev::region` in the engine) and returns
+/// the regions, plus `[step]`: the whole step's device time.
+fn profile_step(
+    dev: &qtrain_device::Dev,
+    step: impl FnOnce() -> Result<()>,
+) -> Result<Vec<qtrain_device::RegionTime>> {
+    dev.take_profile()?;
+    dev.set_profiling(true);
+    let r = {
+        let _all = dev.region("[step]");
+        step()
+    };
+    dev.set_profiling(false);
+    r?;
+    Ok(dev.take_profile()?)
+}
+
+/// A profile as a table: regions by time, with their share of the step and the
+/// step time no region covers (launch gaps, small kernels, host waits).
+pub fn profile_table(p: &[qtrain_device::RegionTime]) -> String {
+    let step = p.iter().find(|r| r.name == "[step]").map_or(0.0, |r| r.ms);
+    let mut leaves: Vec<_> = p.iter().filter(|r| !r.name.starts_with('[')).collect();
+    leaves.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    let mut out = format!(
+        "{:<42} {:>7} {:>10} {:>7}\n",
+        "region", "calls", "ms", "share"
+    );
+    let mut row = |name: &str, calls: String, ms: f64| {
+        out.push_str(&format!(
+            "{name:<42} {calls:>7} {ms:>10.2} {:>6.1}%\n",
+            if step > 0.0 { 100.0 * ms / step } else { 0.0 }
+        ));
+    };
+    for r in p.iter().filter(|r| r.name.starts_with('[')) {
+        row(r.name, r.calls.to_string(), r.ms);
+    }
+    let covered: f64 = leaves.iter().map(|r| r.ms).sum();
+    for r in leaves {
+        row(r.name, r.calls.to_string(), r.ms);
+    }
+    row("(not in any region)", String::new(), step - covered);
+    out
+}
