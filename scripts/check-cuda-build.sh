@@ -4,11 +4,12 @@
 # each compute capability qtrain supports with CUDA 13 (7.5 T4, 8.0 A100, 8.6 A10/RTX 30,
 # 8.9 L4/RTX 40, 9.0 H100/H200; CUDA 13 has no 7.0 target, a V100 build needs CUDA 12),
 # with the flags of crates/qtrain-device/build_ptx.rs, and the `cuda` feature build of
-# the whole binary is clippy clean. Needs ../shared/cuda/toolchain.sh (nvcc from PyPI,
-# link stubs). The first run compiles candle's own kernels (~14 minutes on 2 cores).
+# the whole binary is clippy clean. The toolchain comes from scripts/cuda-toolchain.sh
+# (nvcc 13.0 from PyPI, link stubs; installed once). The first run compiles candle's own
+# kernels (~14 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-eval "$(../shared/cuda/toolchain.sh)"
+eval "$(scripts/cuda-toolchain.sh)"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 mapfile -t sources < <(find crates -name '*.cu' | sort)

@@ -1,7 +1,7 @@
 """NF4 dequantization lab: times the shipped kernels (crates/qtrain-device/src/ops/nf4/nf4.cu) and candidate
 kernels (lab.cu) with CUDA events, and checks each bit for bit against a torch reference.
 
-Build the PTX where nvcc is (here: `eval "$(../shared/cuda/toolchain.sh)"`), then run it
+Build the PTX where nvcc is (here: `eval "$(scripts/cuda-toolchain.sh)"`), then run it
 on the GPU machine, which needs only torch:
 
     nvcc -arch=sm_90 -O3 -ptx scripts/nf4-lab/lab.cu -o lab.ptx
