@@ -425,24 +425,7 @@ pub fn launch_local(spec: &LaunchSpec) -> Result<LaunchReport, LaunchError> {
         crate::env::display_addr(&spec.master_addr, port)
     );
 
-    let mut children: Vec<Child> = Vec::with_capacity(world);
-    for rank in 0..world {
-        match spawn_worker(spec, rank, port, nvls_default) {
-            Ok(c) => children.push(c),
-            Err(source) => {
-                // The ones already started have done nothing worth saving yet.
-                for c in &mut children {
-                    signal_group(c, libc::SIGKILL);
-                    let _ = c.wait();
-                }
-                return Err(LaunchError::Spawn {
-                    rank,
-                    program: spec.program.display().to_string(),
-                    source,
-                });
-            }
-        }
-    }
+    let mut children = spawn_all(spec, port, nvls_default)?;
 
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; world];
     let mut failed: Option<(usize, ExitStatus)> = None;
@@ -529,10 +512,45 @@ pub fn launch_local(spec: &LaunchSpec) -> Result<LaunchReport, LaunchError> {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    let statuses: Vec<ExitStatus> = statuses
+    let statuses = statuses
         .into_iter()
         .map(|s| s.expect("all exited"))
         .collect();
+    outcome(statuses, failed, stuck, forwarded)
+}
+
+/// One worker per device; on a failure to start one, the ones already started are
+/// killed (they have done nothing worth saving yet).
+fn spawn_all(spec: &LaunchSpec, port: u16, nvls_default: bool) -> Result<Vec<Child>, LaunchError> {
+    let world = spec.devices.len();
+    let mut children: Vec<Child> = Vec::with_capacity(world);
+    for rank in 0..world {
+        match spawn_worker(spec, rank, port, nvls_default) {
+            Ok(c) => children.push(c),
+            Err(source) => {
+                for c in &mut children {
+                    signal_group(c, libc::SIGKILL);
+                    let _ = c.wait();
+                }
+                return Err(LaunchError::Spawn {
+                    rank,
+                    program: spec.program.display().to_string(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(children)
+}
+
+/// The launch's result once every worker has exited: the first failure, or the
+/// ranks that had to be stopped after another exited cleanly, or the statuses.
+fn outcome(
+    statuses: Vec<ExitStatus>,
+    failed: Option<(usize, ExitStatus)>,
+    stuck: Option<(usize, Vec<usize>, Duration)>,
+    forwarded: Option<i32>,
+) -> Result<LaunchReport, LaunchError> {
     let others = |skip: &[usize]| -> String {
         statuses
             .iter()

@@ -350,6 +350,27 @@ impl RunConfig {
     /// Every problem with its key path; `Ok` when there is none.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let mut p = Vec::new();
+        self.model_problems(&mut p);
+        self.lora_problems(&mut p);
+        if let Err(e) = self.data.validate() {
+            p.push(format!("data: {e}"));
+        }
+        self.train_problems(&mut p);
+        self.optimizer_problems(&mut p);
+        self.budget_problems(&mut p);
+        self.checkpoint_problems(&mut p);
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems: p,
+            })
+        }
+    }
+
+    /// The problems of `model`.
+    fn model_problems(&self, p: &mut Vec<String>) {
         let m = &self.model;
         if m.path.trim().is_empty() {
             p.push("model.path: must name a model directory, hub id or builtin:tiny".to_string());
@@ -376,6 +397,10 @@ impl RunConfig {
                 m.device
             ));
         }
+    }
+
+    /// The problems of `lora`.
+    fn lora_problems(&self, p: &mut Vec<String>) {
         let l = &self.lora;
         if l.rank == 0 {
             p.push("lora.rank: must be > 0".into());
@@ -397,9 +422,10 @@ impl RunConfig {
                 ));
             }
         }
-        if let Err(e) = self.data.validate() {
-            p.push(format!("data: {e}"));
-        }
+    }
+
+    /// The problems of `train` (some depend on `data.batch_size`).
+    fn train_problems(&self, p: &mut Vec<String>) {
         let t = &self.train;
         if t.grad_accum == 0 {
             p.push("train.grad_accum: must be >= 1".into());
@@ -449,6 +475,10 @@ impl RunConfig {
                 t.engine
             ));
         }
+    }
+
+    /// The problems of `optimizer`.
+    fn optimizer_problems(&self, p: &mut Vec<String>) {
         let o = &self.optimizer;
         if !["adamw8bit", "adamw32"].contains(&o.kind.as_str()) {
             p.push(format!(
@@ -491,6 +521,10 @@ impl RunConfig {
                 o.paged
             ));
         }
+    }
+
+    /// The problems of `budget`.
+    fn budget_problems(&self, p: &mut Vec<String>) {
         let b = &self.budget;
         let sources = [b.hours.is_some(), b.minutes.is_some(), b.steps.is_some()]
             .iter()
@@ -516,6 +550,10 @@ impl RunConfig {
                 ));
             }
         }
+    }
+
+    /// The problems of `checkpoint` and `log`.
+    fn checkpoint_problems(&self, p: &mut Vec<String>) {
         let c = &self.checkpoint;
         if c.keep_last == 0 {
             p.push("checkpoint.keep_last: must be >= 1".into());
@@ -528,14 +566,6 @@ impl RunConfig {
         }
         if self.log.every_steps == 0 {
             p.push("log.every_steps: must be >= 1".into());
-        }
-        if p.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                problems: p,
-            })
         }
     }
 

@@ -309,6 +309,74 @@ pub fn export_merged(
     )
 }
 
+/// The full-precision weight of projection `t` (stored as `name`) with its adapter
+/// pair merged in: dequantized from a pre-quantized source, or read and (with
+/// [`MergeBase::Dequantized`]) passed through the NF4 round trip training saw.
+fn merged_weight(
+    st: &ShardedTensors,
+    name: &str,
+    t: &Target,
+    cfg: &ModelConfig,
+    opts: &MergeOptions,
+    adapter: &PeftAdapter,
+) -> Result<Vec<f32>, MergeError> {
+    let prequant = cfg.is_prequantized();
+    let shape = cfg.proj_shape(t.proj);
+    let mut v = if prequant {
+        qtrain_model::bnb::read_nf4(st, name)?.dequantize_to_vec()
+    } else {
+        st.get(name)?.to_f32_vec()?
+    };
+    if v.len() != shape[0] * shape[1] {
+        return Err(ModelError::ShapeMismatch {
+            path: st.get(name)?.path.to_path_buf(),
+            name: name.to_string(),
+            found: vec![v.len()],
+            expected: shape.to_vec(),
+        }
+        .into());
+    }
+    if opts.base == MergeBase::Dequantized && !prequant {
+        v = qtrain_quant::Nf4Tensor::quantize(
+            &v,
+            &shape,
+            opts.nf4_blocksize,
+            opts.nf4_double_quant,
+        )
+        .map_err(|source| ModelError::Quant {
+            path: st
+                .get(name)
+                .map(|r| r.path.to_path_buf())
+                .unwrap_or_default(),
+            name: name.to_string(),
+            source,
+        })?
+        .dequantize_to_vec();
+    }
+    if let Some((a, b)) = t.pair {
+        let [out, inp] = shape;
+        let scale = adapter.settings.scale() as f32;
+        add_lora(&mut v, &a.1, &b.1, out, adapter.settings.rank, inp, scale);
+    }
+    Ok(v)
+}
+
+/// `config.json` of the merged model, written last: the source's, without the
+/// quantization settings, in bf16.
+fn write_merged_config(cfg: &ModelConfig, out_dir: &Path) -> Result<(), MergeError> {
+    let mut json = cfg.to_json();
+    let obj = json.as_object_mut().expect("config is an object");
+    obj.remove("quantization_config");
+    // Marks qtrain's quantized cache; the merged model is not one.
+    obj.remove("qtrain_cache_format");
+    obj.insert("torch_dtype".into(), "bfloat16".into());
+    // Newer transformers write `dtype` instead; keep the two in agreement.
+    if obj.contains_key("dtype") {
+        obj.insert("dtype".into(), "bfloat16".into());
+    }
+    write_json_atomic(&out_dir.join("config.json"), &json)
+}
+
 /// Writes the merged model into `out_dir`: weights (sharded when larger than
 /// `max_shard_bytes`, with `model.safetensors.index.json`), tokenizer files, and
 /// `config.json` last (without `quantization_config`), so a directory with a config
@@ -323,7 +391,6 @@ pub fn export_merged_with(
     let st = ShardedTensors::open_model_dir(source_dir)?;
     let pairs = pair_adapter(adapter, &cfg, &st)?;
     check_out_dir(source_dir, out_dir)?;
-    let scale = adapter.settings.scale() as f32;
     let prequant = cfg.is_prequantized();
     if prequant && opts.base == MergeBase::Original {
         tracing::warn!(
@@ -408,41 +475,8 @@ pub fn export_merged_with(
                 // A projection is rewritten only when it changes: with the original
                 // base and no adapter pair it is copied like any other tensor.
                 Some(t) if prequant || opts.base == MergeBase::Dequantized || t.pair.is_some() => {
-                    let shape = cfg.proj_shape(t.proj);
-                    let mut v = if prequant {
-                        qtrain_model::bnb::read_nf4(&st, name)?.dequantize_to_vec()
-                    } else {
-                        st.get(name)?.to_f32_vec()?
-                    };
-                    if v.len() != shape[0] * shape[1] {
-                        return Err(ModelError::ShapeMismatch {
-                            path: st.get(name)?.path.to_path_buf(),
-                            name: name.to_string(),
-                            found: vec![v.len()],
-                            expected: shape.to_vec(),
-                        }
-                        .into());
-                    }
-                    if opts.base == MergeBase::Dequantized && !prequant {
-                        v = qtrain_quant::Nf4Tensor::quantize(
-                            &v,
-                            &shape,
-                            opts.nf4_blocksize,
-                            opts.nf4_double_quant,
-                        )
-                        .map_err(|source| ModelError::Quant {
-                            path: st
-                                .get(name)
-                                .map(|r| r.path.to_path_buf())
-                                .unwrap_or_default(),
-                            name: name.to_string(),
-                            source,
-                        })?
-                        .dequantize_to_vec();
-                    }
-                    if let Some((a, b)) = t.pair {
-                        let [out, inp] = shape;
-                        add_lora(&mut v, &a.1, &b.1, out, adapter.settings.rank, inp, scale);
+                    let v = merged_weight(&st, name, t, &cfg, opts, adapter)?;
+                    if t.pair.is_some() {
                         summary.merged += 1;
                         tracing::debug!("merged layer {} {}", t.layer, t.proj.name());
                     }
@@ -470,17 +504,7 @@ pub fn export_merged_with(
         )?;
     }
     qtrain_model::bnb::copy_tokenizer_files(source_dir, out_dir)?;
-    let mut json = cfg.to_json();
-    let obj = json.as_object_mut().expect("config is an object");
-    obj.remove("quantization_config");
-    // Marks qtrain's quantized cache; the merged model is not one.
-    obj.remove("qtrain_cache_format");
-    obj.insert("torch_dtype".into(), "bfloat16".into());
-    // Newer transformers write `dtype` instead; keep the two in agreement.
-    if obj.contains_key("dtype") {
-        obj.insert("dtype".into(), "bfloat16".into());
-    }
-    write_json_atomic(&out_dir.join("config.json"), &json)?;
+    write_merged_config(&cfg, out_dir)?;
     Ok(summary)
 }
 

@@ -359,6 +359,57 @@ pub fn write_peft_adapter(
 /// given as a regular expression is accepted; the targets are then the projections
 /// the tensors belong to.
 pub fn read_peft_adapter(dir: &Path) -> Result<PeftAdapter, PeftError> {
+    let c = read_config(dir)?;
+    let (mut tensors, wpath) = read_tensors(dir)?;
+    tensors.sort_by_key(|t| order_key(&t.0));
+    let targets = match c.targets {
+        Some(t) => t,
+        None => {
+            // A regular expression: the projections that carry tensors.
+            let mut t: Vec<Proj> = tensors
+                .iter()
+                .filter_map(|(n, _, _)| parse_qtrain_name(n).map(|x| x.1))
+                .collect();
+            t.sort();
+            t.dedup();
+            t
+        }
+    };
+    // Errors from here name the PEFT tensor, as the file spells it.
+    check_tensors(&tensors, c.rank, &targets, &wpath).map_err(|e| match e {
+        PeftError::Tensor { path, name, msg } => PeftError::Tensor {
+            path,
+            name: to_peft_name(&name).unwrap_or(name),
+            msg,
+        },
+        other => other,
+    })?;
+    Ok(PeftAdapter {
+        settings: PeftSettings {
+            rank: c.rank,
+            alpha: c.alpha,
+            dropout: c.dropout,
+            targets,
+            rslora: c.rslora,
+            base_model: c.base_model,
+        },
+        tensors,
+    })
+}
+
+/// What `adapter_config.json` says; `targets` is `None` for a regular expression
+/// (the tensors decide).
+struct ConfigFile {
+    rank: usize,
+    alpha: f64,
+    dropout: f64,
+    rslora: bool,
+    targets: Option<Vec<Proj>>,
+    base_model: String,
+}
+
+/// Reads and checks `dir/adapter_config.json` (see [`read_peft_adapter`]).
+fn read_config(dir: &Path) -> Result<ConfigFile, PeftError> {
     let cpath = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&cpath).map_err(|e| PeftError::Io {
         path: cpath.clone(),
@@ -449,7 +500,7 @@ pub fn read_peft_adapter(dir: &Path) -> Result<PeftAdapter, PeftError> {
     if get("layer_replication").is_some() {
         return Err(bad("layer_replication", "not supported".into()));
     }
-    let declared: Option<Vec<Proj>> = match get("target_modules") {
+    let targets: Option<Vec<Proj>> = match get("target_modules") {
         None => return Err(bad("target_modules", "missing".into())),
         Some(serde_json::Value::Array(a)) => {
             let mut out = Vec::new();
@@ -484,6 +535,19 @@ pub fn read_peft_adapter(dir: &Path) -> Result<PeftAdapter, PeftError> {
         .unwrap_or_default()
         .to_string();
 
+    Ok(ConfigFile {
+        rank,
+        alpha,
+        dropout,
+        rslora,
+        targets,
+        base_model,
+    })
+}
+
+/// The LoRA tensors of `dir/adapter_model.safetensors` under qtrain's names (any
+/// order), and the file's path.
+fn read_tensors(dir: &Path) -> Result<(Vec<HostTensor>, PathBuf), PeftError> {
     let wpath = dir.join(WEIGHTS_FILE);
     if !wpath.exists() && dir.join("adapter_model.bin").exists() {
         return Err(PeftError::Io {
@@ -508,40 +572,7 @@ pub fn read_peft_adapter(dir: &Path) -> Result<PeftAdapter, PeftError> {
         let t = st.get(peft)?;
         tensors.push((name, t.to_f32_vec()?, t.shape.to_vec()));
     }
-    tensors.sort_by_key(|t| order_key(&t.0));
-    let targets = match declared {
-        Some(t) => t,
-        None => {
-            // A regular expression: the projections that carry tensors.
-            let mut t: Vec<Proj> = tensors
-                .iter()
-                .filter_map(|(n, _, _)| parse_qtrain_name(n).map(|x| x.1))
-                .collect();
-            t.sort();
-            t.dedup();
-            t
-        }
-    };
-    // Errors from here name the PEFT tensor, as the file spells it.
-    check_tensors(&tensors, rank, &targets, &wpath).map_err(|e| match e {
-        PeftError::Tensor { path, name, msg } => PeftError::Tensor {
-            path,
-            name: to_peft_name(&name).unwrap_or(name),
-            msg,
-        },
-        other => other,
-    })?;
-    Ok(PeftAdapter {
-        settings: PeftSettings {
-            rank,
-            alpha,
-            dropout,
-            targets,
-            rslora,
-            base_model,
-        },
-        tensors,
-    })
+    Ok((tensors, wpath))
 }
 
 #[cfg(test)]
