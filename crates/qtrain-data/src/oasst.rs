@@ -648,7 +648,10 @@ static LIVE: Mutex<Vec<(Key, Weak<Conversations>)>> = Mutex::new(Vec::new());
 
 /// [`Conversations::assemble`], shared with any live assembly of the same parts and
 /// options.
-pub(crate) fn assemble_shared(parts: &[SourceFile], opts: &TreeOptions) -> Result<Arc<Conversations>> {
+pub(crate) fn assemble_shared(
+    parts: &[SourceFile],
+    opts: &TreeOptions,
+) -> Result<Arc<Conversations>> {
     let key = Key {
         parts: parts
             .iter()

@@ -389,7 +389,11 @@ fn probe_fields(f: &SourceFile) -> Result<Option<Vec<Field>>> {
 
 /// The deepest directory holding every file.
 fn common_parent(files: &[SourceFile]) -> PathBuf {
-    let mut common = files[0].path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut common = files[0]
+        .path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     for f in &files[1..] {
         while !f.path.starts_with(&common) {
             if !common.pop() {

@@ -118,14 +118,20 @@ fn stream_matches(cfg: &DatasetConfig, want: &[Doc], rounds: usize) {
             n += 1;
         }
     }
-    assert!(seen.iter().all(|&c| c > 0), "every conversation comes: {seen:?}");
+    assert!(
+        seen.iter().all(|&c| c > 0),
+        "every conversation comes: {seen:?}"
+    );
 }
 
 fn pairs_of(messages: &[Message]) -> Vec<(String, String)> {
     messages
         .chunks(2)
         .map(|c| {
-            assert_eq!((c[0].role.as_str(), c[1].role.as_str()), ("user", "assistant"));
+            assert_eq!(
+                (c[0].role.as_str(), c[1].role.as_str()),
+                ("user", "assistant")
+            );
             (c[0].content.clone(), c[1].content.clone())
         })
         .collect()
@@ -219,10 +225,7 @@ fn oasst1_every_path_and_language_filter() {
     let (convs, report) = assembled(&en);
     let best = owned(hub::oasst_train_best());
     assert_eq!(convs, [best[0].clone(), best[2].clone()]);
-    assert_eq!(
-        (report.trees_other_language, report.conversations),
-        (1, 2)
-    );
+    assert_eq!((report.trees_other_language, report.conversations), (1, 2));
     let en_all = DatasetConfig {
         tree_paths: TreePaths::All,
         ..en.clone()
@@ -444,7 +447,10 @@ fn large_arrow_types_read_the_same() {
     assert!(turn
         .iter()
         .all(|f| f.data_type() == &arrow_schema::DataType::LargeUtf8));
-    assert_eq!(schema.field(0).data_type(), &arrow_schema::DataType::LargeUtf8);
+    assert_eq!(
+        schema.field(0).data_type(),
+        &arrow_schema::DataType::LargeUtf8
+    );
     let want: Vec<Doc> = hub::capybara_train()
         .iter()
         .map(|(_, turns)| {
@@ -473,11 +479,7 @@ fn alpaca_cleaned_json_and_converted_parquet() {
         })
         .collect();
     stream_matches(&cfg("yahma/alpaca-cleaned"), &want, 3);
-    stream_matches(
-        &cfg("yahma/alpaca-cleaned@refs/convert/parquet"),
-        &want,
-        3,
-    );
+    stream_matches(&cfg("yahma/alpaca-cleaned@refs/convert/parquet"), &want, 3);
     // The JSON file names no split: it is the train split, and only that.
     let err = Dataset::resolve(&DatasetConfig {
         split: "test".into(),
@@ -507,7 +509,11 @@ fn unrecognised_columns_are_an_error_naming_them() {
     // Preference pairs: no format of ours; refused before streaming.
     let p = parquet(
         "pairs.parquet",
-        vec![("prompt", s(&["q"])), ("chosen", s(&["a"])), ("rejected", s(&["b"]))],
+        vec![
+            ("prompt", s(&["q"])),
+            ("chosen", s(&["a"])),
+            ("rejected", s(&["b"])),
+        ],
     );
     let c = DatasetConfig {
         path: p.to_string_lossy().into(),
@@ -543,7 +549,11 @@ fn unrecognised_columns_are_an_error_naming_them() {
         format: Format::Text,
         ..c
     };
-    BatchStream::new(&text, tiny()).unwrap().next().unwrap().unwrap();
+    BatchStream::new(&text, tiny())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
     // Plain text with metadata columns stays text.
     let p = parquet(
         "web.parquet",
@@ -557,7 +567,11 @@ fn unrecognised_columns_are_an_error_naming_them() {
         path: p.to_string_lossy().into(),
         ..cfg("")
     };
-    BatchStream::new(&c, tiny()).unwrap().next().unwrap().unwrap();
+    BatchStream::new(&c, tiny())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
     // JSON records are checked one by one, naming the line.
     let p = write(
         d.path(),

@@ -132,7 +132,13 @@ const fn ranked(m: Msg, rank: i32) -> Msg {
 /// * `o1`: an orphan (its parent is in no split), with a reply `o2` below it.
 pub const OASST_TRAIN: [Msg; 25] = [
     ranked(msg("a2", Some("p1"), "p1", "assistant", "Paris."), 0),
-    msg("p1", None, "p1", "prompter", "What is the capital of France?"),
+    msg(
+        "p1",
+        None,
+        "p1",
+        "prompter",
+        "What is the capital of France?",
+    ),
     ranked(
         msg("a1", Some("p1"), "p1", "assistant", "It is Paris, I think."),
         1,
@@ -140,7 +146,10 @@ pub const OASST_TRAIN: [Msg; 25] = [
     msg("p2", Some("a2"), "p1", "prompter", "And of Italy?"),
     Msg {
         deleted: true,
-        ..ranked(msg("a3", Some("p2"), "p1", "assistant", "Rome, obviously!!"), 0)
+        ..ranked(
+            msg("a3", Some("p2"), "p1", "assistant", "Rome, obviously!!"),
+            0,
+        )
     },
     ranked(msg("a4", Some("p2"), "p1", "assistant", "Rome."), 1),
     Msg {
@@ -155,7 +164,10 @@ pub const OASST_TRAIN: [Msg; 25] = [
     },
     Msg {
         lang: "de",
-        ..ranked(msg("b1", Some("q1"), "q1", "assistant", "Es ist zwölf Uhr."), 0)
+        ..ranked(
+            msg("b1", Some("q1"), "q1", "assistant", "Es ist zwölf Uhr."),
+            0,
+        )
     },
     Msg {
         lang: "de",
@@ -164,7 +176,10 @@ pub const OASST_TRAIN: [Msg; 25] = [
     msg("c1", Some("r1"), "r1", "assistant", "Blue."),
     msg("r1", None, "r1", "prompter", "Name a color."),
     ranked(msg("r2", Some("c1"), "r1", "prompter", "Another one?"), 0),
-    ranked(msg("r3", Some("c1"), "r1", "prompter", "One more, please."), 1),
+    ranked(
+        msg("r3", Some("c1"), "r1", "prompter", "One more, please."),
+        1,
+    ),
     msg("c2", Some("r3"), "r1", "assistant", "Green."),
     Msg {
         deleted: true,
@@ -184,7 +199,13 @@ pub const OASST_TRAIN: [Msg; 25] = [
         state: "aborted_low_grade",
         ..msg("f2", Some("f1"), "f1", "assistant", "Knock knock.")
     },
-    msg("o1", Some("gone"), "gone", "assistant", "An answer to nothing."),
+    msg(
+        "o1",
+        Some("gone"),
+        "gone",
+        "assistant",
+        "An answer to nothing.",
+    ),
     msg("o2", Some("o1"), "gone", "prompter", "Below an orphan."),
 ];
 
@@ -204,10 +225,7 @@ pub fn oasst_train_best() -> Vec<Vec<(&'static str, &'static str)>> {
             ("And of Italy?", "Rome."),
         ],
         vec![("Wie spät ist es?", "Es ist zwölf Uhr.")],
-        vec![
-            ("Name a color.", "Blue."),
-            ("One more, please.", "Green."),
-        ],
+        vec![("Name a color.", "Blue."), ("One more, please.", "Green.")],
     ]
 }
 
@@ -221,10 +239,7 @@ pub fn oasst_train_all() -> Vec<Vec<(&'static str, &'static str)>> {
         vec![("What is the capital of France?", "It is Paris, I think.")],
         vec![("Wie spät ist es?", "Es ist zwölf Uhr.")],
         vec![("Wie spät ist es?", "Keine Ahnung.")],
-        vec![
-            ("Name a color.", "Blue."),
-            ("One more, please.", "Green."),
-        ],
+        vec![("Name a color.", "Blue."), ("One more, please.", "Green.")],
     ]
 }
 
@@ -283,12 +298,8 @@ pub fn oasst_table(rows: &[Msg]) -> RecordBatch {
         })
         .collect();
     let detox_valid: Vec<bool> = rows.iter().map(|m| m.lang == "en").collect();
-    let detoxify = StructArray::try_new(
-        detox_fields.clone(),
-        detox_cols,
-        Some(detox_valid.into()),
-    )
-    .unwrap();
+    let detoxify =
+        StructArray::try_new(detox_fields.clone(), detox_cols, Some(detox_valid.into())).unwrap();
     // emojis: {name: [..], count: [..]}; labels: {name, value, count}.
     let mut e_name = ListBuilder::new(StringBuilder::new());
     let mut e_count = ListBuilder::new(Int32Builder::new());
@@ -315,7 +326,11 @@ pub fn oasst_table(rows: &[Msg]) -> RecordBatch {
     }
     let e_cols: Vec<ArrayRef> = vec![Arc::new(e_name.finish()), Arc::new(e_count.finish())];
     let emojis = StructArray::try_new(
-        e_cols.iter().zip(["name", "count"]).map(|(a, n)| Field::new(n, a.data_type().clone(), true)).collect(),
+        e_cols
+            .iter()
+            .zip(["name", "count"])
+            .map(|(a, n)| Field::new(n, a.data_type().clone(), true))
+            .collect(),
         e_cols,
         None,
     )
@@ -338,10 +353,19 @@ pub fn oasst_table(rows: &[Msg]) -> RecordBatch {
     RecordBatch::try_from_iter_with_nullable([
         ("message_id", strings(&|m| Some(uuid(m.id))), true),
         ("parent_id", strings(&|m| m.parent.map(uuid)), true),
-        ("user_id", strings(&|m| Some(uuid(&format!("user-{}", m.id)))), true),
+        (
+            "user_id",
+            strings(&|m| Some(uuid(&format!("user-{}", m.id)))),
+            true,
+        ),
         (
             "created_date",
-            strings(&|m| Some(format!("2023-02-{:02}T14:23:50.983374+00:00", m.text.len() % 28 + 1))),
+            strings(&|m| {
+                Some(format!(
+                    "2023-02-{:02}T14:23:50.983374+00:00",
+                    m.text.len() % 28 + 1
+                ))
+            }),
             true,
         ),
         ("text", strings(&|m| Some(m.text.to_string())), true),
@@ -397,7 +421,10 @@ pub fn oasst1(cache: &Path) {
         "main",
         OASST_COMMIT,
         &[
-            ("README.md", b"---\nlicense: apache-2.0\n---\n# OASST1\n".to_vec()),
+            (
+                "README.md",
+                b"---\nlicense: apache-2.0\n---\n# OASST1\n".to_vec(),
+            ),
             (
                 "data/train-00000-of-00001-b42a775f407cee45.parquet",
                 parquet_bytes(&oasst_table(&OASST_TRAIN)),
@@ -429,12 +456,12 @@ pub fn capybara_train() -> Vec<(&'static str, Vec<(&'static str, &'static str)>)
         ),
         (
             "Dove",
-            vec![("user", "Write a haiku."), ("assistant", "Old pond, a frog jumps.")],
+            vec![
+                ("user", "Write a haiku."),
+                ("assistant", "Old pond, a frog jumps."),
+            ],
         ),
-        (
-            "GOAT",
-            vec![("user", "12*3?"), ("assistant", "36")],
-        ),
+        ("GOAT", vec![("user", "12*3?"), ("assistant", "36")]),
     ]
 }
 
@@ -499,7 +526,10 @@ pub fn capybara(cache: &Path) {
         "main",
         CAPYBARA_COMMIT,
         &[
-            ("README.md", b"---\ndataset_info:\n  features:\n  - name: source\n".to_vec()),
+            (
+                "README.md",
+                b"---\ndataset_info:\n  features:\n  - name: source\n".to_vec(),
+            ),
             (
                 "data/train-00000-of-00001.parquet",
                 parquet_bytes(&capybara_table(&capybara_train(), false)),
@@ -519,11 +549,7 @@ pub const ALPACA: [(&str, &str, &str); 3] = [
         "",
         "Eat well, exercise, sleep.",
     ),
-    (
-        "Translate to French.",
-        "Good morning",
-        "Bonjour",
-    ),
+    ("Translate to French.", "Good morning", "Bonjour"),
     ("Add the numbers.", "2, 3", "5"),
 ];
 
@@ -572,10 +598,7 @@ pub fn alpaca_cleaned(cache: &Path) {
         "yahma/alpaca-cleaned",
         "refs/convert/parquet",
         ALPACA_PARQUET_COMMIT,
-        &[(
-            "default/train/0000.parquet",
-            parquet_bytes(&alpaca_table()),
-        )],
+        &[("default/train/0000.parquet", parquet_bytes(&alpaca_table()))],
     );
 }
 
