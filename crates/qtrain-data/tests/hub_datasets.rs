@@ -10,6 +10,7 @@ mod common;
 mod hub;
 
 use common::{tiny, write};
+use hub::Msg;
 use qtrain_data::oasst::TreeReport;
 use qtrain_data::source::Dataset;
 use qtrain_data::{
@@ -608,4 +609,130 @@ fn unrecognised_columns_are_an_error_naming_them() {
             && err.contains("a split must be all one or the other"),
         "{err}"
     );
+}
+
+/// Counts the bytes this test binary has allocated, now and at the peak, so the
+/// assembly's memory is measured exactly (resident-set sizes hide it behind memory
+/// the allocator kept from building the fixture).
+struct Counting;
+
+static NOW: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static PEAK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = NOW.fetch_add(layout.size(), Relaxed) + layout.size();
+        PEAK.fetch_max(now, Relaxed);
+        std::alloc::System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        NOW.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        std::alloc::System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
+/// At oasst1's size: 84,400 messages in 8,440 trees (an initial prompt, three
+/// ranked answers, two ranked follow-ups below the best one, each answered twice),
+/// texts of 100 to 2,000 bytes (~88 MB), one Parquet file: assembly time and the
+/// memory it adds. With `QTRAIN_OASST_PARQUET=FILE` that file (e.g. the real
+/// oasst1 train split) is assembled instead. Ignored: run with
+/// `cargo test -p qtrain-data --test hub_datasets -- --ignored --nocapture oasst1_sized`.
+#[test]
+#[ignore]
+fn oasst1_sized_table_assembles_in_seconds() {
+    use qtrain_data::oasst::{Conversations, TreeOptions};
+    use qtrain_data::source::{FileKind, SourceFile};
+    let d = tempfile::tempdir().unwrap();
+    let synthetic = std::env::var_os("QTRAIN_OASST_PARQUET").is_none();
+    let path = match std::env::var_os("QTRAIN_OASST_PARQUET") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let trees = 8440;
+            let word = "lorem ipsum dolor sit amet consectetur ";
+            let mut names: Vec<[String; 10]> = Vec::with_capacity(trees);
+            let mut texts: Vec<String> = Vec::with_capacity(trees * 10);
+            for t in 0..trees {
+                names.push(std::array::from_fn(|k| format!("t{t}-{k}")));
+                for k in 0..10 {
+                    let len = 100 + (t * 7919 + k * 104_729) % 1900;
+                    texts.push(word.repeat(len / word.len() + 1)[..len].to_string());
+                }
+            }
+            let mut rows = Vec::with_capacity(trees * 10);
+            for (t, n) in names.iter().enumerate() {
+                let text = |k: usize| texts[t * 10 + k].as_str();
+                let m = |k: usize, parent: Option<usize>, role, rank| Msg {
+                    rank,
+                    ..hub::msg(&n[k], parent.map(|p| n[p].as_str()), &n[0], role, text(k))
+                };
+                rows.extend([
+                    m(0, None, "prompter", None),
+                    m(1, Some(0), "assistant", Some(0)),
+                    m(2, Some(0), "assistant", Some(1)),
+                    m(3, Some(0), "assistant", Some(2)),
+                    m(4, Some(1), "prompter", Some(0)),
+                    m(5, Some(1), "prompter", Some(1)),
+                    m(6, Some(4), "assistant", Some(0)),
+                    m(7, Some(4), "assistant", Some(1)),
+                    m(8, Some(5), "assistant", Some(0)),
+                    m(9, Some(5), "assistant", Some(1)),
+                ]);
+            }
+            let p = d.path().join("train-00000-of-00001.parquet");
+            std::fs::write(&p, hub::parquet_bytes(&hub::oasst_table(&rows))).unwrap();
+            p
+        }
+    };
+    let parts = [SourceFile {
+        path: path.clone(),
+        kind: FileKind::Parquet,
+    }];
+    for paths in [TreePaths::Best, TreePaths::All] {
+        let opts = TreeOptions {
+            languages: Vec::new(),
+            paths,
+            on_bad_line: OnBadLine::Error,
+        };
+        use std::sync::atomic::Ordering::Relaxed;
+        let before = NOW.load(Relaxed);
+        PEAK.store(before, Relaxed);
+        let t0 = std::time::Instant::now();
+        let c = Conversations::assemble(&parts, &opts).unwrap();
+        let secs = t0.elapsed().as_secs_f64();
+        let (peak, after) = (PEAK.load(Relaxed), NOW.load(Relaxed));
+        let r = c.report();
+        let texts: usize = (0..c.len())
+            .flat_map(|i| c.messages(i))
+            .map(|m| m.content.len())
+            .sum();
+        println!(
+            "{} ({:.1} MB), {} paths: {} messages, {} trees -> {} conversations in {secs:.2}s; \
+             allocated {:.1} MiB at the peak of assembling, {:.1} MiB held after \
+             (the conversations' texts, shared ones counted per conversation: {:.1} MiB)",
+            path.display(),
+            std::fs::metadata(&path).unwrap().len() as f64 / 1e6,
+            paths.name(),
+            r.messages,
+            r.trees,
+            r.conversations,
+            mib(peak - before),
+            mib(after - before),
+            mib(texts),
+        );
+        if synthetic {
+            assert_eq!((r.messages, r.trees), (84_400, 8_440));
+            // Best: P, A(rank 0), P(rank 0), A(rank 0); all: 2 + 2 under the best
+            // answer, and the two other answers.
+            let per_tree = if paths == TreePaths::Best { 1 } else { 6 };
+            assert_eq!(r.conversations, 8_440 * per_tree);
+        }
+    }
 }

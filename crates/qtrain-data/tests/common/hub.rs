@@ -76,26 +76,26 @@ pub fn parquet_bytes(batch: &RecordBatch) -> Vec<u8> {
 
 /// One oasst1 message row, by readable names (turned into UUIDs).
 #[derive(Debug, Clone, Copy)]
-pub struct Msg {
-    pub id: &'static str,
-    pub parent: Option<&'static str>,
-    pub tree: &'static str,
-    pub role: &'static str,
-    pub text: &'static str,
-    pub lang: &'static str,
+pub struct Msg<'a> {
+    pub id: &'a str,
+    pub parent: Option<&'a str>,
+    pub tree: &'a str,
+    pub role: &'a str,
+    pub text: &'a str,
+    pub lang: &'a str,
     pub rank: Option<i32>,
     pub deleted: bool,
     pub review: Option<bool>,
-    pub state: &'static str,
+    pub state: &'a str,
 }
 
-const fn msg(
-    id: &'static str,
-    parent: Option<&'static str>,
-    tree: &'static str,
-    role: &'static str,
-    text: &'static str,
-) -> Msg {
+pub const fn msg<'a>(
+    id: &'a str,
+    parent: Option<&'a str>,
+    tree: &'a str,
+    role: &'a str,
+    text: &'a str,
+) -> Msg<'a> {
     Msg {
         id,
         parent,
@@ -110,7 +110,7 @@ const fn msg(
     }
 }
 
-const fn ranked(m: Msg, rank: i32) -> Msg {
+pub const fn ranked(m: Msg<'_>, rank: i32) -> Msg<'_> {
     Msg {
         rank: Some(rank),
         ..m
@@ -130,7 +130,7 @@ const fn ranked(m: Msg, rank: i32) -> Msg {
 /// * `d1`: a deleted initial prompt; `e1`: its only answer is deleted; `f1`: a
 ///   tree that is not ready for export.
 /// * `o1`: an orphan (its parent is in no split), with a reply `o2` below it.
-pub const OASST_TRAIN: [Msg; 25] = [
+pub const OASST_TRAIN: [Msg<'static>; 25] = [
     ranked(msg("a2", Some("p1"), "p1", "assistant", "Paris."), 0),
     msg(
         "p1",
@@ -210,7 +210,7 @@ pub const OASST_TRAIN: [Msg; 25] = [
 ];
 
 /// The validation split: one tree.
-pub const OASST_VALIDATION: [Msg; 3] = [
+pub const OASST_VALIDATION: [Msg<'static>; 3] = [
     msg("v1", None, "v1", "prompter", "Say hi."),
     ranked(msg("w1", Some("v1"), "v1", "assistant", "Hi!"), 0),
     ranked(msg("w2", Some("v1"), "v1", "assistant", "Hello."), 1),
@@ -258,7 +258,7 @@ pub fn uuid(name: &str) -> String {
 }
 
 /// The oasst1 Arrow schema, column by column as its card lists them.
-pub fn oasst_table(rows: &[Msg]) -> RecordBatch {
+pub fn oasst_table(rows: &[Msg<'_>]) -> RecordBatch {
     let strings = |f: &dyn Fn(&Msg) -> Option<String>| -> ArrayRef {
         Arc::new(rows.iter().map(f).collect::<StringArray>())
     };
@@ -387,7 +387,7 @@ pub fn oasst_table(rows: &[Msg]) -> RecordBatch {
 }
 
 /// The oasst1 rows as JSON lines (the `.messages.jsonl` export's shape).
-pub fn oasst_jsonl(rows: &[Msg]) -> String {
+pub fn oasst_jsonl(rows: &[Msg<'_>]) -> String {
     rows.iter()
         .map(|m| {
             serde_json::json!({
