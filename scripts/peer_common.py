@@ -190,7 +190,70 @@ def failed_record(base, status, error):
     return rec
 
 
-def time_case(torch, bnb, params, init, loss_fn, b, s, a, dev, shape, check_output=None, checkpointing=True):
+class Accel:
+    """The device a peer runs on, and the few calls the benchmark makes to it.
+
+    `cuda` is what the benchmark is for. `cpu` runs the same code on a tiny model
+    (scripts/test_peer_cpu.py) to catch library-API mistakes without a GPU: its
+    times mean nothing and it has no memory figures."""
+
+    def __init__(self, torch, kind="cuda"):
+        if kind not in ("cuda", "cpu"):
+            raise SystemExit(f"--device: `{kind}` is not cuda or cpu")
+        self.torch = torch
+        self.cuda = kind == "cuda"
+        self.dev = torch.device("cuda", 0) if self.cuda else torch.device("cpu")
+        if self.cuda:
+            torch.cuda.set_device(self.dev)
+
+    def device_map(self):
+        return {"": 0} if self.cuda else {"": "cpu"}
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def empty_cache(self):
+        gc.collect()
+        if self.cuda:
+            self.torch.cuda.empty_cache()
+
+    def reset_peak(self):
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def allocated(self):
+        return self.torch.cuda.memory_allocated() if self.cuda else None
+
+    def peaks(self):
+        """{peak_memory_allocated_bytes, peak_memory_reserved_bytes} since reset_peak."""
+        if not self.cuda:
+            return {"peak_memory_allocated_bytes": None, "peak_memory_reserved_bytes": None}
+        return {
+            "peak_memory_allocated_bytes": self.torch.cuda.max_memory_allocated(),
+            "peak_memory_reserved_bytes": self.torch.cuda.max_memory_reserved(),
+        }
+
+    def autocast(self):
+        return self.torch.autocast(self.dev.type, dtype=self.torch.bfloat16)
+
+    def describe(self):
+        """The env fields naming the device."""
+        t = self.torch
+        if not self.cuda:
+            return {"torch_cuda": t.version.cuda, "gpu": "cpu (smoke test: times and memory mean nothing)", "gpu_memory_bytes": None}
+        return {
+            "torch_cuda": t.version.cuda,
+            "gpu": t.cuda.get_device_name(self.dev),
+            "gpu_memory_bytes": t.cuda.get_device_properties(self.dev).total_memory,
+        }
+
+    def gib_allocated(self):
+        b = self.allocated()
+        return f"{b / GIB:.2f} GiB allocated" if b is not None else "cpu"
+
+
+def time_case(torch, bnb, params, init, loss_fn, b, s, a, acc, shape, check_output=None, checkpointing=True):
     """Times one case; returns the fields of its JSON record. Raises on OOM.
 
     `loss_fn(ids)` runs the recipe's forward and returns (loss, output); `check_output`
@@ -209,15 +272,14 @@ def time_case(torch, bnb, params, init, loss_fn, b, s, a, dev, shape, check_outp
         min_8bit_size=4096,
     )
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, shape["vocab"], (b, s), generator=gen).to(dev)
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(3, shape["vocab"], (b, s), generator=gen).to(acc.dev)
+    acc.empty_cache()
+    acc.sync()
+    acc.reset_peak()
     label = f"{b}x{s}"
     losses, times = [], []
     for i in range(a.warmup + a.steps):
-        torch.cuda.synchronize()
+        acc.sync()
         t0 = time.perf_counter()
         loss, out = loss_fn(ids)
         if i == 0 and check_output is not None:
@@ -225,7 +287,7 @@ def time_case(torch, bnb, params, init, loss_fn, b, s, a, dev, shape, check_outp
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        acc.sync()
         dt = time.perf_counter() - t0
         losses.append(float(loss.item()))
         del out, loss
@@ -247,19 +309,18 @@ def time_case(torch, bnb, params, init, loss_fn, b, s, a, dev, shape, check_outp
         "loss_falls": falls,
         "achieved_tflops": tflops,
         "mfu": (tflops / a.peak_tflops) if a.peak_tflops > 0 else None,
-        "peak_memory_allocated_bytes": torch.cuda.max_memory_allocated(),
-        "peak_memory_reserved_bytes": torch.cuda.max_memory_reserved(),
+        **acc.peaks(),
     }
 
 
-def run_timed_case(torch, bnb, rec, params, init, loss_fn, b, s, a, dev, shape, check_output=None, checkpointing=True):
+def run_timed_case(torch, bnb, rec, params, init, loss_fn, b, s, a, acc, shape, check_output=None, checkpointing=True):
     """time_case inside the guard every peer needs: an OOM or error becomes the record's
     status, the memory is given back, and the record is returned either way."""
     rec = dict(rec)
     rec["t_start"] = time.time()
     err = None
     try:
-        rec.update(time_case(torch, bnb, params, init, loss_fn, b, s, a, dev, shape, check_output, checkpointing))
+        rec.update(time_case(torch, bnb, params, init, loss_fn, b, s, a, acc, shape, check_output, checkpointing))
     except Exception as e:  # noqa: BLE001 - one bad case must not lose the others
         oom = is_oom(torch, e)
         if not oom:
@@ -269,15 +330,12 @@ def run_timed_case(torch, bnb, rec, params, init, loss_fn, b, s, a, dev, shape, 
         # time_case's frame (activations, outputs, optimizer) is gone with the exception.
         for p in params:
             p.grad = None
-        gc.collect()
-        torch.cuda.empty_cache()
-        rec["peak_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
-        rec["peak_memory_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        acc.empty_cache()
+        rec.update(acc.peaks())
         rec.update(status=err[0], error=err[1], step_s=None, tokens_per_s=None, losses=None)
         log(f"  {rec.get('peer', '?')} {rec.get('target_set', '?')} {rec.get('case', '?')}: {err[0].upper()}: {err[1]}")
     rec["t_end"] = time.time()
-    gc.collect()
-    torch.cuda.empty_cache()
+    acc.empty_cache()
     return rec
 
 

@@ -48,11 +48,14 @@ JSON fields beyond peer_common's: `tool` "hf", `recipe`, `peer` ("hf-" + recipe,
 the table's column), `autocast` ("bf16" or "none"), `loss_impl`, `lora_dtype`,
 `kbit_prepared`, and the versions of every library involved.
 
+`--device cpu` runs the same code on the CPU (bitsandbytes >= 0.48 quantizes NF4
+there) for scripts/test_peer_cpu.py's tiny model: times and memory mean nothing, and
+the Triton kernels of TRL's fused head and of Liger need a GPU.
+
 Not counted by torch's allocator: the CUDA context and the paged optimizer state
 (managed memory, a few tens of MB for LoRA r16); scripts/bench-compare.sh samples
 nvidia-smi for the whole-device figure.
 """
-import gc
 import os
 import sys
 import time
@@ -90,6 +93,12 @@ def args_parser():
     )
     p.add_argument("--no-checkpointing", action="store_true", help="keep activations (no gradient checkpointing)")
     p.add_argument("--reload", action="store_true", help="load the model again for every recipe and target set")
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="cuda (the benchmark) or cpu (a smoke test of the same code on a tiny model: scripts/test_peer_cpu.py)",
+    )
     return p
 
 
@@ -186,7 +195,7 @@ def main():
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-        if not torch.cuda.is_available():
+        if a.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("no CUDA device visible to torch")
     except Exception as e:  # noqa: BLE001 - recorded for every case, so the table shows it
         traceback.print_exc()
@@ -196,17 +205,14 @@ def main():
             fail_all(recipe, target_sets, f"import: {type(e).__name__}: {pc.first_line(e)}")
         sink.close()
         return 1
-    dev = torch.device("cuda", 0)
-    torch.cuda.set_device(dev)
+    acc = pc.Accel(torch, a.device)
     env = {
         "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "bitsandbytes": getattr(bnb, "__version__", "?"),
         "python": sys.version.split()[0],
-        "gpu": torch.cuda.get_device_name(dev),
-        "gpu_memory_bytes": torch.cuda.get_device_properties(dev).total_memory,
+        **acc.describe(),
     }
     from importlib.metadata import PackageNotFoundError, version
 
@@ -236,16 +242,16 @@ def main():
             a.model,
             quantization_config=qc,
             attn_implementation="sdpa",
-            device_map={"": 0},
+            device_map=acc.device_map(),
             **{dtype_kw: torch.bfloat16},
         )
         n4 = sum(1 for mod in m.modules() if isinstance(mod, bnb.nn.Linear4bit))
         if n4 != 7 * layers:
             raise RuntimeError(f"expected {7 * layers} bitsandbytes Linear4bit modules, found {n4}")
         m.config.use_cache = False
-        torch.cuda.synchronize()
+        acc.sync()
         secs = time.perf_counter() - t
-        pc.log(f"loaded {a.model} in {secs:.1f}s: {n4} Linear4bit, {torch.cuda.memory_allocated() / pc.GIB:.2f} GiB allocated")
+        pc.log(f"loaded {a.model} in {secs:.1f}s: {n4} Linear4bit, {acc.gib_allocated()}")
         return m, secs
 
     def lora_layers(model):
@@ -259,8 +265,7 @@ def main():
 
     def drop_model():
         st["base"] = None
-        gc.collect()
-        torch.cuda.empty_cache()
+        acc.empty_cache()
 
     def ensure_loaded(recipe):
         """The base model for `recipe`, loading it when needed; (state, note)."""
@@ -362,7 +367,7 @@ def main():
         fused_trl = recipe == "autocast" and a.autocast_loss == "trl"
 
         def fn(ids):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with acc.autocast():
                 if fused_trl:
                     out = model(input_ids=ids, labels=ids, use_cache=False, fused_lm_head=True)
                 else:
@@ -439,13 +444,12 @@ def main():
                     # PEFT had wrapped it: what state it is in is unknown, load afresh.
                     st["base"] = None
                 model = base = trainable = None
-                gc.collect()
-                torch.cuda.empty_cache()
+                acc.empty_cache()
                 break
             params = [p for _, p in trainable]
             init = [p.detach().clone() for p in params]
             n_trainable = sum(p.numel() for p in params)
-            weights_bytes = torch.cuda.memory_allocated()
+            weights_bytes = acc.allocated()
             pc.log(f"{recipe} {label}: {len(found)} LoRA layers, {n_trainable} trainable parameters ({params[0].dtype}), model {load_state}")
             loss_fn = make_loss_fn(recipe, model)
             check = check_output_fn(recipe)
@@ -461,7 +465,7 @@ def main():
                     order_note=order_note,
                     **extra,
                 )
-                sink.emit(pc.run_timed_case(torch, bnb, rec, params, init, loss_fn, b, s, a, dev, shape, check, checkpointing))
+                sink.emit(pc.run_timed_case(torch, bnb, rec, params, init, loss_fn, b, s, a, acc, shape, check, checkpointing))
             base = model.unload()
             if hasattr(base, "peft_config"):
                 # older PEFT leaves it behind, and the next get_peft_model would merge into it
@@ -470,8 +474,7 @@ def main():
                 base.disable_input_require_grads()
             st["base"] = base
             del model, trainable, init, params, loss_fn
-            gc.collect()
-            torch.cuda.empty_cache()
+            acc.empty_cache()
 
     sink.close()
     pc.print_table(sink.results)

@@ -39,7 +39,6 @@ with the message (the traceback goes to stderr), so the comparison table shows i
 Every target set after the first loads the model again (`model_load: "reloaded"`):
 Unsloth's get_peft_model on a model it already wrapped keeps the first adapter.
 """
-import gc
 import os
 import sys
 import time
@@ -145,13 +144,12 @@ def main():
         except PackageNotFoundError:
             return None
 
-    dev = torch.device("cuda", 0)
+    acc = pc.Accel(torch, "cuda")
     common.update(
         {
             "unsloth": getattr(unsloth, "__version__", None) or dist_version("unsloth"),
             "unsloth_zoo": dist_version("unsloth_zoo") or dist_version("unsloth-zoo"),
             "torch": torch.__version__,
-            "torch_cuda": torch.version.cuda,
             "transformers": transformers.__version__,
             "peft": peft.__version__,
             "trl": dist_version("trl"),
@@ -159,8 +157,7 @@ def main():
             "triton": dist_version("triton"),
             "xformers": dist_version("xformers"),
             "flash_attn": dist_version("flash-attn") or dist_version("flash_attn"),
-            "gpu": torch.cuda.get_device_name(dev),
-            "gpu_memory_bytes": torch.cuda.get_device_properties(dev).total_memory,
+            **acc.describe(),
             "import_s": import_s,
         }
     )
@@ -199,10 +196,9 @@ def main():
             traceback.print_exc()
             note = f"from_pretrained failed ({type(e).__name__}: {pc.first_line(e, 200)}); loaded with fix_tokenizer=False"
             pc.log("retrying: " + note)
-            gc.collect()
-            torch.cuda.empty_cache()
+            acc.empty_cache()
             model, tok = FastLanguageModel.from_pretrained(**kwargs, fix_tokenizer=False)
-        torch.cuda.synchronize()
+        acc.sync()
         secs = time.perf_counter() - t
         n4 = sum(1 for mod in model.modules() if isinstance(mod, bnb.nn.Linear4bit))
         if n4 != 7 * layers:
@@ -210,7 +206,7 @@ def main():
         qc = getattr(model.config, "quantization_config", None)
         qd = qc.to_dict() if hasattr(qc, "to_dict") else (dict(qc) if isinstance(qc, dict) else {})
         quant = {k: str(qd.get(k)) for k in ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype") if k in qd}
-        pc.log(f"unsloth loaded {model_dir} in {secs:.1f}s: {n4} Linear4bit, {torch.cuda.memory_allocated() / pc.GIB:.2f} GiB allocated, {quant}")
+        pc.log(f"unsloth loaded {model_dir} in {secs:.1f}s: {n4} Linear4bit, {acc.gib_allocated()}, {quant}")
         return model, secs, note, quant
 
     def fast_lora_paths(model):
@@ -242,8 +238,7 @@ def main():
         model = None
         try:
             if ti > 0:
-                gc.collect()
-                torch.cuda.empty_cache()
+                acc.empty_cache()
             model, load_s, load_note, quant = load()
             loads += 1
             load_state = "fresh" if loads == 1 else "reloaded"
@@ -277,18 +272,17 @@ def main():
             for case, b, s in cases:
                 sink.emit(pc.failed_record(case_base(label, names, case, b, s), status, err))
             model = trainable = None
-            gc.collect()
-            torch.cuda.empty_cache()
+            acc.empty_cache()
             continue
         params = [p for _, p in trainable]
         init = [p.detach().clone() for p in params]
         n_trainable = sum(p.numel() for p in params)
-        weights_bytes = torch.cuda.memory_allocated()
+        weights_bytes = acc.allocated()
         paths = fast_lora_paths(model)
         pc.log(f"unsloth {label}: {n_lora} LoRA layers, {n_trainable} trainable parameters ({params[0].dtype}), fast paths {paths}")
 
         def loss_fn(ids, model=model):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with acc.autocast():
                 out = model(input_ids=ids, labels=ids)
             return out.loss, out
 
@@ -305,12 +299,11 @@ def main():
                 fast_lora=paths,
                 memory_before_case_bytes=weights_bytes,
             )
-            rec = pc.run_timed_case(torch, bnb, rec, params, init, loss_fn, b, s, a, dev, shape, check_output)
+            rec = pc.run_timed_case(torch, bnb, rec, params, init, loss_fn, b, s, a, acc, shape, check_output)
             rec.update(loss_info)
             sink.emit(rec)
         del model, trainable, params, init, loss_fn
-        gc.collect()
-        torch.cuda.empty_cache()
+        acc.empty_cache()
 
     sink.close()
     pc.print_table(sink.results)
