@@ -283,7 +283,7 @@ def main():
 
         def loss_fn(ids, model=model):
             with acc.autocast():
-                out = model(input_ids=ids, labels=ids)
+                out = model(input_ids=ids, labels=ids, use_cache=False)  # as SFTTrainer.compute_loss
             return out.loss, out
 
         for case, b, s in cases:
