@@ -14,9 +14,10 @@ use hub::Msg;
 use qtrain_data::oasst::TreeReport;
 use qtrain_data::source::Dataset;
 use qtrain_data::{
-    eval_samples, Batch, BatchStream, DatasetConfig, Encoder, EvalStream, Format, Message,
-    OnBadLine, Sample, TreePaths, IGNORE_INDEX,
+    eval_samples, BatchStream, DatasetConfig, Encoder, EvalStream, Format, Message, OnBadLine,
+    Sample, TreePaths,
 };
+use qtrain_step::{TokenBatch, IGNORE_INDEX};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -50,7 +51,7 @@ fn cfg(path: &str) -> DatasetConfig {
 type Doc = (Vec<u32>, Vec<i64>);
 
 /// The documents of a batch (padding left out).
-fn docs(b: &Batch) -> Vec<Doc> {
+fn docs(b: &TokenBatch) -> Vec<Doc> {
     let mut out = Vec::new();
     for r in 0..b.batch_size {
         let row = r * b.seq_len..(r + 1) * b.seq_len;
@@ -346,8 +347,8 @@ fn oasst1_resumes_exactly_and_gives_sample_prompts() {
         s.next().unwrap().unwrap();
     }
     let cur = s.cursor();
-    let expect: Vec<Batch> = s.take(4).map(|b| b.unwrap()).collect();
-    let got: Vec<Batch> = BatchStream::resume(&cfg, tiny(), &cur)
+    let expect: Vec<TokenBatch> = s.take(4).map(|b| b.unwrap()).collect();
+    let got: Vec<TokenBatch> = BatchStream::resume(&cfg, tiny(), &cur)
         .unwrap()
         .take(4)
         .map(|b| b.unwrap())
