@@ -3,14 +3,20 @@
 //! model). The math lives in `qtrain-lora`, the data in `qtrain-data`, the optimizer
 //! in `qtrain-optim`; this crate wires them into one straight loop.
 //!
+//! The run is a recipe ([`trainer`]): setup, evaluate, train steps, finish; the
+//! whole process keeps to the time budget ([`budget`], [`planner`]), checkpoints
+//! are atomic and pruned within their run's lineage ([`ckpt_io`]).
+//!
 //! Sizing: [`memory`] predicts a run's peak GPU memory (`qtrain plan`), [`gpu`]
 //! knows the GPUs and their precision policy, [`throughput`] estimates tokens/s,
 //! [`micro`] cuts steps into micro-batches that fit and recovers from
 //! out-of-memory, [`loss_scale`] scales fp16 losses.
 
 pub mod backend;
+pub mod budget;
 pub mod ckpt_io;
 pub mod config;
+pub mod error;
 pub mod generate;
 pub mod gpu;
 pub mod loss_scale;
@@ -27,4 +33,5 @@ pub mod throughput;
 pub mod trainer;
 
 pub use config::{ConfigError, RunConfig};
+pub use error::TrainError;
 pub use planner::{Budget, Clock, Plan, Planner, SimClock, SystemClock};
