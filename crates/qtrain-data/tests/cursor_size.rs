@@ -5,7 +5,8 @@
 
 mod common;
 use common::{config, tiny, write};
-use qtrain_data::{Batch, BatchStream, DataCursor, DatasetConfig, Truncation};
+use qtrain_data::{BatchStream, DataCursor, DatasetConfig, Truncation};
+use qtrain_step::TokenBatch as Batch;
 
 #[test]
 fn a_huge_record_keeps_the_cursor_small_and_resume_exact() {

@@ -12,7 +12,9 @@ pub enum TrainError {
     #[error(transparent)]
     Model(#[from] qtrain_model::ModelError),
     #[error(transparent)]
-    Lora(#[from] qtrain_lora::LoraError),
+    Reference(#[from] qtrain_reference::ReferenceError),
+    #[error(transparent)]
+    Step(#[from] qtrain_step::StepError),
     #[error(transparent)]
     Data(#[from] qtrain_data::DataError),
     #[error(transparent)]

@@ -17,7 +17,7 @@ pub enum ModelSourceError {
     #[error(transparent)]
     Gpu(#[from] crate::gpu::GpuError),
     #[error(transparent)]
-    Lora(#[from] qtrain_lora::LoraError),
+    Step(#[from] qtrain_step::StepError),
     /// An adapter without some of the tensors its own settings call for on this
     /// model: applying it would leave those projections untrained without a word.
     #[error(
@@ -193,7 +193,7 @@ pub fn check_adapter_complete(
     adapter: &crate::peft::PeftAdapter,
     cfg: &ModelConfig,
 ) -> Result<(), ModelSourceError> {
-    use qtrain_lora::lora::{tensor_name, LoraPart};
+    use qtrain_step::{tensor_name, LoraPart};
     let have: std::collections::HashSet<&str> =
         adapter.tensors.iter().map(|t| t.0.as_str()).collect();
     let mut expected = 0;
@@ -225,10 +225,10 @@ pub fn check_adapter_complete(
 pub fn lora_from_peft(
     adapter: &crate::peft::PeftAdapter,
     base: &qtrain_model::BaseModel,
-) -> Result<qtrain_lora::LoraWeights, ModelSourceError> {
+) -> Result<qtrain_step::LoraWeights, ModelSourceError> {
     check_adapter_complete(adapter, &base.config)?;
     let s = &adapter.settings;
-    let cfg = qtrain_lora::LoraConfig {
+    let cfg = qtrain_step::LoraConfig {
         rank: s.rank,
         alpha: s.alpha,
         dropout: s.dropout,
@@ -236,7 +236,7 @@ pub fn lora_from_peft(
         rslora: s.rslora,
         seed: 0,
     };
-    let mut lora = qtrain_lora::LoraWeights::init(&cfg, &base.config, &base.device)?;
+    let mut lora = qtrain_step::LoraWeights::init(&cfg, &base.config, &base.device)?;
     lora.update_from_host(&adapter.tensors)?;
     Ok(lora)
 }

@@ -8,7 +8,7 @@ use crate::ckpt_io::{self, SaveOptions};
 use crate::error::Result;
 use crate::peft::{self, PeftDtype};
 use qtrain_data::DataCursor;
-use qtrain_lora::lora::HostTensor;
+use qtrain_step::HostTensor;
 use std::path::{Path, PathBuf};
 
 /// Room for the trainer state and config beside the tensors.

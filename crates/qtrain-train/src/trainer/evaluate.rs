@@ -9,7 +9,7 @@ use crate::error::{Result, TrainError};
 use crate::metrics::Record;
 use crate::micro::{self, StepShape};
 use qtrain_data::{DatasetConfig, Encoder, EvalStream, Message, Sample};
-use qtrain_lora::LoraWeights;
+use qtrain_step::LoraWeights;
 use qtrain_model::BaseModel;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -16,8 +16,8 @@ use crate::peft::PeftSettings;
 use crate::planner::{Budget, Clock, Periodic, Plan, Planner};
 use qtrain_data::{BatchStream, Encoder};
 use qtrain_dist::StepSharding;
-use qtrain_lora::lora::HostTensor;
-use qtrain_lora::{LoraConfig, LoraWeights};
+use qtrain_step::HostTensor;
+use qtrain_step::{LoraConfig, LoraWeights};
 use qtrain_model::{BaseModel, LoadOptions, Proj};
 use qtrain_optim::{
     AdamW32, AdamW8bit, AdamWConfig, LrSchedule, PagingPolicy, ParamSpec, ScheduleKind,

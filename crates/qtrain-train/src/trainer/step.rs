@@ -11,7 +11,8 @@ use crate::loss_scale::{LossScaler, ScaleUpdate};
 use crate::metrics::Record;
 use crate::micro;
 use crate::planner::{Budget, Plan};
-use qtrain_data::{Batch, DataCursor};
+use qtrain_data::DataCursor;
+use qtrain_step::TokenBatch;
 use qtrain_dist::{agreed_loss_denominator, StepShare};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -50,8 +51,8 @@ impl Trainer {
         let stream = &mut self.stream;
         let share = self.sharding.take_step(
             self.coll.rank(),
-            || -> Result<Batch> { stream.next().ok_or(TrainError::NoData)?.map_err(Into::into) },
-            |b| b.valid_tokens as u64,
+            || -> Result<TokenBatch> { stream.next().ok_or(TrainError::NoData)?.map_err(Into::into) },
+            |b| b.valid_targets() as u64,
         )?;
         let data_wait = t0.elapsed();
         let valid = agreed_loss_denominator(&*self.coll, &share).map_err(dist)? as usize;
@@ -141,7 +142,7 @@ impl Trainer {
     /// give back.
     fn passes_fitting(
         &mut self,
-        share: &StepShare<Batch>,
+        share: &StepShare<TokenBatch>,
         denominator: f64,
         cursor_before: DataCursor,
     ) -> Result<f64> {
