@@ -148,7 +148,12 @@ fn keeps_training_exact(key: &str) -> bool {
 
 /// `[section] key: old -> new`.
 fn describe(key: &str, old: &Option<toml::Value>, new: &Option<toml::Value>) -> String {
-    let show = |v: &Option<toml::Value>| v.as_ref().map_or("unset".to_string(), |v| v.to_string());
+    let show = |v: &Option<toml::Value>| match v {
+        None => "unset".to_string(),
+        // f32 settings (lr, betas) widen to f64 in the table: show them as written.
+        Some(toml::Value::Float(f)) if (*f as f32) as f64 == *f => (*f as f32).to_string(),
+        Some(v) => v.to_string(),
+    };
     let shown = match key.split_once('.') {
         Some((section, rest)) => format!("[{section}] {rest}"),
         None => key.to_string(),
@@ -447,10 +452,10 @@ mod tests {
             .map(|(k, o, n)| describe(k, o, n))
             .collect();
         assert_eq!(c.len(), 3, "{c:?}");
-        assert!(c.contains(&"[budget] minutes: 3.0 -> 5.0".to_string()), "{c:?}");
+        assert!(c.contains(&"[budget] minutes: 3 -> 5".to_string()), "{c:?}");
         assert!(c.contains(&"[lora] rank: 16 -> 8".to_string()), "{c:?}");
         assert!(
-            c.iter().any(|s| s.starts_with("[optimizer] lr: 0.0002")),
+            c.contains(&"[optimizer] lr: 0.0002 -> 0.0001".to_string()),
             "{c:?}"
         );
         let e = check_config(Path::new("ck"), &old, &new).unwrap_err().to_string();

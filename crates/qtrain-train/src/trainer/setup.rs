@@ -3,7 +3,7 @@
 //! forecast, then the base model, adapters, optimizer, data stream and planner.
 
 use super::resume::{self, Resumed};
-use super::{Position, RunOptions, Setup, Timing, Trainer};
+use super::{Position, Resume, RunOptions, RunSummary, Setup, Timing, Trainer};
 use super::{ADAPTER_FILE, OPTIMIZER_FILE};
 use crate::backend::{Backend, EngineChoice, HostOptimizer};
 use crate::budget::{self, Accounting, Forecast, History, Phase, Sizes};
@@ -22,12 +22,40 @@ use qtrain_model::{BaseModel, LoadOptions, Proj};
 use qtrain_optim::{
     AdamW32, AdamW8bit, AdamWConfig, LrSchedule, PagingPolicy, ParamSpec, ScheduleKind,
 };
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// What the checks before loading found: every input of the run, nothing loaded.
+struct Inputs {
+    cfg: RunConfig,
+    resumed: Option<Resumed>,
+    device: candle_core::Device,
+    dtype: candle_core::DType,
+    gpu: Option<crate::gpu::GpuInfo>,
+    model_dir: PathBuf,
+    encoder: Arc<Encoder>,
+    data_files: Vec<super::FileIdentity>,
+    lcfg: LoraConfig,
+    sizes: Sizes,
+    budget: Budget,
+    accounting: Accounting,
+}
+
+/// The adapters, optimizer and step of a run, built on the loaded base.
+struct Built {
+    backend: Backend,
+    shape: micro::StepShape,
+    data_cfg: qtrain_data::DatasetConfig,
+    stream: BatchStream,
+    sharding: StepSharding,
+    scaler: Option<crate::loss_scale::LossScaler>,
+    tokens_per_step: u64,
+}
+
 impl Trainer {
-    /// Checks, forecasts, loads and builds the run (see the module doc).
+    /// Checks every input, forecasts the budget, loads the base and builds the run
+    /// (see the module doc); a resumed run that already finished ends here.
     pub(super) fn setup(opts: RunOptions) -> Result<Setup> {
         let RunOptions {
             config: cfg,
@@ -43,188 +71,92 @@ impl Trainer {
             write_quota,
         } = opts;
         let clock: Arc<dyn Clock> = Arc::from(clock);
-        let t_setup = clock.now();
         let root = coll.is_root();
-        let out_dir = cfg.checkpoint.output_dir.clone();
-        let ckpt_root = out_dir.join("checkpoints");
-        std::fs::create_dir_all(&out_dir)
-            .map_err(|e| TrainError::Other(format!("{}: {e}", out_dir.display())))?;
-        if root {
-            // An adapter export a kill interrupted (see `ckpt_io::write_dir_atomic`).
-            crate::ckpt_io::remove_stale_with_prefix(
-                &out_dir,
-                &format!("{}adapter-", crate::ckpt_io::TMP_PREFIX),
-            )?;
-        }
-
-        // ---- the checkpoint first: it decides the data position, and whether
-        // anything is left to do.
-        let resumed: Option<Resumed> = match &resume {
-            None => {
-                resume::claim_output(&out_dir, &ckpt_root, overwrite, root)?;
-                None
-            }
-            Some(r) => Some(resume::open(&ckpt_root, r, &cfg)?),
+        let t_setup = clock.now();
+        let start = Start {
+            resume: resume.as_ref(),
+            overwrite,
+            allow_data_change,
+            write_quota,
+            root,
+            cache_root: &cache_root,
         };
-        if let Some(r) = &resumed {
-            if let Some(summary) = r.finished_summary(&cfg, &out_dir) {
-                if root {
-                    // A kill between the final checkpoint and the export would
-                    // otherwise leave no (or an older) adapter beside a finished run.
-                    resume::restore_adapter(&r.dir, &summary.adapter_dir, write_quota)?;
-                }
-                return Ok(Setup::Finished(summary));
-            }
-            if root {
-                crate::ckpt_io::remove_stale_temporaries(&ckpt_root)?;
-            }
-        }
+        let mut inputs = match check_inputs(cfg, &start)? {
+            Ok(inputs) => inputs,
+            Err(finished) => return Ok(Setup::Finished(finished)),
+        };
+        refuse_budget_before_loading(&inputs, &clock, &cache_root)?;
+        inputs
+            .accounting
+            .add(Phase::Setup, clock.now().saturating_sub(t_setup));
 
-        // ---- every input, before anything expensive
-        let device = models::device(&cfg.model.device)?;
-        let (dtype, gpu) = models::resolve_dtype(&cfg.model.dtype, &device)?;
-        let model_dir = models::resolve(&cfg.model.path, &cache_root)?;
-        let model_cfg = qtrain_model::ModelConfig::from_file(&model_dir.join("config.json"))?;
-        let encoder = Arc::new(Encoder::from_model_dir(
-            &model_dir,
-            &cfg.data.chat_template,
-        )?);
-        let data_files = resume::identify_data(&cfg.data)?;
-        if let Some(r) = &resumed {
-            resume::check_data_files(r, &data_files, allow_data_change)?;
-        }
-        let lcfg = lora_config(&cfg)?;
-        let mut sizes = sizes(&cfg, &model_cfg, &lcfg);
-        let budget = cfg.budget_kind().unwrap_or(Budget::Steps(100));
-        let elapsed_before = resumed.as_ref().map_or(Duration::ZERO, |r| {
-            Duration::from_secs_f64(r.state.planner.elapsed_secs)
-        });
-        let history_path = History::path(&cache_root, &model_dir, &history_key(&cfg));
-        if let Budget::Time(b) = budget {
-            let forecast = Forecast::new(
-                History::read(&history_path).as_ref(),
-                &history_path,
-                budget::model_bytes(&model_dir),
-                &sizes,
-                resumed.is_none(),
-            );
-            let left = b.saturating_sub(elapsed_before + clock.now());
-            if forecast.minimum() > left.as_secs_f64() {
-                return Err(TrainError::Budget(format!(
-                    "the time budget ({}) cannot hold this run's fixed costs and one step; \
-                     nothing was loaded. Forecast: {}. Give a budget of at least {:.0} s",
-                    budget_left(b, elapsed_before),
-                    forecast.describe(),
-                    (forecast.minimum() + (b - left).as_secs_f64() + budget::margin(b).as_secs_f64())
-                        .ceil()
-                )));
-            }
-        }
-        let mut accounting = Accounting::default();
-        accounting.add(Phase::Setup, clock.now().saturating_sub(t_setup));
-
-        // ---- the frozen base
         let t_load = clock.now();
-        let base = load_base(&cfg, &model_dir, &device, dtype, &cache_root)?;
-        accounting.add(Phase::Load, clock.now().saturating_sub(t_load));
+        let base = load_base(
+            &inputs.cfg,
+            &inputs.model_dir,
+            &inputs.device,
+            inputs.dtype,
+            &cache_root,
+        )?;
+        inputs
+            .accounting
+            .add(Phase::Load, clock.now().saturating_sub(t_load));
         tracing::info!(
             "loaded {} ({} layers, {:.1} MB frozen) on {:?} as {:?} in {:.1}s",
-            model_dir.display(),
+            inputs.model_dir.display(),
             base.config.num_hidden_layers,
             base.storage_bytes() as f64 / 1e6,
-            device,
-            dtype,
-            accounting.secs(Phase::Load)
+            inputs.device,
+            inputs.dtype,
+            inputs.accounting.secs(Phase::Load)
         );
-
-        // ---- adapters, optimizer, step shape, data
-        let mut lora = LoraWeights::init(&lcfg, &base.config, &device)?;
-        let params = lora.to_host()?;
-        let specs: Vec<ParamSpec> = params
-            .iter()
-            .map(|(n, v, _)| ParamSpec::new(n.clone(), v.len()))
-            .collect();
-        let resume_dir = resumed.as_ref().map(|r| r.dir.clone());
-        let opt = make_optimizer(
-            &cfg,
-            &specs,
-            resume_dir.as_ref().map(|d| d.join(OPTIMIZER_FILE)).as_deref(),
-        )?;
-        if let Some(dir) = &resume_dir {
-            lora.update_from_host(&load_lora(&dir.join(ADAPTER_FILE), &params)?)?;
-        }
-        let choice = EngineChoice::parse(&cfg.train.engine).unwrap_or(EngineChoice::Auto);
-        let mut backend = Backend::new(&base, lora, opt, choice)?;
-        backend.set_memory_limit(engine_memory_limit);
-        let state = resumed.as_ref().map(|r| &r.state);
-        let shape = micro::resolve_step_shape(
-            &cfg,
-            &base,
-            &backend,
-            gpu.as_ref(),
-            engine_memory_limit,
-            state.and_then(|s| s.micro_batch),
-        )?;
-        let data_cfg = shape.data_config(&cfg.data);
-        let kept =
-            micro::kept_activations(&cfg, &base, &backend, gpu.as_ref(), engine_memory_limit, &shape);
-        backend.set_kept_activations(kept);
-        if kept.attention_residuals {
-            tracing::info!(
-                "keeping each layer's attention residual (train.keep_attention_residuals = {}): \
-                 the backward skips recomputing the o projection",
-                cfg.train.keep_attention_residuals
-            );
-        }
-        if kept.mlp {
-            tracing::info!(
-                "keeping each layer's gate/up output (train.keep_mlp_activations = {}): the \
-                 backward skips recomputing the gate/up product",
-                cfg.train.keep_mlp_activations
-            );
-        }
-        // Every rank starts from rank 0's adapters and must read the same data.
-        backend.broadcast_params(&*coll)?;
-        // An optimizer step's data batches are split over the ranks (so a resume on
-        // another number of GPUs trains the same steps); each rank cuts its own into
-        // micro-batches.
-        let sharding = StepSharding::new(shape.data_batches, coll.world_size()).map_err(|e| {
-            TrainError::Other(format!(
-                "data parallel: {e}{}",
-                if cfg.data.batch_size_is_auto() {
-                    " (data.batch_size = \"auto\" makes one data batch per step: with several \
-                     GPUs set data.batch_size and train.grad_accum instead)"
-                } else {
-                    ""
-                }
-            ))
-        })?;
-        let stream = match state {
-            Some(st) => BatchStream::resume(&data_cfg, encoder.clone(), &st.data_cursor)?,
-            None => BatchStream::new(&data_cfg, encoder.clone())?,
+        let built = build(&inputs, &base, &*coll, engine_memory_limit)?;
+        let t = Trainer::assemble(inputs, base, built, clock, coll, cache_root)?;
+        let t = Trainer {
+            stop,
+            halt_at_step,
+            write_quota,
+            ..t
         };
-        let tokens_per_step = (shape.rows_per_step() * cfg.data.seq_len) as u64;
-        // fp16 (7.x GPUs) trains with a dynamic loss scale, resumed with the run.
-        let scaler = (dtype == candle_core::DType::F16)
-            .then(|| state.and_then(|s| s.loss_scaler.clone()).unwrap_or_default());
-        sizes.checkpoint_bytes = sizes.adapter_bytes + backend.optimizer_state().0;
-        sizes.step_tokens = tokens_per_step;
+        t.check_budget_after_loading()?;
+        Ok(Setup::Train(Box::new(t)))
+    }
 
-        // ---- the planner: the budget from the process's start
+    /// The trainer of checked inputs and a built run: planner, metrics, position.
+    fn assemble(
+        inputs: Inputs,
+        base: BaseModel,
+        built: Built,
+        clock: Arc<dyn Clock>,
+        coll: Arc<dyn qtrain_dist::Collective>,
+        cache_root: PathBuf,
+    ) -> Result<Trainer> {
+        let Inputs {
+            cfg,
+            resumed,
+            model_dir,
+            encoder,
+            data_files,
+            lcfg,
+            mut sizes,
+            budget,
+            accounting,
+            ..
+        } = inputs;
+        let root = coll.is_root();
+        let state = resumed.as_ref().map(|r| &r.state);
+        sizes.checkpoint_bytes = sizes.adapter_bytes + built.backend.optimizer_state().0;
+        sizes.step_tokens = built.tokens_per_step;
+        // The planner: the budget from the process's start.
         let costs = state.map(|s| s.phase_costs.clone()).unwrap_or_default();
         let reserve = match cfg.budget.reserve_seconds {
             Some(r) => Duration::from_secs_f64(r),
             None => reserve_for(budget, &costs, &sizes, None),
         };
+        let tokens = built.tokens_per_step;
         let mut planner = match state {
-            Some(st) => Planner::resume(
-                budget,
-                Box::new(clock.clone()),
-                reserve,
-                tokens_per_step,
-                &st.planner,
-            ),
-            None => Planner::new(budget, Box::new(clock.clone()), reserve, tokens_per_step),
+            Some(st) => Planner::resume(budget, Box::new(clock.clone()), reserve, tokens, &st.planner),
+            None => Planner::new(budget, Box::new(clock.clone()), reserve, tokens),
         };
         planner.set_periodic(periodic(&cfg, &costs, &sizes, planner.step_seconds()));
         let pos = state.map_or_else(Position::default, |s| Position {
@@ -238,66 +170,61 @@ impl Trainer {
             lcfg.rank,
             lcfg.alpha,
             cfg.lora.targets.join(","),
-            backend.num_parameters() as f64 / 1e6,
+            built.backend.num_parameters() as f64 / 1e6,
             cfg.optimizer.kind,
-            backend.optimizer_state().0 as f64 / 1e6,
-            backend.name()
+            built.backend.optimizer_state().0 as f64 / 1e6,
+            built.backend.name()
         );
+        let resume_dir = resumed.as_ref().map(|r| r.dir.clone());
         if let Some(dir) = &resume_dir {
             tracing::info!("resumed at step {} from {}", pos.step, dir.display());
         }
+        let out_dir = cfg.checkpoint.output_dir.clone();
         let sink = MetricsSink::create(&out_dir, cfg.log.jsonl && root, cfg.log.tensorboard && root)?;
-        let bar = progress_bar(&cfg, &planner.plan());
-        let run_id = resumed
-            .as_ref()
-            .map_or_else(crate::ckpt_io::new_run_id, |r| r.state.run_id.clone());
         let measure_checkpoint = cfg.budget.reserve_seconds.is_none()
             && matches!(budget, Budget::Time(_))
             && costs.ckpt_s.is_none();
-        let last_ckpt_at = planner.elapsed();
-        let t = Trainer {
+        Ok(Trainer {
             first_eval_loss: state.and_then(|s| s.first_eval_loss),
+            run_id: state.map_or_else(crate::ckpt_io::new_run_id, |s| s.run_id.clone()),
             sched: schedule(&cfg),
+            bar: progress_bar(&cfg, &planner.plan()),
+            last_ckpt_at: planner.elapsed(),
+            ckpt_root: out_dir.join("checkpoints"),
+            out_dir,
             cfg,
             clock,
             coll,
             root,
-            stop,
-            halt_at_step,
+            stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            halt_at_step: None,
             cache_root,
-            write_quota,
-            out_dir,
-            ckpt_root,
+            write_quota: None,
             model_dir,
-            run_id,
             resumed_from: resume_dir.clone(),
             last_checkpoint: resume_dir,
             data_files,
             base,
             encoder,
-            backend,
-            shape,
-            data_cfg,
-            stream,
-            sharding,
-            scaler,
-            tokens_per_step,
+            backend: built.backend,
+            shape: built.shape,
+            data_cfg: built.data_cfg,
+            stream: built.stream,
+            sharding: built.sharding,
+            scaler: built.scaler,
+            tokens_per_step: built.tokens_per_step,
             planner,
             costs,
             sizes,
             accounting,
             measure_checkpoint,
-            last_ckpt_at,
             first_step_checked: false,
             sink,
-            bar,
             pos,
             timing: Timing::default(),
             prompts: Vec::new(),
             before: Vec::new(),
-        };
-        t.check_budget_after_loading()?;
-        Ok(Setup::Train(Box::new(t)))
+        })
     }
 
     /// After loading: what is left of a time budget must hold what is still to come
@@ -355,6 +282,205 @@ impl Trainer {
         self.planner
             .set_periodic(periodic(&self.cfg, &self.costs, &self.sizes, step_s));
     }
+}
+
+/// How a run starts: the flags that decide what `check_inputs` may do.
+struct Start<'a> {
+    resume: Option<&'a Resume>,
+    overwrite: bool,
+    allow_data_change: bool,
+    write_quota: Option<u64>,
+    root: bool,
+    cache_root: &'a Path,
+}
+
+/// Every input before anything expensive: the output directory (claimed by a
+/// fresh run), the checkpoint (a finished run ends here: `Err(summary)`), the
+/// device, the model's files and tokenizer, the data files.
+fn check_inputs(cfg: RunConfig, start: &Start<'_>) -> Result<std::result::Result<Inputs, RunSummary>> {
+    let out_dir = cfg.checkpoint.output_dir.clone();
+    let ckpt_root = out_dir.join("checkpoints");
+    std::fs::create_dir_all(&out_dir)
+        .map_err(|e| TrainError::Other(format!("{}: {e}", out_dir.display())))?;
+    if start.root {
+        // An adapter export a kill interrupted (see `ckpt_io::write_dir_atomic`).
+        crate::ckpt_io::remove_stale_with_prefix(
+            &out_dir,
+            &format!("{}adapter-", crate::ckpt_io::TMP_PREFIX),
+        )?;
+    }
+    // The checkpoint first: it decides the data position, and whether anything is
+    // left to do.
+    let resumed: Option<Resumed> = match start.resume {
+        None => {
+            resume::claim_output(&out_dir, &ckpt_root, start.overwrite, start.root)?;
+            None
+        }
+        Some(r) => Some(resume::open(&ckpt_root, r, &cfg)?),
+    };
+    if let Some(r) = &resumed {
+        if let Some(summary) = r.finished_summary(&cfg, &out_dir) {
+            if start.root {
+                // A kill between the final checkpoint and the export would otherwise
+                // leave no (or an older) adapter beside a finished run.
+                resume::restore_adapter(&r.dir, &summary.adapter_dir, start.write_quota)?;
+            }
+            return Ok(Err(summary));
+        }
+        if start.root {
+            crate::ckpt_io::remove_stale_temporaries(&ckpt_root)?;
+        }
+    }
+    let device = models::device(&cfg.model.device)?;
+    let (dtype, gpu) = models::resolve_dtype(&cfg.model.dtype, &device)?;
+    let model_dir = models::resolve(&cfg.model.path, start.cache_root)?;
+    let model_cfg = qtrain_model::ModelConfig::from_file(&model_dir.join("config.json"))?;
+    let encoder = Arc::new(Encoder::from_model_dir(
+        &model_dir,
+        &cfg.data.chat_template,
+    )?);
+    let data_files = resume::identify_data(&cfg.data)?;
+    if let Some(r) = &resumed {
+        resume::check_data_files(r, &data_files, start.allow_data_change)?;
+    }
+    let lcfg = lora_config(&cfg)?;
+    Ok(Ok(Inputs {
+        sizes: sizes(&cfg, &model_cfg, &lcfg),
+        budget: cfg.budget_kind().unwrap_or(Budget::Steps(100)),
+        cfg,
+        resumed,
+        device,
+        dtype,
+        gpu,
+        model_dir,
+        encoder,
+        data_files,
+        lcfg,
+        accounting: Accounting::default(),
+    }))
+}
+
+/// A time budget the fixed costs do not fit (forecast from the timings of the last
+/// run of this model here, else its size) is refused before anything is loaded.
+fn refuse_budget_before_loading(
+    inputs: &Inputs,
+    clock: &Arc<dyn Clock>,
+    cache_root: &Path,
+) -> Result<()> {
+    let Budget::Time(b) = inputs.budget else {
+        return Ok(());
+    };
+    let elapsed_before = inputs.resumed.as_ref().map_or(Duration::ZERO, |r| {
+        Duration::from_secs_f64(r.state.planner.elapsed_secs)
+    });
+    let history_path = History::path(cache_root, &inputs.model_dir, &history_key(&inputs.cfg));
+    let forecast = Forecast::new(
+        History::read(&history_path).as_ref(),
+        &history_path,
+        budget::model_bytes(&inputs.model_dir),
+        &inputs.sizes,
+        inputs.resumed.is_none(),
+    );
+    let spent = elapsed_before + clock.now();
+    let left = b.saturating_sub(spent);
+    if forecast.minimum() <= left.as_secs_f64() {
+        return Ok(());
+    }
+    Err(TrainError::Budget(format!(
+        "the time budget ({}) cannot hold this run's fixed costs and one step; nothing was \
+         loaded. Forecast: {}. Give a budget of at least {:.0} s",
+        budget_left(b, elapsed_before),
+        forecast.describe(),
+        (forecast.minimum() + spent.as_secs_f64() + budget::margin(b).as_secs_f64()).ceil()
+    )))
+}
+
+/// The adapters (fresh or from the checkpoint), the optimizer, the backend, the
+/// step's shape and the data stream, on the loaded base.
+fn build(
+    inputs: &Inputs,
+    base: &BaseModel,
+    coll: &dyn qtrain_dist::Collective,
+    engine_memory_limit: Option<usize>,
+) -> Result<Built> {
+    let cfg = &inputs.cfg;
+    let mut lora = LoraWeights::init(&inputs.lcfg, &base.config, &inputs.device)?;
+    let params = lora.to_host()?;
+    let specs: Vec<ParamSpec> = params
+        .iter()
+        .map(|(n, v, _)| ParamSpec::new(n.clone(), v.len()))
+        .collect();
+    let resume_dir = inputs.resumed.as_ref().map(|r| r.dir.clone());
+    let opt = make_optimizer(
+        cfg,
+        &specs,
+        resume_dir.as_ref().map(|d| d.join(OPTIMIZER_FILE)).as_deref(),
+    )?;
+    if let Some(dir) = &resume_dir {
+        lora.update_from_host(&load_lora(&dir.join(ADAPTER_FILE), &params)?)?;
+    }
+    let choice = EngineChoice::parse(&cfg.train.engine).unwrap_or(EngineChoice::Auto);
+    let mut backend = Backend::new(base, lora, opt, choice)?;
+    backend.set_memory_limit(engine_memory_limit);
+    let state = inputs.resumed.as_ref().map(|r| &r.state);
+    let gpu = inputs.gpu.as_ref();
+    let shape = micro::resolve_step_shape(
+        cfg,
+        base,
+        &backend,
+        gpu,
+        engine_memory_limit,
+        state.and_then(|s| s.micro_batch),
+    )?;
+    let data_cfg = shape.data_config(&cfg.data);
+    let kept = micro::kept_activations(cfg, base, &backend, gpu, engine_memory_limit, &shape);
+    backend.set_kept_activations(kept);
+    if kept.attention_residuals {
+        tracing::info!(
+            "keeping each layer's attention residual (train.keep_attention_residuals = {}): \
+             the backward skips recomputing the o projection",
+            cfg.train.keep_attention_residuals
+        );
+    }
+    if kept.mlp {
+        tracing::info!(
+            "keeping each layer's gate/up output (train.keep_mlp_activations = {}): the \
+             backward skips recomputing the gate/up product",
+            cfg.train.keep_mlp_activations
+        );
+    }
+    // Every rank starts from rank 0's adapters and must read the same data.
+    backend.broadcast_params(coll)?;
+    // An optimizer step's data batches are split over the ranks (so a resume on
+    // another number of GPUs trains the same steps); each rank cuts its own into
+    // micro-batches.
+    let sharding = StepSharding::new(shape.data_batches, coll.world_size()).map_err(|e| {
+        TrainError::Other(format!(
+            "data parallel: {e}{}",
+            if cfg.data.batch_size_is_auto() {
+                " (data.batch_size = \"auto\" makes one data batch per step: with several \
+                 GPUs set data.batch_size and train.grad_accum instead)"
+            } else {
+                ""
+            }
+        ))
+    })?;
+    let stream = match state {
+        Some(st) => BatchStream::resume(&data_cfg, inputs.encoder.clone(), &st.data_cursor)?,
+        None => BatchStream::new(&data_cfg, inputs.encoder.clone())?,
+    };
+    // fp16 (7.x GPUs) trains with a dynamic loss scale, resumed with the run.
+    let scaler = (inputs.dtype == candle_core::DType::F16)
+        .then(|| state.and_then(|s| s.loss_scaler.clone()).unwrap_or_default());
+    Ok(Built {
+        tokens_per_step: (shape.rows_per_step() * cfg.data.seq_len) as u64,
+        backend,
+        shape,
+        data_cfg,
+        stream,
+        sharding,
+        scaler,
+    })
 }
 
 /// "`240 s`" or "`240 s, 200 s of it spent before this resume`".
