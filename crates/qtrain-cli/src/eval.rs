@@ -46,13 +46,12 @@ pub fn run(a: Args) -> Result<()> {
         qtrain_train::models::load_base(&a.model, &a.quantization, &a.device, &a.dtype, &cache)
             .with_context(|| format!("loading --model {}", a.model))?;
     let lora = match &a.adapter {
-        Some(d) => {
-            let adapter = qtrain_train::peft::read_peft_adapter(d)?;
-            Some(
-                qtrain_train::models::lora_from_peft(&adapter, &base)
-                    .with_context(|| format!("--adapter {}", d.display()))?,
-            )
-        }
+        Some(d) => Some(
+            qtrain_train::peft::read_peft_adapter(d)
+                .map_err(anyhow::Error::from)
+                .and_then(|adapter| Ok(qtrain_train::models::lora_from_peft(&adapter, &base)?))
+                .with_context(|| format!("--adapter {}", d.display()))?,
+        ),
         None => None,
     };
     let data = DatasetConfig {

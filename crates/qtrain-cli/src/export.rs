@@ -1,10 +1,12 @@
 //! `qtrain export`: a checkpoint as a PEFT adapter, or as a full model with the
-//! adapter merged in.
+//! adapter merged in. Writes atomically (a failed or disk-full export leaves no
+//! partial files) and refuses to write into a non-empty directory without --force.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use qtrain_train::ckpt_io;
 use qtrain_train::merge::{export_merged, MergeBase};
-use qtrain_train::peft::{self, PeftDtype};
-use std::path::PathBuf;
+use qtrain_train::peft::{self, PeftAdapter, PeftDtype};
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -14,6 +16,10 @@ pub struct Args {
     /// Output directory.
     #[arg(long)]
     out: PathBuf,
+    /// Write into --out although it holds files (same-named files are replaced,
+    /// others left alone).
+    #[arg(long)]
+    force: bool,
     /// Write the full model with W + scale*B*A merged in (sharded HF safetensors,
     /// config and tokenizer), loadable by transformers and vLLM.
     #[arg(long)]
@@ -47,26 +53,91 @@ enum Dtype {
     F16,
 }
 
+/// The adapter in `dir` (a qtrain checkpoint or a PEFT adapter directory) and the
+/// model it was trained on; a directory that is neither is told what it lacks.
+fn read_adapter(dir: &Path) -> Result<(PeftAdapter, String)> {
+    if dir.join("trainer_state.json").exists() {
+        return Ok(qtrain_train::trainer::adapter_from_checkpoint(dir)?);
+    }
+    if dir.join("adapter_config.json").exists() {
+        let adapter = peft::read_peft_adapter(dir)?;
+        let model = adapter.settings.base_model.clone();
+        return Ok((adapter, model));
+    }
+    if !dir.is_dir() {
+        bail!("--checkpoint {}: no such directory", dir.display());
+    }
+    let hint = if dir.join("checkpoints").is_dir() {
+        format!(
+            "; it looks like a run's output directory: export one of its checkpoints \
+             (--checkpoint {}) or use its adapter ({})",
+            latest_hint(&dir.join("checkpoints")),
+            dir.join("adapter").display()
+        )
+    } else if dir.join("latest").is_file() {
+        format!(
+            "; it looks like a run's checkpoints directory: --checkpoint {}",
+            latest_hint(dir)
+        )
+    } else {
+        String::new()
+    };
+    bail!(
+        "--checkpoint {}: neither a qtrain checkpoint (it has no trainer_state.json) nor a PEFT \
+         adapter directory (it has no adapter_config.json){hint}",
+        dir.display()
+    )
+}
+
+fn latest_hint(ckpt_root: &Path) -> String {
+    ckpt_io::latest(ckpt_root)
+        .map(|d| d.display().to_string())
+        .unwrap_or_else(|_| format!("{}/step-NNNNNNNN", ckpt_root.display()))
+}
+
+/// Whether `dir` exists and holds anything.
+fn non_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
+}
+
 pub fn run(a: Args) -> Result<()> {
     let cache = qtrain_model::bnb::default_cache_root();
     // A qtrain checkpoint holds the adapter in qtrain's names plus the run's state;
     // a PEFT directory is read as is.
-    let (adapter, model) = if a.checkpoint.join("trainer_state.json").exists() {
-        qtrain_train::trainer::adapter_from_checkpoint(&a.checkpoint)?
-    } else {
-        let adapter = peft::read_peft_adapter(&a.checkpoint)?;
-        let model = adapter.settings.base_model.clone();
-        (adapter, model)
-    };
+    let (adapter, model) = read_adapter(&a.checkpoint)?;
+    if a.out.is_file() {
+        bail!("--out {}: a file, not a directory", a.out.display());
+    }
+    if non_empty(&a.out) && !a.force {
+        bail!(
+            "--out {}: the directory is not empty; choose an empty or new one, or pass --force \
+             to replace the files the export writes",
+            a.out.display()
+        );
+    }
     let model = a.model.clone().unwrap_or(model);
     if a.merged {
         let dir = qtrain_train::models::resolve(&model, &cache)
             .with_context(|| format!("resolving the base model {model}"))?;
+        if a.out.canonicalize().ok() == Some(dir.canonicalize()?) {
+            bail!(
+                "--out {}: the source model directory; choose another output directory",
+                a.out.display()
+            );
+        }
+        let cfg = qtrain_model::ModelConfig::from_file(&dir.join("config.json"))?;
+        qtrain_train::models::check_adapter_complete(&adapter, &cfg)
+            .with_context(|| format!("--checkpoint {}", a.checkpoint.display()))?;
         let base = match a.merge_base {
             Base::Original => MergeBase::Original,
             Base::Dequantized => MergeBase::Dequantized,
         };
-        export_merged(&dir, &adapter, &a.out, base, a.max_shard_bytes)?;
+        // bf16 weights: about the source's size when it is bf16.
+        let expected = qtrain_train::budget::model_bytes(&dir);
+        ckpt_io::write_dir_atomic(&a.out, Some(expected), None, |tmp| {
+            export_merged(&dir, &adapter, tmp, base, a.max_shard_bytes)?;
+            Ok(())
+        })?;
         println!("wrote the merged model to {}", a.out.display());
     } else {
         let dtype = match a.dtype {
@@ -76,7 +147,16 @@ pub fn run(a: Args) -> Result<()> {
         };
         let mut settings = adapter.settings.clone();
         settings.base_model = model;
-        peft::write_peft_adapter(&a.out, &adapter.tensors, &settings, dtype)?;
+        let elem = if matches!(a.dtype, Dtype::F32) { 4 } else { 2 };
+        let expected: u64 = adapter
+            .tensors
+            .iter()
+            .map(|t| t.1.len() as u64 * elem)
+            .sum();
+        ckpt_io::write_dir_atomic(&a.out, Some(expected), None, |tmp| {
+            peft::write_peft_adapter(tmp, &adapter.tensors, &settings, dtype)?;
+            Ok(())
+        })?;
         println!("wrote the PEFT adapter to {}", a.out.display());
     }
     Ok(())

@@ -38,10 +38,12 @@ pub fn run(a: Args) -> Result<()> {
     let (base, dir) = qtrain_train::models::load_base(&a.model, "nf4", &a.device, &a.dtype, &cache)
         .with_context(|| format!("loading --model {}", a.model))?;
     let lora = match &a.adapter {
-        Some(d) => Some(qtrain_train::models::lora_from_peft(
-            &qtrain_train::peft::read_peft_adapter(d)?,
-            &base,
-        )?),
+        Some(d) => Some(
+            qtrain_train::peft::read_peft_adapter(d)
+                .map_err(anyhow::Error::from)
+                .and_then(|adapter| Ok(qtrain_train::models::lora_from_peft(&adapter, &base)?))
+                .with_context(|| format!("--adapter {}", d.display()))?,
+        ),
         None => None,
     };
     let enc = Encoder::from_model_dir(&dir, &DatasetConfig::default().chat_template)?;

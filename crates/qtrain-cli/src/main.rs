@@ -55,6 +55,8 @@ enum Command {
 }
 
 fn main() {
+    // The time budget of `qtrain run` is the whole process: its clock starts here.
+    let started = std::time::Instant::now();
     // candle's CPU matmul asks the thread pool size for every product; when
     // RAYON_NUM_THREADS is unset that means re-reading /proc/cpuinfo each time (tens
     // of microseconds per matmul, a large share of a tiny model's step). Fix it once,
@@ -72,7 +74,11 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(a) => run::run(a),
+        Command::Run(a) => match run::run(a, started) {
+            // A run stopped by a signal exits as shells report one (130, 143).
+            Ok(code) if code != 0 => std::process::exit(code),
+            r => r.map(|_| ()),
+        },
         Command::Plan(a) => plan::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Doctor(a) => doctor::run(a),
@@ -82,8 +88,60 @@ fn main() {
         Command::InitRandom(a) => init_random::run(a),
     };
     if let Err(e) = result {
-        // `{:#}` prints the whole context chain on one line: "loading X: file Y: key Z".
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_line(&e));
         std::process::exit(1);
+    }
+}
+
+/// The whole context chain on one line ("loading X: file Y: key Z"), without
+/// repeating a cause whose text the message before it already holds (library
+/// errors print `path: <os error>` and also return the OS error as their source).
+fn error_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let t = cause.to_string();
+        if out.contains(&t) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&t);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_errors_are_not_repeated() {
+        /// As the libraries' `#[error("{path}: {source}")]` errors are.
+        #[derive(Debug)]
+        struct WithPath {
+            path: String,
+            source: std::io::Error,
+        }
+        impl std::fmt::Display for WithPath {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{}: {}", self.path, self.source)
+            }
+        }
+        impl std::error::Error for WithPath {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.source)
+            }
+        }
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let text = io.to_string();
+        let e = anyhow::Error::new(WithPath {
+            path: "data.jsonl".into(),
+            source: io,
+        })
+        .context("reading the data");
+        let line = error_line(&e);
+        assert_eq!(line, format!("reading the data: data.jsonl: {text}"));
+        assert_eq!(line.matches(&text).count(), 1, "{line}");
     }
 }

@@ -11,6 +11,13 @@
 //! it identically and skips the consumed records. Pending documents (not yet in an
 //! emitted batch) are stored in the cursor, so nothing is lost or repeated.
 //!
+//! The cursor stays small whatever the data: a record's documents (a long record
+//! split into many `seq_len` pieces) are fed to the batcher one at a time, only
+//! while no batch is ready, so the pending documents are at most one batch being
+//! filled plus one ready (packing), or the bucketing window (padding). The pieces of
+//! the current record not yet fed are not stored: the cursor says how many were fed
+//! (`carry_fed`), and a resume re-reads and re-splits that record.
+//!
 //! **Eval split**: record `r` of file `f` is held out when `hash(seed, f, r)` falls
 //! under `eval_fraction` (stable as files grow, independent of shuffling), or, with
 //! `eval_samples = N`, when it is among the first N records in file order.
@@ -76,9 +83,15 @@ pub struct DataCursor {
     /// Documents read but not yet emitted.
     pub pending: Pending,
     pub stats: DataStats,
+    /// When the last consumed record's documents are only partly fed to the
+    /// batcher: how many were fed (a resume re-splits the record and skips them).
+    #[serde(default)]
+    pub carry_fed: Option<usize>,
 }
 
-const CURSOR_VERSION: u32 = 1;
+/// Version 2 added `carry_fed`; version 1 cursors (every document pending) still
+/// resume.
+const CURSOR_VERSION: u32 = 2;
 
 /// Decides which records are held out.
 #[derive(Debug, Clone)]
@@ -212,6 +225,10 @@ struct Pipeline {
     batcher: Batcher,
     stats: DataStats,
     epoch_documents: u64,
+    /// Documents of the last consumed record not yet fed to the batcher, and how
+    /// many of its documents were fed.
+    carry: std::collections::VecDeque<Tokenized>,
+    carry_fed: usize,
 }
 
 fn fingerprint(cfg: &DatasetConfig, ds: &Dataset) -> u64 {
@@ -255,6 +272,8 @@ impl Pipeline {
             batcher,
             stats: DataStats::default(),
             epoch_documents: 0,
+            carry: Default::default(),
+            carry_fed: 0,
         };
         p.start_epoch(0);
         Ok(p)
@@ -277,7 +296,7 @@ impl Pipeline {
 
     fn resume(cfg: &DatasetConfig, enc: Arc<Encoder>, cursor: &DataCursor) -> Result<Self> {
         let mut p = Self::new(cfg, enc)?;
-        if cursor.version != CURSOR_VERSION {
+        if !(1..=CURSOR_VERSION).contains(&cursor.version) {
             return Err(DataError::Resume(format!(
                 "cursor version {} (this build writes {CURSOR_VERSION})",
                 cursor.version
@@ -313,6 +332,25 @@ impl Pipeline {
         p.epoch_documents = cursor.epoch_documents;
         p.batcher.pending = cursor.pending.clone();
         p.stats = cursor.stats.clone();
+        if let Some(fed) = cursor.carry_fed {
+            // The record was counted when first read: split it again on the side.
+            let Some(i) = p.consumed.checked_sub(1) else {
+                return Err(DataError::Resume(
+                    "the cursor has a partly fed record but no consumed one".into(),
+                ));
+            };
+            let (_, rec) = std::mem::replace(&mut p.block[i], (0, placeholder_record()));
+            let docs = p.conv.documents(rec, &mut DataStats::default())?;
+            if fed > docs.len() {
+                return Err(DataError::Resume(format!(
+                    "the record at the cursor has {} documents, fewer than the {fed} fed \
+                     (did the file change?)",
+                    docs.len()
+                )));
+            }
+            p.carry = docs.into_iter().skip(fed).collect();
+            p.carry_fed = fed;
+        }
         Ok(p)
     }
 
@@ -328,6 +366,7 @@ impl Pipeline {
             epoch_documents: self.epoch_documents,
             pending: self.batcher.pending.clone(),
             stats: self.stats.clone(),
+            carry_fed: (!self.carry.is_empty()).then_some(self.carry_fed),
         }
     }
 
@@ -392,6 +431,11 @@ impl Pipeline {
                 self.stats.valid_tokens += batch.valid_targets() as u64;
                 return Ok((batch, self.cursor()));
             }
+            if let Some(doc) = self.carry.pop_front() {
+                self.carry_fed += 1;
+                self.batcher.push(doc);
+                continue;
+            }
             if self.consumed == self.block.len() {
                 if !self.block.is_empty() {
                     self.block_number += 1;
@@ -427,9 +471,8 @@ impl Pipeline {
             self.stats.records += 1;
             let docs = self.conv.documents(rec, &mut self.stats)?;
             self.epoch_documents += docs.len() as u64;
-            for d in docs {
-                self.batcher.push(d);
-            }
+            self.carry = docs.into();
+            self.carry_fed = 0;
         }
     }
 }

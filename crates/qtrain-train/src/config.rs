@@ -301,6 +301,18 @@ impl Default for LogSection {
     }
 }
 
+/// The longest time budget accepted: a year. Longer values are typos (or
+/// `--hours 6e15`), and would overflow the clock.
+pub const MAX_BUDGET_HOURS: f64 = 24.0 * 365.0;
+
+/// A budget given on the command line, which replaces the config's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BudgetFlag {
+    Hours(f64),
+    Minutes(f64),
+    Steps(u64),
+}
+
 const TARGETS: [&str; 7] = [
     "q_proj",
     "k_proj",
@@ -321,8 +333,37 @@ impl RunConfig {
         Self::from_toml_str(&text, path, overrides)
     }
 
+    /// Parses TOML text (`path` names it in messages), applies `--set` overrides,
+    /// then a command-line budget (which replaces the config's), and validates.
+    /// Errors in the text point into it (line and column of the user's file);
+    /// errors of an override name the `--set`.
+    pub fn from_toml_str_with_budget(
+        text: &str,
+        path: &Path,
+        overrides: &[String],
+        budget: Option<BudgetFlag>,
+    ) -> Result<Self, ConfigError> {
+        let cfg = Self::parse_with_overrides(text, path, overrides)?;
+        let cfg = match budget {
+            Some(b) => cfg.with_budget(b),
+            None => cfg,
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
     /// Parses TOML text (`path` names it in messages).
     pub fn from_toml_str(
+        text: &str,
+        path: &Path,
+        overrides: &[String],
+    ) -> Result<Self, ConfigError> {
+        let cfg = Self::parse_with_overrides(text, path, overrides)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn parse_with_overrides(
         text: &str,
         path: &Path,
         overrides: &[String],
@@ -343,7 +384,6 @@ impl RunConfig {
                 message: e.message().to_string(),
             })?
         };
-        cfg.validate(path)?;
         Ok(cfg)
     }
 
@@ -533,10 +573,18 @@ impl RunConfig {
         if sources > 1 {
             p.push("budget: set only one of hours, minutes, steps".into());
         }
-        for (k, v) in [("budget.hours", b.hours), ("budget.minutes", b.minutes)] {
+        for (k, v, per_hour) in [
+            ("budget.hours", b.hours, 1.0),
+            ("budget.minutes", b.minutes, 60.0),
+        ] {
             if let Some(v) = v {
                 if !(v.is_finite() && v > 0.0) {
-                    p.push(format!("{k}: {v} must be finite and > 0"));
+                    p.push(format!("{k}: {v} must be a finite number > 0"));
+                } else if v / per_hour > MAX_BUDGET_HOURS {
+                    p.push(format!(
+                        "{k}: {v} is longer than a year ({MAX_BUDGET_HOURS} hours); give the \
+                         time the run may really take"
+                    ));
                 }
             }
         }
@@ -546,8 +594,21 @@ impl RunConfig {
         if let Some(r) = b.reserve_seconds {
             if !(r.is_finite() && r >= 0.0) {
                 p.push(format!(
-                    "budget.reserve_seconds: {r} must be finite and >= 0"
+                    "budget.reserve_seconds: {r} must be a finite number >= 0"
                 ));
+            } else if r > MAX_BUDGET_HOURS * 3600.0 {
+                p.push(format!(
+                    "budget.reserve_seconds: {r} is longer than a year; it is the time kept \
+                     free at the end of the budget for the final checkpoint and export"
+                ));
+            } else if let Some(crate::planner::Budget::Time(t)) = self.budget_kind() {
+                if r >= t.as_secs_f64() {
+                    p.push(format!(
+                        "budget.reserve_seconds: {r} s leaves nothing of the {:.0} s budget for \
+                         training",
+                        t.as_secs_f64()
+                    ));
+                }
             }
         }
     }
@@ -569,18 +630,38 @@ impl RunConfig {
         }
     }
 
-    /// The budget as the planner takes it, after CLI overrides.
+    /// The budget as the planner takes it, after CLI overrides. (Validation keeps
+    /// it within a year; an unvalidated value is clamped to that, never a panic.)
     pub fn budget_kind(&self) -> Option<crate::planner::Budget> {
         use crate::planner::Budget;
+        let secs = |s: f64| {
+            std::time::Duration::from_secs_f64(if s.is_finite() {
+                s.clamp(0.0, MAX_BUDGET_HOURS * 3600.0)
+            } else {
+                MAX_BUDGET_HOURS * 3600.0
+            })
+        };
         let b = &self.budget;
         if let Some(s) = b.steps {
             Some(Budget::Steps(s))
         } else if let Some(h) = b.hours {
-            Some(Budget::Time(std::time::Duration::from_secs_f64(h * 3600.0)))
+            Some(Budget::Time(secs(h * 3600.0)))
         } else {
-            b.minutes
-                .map(|m| Budget::Time(std::time::Duration::from_secs_f64(m * 60.0)))
+            b.minutes.map(|m| Budget::Time(secs(m * 60.0)))
         }
+    }
+
+    /// Replaces whatever budget the file and `--set` give with `budget` (the CLI's
+    /// `--hours`, `--minutes` or `--steps`), keeping `reserve_seconds`.
+    pub fn with_budget(mut self, budget: BudgetFlag) -> Self {
+        let b = &mut self.budget;
+        (b.hours, b.minutes, b.steps) = (None, None, None);
+        match budget {
+            BudgetFlag::Hours(h) => b.hours = Some(h),
+            BudgetFlag::Minutes(m) => b.minutes = Some(m),
+            BudgetFlag::Steps(s) => b.steps = Some(s),
+        }
+        self
     }
 
     pub fn to_toml(&self) -> String {
@@ -592,13 +673,21 @@ fn parse_typed(text: &str, path: &Path) -> Result<RunConfig, ConfigError> {
     toml::from_str(text).map_err(|e| parse_error(text, path, e))
 }
 
-/// A toml error as `file:line:column: message`.
+/// A toml error as `file:line:column: key.path: message` (the key path when the
+/// message does not already name it).
 fn parse_error(text: &str, path: &Path, e: toml::de::Error) -> ConfigError {
+    let mut message = e.message().trim().to_string();
     let (line, column) = match e.span() {
         Some(span) => {
-            let before = &text[..span.start.min(text.len())];
+            let start = span.start.min(text.len());
+            let before = &text[..start];
             let line = before.matches('\n').count() + 1;
             let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            if let Some(key) = key_at(text, start) {
+                if !message.contains(&key) {
+                    message = format!("{key}: {message}");
+                }
+            }
             (line, column)
         }
         None => (0, 0),
@@ -607,8 +696,32 @@ fn parse_error(text: &str, path: &Path, e: toml::de::Error) -> ConfigError {
         path: path.to_path_buf(),
         line,
         column,
-        message: e.message().trim().to_string(),
+        message,
     }
+}
+
+/// The dotted key path whose line holds byte `offset` of a TOML text: the last
+/// `[table]` header before it and the key left of the `=` on that line.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+        return None;
+    }
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && !l.starts_with("[["))
+        .and_then(|l| l.strip_prefix('['))
+        .and_then(|l| l.split(']').next())
+        .map(|t| t.trim().to_string());
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_string(),
+    })
 }
 
 /// Applies `section.key=value` to a parsed table. The value is read as a TOML
@@ -790,6 +903,61 @@ mod tests {
         let cfg = RunConfig::from_toml_str("[train]\noom = \"stop\"\n", p(), &[]).unwrap();
         assert_eq!(cfg.train.oom, "stop");
         assert_eq!(RunConfig::default().train.oom, "retry");
+    }
+
+    #[test]
+    fn wrong_type_names_its_key() {
+        let text = "[model]\npath = \"x\"\n\n[optimizer]\nwarmup_steps = 3\nlr = \"fast\"\n";
+        let e = RunConfig::from_toml_str(text, p(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("run.toml:6:6: optimizer.lr: "), "{e}");
+    }
+
+    /// A budget given on the command line replaces the file's (conflicting ones
+    /// included) without moving the positions of errors elsewhere in the file.
+    #[test]
+    fn budget_flags_keep_positions_in_the_users_file() {
+        let mut text = String::from("[budget]\nhours = 1.0\nsteps = 5\n");
+        for i in 0..14 {
+            text.push_str(&format!("# line {}\n", i + 4));
+        }
+        text.push_str("[lora]\nrnak = 4\n");
+        let flag = Some(BudgetFlag::Minutes(3.0));
+        let e = RunConfig::from_toml_str_with_budget(&text, p(), &[], flag)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("run.toml:19:1: lora.rnak: "), "{e}");
+        let typed = "[budget]\nhours = 1.0\n[optimizer]\n\n\nlr = true\n";
+        let e = RunConfig::from_toml_str_with_budget(typed, p(), &[], flag)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("run.toml:6:6: optimizer.lr: "), "{e}");
+        let cfg =
+            RunConfig::from_toml_str_with_budget("[budget]\nhours = 1.0\nsteps = 5\n", p(), &[], flag)
+                .unwrap();
+        assert_eq!((cfg.budget.minutes, cfg.budget.hours, cfg.budget.steps), (Some(3.0), None, None));
+        let e = RunConfig::from_toml_str_with_budget("", p(), &["optimizer.lr=x".into()], flag)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--set optimizer.lr=x: "), "{e}");
+    }
+
+    #[test]
+    fn absurd_budgets_are_refused_without_panicking() {
+        for (text, sets, needle) in [
+            ("[budget]\nhours = 6e15\n", vec![], "budget.hours: 6000000000000000 is longer than a year"),
+            ("[budget]\nminutes = 1e18\n", vec![], "budget.minutes: 1000000000000000000 is longer"),
+            ("[budget]\nhours = 1.0\n", vec!["budget.reserve_seconds=1e30".to_string()], "budget.reserve_seconds: 1000000000000000000000000000000 is longer than a year"),
+            ("[budget]\nminutes = 1.0\nreserve_seconds = 60.0\n", vec![], "leaves nothing of the 60 s budget"),
+            ("[budget]\nminutes = nan\n", vec![], "budget.minutes: NaN must be a finite number > 0"),
+        ] {
+            let e = RunConfig::from_toml_str(text, p(), &sets).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+        let mut c = RunConfig::default();
+        c.budget.hours = Some(1e300);
+        assert!(c.budget_kind().is_some(), "clamped, not a panic");
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! `qtrain-data`, the optimizer in `qtrain-optim`; this crate wires them into one
 //! straight loop.
 //!
+//! The run is a recipe ([`trainer`]): setup, evaluate, train steps, finish; the
+//! whole process keeps to the time budget ([`budget`], [`planner`]), checkpoints
+//! are atomic and pruned within their run's lineage ([`ckpt_io`]).
+//!
 //! Sizing: [`memory`] predicts a run's peak GPU memory, [`gpu`] knows the GPUs and
 //! their precision policy, [`throughput`] estimates tokens/s, [`sizing`] puts them
 //! together into `qtrain plan`'s report, [`micro`] cuts steps into micro-batches
@@ -15,8 +19,10 @@
 
 pub mod backend;
 pub mod bench;
+pub mod budget;
 pub mod ckpt_io;
 pub mod config;
+pub mod error;
 pub mod generate;
 pub mod gpu;
 pub mod loss_scale;
@@ -35,4 +41,5 @@ pub mod throughput;
 pub mod trainer;
 
 pub use config::{ConfigError, RunConfig};
+pub use error::TrainError;
 pub use planner::{Budget, Clock, Plan, Planner, SimClock, SystemClock};

@@ -23,7 +23,7 @@
 use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::memory::KeptActivations;
-use crate::trainer::TrainError;
+use crate::error::TrainError;
 use qtrain_data::DatasetConfig;
 use qtrain_dist::{StepSharding, StepShare};
 use qtrain_model::BaseModel;

@@ -16,6 +16,24 @@ pub enum ModelSourceError {
     Device(String, String),
     #[error(transparent)]
     Gpu(#[from] crate::gpu::GpuError),
+    #[error(transparent)]
+    Step(#[from] qtrain_step::StepError),
+    /// An adapter without some of the tensors its own settings call for on this
+    /// model: applying it would leave those projections untrained without a word.
+    #[error(
+        "the adapter lacks {} of the {expected} LoRA tensors its settings need on this \
+         model ({} layers): {}{}; it was trained for a model with fewer layers, or \
+         tensors were lost",
+        missing.len(),
+        layers,
+        missing.iter().take(6).cloned().collect::<Vec<_>>().join(", "),
+        if missing.len() > 6 { format!(" and {} more", missing.len() - 6) } else { String::new() }
+    )]
+    IncompleteAdapter {
+        missing: Vec<String>,
+        expected: usize,
+        layers: usize,
+    },
 }
 
 /// Writes a random model of `preset` with the built-in tokenizer into `out`.
@@ -169,11 +187,46 @@ pub fn load_base(
     Ok((base, dir))
 }
 
-/// LoRA weights on `base`'s device holding a PEFT adapter's tensors.
+/// Refuses an adapter that lacks some of the tensors its targets call for on a
+/// model of `cfg` (every layer, every target, A and B), naming them (PEFT names).
+pub fn check_adapter_complete(
+    adapter: &crate::peft::PeftAdapter,
+    cfg: &ModelConfig,
+) -> Result<(), ModelSourceError> {
+    use qtrain_step::{tensor_name, LoraPart};
+    let have: std::collections::HashSet<&str> =
+        adapter.tensors.iter().map(|t| t.0.as_str()).collect();
+    let mut expected = 0;
+    let mut missing = Vec::new();
+    for layer in 0..cfg.num_hidden_layers {
+        for &p in &adapter.settings.targets {
+            for part in [LoraPart::A, LoraPart::B] {
+                expected += 1;
+                let name = tensor_name(layer, p, part);
+                if !have.contains(name.as_str()) {
+                    missing.push(crate::peft::to_peft_name(&name).unwrap_or(name));
+                }
+            }
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(ModelSourceError::IncompleteAdapter {
+            missing,
+            expected,
+            layers: cfg.num_hidden_layers,
+        })
+    }
+}
+
+/// LoRA weights on `base`'s device holding a PEFT adapter's tensors; refuses an
+/// adapter that lacks some ([`check_adapter_complete`]).
 pub fn lora_from_peft(
     adapter: &crate::peft::PeftAdapter,
     base: &qtrain_model::BaseModel,
-) -> Result<qtrain_step::LoraWeights, qtrain_step::StepError> {
+) -> Result<qtrain_step::LoraWeights, ModelSourceError> {
+    check_adapter_complete(adapter, &base.config)?;
     let s = &adapter.settings;
     let cfg = qtrain_step::LoraConfig {
         rank: s.rank,

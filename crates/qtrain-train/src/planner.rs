@@ -1,14 +1,18 @@
 //! Time-budgeted step planning: how many optimizer steps fit in the hours the user
 //! paid for.
 //!
-//! The first steps are measured (the very first is ignored: it pays for allocation
-//! and kernel loading), then the planner sets the total so that the run ends at the
-//! budget minus the time reserved for the final checkpoint and export. The step time
-//! is tracked as an exponential moving average and the total is re-planned when the
-//! projected finish moves by more than 2%; periodic evaluation and checkpoint time
-//! is measured too and spread over the steps. On resume the elapsed time stored in
-//! the checkpoint counts against the budget. The learning-rate schedule follows the
-//! current total, so it ends where the run ends.
+//! The budget is the whole process: the clock starts when the process does, so
+//! loading, the first evaluation and everything before the first step count against
+//! it. The first steps are measured (the very first is ignored: it pays for
+//! allocation and kernel loading), then the planner sets the total so that the run
+//! ends at the budget minus the time reserved for what follows the last step (final
+//! checkpoint, export, final evaluation, sample answers: see [`crate::budget`]). The
+//! step time is tracked as an exponential moving average and the total is re-planned
+//! when the projected finish moves by more than 2%. Periodic evaluations and
+//! checkpoints are planned like steps when their cost and cadence are known
+//! ([`Periodic`]); otherwise their measured time is spread over the steps. On resume
+//! the elapsed time stored in the checkpoint counts against the budget. The
+//! learning-rate schedule follows the current total, so it ends where the run ends.
 //!
 //! The clock is injected ([`Clock`]) so tests drive the planner with simulated time.
 
@@ -23,7 +27,7 @@ pub enum Budget {
     Steps(u64),
 }
 
-/// Monotonic time since the planner's process started.
+/// Monotonic time since the process started.
 pub trait Clock: Send + Sync {
     fn now(&self) -> Duration;
 }
@@ -34,6 +38,12 @@ pub struct SystemClock(Instant);
 impl SystemClock {
     pub fn new() -> Self {
         Self(Instant::now())
+    }
+
+    /// A clock whose zero is `start` (the process's start, taken first thing in
+    /// `main`).
+    pub fn since(start: Instant) -> Self {
+        Self(start)
     }
 }
 
@@ -62,6 +72,55 @@ impl SimClock {
 impl Clock for SimClock {
     fn now(&self) -> Duration {
         *self.0.lock().expect("clock lock")
+    }
+}
+
+impl<C: Clock + ?Sized> Clock for Arc<C> {
+    fn now(&self) -> Duration {
+        (**self).now()
+    }
+}
+
+/// Evaluations and checkpoints that recur during the run, planned like steps: the
+/// planner counts how many fall inside the steps it plans and reserves their time.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Periodic {
+    /// An evaluation after every N-th step (0: none). The last step's is not
+    /// counted: the final evaluation (in the reserve) replaces it.
+    pub eval_every_steps: u64,
+    /// Seconds one evaluation takes (measured or predicted).
+    pub eval_secs: f64,
+    /// A checkpoint after every N-th step (0: none), the last step's excepted.
+    pub ckpt_every_steps: u64,
+    /// A checkpoint every so many seconds (0: none).
+    pub ckpt_every_secs: f64,
+    /// Seconds one checkpoint takes.
+    pub ckpt_secs: f64,
+}
+
+impl Periodic {
+    /// Seconds `more` further steps take after `done`, at `step` seconds each, with
+    /// the evaluations and checkpoints that fall among them.
+    pub fn cost(&self, done: u64, more: u64, step: f64) -> f64 {
+        if more == 0 {
+            return 0.0;
+        }
+        // Multiples of `every` in (done, done + more), the last step excluded.
+        let among = |every: u64| {
+            if every == 0 {
+                0
+            } else {
+                (done + more - 1) / every - done / every
+            }
+        };
+        let steps = more as f64 * step;
+        let by_time = if self.ckpt_every_secs > 0.0 {
+            (steps / self.ckpt_every_secs).floor()
+        } else {
+            0.0
+        };
+        let ckpts = among(self.ckpt_every_steps) as f64 + by_time;
+        steps + among(self.eval_every_steps) as f64 * self.eval_secs + ckpts * self.ckpt_secs
     }
 }
 
@@ -100,9 +159,10 @@ pub struct Planner {
     clock: Box<dyn Clock>,
     /// Time spent in earlier runs of this training (resume).
     elapsed_before: Duration,
-    /// Clock reading when this process started training.
-    start: Duration,
     reserve: Duration,
+    /// Periodic evaluations and checkpoints planned like steps (when set, their
+    /// measured time is not also spread over the steps).
+    periodic: Option<Periodic>,
     tokens_per_step: u64,
     steps_done: u64,
     /// Steps recorded in this process (the first one is not measured).
@@ -117,20 +177,20 @@ pub struct Planner {
 }
 
 impl Planner {
-    /// `reserve`: time kept for the final checkpoint and export.
+    /// `reserve`: time kept for what follows the last step (final checkpoint,
+    /// export, ...). `clock` counts from the process's start.
     pub fn new(
         budget: Budget,
         clock: Box<dyn Clock>,
         reserve: Duration,
         tokens_per_step: u64,
     ) -> Self {
-        let start = clock.now();
         let mut p = Self {
             budget,
             clock,
             elapsed_before: Duration::ZERO,
-            start,
             reserve,
+            periodic: None,
             tokens_per_step,
             steps_done: 0,
             steps_this_run: 0,
@@ -177,9 +237,23 @@ impl Planner {
         }
     }
 
-    /// Training time so far, earlier runs included.
+    /// Time so far (this process from its start, earlier runs included).
     pub fn elapsed(&self) -> Duration {
-        self.elapsed_before + self.clock.now().saturating_sub(self.start)
+        self.elapsed_before + self.clock.now()
+    }
+
+    /// Time spent by earlier processes of this run (resumes).
+    pub fn elapsed_before(&self) -> Duration {
+        self.elapsed_before
+    }
+
+    pub fn budget(&self) -> Budget {
+        self.budget
+    }
+
+    /// The measured step time (moving average), once known.
+    pub fn step_seconds(&self) -> Option<f64> {
+        self.step_time_ema
     }
 
     pub fn plan(&self) -> Plan {
@@ -188,6 +262,11 @@ impl Planner {
 
     pub fn steps_done(&self) -> u64 {
         self.steps_done
+    }
+
+    /// Steps recorded by this process (a resumed run's earlier ones excluded).
+    pub fn steps_this_run(&self) -> u64 {
+        self.steps_this_run
     }
 
     /// Records one finished optimizer step; returns the new plan when it changed
@@ -235,25 +314,44 @@ impl Planner {
             (Budget::Steps(n), ema) => (n.max(done), ema),
             (Budget::Time(_), None) => (done.max(PROVISIONAL_STEPS), None),
             (Budget::Time(budget), Some(ema)) => {
-                // Overhead per step so far (evals and checkpoints recur at a steady rate).
-                let per_step = ema + self.overhead_secs / done.max(1) as f64;
                 let left = budget.as_secs_f64()
                     - self.reserve.as_secs_f64()
                     - self.elapsed().as_secs_f64();
-                let more = if left > 0.0 {
-                    (left / per_step).floor() as u64
-                } else {
-                    0
+                let more = match &self.periodic {
+                    _ if left <= 0.0 => 0,
+                    None => {
+                        // Overhead per step so far (evals and checkpoints recur at a
+                        // steady rate).
+                        let per_step = ema + self.overhead_secs / done.max(1) as f64;
+                        (left / per_step).floor() as u64
+                    }
+                    Some(p) => {
+                        // The most further steps whose time, with the evaluations and
+                        // checkpoints among them, fits in what is left.
+                        let (mut lo, mut hi) = (0u64, (left / ema).floor() as u64);
+                        while lo < hi {
+                            let mid = lo + (hi - lo).div_ceil(2);
+                            if p.cost(done, mid, ema) <= left {
+                                lo = mid;
+                            } else {
+                                hi = mid - 1;
+                            }
+                        }
+                        lo
+                    }
                 };
                 ((done + more).max(done + 1), Some(ema))
             }
         };
-        let eta = match step_seconds {
-            Some(s) => Duration::from_secs_f64(
+        let eta = match (step_seconds, &self.periodic) {
+            (Some(s), Some(p)) => Duration::from_secs_f64(
+                p.cost(done, total - done, s) + self.reserve.as_secs_f64(),
+            ),
+            (Some(s), None) => Duration::from_secs_f64(
                 (total - done) as f64 * (s + self.overhead_secs / done.max(1) as f64)
                     + self.reserve.as_secs_f64(),
             ),
-            None => Duration::ZERO,
+            (None, _) => Duration::ZERO,
         };
         Plan {
             total_steps: total,
@@ -280,9 +378,21 @@ impl Planner {
         }
     }
 
-    /// Updates the time reserved for the final checkpoint (measured from periodic ones).
+    /// Updates the time reserved for what follows the last step, and re-plans.
     pub fn set_reserve(&mut self, reserve: Duration) {
         self.reserve = reserve;
+        self.plan = self.compute();
+    }
+
+    pub fn reserve(&self) -> Duration {
+        self.reserve
+    }
+
+    /// Plans the periodic evaluations and checkpoints like steps (see
+    /// [`Periodic`]), and re-plans.
+    pub fn set_periodic(&mut self, periodic: Periodic) {
+        self.periodic = Some(periodic);
+        self.plan = self.compute();
     }
 }
 
@@ -390,6 +500,56 @@ mod tests {
         }
         assert_eq!(n, 25);
         assert_eq!(p.plan().tokens_planned, 250);
+    }
+
+    /// Periodic evaluations and checkpoints planned like steps: the run ends inside
+    /// the window although a tenth of its time goes to them, and the plan is right
+    /// from the first measured step (no drift to correct).
+    #[test]
+    fn periodic_costs_are_planned_like_steps() {
+        let clock = SimClock::default();
+        let budget = 1000.0;
+        let mut p = Planner::new(
+            Budget::Time(Duration::from_secs_f64(budget)),
+            Box::new(clock.clone()),
+            Duration::from_secs(10),
+            1,
+        );
+        p.set_periodic(Periodic {
+            eval_every_steps: 100,
+            eval_secs: 20.0,
+            ckpt_every_steps: 0,
+            ckpt_every_secs: 300.0,
+            ckpt_secs: 5.0,
+        });
+        let mut since_ckpt = 0.0;
+        let mut first_plan = None;
+        while !p.should_stop() {
+            clock.advance(Duration::from_secs(1));
+            since_ckpt += 1.0;
+            p.record_step(Duration::from_secs(1));
+            if p.steps_done() == 2 {
+                first_plan = Some(p.plan().total_steps);
+            }
+            let last = p.should_stop();
+            if p.steps_done().is_multiple_of(100) && !last {
+                clock.advance(Duration::from_secs(20));
+            }
+            if since_ckpt >= 300.0 && !last {
+                clock.advance(Duration::from_secs(5));
+                since_ckpt = 0.0;
+            }
+        }
+        let end = p.elapsed().as_secs_f64() + 10.0;
+        assert!(end <= budget && end >= budget - 30.0, "{end}");
+        // 990 s: n steps + 20 s per 100 steps + 5 s per 300 s of steps.
+        let planned = first_plan.unwrap();
+        assert!(
+            planned.abs_diff(p.steps_done()) <= 2,
+            "{planned} vs {}",
+            p.steps_done()
+        );
+        assert!((800..=830).contains(&p.steps_done()), "{}", p.steps_done());
     }
 
     #[test]

@@ -1,17 +1,25 @@
-//! SIGINT / SIGTERM handling: this module owns the process's signal handler and the
-//! stop flag the training loop polls between steps.
+//! SIGINT / SIGTERM / SIGHUP handling: this module owns the process's signal
+//! handler, the stop flag the training loop polls between steps, and the exit
+//! status a stopped run ends with.
 //!
 //! The first signal only raises the flag: the loop finishes the current step,
-//! writes a checkpoint and exits cleanly, so `Ctrl-C` or a scheduler's SIGTERM
-//! (Slurm, Kubernetes) loses no work. A second signal exits at once with status 130
-//! (128 + SIGINT, what shells report for an interrupted command), for a user who
-//! really wants out, e.g. while a large checkpoint is being written.
+//! writes a checkpoint and stops, so `Ctrl-C` or a scheduler's SIGTERM (Slurm,
+//! Kubernetes) loses no work. The process then exits with 128 + the signal's number
+//! (130 for SIGINT, 143 for SIGTERM), as shells report a command the signal ended,
+//! so a scheduler can tell a stopped run from a finished one. A second signal exits
+//! at once with that same status, for a user who really wants out, e.g. while a
+//! large checkpoint is being written.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
-/// The exit status after a second signal.
+/// The exit status after a second signal when the first was SIGINT (128 + 2).
 pub const EXIT_CODE_SECOND_SIGNAL: i32 = 130;
+
+/// The exit status of a process a signal stopped: 128 + its number.
+pub fn exit_code(signal: i32) -> i32 {
+    128 + signal
+}
 
 /// The flag the loop polls between steps. Clones share one flag.
 #[derive(Clone, Debug, Default)]
@@ -39,13 +47,15 @@ impl StopFlag {
 
 #[derive(Debug, thiserror::Error)]
 #[error("installing the SIGINT/SIGTERM handler: {0}")]
-pub struct SignalError(#[from] ctrlc::Error);
+pub struct SignalError(std::io::Error);
 
-/// The process's flag once installed. A mutex rather than a `OnceLock` so two
-/// threads installing at the same time cannot both reach `ctrlc::set_handler`
-/// (the second would fail with `MultipleHandlers`).
+/// The process's flag once installed (a mutex so that two threads installing at
+/// once install one handler), and the same flag where the handler reads it.
 static INSTALLED: Mutex<Option<StopFlag>> = Mutex::new(None);
+static HANDLER_FLAG: OnceLock<StopFlag> = OnceLock::new();
 static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+/// The first signal received (0: none).
+static FIRST_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 /// What one signal does to `flag`, given the count of earlier signals in `count`:
 /// returns true when the process should exit immediately.
@@ -54,29 +64,81 @@ fn on_signal(flag: &StopFlag, count: &AtomicUsize) -> bool {
     count.fetch_add(1, Ordering::SeqCst) >= 1
 }
 
-/// Installs the handler once per process; later calls return the same flag.
-///
-/// Fails if another SIGINT/SIGTERM handler was installed through `ctrlc` outside
-/// this function.
+/// The signal that stopped this process (the first one received), if any.
+pub fn received() -> Option<i32> {
+    match FIRST_SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// `SIGINT`, `SIGTERM`, ... for messages.
+pub fn name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        _ => "a signal",
+    }
+}
+
+/// Writes to stderr from the handler (write(2) is async-signal-safe; formatting and
+/// locks are not).
+fn write_stderr(msg: &[u8]) {
+    // SAFETY: writing a valid buffer to fd 2; a failed write is ignored.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+    }
+}
+
+extern "C" fn handle(signal: libc::c_int) {
+    let Some(flag) = HANDLER_FLAG.get() else {
+        return;
+    };
+    let _ = FIRST_SIGNAL.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
+    if on_signal(flag, &SIGNALS) {
+        write_stderr(b"\nsecond signal: exiting now, without a checkpoint\n");
+        // SAFETY: _exit is async-signal-safe and ends the process at once.
+        unsafe { libc::_exit(exit_code(FIRST_SIGNAL.load(Ordering::SeqCst))) };
+    }
+    write_stderr(match signal {
+        libc::SIGINT => {
+            b"\nsignal received (SIGINT): saving a checkpoint after this step and stopping \
+              (signal again to quit at once)\n"
+        }
+        libc::SIGTERM => {
+            b"\nsignal received (SIGTERM): saving a checkpoint after this step and stopping \
+              (signal again to quit at once)\n"
+        }
+        _ => {
+            b"\nsignal received: saving a checkpoint after this step and stopping \
+              (signal again to quit at once)\n"
+        }
+    });
+}
+
+/// Installs the handler for SIGINT, SIGTERM and SIGHUP once per process; later
+/// calls return the same flag.
 pub fn install_handler() -> Result<StopFlag, SignalError> {
     let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(f) = installed.as_ref() {
         return Ok(f.clone());
     }
-    let flag = StopFlag::new();
-    let handler_flag = flag.clone();
-    // ctrlc runs this on its own thread (not in the signal handler proper), so
-    // printing and exiting here are safe.
-    ctrlc::set_handler(move || {
-        if on_signal(&handler_flag, &SIGNALS) {
-            eprintln!("\nsecond signal: exiting now, without a checkpoint");
-            std::process::exit(EXIT_CODE_SECOND_SIGNAL);
+    let flag = HANDLER_FLAG.get_or_init(StopFlag::new).clone();
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: a zeroed sigaction with a handler of the right signature and an
+        // empty mask; the handler only touches atomics and calls write/_exit.
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = handle as extern "C" fn(libc::c_int) as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(SignalError(std::io::Error::last_os_error()));
         }
-        eprintln!(
-            "\nsignal received: saving a checkpoint after this step and stopping \
-             (signal again to quit at once)"
-        );
-    })?;
+    }
     *installed = Some(flag.clone());
     Ok(flag)
 }
@@ -108,5 +170,13 @@ mod tests {
         b.set();
         assert!(a.is_set());
         assert!(!StopFlag::new().is_set(), "a new flag is independent");
+    }
+
+    #[test]
+    fn exit_codes_are_what_shells_report() {
+        assert_eq!(exit_code(libc::SIGINT), 130);
+        assert_eq!(exit_code(libc::SIGTERM), 143);
+        assert_eq!(exit_code(libc::SIGINT), EXIT_CODE_SECOND_SIGNAL);
+        assert_eq!(name(libc::SIGTERM), "SIGTERM");
     }
 }

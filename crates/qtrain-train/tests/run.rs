@@ -63,6 +63,9 @@ fn go(
         cache_root: cache.to_path_buf(),
         collective: std::sync::Arc::new(qtrain_dist::SingleProcess),
         engine_memory_limit: None,
+        overwrite: false,
+        allow_data_change: false,
+        write_quota: None,
     })
     .unwrap()
 }
@@ -159,6 +162,9 @@ fn stop_signal_checkpoints_and_resume_refuses_other_settings() {
         cache_root: cache.path().to_path_buf(),
         collective: std::sync::Arc::new(qtrain_dist::SingleProcess),
         engine_memory_limit: None,
+        overwrite: false,
+        allow_data_change: false,
+        write_quota: None,
     })
     .unwrap_err()
     .to_string();
@@ -184,6 +190,9 @@ fn corrupt_checkpoint_is_reported() {
         cache_root: cache.path().to_path_buf(),
         collective: std::sync::Arc::new(qtrain_dist::SingleProcess),
         engine_memory_limit: None,
+        overwrite: false,
+        allow_data_change: false,
+        write_quota: None,
     })
     .unwrap_err()
     .to_string();
@@ -333,6 +342,9 @@ fn two_ranks_train_like_one_process() {
                 cache_root: cache.path().to_path_buf(),
                 collective: Arc::new(comm),
                 engine_memory_limit: None,
+                overwrite: false,
+                allow_data_change: false,
+                write_quota: None,
             })
             .unwrap()
         })

@@ -386,6 +386,9 @@ fn opts(cfg: RunConfig, cache: &Path) -> RunOptions {
         halt_at_step: None,
         cache_root: cache.to_path_buf(),
         engine_memory_limit: None,
+        overwrite: false,
+        allow_data_change: false,
+        write_quota: None,
         collective: std::sync::Arc::new(qtrain_dist::SingleProcess),
     }
 }
