@@ -224,13 +224,24 @@ pub fn run(a: Args) -> Result<()> {
     );
     let target_list = targets(&a.targets)?;
     let target_projs = LoraConfig::parse_targets(&target_list)?;
+    let cfg = &base.config;
+    let gap = qtrain_train::backend::fused_engine_gap(cfg);
     let fused = match a.engine.as_str() {
-        "auto" => device.is_cuda(),
-        "fused" => true,
+        "auto" => {
+            if let (true, Some(g)) = (device.is_cuda(), &gap) {
+                eprintln!("--engine auto: the reference engine, because {g}");
+            }
+            device.is_cuda() && gap.is_none()
+        }
+        "fused" => {
+            if let Some(g) = &gap {
+                bail!("--engine fused: {g}; use --engine auto or reference");
+            }
+            true
+        }
         "reference" => false,
         other => bail!("--engine: `{other}` (expected auto, fused or reference)"),
     };
-    let cfg = &base.config;
     // Model FLOPs per token, the convention of the issue: 2P forward and 2P backward
     // (frozen weights need dX only, no dW; LoRA adds little) = 4P, plus 2P for the
     // recomputed forward with checkpointing = 6P; P counts every matmul weight.

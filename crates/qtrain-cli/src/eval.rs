@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use qtrain_data::{DatasetConfig, Encoder, EvalStream};
-use qtrain_lora::{forward_loss, TokenBatch};
+use qtrain_lora::{forward_logits, forward_loss, TokenBatch};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -16,8 +16,17 @@ pub struct Args {
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// Dataset file (.jsonl/.json/.parquet) or builtin:instructions; every record is used.
+    #[arg(long, required_unless_present = "tokens")]
+    data: Option<String>,
+    /// Instead of the loss on a dataset: a JSON file of token-id rows of equal
+    /// length (`[[1, 5, 9], [1, 7, 2]]`) whose logits are written to `--logits-out`
+    /// (for comparisons with other implementations, e.g. scripts/check_hf_compat.py).
+    #[arg(long, requires = "logits_out")]
+    tokens: Option<PathBuf>,
+    /// Where `--tokens` writes the logits: JSON `{"shape": [rows, seq, vocab],
+    /// "logits": [...]}` (row-major, f32).
     #[arg(long)]
-    data: String,
+    logits_out: Option<PathBuf>,
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
     #[arg(long, default_value_t = 4)]
@@ -54,8 +63,38 @@ pub fn run(a: Args) -> Result<()> {
         }
         None => None,
     };
+    if let (Some(tokens), Some(out)) = (&a.tokens, &a.logits_out) {
+        let text = std::fs::read_to_string(tokens)
+            .with_context(|| format!("reading --tokens {}", tokens.display()))?;
+        let rows: Vec<Vec<u32>> = serde_json::from_str(&text)
+            .with_context(|| format!("--tokens {}: expected [[id, ...], ...]", tokens.display()))?;
+        anyhow::ensure!(
+            !rows.is_empty()
+                && rows
+                    .iter()
+                    .all(|r| !r.is_empty() && r.len() == rows[0].len()),
+            "--tokens {}: rows must be non-empty and of equal length",
+            tokens.display()
+        );
+        let batch = TokenBatch::from_rows(&rows)?;
+        let logits = forward_logits(&base, lora.as_ref(), &batch)?;
+        let shape = logits.dims().to_vec();
+        let values: Vec<f32> = logits
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let json = serde_json::json!({ "shape": shape, "logits": values });
+        std::fs::write(out, serde_json::to_vec(&json)?)
+            .with_context(|| format!("writing --logits-out {}", out.display()))?;
+        println!("logits {shape:?} written to {}", out.display());
+        return Ok(());
+    }
+    let data_path = a
+        .data
+        .clone()
+        .expect("clap requires --data without --tokens");
     let data = DatasetConfig {
-        path: a.data.clone(),
+        path: data_path.clone(),
         seq_len: a.seq_len,
         batch_size: a.batch_size,
         train_on_prompt: a.train_on_prompt,
@@ -86,7 +125,7 @@ pub fn run(a: Args) -> Result<()> {
     anyhow::ensure!(
         n > 0,
         "{}: no tokens to evaluate (empty, or every label masked)",
-        a.data
+        data_path
     );
     let mean = sum / n as f64;
     println!(

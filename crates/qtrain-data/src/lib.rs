@@ -23,6 +23,7 @@ pub mod builtin;
 pub mod config;
 pub mod encode;
 pub mod error;
+pub mod family_tokenizer;
 pub mod format;
 mod parquet_json;
 pub mod source;

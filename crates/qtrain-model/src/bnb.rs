@@ -114,6 +114,15 @@ pub fn save_quantized(model: &BaseModel, out_dir: &Path) -> Result<()> {
                 (FrozenStorage::Dense(t), None) => items.push(Item::Dense(p.weight_name(l), t)),
                 (_, None) => unreachable!("only dense storage lacks NF4 data"),
             }
+            // Biases stay in bf16 beside the packed weight, as bitsandbytes keeps them.
+            if let Some(b) = &proj.bias {
+                items.push(Item::Dense(p.bias_name(l), b));
+            }
+        }
+        if let (Some(q), Some(k)) = (&layer.q_norm, &layer.k_norm) {
+            let [qn, kn] = crate::config::qk_norm_names(l);
+            items.push(Item::Dense(qn, q));
+            items.push(Item::Dense(kn, k));
         }
     }
     items.push(Item::Dense("model.norm.weight".into(), &model.norm));

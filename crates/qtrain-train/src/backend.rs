@@ -103,6 +103,31 @@ impl EngineChoice {
     }
 }
 
+/// What the fused engine does not implement yet for this model, if anything: then
+/// `train.engine = auto` takes the reference engine (with a log line saying why) and
+/// `train.engine = fused` is refused, never run with math the model does not have.
+pub fn fused_engine_gap(cfg: &qtrain_model::ModelConfig) -> Option<String> {
+    let mut gaps = Vec::new();
+    if cfg.has_biases() {
+        gaps.push("projection biases".to_string());
+    }
+    if cfg.has_qk_norm() {
+        gaps.push("q/k norms".to_string());
+    }
+    match cfg.rope() {
+        Ok(r) if r.scaling == qtrain_model::RopeScaling::Default => {}
+        Ok(r) => gaps.push(format!("{} RoPE scaling", r.scaling.name())),
+        Err(e) => gaps.push(e.to_string()),
+    }
+    (!gaps.is_empty()).then(|| {
+        format!(
+            "the fused engine does not implement {} (model_type {}) yet",
+            gaps.join(", "),
+            cfg.model_type
+        )
+    })
+}
+
 /// The optimizer a run starts with (fresh or read from a checkpoint), before it is
 /// placed on the backend's device.
 pub enum HostOptimizer {
@@ -169,7 +194,16 @@ impl Backend {
         opt: HostOptimizer,
         choice: EngineChoice,
     ) -> Result<Self> {
-        let fused = choice.is_fused(base.device.is_cuda(), base.dtype);
+        let mut fused = choice.is_fused(base.device.is_cuda(), base.dtype);
+        if let (true, Some(gap)) = (fused, fused_engine_gap(&base.config)) {
+            if choice == EngineChoice::Fused {
+                return Err(TrainError::Other(format!(
+                    "train.engine = \"fused\": {gap}; use train.engine = \"auto\" or \"reference\""
+                )));
+            }
+            tracing::info!("train.engine = auto: the reference engine, because {gap}");
+            fused = false;
+        }
         let kind = if fused {
             let opts = EngineOptions::default();
             let engine = match base.dtype {
