@@ -303,7 +303,7 @@ mod tests {
     use crate::encode::Encoder;
     use crate::format::Sample;
     use crate::template::Message;
-    use crate::IGNORE_INDEX;
+    use qtrain_step::IGNORE_INDEX;
 
     fn encoder(kind: BuiltinTokenizer) -> Encoder {
         Encoder::new(
