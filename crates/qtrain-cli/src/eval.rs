@@ -17,7 +17,7 @@ pub struct Args {
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// Dataset file (.jsonl/.json/.parquet) or builtin:instructions; every record is used.
-    #[arg(long, required_unless_present = "tokens")]
+    #[arg(long, required_unless_present_any = ["tokens", "render_chat"])]
     data: Option<String>,
     /// Instead of the loss on a dataset: a JSON file of token-id rows of equal
     /// length (`[[1, 5, 9], [1, 7, 2]]`) whose logits are written to `--logits-out`
@@ -28,6 +28,12 @@ pub struct Args {
     /// "logits": [...]}` (row-major, f32).
     #[arg(long)]
     logits_out: Option<PathBuf>,
+    /// Instead of evaluating: a JSON file of conversations (`[[{"role": "user",
+    /// "content": "..."}, ...], ...]`); prints, per conversation, the text the model's
+    /// chat template renders and the ids qtrain trains on (`[{"text", "input_ids",
+    /// "labels"}]`), to compare with transformers' `apply_chat_template`.
+    #[arg(long, conflicts_with_all = ["tokens", "adapter"])]
+    render_chat: Option<PathBuf>,
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
     #[arg(long, default_value_t = 4)]
@@ -51,6 +57,9 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let cache = qtrain_model::bnb::default_cache_root();
+    if let Some(file) = &a.render_chat {
+        return render_chat(&a.model, file, &cache);
+    }
     let (base, dir) =
         qtrain_train::models::load_base(&a.model, &a.quantization, &a.device, &a.dtype, &cache)
             .with_context(|| format!("loading --model {}", a.model))?;
@@ -133,5 +142,34 @@ pub fn run(a: Args) -> Result<()> {
         "mean token loss: {mean:.4} (perplexity {:.2}) over {n} tokens in {batches} batches",
         mean.exp()
     );
+    Ok(())
+}
+
+/// `--render-chat`: the model's template and tokenizer applied to conversations, as
+/// the data pipeline applies them for training (prompt tokens labelled -100).
+fn render_chat(model: &str, file: &std::path::Path, cache: &std::path::Path) -> Result<()> {
+    let dir = qtrain_train::models::resolve(model, cache)
+        .with_context(|| format!("resolving --model {model}"))?;
+    let enc = Encoder::from_model_dir(&dir, "auto")?;
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading --render-chat {}", file.display()))?;
+    let conversations: Vec<Vec<qtrain_data::Message>> =
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "--render-chat {}: expected [[{{role, content}}, ...], ...]",
+                file.display()
+            )
+        })?;
+    let mut out = Vec::new();
+    for messages in conversations {
+        let rendered = enc.template().render(&messages, false)?;
+        let encoded = enc.encode(&qtrain_data::Sample::Chat(messages), false)?;
+        out.push(serde_json::json!({
+            "text": rendered,
+            "input_ids": encoded.tokens.input_ids,
+            "labels": encoded.tokens.labels,
+        }));
+    }
+    println!("{}", serde_json::to_string(&out)?);
     Ok(())
 }

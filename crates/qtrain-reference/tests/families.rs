@@ -15,10 +15,10 @@ mod family_configs;
 use candle_core::{DType, Tensor};
 use common::*;
 use family_configs::small_family_config;
+use qtrain_model::{qk_norm_names, ModelConfig, Proj};
 use qtrain_reference::decode::max_rel_error_vs_full_forward;
 use qtrain_reference::{forward_logits, forward_loss};
 use qtrain_step::TokenBatch;
-use qtrain_model::{qk_norm_names, ModelConfig, Proj};
 use std::collections::HashMap;
 use std::f64::consts::PI;
 

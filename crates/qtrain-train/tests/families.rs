@@ -84,10 +84,18 @@ fn every_family_learns_on_the_cpu() {
     for (preset, ..) in FAMILIES {
         let cache = tempfile::tempdir().unwrap();
         let out = tempfile::tempdir().unwrap();
-        let s = go(config(preset, out.path(), 40, 0.0), cache.path(), None, None);
+        let s = go(
+            config(preset, out.path(), 40, 0.0),
+            cache.path(),
+            None,
+            None,
+        );
         let (before, after) = (s.first_eval_loss.unwrap(), s.final_eval_loss.unwrap());
         eprintln!("{preset}: eval loss {before:.3} -> {after:.3}");
-        assert!(after < before - 0.3, "{preset}: eval loss {before} -> {after}");
+        assert!(
+            after < before - 0.3,
+            "{preset}: eval loss {before} -> {after}"
+        );
     }
 }
 
@@ -97,7 +105,12 @@ fn every_family_resumes_exactly_and_exports_for_transformers() {
         let cache = tempfile::tempdir().unwrap();
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let full = go(config(preset, a.path(), 6, 0.1), cache.path(), None, None);
-        let half = go(config(preset, b.path(), 6, 0.1), cache.path(), None, Some(3));
+        let half = go(
+            config(preset, b.path(), 6, 0.1),
+            cache.path(),
+            None,
+            Some(3),
+        );
         assert_eq!(half.steps, 3);
         let rest = go(
             config(preset, b.path(), 6, 0.1),
@@ -112,8 +125,8 @@ fn every_family_resumes_exactly_and_exports_for_transformers() {
 
         // PEFT's names: base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight;
         // the frozen biases of Qwen's q/k/v are not adapter tensors.
-        let st = ShardedTensors::open(&[full.adapter_dir.join("adapter_model.safetensors")])
-            .unwrap();
+        let st =
+            ShardedTensors::open(&[full.adapter_dir.join("adapter_model.safetensors")]).unwrap();
         let names = st.names();
         assert_eq!(names.len(), 2 * 2 * 7, "{preset}: {names:?}");
         assert!(names.contains(&"base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"));
@@ -143,14 +156,21 @@ fn every_family_resumes_exactly_and_exports_for_transformers() {
         assert_eq!(out_cfg.tie_word_embeddings, src_cfg.tie_word_embeddings);
         assert_eq!(out_cfg.sliding_window, src_cfg.sliding_window);
         for f in ["tokenizer.json", "tokenizer_config.json"] {
-            assert_eq!(read(&source.join(f)), read(&merged.path().join(f)), "{preset}: {f}");
+            assert_eq!(
+                read(&source.join(f)),
+                read(&merged.path().join(f)),
+                "{preset}: {f}"
+            );
         }
         let out_st = ShardedTensors::open_model_dir(merged.path()).unwrap();
         let src_st = ShardedTensors::open_model_dir(&source).unwrap();
         let (mut a_names, mut b_names) = (out_st.names(), src_st.names());
         a_names.sort_unstable();
         b_names.sort_unstable();
-        assert_eq!(a_names, b_names, "{preset}: the merged model has the source's tensors");
+        assert_eq!(
+            a_names, b_names,
+            "{preset}: the merged model has the source's tensors"
+        );
 
         // Its logits equal base + adapter (dense f32 on both sides; the merged
         // weights are rounded to bf16 once, hence the tolerance).
@@ -181,7 +201,10 @@ fn every_family_resumes_exactly_and_exports_for_transformers() {
         let err = max(&(&got - &want).unwrap()) / max(&want);
         let moved = max(&(&plain - &want).unwrap()) / max(&want);
         eprintln!("{preset}: merged vs base + adapter rel {err:.1e} (the adapter moves logits by {moved:.1e})");
-        assert!(moved > 1e-3, "{preset}: the adapter did not change the model");
+        assert!(
+            moved > 1e-3,
+            "{preset}: the adapter did not change the model"
+        );
         assert!(err < 2e-2 && err < moved / 4.0, "{preset}: {err:e}");
     }
 }
