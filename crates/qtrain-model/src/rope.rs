@@ -396,7 +396,9 @@ impl RopeSpec {
                         let smooth = r(r(r(r(1.0 / wavelen) * r(old)) - r(lo)) / r(hi - lo));
                         let smoothed =
                             r(r(r(r(1.0 - smooth) * llama) / r(factor)) + r(smooth * llama));
-                        let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                        // transformers: `~(wavelen < high) * ~(wavelen > low)`; the
+                        // wavelengths are finite, so this is the closed interval.
+                        let medium = (high_wavelen..=low_wavelen).contains(&wavelen);
                         if medium {
                             smoothed
                         } else {

@@ -35,9 +35,7 @@ fn builtin_tokenizer_for(
             let rope = cfg.rope().ok().map(|r| r.scaling);
             let kind = match rope {
                 // Llama 3.2 (factor 32) has its own template.
-                Some(qtrain_model::RopeScaling::Llama3 { factor, .. }) if factor == 32.0 => {
-                    B::Llama32
-                }
+                Some(qtrain_model::RopeScaling::Llama3 { factor: 32.0, .. }) => B::Llama32,
                 _ => B::Llama31,
             };
             Some((kind, base))
