@@ -18,7 +18,9 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 /// Version of the cache layout; bump when what we write changes meaning.
-const CACHE_FORMAT: u32 = 1;
+/// 2: projection biases and Qwen 3's q/k norms are part of the cache (a format-1
+/// cache of a Llama with `attention_bias` lacks them).
+const CACHE_FORMAT: u32 = 2;
 
 /// Reads one bitsandbytes-serialized NF4 weight.
 pub fn read_nf4(tensors: &ShardedTensors, weight_name: &str) -> Result<Nf4Tensor> {
