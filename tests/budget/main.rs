@@ -16,7 +16,9 @@ fn the_whole_process_ends_inside_the_budget_window() {
     let out = tempfile::tempdir().unwrap();
     cache();
     let mut cmd = qtrain(["run", "--minutes"]);
-    cmd.arg(format!("{}", budget_s / 60.0)).arg("--out").arg(out.path());
+    cmd.arg(format!("{}", budget_s / 60.0))
+        .arg("--out")
+        .arg(out.path());
     let t = Instant::now();
     let o = ok(cmd);
     let wall = t.elapsed().as_secs_f64();
@@ -35,7 +37,10 @@ fn the_whole_process_ends_inside_the_budget_window() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{said}"));
     assert!(steps > 10, "{said}");
-    assert!(said.contains("time:         budget 40.0 s, process wall time"), "{said}");
+    assert!(
+        said.contains("time:         budget 40.0 s, process wall time"),
+        "{said}"
+    );
     // The accounting is the last record of the metrics: process time within the
     // budget and the phases adding up to it.
     let metrics = String::from_utf8(read(out.path().join("metrics.jsonl"))).unwrap();
@@ -45,7 +50,14 @@ fn the_whole_process_ends_inside_the_budget_window() {
     let process = get("budget/wall_s");
     assert!(process <= wall && process >= lo, "{process} vs {wall}");
     let phases: f64 = [
-        "setup", "load", "evaluation", "samples", "steps", "checkpoints", "export", "other",
+        "setup",
+        "load",
+        "evaluation",
+        "samples",
+        "steps",
+        "checkpoints",
+        "export",
+        "other",
     ]
     .iter()
     .map(|p| get(&format!("budget/{p}_s")))

@@ -32,7 +32,13 @@ pub fn cache() -> &'static Path {
 fn bare(cache: &Path) -> Command {
     let mut cmd = Command::new(exe());
     cmd.env("QTRAIN_CACHE", cache).env("RUST_LOG", "info");
-    for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"] {
+    for v in [
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ] {
         cmd.env_remove(v);
     }
     cmd

@@ -29,8 +29,15 @@ fn a_run_resumes_exports_and_its_export_evaluates() {
     // A short warm-up, so that six steps visibly train.
     let steps = ["--steps", "6", "--set", "optimizer.warmup_steps=2"];
     let full = ok(quick_run(a.path(), &steps));
-    assert!(stdout(&full).contains("trained 6 steps"), "{}", stdout(&full));
-    let half = ok(quick_run(b.path(), &[&steps[..], &["--stop-at-step", "3"]].concat()));
+    assert!(
+        stdout(&full).contains("trained 6 steps"),
+        "{}",
+        stdout(&full)
+    );
+    let half = ok(quick_run(
+        b.path(),
+        &[&steps[..], &["--stop-at-step", "3"]].concat(),
+    ));
     let said = stdout(&half);
     assert!(said.contains("trained 3 steps"), "{said}");
     let resume = said
@@ -39,7 +46,11 @@ fn a_run_resumes_exports_and_its_export_evaluates() {
         .unwrap_or_else(|| panic!("no resume command in {said}"));
     assert!(resume.ends_with("--stop-at-step 3 --resume"), "{resume}");
     let rest = ok(quick_run(b.path(), &[&steps[..], &["--resume"]].concat()));
-    assert!(stdout(&rest).contains("trained 6 steps"), "{}", stdout(&rest));
+    assert!(
+        stdout(&rest).contains("trained 6 steps"),
+        "{}",
+        stdout(&rest)
+    );
     let adapter = |d: &Path| read(d.join("adapter/adapter_model.safetensors"));
     assert_eq!(adapter(a.path()), adapter(b.path()), "resume is bit-exact");
 
@@ -57,7 +68,10 @@ fn a_run_resumes_exports_and_its_export_evaluates() {
     let mut export = qtrain(["export", "--checkpoint"]);
     export.arg(&six).arg("--out").arg(&peft);
     ok(export);
-    assert_eq!(read(peft.join("adapter_model.safetensors")), adapter(b.path()));
+    assert_eq!(
+        read(peft.join("adapter_model.safetensors")),
+        adapter(b.path())
+    );
     // A non-empty output directory is refused unless --force.
     let o = fails({
         let mut c = qtrain(["export", "--checkpoint"]);
@@ -76,7 +90,14 @@ fn a_run_resumes_exports_and_its_export_evaluates() {
     // The export evaluates: lower loss than the base alone.
     let eval = |model: &Path, adapter: Option<&Path>, quant: &str| {
         let mut c = qtrain(["eval", "--data", "builtin:instructions", "--seq-len", "64"]);
-        c.args(["--max-batches", "3", "--device", "cpu", "--quantization", quant]);
+        c.args([
+            "--max-batches",
+            "3",
+            "--device",
+            "cpu",
+            "--quantization",
+            quant,
+        ]);
         c.arg("--model").arg(model);
         if let Some(a) = adapter {
             c.arg("--adapter").arg(a);
@@ -90,7 +111,13 @@ fn a_run_resumes_exports_and_its_export_evaluates() {
     // Merged onto the dequantized NF4 base (what it was trained against) and read
     // back unquantized: the adapter's loss, up to the merged weights' bf16 rounding.
     let merged = x.path().join("merged");
-    let mut export = qtrain(["export", "--merged", "--merge-base", "dequantized", "--checkpoint"]);
+    let mut export = qtrain([
+        "export",
+        "--merged",
+        "--merge-base",
+        "dequantized",
+        "--checkpoint",
+    ]);
     export.arg(&six).arg("--out").arg(&merged);
     ok(export);
     let m = eval(&merged, None, "none");
@@ -122,11 +149,20 @@ fn absurd_budget_flags_are_refused_before_loading() {
             &["--hours", "6e15"][..],
             "--hours 6000000000000000: longer than a year",
         ),
-        (&["--minutes", "1e18"], "--minutes 1000000000000000000: longer"),
+        (
+            &["--minutes", "1e18"],
+            "--minutes 1000000000000000000: longer",
+        ),
         (&["--hours", "1e300"], "longer than a year"),
-        (&["--minutes", "nan"], "--minutes NaN: not a number of minutes"),
+        (
+            &["--minutes", "nan"],
+            "--minutes NaN: not a number of minutes",
+        ),
         (&["--minutes", "-5"], "the budget must be a positive number"),
-        (&["--steps", "0"], "--steps 0: a run needs at least one step"),
+        (
+            &["--steps", "0"],
+            "--steps 0: a run needs at least one step",
+        ),
         (
             &["--hours", "1", "--set", "budget.reserve_seconds=1e30"],
             "budget.reserve_seconds: 1000000000000000000000000000000 is longer than a year",
@@ -153,7 +189,10 @@ fn a_budget_below_one_step_is_an_error_with_the_numbers() {
         e.contains("the time budget (0.006 s) cannot hold this run's fixed costs"),
         "{e}"
     );
-    assert!(e.contains("nothing was loaded") && e.contains("loading ~"), "{e}");
+    assert!(
+        e.contains("nothing was loaded") && e.contains("loading ~"),
+        "{e}"
+    );
     assert!(e.contains("Give a budget of at least"), "{e}");
     assert!(!out.path().join("adapter").exists());
 }
@@ -191,7 +230,11 @@ fn config_errors_point_into_the_users_file_with_a_budget_flag() {
     let e = stderr(&o);
     assert!(e.contains("unknown-key.toml:18:1: lora.rnak: "), "{e}");
     let o = fails(qtrain(["run", "--steps", "1", "--set", "optimizer.lrr=1"]));
-    assert!(stderr(&o).contains("--set optimizer.lrr=1"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--set optimizer.lrr=1"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// Starts a run with a long budget, waits until it trains, sends `signal`: the run
@@ -246,7 +289,12 @@ fn sigterm_exits_143_and_sigint_130_with_the_resume_command() {
         );
         assert_eq!(resume, expected);
         let latest = std::fs::read_to_string(out.path().join("checkpoints/latest")).unwrap();
-        assert!(out.path().join("checkpoints").join(latest.trim()).join("manifest.json").exists());
+        assert!(out
+            .path()
+            .join("checkpoints")
+            .join(latest.trim())
+            .join("manifest.json")
+            .exists());
     }
 }
 
@@ -258,7 +306,12 @@ fn a_fresh_run_into_a_used_output_directory_asks_what_to_do() {
     ok(quick_run(out.path(), &["--steps", "2"]));
     let o = fails(quick_run(out.path(), &["--steps", "3"]));
     let e = stderr(&o);
-    for needle in ["already holds checkpoints", "--resume", "--overwrite", "--out DIR"] {
+    for needle in [
+        "already holds checkpoints",
+        "--resume",
+        "--overwrite",
+        "--out DIR",
+    ] {
         assert!(e.contains(needle), "{needle}: {e}");
     }
     ok(quick_run(out.path(), &["--steps", "3", "--overwrite"]));
@@ -267,7 +320,10 @@ fn a_fresh_run_into_a_used_output_directory_asks_what_to_do() {
     assert!(checkpoint(out.path(), 3).join("manifest.json").exists());
     let metrics = String::from_utf8(read(out.path().join("metrics.jsonl"))).unwrap();
     assert_eq!(
-        metrics.lines().filter(|l| l.contains("budget/wall_s")).count(),
+        metrics
+            .lines()
+            .filter(|l| l.contains("budget/wall_s"))
+            .count(),
         1,
         "{metrics}"
     );
@@ -328,7 +384,11 @@ fn kill_9_at_random_moments_keeps_resuming_bit_exactly() {
         if resume {
             cmd.arg("--resume");
         }
-        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(took.mul_f64(0.05 + 0.4 * uniform()));
         if child.try_wait().unwrap().is_some() {
             break;
@@ -337,7 +397,10 @@ fn kill_9_at_random_moments_keeps_resuming_bit_exactly() {
         child.wait().unwrap();
         kills += 1;
     }
-    assert!(kills >= 2, "the run finished before it could be killed twice");
+    assert!(
+        kills >= 2,
+        "the run finished before it could be killed twice"
+    );
     let mut cmd = quick_run(killed.path(), &args);
     if has_checkpoint(killed.path()) {
         cmd.arg("--resume");
@@ -371,7 +434,13 @@ fn a_short_adapter_is_refused_by_eval_generate_and_merged_export() {
     )
     .unwrap();
     let missing = "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight";
-    let mut eval = qtrain(["eval", "--model", "builtin:tiny", "--data", "builtin:instructions"]);
+    let mut eval = qtrain([
+        "eval",
+        "--model",
+        "builtin:tiny",
+        "--data",
+        "builtin:instructions",
+    ]);
     eval.args(["--device", "cpu", "--adapter"]).arg(&short);
     let mut generate = qtrain(["generate", "--model", "builtin:tiny", "--prompt", "hi"]);
     generate.args(["--device", "cpu", "--adapter"]).arg(&short);
@@ -379,7 +448,10 @@ fn a_short_adapter_is_refused_by_eval_generate_and_merged_export() {
         let o = fails(cmd);
         let e = stderr(&o);
         assert!(e.contains(&format!("--adapter {}", short.display())), "{e}");
-        assert!(e.contains("the adapter lacks 14 of the 56") && e.contains(missing), "{e}");
+        assert!(
+            e.contains("the adapter lacks 14 of the 56") && e.contains(missing),
+            "{e}"
+        );
     }
     let o = fails({
         let mut c = qtrain(["export", "--merged", "--checkpoint"]);
@@ -425,7 +497,10 @@ fn bad_inputs_are_named_before_loading_and_once() {
     assert!(!e.contains("loaded "), "{e}");
 
     let mut export = qtrain(["export", "--out"]);
-    export.arg(d.path().join("x")).arg("--checkpoint").arg(d.path());
+    export
+        .arg(d.path().join("x"))
+        .arg("--checkpoint")
+        .arg(d.path());
     let o = fails(export);
     let e = stderr(&o);
     assert!(

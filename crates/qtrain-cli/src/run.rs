@@ -271,8 +271,7 @@ fn resume_command_of(args: &[String]) -> String {
 
 fn shell_quote(s: &str) -> String {
     let plain = !s.is_empty()
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c));
     if plain {
         s.to_string()
@@ -300,12 +299,7 @@ fn budget_flag(a: &Args) -> Result<Option<BudgetFlag>> {
     };
     Ok(match (a.hours, a.minutes, a.steps) {
         (Some(h), _, _) => Some(BudgetFlag::Hours(check("--hours", h, "hours", 1.0)?)),
-        (_, Some(m), _) => Some(BudgetFlag::Minutes(check(
-            "--minutes",
-            m,
-            "minutes",
-            60.0,
-        )?)),
+        (_, Some(m), _) => Some(BudgetFlag::Minutes(check("--minutes", m, "minutes", 60.0)?)),
         (_, _, Some(0)) => bail!("--steps 0: a run needs at least one step"),
         (_, _, Some(s)) => Some(BudgetFlag::Steps(s)),
         _ => None,
@@ -363,9 +357,7 @@ mod tests {
     fn the_resume_command_is_the_same_command_resuming() {
         let args = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
         assert_eq!(
-            resume_command_of(&args(
-                "qtrain run --config a.toml --minutes 30 --overwrite"
-            )),
+            resume_command_of(&args("qtrain run --config a.toml --minutes 30 --overwrite")),
             "qtrain run --config a.toml --minutes 30 --resume"
         );
         assert_eq!(
@@ -375,11 +367,7 @@ mod tests {
             "qtrain run --steps 9 --resume"
         );
         assert_eq!(
-            resume_command_of(&[
-                "q".into(),
-                "--set".into(),
-                "data.path=my file.jsonl".into()
-            ]),
+            resume_command_of(&["q".into(), "--set".into(), "data.path=my file.jsonl".into()]),
             "q --set 'data.path=my file.jsonl' --resume"
         );
     }

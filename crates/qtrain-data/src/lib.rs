@@ -25,6 +25,7 @@ pub mod builtin;
 pub mod config;
 pub mod encode;
 pub mod error;
+pub mod family_tokenizer;
 pub mod format;
 pub mod oasst;
 mod parquet_json;

@@ -54,5 +54,8 @@ fn a_huge_record_keeps_the_cursor_small_and_resume_exact() {
         largest < 16_000,
         "the cursor grew to {largest} bytes of JSON"
     );
-    assert!(s.cursor().carry_fed.is_some(), "still inside the long record");
+    assert!(
+        s.cursor().carry_fed.is_some(),
+        "still inside the long record"
+    );
 }

@@ -29,7 +29,7 @@ use crate::weights::{FrozenWeights, Group};
 use qtrain_device::gemm::{gemm, Op};
 use qtrain_device::ops::attention::{attention_bwd, attention_fwd, AttnShape};
 use qtrain_device::ops::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
-use qtrain_device::ops::rope::{rope, rope_tables};
+use qtrain_device::ops::rope::rope;
 use qtrain_device::ops::rows::{add_into, dropout, gather_rows, scatter_rows};
 use qtrain_device::ops::swiglu::{swiglu_bwd, swiglu_fwd};
 use qtrain_device::ops::xent::xent;
@@ -304,7 +304,7 @@ impl<T: Float> Engine<T> {
             // then only uploads its position ids (computing its tables on the host
             // took milliseconds per step, with the GPU idle).
             let positions: Vec<u32> = (0..seq as u32).collect();
-            let (cos, sin) = rope_tables(&positions, self.cfg.head_dim(), self.cfg.rope_theta);
+            let (cos, sin) = rope_tables(&self.cfg, &positions)?;
             self.dev.write(ws.rope_table_cos.all(), &cos)?;
             self.dev.write(ws.rope_table_sin.all(), &sin)?;
             self.ws = Some(ws);
@@ -412,6 +412,25 @@ impl<T: Float> Engine<T> {
     }
 }
 
+/// `(cos, sin)`, each `[positions, head_dim / 2]` f32, of the model's RoPE variant
+/// (`qtrain_model::rope`, where the reference decoder's tables come from too, in
+/// transformers' f32 arithmetic; yarn's attention scaling is in the values). The
+/// kernel rotates the pair `(x_i, x_{i + d/2})` by one angle, so half a row is all
+/// it reads.
+fn rope_tables(cfg: &ModelConfig, positions: &[u32]) -> Result<(Vec<f32>, Vec<f32>)> {
+    let spec = cfg
+        .rope()
+        .map_err(|e| EngineError::Unsupported(e.to_string()))?;
+    let t = spec.tables(positions, qtrain_model::RopePrecision::F32);
+    let (d, half) = (t.head_dim, t.head_dim / 2);
+    let first_halves = |v: &[f64]| -> Vec<f32> {
+        v.chunks(d)
+            .flat_map(|row| row[..half].iter().map(|&x| x as f32))
+            .collect()
+    };
+    Ok((first_halves(&t.cos), first_halves(&t.sin)))
+}
+
 /// Uploads ids, RoPE tables and (when a row packs several documents) segment ids.
 /// Returns whether segment masking is needed.
 fn upload_batch<T: Float>(
@@ -443,7 +462,7 @@ fn upload_batch<T: Float>(
     } else {
         // Positions past the row length (position ids given by the caller): the
         // tables of exactly these positions.
-        let (c, s) = rope_tables(&batch.position_ids, d, cfg.rope_theta);
+        let (c, s) = rope_tables(cfg, &batch.position_ids)?;
         dev.write(cos.v, &c)?;
         dev.write(sin.v, &s)?;
     }

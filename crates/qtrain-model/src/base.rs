@@ -63,12 +63,16 @@ impl LoadOptions {
     }
 }
 
-/// A frozen linear map `y = x W^T` with `W: [out, in]`. It never receives a gradient;
-/// its full-precision form exists only transiently, produced by [`FrozenLinear::weight`].
+/// A frozen linear map `y = x W^T (+ b)` with `W: [out, in]`. It never receives a
+/// gradient; its full-precision form exists only transiently, produced by
+/// [`FrozenLinear::weight`].
 pub struct FrozenLinear {
     pub out_features: usize,
     pub in_features: usize,
     pub storage: FrozenStorage,
+    /// `[out]` in the compute dtype on the model's device (Qwen's q/k/v, Llama's
+    /// `attention_bias`/`mlp_bias`); frozen like the weight.
+    pub bias: Option<Tensor>,
 }
 
 pub enum FrozenStorage {
@@ -136,6 +140,10 @@ pub struct BaseLayer {
     pub post_attention_layernorm: Tensor,
     /// Indexed by [`Proj::index`].
     pub projs: Vec<FrozenLinear>,
+    /// Qwen 3: the RMSNorm weights `[head_dim]` applied to each head of q and of k
+    /// before RoPE; `None` for the other families.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
 }
 
 impl BaseLayer {
@@ -169,12 +177,74 @@ impl BaseModel {
         Self::from_tensors(config, dir, &tensors, opts)
     }
 
+    /// Refuses a checkpoint whose layers hold tensors this family's math would not
+    /// use (a bias, a q/k norm, an extra norm): transformers would drop them with a
+    /// warning and compute something other than the model that was trained.
+    /// Rotary buffers (`rotary_emb.inv_freq`) and bitsandbytes' quantization state
+    /// next to a projection are expected.
+    pub fn check_layer_tensors(config: &ModelConfig, tensors: &ShardedTensors) -> Result<()> {
+        let mut expected = std::collections::HashSet::new();
+        for l in 0..config.num_hidden_layers {
+            expected.insert(format!("model.layers.{l}.input_layernorm.weight"));
+            expected.insert(format!("model.layers.{l}.post_attention_layernorm.weight"));
+            for p in PROJECTIONS {
+                expected.insert(p.weight_name(l));
+                if config.proj_has_bias(p) {
+                    expected.insert(p.bias_name(l));
+                }
+            }
+            if config.has_qk_norm() {
+                expected.extend(crate::config::qk_norm_names(l));
+            }
+        }
+        let prequantized = config.is_prequantized();
+        // Sorted, so that the same checkpoint always reports the same tensor.
+        let mut names = tensors.names();
+        names.sort_unstable();
+        for name in names {
+            if !name.starts_with("model.layers.")
+                || expected.contains(name)
+                || name.ends_with(".rotary_emb.inv_freq")
+            {
+                continue;
+            }
+            // `<proj>.weight.absmax`, `.quant_map`, ... of a pre-quantized checkpoint.
+            if prequantized {
+                if let Some((w, _)) = name.split_once(".weight.") {
+                    if expected.contains(&format!("{w}.weight")) {
+                        continue;
+                    }
+                }
+            }
+            let what = if name.ends_with(".bias") {
+                format!(
+                    "a bias, which model_type {} does not have{}",
+                    config.model_type,
+                    match config.family() {
+                        crate::config::Family::Llama | crate::config::Family::Qwen3 =>
+                            " with this config (attention_bias / mlp_bias are false)",
+                        _ => "",
+                    }
+                )
+            } else {
+                format!("not part of a model_type {} layer", config.model_type)
+            };
+            return Err(ModelError::UnexpectedTensor {
+                path: tensors.get(name)?.path.to_path_buf(),
+                name: name.to_string(),
+                msg: format!("{what}; refusing to load weights whose math would be dropped"),
+            });
+        }
+        Ok(())
+    }
+
     pub fn from_tensors(
         config: ModelConfig,
         dir: &Path,
         tensors: &ShardedTensors,
         opts: &LoadOptions,
     ) -> Result<Self> {
+        Self::check_layer_tensors(&config, tensors)?;
         let h = config.hidden_size;
         let dense = |name: &str, shape: &[usize]| -> Result<Tensor> {
             let raw = tensors.get(name)?;
@@ -204,7 +274,7 @@ impl BaseModel {
                 &format!("model.layers.{l}.post_attention_layernorm.weight"),
                 &[h],
             )?;
-            let projs = if prequantized {
+            let mut projs = if prequantized {
                 PROJECTIONS
                     .iter()
                     .map(|&p| load_prequantized(tensors, &config, l, p, &opts.device))
@@ -212,10 +282,25 @@ impl BaseModel {
             } else {
                 quantize_layer(tensors, &config, l, opts, threads)?
             };
+            for p in PROJECTIONS {
+                if config.proj_has_bias(p) {
+                    let out = config.proj_shape(p)[0];
+                    projs[p.index()].bias = Some(dense(&p.bias_name(l), &[out])?);
+                }
+            }
+            let (q_norm, k_norm) = if config.has_qk_norm() {
+                let [q, k] = crate::config::qk_norm_names(l);
+                let d = config.head_dim();
+                (Some(dense(&q, &[d])?), Some(dense(&k, &[d])?))
+            } else {
+                (None, None)
+            };
             layers.push(BaseLayer {
                 input_layernorm,
                 post_attention_layernorm,
                 projs,
+                q_norm,
+                k_norm,
             });
             tracing::debug!(layer = l, "loaded{}", device_note(&opts.device));
         }
@@ -261,9 +346,11 @@ impl BaseModel {
                 .map(|l| {
                     dense(&l.input_layernorm)
                         + dense(&l.post_attention_layernorm)
+                        + l.q_norm.as_ref().map_or(0, dense)
+                        + l.k_norm.as_ref().map_or(0, dense)
                         + l.projs
                             .iter()
-                            .map(FrozenLinear::storage_bytes)
+                            .map(|p| p.storage_bytes() + p.bias.as_ref().map_or(0, dense))
                             .sum::<usize>()
                 })
                 .sum::<usize>()
@@ -397,6 +484,7 @@ fn load_one_projection(
         out_features: o,
         in_features: i,
         storage,
+        bias: None,
     })
 }
 
@@ -435,6 +523,7 @@ fn load_prequantized(
         out_features: o,
         in_features: i,
         storage: nf4_storage(q, device)?,
+        bias: None,
     })
 }
 

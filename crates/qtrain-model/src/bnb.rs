@@ -18,7 +18,9 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 /// Version of the cache layout; bump when what we write changes meaning.
-const CACHE_FORMAT: u32 = 1;
+/// 2: projection biases and Qwen 3's q/k norms are part of the cache (a format-1
+/// cache of a Llama with `attention_bias` lacks them).
+const CACHE_FORMAT: u32 = 2;
 
 /// Reads one bitsandbytes-serialized NF4 weight.
 pub fn read_nf4(tensors: &ShardedTensors, weight_name: &str) -> Result<Nf4Tensor> {
@@ -114,6 +116,15 @@ pub fn save_quantized(model: &BaseModel, out_dir: &Path) -> Result<()> {
                 (FrozenStorage::Dense(t), None) => items.push(Item::Dense(p.weight_name(l), t)),
                 (_, None) => unreachable!("only dense storage lacks NF4 data"),
             }
+            // Biases stay in bf16 beside the packed weight, as bitsandbytes keeps them.
+            if let Some(b) = &proj.bias {
+                items.push(Item::Dense(p.bias_name(l), b));
+            }
+        }
+        if let (Some(q), Some(k)) = (&layer.q_norm, &layer.k_norm) {
+            let [qn, kn] = crate::config::qk_norm_names(l);
+            items.push(Item::Dense(qn, q));
+            items.push(Item::Dense(kn, k));
         }
     }
     items.push(Item::Dense("model.norm.weight".into(), &model.norm));

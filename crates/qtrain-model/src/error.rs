@@ -19,7 +19,7 @@ pub enum ModelError {
         key: String,
         msg: String,
     },
-    #[error("{path}: model_type `{model_type}` is not supported (qtrain trains: mistral, llama)")]
+    #[error("{path}: model_type `{model_type}` is not supported (qtrain trains: mistral, llama, qwen2, qwen3)")]
     UnsupportedArchitecture { path: PathBuf, model_type: String },
     #[error("unknown preset `{name}` (known: {known})")]
     UnknownPreset { name: String, known: String },
@@ -33,6 +33,12 @@ pub enum ModelError {
         name: String,
         found: Vec<usize>,
         expected: Vec<usize>,
+    },
+    #[error("{path}: tensor `{name}`: {msg}")]
+    UnexpectedTensor {
+        path: PathBuf,
+        name: String,
+        msg: String,
     },
     #[error("{path}: tensor `{name}` has dtype {found}, expected {expected}")]
     DtypeMismatch {

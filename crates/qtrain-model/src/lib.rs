@@ -9,8 +9,10 @@ pub mod config;
 pub mod error;
 pub mod hub;
 pub mod random;
+pub mod rope;
 pub mod safetensors_io;
 
 pub use base::{BaseLayer, BaseModel, FrozenLinear, FrozenStorage, LoadOptions, Quantization};
-pub use config::{ModelConfig, Proj, PRESETS, PROJECTIONS};
+pub use config::{qk_norm_names, Family, ModelConfig, Proj, PRESETS, PROJECTIONS};
 pub use error::{ModelError, Result};
+pub use rope::{RopePrecision, RopeScaling, RopeSpec, RopeTables};

@@ -9,7 +9,7 @@
 //! and the bytes do not depend on the number of threads.
 
 use crate::bnb::write_json_atomic;
-use crate::config::{ModelConfig, PROJECTIONS};
+use crate::config::{qk_norm_names, ModelConfig, PROJECTIONS};
 use crate::error::{ModelError, Result};
 use crate::safetensors_io::{StreamingWriter, TensorSpec};
 use rand::{Rng, SeedableRng};
@@ -60,6 +60,22 @@ fn tensor_plan(cfg: &ModelConfig) -> Vec<(TensorSpec, Init)> {
                 TensorSpec::new(p.weight_name(l), Dtype::BF16, &cfg.proj_shape(p)),
                 Init::Normal { std },
             ));
+            // HF initializes biases to zero; random ones make a test notice a forward
+            // that forgets them.
+            if cfg.proj_has_bias(p) {
+                plan.push((
+                    TensorSpec::new(p.bias_name(l), Dtype::BF16, &[cfg.proj_shape(p)[0]]),
+                    Init::Normal { std: 0.5 },
+                ));
+            }
+        }
+        if cfg.has_qk_norm() {
+            for name in qk_norm_names(l) {
+                plan.push((
+                    TensorSpec::new(name, Dtype::BF16, &[cfg.head_dim()]),
+                    Init::NearOne { std: 0.05 },
+                ));
+            }
         }
         plan.push((
             TensorSpec::new(
@@ -193,11 +209,7 @@ pub fn write_random_model(
     let obj = json.as_object_mut().expect("object");
     obj.insert(
         "architectures".into(),
-        serde_json::json!([if cfg.model_type == "llama" {
-            "LlamaForCausalLM"
-        } else {
-            "MistralForCausalLM"
-        }]),
+        serde_json::json!([cfg.family().architecture()]),
     );
     obj.insert("torch_dtype".into(), "bfloat16".into());
     obj.insert("qtrain_random_seed".into(), seed.into());

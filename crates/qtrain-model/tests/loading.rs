@@ -360,3 +360,109 @@ fn shard_index_pointing_at_missing_tensor_is_named() {
     let e = err_of(dir.path());
     assert!(e.contains("model.layers.9.mlp.up_proj.weight"), "{e}");
 }
+
+// ---- families: biases, q/k norms, tied embeddings through loading and the cache ----
+
+/// `preset` read back through config.json with a small vocabulary.
+fn family_config(preset: &str) -> ModelConfig {
+    let c = ModelConfig::preset(preset, 96).unwrap();
+    ModelConfig::from_json_str(
+        &serde_json::to_string(&c.to_json()).unwrap(),
+        Path::new("config.json"),
+    )
+    .unwrap()
+}
+
+#[test]
+fn family_tensors_load_and_survive_the_quantized_cache() {
+    for preset in ["tiny-qwen2", "tiny-qwen3", "tiny-llama3"] {
+        let cfg = family_config(preset);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        write_model(dir.path(), &cfg, 8, usize::MAX);
+        let st = ShardedTensors::open_model_dir(dir.path()).unwrap();
+        // Tied models are written without lm_head, as transformers saves them.
+        assert_eq!(
+            st.contains("lm_head.weight"),
+            !cfg.tie_word_embeddings,
+            "{preset}"
+        );
+        let opts = LoadOptions::cpu_f32();
+        let (first, _) = bnb::load_cached(dir.path(), &opts, cache.path()).unwrap();
+        let (second, outcome) = bnb::load_cached(dir.path(), &opts, cache.path()).unwrap();
+        assert!(
+            matches!(outcome, CacheOutcome::Hit(_)),
+            "{preset}: {outcome:?}"
+        );
+        if cfg.tie_word_embeddings {
+            assert_eq!(max_abs_diff(&second.lm_head, &second.embed_tokens), 0.0);
+        }
+        let mut biases = 0;
+        for (l, (la, lb)) in first.layers.iter().zip(&second.layers).enumerate() {
+            for p in PROJECTIONS {
+                match (&la.proj(p).bias, &lb.proj(p).bias) {
+                    (Some(a), Some(b)) => {
+                        assert!(cfg.proj_has_bias(p));
+                        assert_eq!(a.dims(), &[cfg.proj_shape(p)[0]]);
+                        assert_eq!(max_abs_diff(a, b), 0.0, "{preset} layer {l} {p:?} bias");
+                        // Stored bf16 values, not zeros.
+                        assert!(
+                            a.abs()
+                                .unwrap()
+                                .sum_all()
+                                .unwrap()
+                                .to_scalar::<f32>()
+                                .unwrap()
+                                > 0.0
+                        );
+                        biases += 1;
+                    }
+                    (None, None) => assert!(!cfg.proj_has_bias(p)),
+                    _ => panic!("{preset}: the cache lost or invented a bias"),
+                }
+            }
+            for (a, b) in [(&la.q_norm, &lb.q_norm), (&la.k_norm, &lb.k_norm)] {
+                assert_eq!(a.is_some(), cfg.has_qk_norm(), "{preset}");
+                if let (Some(a), Some(b)) = (a, b) {
+                    assert_eq!(a.dims(), &[cfg.head_dim()]);
+                    assert_eq!(max_abs_diff(a, b), 0.0);
+                }
+            }
+        }
+        let want = if preset == "tiny-qwen2" {
+            3 * cfg.num_hidden_layers
+        } else {
+            0
+        };
+        assert_eq!(biases, want, "{preset}");
+    }
+}
+
+#[test]
+fn tensors_the_family_does_not_use_are_refused_by_name() {
+    // A Llama checkpoint with q/k/v biases but a config without attention_bias.
+    let qwen = family_config("tiny-qwen2");
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path(), &qwen, 1, usize::MAX);
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    json["model_type"] = "llama".into();
+    std::fs::write(dir.path().join("config.json"), json.to_string()).unwrap();
+    let e = err_of(dir.path());
+    assert!(
+        e.contains("model.layers.0.self_attn.k_proj.bias") && e.contains("attention_bias"),
+        "{e}"
+    );
+    // Qwen 3's norms under a Qwen 2 config.
+    let q3 = family_config("tiny-qwen3");
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path(), &q3, 1, usize::MAX);
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    json["model_type"] = "mistral".into();
+    std::fs::write(dir.path().join("config.json"), json.to_string()).unwrap();
+    let e = err_of(dir.path());
+    assert!(e.contains("k_norm.weight") && e.contains("mistral"), "{e}");
+}

@@ -10,9 +10,10 @@
 //! returns the logits of the chunk's last position.
 //!
 //! The layer math is the training forward's, op for op: [`rmsnorm`], the frozen
-//! projections with the LoRA branch of [`linear::forward`] (no dropout, as in
-//! [`crate::forward_logits`]), [`rope::tables`] at the chunk's absolute positions,
-//! grouped-query [`attention::forward`] with a rectangular mask (the chunk's
+//! projections (with their biases) and the LoRA branch of [`linear::forward`] (no
+//! dropout, as in [`crate::forward_logits`]), Qwen 3's q/k norms, [`rope::tables`]
+//! at the chunk's absolute positions, grouped-query [`attention::forward`] with a
+//! rectangular mask (the chunk's
 //! queries against cached + new keys, visibility from [`attention::visible`] on
 //! absolute positions) and [`swiglu`]. So base + adapter decode exactly as they
 //! were trained; `tests/decode.rs` checks the logits of every step against
@@ -249,15 +250,10 @@ impl<'a> Decoder<'a> {
         }
         let positions: Vec<u32> = (start as u32..end as u32).collect();
         let (dtype, device) = (self.base.dtype, &self.base.device);
-        let (cos, sin) = rope::tables(
-            &positions,
-            1,
-            n,
-            cfg.head_dim(),
-            cfg.rope_theta,
-            dtype,
-            device,
-        )?;
+        // The chunk's frequencies: for `dynamic` RoPE those of a forward reaching
+        // position `end - 1`, as transformers' generate computes them per call (the
+        // cached keys keep the rotation they were stored with, as there).
+        let (cos, sin) = rope::tables(&cfg.rope()?, &positions, 1, n, dtype, device)?;
         // Rows: the chunk's queries; columns: cached entries, then the chunk.
         let key_positions: Vec<u32> = self
             .cache
@@ -308,7 +304,8 @@ impl<'a> Decoder<'a> {
                 scale,
                 dropout_mask: None,
             });
-        Ok(linear::forward(x, &w, branch.as_ref())?.0)
+        let bias = self.base.layers[l].proj(proj).bias.as_ref();
+        Ok(linear::forward(x, &w, bias, branch.as_ref())?.0)
     }
 
     /// The full-precision weight of `(layer, proj)` in the compute dtype, as the
@@ -346,8 +343,13 @@ impl<'a> Decoder<'a> {
         let q = self.proj(l, Proj::Q, &h1)?;
         let k = self.proj(l, Proj::K, &h1)?;
         let v = self.proj(l, Proj::V, &h1)?;
-        let q = rope::forward(&split(q, nh)?, cos, sin)?;
-        let k = rope::forward(&split(k, nkv)?, cos, sin)?;
+        let (mut q, mut k) = (split(q, nh)?, split(k, nkv)?);
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            q = rmsnorm::forward(&q, qn, eps)?.0;
+            k = rmsnorm::forward(&k, kn, eps)?.0;
+        }
+        let q = rope::forward(&q, cos, sin)?;
+        let k = rope::forward(&k, cos, sin)?;
         let v = split(v, nkv)?;
         let (k_all, v_all) = self.cache.append(l, k, v)?;
         let scale = 1.0 / (d as f64).sqrt();

@@ -35,6 +35,14 @@ struct Ctx<'a> {
     scratch: RefCell<Vec<f32>>,
 }
 
+/// The inputs of Qwen 3's q/k norms and their saved statistics.
+struct QkNormActs {
+    q: Tensor,
+    q_inv_rms: Tensor,
+    k: Tensor,
+    k_inv_rms: Tensor,
+}
+
 /// What one layer's backward needs from its forward.
 struct LayerActs {
     x: Tensor,
@@ -43,6 +51,9 @@ struct LayerActs {
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    /// Qwen 3: q and k `[b, heads, t, d]` before their per-head RMSNorm and the
+    /// norms' inverse RMS `[b, heads, t, 1]`.
+    qk_norm: Option<QkNormActs>,
     attn_out: Tensor,
     attn_stats: attention::AttnStats,
     o_flat: Tensor,
@@ -76,11 +87,10 @@ impl<'a> Ctx<'a> {
         let dropout = dropout.filter(|_| lora.is_some_and(|l| l.config().dropout > 0.0));
         let (b, t) = (batch.batch_size, batch.seq_len);
         let (cos, sin) = rope::tables(
+            &cfg.rope()?,
             &batch.position_ids,
             b,
             t,
-            cfg.head_dim(),
-            cfg.rope_theta,
             base.dtype,
             &base.device,
         )?;
@@ -160,7 +170,8 @@ impl<'a> Ctx<'a> {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let w = self.weight(layer, proj)?;
         let branch = self.branch(layer, proj, x.dim(0)?)?;
-        Ok(linear::forward(x, &w, branch.as_ref())?)
+        let bias = self.base.layers[layer].proj(proj).bias.as_ref();
+        Ok(linear::forward(x, &w, bias, branch.as_ref())?)
     }
 
     /// Backward of one projection: accumulates its LoRA gradients into `grads` and
@@ -228,8 +239,24 @@ impl<'a> Ctx<'a> {
         z[Proj::Q.index()] = zq;
         z[Proj::K.index()] = zk;
         z[Proj::V.index()] = zv;
-        let q = rope::forward(&self.split_heads(&q, nh)?, &self.cos, &self.sin)?;
-        let k = rope::forward(&self.split_heads(&k, nkv)?, &self.cos, &self.sin)?;
+        let (q, k) = (self.split_heads(&q, nh)?, self.split_heads(&k, nkv)?);
+        // Qwen 3 normalizes each head of q and k over head_dim before rotating them.
+        let (q, k, qk_norm) = match (&layer.q_norm, &layer.k_norm) {
+            (Some(qn), Some(kn)) => {
+                let (qh, q_inv_rms) = rmsnorm::forward(&q, qn, eps)?;
+                let (kh, k_inv_rms) = rmsnorm::forward(&k, kn, eps)?;
+                let acts = QkNormActs {
+                    q,
+                    q_inv_rms,
+                    k,
+                    k_inv_rms,
+                };
+                (qh, kh, Some(acts))
+            }
+            _ => (q, k, None),
+        };
+        let q = rope::forward(&q, &self.cos, &self.sin)?;
+        let k = rope::forward(&k, &self.cos, &self.sin)?;
         let v = self.split_heads(&v, nkv)?;
         let (attn_out, attn_stats) = attention::forward(&q, &k, &v, &self.mask, self.attn_scale())?;
         let o_flat = self.merge_heads(&attn_out)?;
@@ -254,6 +281,7 @@ impl<'a> Ctx<'a> {
             q,
             k,
             v,
+            qk_norm,
             attn_out,
             attn_stats,
             o_flat,
@@ -309,8 +337,17 @@ impl<'a> Ctx<'a> {
             &self.mask,
             self.attn_scale(),
         )?;
-        let dq = self.merge_heads(&rope::backward(&dq, &self.cos, &self.sin)?)?;
-        let dk = self.merge_heads(&rope::backward(&dk, &self.cos, &self.sin)?)?;
+        let dq = rope::backward(&dq, &self.cos, &self.sin)?;
+        let dk = rope::backward(&dk, &self.cos, &self.sin)?;
+        let (dq, dk) = match (&a.qk_norm, &layer.q_norm, &layer.k_norm) {
+            (Some(n), Some(qn), Some(kn)) => (
+                rmsnorm::backward(&n.q, &n.q_inv_rms, qn, &dq)?,
+                rmsnorm::backward(&n.k, &n.k_inv_rms, kn, &dk)?,
+            ),
+            _ => (dq, dk),
+        };
+        let dq = self.merge_heads(&dq)?;
+        let dk = self.merge_heads(&dk)?;
         let dv = self.merge_heads(&dv)?;
         let mut dh1: Option<Tensor> = None;
         for (p, dy) in [(Proj::Q, &dq), (Proj::K, &dk), (Proj::V, &dv)] {

@@ -4,9 +4,11 @@
 //! against candle's autograd through a naive implementation (tests/common).
 
 mod common;
+mod family_configs;
 
 use candle_core::{DType, Tensor};
 use common::*;
+use family_configs::small_family_config;
 use qtrain_model::{BaseModel, PROJECTIONS};
 use qtrain_reference::{forward_backward, forward_loss_train};
 use qtrain_step::{LoraGrads, LoraWeights, StepOptions, TokenBatch};
@@ -25,7 +27,10 @@ struct Setup {
 }
 
 fn setup(window: Option<usize>, dropout: f64, checkpointing: bool) -> Setup {
-    let cfg = small_config(VOCAB, window);
+    setup_for(small_config(VOCAB, window), dropout, checkpointing)
+}
+
+fn setup_for(cfg: qtrain_model::ModelConfig, dropout: f64, checkpointing: bool) -> Setup {
     let (base, weights) = random_base(&cfg, 11, DType::F64);
     let lora = random_lora(&cfg, &all_targets_config(dropout), 12, DType::F64);
     let batch = packed_batch(VOCAB, 12, 13);
@@ -118,9 +123,35 @@ fn finite_differences_full_causal_no_dropout() {
     eprintln!("finite differences (causal, no dropout): max rel {rel:.2e}, max abs {abs:.2e}");
 }
 
+/// Each family's extra ops (biases, q/k norms with their hand-written backward,
+/// scaled RoPE, tied embeddings) under central differences, with dropout and
+/// checkpointing.
+#[test]
+fn finite_differences_per_family() {
+    for family in ["qwen2", "qwen3", "llama3", "llama-bias", "yarn"] {
+        let mut s = setup_for(small_family_config(VOCAB, family), 0.1, true);
+        let (rel, abs) = finite_difference_check(&mut s, 2);
+        eprintln!("finite differences ({family}): max rel {rel:.2e}, max abs {abs:.2e}");
+    }
+}
+
 /// Every entry of every gradient against candle autograd of the naive model.
 fn autograd_check(window: Option<usize>, dropout: f64, checkpointing: bool) -> f64 {
-    let s = setup(window, dropout, checkpointing);
+    autograd_check_for(setup(window, dropout, checkpointing), dropout)
+}
+
+#[test]
+fn autograd_per_family() {
+    for family in ["qwen2", "qwen3", "llama3", "llama-bias", "yarn"] {
+        let worst = autograd_check_for(
+            setup_for(small_family_config(VOCAB, family), 0.0, false),
+            0.0,
+        );
+        eprintln!("autograd ({family}): max rel {worst:.2e}");
+    }
+}
+
+fn autograd_check_for(s: Setup, dropout: f64) -> f64 {
     let grads = analytic(&s);
     let mut naive = Naive::new(&s.base.config, &s.weights, Some(&s.lora));
     if dropout > 0.0 {

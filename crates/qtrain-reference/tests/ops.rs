@@ -46,7 +46,12 @@ fn rmsnorm_backward_matches_autograd() {
 #[test]
 fn rope_backward_matches_autograd() {
     let pos: Vec<u32> = vec![0, 1, 2, 0, 1, 5, 9, 3];
-    let (cos, sin) = rope::tables(&pos, 2, 4, 8, 10_000.0, DType::F64, &Device::Cpu).unwrap();
+    let spec = qtrain_model::RopeSpec {
+        theta: 10_000.0,
+        head_dim: 8,
+        scaling: qtrain_model::RopeScaling::Default,
+    };
+    let (cos, sin) = rope::tables(&spec, &pos, 2, 4, DType::F64, &Device::Cpu).unwrap();
     let x = Var::from_tensor(&randn(&[2, 3, 4, 8], 4)).unwrap();
     let r = randn(&[2, 3, 4, 8], 5);
     let y = rope::forward(x.as_tensor(), &cos, &sin).unwrap();
@@ -63,6 +68,41 @@ fn rope_backward_matches_autograd() {
     let store = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
     let dx = rope::backward(&r, &cos, &sin).unwrap();
     check("rope dx", &dx, store.get(x.as_tensor()).unwrap());
+}
+
+/// Qwen 3's q/k norm: RMSNorm over the last axis of `[b, heads, t, head_dim]` with
+/// one `[head_dim]` weight shared by all heads, forward against the definition and
+/// backward against autograd.
+#[test]
+fn per_head_rmsnorm_backward_matches_autograd() {
+    let x = Var::from_tensor(&(randn(&[2, 3, 4, 8], 22) * 3.0).unwrap()).unwrap();
+    let w = (randn(&[8], 23) + 1.0).unwrap();
+    let r = randn(&[2, 3, 4, 8], 24);
+    let (y, inv) = rmsnorm::forward(x.as_tensor(), &w, 1e-6).unwrap();
+    assert_eq!(inv.dims(), &[2, 3, 4, 1]);
+    // Each head of each token on its own: x / sqrt(mean(x^2) + eps) * w.
+    let xs: Vec<f64> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    let ws: Vec<f64> = w.to_vec1().unwrap();
+    let want: Vec<f64> = xs
+        .chunks(8)
+        .flat_map(|row| {
+            let ms = row.iter().map(|v| v * v).sum::<f64>() / 8.0;
+            let r = 1.0 / (ms + 1e-6).sqrt();
+            row.iter().zip(&ws).map(move |(v, w)| v * r * w)
+        })
+        .collect();
+    check(
+        "per-head rmsnorm forward",
+        &y.flatten_all().unwrap(),
+        &Tensor::from_vec(want, 2 * 3 * 4 * 8, &Device::Cpu).unwrap(),
+    );
+    let store = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let dx = rmsnorm::backward(x.as_tensor(), &inv, &w, &r).unwrap();
+    check(
+        "per-head rmsnorm dx",
+        &dx,
+        store.get(x.as_tensor()).unwrap(),
+    );
 }
 
 #[test]
@@ -141,7 +181,15 @@ fn lora_linear_backward_matches_autograd() {
         dropout_mask: Some((mask * 2.0).unwrap()),
     };
     let r = randn(&[5, 7], 18);
-    let (y, z) = linear::forward(x.as_tensor(), &w, Some(&branch)).unwrap();
+    // A frozen bias (Qwen's q/k/v): part of the output, not of any gradient.
+    let bias = randn(&[7], 21);
+    let (y, z) = linear::forward(x.as_tensor(), &w, Some(&bias), Some(&branch)).unwrap();
+    let (y_nobias, _) = linear::forward(x.as_tensor(), &w, None, Some(&branch)).unwrap();
+    check(
+        "bias is added to every row",
+        &(&y - &y_nobias).unwrap(),
+        &bias.unsqueeze(0).unwrap().broadcast_as((5, 7)).unwrap(),
+    );
     let store = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
     let g = linear::backward(x.as_tensor(), Some(&w), Some(&branch), z.as_ref(), &r).unwrap();
     let (da, db) = g.lora.unwrap();

@@ -96,6 +96,28 @@ impl EngineKind {
         }
     }
 
+    /// [`EngineKind::resolve`] for this model: where the fused engine does not
+    /// implement the model's math ([`fused_engine_gap`]), `auto` takes the reference
+    /// (logged with the reason) and an explicit `fused` is an error saying why.
+    pub fn for_model(
+        setting: &str,
+        on_gpu: bool,
+        dtype: candle_core::DType,
+        model: &qtrain_model::ModelConfig,
+    ) -> std::result::Result<Self, String> {
+        let kind = Self::resolve(setting, on_gpu, dtype);
+        match (kind, fused_engine_gap(model)) {
+            (EngineKind::Fused, Some(gap)) if setting == "fused" => Err(format!(
+                "train.engine = \"fused\": {gap}; use train.engine = \"auto\" or \"reference\""
+            )),
+            (EngineKind::Fused, Some(gap)) => {
+                tracing::info!("train.engine = auto: the reference engine, because {gap}");
+                Ok(EngineKind::Reference)
+            }
+            (kind, _) => Ok(kind),
+        }
+    }
+
     /// `"fused"` or `"reference"`.
     pub fn name(self) -> &'static str {
         match self {
@@ -103,6 +125,36 @@ impl EngineKind {
             EngineKind::Reference => "reference",
         }
     }
+}
+
+/// What the fused engine does not implement yet for this model, if anything: then
+/// `train.engine = auto` takes the reference engine (with a log line saying why) and
+/// `train.engine = fused` is refused, never run with math the model does not have.
+pub fn fused_engine_gap(cfg: &qtrain_model::ModelConfig) -> Option<String> {
+    let mut gaps = Vec::new();
+    if cfg.has_biases() {
+        gaps.push("projection biases".to_string());
+    }
+    if cfg.has_qk_norm() {
+        gaps.push("q/k norms".to_string());
+    }
+    // The engine's RoPE tables come from the model's variant (`qtrain_model::rope`),
+    // made once per workspace for positions `0..seq`; `dynamic` changes frequencies
+    // with each batch's longest position, which those tables cannot follow.
+    match cfg.rope() {
+        Ok(r) if matches!(r.scaling, qtrain_model::RopeScaling::Dynamic { .. }) => {
+            gaps.push("dynamic RoPE scaling".to_string())
+        }
+        Ok(_) => {}
+        Err(e) => gaps.push(e.to_string()),
+    }
+    (!gaps.is_empty()).then(|| {
+        format!(
+            "the fused engine does not implement {} (model_type {}) yet",
+            gaps.join(", "),
+            cfg.model_type
+        )
+    })
 }
 
 /// The optimizer a run starts with (fresh or read from a checkpoint), before it is

@@ -6,7 +6,7 @@
 //! own buffers) against the memory model's prediction, and optionally where one
 //! step's GPU time goes.
 
-use crate::backend::{Backend, EngineKind, HostOptimizer};
+use crate::backend::{fused_engine_gap, Backend, EngineKind, HostOptimizer};
 use crate::gpu::GpuInfo;
 use crate::memory::{self, KeptActivations, Measured, MemoryBreakdown, MemorySpec};
 use crate::trainer::TrainError;
@@ -259,9 +259,17 @@ pub fn run_case(
 ) -> Result<CaseResult> {
     let (base, device) = (&model.base, &model.base.device);
     // `auto` runs the fused engine on any GPU (whatever the dtype), unlike a run.
+    // (unless the fused engine lacks the model's math: then the reference, said why).
     let engine = match o.engine.as_str() {
-        "auto" if device.is_cuda() => EngineKind::Fused,
-        setting => EngineKind::resolve(setting, device.is_cuda(), base.dtype),
+        "auto" if device.is_cuda() => match fused_engine_gap(&base.config) {
+            None => EngineKind::Fused,
+            Some(gap) => {
+                eprintln!("--engine auto: the reference engine, because {gap}");
+                EngineKind::Reference
+            }
+        },
+        setting => EngineKind::for_model(setting, device.is_cuda(), base.dtype, &base.config)
+            .map_err(|e| TrainError::Other(e.replace("train.engine = ", "--engine ")))?,
     };
     let lcfg = LoraConfig {
         rank: o.rank,

@@ -230,10 +230,11 @@ pub struct Sizes {
 /// sample answers, from the measured costs where known, else predicted from the
 /// sizes (the step time, when known, stands in for an unmeasured evaluation).
 pub fn final_phases(costs: &PhaseCosts, sizes: &Sizes, step_s: Option<f64>) -> f64 {
-    let rate = costs.write_bytes_per_s.unwrap_or(DEFAULT_WRITE_RATE).max(1.0);
-    let ckpt = costs
-        .ckpt_s
-        .unwrap_or(sizes.checkpoint_bytes as f64 / rate);
+    let rate = costs
+        .write_bytes_per_s
+        .unwrap_or(DEFAULT_WRITE_RATE)
+        .max(1.0);
+    let ckpt = costs.ckpt_s.unwrap_or(sizes.checkpoint_bytes as f64 / rate);
     let export = sizes.adapter_bytes as f64 / rate;
     let eval = if sizes.final_eval {
         costs.eval_s.unwrap_or_else(|| match step_s {
@@ -337,7 +338,11 @@ impl Forecast {
                 let step_s = h.step_s_per_token * sizes.step_tokens as f64;
                 Forecast {
                     load_s: h.load_s,
-                    first_eval_s: if fresh { costs.eval_s.unwrap_or(0.0) } else { 0.0 },
+                    first_eval_s: if fresh {
+                        costs.eval_s.unwrap_or(0.0)
+                    } else {
+                        0.0
+                    },
                     samples_s: if fresh && sizes.samples {
                         costs.samples_s.unwrap_or(0.0)
                     } else {
@@ -426,9 +431,17 @@ mod tests {
             Duration::ZERO,
             Duration::from_secs(30),
         );
-        assert!(s.contains("budget 40.0 s") && s.contains("steps 25.0 s"), "{s}");
+        assert!(
+            s.contains("budget 40.0 s") && s.contains("steps 25.0 s"),
+            "{s}"
+        );
         assert!(s.contains("other 2.0 s"), "{s}");
-        let r = a.record(7, Some(Duration::from_secs(40)), Duration::ZERO, Duration::from_secs(30));
+        let r = a.record(
+            7,
+            Some(Duration::from_secs(40)),
+            Duration::ZERO,
+            Duration::from_secs(30),
+        );
         let get = |k: &str| r.extra.iter().find(|(n, _)| n == k).unwrap().1;
         assert_eq!(get("budget/wall_s"), 30.0);
         assert_eq!(get("budget/load_s"), 3.0);

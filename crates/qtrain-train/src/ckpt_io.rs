@@ -63,7 +63,10 @@ pub enum CkptError {
     WriteFailed { path: PathBuf, msg: String },
     /// No checkpoint under a root passed its checks.
     #[error("{path}: no complete checkpoint: {}", problems.join("; "))]
-    NoneComplete { path: PathBuf, problems: Vec<String> },
+    NoneComplete {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 /// `1.5 GB`, `300.2 MB`, `3.0 kB`, `12 bytes`.
@@ -324,7 +327,12 @@ fn stage(
 }
 
 /// Removes a failed write's temporary directory; the error says why it failed.
-fn failed_write(tmp: &Path, msg: String, opts: &SaveOptions, previous: Option<PathBuf>) -> CkptError {
+fn failed_write(
+    tmp: &Path,
+    msg: String,
+    opts: &SaveOptions,
+    previous: Option<PathBuf>,
+) -> CkptError {
     let written = dir_bytes(tmp);
     let _ = std::fs::remove_dir_all(tmp);
     let free = free_bytes(tmp.parent().unwrap_or(tmp));
@@ -453,10 +461,7 @@ fn prune(root: &Path, opts: &SaveOptions, newest: &Path) -> Result<(), CkptError
     let n = own.len();
     let keep = opts.keep_last.max(1);
     for l in own.into_iter().take(n.saturating_sub(keep)) {
-        let protected = opts
-            .protect
-            .as_deref()
-            .is_some_and(|p| same_dir(p, &l.dir));
+        let protected = opts.protect.as_deref().is_some_and(|p| same_dir(p, &l.dir));
         if protected || same_dir(&l.dir, newest) {
             continue;
         }
@@ -776,7 +781,10 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("no space left"), "{msg}");
         assert!(msg.contains("needs about 3.0 kB"), "{msg}");
-        assert!(msg.contains("step-00000001") && msg.contains("intact"), "{msg}");
+        assert!(
+            msg.contains("step-00000001") && msg.contains("intact"),
+            "{msg}"
+        );
         let leftovers: Vec<_> = std::fs::read_dir(root.path())
             .unwrap()
             .filter_map(|e| e.ok())
@@ -842,7 +850,10 @@ mod tests {
         assert_eq!(found, a);
         assert_eq!(problems.len(), 1);
         assert!(problems[0].contains("step-00000002") && problems[0].contains("a.txt"));
-        assert!(problems[0].contains("checksum check failed"), "{problems:?}");
+        assert!(
+            problems[0].contains("checksum check failed"),
+            "{problems:?}"
+        );
         std::fs::write(a.join("a.txt"), "x").unwrap();
         let e = latest_verified(root.path()).unwrap_err().to_string();
         assert!(e.contains("no complete checkpoint"), "{e}");
@@ -860,9 +871,7 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        let mode = |n: &str| {
-            std::fs::metadata(d.join(n)).unwrap().permissions().mode() & 0o777
-        };
+        let mode = |n: &str| std::fs::metadata(d.join(n)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode("private.bin"), mode("open.bin"));
         assert_eq!(mode(MANIFEST), mode("open.bin"));
     }

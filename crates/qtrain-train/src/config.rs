@@ -933,10 +933,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("run.toml:6:6: optimizer.lr: "), "{e}");
-        let cfg =
-            RunConfig::from_toml_str_with_budget("[budget]\nhours = 1.0\nsteps = 5\n", p(), &[], flag)
-                .unwrap();
-        assert_eq!((cfg.budget.minutes, cfg.budget.hours, cfg.budget.steps), (Some(3.0), None, None));
+        let cfg = RunConfig::from_toml_str_with_budget(
+            "[budget]\nhours = 1.0\nsteps = 5\n",
+            p(),
+            &[],
+            flag,
+        )
+        .unwrap();
+        assert_eq!(
+            (cfg.budget.minutes, cfg.budget.hours, cfg.budget.steps),
+            (Some(3.0), None, None)
+        );
         let e = RunConfig::from_toml_str_with_budget("", p(), &["optimizer.lr=x".into()], flag)
             .unwrap_err()
             .to_string();
@@ -946,13 +953,35 @@ mod tests {
     #[test]
     fn absurd_budgets_are_refused_without_panicking() {
         for (text, sets, needle) in [
-            ("[budget]\nhours = 6e15\n", vec![], "budget.hours: 6000000000000000 is longer than a year"),
-            ("[budget]\nminutes = 1e18\n", vec![], "budget.minutes: 1000000000000000000 is longer"),
-            ("[budget]\nhours = 1.0\n", vec!["budget.reserve_seconds=1e30".to_string()], "budget.reserve_seconds: 1000000000000000000000000000000 is longer than a year"),
-            ("[budget]\nminutes = 1.0\nreserve_seconds = 60.0\n", vec![], "leaves nothing of the 60 s budget"),
-            ("[budget]\nminutes = nan\n", vec![], "budget.minutes: NaN must be a finite number > 0"),
+            (
+                "[budget]\nhours = 6e15\n",
+                vec![],
+                "budget.hours: 6000000000000000 is longer than a year",
+            ),
+            (
+                "[budget]\nminutes = 1e18\n",
+                vec![],
+                "budget.minutes: 1000000000000000000 is longer",
+            ),
+            (
+                "[budget]\nhours = 1.0\n",
+                vec!["budget.reserve_seconds=1e30".to_string()],
+                "budget.reserve_seconds: 1000000000000000000000000000000 is longer than a year",
+            ),
+            (
+                "[budget]\nminutes = 1.0\nreserve_seconds = 60.0\n",
+                vec![],
+                "leaves nothing of the 60 s budget",
+            ),
+            (
+                "[budget]\nminutes = nan\n",
+                vec![],
+                "budget.minutes: NaN must be a finite number > 0",
+            ),
         ] {
-            let e = RunConfig::from_toml_str(text, p(), &sets).unwrap_err().to_string();
+            let e = RunConfig::from_toml_str(text, p(), &sets)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(needle), "{e}");
         }
         let mut c = RunConfig::default();

@@ -22,8 +22,8 @@
 
 use crate::backend::Backend;
 use crate::config::RunConfig;
-use crate::memory::KeptActivations;
 use crate::error::TrainError;
+use crate::memory::KeptActivations;
 use qtrain_data::DatasetConfig;
 use qtrain_dist::{StepSharding, StepShare};
 use qtrain_model::BaseModel;

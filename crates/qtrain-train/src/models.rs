@@ -3,7 +3,7 @@
 //! the qtrain cache. Also the device and dtype the run computes in.
 
 use candle_core::{DType, Device};
-use qtrain_model::{ModelConfig, PRESETS};
+use qtrain_model::{Family, ModelConfig, PRESETS};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,14 +36,51 @@ pub enum ModelSourceError {
     },
 }
 
-/// Writes a random model of `preset` with the built-in tokenizer into `out`.
+/// The built-in tokenizer a preset's random model gets: the family's (Llama 3's
+/// byte-level BPE and header template, Qwen's ChatML) with its special tokens at
+/// the ids the preset's config names, or the sentencepiece-style tiny tokenizer of
+/// Mistral and Llama 2.
+fn builtin_tokenizer_for(
+    cfg: &ModelConfig,
+) -> Option<(qtrain_data::family_tokenizer::BuiltinTokenizer, u32)> {
+    use qtrain_data::family_tokenizer::BuiltinTokenizer as B;
+    let base = cfg.bos_token_id.unwrap_or(0);
+    match cfg.family() {
+        Family::Qwen2 => Some((B::Qwen25, base)),
+        Family::Qwen3 => Some((B::Qwen3, base)),
+        // Llama 3 (its vocabulary starts its specials at 128000; the tiny one at 0).
+        Family::Llama if cfg.vocab_size >= 128000 || cfg.rope_scaling.is_some() => {
+            let rope = cfg.rope().ok().map(|r| r.scaling);
+            let kind = match rope {
+                // Llama 3.2 (factor 32) has its own template.
+                Some(qtrain_model::RopeScaling::Llama3 { factor: 32.0, .. }) => B::Llama32,
+                _ => B::Llama31,
+            };
+            Some((kind, base))
+        }
+        Family::Llama | Family::Mistral => None,
+    }
+}
+
+/// Writes a random model of `preset` with the built-in tokenizer of its family into
+/// `out`.
 pub fn write_random(
     preset: &str,
     out: &Path,
     seed: u64,
     max_shard_bytes: usize,
 ) -> Result<ModelConfig, ModelSourceError> {
-    let tokenizer = qtrain_data::tiny_tokenizer::build_tiny_tokenizer();
+    let shape = ModelConfig::preset(preset, 0)?;
+    let (tokenizer, tokenizer_config) = match builtin_tokenizer_for(&shape) {
+        Some((kind, base)) => (
+            qtrain_data::family_tokenizer::build_family_tokenizer(kind, base),
+            qtrain_data::family_tokenizer::family_tokenizer_config(kind, base),
+        ),
+        None => (
+            qtrain_data::tiny_tokenizer::build_tiny_tokenizer(),
+            qtrain_data::tiny_tokenizer::tiny_tokenizer_config(),
+        ),
+    };
     let vocab = tokenizer.get_vocab_size(true);
     let cfg = ModelConfig::preset(preset, vocab)?;
     let json = tokenizer
@@ -55,7 +92,7 @@ pub fn write_random(
         seed,
         max_shard_bytes,
         &json,
-        &qtrain_data::tiny_tokenizer::tiny_tokenizer_config(),
+        &tokenizer_config,
     )?;
     Ok(cfg)
 }

@@ -344,9 +344,9 @@ impl Planner {
             }
         };
         let eta = match (step_seconds, &self.periodic) {
-            (Some(s), Some(p)) => Duration::from_secs_f64(
-                p.cost(done, total - done, s) + self.reserve.as_secs_f64(),
-            ),
+            (Some(s), Some(p)) => {
+                Duration::from_secs_f64(p.cost(done, total - done, s) + self.reserve.as_secs_f64())
+            }
             (Some(s), None) => Duration::from_secs_f64(
                 (total - done) as f64 * (s + self.overhead_secs / done.max(1) as f64)
                     + self.reserve.as_secs_f64(),

@@ -42,6 +42,9 @@ pub enum SizingError {
         gpu: String,
         dtype: candle_core::DType,
     },
+    /// `train.engine = "fused"` for a model whose math the fused engine lacks.
+    #[error("{0}")]
+    FusedLacks(String),
     #[error(
         "--epochs needs the dataset's token count (drop --no-data; the model's tokenizer \
          must be local)"
@@ -217,7 +220,8 @@ pub fn memory_report(
     // A GPU qtrain refuses says so first.
     gpu.precision()?;
     let dtype = gpu::dtype_for(&cfg.model.dtype, gpu)?;
-    let engine = EngineKind::resolve(&cfg.train.engine, true, dtype);
+    let engine = EngineKind::for_model(&cfg.train.engine, true, dtype, &model.config)
+        .map_err(SizingError::FusedLacks)?;
     if engine == EngineKind::Fused
         && !matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16)
     {

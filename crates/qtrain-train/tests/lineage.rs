@@ -64,8 +64,7 @@ fn ckpt(out: &Path, step: u64) -> PathBuf {
 }
 
 fn state(dir: &Path) -> TrainerState {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap())
-        .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap()).unwrap()
 }
 
 fn steps_on_disk(out: &Path) -> Vec<u64> {
@@ -85,8 +84,15 @@ fn a_fresh_run_refuses_a_used_output_directory() {
     go(opts(config(out.path(), 3, ""), cache.path())).unwrap();
     let mut other = config(out.path(), 2, "");
     other.optimizer.lr = 1e-4;
-    let e = go(opts(other.clone(), cache.path())).unwrap_err().to_string();
-    for needle in ["already holds checkpoints", "--resume", "--overwrite", "step-00000003"] {
+    let e = go(opts(other.clone(), cache.path()))
+        .unwrap_err()
+        .to_string();
+    for needle in [
+        "already holds checkpoints",
+        "--resume",
+        "--overwrite",
+        "step-00000003",
+    ] {
         assert!(e.contains(needle), "{needle}: {e}");
     }
     assert_eq!(steps_on_disk(out.path()), vec![2, 3], "nothing was touched");
@@ -213,7 +219,10 @@ fn a_full_disk_keeps_the_previous_checkpoint() {
         .filter(|n| n.starts_with(ckpt_io::TMP_PREFIX))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-    assert_eq!(ckpt_io::latest(&out.path().join("checkpoints")).unwrap(), two);
+    assert_eq!(
+        ckpt_io::latest(&out.path().join("checkpoints")).unwrap(),
+        two
+    );
     ckpt_io::verify(&two).unwrap();
     // With room again, the resume goes on from it.
     let s = go(RunOptions {
@@ -254,7 +263,10 @@ fn a_huge_record_keeps_checkpoints_small_and_resumes_exactly() {
         let bytes = std::fs::metadata(ckpt(a.path(), step).join("trainer_state.json"))
             .map(|m| m.len())
             .unwrap_or(0);
-        assert!(bytes < 64_000, "step {step}: trainer_state.json is {bytes} bytes");
+        assert!(
+            bytes < 64_000,
+            "step {step}: trainer_state.json is {bytes} bytes"
+        );
     }
     go(RunOptions {
         halt_at_step: Some(4),
@@ -340,8 +352,14 @@ fn a_refused_resume_names_the_keys() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("[data] seq_len: 48 -> 64"), "{e}");
-    assert!(e.contains("[optimizer] kind: \"adamw8bit\" -> \"adamw32\""), "{e}");
-    assert!(!e.contains("[optimizer] lr"), "a changeable key is not refused: {e}");
+    assert!(
+        e.contains("[optimizer] kind: \"adamw8bit\" -> \"adamw32\""),
+        "{e}"
+    );
+    assert!(
+        !e.contains("[optimizer] lr"),
+        "a changeable key is not refused: {e}"
+    );
 }
 
 /// Resuming a run that finished its budget does nothing (no second final

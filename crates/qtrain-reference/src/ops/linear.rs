@@ -1,5 +1,5 @@
 //! A frozen linear map with an optional LoRA branch (PEFT's `lora.Linear`):
-//! `y = x W^T + s · (dropout(x) A^T) B^T` with `W: [out, in]` frozen,
+//! `y = x W^T + b + s · (dropout(x) A^T) B^T` with `W: [out, in]` and `b` frozen,
 //! `A: [r, in]`, `B: [out, r]` trainable and `s` the LoRA scale.
 //!
 //! The frozen weight is passed in by the caller, who dequantizes it just before and
@@ -33,14 +33,20 @@ impl LoraBranch<'_> {
     }
 }
 
-/// `x: [n, in]`, `w: [out, in]`. Returns `y: [n, out]` in the dtype of `x` and, when
+/// `x: [n, in]`, `w: [out, in]`, `bias: [out]` (frozen, PEFT's base layer keeps
+/// it). Returns `y = x W^T + b + lora: [n, out]` in the dtype of `x` and, when
 /// there is a LoRA branch, `z = dropout(x) A^T: [n, r]`, saved for the backward.
 pub fn forward(
     x: &Tensor,
     w: &Tensor,
+    bias: Option<&Tensor>,
     lora: Option<&LoraBranch>,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let y = x.matmul(&w.t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
     match lora {
         None => Ok((y, None)),
         Some(l) => {
@@ -61,7 +67,7 @@ pub struct LinearGrads {
 
 /// Backward of [`forward`] given `dy = ∂L/∂y: [n, out]`.
 ///
-/// Frozen path: `dx = dy W`. LoRA path with `x_d = dropout(x)` and `z = x_d A^T`:
+/// Frozen path: `dx = dy W` (the bias adds a constant: it changes no gradient). LoRA path with `x_d = dropout(x)` and `z = x_d A^T`:
 /// `y_l = s z B^T`, so `dB = s dy^T z`, `dz = s dy B`, `dA = dz^T x_d`, and
 /// `dx += dz A` passed back through the same dropout mask (the mask is a
 /// per-element scale, hence self-adjoint). `w = None` skips `dx` entirely (the

@@ -1,5 +1,7 @@
 //! Rotary position embedding in Hugging Face's `rotate_half` convention: the pair
-//! rotated together is `(x_i, x_{i + d/2})`, by the angle `pos * theta^(-2i/d)`.
+//! rotated together is `(x_i, x_{i + d/2})`, by the angle `pos * inv_freq[i]`
+//! (`theta^(-2i/d)` for the default variant; scaled variants in `qtrain_model::rope`),
+//! with `cos` and `sin` multiplied by the variant's attention scaling (yarn).
 //!
 //! Positions come from the batch's `position_ids`, so packed documents restart at
 //! zero. The backward of a rotation is the rotation by the opposite angle, i.e. the
@@ -7,51 +9,36 @@
 
 use super::acc_dtype;
 use candle_core::{DType, Device, Result, Tensor, D};
+use qtrain_model::{RopePrecision, RopeSpec};
 
 /// `cos` and `sin` tables `[batch, 1, seq, head_dim]` for the given positions
-/// (`position_ids` is `[batch * seq]`, row-major), in `dtype` on `device`.
+/// (`position_ids` is `[batch * seq]`, row-major), in `dtype` on `device`, with the
+/// model's RoPE variant and attention scaling (`qtrain_model::rope`, the one place
+/// frequencies are computed; `dynamic` sees the largest position of the batch, as
+/// transformers' `max(position_ids) + 1`).
 ///
-/// For f32/bf16 the angles are those of the engine's tables
-/// (`qtrain_device::ops::rope::rope_angles`: Hugging Face's f32 arithmetic), so a
-/// model trained with `transformers` sees the same rotations; for f64 everything
-/// is f64.
+/// For f32/bf16 the angles are computed the way Hugging Face does (inverse
+/// frequencies and `inv_freq * pos` rounded to f32, then cos/sin), as the fused
+/// engine's tables are (both come from `RopeSpec::tables`), so a model trained with
+/// `transformers` sees the same rotations; for f64 everything is f64.
 pub fn tables(
+    rope: &RopeSpec,
     position_ids: &[u32],
     batch: usize,
     seq: usize,
-    head_dim: usize,
-    theta: f64,
     dtype: DType,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
-    let n = batch * seq;
-    let positions = &position_ids[..n.min(position_ids.len())];
-    // Per position, the `half` values of the angles `(cos, sin)`.
-    let (c, s) = if acc_dtype(dtype) == DType::F64 {
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
-            .collect();
-        let angles = positions
-            .iter()
-            .flat_map(|&p| inv_freq.iter().map(move |&f| (p as f64 * f).sin_cos()));
-        angles.map(|(s, c)| (c, s)).unzip()
+    let precision = if acc_dtype(dtype) == DType::F64 {
+        RopePrecision::F64
     } else {
-        qtrain_device::ops::rope::rope_angles(positions, head_dim, theta)
+        RopePrecision::F32
     };
-    // `rotate_half` pairs `i` with `i + half`: both halves of a row get the same angle.
-    let widen = |half_rows: Vec<f64>| -> Vec<f64> {
-        let mut full = vec![0f64; n * head_dim];
-        for (t, row) in half_rows.chunks(half.max(1)).enumerate() {
-            full[t * head_dim..t * head_dim + half].copy_from_slice(row);
-            full[t * head_dim + half..(t + 1) * head_dim].copy_from_slice(row);
-        }
-        full
-    };
-    let (cos, sin) = (widen(c), widen(s));
-    let shape = (batch, 1, seq, head_dim);
-    let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
-    let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
+    let n = batch * seq;
+    let t = rope.tables(&position_ids[..n], precision);
+    let shape = (batch, 1, seq, rope.head_dim);
+    let cos = Tensor::from_vec(t.cos, shape, device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(t.sin, shape, device)?.to_dtype(dtype)?;
     Ok((cos, sin))
 }
 

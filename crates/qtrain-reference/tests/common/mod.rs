@@ -5,7 +5,8 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use qtrain_model::{
-    BaseLayer, BaseModel, FrozenLinear, FrozenStorage, ModelConfig, Proj, Quantization, PROJECTIONS,
+    qk_norm_names, BaseLayer, BaseModel, FrozenLinear, FrozenStorage, ModelConfig, Proj,
+    Quantization, PROJECTIONS,
 };
 use qtrain_step::{dropout_mask, DropoutKey, LoraConfig, LoraWeights, TokenBatch};
 use rand::{Rng, SeedableRng};
@@ -84,17 +85,36 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64, dtype: DType) -> HashMap<Str
                 1.0 / (i as f64).sqrt(),
                 &mut rng,
             );
+            if cfg.proj_has_bias(p) {
+                put(p.bias_name(l), &[o], 0.0, 0.3, &mut rng);
+            }
+        }
+        if cfg.has_qk_norm() {
+            for name in qk_norm_names(l) {
+                put(name, &[cfg.head_dim()], 1.0, 0.1, &mut rng);
+            }
         }
     }
     put("model.norm.weight".into(), &[h], 1.0, 0.1, &mut rng);
-    put(
-        "lm_head.weight".into(),
-        &[cfg.vocab_size, h],
-        0.0,
-        0.3,
-        &mut rng,
-    );
+    if !cfg.tie_word_embeddings {
+        put(
+            "lm_head.weight".into(),
+            &[cfg.vocab_size, h],
+            0.0,
+            0.3,
+            &mut rng,
+        );
+    }
     w
+}
+
+/// The output projection's weights: `lm_head.weight`, or the embedding when tied.
+pub fn lm_head_name(cfg: &ModelConfig) -> &'static str {
+    if cfg.tie_word_embeddings {
+        "model.embed_tokens.weight"
+    } else {
+        "lm_head.weight"
+    }
 }
 
 /// A dense (unquantized) in-memory `BaseModel` over `weights`.
@@ -118,9 +138,12 @@ pub fn base_from_weights(
                         out_features: o,
                         in_features: i,
                         storage: FrozenStorage::Dense(get(&p.weight_name(l))),
+                        bias: cfg.proj_has_bias(p).then(|| get(&p.bias_name(l))),
                     }
                 })
                 .collect(),
+            q_norm: cfg.has_qk_norm().then(|| get(&qk_norm_names(l)[0])),
+            k_norm: cfg.has_qk_norm().then(|| get(&qk_norm_names(l)[1])),
         })
         .collect();
     BaseModel {
@@ -132,7 +155,7 @@ pub fn base_from_weights(
         embed_tokens: get("model.embed_tokens.weight"),
         layers,
         norm: get("model.norm.weight"),
-        lm_head: get("lm_head.weight"),
+        lm_head: get(lm_head_name(cfg)),
     }
 }
 
@@ -299,6 +322,9 @@ impl<'a> Naive<'a> {
         let (b, t, i) = x.dims3()?;
         let x2 = x.reshape((b * t, i))?;
         let mut y = x2.matmul(&self.w(&p.weight_name(l)).t()?)?;
+        if self.cfg.proj_has_bias(p) {
+            y = y.broadcast_add(self.w(&p.bias_name(l)))?;
+        }
         if let Some((a, bb)) = self.lora.get(&(l, p)) {
             let xd = match self.dropout {
                 Some((prob, seed, micro_step)) => {
@@ -323,9 +349,20 @@ impl<'a> Naive<'a> {
         y.reshape((b, t, ()))
     }
 
+    /// RoPE tables from the definition for the default variant; scaled variants
+    /// (whose frequencies `qtrain_model::rope` tests on their own) take the shared
+    /// f64 tables, so the gradient checks cover them too.
     fn rope_tables(&self, batch: &TokenBatch, dtype: DType) -> Result<(Tensor, Tensor)> {
         let d = self.cfg.head_dim();
         let (b, t) = (batch.batch_size, batch.seq_len);
+        let spec = self.cfg.rope().unwrap();
+        if spec.scaling != qtrain_model::RopeScaling::Default {
+            let tables = spec.tables(&batch.position_ids, qtrain_model::RopePrecision::F64);
+            return Ok((
+                Tensor::from_vec(tables.cos, (b, 1, t, d), &Device::Cpu)?.to_dtype(dtype)?,
+                Tensor::from_vec(tables.sin, (b, 1, t, d), &Device::Cpu)?.to_dtype(dtype)?,
+            ));
+        }
         let mut cos = Vec::new();
         let mut sin = Vec::new();
         for &p in &batch.position_ids {
@@ -373,7 +410,7 @@ impl<'a> Naive<'a> {
         let cfg = self.cfg;
         let (b, t) = (batch.batch_size, batch.seq_len);
         let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
-        let dtype = self.w("lm_head.weight").dtype();
+        let dtype = self.w("model.norm.weight").dtype();
         let ids = ids_tensor(&batch.input_ids, b, t)?.flatten_all()?;
         let mut x = self
             .w("model.embed_tokens.weight")
@@ -391,8 +428,15 @@ impl<'a> Naive<'a> {
             let heads = |y: Tensor, n: usize| -> Result<Tensor> {
                 y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()
             };
-            let q = Self::rope(&heads(self.linear(l, Proj::Q, &h1)?, nh)?, &cos, &sin)?;
-            let k = Self::rope(&heads(self.linear(l, Proj::K, &h1)?, nkv)?, &cos, &sin)?;
+            let mut q = heads(self.linear(l, Proj::Q, &h1)?, nh)?;
+            let mut k = heads(self.linear(l, Proj::K, &h1)?, nkv)?;
+            if cfg.has_qk_norm() {
+                let [qn, kn] = qk_norm_names(l);
+                q = self.rms(&q, self.w(&qn))?;
+                k = self.rms(&k, self.w(&kn))?;
+            }
+            let q = Self::rope(&q, &cos, &sin)?;
+            let k = Self::rope(&k, &cos, &sin)?;
             let v = heads(self.linear(l, Proj::V, &h1)?, nkv)?;
             let k = k.index_select(&kv_index, 1)?;
             let v = v.index_select(&kv_index, 1)?;
@@ -413,7 +457,7 @@ impl<'a> Naive<'a> {
         }
         let hn = self.rms(&x, self.w("model.norm.weight"))?;
         hn.reshape((b * t, cfg.hidden_size))?
-            .matmul(&self.w("lm_head.weight").t()?)?
+            .matmul(&self.w(lm_head_name(cfg)).t()?)?
             .reshape((b, t, cfg.vocab_size))
     }
 

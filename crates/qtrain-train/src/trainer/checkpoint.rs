@@ -97,7 +97,14 @@ impl Trainer {
             dir,
             Some(self.sizes.adapter_bytes + STATE_BYTES),
             self.write_quota,
-            |tmp| Ok(peft::write_peft_adapter(tmp, &params, &settings, PeftDtype::F32)?),
+            |tmp| {
+                Ok(peft::write_peft_adapter(
+                    tmp,
+                    &params,
+                    &settings,
+                    PeftDtype::F32,
+                )?)
+            },
         )?;
         self.accounting
             .add(Phase::Export, self.clock.now().saturating_sub(t));

@@ -9,8 +9,8 @@ use crate::error::{Result, TrainError};
 use crate::metrics::Record;
 use crate::micro::{self, StepShape};
 use qtrain_data::{DatasetConfig, Encoder, EvalStream, Message, Sample};
-use qtrain_step::LoraWeights;
 use qtrain_model::BaseModel;
+use qtrain_step::LoraWeights;
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -458,8 +458,13 @@ mod tests {
             c.contains(&"[optimizer] lr: 0.0002 -> 0.0001".to_string()),
             "{c:?}"
         );
-        let e = check_config(Path::new("ck"), &old, &new).unwrap_err().to_string();
-        assert!(e.contains("[lora] rank: 16 -> 8") && !e.contains("optimizer"), "{e}");
+        let e = check_config(Path::new("ck"), &old, &new)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[lora] rank: 16 -> 8") && !e.contains("optimizer"),
+            "{e}"
+        );
         let ok = cfg("[optimizer]\nlr = 1e-4\n[budget]\nminutes = 3.0\n");
         check_config(Path::new("ck"), &old, &ok).unwrap();
         assert!(cannot_change("data.seq_len") && cannot_change("optimizer.kind"));
@@ -477,6 +482,9 @@ mod tests {
         let c = b.changes_since(&a);
         assert!(c.iter().any(|s| s == "the first MiB differs"), "{c:?}");
         assert!(!c.iter().any(|s| s.starts_with("size")), "{c:?}");
-        assert_eq!(FileIdentity::of(&p).unwrap().changes_since(&b), Vec::<String>::new());
+        assert_eq!(
+            FileIdentity::of(&p).unwrap().changes_since(&b),
+            Vec::<String>::new()
+        );
     }
 }

@@ -16,12 +16,12 @@ use crate::peft::PeftSettings;
 use crate::planner::{Budget, Clock, Periodic, Plan, Planner};
 use qtrain_data::{BatchStream, Encoder};
 use qtrain_dist::StepSharding;
-use qtrain_step::HostTensor;
-use qtrain_step::{LoraConfig, LoraWeights};
 use qtrain_model::{BaseModel, LoadOptions, Proj};
 use qtrain_optim::{
     AdamW32, AdamW8bit, AdamWConfig, LrSchedule, PagingPolicy, ParamSpec, ScheduleKind,
 };
+use qtrain_step::HostTensor;
+use qtrain_step::{LoraConfig, LoraWeights};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -155,7 +155,13 @@ impl Trainer {
         };
         let tokens = built.tokens_per_step;
         let mut planner = match state {
-            Some(st) => Planner::resume(budget, Box::new(clock.clone()), reserve, tokens, &st.planner),
+            Some(st) => Planner::resume(
+                budget,
+                Box::new(clock.clone()),
+                reserve,
+                tokens,
+                &st.planner,
+            ),
             None => Planner::new(budget, Box::new(clock.clone()), reserve, tokens),
         };
         planner.set_periodic(periodic(&cfg, &costs, &sizes, planner.step_seconds()));
@@ -180,7 +186,8 @@ impl Trainer {
             tracing::info!("resumed at step {} from {}", pos.step, dir.display());
         }
         let out_dir = cfg.checkpoint.output_dir.clone();
-        let sink = MetricsSink::create(&out_dir, cfg.log.jsonl && root, cfg.log.tensorboard && root)?;
+        let sink =
+            MetricsSink::create(&out_dir, cfg.log.jsonl && root, cfg.log.tensorboard && root)?;
         let measure_checkpoint = cfg.budget.reserve_seconds.is_none()
             && matches!(budget, Budget::Time(_))
             && costs.ckpt_s.is_none();
@@ -276,8 +283,12 @@ impl Trainer {
     pub(super) fn replan_costs(&mut self) {
         let step_s = self.planner.step_seconds();
         if self.cfg.budget.reserve_seconds.is_none() {
-            self.planner
-                .set_reserve(reserve_for(self.planner.budget(), &self.costs, &self.sizes, step_s));
+            self.planner.set_reserve(reserve_for(
+                self.planner.budget(),
+                &self.costs,
+                &self.sizes,
+                step_s,
+            ));
         }
         self.planner
             .set_periodic(periodic(&self.cfg, &self.costs, &self.sizes, step_s));
@@ -297,7 +308,10 @@ struct Start<'a> {
 /// Every input before anything expensive: the output directory (claimed by a
 /// fresh run), the checkpoint (a finished run ends here: `Err(summary)`), the
 /// device, the model's files and tokenizer, the data files.
-fn check_inputs(cfg: RunConfig, start: &Start<'_>) -> Result<std::result::Result<Inputs, RunSummary>> {
+fn check_inputs(
+    cfg: RunConfig,
+    start: &Start<'_>,
+) -> Result<std::result::Result<Inputs, RunSummary>> {
     let out_dir = cfg.checkpoint.output_dir.clone();
     let ckpt_root = out_dir.join("checkpoints");
     std::fs::create_dir_all(&out_dir)
@@ -414,12 +428,21 @@ fn build(
     let opt = make_optimizer(
         cfg,
         &specs,
-        resume_dir.as_ref().map(|d| d.join(OPTIMIZER_FILE)).as_deref(),
+        resume_dir
+            .as_ref()
+            .map(|d| d.join(OPTIMIZER_FILE))
+            .as_deref(),
     )?;
     if let Some(dir) = &resume_dir {
         lora.update_from_host(&load_lora(&dir.join(ADAPTER_FILE), &params)?)?;
     }
-    let engine = EngineKind::resolve(&cfg.train.engine, base.device.is_cuda(), base.dtype);
+    let engine = EngineKind::for_model(
+        &cfg.train.engine,
+        base.device.is_cuda(),
+        base.dtype,
+        &base.config,
+    )
+    .map_err(TrainError::Other)?;
     let mut backend = Backend::new(base, lora, opt, engine)?;
     backend.set_memory_limit(engine_memory_limit);
     let state = inputs.resumed.as_ref().map(|r| &r.state);
@@ -470,8 +493,11 @@ fn build(
         None => BatchStream::new(&data_cfg, inputs.encoder.clone())?,
     };
     // fp16 (7.x GPUs) trains with a dynamic loss scale, resumed with the run.
-    let scaler = (inputs.dtype == candle_core::DType::F16)
-        .then(|| state.and_then(|s| s.loss_scaler.clone()).unwrap_or_default());
+    let scaler = (inputs.dtype == candle_core::DType::F16).then(|| {
+        state
+            .and_then(|s| s.loss_scaler.clone())
+            .unwrap_or_default()
+    });
     Ok(Built {
         tokens_per_step: (shape.rows_per_step() * cfg.data.seq_len) as u64,
         backend,
@@ -554,7 +580,11 @@ fn sizes(cfg: &RunConfig, model: &qtrain_model::ModelConfig, lcfg: &LoraConfig) 
         })
         .sum::<u64>()
         * model.num_hidden_layers as u64;
-    let state_per_param = if cfg.optimizer.kind == "adamw32" { 8 } else { 2 };
+    let state_per_param = if cfg.optimizer.kind == "adamw32" {
+        8
+    } else {
+        2
+    };
     let rows = if cfg.data.batch_size_is_auto() {
         cfg.train.effective_batch.unwrap_or(1)
     } else {

@@ -12,8 +12,8 @@ use crate::metrics::Record;
 use crate::micro;
 use crate::planner::{Budget, Plan};
 use qtrain_data::DataCursor;
-use qtrain_step::TokenBatch;
 use qtrain_dist::{agreed_loss_denominator, StepShare};
+use qtrain_step::TokenBatch;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,11 @@ impl Trainer {
         if planned != 0 {
             return Ok(Some(Stop::Planned));
         }
-        if self.coll.any(self.stop.load(Ordering::SeqCst)).map_err(dist)? {
+        if self
+            .coll
+            .any(self.stop.load(Ordering::SeqCst))
+            .map_err(dist)?
+        {
             return Ok(Some(Stop::Signal));
         }
         Ok(None)
@@ -51,14 +55,18 @@ impl Trainer {
         let stream = &mut self.stream;
         let share = self.sharding.take_step(
             self.coll.rank(),
-            || -> Result<TokenBatch> { stream.next().ok_or(TrainError::NoData)?.map_err(Into::into) },
+            || -> Result<TokenBatch> {
+                stream.next().ok_or(TrainError::NoData)?.map_err(Into::into)
+            },
             |b| b.valid_targets() as u64,
         )?;
         let data_wait = t0.elapsed();
         let valid = agreed_loss_denominator(&*self.coll, &share).map_err(dist)? as usize;
         if valid == 0 {
             // Reported, never trained on: the data crate counts such documents too.
-            tracing::warn!("step {step}: every label of this optimizer step is masked; skipping it");
+            tracing::warn!(
+                "step {step}: every label of this optimizer step is masked; skipping it"
+            );
             return Ok(None);
         }
         let denominator = self
@@ -234,12 +242,14 @@ impl Trainer {
         if self.root && every > 0 && step.is_multiple_of(every) && !last {
             if let Some(l) = self.evaluate(EvalAt::Periodic)? {
                 let loss = done.loss;
-                self.bar
-                    .suspend(|| tracing::info!("step {step}: train loss {loss:.4}, eval loss {l:.4}"));
+                self.bar.suspend(|| {
+                    tracing::info!("step {step}: train loss {loss:.4}, eval loss {l:.4}")
+                });
             }
         }
         let c = &self.cfg.checkpoint;
-        let minutes_since = (self.planner.elapsed().saturating_sub(self.last_ckpt_at)).as_secs_f64() / 60.0;
+        let minutes_since =
+            (self.planner.elapsed().saturating_sub(self.last_ckpt_at)).as_secs_f64() / 60.0;
         let periodic = (c.every_steps > 0 && step.is_multiple_of(c.every_steps))
             || (c.every_minutes > 0.0 && minutes_since >= c.every_minutes)
             // Measure what a checkpoint costs early, so the final one is planned for.

@@ -7,9 +7,10 @@
 //! `y₁ = x₁ cos − x₂ sin`, `y₂ = x₂ cos + x₁ sin`. The backward is the inverse
 //! rotation (the transpose of a rotation), `inverse = true`.
 //!
-//! The cos/sin tables (`[n, d/2]` f32) are made on the host by [`rope_tables`] from
-//! [`rope_angles`], which the reference decoder's tables come from too, so both
-//! paths rotate by identical angles.
+//! The cos/sin tables (`[n, d/2]` f32) are made on the host: the engine takes them
+//! from the model's RoPE variant (`qtrain_model::rope`, as the reference decoder
+//! does, so both paths rotate by identical angles); [`rope_tables`] gives the
+//! default variant's, for the self-test.
 
 use crate::device::{read_f32, read_mat, write_mat, Dev, Float, Mat, View};
 use crate::error::{ensure, Result};
@@ -19,8 +20,7 @@ use crate::to_f32_vec;
 /// `(cos, sin)` of every position's angles `pos · θ^(−2i/d)`, each `[n, head_dim / 2]`,
 /// computed the way Hugging Face does (inverse frequencies and `inv_freq · pos`
 /// rounded to f32, then cos/sin in f64), so a model trained with `transformers`
-/// sees the same rotations. The engine rounds them to f32 ([`rope_tables`]); the
-/// reference decoder (`qtrain_reference::ops::rope::tables`) to its compute dtype.
+/// sees the same rotations (the default variant; equal to `qtrain_model::rope`'s).
 pub fn rope_angles(position_ids: &[u32], head_dim: usize, theta: f64) -> (Vec<f64>, Vec<f64>) {
     let half = head_dim / 2;
     let inv_freq: Vec<f32> = (0..half)
