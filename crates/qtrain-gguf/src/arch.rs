@@ -1,0 +1,573 @@
+//! The model as llama.cpp names it: which llama.cpp architecture a Hugging Face
+//! `config.json` maps to, the architecture metadata (`{arch}.*` keys), the tensor
+//! names (`token_embd`, `blk.N.attn_q`, ...) and the transforms llama.cpp's
+//! converter applies on the way (`LlamaModel.permute` of the q/k rows, the Llama 3.1
+//! `rope_freqs` tensor).
+//!
+//! Families: Llama and Mistral (`llama`), Qwen 2 / 2.5 (`qwen2`, with q/k/v biases)
+//! and Qwen 3 (`qwen3`, with q/k norms). Anything else is refused by name.
+
+use crate::error::GgufError;
+use crate::writer::Metadata;
+use serde_json::Value as Json;
+use std::path::{Path, PathBuf};
+
+/// A llama.cpp architecture qtrain exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Qwen3,
+}
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+}
+
+/// RoPE scaling as llama.cpp takes it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    Linear {
+        factor: f32,
+    },
+    Yarn {
+        factor: f32,
+        original_context: u32,
+        ext_factor: Option<f32>,
+        attn_factor: Option<f32>,
+        beta_fast: Option<f32>,
+        beta_slow: Option<f32>,
+    },
+    /// Llama 3.1's frequency-dependent scaling: a `rope_freqs.weight` tensor.
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_context: f32,
+    },
+}
+
+/// The shapes and settings of `config.json` that the GGUF needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HfModel {
+    pub path: PathBuf,
+    pub model_type: String,
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    /// Stated `head_dim` (written as key/value length when present).
+    pub head_dim: Option<usize>,
+    pub context_length: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub rope_scaling: RopeScaling,
+    pub tie_word_embeddings: bool,
+    pub sliding_window: Option<usize>,
+}
+
+impl HfModel {
+    /// Reads `dir/config.json`; an unsupported family is refused with the reason.
+    pub fn from_dir(dir: &Path) -> Result<Self, GgufError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| GgufError::io(&path, e))?;
+        let raw: Json = serde_json::from_str(&text).map_err(|e| GgufError::Json {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        Self::from_json(&raw, &path)
+    }
+
+    pub fn from_json(raw: &Json, path: &Path) -> Result<Self, GgufError> {
+        let field = |key: &str, msg: String| GgufError::Field {
+            path: path.to_path_buf(),
+            key: key.into(),
+            msg,
+        };
+        let usize_of = |key: &str| -> Result<Option<usize>, GgufError> {
+            match raw.get(key) {
+                None | Some(Json::Null) => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .map(|x| Some(x as usize))
+                    .ok_or_else(|| field(key, format!("{v} is not a non-negative integer"))),
+            }
+        };
+        let need = |key: &str| -> Result<usize, GgufError> {
+            usize_of(key)?.ok_or_else(|| field(key, "missing".into()))
+        };
+        let f32_of = |v: Option<&Json>, key: &str| -> Result<Option<f32>, GgufError> {
+            match v {
+                None | Some(Json::Null) => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .map(|x| Some(x as f32))
+                    .ok_or_else(|| field(key, format!("{v} is not a number"))),
+            }
+        };
+        let model_type = raw
+            .get("model_type")
+            .and_then(Json::as_str)
+            .ok_or_else(|| field("model_type", "missing".into()))?
+            .to_string();
+        let arch = match model_type.as_str() {
+            "llama" | "mistral" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            other => {
+                return Err(GgufError::Unsupported {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "model_type `{other}`: qtrain writes GGUF for llama, mistral (llama.cpp \
+                         architecture `llama`), qwen2 and qwen3"
+                    ),
+                })
+            }
+        };
+        if raw.get("num_local_experts").is_some() || raw.get("num_experts").is_some() {
+            return Err(GgufError::Unsupported {
+                path: path.to_path_buf(),
+                msg: "mixture-of-experts models are not exported to GGUF by qtrain".into(),
+            });
+        }
+        let n_heads = need("num_attention_heads")?;
+        let hidden_size = need("hidden_size")?;
+        let n_kv_heads = usize_of("num_key_value_heads")?.unwrap_or(n_heads);
+        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+            return Err(field(
+                "num_key_value_heads",
+                format!("{n_kv_heads} does not divide num_attention_heads {n_heads}"),
+            ));
+        }
+        // transformers 5 keeps theta and scaling in `rope_parameters`; older
+        // configs use `rope_theta` and `rope_scaling`.
+        let rope = raw
+            .get("rope_parameters")
+            .filter(|v| v.is_object())
+            .or_else(|| raw.get("rope_scaling").filter(|v| v.is_object()));
+        let rope_theta = f32_of(raw.get("rope_theta"), "rope_theta")?
+            .or(f32_of(
+                rope.and_then(|r| r.get("rope_theta")),
+                "rope_parameters.rope_theta",
+            )?)
+            .unwrap_or(10_000.0);
+        let context_length = need("max_position_embeddings")?;
+        let rope_scaling = match rope {
+            None => RopeScaling::None,
+            Some(r) => {
+                let kind = r
+                    .get("rope_type")
+                    .or_else(|| r.get("type"))
+                    .and_then(Json::as_str)
+                    .unwrap_or("default");
+                let get = |k: &str| f32_of(r.get(k), &format!("rope_scaling.{k}"));
+                let factor = get("factor")?;
+                match (kind, factor) {
+                    ("default", _) => RopeScaling::None,
+                    ("linear", Some(factor)) => RopeScaling::Linear { factor },
+                    ("yarn", Some(factor)) => RopeScaling::Yarn {
+                        factor,
+                        original_context: r
+                            .get("original_max_position_embeddings")
+                            .and_then(Json::as_u64)
+                            .ok_or_else(|| {
+                                field(
+                                    "rope_scaling.original_max_position_embeddings",
+                                    "missing for yarn".into(),
+                                )
+                            })? as u32,
+                        ext_factor: get("extrapolation_factor")?,
+                        attn_factor: get("attention_factor")?.or(get("attn_factor")?),
+                        beta_fast: get("beta_fast")?,
+                        beta_slow: get("beta_slow")?,
+                    },
+                    ("llama3", _) => RopeScaling::Llama3 {
+                        factor: factor.unwrap_or(8.0),
+                        low_freq_factor: get("low_freq_factor")?.unwrap_or(1.0),
+                        high_freq_factor: get("high_freq_factor")?.unwrap_or(4.0),
+                        original_context: get("original_max_position_embeddings")?
+                            .unwrap_or(8192.0),
+                    },
+                    (kind, _) => {
+                        return Err(GgufError::Unsupported {
+                            path: path.to_path_buf(),
+                            msg: format!(
+                                "rope scaling `{kind}`: qtrain writes GGUF for default, linear, \
+                                 yarn and llama3 RoPE"
+                            ),
+                        })
+                    }
+                }
+            }
+        };
+        let m = Self {
+            path: path.to_path_buf(),
+            model_type,
+            arch,
+            vocab_size: need("vocab_size")?,
+            hidden_size,
+            intermediate_size: need("intermediate_size")?,
+            n_layers: need("num_hidden_layers")?,
+            n_heads,
+            n_kv_heads,
+            head_dim: usize_of("head_dim")?,
+            context_length,
+            rms_norm_eps: f32_of(raw.get("rms_norm_eps"), "rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            tie_word_embeddings: raw
+                .get("tie_word_embeddings")
+                .and_then(Json::as_bool)
+                .unwrap_or(false),
+            sliding_window: usize_of("sliding_window")?,
+        };
+        if m.arch == Arch::Llama && m.head_dim.is_some_and(|h| h * n_heads != hidden_size) {
+            // llama.cpp's llama architecture runs RoPE over the whole head and needs
+            // n_rot == head size; a head_dim that differs from hidden/heads is fine,
+            // it is written as key/value length.
+            tracing::debug!(
+                "{}: head_dim differs from hidden_size / heads",
+                path.display()
+            );
+        }
+        Ok(m)
+    }
+
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.n_heads)
+    }
+
+    /// Writes `general.architecture` and the `{arch}.*` keys as llama.cpp's
+    /// converter does for this family.
+    pub fn write_metadata(&self, md: &mut Metadata) {
+        let a = self.arch.name();
+        let k = |s: &str| format!("{a}.{s}");
+        md.set_u32(&k("block_count"), self.n_layers as u32);
+        md.set_u32(&k("context_length"), self.context_length as u32);
+        md.set_u32(&k("embedding_length"), self.hidden_size as u32);
+        md.set_u32(&k("feed_forward_length"), self.intermediate_size as u32);
+        md.set_u32(&k("attention.head_count"), self.n_heads as u32);
+        md.set_u32(&k("attention.head_count_kv"), self.n_kv_heads as u32);
+        md.set_f32(&k("rope.freq_base"), self.rope_theta);
+        md.set_f32(&k("attention.layer_norm_rms_epsilon"), self.rms_norm_eps);
+        if let Some(h) = self.head_dim {
+            md.set_u32(&k("attention.key_length"), h as u32);
+            md.set_u32(&k("attention.value_length"), h as u32);
+        }
+        match &self.rope_scaling {
+            RopeScaling::None | RopeScaling::Llama3 { .. } => {}
+            RopeScaling::Linear { factor } => {
+                md.set_str(&k("rope.scaling.type"), "linear");
+                md.set_f32(&k("rope.scaling.factor"), *factor);
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_context,
+                ext_factor,
+                attn_factor,
+                beta_fast,
+                beta_slow,
+            } => {
+                md.set_str(&k("rope.scaling.type"), "yarn");
+                md.set_f32(&k("rope.scaling.factor"), *factor);
+                md.set_u32(
+                    &k("rope.scaling.original_context_length"),
+                    *original_context,
+                );
+                for (key, v) in [
+                    ("rope.scaling.yarn_ext_factor", ext_factor),
+                    ("rope.scaling.yarn_attn_factor", attn_factor),
+                    ("rope.scaling.yarn_beta_fast", beta_fast),
+                    ("rope.scaling.yarn_beta_slow", beta_slow),
+                ] {
+                    if let Some(v) = v {
+                        md.set_f32(&k(key), *v);
+                    }
+                }
+            }
+        }
+        if self.arch == Arch::Llama {
+            md.set_u32(&k("vocab_size"), self.vocab_size as u32);
+            md.set_u32(&k("rope.dimension_count"), self.head_dim() as u32);
+        }
+    }
+
+    /// A note for the log when the GGUF cannot carry something the model has.
+    pub fn caveats(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(w) = self.sliding_window {
+            if self.arch == Arch::Llama && w < self.context_length {
+                out.push(format!(
+                    "config.json has sliding_window = {w}; llama.cpp's `llama` architecture \
+                     (which runs every Mistral GGUF) attends to the whole context and reads no \
+                     window, as for GGUFs from llama.cpp's own converter. Outputs match within \
+                     the first {w} tokens"
+                ));
+            }
+        }
+        out
+    }
+
+    /// The `rope_freqs.weight` values of Llama 3.1 RoPE scaling (llama.cpp's
+    /// converter's `generate_extra_tensors`), computed in f64 as Python does and
+    /// stored as f32.
+    pub fn rope_freqs(&self) -> Option<Vec<f32>> {
+        let RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_context,
+        } = self.rope_scaling
+        else {
+            return None;
+        };
+        let dim = self.head_dim();
+        let (factor, lo, hi, old) = (
+            factor as f64,
+            low_freq_factor as f64,
+            high_freq_factor as f64,
+            original_context as f64,
+        );
+        let low_wavelen = old / lo;
+        let high_wavelen = old / hi;
+        let base = self.rope_theta as f64;
+        Some(
+            (0..dim / 2)
+                .map(|i| {
+                    // torch computes the frequencies in f32.
+                    let exponent = (2 * i) as f32 / dim as f32;
+                    let freq = 1.0f32 / (base as f32).powf(exponent);
+                    let wavelen = 2.0 * std::f64::consts::PI / freq as f64;
+                    let f = if wavelen < high_wavelen {
+                        1.0
+                    } else if wavelen > low_wavelen {
+                        factor
+                    } else {
+                        let smooth = (old / wavelen - lo) / (hi - lo);
+                        1.0 / ((1.0 - smooth) / factor + smooth)
+                    };
+                    f as f32
+                })
+                .collect(),
+        )
+    }
+}
+
+/// What a GGUF tensor is made from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// A tensor of the Hugging Face checkpoint.
+    Hf {
+        name: String,
+        /// Undo HF's rotary layout for llama.cpp: `LlamaModel.permute` with this
+        /// many heads.
+        permute_heads: Option<usize>,
+    },
+    /// Computed values (`rope_freqs`).
+    Generated(Vec<f32>),
+}
+
+/// One tensor of the GGUF: its llama.cpp name, PyTorch-order shape and source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub source: Source,
+}
+
+/// The GGUF tensors of `m` in file order, from the HF tensors `available` (names
+/// with shapes). Every HF tensor must be used, except the rotary `inv_freq`
+/// buffers; a missing required one or a leftover is an error.
+pub fn plan_tensors(
+    m: &HfModel,
+    available: &[(String, Vec<usize>)],
+) -> Result<Vec<PlannedTensor>, GgufError> {
+    let shapes: std::collections::HashMap<&str, &[usize]> = available
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.as_slice()))
+        .collect();
+    let mut used = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    let mut add = |gguf: String, hf: String, permute: Option<usize>, required: bool| match shapes
+        .get(hf.as_str())
+    {
+        Some(s) => {
+            used.insert(hf.clone());
+            out.push(PlannedTensor {
+                name: gguf,
+                shape: s.to_vec(),
+                source: Source::Hf {
+                    name: hf,
+                    permute_heads: permute,
+                },
+            });
+            Ok(())
+        }
+        None if required => Err(GgufError::Tensor {
+            name: hf,
+            msg: format!("missing from the model (needed for {gguf})"),
+        }),
+        None => Ok(()),
+    };
+    add(
+        "token_embd.weight".into(),
+        "model.embed_tokens.weight".into(),
+        None,
+        true,
+    )?;
+    let permute = m.arch == Arch::Llama;
+    for l in 0..m.n_layers {
+        let hf = |s: &str| format!("model.layers.{l}.{s}");
+        let g = |s: &str| format!("blk.{l}.{s}");
+        add(
+            g("attn_norm.weight"),
+            hf("input_layernorm.weight"),
+            None,
+            true,
+        )?;
+        for (p, gn, heads) in [
+            ("q", "attn_q", m.n_heads),
+            ("k", "attn_k", m.n_kv_heads),
+            ("v", "attn_v", 0),
+        ] {
+            let perm = (permute && heads > 0).then_some(heads);
+            add(
+                g(&format!("{gn}.weight")),
+                hf(&format!("self_attn.{p}_proj.weight")),
+                perm,
+                true,
+            )?;
+            add(
+                g(&format!("{gn}.bias")),
+                hf(&format!("self_attn.{p}_proj.bias")),
+                perm,
+                m.arch == Arch::Qwen2,
+            )?;
+        }
+        if m.arch == Arch::Qwen3 {
+            add(
+                g("attn_q_norm.weight"),
+                hf("self_attn.q_norm.weight"),
+                None,
+                true,
+            )?;
+            add(
+                g("attn_k_norm.weight"),
+                hf("self_attn.k_norm.weight"),
+                None,
+                true,
+            )?;
+        }
+        add(
+            g("attn_output.weight"),
+            hf("self_attn.o_proj.weight"),
+            None,
+            true,
+        )?;
+        add(
+            g("ffn_norm.weight"),
+            hf("post_attention_layernorm.weight"),
+            None,
+            true,
+        )?;
+        add(g("ffn_gate.weight"), hf("mlp.gate_proj.weight"), None, true)?;
+        add(g("ffn_up.weight"), hf("mlp.up_proj.weight"), None, true)?;
+        add(g("ffn_down.weight"), hf("mlp.down_proj.weight"), None, true)?;
+    }
+    add(
+        "output_norm.weight".into(),
+        "model.norm.weight".into(),
+        None,
+        true,
+    )?;
+    // Tied embeddings have no lm_head; llama.cpp then uses token_embd.
+    add(
+        "output.weight".into(),
+        "lm_head.weight".into(),
+        None,
+        !m.tie_word_embeddings,
+    )?;
+    if let Some(freqs) = m.rope_freqs() {
+        out.insert(
+            1,
+            PlannedTensor {
+                name: "rope_freqs.weight".into(),
+                shape: vec![freqs.len()],
+                source: Source::Generated(freqs),
+            },
+        );
+    }
+    let leftover: Vec<&str> = available
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| !used.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))
+        .collect();
+    if let Some(n) = leftover.first() {
+        return Err(GgufError::Tensor {
+            name: n.to_string(),
+            msg: format!(
+                "has no place in llama.cpp's `{}` architecture ({} such tensors); qtrain \
+                 does not export this model variant",
+                m.arch.name(),
+                leftover.len()
+            ),
+        });
+    }
+    // Shapes llama.cpp checks on load.
+    let hd = m.head_dim();
+    for t in &out {
+        let want: Option<Vec<usize>> = match t.name.rsplit_once('.').map(|x| x.0) {
+            Some(n) if n.ends_with("attn_q") => Some(vec![m.n_heads * hd, m.hidden_size]),
+            Some(n) if n.ends_with("attn_k") || n.ends_with("attn_v") => {
+                Some(vec![m.n_kv_heads * hd, m.hidden_size])
+            }
+            Some("token_embd") | Some("output") => Some(vec![m.vocab_size, m.hidden_size]),
+            _ => None,
+        };
+        if let Some(want) = want.filter(|_| t.name.ends_with(".weight")) {
+            if t.shape != want {
+                return Err(GgufError::Tensor {
+                    name: t.name.clone(),
+                    msg: format!("shape {:?}, but config.json implies {want:?}", t.shape),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `LlamaModel.permute` of llama.cpp's converter: the rows of a q/k projection
+/// (or bias) `[n_heads * head_dim, ...]`, grouped per head as HF's rotate-half
+/// layout `[first halves | second halves]`, reordered into llama.cpp's interleaved
+/// pairs: within each head, row `2i + j` of the output is row `j * head_dim/2 + i`
+/// of the input.
+pub fn permute_rows(x: &[f32], rows: usize, heads: usize) -> Vec<f32> {
+    assert!(
+        rows % (2 * heads) == 0,
+        "{rows} rows do not split into {heads} heads of pairs"
+    );
+    let cols = x.len() / rows;
+    let half = rows / heads / 2;
+    let mut out = vec![0f32; x.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * 2 * half + j * half + i;
+                let dst = h * 2 * half + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&x[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
