@@ -1,5 +1,5 @@
 //! `qtrain export`: a checkpoint as a PEFT adapter, or as a full model with the
-//! adapter merged in.
+//! adapter merged in (Hugging Face safetensors, or GGUF with `--gguf`).
 
 use anyhow::{Context, Result};
 use qtrain_train::merge::{export_merged, MergeBase};
@@ -32,6 +32,15 @@ pub struct Args {
     /// Largest shard of a merged export in bytes.
     #[arg(long, default_value_t = 5_000_000_000)]
     max_shard_bytes: usize,
+    /// Write the merged model as OUT/model-TYPE.gguf for llama.cpp, Ollama and LM
+    /// Studio (f16, bf16, q8_0 or q4_k_m), with an Ollama Modelfile beside it.
+    #[arg(long, value_name = "TYPE", conflicts_with = "merged", value_parser = parse_gguf)]
+    gguf: Option<qtrain_gguf::FileType>,
+}
+
+fn parse_gguf(s: &str) -> Result<qtrain_gguf::FileType, String> {
+    qtrain_gguf::FileType::parse(s)
+        .ok_or_else(|| format!("`{s}`: expected f16, bf16, q8_0 or q4_k_m"))
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -59,13 +68,36 @@ pub fn run(a: Args) -> Result<()> {
         (adapter, model)
     };
     let model = a.model.clone().unwrap_or(model);
-    if a.merged {
+    let base = match a.merge_base {
+        Base::Original => MergeBase::Original,
+        Base::Dequantized => MergeBase::Dequantized,
+    };
+    if let Some(ft) = a.gguf {
         let dir = qtrain_train::models::resolve(&model, &cache)
             .with_context(|| format!("resolving the base model {model}"))?;
-        let base = match a.merge_base {
-            Base::Original => MergeBase::Original,
-            Base::Dequantized => MergeBase::Dequantized,
-        };
+        let s = qtrain_train::gguf::export_gguf(
+            &dir,
+            &adapter,
+            &a.out,
+            ft,
+            &qtrain_train::merge::MergeOptions::new(base, a.max_shard_bytes),
+        )?;
+        for n in &s.notes {
+            tracing::warn!("{n}");
+        }
+        println!(
+            "wrote {} ({:.1} MB)",
+            s.gguf.display(),
+            s.bytes as f64 / 1e6
+        );
+        println!(
+            "wrote {} (ollama create NAME -f {})",
+            s.modelfile.display(),
+            s.modelfile.display()
+        );
+    } else if a.merged {
+        let dir = qtrain_train::models::resolve(&model, &cache)
+            .with_context(|| format!("resolving the base model {model}"))?;
         export_merged(&dir, &adapter, &a.out, base, a.max_shard_bytes)?;
         println!("wrote the merged model to {}", a.out.display());
     } else {

@@ -571,3 +571,229 @@ pub fn permute_rows(x: &[f32], rows: usize, heads: usize) -> Vec<f32> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config(model_type: &str) -> Json {
+        json!({
+            "model_type": model_type, "vocab_size": 100, "hidden_size": 64,
+            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": false
+        })
+    }
+
+    fn hf_tensors(m: &HfModel, extra: &[&str]) -> Vec<(String, Vec<usize>)> {
+        let (h, f, hd) = (m.hidden_size, m.intermediate_size, m.head_dim());
+        let mut v = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                vec![m.vocab_size, h],
+            ),
+            ("model.norm.weight".to_string(), vec![h]),
+            ("lm_head.weight".to_string(), vec![m.vocab_size, h]),
+        ];
+        for l in 0..m.n_layers {
+            let p = |s: &str| format!("model.layers.{l}.{s}");
+            v.push((p("input_layernorm.weight"), vec![h]));
+            v.push((p("post_attention_layernorm.weight"), vec![h]));
+            v.push((p("self_attn.q_proj.weight"), vec![m.n_heads * hd, h]));
+            v.push((p("self_attn.k_proj.weight"), vec![m.n_kv_heads * hd, h]));
+            v.push((p("self_attn.v_proj.weight"), vec![m.n_kv_heads * hd, h]));
+            v.push((p("self_attn.o_proj.weight"), vec![h, m.n_heads * hd]));
+            v.push((p("mlp.gate_proj.weight"), vec![f, h]));
+            v.push((p("mlp.up_proj.weight"), vec![f, h]));
+            v.push((p("mlp.down_proj.weight"), vec![h, f]));
+            for e in extra {
+                let shape = if e.ends_with("norm.weight") {
+                    vec![hd]
+                } else if e.contains("q_proj") {
+                    vec![m.n_heads * hd]
+                } else {
+                    vec![m.n_kv_heads * hd]
+                };
+                v.push((p(e), shape));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn permute_interleaves_the_halves_of_each_head() {
+        // 2 heads of 4 rows, 1 column: rows [h0: a0 a1 b0 b1 | h1: c0 c1 d0 d1]
+        // (HF rotate-half: first halves then second halves) become pairs.
+        let x: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        assert_eq!(permute_rows(&x, 8, 2), vec![0., 2., 1., 3., 4., 6., 5., 7.]);
+        // Columns move with their rows.
+        let x: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        assert_eq!(
+            permute_rows(&x, 4, 1),
+            vec![0., 1., 2., 3., 8., 9., 10., 11., 4., 5., 6., 7., 12., 13., 14., 15.]
+        );
+    }
+
+    #[test]
+    fn llama_and_mistral_map_to_llama_with_permuted_qk() {
+        for t in ["llama", "mistral"] {
+            let m = HfModel::from_json(&config(t), Path::new("config.json")).unwrap();
+            assert_eq!(m.arch, Arch::Llama);
+            let plan = plan_tensors(&m, &hf_tensors(&m, &[])).unwrap();
+            assert_eq!(plan.len(), 3 + 2 * 9);
+            assert_eq!(plan[0].name, "token_embd.weight");
+            assert_eq!(plan.last().unwrap().name, "output.weight");
+            let q = plan
+                .iter()
+                .find(|p| p.name == "blk.1.attn_q.weight")
+                .unwrap();
+            let k = plan
+                .iter()
+                .find(|p| p.name == "blk.1.attn_k.weight")
+                .unwrap();
+            let v = plan
+                .iter()
+                .find(|p| p.name == "blk.1.attn_v.weight")
+                .unwrap();
+            assert!(
+                matches!(&q.source, Source::Hf { name, permute_heads: Some(4) } if name == "model.layers.1.self_attn.q_proj.weight")
+            );
+            assert!(matches!(
+                &k.source,
+                Source::Hf {
+                    permute_heads: Some(2),
+                    ..
+                }
+            ));
+            assert!(matches!(
+                &v.source,
+                Source::Hf {
+                    permute_heads: None,
+                    ..
+                }
+            ));
+            let mut md = Metadata::new();
+            m.write_metadata(&mut md);
+            assert_eq!(
+                md.get("llama.rope.dimension_count"),
+                Some(&crate::Value::U32(16))
+            );
+            assert_eq!(
+                md.get("llama.rope.freq_base"),
+                Some(&crate::Value::F32(500000.0))
+            );
+            assert_eq!(
+                md.get("llama.attention.head_count_kv"),
+                Some(&crate::Value::U32(2))
+            );
+        }
+    }
+
+    #[test]
+    fn qwen_keeps_rows_and_adds_biases_or_norms() {
+        let m = HfModel::from_json(&config("qwen2"), Path::new("c")).unwrap();
+        let hf = hf_tensors(
+            &m,
+            &[
+                "self_attn.q_proj.bias",
+                "self_attn.k_proj.bias",
+                "self_attn.v_proj.bias",
+            ],
+        );
+        let plan = plan_tensors(&m, &hf).unwrap();
+        assert!(plan.iter().all(|p| !matches!(
+            p.source,
+            Source::Hf {
+                permute_heads: Some(_),
+                ..
+            }
+        )));
+        assert!(plan
+            .iter()
+            .any(|p| p.name == "blk.0.attn_k.bias" && p.shape == vec![32]));
+        // qwen2 needs its biases.
+        let e = plan_tensors(&m, &hf_tensors(&m, &[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("q_proj.bias") && e.contains("missing"), "{e}");
+
+        let m = HfModel::from_json(&config("qwen3"), Path::new("c")).unwrap();
+        let plan = plan_tensors(
+            &m,
+            &hf_tensors(&m, &["self_attn.q_norm.weight", "self_attn.k_norm.weight"]),
+        )
+        .unwrap();
+        assert!(plan.iter().any(|p| p.name == "blk.1.attn_q_norm.weight"));
+        let mut md = Metadata::new();
+        m.write_metadata(&mut md);
+        assert!(md.get("qwen3.block_count").is_some() && md.get("qwen3.vocab_size").is_none());
+    }
+
+    #[test]
+    fn tied_embeddings_leftovers_and_bad_shapes() {
+        let mut c = config("llama");
+        c["tie_word_embeddings"] = true.into();
+        let m = HfModel::from_json(&c, Path::new("c")).unwrap();
+        let mut hf = hf_tensors(&m, &[]);
+        hf.retain(|(n, _)| n != "lm_head.weight");
+        hf.push((
+            "model.layers.0.self_attn.rotary_emb.inv_freq".into(),
+            vec![8],
+        ));
+        let plan = plan_tensors(&m, &hf).unwrap();
+        assert!(plan.iter().all(|p| p.name != "output.weight"));
+
+        hf.push(("model.layers.0.mlp.extra.weight".into(), vec![4, 4]));
+        let e = plan_tensors(&m, &hf).unwrap_err().to_string();
+        assert!(
+            e.contains("mlp.extra.weight") && e.contains("no place"),
+            "{e}"
+        );
+
+        let m = HfModel::from_json(&config("llama"), Path::new("c")).unwrap();
+        let mut hf = hf_tensors(&m, &[]);
+        hf[0].1 = vec![99, 64];
+        let e = plan_tensors(&m, &hf).unwrap_err().to_string();
+        assert!(e.contains("token_embd") && e.contains("[100, 64]"), "{e}");
+    }
+
+    #[test]
+    fn rope_scaling_kinds() {
+        let mut c = config("llama");
+        c["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        c["head_dim"] = 128.into();
+        c["num_attention_heads"] = 4.into();
+        c["hidden_size"] = 512.into();
+        let m = HfModel::from_json(&c, Path::new("c")).unwrap();
+        let f = m.rope_freqs().unwrap();
+        assert_eq!(f.len(), 64);
+        // High frequencies untouched, low ones scaled by the factor, smooth between.
+        assert_eq!(f[0], 1.0);
+        assert_eq!(*f.last().unwrap(), 8.0);
+        assert!(f.windows(2).all(|w| w[0] <= w[1]));
+        let plan = plan_tensors(&m, &hf_tensors(&m, &[])).unwrap();
+        assert_eq!(plan[1].name, "rope_freqs.weight");
+
+        c["rope_scaling"] =
+            json!({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768});
+        let m = HfModel::from_json(&c, Path::new("c")).unwrap();
+        let mut md = Metadata::new();
+        m.write_metadata(&mut md);
+        assert_eq!(
+            md.get("llama.rope.scaling.type"),
+            Some(&crate::Value::String("yarn".into()))
+        );
+        assert_eq!(
+            md.get("llama.rope.scaling.original_context_length"),
+            Some(&crate::Value::U32(32768))
+        );
+
+        c["rope_scaling"] = json!({"rope_type": "longrope", "factor": 4.0});
+        let e = HfModel::from_json(&c, Path::new("c"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rope scaling `longrope`"), "{e}");
+    }
+}

@@ -661,3 +661,184 @@ impl GgufTokenizer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+    fn write(dir: &Path, tj: &Json, tc: &Json, cfg: &Json) {
+        std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
+        std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    }
+
+    fn byte_level(regex: &str, post: Json) -> Json {
+        json!({
+            "added_tokens": [
+                {"id": 6, "content": "<|begin_of_text|>", "special": true},
+                {"id": 7, "content": "<|eot_id|>", "special": true},
+                {"id": 8, "content": "hello world", "special": false},
+            ],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
+            ]},
+            "post_processor": post,
+            "model": {"type": "BPE", "ignore_merges": true, "byte_fallback": false,
+                "vocab": {"a": 0, "b": 0x1, "Ġ": 2, "ab": 3, "Ġa": 4, "a b": 5},
+                "merges": [["a", "b"], ["Ġ", "a"], ["a", " b"]]}
+        })
+    }
+
+    #[test]
+    fn llama3_byte_level_bpe() {
+        let d = tempfile::tempdir().unwrap();
+        let post = json!({"type": "Sequence", "processors": [
+            {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+            {"type": "TemplateProcessing", "single": [
+                {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}}], "pair": [], "special_tokens": {}}
+        ]});
+        write(
+            d.path(),
+            &byte_level(LLAMA3_SPLIT, post),
+            &json!({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": "T"}),
+            &json!({"bos_token_id": 6, "eos_token_id": [7, 9]}),
+        );
+        let t = read_tokenizer(d.path(), 12).unwrap();
+        assert_eq!(t.model, "gpt2");
+        assert_eq!(t.pre, "llama-bpe");
+        assert_eq!(t.tokens.len(), 12);
+        assert_eq!(t.tokens[4], "Ġa");
+        assert_eq!(t.tokens[9], "[PAD9]");
+        use token_type::*;
+        assert_eq!(
+            &t.token_types[..10],
+            &[
+                NORMAL,
+                NORMAL,
+                NORMAL,
+                NORMAL,
+                NORMAL,
+                NORMAL,
+                CONTROL,
+                CONTROL,
+                USER_DEFINED,
+                UNUSED
+            ]
+        );
+        // A space inside a merge part is written as U+0120, as gguf-py does.
+        assert_eq!(t.merges.as_deref().unwrap(), &["a b", "Ġ a", "a \u{120}b"]);
+        assert_eq!(t.special_ids, vec![("bos", 6), ("eos", 7)]);
+        assert_eq!(t.add_special, vec![("bos", true), ("eos", false)]);
+        assert!(t.scores.is_none() && t.add_space_prefix.is_none());
+        assert_eq!(t.chat_template(), Some("T"));
+        let mut md = Metadata::new();
+        t.write_metadata(&mut md);
+        assert_eq!(
+            md.get("tokenizer.ggml.pre"),
+            Some(&Value::String("llama-bpe".into()))
+        );
+        assert_eq!(md.get("tokenizer.ggml.bos_token_id"), Some(&Value::U32(6)));
+        assert_eq!(
+            md.get("tokenizer.chat_template"),
+            Some(&Value::String("T".into()))
+        );
+    }
+
+    #[test]
+    fn qwen_pre_tokenizer_and_unknown_regexes() {
+        let d = tempfile::tempdir().unwrap();
+        let qwen = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}");
+        let post = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
+        let tc = json!({"bos_token": null, "eos_token": "<|eot_id|>",
+            "chat_template": [{"name": "default", "template": "D"}, {"name": "tool use", "template": "U"}]});
+        write(
+            d.path(),
+            &byte_level(&qwen, post.clone()),
+            &tc,
+            &json!({"eos_token_id": 7}),
+        );
+        let t = read_tokenizer(d.path(), 9).unwrap();
+        assert_eq!(t.pre, "qwen2");
+        assert_eq!(t.add_special, vec![("bos", false), ("eos", false)]);
+        assert_eq!(t.special_ids, vec![("eos", 7)]);
+        assert_eq!(
+            t.chat_templates,
+            vec![
+                ("default".into(), "D".into()),
+                ("tool_use".into(), "U".into())
+            ]
+        );
+        let mut md = Metadata::new();
+        t.write_metadata(&mut md);
+        assert_eq!(
+            md.get("tokenizer.chat_template.tool_use"),
+            Some(&Value::String("U".into()))
+        );
+        assert_eq!(
+            md.get("tokenizer.chat_templates"),
+            Some(&Value::ArrayString(vec!["tool_use".into()]))
+        );
+
+        write(d.path(), &byte_level(r"\s+|\w+", post), &tc, &json!({}));
+        let e = read_tokenizer(d.path(), 9).unwrap_err().to_string();
+        assert!(e.contains("not one llama.cpp implements"), "{e}");
+        // A token id beyond vocab_size is refused.
+        let e = read_tokenizer(d.path(), 8).unwrap_err().to_string();
+        assert!(e.contains("beyond the model's vocab_size 8"), "{e}");
+    }
+
+    #[test]
+    fn sentencepiece_scores_follow_the_merge_ranks() {
+        let d = tempfile::tempdir().unwrap();
+        let tj = json!({
+            "added_tokens": [
+                {"id": 0, "content": "<unk>", "special": true},
+                {"id": 1, "content": "<s>", "special": true},
+                {"id": 2, "content": "</s>", "special": true},
+                {"id": 3, "content": "[INST]", "special": true},
+            ],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
+            "post_processor": {"type": "TemplateProcessing", "single": [
+                {"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]},
+            "model": {"type": "BPE", "byte_fallback": true, "unk_token": "<unk>",
+                "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, "[INST]": 3, "<0x0A>": 4,
+                          "\u{2581}": 5, "a": 6, "b": 7, "ab": 8, "\u{2581}a": 9, "\u{2581}ab": 10},
+                "merges": ["\u{2581} a", "a b", "\u{2581}a b", "\u{2581} ab"]}
+        });
+        let tc = json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "add_bos_token": true, "add_eos_token": false,
+            "added_tokens_decoder": {"3": {"content": "[INST]", "special": true}}});
+        write(
+            d.path(),
+            &tj,
+            &tc,
+            &json!({"bos_token_id": 1, "eos_token_id": 2}),
+        );
+        let t = read_tokenizer(d.path(), 12).unwrap();
+        assert_eq!(t.model, "llama");
+        assert_eq!(t.pre, "default");
+        use token_type::*;
+        assert_eq!(
+            t.token_types,
+            vec![
+                UNKNOWN, CONTROL, CONTROL, CONTROL, BYTE, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL,
+                NORMAL, UNUSED
+            ]
+        );
+        let s = t.scores.as_deref().unwrap();
+        // ▁a first (rank 0), ab (1), ▁ab (2, its first merge); single pieces 0.
+        assert_eq!((s[9], s[8], s[10]), (-0.0, -1.0, -2.0));
+        assert_eq!((s[5], s[6]), (0.0, 0.0));
+        assert_eq!(s[1], -1000.0);
+        assert_eq!(t.special_ids, vec![("bos", 1), ("eos", 2), ("unk", 0)]);
+        assert_eq!(t.add_special, vec![("bos", true), ("eos", false)]);
+        assert_eq!(t.add_space_prefix, Some(true));
+    }
+}

@@ -1,6 +1,6 @@
 //! The training run: its configuration, the time-budget planner, the training loop
 //! with checkpoints and exact resume, metrics, and the exports (PEFT adapter, merged
-//! model). The math lives in `qtrain-lora`, the data in `qtrain-data`, the optimizer
+//! model, GGUF). The math lives in `qtrain-lora`, the data in `qtrain-data`, the optimizer
 //! in `qtrain-optim`; this crate wires them into one straight loop.
 //!
 //! Sizing: [`memory`] predicts a run's peak GPU memory (`qtrain plan`), [`gpu`]
@@ -12,6 +12,7 @@ pub mod backend;
 pub mod ckpt_io;
 pub mod config;
 pub mod generate;
+pub mod gguf;
 pub mod gpu;
 pub mod loss_scale;
 pub mod memory;

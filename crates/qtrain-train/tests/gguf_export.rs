@@ -1,0 +1,233 @@
+//! GGUF export checked by llama.cpp's own reader: a tiny random Mistral with an
+//! adapter on every projection is exported as f16, bf16, q8_0 and q4_k_m, and
+//! `tests/gguf_check.py` reads each file with gguf-py (the `gguf` package on PyPI,
+//! installed once into a venv under the target directory) and compares names,
+//! types, shapes, metadata and values with the merged safetensors export of the same
+//! adapter.
+//!
+//! Two shapes: hidden 256 (every matrix takes the k-quants of the Q4_K_M mix) and
+//! hidden 96 (rows too short for 256-blocks: llama.cpp's Q5_0/Q8_0 fallbacks).
+//!
+//! Set QTRAIN_TEST_PYTHON to a Python that has `gguf` and numpy to skip the venv.
+
+use qtrain_gguf::FileType;
+use qtrain_model::{ModelConfig, PROJECTIONS};
+use qtrain_train::merge::{export_merged, MergeBase, MergeOptions};
+use qtrain_train::peft::{PeftAdapter, PeftSettings};
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// A Python with gguf-py: QTRAIN_TEST_PYTHON, or a venv created once from PyPI.
+fn python() -> &'static Path {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        if let Ok(p) = std::env::var("QTRAIN_TEST_PYTHON") {
+            return PathBuf::from(p);
+        }
+        let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gguf-py-venv");
+        let py = venv.join("bin").join("python");
+        let ready = |py: &Path| {
+            Command::new(py)
+                .args(["-c", "import gguf.quants, numpy"])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if ready(&py) {
+            return py;
+        }
+        // Built beside its final place and renamed in, so a concurrent or
+        // interrupted run never sees a half-installed venv.
+        let tmp = venv.with_extension(format!("tmp{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+            assert!(
+                out.status.success(),
+                "{cmd:?} failed (the GGUF test needs python3 with venv and PyPI access, \
+                 or QTRAIN_TEST_PYTHON): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(Command::new("python3").args(["-m", "venv"]).arg(&tmp));
+        run(Command::new(tmp.join("bin").join("pip")).args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "gguf==0.19.0",
+            "numpy",
+        ]));
+        if std::fs::rename(&tmp, &venv).is_err() {
+            // Another test binary won the race; use its venv.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        assert!(
+            ready(&py),
+            "{} has no gguf-py after installing it",
+            py.display()
+        );
+        py
+    })
+}
+
+/// A tiny random Mistral with the built-in tokenizer (and its v0.3 chat template).
+fn tiny_model(dir: &Path, hidden: usize, inter: usize) -> ModelConfig {
+    let tok = qtrain_data::tiny_tokenizer::build_tiny_tokenizer();
+    let mut cfg = ModelConfig::preset("tiny", tok.get_vocab_size(true)).unwrap();
+    cfg.hidden_size = hidden;
+    cfg.intermediate_size = inter;
+    cfg.num_attention_heads = 4;
+    cfg.num_key_value_heads = Some(2);
+    cfg.head_dim = Some(hidden / 4);
+    cfg.num_hidden_layers = 4;
+    qtrain_model::random::write_random_model(
+        dir,
+        &cfg,
+        11,
+        usize::MAX,
+        &tok.to_string(false).unwrap(),
+        &qtrain_data::tiny_tokenizer::tiny_tokenizer_config(),
+    )
+    .unwrap();
+    cfg
+}
+
+/// LoRA on all seven projections of layers 0, 2 and 3, with deltas well above bf16
+/// rounding so a missing merge or a wrong permutation cannot pass.
+fn adapter(cfg: &ModelConfig) -> PeftAdapter {
+    let r = 4;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let mut tensors = Vec::new();
+    for l in [0, 2, 3] {
+        for p in PROJECTIONS {
+            let [o, i] = cfg.proj_shape(p);
+            let a: Vec<f32> = (0..r * i).map(|_| rng.random_range(-0.3..0.3)).collect();
+            let b: Vec<f32> = (0..o * r).map(|_| rng.random_range(-0.3..0.3)).collect();
+            tensors.push((format!("layers.{l}.{}.lora_A", p.name()), a, vec![r, i]));
+            tensors.push((format!("layers.{l}.{}.lora_B", p.name()), b, vec![o, r]));
+        }
+    }
+    PeftAdapter {
+        settings: PeftSettings {
+            rank: r,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: PROJECTIONS.to_vec(),
+            rslora: false,
+            base_model: "tiny/test-model".into(),
+        },
+        tensors,
+    }
+}
+
+fn check_with_gguf_py(gguf: &Path, merged: &Path, ft: FileType) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gguf_check.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .arg(gguf)
+        .arg(merged)
+        .arg(ft.name())
+        .output()
+        .expect("python runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{ft}: {text}");
+    assert!(
+        out.status.success(),
+        "gguf-py check of {ft} failed:\n{text}"
+    );
+    assert!(
+        text.contains("ok: ") && text.contains(" tensors, names, types"),
+        "{text}"
+    );
+}
+
+fn export_all(hidden: usize, inter: usize, types: &[FileType]) -> Vec<(FileType, String)> {
+    let src = tempfile::tempdir().unwrap();
+    let cfg = tiny_model(src.path(), hidden, inter);
+    let ad = adapter(&cfg);
+    let merged = tempfile::tempdir().unwrap();
+    let summary = export_merged(
+        src.path(),
+        &ad,
+        merged.path(),
+        MergeBase::Original,
+        usize::MAX,
+    )
+    .unwrap();
+    assert_eq!(summary.merged, 21);
+    let mut modelfiles = Vec::new();
+    for &ft in types {
+        let out = tempfile::tempdir().unwrap();
+        let s = qtrain_train::gguf::export_gguf(
+            src.path(),
+            &ad,
+            out.path(),
+            ft,
+            &MergeOptions::new(MergeBase::Original, usize::MAX),
+        )
+        .unwrap();
+        assert_eq!(s.gguf, out.path().join(format!("model-{}.gguf", ft.name())));
+        assert_eq!(s.tensors.len(), 4 * 9 + 3);
+        check_with_gguf_py(&s.gguf, merged.path(), ft);
+        modelfiles.push((ft, std::fs::read_to_string(&s.modelfile).unwrap()));
+    }
+    modelfiles
+}
+
+#[test]
+fn every_gguf_type_reads_back_in_gguf_py_with_the_merged_values() {
+    let modelfiles = export_all(256, 512, &FileType::ALL);
+    for (ft, m) in &modelfiles {
+        assert!(
+            m.contains(&format!("FROM ./model-{}.gguf\n", ft.name())),
+            "{m}"
+        );
+        // The tiny model's template is Mistral v0.3's: [INST] turns, the system
+        // message in the final user turn, answers ended by </s>.
+        assert!(
+            m.contains("{{ if eq .Role \"user\" }}[INST] {{ if and $last $.System }}{{ $.System }}\n\n{{ end }}{{ .Content }}[/INST]"),
+            "{m}"
+        );
+        assert!(m.contains("{{ else if eq .Role \"assistant\" }} {{ .Content }}{{ if not $last }}</s>{{ end }}"), "{m}");
+        assert!(
+            m.contains("PARAMETER stop \"</s>\"\nPARAMETER stop \"[INST]\"\n"),
+            "{m}"
+        );
+        assert!(!m.contains("NOTE"), "{m}");
+    }
+}
+
+#[test]
+fn short_rows_fall_back_as_llama_cpp_does() {
+    export_all(96, 160, &[FileType::Q8_0, FileType::Q4KM]);
+}
+
+#[test]
+fn unsupported_families_are_refused_by_name() {
+    let src = tempfile::tempdir().unwrap();
+    let cfg = tiny_model(src.path(), 64, 96);
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.path().join("config.json")).unwrap())
+            .unwrap();
+    json["model_type"] = "gemma".into();
+    let e = qtrain_gguf::arch::HfModel::from_json(&json, Path::new("config.json")).unwrap_err();
+    assert!(e.to_string().contains("model_type `gemma`"), "{e}");
+    // And a projection the adapter targets must exist: the merge refuses first.
+    let mut ad = adapter(&cfg);
+    ad.tensors[0].0 = "layers.9.q_proj.lora_A".into();
+    let out = tempfile::tempdir().unwrap();
+    let e = qtrain_train::gguf::export_gguf(
+        src.path(),
+        &ad,
+        out.path(),
+        FileType::F16,
+        &MergeOptions::new(MergeBase::Original, usize::MAX),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("layer 9"), "{e}");
+}
