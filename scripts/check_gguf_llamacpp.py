@@ -63,7 +63,9 @@ def main():
     llm.eval(prompt)
     out, stopped = [], False
     for _ in range(len(want["ids"]) + 16):
-        logits = np.asarray(llm.scores[llm.n_tokens - 1])
+        # The last position's logits (Llama.eval keeps none without logits_all).
+        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        logits = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
         tok = int(np.argmax(logits))
         if llama_cpp.llama_vocab_is_eog(vocab, tok):
             stopped = True

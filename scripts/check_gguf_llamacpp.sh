@@ -13,7 +13,8 @@
 # on two cores. Later runs reuse it.
 #
 # Usage: scripts/check_gguf_llamacpp.sh [WORK_DIR]   (default target/gguf-llamacpp-check)
-#        MINUTES=3 sets the training budget.
+#        MINUTES=3 sets the training budget; QTRAIN_BIN=path uses that qtrain binary
+#        instead of building the release one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${QTRAIN_LLAMACPP_VENV:-$HOME/.cache/qtrain-llamacpp/venv}
@@ -30,8 +31,12 @@ if ! "$PY" -c "import llama_cpp, jinja2, numpy" 2>/dev/null; then
 fi
 echo "== llama-cpp-python $("$PY" -c 'import llama_cpp; print(llama_cpp.__version__)')"
 
-cargo build --release -p qtrain-cli
-Q=target/release/qtrain
+if [ -n "${QTRAIN_BIN:-}" ]; then
+  Q=$QTRAIN_BIN
+else
+  cargo build --release -p qtrain-cli
+  Q=target/release/qtrain
+fi
 rm -rf "$WORK"
 mkdir -p "$WORK"
 

@@ -83,16 +83,32 @@ pub fn export_gguf(
         })
         .collect();
     let mut notes = m.caveats();
-    for t in &infos {
-        let fell_back = opts.file_type == FileType::Q8_0 && t.ty == GgmlType::F16
-            || opts.file_type == FileType::Q4KM && matches!(t.ty, GgmlType::Q5_0 | GgmlType::F16);
-        if fell_back {
-            notes.push(format!(
-                "{}: rows of {} are not a multiple of the block size; written as {} (as \
-                 llama.cpp does)",
-                t.name, t.dims[0], t.ty
-            ));
-        }
+    let fell_back: Vec<&TensorInfo> = infos
+        .iter()
+        .filter(|t| {
+            opts.file_type == FileType::Q8_0 && t.ty == GgmlType::F16
+                || opts.file_type == FileType::Q4KM
+                    && t.dims.len() > 1
+                    && matches!(t.ty, GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::F16)
+        })
+        .collect();
+    if let Some(first) = fell_back.first() {
+        notes.push(format!(
+            "{} of {} tensors (e.g. {}, rows of {}) have rows that are not a multiple of the \
+             {} block size and are written as {}, as llama.cpp does",
+            fell_back.len(),
+            infos.len(),
+            first.name,
+            first.dims[0],
+            opts.file_type.default_type(),
+            fell_back
+                .iter()
+                .map(|t| t.ty.name())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+                .join("/")
+        ));
     }
     let md = metadata(&m, &tok, opts.file_type, &opts.name);
     std::fs::create_dir_all(out_dir).map_err(|e| GgufError::io(out_dir, e))?;

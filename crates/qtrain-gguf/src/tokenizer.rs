@@ -233,12 +233,19 @@ pub fn read_tokenizer(dir: &Path, n_vocab: usize) -> Result<GgufTokenizer, GgufE
         ));
     };
     if spm {
-        // SentencePiece puts a space in front of the text unless told not to.
+        // llama.cpp's `add_space_prefix` puts a space before every stretch of text
+        // that follows a special token (SentencePiece's legacy behaviour, and what
+        // a `Prepend("▁")` normalizer or Metaspace's `always` scheme do). Metaspace's
+        // `first` scheme (Mistral v0.3, transformers' `legacy: false`) marks only
+        // the very start of the input, so text after `[INST]` gets no extra space:
+        // without the prefix llama.cpp tokenizes chat prompts (which start with
+        // special tokens) exactly as transformers does.
         let mut prefix = match metaspace {
-            Some(m) => {
-                m.get("prepend_scheme").and_then(Json::as_str) != Some("never")
-                    && m.get("add_prefix_space").and_then(Json::as_bool) != Some(false)
-            }
+            Some(m) => match m.get("prepend_scheme").and_then(Json::as_str) {
+                Some(scheme) => scheme == "always",
+                // Older tokenizers.json: `add_prefix_space` (always when true).
+                None => m.get("add_prefix_space").and_then(Json::as_bool) != Some(false),
+            },
             None => norm_parts.iter().any(|n| type_of(n) == "Prepend"),
         };
         if let Some(p) = tc
@@ -839,6 +846,24 @@ mod tests {
         assert_eq!(s[1], -1000.0);
         assert_eq!(t.special_ids, vec![("bos", 1), ("eos", 2), ("unk", 0)]);
         assert_eq!(t.add_special, vec![("bos", true), ("eos", false)]);
-        assert_eq!(t.add_space_prefix, Some(true));
+        assert_eq!(t.add_space_prefix, Some(false), "Metaspace `first`");
+        let mut tj = tj;
+        tj["pre_tokenizer"]["prepend_scheme"] = "always".into();
+        write(d.path(), &tj, &tc, &json!({}));
+        assert_eq!(
+            read_tokenizer(d.path(), 12).unwrap().add_space_prefix,
+            Some(true)
+        );
+        tj["pre_tokenizer"] = Json::Null;
+        tj["normalizer"] = json!({"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u{2581}"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]});
+        write(d.path(), &tj, &tc, &json!({}));
+        let t = read_tokenizer(d.path(), 12).unwrap();
+        assert_eq!(
+            (t.model, t.add_space_prefix),
+            ("llama", Some(true)),
+            "Llama 2 legacy"
+        );
     }
 }

@@ -174,6 +174,11 @@ def main():
             fail(f"{k} id {v} is {tokens[v]!r}, tokenizer_config says {tc[k + '_token']!r}")
     if field(r, "tokenizer.ggml.add_bos_token") is not True or field(r, "tokenizer.ggml.add_eos_token") is not False:
         fail("add_bos/add_eos")
+    # Metaspace's `first` scheme marks only the start of the input: no space after
+    # special tokens, which llama.cpp's add_space_prefix would add.
+    scheme = (tj.get("pre_tokenizer") or {}).get("prepend_scheme")
+    if scheme and field(r, "tokenizer.ggml.add_space_prefix") != (scheme == "always"):
+        fail(f"add_space_prefix with Metaspace prepend_scheme {scheme!r}")
     if field(r, "tokenizer.chat_template") != tc["chat_template"]:
         fail("chat template differs from tokenizer_config.json's")
     print(f"ok: tokenizer ({len(tokens)} tokens, ids {ids}, chat template)")
