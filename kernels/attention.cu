@@ -1,6 +1,6 @@
 // Causal grouped-query flash attention, forward and backward, with sliding window and
 // packed-document (segment) masking. Contract and CPU reference:
-// crates/qtrain-kernels/src/attention.rs; launchers: crates/qtrain-kernels/src/launch/attention.rs.
+// crates/qtrain-device/src/attention.rs; launchers: crates/qtrain-device/src/launch/attention.rs.
 //
 // Kernels (D = head dim in {16, 32, 64, 128}, S = bf16 | f16; sm_80+, empty below):
 //   attn_fwd_dD_S        grid (heads, q tiles, batch): O and lse = m + log l (scores include scale)
@@ -766,7 +766,7 @@ QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t 
 }  // namespace qt_attn
 
 // ---------------------------------------------------------------------------------------
-// extern "C" entry points (argument order = crates/qtrain-kernels/src/launch/attention.rs).
+// extern "C" entry points (argument order = crates/qtrain-device/src/launch/attention.rs).
 // 16-bit tensors are passed as uint16_t*; `seg` may be null; `window` 0 means none.
 #ifndef QT_EMU
 #if QT_ATTN_ON

@@ -1,6 +1,6 @@
 // NF4 dequantization (bitsandbytes layout) into a reused bf16 or f32 buffer.
 //
-// CPU reference: crates/qtrain-kernels/src/nf4.rs (`dequantize_cpu`), itself checked
+// CPU reference: crates/qtrain-device/src/nf4.rs (`dequantize_cpu`), itself checked
 // against qtrain-quant's Nf4Tensor::dequantize_into. Layout of the inputs:
 //   codes : packed 4-bit codes, first element of a pair in the high nibble (numel/2
 //           bytes, rounded up), immediately followed by one 8-bit absmax code per

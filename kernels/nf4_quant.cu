@@ -3,7 +3,7 @@
 //
 // CPU reference: qtrain_quant::Nf4Tensor::quantize (crates/qtrain-quant/src/nf4.rs) and
 // qtrain_quant::quantize_blockwise (blockwise.rs), themselves bit-exact with bitsandbytes;
-// crates/qtrain-kernels/src/nf4_quant.rs drives these kernels and its `selftest` compares
+// crates/qtrain-device/src/nf4_quant.rs drives these kernels and its `selftest` compares
 // them byte for byte with the CPU on random data. The outputs are the layout of
 // kernels/nf4.cu (what the dequantization kernel reads):
 //   codes : packed 4-bit codes, first element of a pair in the high nibble (numel/2

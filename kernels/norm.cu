@@ -1,5 +1,5 @@
 // RMSNorm forward and backward, one block per row.
-// CPU reference and semantics: crates/qtrain-kernels/src/norm.rs.
+// CPU reference and semantics: crates/qtrain-device/src/norm.rs.
 //   fwd: inv = 1/sqrt(mean(x^2) + eps);  y = round(round(x*inv) * w)
 //   bwd: g = dy*w; xh = x*inv; dx = inv*(g - xh*mean(g*xh)); optionally dx += old dx
 // Rows are short (the hidden size, 4096 for 7B) and read twice from L1/L2; the op

@@ -2,7 +2,7 @@
 // (inverse = 1, the transposed rotation). One thread per rotated pair
 // (x[i], x[i + d/2]) of one head of one token; consecutive threads take consecutive
 // i, so each half-row is read and written coalesced.
-// CPU reference and semantics: crates/qtrain-kernels/src/rope.rs.
+// CPU reference and semantics: crates/qtrain-device/src/rope.rs.
 #include "common.cuh"
 
 template <typename T>

@@ -1,5 +1,5 @@
 // Row gathers/scatters, casts, scaling, sum of squares and the LoRA dropout mask.
-// CPU references and semantics: crates/qtrain-kernels/src/rows.rs.
+// CPU references and semantics: crates/qtrain-device/src/rows.rs.
 #include "common.cuh"
 
 // out[i] = table[ids[i]] (scatter = 0) or out[ids[i]] = src[i] (scatter = 1); one

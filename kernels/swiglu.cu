@@ -2,7 +2,7 @@
 // g, u, m (or dm) are row-major matrices with their own leading dimensions (g and
 // u are usually the two column blocks of the fused gate/up product). One thread per
 // 8 consecutive elements of a row when alignment allows, else one per element.
-// CPU reference and semantics: crates/qtrain-kernels/src/swiglu.rs.
+// CPU reference and semantics: crates/qtrain-device/src/swiglu.rs.
 #include "common.cuh"
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }

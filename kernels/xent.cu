@@ -5,7 +5,7 @@
 // Pass 1 keeps a running (max, sum) per thread (online softmax), merged over the
 // block; pass 2 writes the gradient. A 32768-entry f32 row is 128 KB: it stays in
 // L2 between the two passes.
-// CPU reference and semantics: crates/qtrain-kernels/src/xent.rs.
+// CPU reference and semantics: crates/qtrain-device/src/xent.rs.
 #include "common.cuh"
 
 template <typename T>

@@ -1,21 +1,33 @@
 #!/usr/bin/env python3
-"""Side-by-side table of `qtrain bench` and scripts/peer_qlora.py results.
+"""One table of `qtrain bench` and every peer (peer_qlora.py's recipes, peer_unsloth.py).
 
-    python3 scripts/bench_compare_table.py OUT_DIR
+    python3 scripts/bench_compare_table.py [--out PREFIX] OUT_DIR [MORE_DIRS ...]
 
-Reads what scripts/bench-compare.sh leaves in OUT_DIR:
-- qtrain-*.stamped: qtrain bench's stdout, each line prefixed by the unix time it was
-  read at and a tab (a case's window runs from the previous line, or the start stamp
-  in qtrain-*.start, to its own line);
-- peer.jsonl: peer_qlora.py's JSON lines (each carries t_start/t_end);
-- smi-*.csv: nvidia-smi samples `timestamp, memory.used [MiB]` taken during the runs.
-Lines that are not JSON objects are skipped, so both tools may log freely. qtrain's
-fields are read defensively: tokens_per_s, step_s, case, targets, and a peak memory
-field if it has one (any numeric key with "peak" and "mem" in its name).
-Prints one row per (targets, case): both throughputs, qtrain/peer, and the peak
-memories (allocator figures where a tool reports them, nvidia-smi's whole-device
-peak inside the case's time window). Also writes OUT_DIR/compare.json.
+Reads what scripts/bench-compare.sh leaves in each OUT_DIR (several directories, e.g.
+the results of two device commands, merge into one table):
+- qtrain*-T.stamped: a qtrain bench variant's stdout (variant `qtrain`, or
+  `qtrain-NAME` from QTRAIN_VARIANTS), each line prefixed by the unix time it was
+  read at and a tab; a case's window runs from the previous line (or the time in
+  the matching .start file) to its own line;
+- peer*.jsonl: the peers' JSON lines (each carries t_start/t_end and `peer`, e.g.
+  hf-autocast, hf-liger, hf-plain, unsloth; lines of the older peer_qlora.py,
+  without `peer`, count as hf-autocast or hf-plain by their `autocast` field);
+- smi-*.csv: nvidia-smi samples `timestamp, memory.used [MiB]` taken during the runs;
+- durations.tsv: how long each phase of bench-compare.sh took (printed as is).
+Lines that are not JSON objects are skipped, so every tool may log freely.
+
+Per target set and case it prints every tool's tokens/s, step time and peak memory
+(with the status of a peer that failed to import, errored or ran out of memory),
+then qtrain's ratios: tokens/s against the FASTEST peer of that case and peak
+memory against the peer with the LOWEST peak. Peak memory for the ratios is the
+whole device's memory in use, which is what qtrain reports
+(`peak_device_mem_used_mib`, total - free); for a peer it is nvidia-smi's peak inside
+the case's time window, or torch's max_memory_reserved where no sample fell in it
+(marked `r`). torch's allocated/reserved figures are listed too.
+Writes PREFIX.json (every row) and PREFIX.md (the ratio table in Markdown, for
+docs/perf.md); PREFIX defaults to OUT_DIR/compare.
 """
+import argparse
 import datetime
 import glob
 import json
@@ -24,6 +36,9 @@ import sys
 
 PROJS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GIB = float(1 << 30)
+PEER_ORDER = ["hf-plain", "hf-autocast", "hf-liger", "unsloth"]
+# A tool that produced results for some cases but not this one (crashed, timed out).
+MISSING = {"kind": "?", "status": "no result"}
 
 
 def target_label(targets):
@@ -51,18 +66,24 @@ def parse_json_line(line):
     return obj if isinstance(obj, dict) else None
 
 
+def read_lines(path):
+    with open(path, errors="replace") as f:
+        return f.readlines()
+
+
 def read_stamped(path):
-    """[(t_start, t_end, record)] from a qtrain-*.stamped file."""
+    """[(t_start, t_end, record)] from a qtrain*.stamped file."""
     start = None
     spath = path[: -len(".stamped")] + ".start"
     if os.path.exists(spath):
         try:
-            start = float(open(spath).read().strip())
+            with open(spath) as f:
+                start = float(f.read().strip())
         except ValueError:
             start = None
     out = []
     prev = start
-    for line in open(path, errors="replace"):
+    for line in read_lines(path):
         stamp, _, rest = line.partition("\t")
         try:
             t = float(stamp)
@@ -75,11 +96,18 @@ def read_stamped(path):
     return out
 
 
+def qtrain_variant(path):
+    """`qtrain-lowmem` from .../qtrain-lowmem-qkvo.stamped (the last `-T` is the target set)."""
+    stem = os.path.basename(path)[: -len(".stamped")]
+    variant, sep, _ = stem.rpartition("-")
+    return variant if sep and variant else stem
+
+
 def read_smi(paths):
     """[(unix time, MiB)] from nvidia-smi csv files (timestamp, memory.used)."""
     samples = []
     for p in paths:
-        for line in open(p, errors="replace"):
+        for line in read_lines(p):
             parts = [x.strip() for x in line.split(",")]
             if len(parts) < 2:
                 continue
@@ -101,11 +129,19 @@ def smi_peak(samples, t0, t1):
     return max(vals) / 1024.0 if vals else None
 
 
+def num(v):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
 def qtrain_peak_gib(rec):
-    """(GiB, key) of the first peak-memory-looking numeric field, else (None, None)."""
+    """(GiB, key): `peak_device_mem_used_mib` when present, else the first numeric field
+    with "peak" and "mem" in its name (units from its suffix, bytes without one)."""
+    v = num(rec.get("peak_device_mem_used_mib"))
+    if v is not None:
+        return v / 1024.0, "peak_device_mem_used_mib"
     for k, v in rec.items():
         kl = k.lower()
-        if "peak" not in kl or "mem" not in kl or isinstance(v, bool) or not isinstance(v, (int, float)):
+        if "peak" not in kl or "mem" not in kl or num(v) is None:
             continue
         if kl.endswith("gib"):
             return float(v), k
@@ -116,117 +152,269 @@ def qtrain_peak_gib(rec):
         if kl.endswith("mb"):
             return v * 1e6 / GIB, k
         return v / GIB, k  # bytes
-    for k, v in rec.items():  # nested, e.g. {"memory": {"peak_bytes": ...}}
-        if isinstance(v, dict):
-            g, kk = qtrain_peak_gib({f"{k}_{a}": b for a, b in v.items()})
-            if g is not None:
-                return g, kk
     return None, None
 
 
-def num(v):
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+def peer_label(rec):
+    p = rec.get("peer")
+    if isinstance(p, str) and p:
+        return p
+    tool, recipe = rec.get("tool"), rec.get("recipe")
+    if tool and recipe:
+        return tool if tool == recipe else f"{tool}-{recipe}"
+    # peer_qlora.py before recipes: autocast bf16 or none
+    return "hf-plain" if rec.get("autocast") == "none" else "hf-autocast"
 
 
-def fmt(v, spec, width):
-    return format(v, spec).rjust(width) if v is not None else "-".rjust(width)
+def loss_falls(rec):
+    if isinstance(rec.get("loss_falls"), bool):
+        return rec["loss_falls"]
+    losses = rec.get("losses")
+    if isinstance(losses, list) and len(losses) >= 2 and all(num(x) is not None for x in losses):
+        return losses[-1] < losses[0]
+    return None
 
 
-def main():
-    if len(sys.argv) != 2:
-        raise SystemExit(__doc__)
-    d = sys.argv[1]
-    smi = read_smi(sorted(glob.glob(os.path.join(d, "smi-*.csv"))))
-    rows = {}
-    order = []
+def collect(dirs):
+    """{(targets, case): {"targets", "case", "tools": {name: entry}}} and the row order.
+
+    An entry: kind (qtrain/peer), status, tokens_per_s, step_s, peak_gib (the figure the
+    ratios use), peak_src, allocated_gib, reserved_gib, smi_gib, loss_falls, error."""
+    rows, order, envs, durations = {}, [], {}, []
 
     def row(label, case):
         key = (label, case)
         if key not in rows:
-            rows[key] = {"targets": label, "case": case}
+            rows[key] = {"targets": label, "case": case, "tools": {}}
             order.append(key)
         return rows[key]
 
-    peak_key = None
-    for path in sorted(glob.glob(os.path.join(d, "qtrain-*.stamped"))):
-        for t0, t1, rec in read_stamped(path):
-            case = str(rec.get("case", "?")).strip()
-            r = row(target_label(rec.get("targets")), case)
-            r["qtrain_tokens_per_s"] = num(rec.get("tokens_per_s"))
-            r["qtrain_step_s"] = num(rec.get("step_s"))
-            g, k = qtrain_peak_gib(rec)
-            r["qtrain_peak_gib"] = g
-            peak_key = peak_key or k
-            r["qtrain_smi_peak_gib"] = smi_peak(smi, t0, t1)
-            losses = rec.get("losses")
-            if isinstance(losses, list) and len(losses) >= 2 and all(num(x) is not None for x in losses):
-                r["qtrain_loss_falls"] = losses[-1] < losses[0]
-    env = None
-    ppath = os.path.join(d, "peer.jsonl")
-    if os.path.exists(ppath):
-        for line in open(ppath, errors="replace"):
-            rec = parse_json_line(line)
-            if rec is None:
-                continue
-            env = env or rec
-            r = row(target_label(rec.get("targets")), str(rec.get("case", "?")).strip())
-            r["peer_status"] = rec.get("status")
-            r["peer_tokens_per_s"] = num(rec.get("tokens_per_s"))
-            r["peer_step_s"] = num(rec.get("step_s"))
-            resv = num(rec.get("peak_memory_reserved_bytes"))
-            alloc = num(rec.get("peak_memory_allocated_bytes"))
-            r["peer_reserved_gib"] = resv / GIB if resv is not None else None
-            r["peer_allocated_gib"] = alloc / GIB if alloc is not None else None
-            r["peer_smi_peak_gib"] = smi_peak(smi, num(rec.get("t_start")), num(rec.get("t_end")))
-            r["peer_loss_falls"] = rec.get("loss_falls")
-    # q/k/v/o first, then all seven, then anything else; cases as they first came.
+    for d in dirs:
+        smi = read_smi(sorted(glob.glob(os.path.join(d, "smi-*.csv"))))
+        for path in sorted(glob.glob(os.path.join(d, "qtrain*.stamped"))):
+            name = qtrain_variant(path)
+            for t0, t1, rec in read_stamped(path):
+                r = row(target_label(rec.get("targets")), str(rec.get("case", "?")).strip())
+                g, k = qtrain_peak_gib(rec)
+                tps = num(rec.get("tokens_per_s"))
+                status = rec.get("status") or ("ok" if tps else "error")
+                r["tools"][name] = {
+                    "kind": "qtrain",
+                    "status": status,
+                    "error": rec.get("error"),
+                    "tokens_per_s": tps,
+                    "step_s": num(rec.get("step_s")),
+                    "peak_gib": g,
+                    "peak_src": k,
+                    "smi_gib": smi_peak(smi, t0, t1),
+                    "loss_falls": loss_falls(rec),
+                    "dir": d,
+                }
+        paths = sorted(set(glob.glob(os.path.join(d, "peer*.jsonl"))))
+        for path in paths:
+            for line in read_lines(path):
+                rec = parse_json_line(line)
+                if rec is None or "case" not in rec:
+                    continue
+                name = peer_label(rec)
+                if rec.get("torch"):
+                    envs.setdefault(name, rec)
+                r = row(target_label(rec.get("targets")), str(rec.get("case", "?")).strip())
+                resv = num(rec.get("peak_memory_reserved_bytes"))
+                alloc = num(rec.get("peak_memory_allocated_bytes"))
+                smi_g = smi_peak(smi, num(rec.get("t_start")), num(rec.get("t_end")))
+                ok = rec.get("status") == "ok"
+                if smi_g is not None:
+                    peak, src = smi_g, "nvidia-smi"
+                elif resv is not None:
+                    peak, src = resv / GIB, "reserved"
+                else:
+                    peak, src = None, None
+                r["tools"][name] = {
+                    "kind": "peer",
+                    "status": rec.get("status") or "?",
+                    "error": rec.get("error"),
+                    "tokens_per_s": num(rec.get("tokens_per_s")) if ok else None,
+                    "step_s": num(rec.get("step_s")) if ok else None,
+                    "peak_gib": peak if ok else None,
+                    "peak_src": src,
+                    "allocated_gib": alloc / GIB if alloc is not None else None,
+                    "reserved_gib": resv / GIB if resv is not None else None,
+                    # a set-up failure's window is an instant; an OOM's peak is worth seeing
+                    "smi_gib": smi_g if rec.get("status") in ("ok", "oom") else None,
+                    "loss_falls": loss_falls(rec) if ok else None,
+                    "loss_impl": rec.get("loss_impl"),
+                    "model_load": rec.get("model_load"),
+                    "dir": d,
+                }
+        dpath = os.path.join(d, "durations.tsv")
+        if os.path.exists(dpath):
+            for line in read_lines(dpath):
+                parts = line.rstrip("\n").split("\t")
+                if len(parts) >= 2:
+                    durations.append((d, parts[0], parts[1], parts[2] if len(parts) > 2 else ""))
     rank = {"qkvo": 0, "all": 1}
     first = {k: i for i, k in enumerate(order)}
-    order = sorted(order, key=lambda k: (rank.get(k[0], 2), k[0], first[k]))
-    for r in rows.values():
-        q, p = r.get("qtrain_tokens_per_s"), r.get("peer_tokens_per_s")
-        r["ratio"] = q / p if q and p else None
+    order = sorted(order, key=lambda k: (rank.get(k[0], 2), k[0], case_key(k[1]), first[k]))
+    for key in order:
+        add_ratios(rows[key])
+    return rows, order, envs, durations
 
-    if env:
-        print(
-            f"peer: transformers {env.get('transformers')} + peft {env.get('peft')} + bitsandbytes "
-            f"{env.get('bitsandbytes')}, torch {env.get('torch')}, {env.get('gpu')}, autocast {env.get('autocast')}"
+
+def case_key(case):
+    """Sort cases by tokens per row, then rows: 8x512 < 4x2048 < 1x8192 < 1x32768."""
+    b, _, s = case.partition("x")
+    try:
+        return (int(s), -int(b))
+    except ValueError:
+        return (1 << 62, 0)
+
+
+def add_ratios(r):
+    """The fastest and the lowest-memory peer of a row, and each qtrain variant's ratios."""
+    peers = {n: e for n, e in r["tools"].items() if e["kind"] == "peer" and e["status"] == "ok"}
+    fast = max(((e["tokens_per_s"], n) for n, e in peers.items() if e["tokens_per_s"]), default=None)
+    low = min(((e["peak_gib"], n) for n, e in peers.items() if e["peak_gib"] is not None), default=None)
+    r["fastest_peer"] = {"name": fast[1], "tokens_per_s": fast[0]} if fast else None
+    r["lowest_memory_peer"] = {"name": low[1], "peak_gib": low[0]} if low else None
+    for e in r["tools"].values():
+        if e["kind"] != "qtrain":
+            continue
+        e["speed_ratio"] = e["tokens_per_s"] / fast[0] if fast and e.get("tokens_per_s") else None
+        e["memory_ratio"] = e["peak_gib"] / low[0] if low and e.get("peak_gib") and low[0] else None
+
+
+def tool_order(names):
+    def key(n):
+        if n.startswith("qtrain"):
+            return (0, n != "qtrain", n)
+        return (1, PEER_ORDER.index(n) if n in PEER_ORDER else len(PEER_ORDER), n)
+
+    return sorted(names, key=key)
+
+
+def fmt(v, spec, width=0):
+    s = format(v, spec) if v is not None else "-"
+    return s.rjust(width) if width else s
+
+
+def ratio(v):
+    return f"{v:.2f}x" if v is not None else "-"
+
+
+def status_text(e):
+    st = str(e.get("status") or "?")
+    if st == "ok":
+        return "ok" if e.get("loss_falls") is not False else "ok, LOSS DID NOT FALL"
+    err = e.get("error")
+    return f"{st.upper()}" + (f": {err}" if err else "")
+
+
+def render_text(rows, order, envs, durations):
+    out = []
+    for name in tool_order(envs):
+        e = envs[name]
+        extra = ", ".join(f"{k} {e[k]}" for k in ("unsloth", "liger_kernel", "trl") if e.get(k))
+        cuda = f" (CUDA {e['torch_cuda']})" if e.get("torch_cuda") else ""
+        out.append(
+            f"{name}: torch {e.get('torch')}{cuda}, transformers {e.get('transformers')}, "
+            f"peft {e.get('peft')}, bitsandbytes {e.get('bitsandbytes')}{', ' + extra if extra else ''}; {e.get('gpu')}"
+            + (f"; loss: {e.get('loss_impl')}" if e.get("loss_impl") else "")
         )
     head = (
-        f"{'targets':<8} {'case':<9} {'qtrain tok/s':>12} {'peer tok/s':>10} {'ratio':>6} "
-        f"{'q peak GiB':>10} {'q smi GiB':>9} {'p alloc GiB':>11} {'p resv GiB':>10} {'p smi GiB':>9}  notes"
+        f"{'targets':<8} {'case':<8} {'tool':<16} {'tok/s':>8} {'step s':>7} {'peak GiB':>9} "
+        f"{'alloc':>6} {'resv':>6} {'smi':>6}  status"
     )
-    print(head)
-    print("-" * len(head))
+    out += [head, "-" * len(head)]
+    everyone = tool_order({n for k in order for n in rows[k]["tools"]})
     for key in order:
         r = rows[key]
-        notes = []
-        if r.get("peer_status") not in (None, "ok"):
-            notes.append(f"peer {str(r['peer_status']).upper()}")
-        if "peer_tokens_per_s" not in r:
-            notes.append("no peer result")
-        if "qtrain_tokens_per_s" not in r:
-            notes.append("no qtrain result")
-        if r.get("qtrain_loss_falls") is False:
-            notes.append("qtrain loss did not fall")
-        if r.get("peer_loss_falls") is False:
-            notes.append("peer loss did not fall")
-        print(
-            f"{r['targets']:<8} {r['case']:<9} {fmt(r.get('qtrain_tokens_per_s'), '.0f', 12)} "
-            f"{fmt(r.get('peer_tokens_per_s'), '.0f', 10)} {fmt(r.get('ratio'), '.2f', 6)} "
-            f"{fmt(r.get('qtrain_peak_gib'), '.2f', 10)} {fmt(r.get('qtrain_smi_peak_gib'), '.2f', 9)} "
-            f"{fmt(r.get('peer_allocated_gib'), '.2f', 11)} {fmt(r.get('peer_reserved_gib'), '.2f', 10)} "
-            f"{fmt(r.get('peer_smi_peak_gib'), '.2f', 9)}  {'; '.join(notes)}"
-        )
-    print(
-        "ratio = qtrain tokens/s / peer tokens/s. q peak: qtrain's own field"
-        + (f" `{peak_key}`" if peak_key else " (none in its JSON)")
-        + "; p alloc/resv: torch max_memory_allocated/reserved; smi: nvidia-smi whole-device peak during the case"
-        " (qtrain's first case window includes its model load)."
+        first = True
+        for name in everyone:
+            e = r["tools"].get(name, MISSING)
+            mark = "r" if e.get("peak_src") == "reserved" and e.get("peak_gib") is not None else " "
+            out.append(
+                f"{r['targets'] if first else '':<8} {r['case'] if first else '':<8} {name:<16} "
+                f"{fmt(e.get('tokens_per_s'), '.0f', 8)} {fmt(e.get('step_s'), '.3f', 7)} "
+                f"{fmt(e.get('peak_gib'), '.2f', 8)}{mark} {fmt(e.get('allocated_gib'), '.2f', 6)} "
+                f"{fmt(e.get('reserved_gib'), '.2f', 6)} {fmt(e.get('smi_gib'), '.2f', 6)}  {status_text(e)}"
+            )
+            first = False
+    out.append("")
+    out.append("qtrain against the fastest peer (tokens/s) and the lowest-memory peer (peak GiB) of each case:")
+    head = f"{'targets':<8} {'case':<8} {'tool':<16} {'tok/s':>8} {'fastest peer':>24} {'speed':>6} {'peak GiB':>9} {'lowest-memory peer':>24} {'memory':>7}"
+    out += [head, "-" * len(head)]
+    for key in order:
+        r = rows[key]
+        fast, low = r["fastest_peer"], r["lowest_memory_peer"]
+        fs = f"{fast['name']} {fast['tokens_per_s']:.0f}" if fast else "none ran"
+        ls = f"{low['name']} {low['peak_gib']:.2f}" if low else "none ran"
+        for name in [n for n in everyone if n.startswith("qtrain")] or ["qtrain"]:
+            e = r["tools"].get(name, MISSING)
+            out.append(
+                f"{r['targets']:<8} {r['case']:<8} {name:<16} {fmt(e.get('tokens_per_s'), '.0f', 8)} "
+                f"{fs:>24} {ratio(e.get('speed_ratio')):>6} {fmt(e.get('peak_gib'), '.2f', 9)} "
+                f"{ls:>24} {ratio(e.get('memory_ratio')):>7}"
+            )
+    out.append(
+        "speed = qtrain tok/s / fastest peer's; memory = qtrain peak / lowest peer peak (below 1 = less memory). "
+        "Peak GiB: whole-device memory in use (qtrain's own figure; peers: nvidia-smi in the case window, "
+        "r = torch max_memory_reserved where no sample fell in it); alloc/resv: torch's allocator; "
+        "smi: nvidia-smi peak in the case window (qtrain's first window includes its model load)."
     )
-    with open(os.path.join(d, "compare.json"), "w") as f:
-        json.dump([rows[k] for k in order], f, indent=1)
+    if durations:
+        out.append("")
+        out.append("phases (bench-compare.sh): " + "; ".join(f"{p} {s}s{(' ' + n) if n else ''}" for _, p, s, n in durations))
+    return "\n".join(out)
+
+
+def render_markdown(rows, order):
+    peers = tool_order({n for k in order for n, e in rows[k]["tools"].items() if e["kind"] == "peer"})
+    qs = tool_order({n for k in order for n, e in rows[k]["tools"].items() if e["kind"] == "qtrain"})
+    cols = ["targets", "case"] + [f"{q} tok/s / GiB" for q in qs] + [f"{p} tok/s / GiB" for p in peers]
+    cols += ["fastest peer"] + [f"{q} speed" for q in qs] + ["lowest-memory peer"] + [f"{q} memory" for q in qs]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for key in order:
+        r = rows[key]
+        cells = [r["targets"], r["case"].replace("x", " x ")]
+        for n in qs + peers:
+            e = r["tools"].get(n, MISSING)
+            if e["status"] == "ok" and e.get("tokens_per_s"):
+                cells.append(f"{e['tokens_per_s']:,.0f} / {fmt(e.get('peak_gib'), '.1f')}")
+            else:
+                cells.append(str(e["status"]).upper())
+        fast, low = r["fastest_peer"], r["lowest_memory_peer"]
+        cells.append(fast["name"] if fast else "-")
+        cells += [f"**{ratio(r['tools'].get(q, MISSING).get('speed_ratio'))}**" for q in qs]
+        cells.append(low["name"] if low else "-")
+        cells += [ratio(r["tools"].get(q, MISSING).get("memory_ratio")) for q in qs]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("dirs", nargs="+", help="bench-compare.sh output directories")
+    p.add_argument("--out", default=None, help="prefix of the .json/.md written (default: FIRST_DIR/compare)")
+    a = p.parse_args(argv)
+    for d in a.dirs:
+        if not os.path.isdir(d):
+            raise SystemExit(f"{d}: not a directory")
+    rows, order, envs, durations = collect(a.dirs)
+    if not order:
+        print(f"no results in {', '.join(a.dirs)}")
+        return 1
+    print(render_text(rows, order, envs, durations))
+    prefix = a.out or os.path.join(a.dirs[0], "compare")
+    try:
+        with open(prefix + ".json", "w") as f:
+            json.dump([rows[k] for k in order], f, indent=1)
+        with open(prefix + ".md", "w") as f:
+            f.write(render_markdown(rows, order) + "\n")
+    except OSError as e:
+        print(f"(not written: {e}; pass --out PREFIX)", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

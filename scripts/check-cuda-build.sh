@@ -2,7 +2,7 @@
 # The CUDA half of CI, on a machine without a GPU: every kernels/*.cu compiles to PTX for
 # each compute capability qtrain supports with CUDA 13 (7.5 T4, 8.0 A100, 8.6 A10/RTX 30,
 # 8.9 L4/RTX 40, 9.0 H100/H200; CUDA 13 has no 7.0 target, a V100 build needs CUDA 12),
-# with the flags of crates/qtrain-kernels/build.rs, and the `cuda` feature build of the
+# with the flags of crates/qtrain-device/build.rs, and the `cuda` feature build of the
 # whole binary is clippy clean. Needs ../shared/cuda/toolchain.sh (nvcc from PyPI, link
 # stubs). The first run compiles candle's own kernels (~14 minutes on 2 cores).
 set -euo pipefail

@@ -1,6 +1,6 @@
 // Runs kernels/attention.cu on the CPU through the warp-primitive emulator (emu.h) and
 // compares forward (O, lse) and backward (dQ, dK, dV) with a plain double-precision
-// reference of the contract in crates/qtrain-kernels/src/attention.rs, on random data, for
+// reference of the contract in crates/qtrain-device/src/attention.rs, on random data, for
 // several shapes (head dims 16..128, ragged sequence ends, windows, segments, GQA, batch > 1,
 // strided q/k/v column blocks of one fused buffer). Also checks that nothing outside the
 // outputs' column blocks is written and that every output element is (no NaN poison left).

@@ -11,10 +11,10 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use qtrain_engine::{Engine, EngineOptions};
-use qtrain_lora::lora::HostTensor;
-use qtrain_lora::{forward_backward, LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch};
 use qtrain_model::BaseModel;
 use qtrain_optim::{AdamW8bit, AdamWConfig, DeviceAdamW8bit, ParamSpec};
+use qtrain_reference::forward_backward;
+use qtrain_step::{HostTensor, LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch};
 use qtrain_train::memory::{MemorySpec, OptimizerPlace};
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
@@ -150,7 +150,7 @@ impl Stepper {
         fused!(self, e, o => {
             let l = e.lora();
             if unscale != 1.0 {
-                qtrain_kernels::rows::scale_in_place(e.device(), l.grads.all(), unscale)?;
+                qtrain_device::rows::scale_in_place(e.device(), l.grads.all(), unscale)?;
             }
             o.step(l.params.all(), l.grads.all(), lr)
         })
@@ -179,7 +179,7 @@ fn device_used(device: &Device) -> Option<u64> {
     if !device.is_cuda() {
         return None;
     }
-    let dev = qtrain_kernels::Dev::from_candle(device).ok()?;
+    let dev = qtrain_device::Dev::from_candle(device).ok()?;
     let (free, total) = dev.mem_info().ok()??;
     Some((total - free) as u64)
 }
@@ -319,7 +319,7 @@ pub fn run(a: Args) -> Result<()> {
                 opt: Box::new(opt),
             }
         } else {
-            let kdev = qtrain_kernels::Dev::from_candle(&device)?;
+            let kdev = qtrain_device::Dev::from_candle(&device)?;
             let dopt = Box::new(DeviceAdamW8bit::from_host(&opt, &kdev)?);
             let mut engine_opts = EngineOptions::default();
             kept_for(b, s, dopt.placement().into()).apply(&mut engine_opts);
@@ -474,9 +474,9 @@ pub fn run(a: Args) -> Result<()> {
 /// Runs `step` once with region timing on (`Dev::region` in the engine) and returns
 /// the regions, plus `[step]`: the whole step's device time.
 fn profile_step(
-    dev: &qtrain_kernels::Dev,
+    dev: &qtrain_device::Dev,
     step: impl FnOnce() -> Result<f64>,
-) -> Result<Vec<qtrain_kernels::RegionTime>> {
+) -> Result<Vec<qtrain_device::RegionTime>> {
     let dev = dev.clone();
     dev.take_profile()?;
     dev.set_profiling(true);
@@ -491,7 +491,7 @@ fn profile_step(
 
 /// The profile as a table: regions by time, with their share of the step and the
 /// step time no region covers (launch gaps, small kernels, host waits).
-fn profile_table(p: &[qtrain_kernels::RegionTime]) -> String {
+fn profile_table(p: &[qtrain_device::RegionTime]) -> String {
     let step = p.iter().find(|r| r.name == "[step]").map_or(0.0, |r| r.ms);
     let mut leaves: Vec<_> = p.iter().filter(|r| !r.name.starts_with('[')).collect();
     leaves.sort_by(|a, b| b.ms.total_cmp(&a.ms));

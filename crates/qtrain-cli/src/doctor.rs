@@ -7,9 +7,10 @@
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
-use qtrain_lora::{forward_backward, LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch};
 use qtrain_model::{LoadOptions, Quantization};
 use qtrain_quant::Nf4Tensor;
+use qtrain_reference::forward_backward;
+use qtrain_step::{LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch};
 use rand::{Rng, SeedableRng};
 
 #[derive(clap::Args)]
@@ -21,14 +22,14 @@ pub struct Args {
 
 /// One fused-engine training pass in compute type `T` over `batch` with `opts`: the
 /// summed loss and the LoRA gradients.
-fn engine_step<T: qtrain_kernels::Float + candle_core::WithDType>(
+fn engine_step<T: qtrain_device::Float + candle_core::WithDType>(
     base: &qtrain_model::BaseModel,
     lora: &LoraWeights,
-    batch: &qtrain_lora::TokenBatch,
+    batch: &qtrain_step::TokenBatch,
     so: &StepOptions,
     denominator: f64,
     opts: qtrain_engine::EngineOptions,
-) -> Result<(f64, Vec<qtrain_lora::lora::HostTensor>)> {
+) -> Result<(f64, Vec<qtrain_step::HostTensor>)> {
     let mut engine = qtrain_engine::Engine::<T>::new(base, lora, opts)?;
     let loss = engine.forward_backward(batch, so, denominator)?.loss_sum;
     Ok((loss, engine.lora().grads_to_host(engine.device())?))
@@ -52,7 +53,7 @@ pub fn run(a: Args) -> Result<()> {
     let gpu = Device::new_cuda(a.gpu)?;
     let mut failures = Vec::new();
     // ---- What this GPU is, and how qtrain will train on it.
-    let kdev = qtrain_kernels::Dev::from_candle(&gpu)?;
+    let kdev = qtrain_device::Dev::from_candle(&gpu)?;
     #[cfg(feature = "cuda")]
     if let Some(c) = kdev.cuda() {
         let (maj, min) = c.compute_capability()?;
@@ -94,7 +95,7 @@ pub fn run(a: Args) -> Result<()> {
         .collect();
     let q = Nf4Tensor::quantize(&w, &[rows, cols], 64, true)?;
     let want = q.dequantize_to_vec();
-    let dq = qtrain_kernels::Nf4Device::from_host(&q, &gpu)?;
+    let dq = qtrain_device::Nf4Device::from_host(&q, &gpu)?;
     // The ceiling a memory-bound kernel works against: a device-to-device copy of
     // 1 GiB, counting the bytes read plus the bytes written.
     let copy_gbs = {
@@ -104,7 +105,7 @@ pub fn run(a: Args) -> Result<()> {
             kd.zeros::<f32>(n, "copy src")?,
             kd.zeros::<f32>(n, "copy dst")?,
         );
-        let secs = qtrain_kernels::selftest::time_it(kd, 10, || {
+        let secs = qtrain_device::selftest::time_it(kd, 10, || {
             kd.copy(a.all(), b.all())?;
             Ok(())
         })?;
@@ -112,8 +113,8 @@ pub fn run(a: Args) -> Result<()> {
         println!("device copy bandwidth (read + write, 1 GiB): {gbs:.0} GB/s");
         gbs
     };
-    use qtrain_kernels::nf4::DequantKernel;
-    let chosen = qtrain_kernels::nf4::dequant_kernel();
+    use qtrain_device::nf4::DequantKernel;
+    let chosen = qtrain_device::nf4::dequant_kernel();
     // The CPU reference rounded to the output type: every kernel must match it bit
     // for bit (the same f32 multiply, then round-to-nearest-even).
     let rounded = |v: &[f32], dtype: DType| -> Result<Vec<f32>> {
@@ -137,7 +138,7 @@ pub fn run(a: Args) -> Result<()> {
             .collect();
         let q = Nf4Tensor::quantize(&w, &[r, c], bs, dq)?;
         let want = q.dequantize_to_vec();
-        let on_gpu = qtrain_kernels::Nf4Device::from_host(&q, &gpu)?;
+        let on_gpu = qtrain_device::Nf4Device::from_host(&q, &gpu)?;
         odd_cases.push((r, c, bs, dq, on_gpu, want));
     }
     let mut best_bf16: Option<(f64, DequantKernel)> = None;
@@ -149,7 +150,7 @@ pub fn run(a: Args) -> Result<()> {
         (DType::F16, DequantKernel::Tile),
         (DType::F16, DequantKernel::Chunk8),
     ] {
-        qtrain_kernels::nf4::set_dequant_kernel(kernel);
+        qtrain_device::nf4::set_dequant_kernel(kernel);
         for (r, c, bs, dq, dev_q, want) in &odd_cases {
             let out = Tensor::zeros((*r, *c), dtype, &gpu)?;
             dev_q.dequantize_into(&out)?;
@@ -165,9 +166,9 @@ pub fn run(a: Args) -> Result<()> {
         dq.dequantize_into(&out)?;
         let got: Vec<f32> = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let exact = got == rounded(&want, dtype)?;
-        let secs = qtrain_kernels::selftest::time_it(&kdev, 50, || {
+        let secs = qtrain_device::selftest::time_it(&kdev, 50, || {
             dq.dequantize_into(&out)
-                .map_err(qtrain_kernels::KernelError::from)
+                .map_err(qtrain_device::DeviceError::from)
         })?;
         let bytes = dq.storage_bytes() as f64 + (rows * cols * dtype.size_in_bytes()) as f64;
         println!(
@@ -185,7 +186,7 @@ pub fn run(a: Args) -> Result<()> {
             best_bf16 = Some((secs, kernel));
         }
     }
-    qtrain_kernels::nf4::set_dequant_kernel(chosen);
+    qtrain_device::nf4::set_dequant_kernel(chosen);
     if let Some((_, k)) = best_bf16 {
         println!(
             "fastest bf16 dequantization here: {k:?}; training uses {chosen:?} \
@@ -194,7 +195,7 @@ pub fn run(a: Args) -> Result<()> {
     }
 
     // ---- Every fused kernel against its CPU reference (bf16 on the GPU).
-    for c in qtrain_kernels::selftest::run_basic(&kdev, true)? {
+    for c in qtrain_device::selftest::run_basic(&kdev, true)? {
         println!(
             "{}: {} {}",
             c.name,
@@ -209,7 +210,7 @@ pub fn run(a: Args) -> Result<()> {
     // ---- NF4 quantization on the GPU (how the loader quantizes): byte for byte against
     // the CPU quantizer, and its speed on the largest Mistral-7B projection.
     #[cfg(feature = "cuda")]
-    for (name, ok, detail) in qtrain_kernels::nf4_quant::selftest(&gpu) {
+    for (name, ok, detail) in qtrain_device::nf4_quant::selftest(&gpu) {
         println!(
             "nf4 quantize {name}: {} {detail}",
             if ok { "ok" } else { "MISMATCH" }
@@ -270,13 +271,12 @@ pub fn run(a: Args) -> Result<()> {
         dropout_seed: 0,
         micro_step: 0,
     };
-    let step =
-        |device: &Device, dtype: DType| -> Result<(f64, Vec<qtrain_lora::lora::HostTensor>)> {
-            let (base, lora) = model_and_adapters(device, dtype)?;
-            let mut grads = LoraGrads::zeros_like(&lora)?;
-            let l = forward_backward(&base, &lora, &batch, &so, valid, &mut grads)?;
-            Ok((l.loss_sum / valid, grads.to_host()?))
-        };
+    let step = |device: &Device, dtype: DType| -> Result<(f64, Vec<qtrain_step::HostTensor>)> {
+        let (base, lora) = model_and_adapters(device, dtype)?;
+        let mut grads = LoraGrads::zeros_like(&lora)?;
+        let l = forward_backward(&base, &lora, &batch, &so, valid, &mut grads)?;
+        Ok((l.loss_sum / valid, grads.to_host()?))
+    };
     let (cpu_loss, cpu_grads) = step(&Device::Cpu, DType::F32)?;
     // The fused engine on the GPU (bf16, and fp16 as 7.x GPUs train: the loss scaled,
     // the gradients divided back) against the reference step on the CPU.
@@ -339,7 +339,7 @@ pub fn run(a: Args) -> Result<()> {
             },
         )?;
         let tokens: Vec<u32> = (0..48u32).map(|i| 3 + (i * 37) % 290).collect();
-        Ok(qtrain_lora::decode::max_rel_error_vs_full_forward(
+        Ok(qtrain_reference::decode::max_rel_error_vs_full_forward(
             &base, None, &tokens, 20,
         )?)
     };

@@ -3,7 +3,8 @@
 
 use anyhow::{Context, Result};
 use qtrain_data::{DatasetConfig, Encoder, EvalStream};
-use qtrain_lora::{forward_loss, TokenBatch};
+use qtrain_reference::forward_loss;
+use qtrain_step::TokenBatch;
 use std::path::PathBuf;
 use std::sync::Arc;
 

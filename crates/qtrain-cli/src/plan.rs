@@ -153,7 +153,7 @@ fn count_epoch(cfg: &RunConfig, shape: &StepShape, dir: &Path) -> Result<EpochTo
             break;
         }
         tokens += (b.batch_size * b.seq_len) as u64;
-        trained += b.valid_tokens as u64;
+        trained += b.valid_targets() as u64;
     }
     Ok(EpochTokens {
         tokens,

@@ -1,4 +1,4 @@
-//! Turning tokenized documents into fixed-shape [`Batch`]es: packing several
+//! Turning tokenized documents into fixed-shape [`TokenBatch`]es: packing several
 //! documents per row (first-fit into the batch's rows, never splitting a document
 //! across rows) or one document per row with length bucketing. Also the length
 //! policy for documents longer than a row.
@@ -8,31 +8,14 @@
 //! block-diagonal causal mask; padding gets a segment of its own, label -100.
 
 use crate::config::Truncation;
-use crate::encode::{Tokenized, IGNORE_INDEX};
+use crate::encode::Tokenized;
 use crate::util::hash_all;
+use qtrain_step::{TokenBatch, IGNORE_INDEX};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
-
-/// `batch_size` rows of `seq_len` tokens, every field row-major `[batch_size *
-/// seq_len]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Batch {
-    pub input_ids: Vec<u32>,
-    /// `input_ids` with -100 where no loss is taken (unshifted, as in transformers).
-    pub labels: Vec<i64>,
-    /// Position inside the document; restarts at 0 for each packed document.
-    pub position_ids: Vec<u32>,
-    /// Document number inside the row; attention never crosses a change of it.
-    pub segment_ids: Vec<u32>,
-    pub batch_size: usize,
-    pub seq_len: usize,
-    /// Targets with a loss (labels != -100). Because every document's first label is
-    /// -100, this equals the targets the shifted loss sees.
-    pub valid_tokens: usize,
-}
 
 /// Rows padded with padding: with bucketing, rows are only as long as the longest
 /// document of the batch, rounded up to this.
@@ -138,7 +121,7 @@ impl Batcher {
         }
     }
 
-    pub fn pop(&mut self) -> Option<Batch> {
+    pub fn pop(&mut self) -> Option<TokenBatch> {
         let rows = self.pending.ready.pop_front()?;
         let width = if self.packing {
             self.seq_len
@@ -155,16 +138,15 @@ impl Batcher {
 
 /// Lays out rows of documents: ids, labels, per-document positions and segments,
 /// then padding (its own segment, label -100).
-pub fn assemble(rows: &[Vec<Tokenized>], seq_len: usize, pad_id: u32) -> Batch {
+pub fn assemble(rows: &[Vec<Tokenized>], seq_len: usize, pad_id: u32) -> TokenBatch {
     let n = rows.len() * seq_len;
-    let mut b = Batch {
+    let mut b = TokenBatch {
         input_ids: Vec::with_capacity(n),
         labels: Vec::with_capacity(n),
         position_ids: Vec::with_capacity(n),
         segment_ids: Vec::with_capacity(n),
         batch_size: rows.len(),
         seq_len,
-        valid_tokens: 0,
     };
     for row in rows {
         let mut used = 0;
@@ -187,7 +169,6 @@ pub fn assemble(rows: &[Vec<Tokenized>], seq_len: usize, pad_id: u32) -> Batch {
         b.segment_ids
             .extend(std::iter::repeat_n(row.len() as u32, pad));
     }
-    b.valid_tokens = b.labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
     b
 }
 
@@ -299,7 +280,7 @@ mod tests {
             batch.labels,
             [m, m, 12, 13, 14, m, 21, 22, m, 31, 32, 33, 34, 35, m, 41]
         );
-        assert_eq!(batch.valid_tokens, 11);
+        assert_eq!(batch.valid_targets(), 11);
         // The document that did not fit waits for the next batch.
         assert_eq!(b.pending.rows, vec![vec![doc(50, 4, 0)]]);
         b.flush();

@@ -23,12 +23,10 @@
 use crate::error::{DataError, Result};
 use crate::format::Sample;
 use crate::template::{ChatTemplate, Message, SpecialTokens};
+use qtrain_step::IGNORE_INDEX;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tokenizers::Tokenizer;
-
-/// Label value of tokens that get no loss.
-pub const IGNORE_INDEX: i64 = -100;
 
 /// One tokenized document. `labels[0]` is always [`IGNORE_INDEX`]: nothing in the
 /// document precedes its first token, so it is never a target (this also keeps a

@@ -31,11 +31,10 @@ pub mod template;
 pub mod tiny_tokenizer;
 mod util;
 
-pub use batch::Batch;
 pub use config::{
     Columns, DatasetConfig, Format, OnBadLine, Truncation, AUTO_BATCH_SIZE, BUILTIN_INSTRUCTIONS,
 };
-pub use encode::{Encoder, Tokenized, IGNORE_INDEX};
+pub use encode::{Encoder, Tokenized};
 pub use error::{DataError, Location};
 pub use format::Sample;
 pub use stream::{eval_samples, BatchStream, DataCursor, DataStats, EvalStream};

@@ -15,7 +15,7 @@
 //! under `eval_fraction` (stable as files grow, independent of shuffling), or, with
 //! `eval_samples = N`, when it is among the first N records in file order.
 
-use crate::batch::{fit, Batch, Batcher, Fit, Pending};
+use crate::batch::{fit, Batcher, Fit, Pending};
 use crate::config::{DatasetConfig, OnBadLine};
 use crate::encode::{Encoder, Tokenized};
 use crate::error::{DataError, Result};
@@ -23,6 +23,7 @@ use crate::format::{to_sample, Sample};
 use crate::source::{Dataset, RawRecord, ReadPos, RecordReader};
 use crate::util::{fnv1a, hash_all, unit};
 use crossbeam_channel::{bounded, Receiver};
+use qtrain_step::TokenBatch;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -379,16 +380,16 @@ impl Pipeline {
         Ok(())
     }
 
-    fn next_batch(&mut self) -> Result<(Batch, DataCursor)> {
+    fn next_batch(&mut self) -> Result<(TokenBatch, DataCursor)> {
         loop {
             if let Some(batch) = self.batcher.pop() {
                 self.stats.batches += 1;
-                if batch.valid_tokens == 0 {
+                if batch.valid_targets() == 0 {
                     return Err(DataError::AllMasked {
                         batch: self.stats.batches,
                     });
                 }
-                self.stats.valid_tokens += batch.valid_tokens as u64;
+                self.stats.valid_tokens += batch.valid_targets() as u64;
                 return Ok((batch, self.cursor()));
             }
             if self.consumed == self.block.len() {
@@ -445,7 +446,7 @@ fn placeholder_record() -> RawRecord {
     }
 }
 
-type Msg = Result<(Batch, DataCursor)>;
+type Msg = Result<(TokenBatch, DataCursor)>;
 
 /// The training batches, endless over epochs, prepared by a background thread.
 pub struct BatchStream {
@@ -522,7 +523,7 @@ impl BatchStream {
 }
 
 impl Iterator for BatchStream {
-    type Item = Result<Batch>;
+    type Item = Result<TokenBatch>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.finished {
@@ -655,11 +656,11 @@ impl EvalStream {
         &self.stats
     }
 
-    fn step(&mut self) -> Result<Option<Batch>> {
+    fn step(&mut self) -> Result<Option<TokenBatch>> {
         loop {
             if let Some(b) = self.batcher.pop() {
                 self.stats.batches += 1;
-                self.stats.valid_tokens += b.valid_tokens as u64;
+                self.stats.valid_tokens += b.valid_targets() as u64;
                 return Ok(Some(b));
             }
             if self.done {
@@ -682,7 +683,7 @@ impl EvalStream {
 }
 
 impl Iterator for EvalStream {
-    type Item = Result<Batch>;
+    type Item = Result<TokenBatch>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed {

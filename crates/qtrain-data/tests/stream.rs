@@ -4,12 +4,13 @@
 mod common;
 use common::{alpaca_lines, config, tiny, write};
 use qtrain_data::{
-    eval_samples, Batch, BatchStream, DataCursor, DataError, DatasetConfig, EvalStream, Format,
-    Message, OnBadLine, Sample, Truncation, IGNORE_INDEX,
+    eval_samples, BatchStream, DataCursor, DataError, DatasetConfig, EvalStream, Format, Message,
+    OnBadLine, Sample, Truncation,
 };
+use qtrain_step::{TokenBatch, IGNORE_INDEX};
 use std::path::Path;
 
-fn first_batches(cfg: &DatasetConfig, n: usize) -> Vec<Batch> {
+fn first_batches(cfg: &DatasetConfig, n: usize) -> Vec<TokenBatch> {
     BatchStream::new(cfg, tiny())
         .unwrap()
         .take(n)
@@ -18,7 +19,7 @@ fn first_batches(cfg: &DatasetConfig, n: usize) -> Vec<Batch> {
 }
 
 /// Every document of a batch as text, answers only (the trained tokens).
-fn answers(b: &Batch) -> Vec<String> {
+fn answers(b: &TokenBatch) -> Vec<String> {
     let enc = qtrain_data::Encoder::tiny();
     let mut out = Vec::new();
     for r in 0..b.batch_size {
@@ -136,8 +137,8 @@ fn parquet_files_stream_like_json() {
         s.next().unwrap().unwrap();
     }
     let cur = s.cursor();
-    let expect: Vec<Batch> = s.take(5).map(|b| b.unwrap()).collect();
-    let got: Vec<Batch> = BatchStream::resume(&cfg, tiny(), &cur)
+    let expect: Vec<TokenBatch> = s.take(5).map(|b| b.unwrap()).collect();
+    let got: Vec<TokenBatch> = BatchStream::resume(&cfg, tiny(), &cur)
         .unwrap()
         .take(5)
         .map(|b| b.unwrap())
@@ -191,7 +192,7 @@ fn packed_batches_respect_documents() {
             }
         }
         assert_eq!(
-            b.valid_tokens,
+            b.valid_targets(),
             b.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()
         );
     }
@@ -239,7 +240,7 @@ fn shuffling_is_seeded_and_epochs_cover_everything() {
 }
 
 fn check_resume(cfg: &DatasetConfig, total: usize) {
-    let full: Vec<Batch> = first_batches(cfg, total);
+    let full: Vec<TokenBatch> = first_batches(cfg, total);
     for k in [0, 1, total / 3, total / 2, total - 2] {
         let mut s = BatchStream::new(cfg, tiny()).unwrap();
         for _ in 0..k {
@@ -249,7 +250,7 @@ fn check_resume(cfg: &DatasetConfig, total: usize) {
         let json = serde_json::to_string(&s.cursor()).unwrap();
         drop(s);
         let cur: DataCursor = serde_json::from_str(&json).unwrap();
-        let rest: Vec<Batch> = BatchStream::resume(cfg, tiny(), &cur)
+        let rest: Vec<TokenBatch> = BatchStream::resume(cfg, tiny(), &cur)
             .unwrap()
             .take(total - k)
             .map(|b| b.unwrap())
@@ -362,7 +363,7 @@ fn builtin_dataset_streams() {
     let batches = first_batches(&cfg, 3);
     let texts: Vec<String> = batches.iter().flat_map(answers).collect();
     assert!(texts.len() >= 12, "several examples per packed row");
-    let eval: Vec<Batch> = EvalStream::new(&cfg, tiny())
+    let eval: Vec<TokenBatch> = EvalStream::new(&cfg, tiny())
         .unwrap()
         .map(|b| b.unwrap())
         .collect();

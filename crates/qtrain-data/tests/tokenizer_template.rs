@@ -3,7 +3,8 @@
 mod common;
 use common::ch;
 use qtrain_data::tiny_tokenizer::{build_tiny_tokenizer, tiny_tokenizer_config};
-use qtrain_data::{Encoder, Message, Sample, IGNORE_INDEX};
+use qtrain_data::{Encoder, Message, Sample};
+use qtrain_step::IGNORE_INDEX;
 
 const M: i64 = IGNORE_INDEX;
 

@@ -25,12 +25,12 @@
 
 use candle_core::{DType, Device};
 use qtrain_dist::{agreed_loss_denominator, Collective, SingleProcess, StepSharding, ThreadGroup};
-use qtrain_lora::lora::HostTensor;
-use qtrain_lora::{
-    forward_backward, LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch, IGNORE_INDEX,
-};
 use qtrain_model::{BaseModel, LoadOptions, Quantization, PROJECTIONS};
 use qtrain_optim::{clip_grad_norm, AdamW8bit, AdamWConfig, ParamSpec};
+use qtrain_reference::forward_backward;
+use qtrain_step::{
+    HostTensor, LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch, IGNORE_INDEX,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

@@ -3,11 +3,11 @@
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
-    Kernel(#[from] qtrain_kernels::KernelError),
+    Device(#[from] qtrain_device::DeviceError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
-    Lora(#[from] qtrain_lora::LoraError),
+    Step(#[from] qtrain_step::StepError),
     /// The model or adapters are in a dtype this engine instance does not compute in.
     #[error("dtype: {0}")]
     Dtype(String),

@@ -1,8 +1,8 @@
 //! qtrain's fused training step ("the engine"): the decoder's forward and backward
-//! as a fixed sequence of fused kernels ([`qtrain_kernels`]) and GEMMs over
+//! as a fixed sequence of fused kernels ([`qtrain_device`]) and GEMMs over
 //! preallocated buffers, the llm.c way. On a GPU this is the fast path; on the CPU
 //! the very same sequence runs every kernel's reference, which lets CI check the
-//! orchestration against the candle-ops reference `qtrain_lora::forward_backward`.
+//! orchestration against the candle-ops reference `qtrain_reference::forward_backward`.
 //!
 //! - [`weights`]: the frozen base as device buffers and the dequantization of one
 //!   layer's weight groups into reused buffers.

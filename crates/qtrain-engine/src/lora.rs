@@ -3,16 +3,16 @@
 //! second buffer of the same layout, and a copy in the compute type for the
 //! products, refreshed before each pass.
 //!
-//! The layout is that of [`qtrain_lora::LoraWeights::to_host`]: pairs by layer, then
+//! The layout is that of [`qtrain_step::LoraWeights::to_host`]: pairs by layer, then
 //! projection in `PROJECTIONS` order, `A: [r, in]` before `B: [out, r]`, each
 //! row-major. One flat buffer makes the optimizer one kernel over all parameters
 //! and a data-parallel all-reduce one call.
 
 use crate::error::{EngineError, Result};
-use qtrain_kernels::rows::cast;
-use qtrain_kernels::{DBuf, Dev, Float, Mat};
-use qtrain_lora::{HostTensor, LoraWeights};
+use qtrain_device::rows::cast;
+use qtrain_device::{DBuf, Dev, Float, Mat};
 use qtrain_model::{ModelConfig, Proj, PROJECTIONS};
+use qtrain_step::{HostTensor, LoraWeights};
 
 /// Where one adapted projection's matrices live in the flat buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +58,7 @@ impl LoraLayout {
                 in_features: inp,
                 out_features: out,
             });
-            use qtrain_lora::{tensor_name, LoraPart};
+            use qtrain_step::{tensor_name, LoraPart};
             tensors.push((
                 tensor_name(pair.layer, pair.proj, LoraPart::A),
                 off,

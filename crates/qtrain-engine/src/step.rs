@@ -20,24 +20,24 @@
 //! backward (`accumulate`).
 //!
 //! The same code runs on the CPU (f32, each kernel's reference), which is how CI
-//! checks the orchestration against `qtrain_lora::forward_backward`.
+//! checks the orchestration against `qtrain_reference::forward_backward`.
 
 use crate::error::{EngineError, Result};
 use crate::lora::{DeviceLora, PairSlot};
 use crate::plan::{BufferPlan, PlanShape};
 use crate::weights::{FrozenWeights, Group};
-use qtrain_kernels::attention::{attention_bwd, attention_fwd, AttnShape};
-use qtrain_kernels::gemm::{gemm, Op};
-use qtrain_kernels::norm::{rmsnorm_bwd, rmsnorm_fwd};
-use qtrain_kernels::rope::{rope, rope_tables};
-use qtrain_kernels::rows::{add_into, dropout, gather_rows, scatter_rows};
-use qtrain_kernels::swiglu::{swiglu_bwd, swiglu_fwd};
-use qtrain_kernels::xent::xent;
-use qtrain_kernels::{DBuf, Dev, Float, Mat, View};
-use qtrain_lora::{
+use qtrain_device::attention::{attention_bwd, attention_fwd, AttnShape};
+use qtrain_device::gemm::{gemm, Op};
+use qtrain_device::norm::{rmsnorm_bwd, rmsnorm_fwd};
+use qtrain_device::rope::{rope, rope_tables};
+use qtrain_device::rows::{add_into, dropout, gather_rows, scatter_rows};
+use qtrain_device::swiglu::{swiglu_bwd, swiglu_fwd};
+use qtrain_device::xent::xent;
+use qtrain_device::{DBuf, Dev, Float, Mat, View};
+use qtrain_model::{BaseModel, ModelConfig, Proj};
+use qtrain_step::{
     dropout_base, DropoutKey, LoraWeights, StepLoss, StepOptions, TokenBatch, IGNORE_INDEX,
 };
-use qtrain_model::{BaseModel, ModelConfig, Proj};
 
 /// Tuning knobs of the engine (defaults suit 7B models on one GPU).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -339,7 +339,7 @@ impl<T: Float> Engine<T> {
 
     /// One micro-batch of a training step: adds the LoRA gradients of
     /// `loss_sum / loss_denominator` into the gradient buffer and returns the summed
-    /// loss; the same contract as [`qtrain_lora::forward_backward`].
+    /// loss; the same contract as `qtrain_reference::forward_backward`.
     pub fn forward_backward(
         &mut self,
         batch: &TokenBatch,
@@ -468,7 +468,7 @@ struct Ctx<'a, T: Float> {
 }
 
 /// `rows x cols` contiguous matrix at the start of `buf`.
-fn mat<T: qtrain_kernels::Elem>(buf: &DBuf<T>, rows: usize, cols: usize) -> Mat<'_, T> {
+fn mat<T: qtrain_device::Elem>(buf: &DBuf<T>, rows: usize, cols: usize) -> Mat<'_, T> {
     buf.view(0, rows * cols).mat(rows, cols, cols)
 }
 

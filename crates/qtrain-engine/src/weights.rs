@@ -9,8 +9,8 @@
 //! projection, at its row offset inside the group.
 
 use crate::error::{EngineError, Result};
-use qtrain_kernels::nf4::{dequantize_view, Nf4Meta};
-use qtrain_kernels::{DBuf, Dev, Float, View};
+use qtrain_device::nf4::{dequantize_view, Nf4Meta};
+use qtrain_device::{DBuf, Dev, Float, View};
 use qtrain_model::{BaseModel, FrozenStorage, Proj};
 
 /// One projection's weight as the device holds it.
@@ -81,7 +81,7 @@ fn borrow<T: Float + candle_core::WithDType>(
         return Err(EngineError::Dtype(format!(
             "{what} is {:?} but the engine computes in {}",
             t.dtype(),
-            <T as qtrain_kernels::Elem>::NAME
+            <T as qtrain_device::Elem>::NAME
         )));
     }
     Ok(dev.borrow_candle::<T>(t)?)
@@ -157,7 +157,7 @@ fn proj_weight<T: Float + candle_core::WithDType>(
         FrozenStorage::Nf4(q) => {
             // A host-resident NF4 weight (the CPU model): lay it out like the GPU
             // copy and hand it to the reference dequantizer.
-            let d = qtrain_kernels::Nf4Device::from_host(q, &candle_core::Device::Cpu)?;
+            let d = qtrain_device::Nf4Device::from_host(q, &candle_core::Device::Cpu)?;
             debug_assert_eq!(d.numel(), numel);
             ProjWeight::Nf4 {
                 codes: dev.borrow_candle::<u8>(&d.codes)?,

@@ -1,18 +1,17 @@
 //! The fused engine on the CPU (every kernel's reference) against the candle-ops
-//! reference step `qtrain_lora::forward_backward`: the same loss and the same LoRA
+//! reference step `qtrain_reference::forward_backward`: the same loss and the same LoRA
 //! gradients, with GQA, packed documents, a sliding window, dropout, NF4 weights,
 //! MLP and cross-entropy chunking, and accumulation over micro-batches.
 
-#[path = "../../qtrain-lora/tests/common/mod.rs"]
+#[path = "../../qtrain-reference/tests/common/mod.rs"]
 mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use qtrain_engine::{Engine, EngineOptions};
-use qtrain_lora::{
-    forward_backward, forward_loss, LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch,
-};
 use qtrain_model::{BaseModel, FrozenStorage, Proj};
+use qtrain_reference::{forward_backward, forward_loss};
+use qtrain_step::{LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch};
 
 fn max_rel(a: &[f32], b: &[f32]) -> f64 {
     let scale = a

@@ -7,7 +7,7 @@
 //! On the CPU, worker threads each widen one matrix to f32 and quantize it with
 //! qtrain-quant. On a CUDA device each projection is instead uploaded in its stored
 //! dtype straight from the mapping (bf16 for real checkpoints: no host copy at all),
-//! quantized on the GPU by `qtrain_kernels::nf4_quant` (bit-exact with the CPU
+//! quantized on the GPU by `qtrain_device::nf4_quant` (bit-exact with the CPU
 //! quantizer), and only the quantized result is downloaded, for the host copy that the
 //! bitsandbytes cache is written from; the device holds one full-precision matrix at
 //! a time.
@@ -16,7 +16,7 @@ use crate::config::{ModelConfig, Proj, PROJECTIONS};
 use crate::error::{ModelError, Result};
 use crate::safetensors_io::{RawTensor, ShardedTensors};
 use candle_core::{DType, Device, Tensor};
-use qtrain_kernels::Nf4QuantizeError;
+use qtrain_device::Nf4QuantizeError;
 use qtrain_quant::Nf4Tensor;
 use std::path::{Path, PathBuf};
 
@@ -76,8 +76,8 @@ pub enum FrozenStorage {
     /// with the reference implementation of `qtrain-quant`.
     Nf4(Nf4Tensor),
     /// The same NF4 data resident on a GPU, dequantized by the CUDA kernel of
-    /// `qtrain-kernels`. The host copy is kept for saving the quantized cache.
-    Nf4Device(Box<(Nf4Tensor, qtrain_kernels::Nf4Device)>),
+    /// `qtrain-device`. The host copy is kept for saving the quantized cache.
+    Nf4Device(Box<(Nf4Tensor, qtrain_device::Nf4Device)>),
     /// Unquantized weight in the compute dtype, on the model's device.
     Dense(Tensor),
 }
@@ -370,7 +370,7 @@ fn load_one_projection(
                 },
                 Nf4QuantizeError::Candle(e) => ModelError::Candle(e),
             };
-            let (q, d) = qtrain_kernels::nf4_quant::quantize(&x, blocksize, double_quant)
+            let (q, d) = qtrain_device::nf4_quant::quantize(&x, blocksize, double_quant)
                 .map_err(quant_err)?;
             drop(x);
             tensors.release(&name);
@@ -405,7 +405,7 @@ fn nf4_storage(q: Nf4Tensor, device: &Device) -> Result<FrozenStorage> {
     Ok(if device.is_cpu() {
         FrozenStorage::Nf4(q)
     } else {
-        let d = qtrain_kernels::Nf4Device::from_host(&q, device)?;
+        let d = qtrain_device::Nf4Device::from_host(&q, device)?;
         FrozenStorage::Nf4Device(Box::new((q, d)))
     })
 }
@@ -442,7 +442,7 @@ fn load_prequantized(
 pub(crate) fn trim_pool(device: &Device) -> Result<()> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(_) = device {
-        if let Some(c) = qtrain_kernels::Dev::from_candle(device)?.cuda() {
+        if let Some(c) = qtrain_device::Dev::from_candle(device)?.cuda() {
             c.trim_pool()?;
         }
     }
@@ -454,7 +454,7 @@ pub(crate) fn trim_pool(device: &Device) -> Result<()> {
 fn device_note(device: &Device) -> String {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(_) = device {
-        if let Ok(d) = qtrain_kernels::Dev::from_candle(device) {
+        if let Ok(d) = qtrain_device::Dev::from_candle(device) {
             if let Some(c) = d.cuda() {
                 return format!(
                     ", device memory in use {:.0} MiB, stack limit {} B",

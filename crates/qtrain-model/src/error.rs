@@ -57,7 +57,7 @@ pub enum ModelError {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
-    Kernel(#[from] qtrain_kernels::KernelError),
+    Device(#[from] qtrain_device::DeviceError),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

@@ -1,7 +1,7 @@
 //! The frozen base model: architecture config, reading Hugging Face model directories
 //! (local or through the hub cache), NF4 quantization while loading, the
 //! bitsandbytes-format quantized cache, and seeded random models for tests and
-//! benchmarks. The math that runs the model lives in `qtrain-lora`.
+//! benchmarks. The math that runs the model lives in `qtrain-reference`.
 
 pub mod base;
 pub mod bnb;

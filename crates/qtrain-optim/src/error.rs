@@ -32,7 +32,7 @@ pub enum OptimError {
 
     /// A device operation of the device optimizer failed (allocation, copy, launch).
     #[error("optimizer on the device: {0}")]
-    Device(#[from] qtrain_kernels::KernelError),
+    Device(#[from] qtrain_device::DeviceError),
 
     /// A parameter or gradient slice has the wrong length.
     #[error("parameter '{name}': {what} has {found} elements, the optimizer expects {expected}")]

@@ -3,7 +3,7 @@
 //! ([`LrSchedule`]), global-norm gradient clipping ([`clip_grad_norm`]), the state
 //! placement policy for paged optimizer state ([`PagingPolicy`]), and state
 //! checkpoints in safetensors with bit-exact resume. [`device`] runs the same optimizer
-//! on a `qtrain_kernels::Dev` over the fused engine's flat parameter buffer (a fused
+//! on a `qtrain_device::Dev` over the fused engine's flat parameter buffer (a fused
 //! CUDA kernel with the `cuda` feature), bit-identical to the host one.
 //!
 //! Parameters of the host optimizers are plain f32 slices: the trainer owns f32 master

@@ -2,7 +2,7 @@
 //! switch between qtrain's two step implementations, so the training loop is the
 //! same straight loop for both.
 //!
-//! - [`Backend::Reference`]: the candle-ops decoder of `qtrain_lora` (explicit
+//! - [`Backend::Reference`]: the candle-ops decoder of `qtrain_reference` (explicit
 //!   forward/backward) with the adapters as candle tensors and the optimizer on the
 //!   host. It runs anywhere candle runs, in any dtype (the CPU demo in f32; f16 on
 //!   GPUs without bf16).
@@ -21,32 +21,30 @@ use crate::memory::KeptActivations;
 use crate::trainer::TrainError;
 use qtrain_dist::Collective;
 use qtrain_engine::{Engine, EngineOptions};
-use qtrain_lora::lora::HostTensor;
-use qtrain_lora::{
-    forward_backward, forward_loss, LoraGrads, LoraWeights, StepLoss, StepOptions, TokenBatch,
-};
 use qtrain_model::BaseModel;
 use qtrain_optim::{
     clip_grad_norm, AdamW32, AdamW8bit, DeviceAdamW32, DeviceAdamW8bit, DeviceOptimizer, Optimizer,
     StatePlacement,
 };
+use qtrain_reference::{forward_backward, forward_loss};
+use qtrain_step::{HostTensor, LoraGrads, LoraWeights, StepLoss, StepOptions, TokenBatch};
 use std::path::Path;
 
 type Result<T> = std::result::Result<T, TrainError>;
 
-impl From<qtrain_kernels::KernelError> for TrainError {
-    fn from(e: qtrain_kernels::KernelError) -> Self {
+impl From<qtrain_device::DeviceError> for TrainError {
+    fn from(e: qtrain_device::DeviceError) -> Self {
         TrainError::Other(format!("device: {e}"))
     }
 }
 
 impl From<qtrain_engine::EngineError> for TrainError {
     fn from(e: qtrain_engine::EngineError) -> Self {
-        use qtrain_engine::EngineError::Kernel;
-        use qtrain_kernels::KernelError::OutOfMemory;
+        use qtrain_device::DeviceError::OutOfMemory;
+        use qtrain_engine::EngineError::Device;
         match e {
             // Kept apart: the trainer recovers from it (crate::micro).
-            Kernel(OutOfMemory { .. }) => TrainError::OutOfMemory(format!("fused engine: {e}")),
+            Device(OutOfMemory { .. }) => TrainError::OutOfMemory(format!("fused engine: {e}")),
             e => TrainError::Other(format!("fused engine: {e}")),
         }
     }
@@ -55,8 +53,8 @@ impl From<qtrain_engine::EngineError> for TrainError {
 /// The device all-reduce of a gradient buffer when the collective has one (NCCL).
 fn device_all_reduce(
     coll: &dyn Collective,
-    dev: &qtrain_kernels::Dev,
-    grads: qtrain_kernels::View<'_, f32>,
+    dev: &qtrain_device::Dev,
+    grads: qtrain_device::View<'_, f32>,
 ) -> std::result::Result<bool, qtrain_dist::DistError> {
     #[cfg(feature = "cuda")]
     if let Some(c) = dev.cuda() {
@@ -366,7 +364,7 @@ impl Backend {
                     dev.write(grads, &flat)?;
                 }
                 if unscale != 1.0 {
-                    qtrain_kernels::rows::scale_in_place(dev, grads, unscale)?;
+                    qtrain_device::rows::scale_in_place(dev, grads, unscale)?;
                 }
                 qtrain_optim::device::clip_grad_norm(dev, grads, max_norm)?
             })),

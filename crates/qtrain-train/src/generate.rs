@@ -4,13 +4,14 @@
 //! stream seeded with [`Sampling::seed`]).
 //!
 //! The prompt goes through the model once and each new token costs one position:
-//! [`qtrain_lora::Decoder`] keeps the keys and values of every layer (a KV cache,
+//! [`qtrain_reference::Decoder`] keeps the keys and values of every layer (a KV cache,
 //! bounded by the sliding window when the model has one) and runs the training
 //! forward's ops, so base + adapter generate exactly as they were trained.
 
 use candle_core::{DType, Tensor, D};
-use qtrain_lora::{Decoder, LoraWeights};
 use qtrain_model::BaseModel;
+use qtrain_reference::Decoder;
+use qtrain_step::LoraWeights;
 use rand::{Rng, SeedableRng};
 
 /// Sampling settings; `None` in [`generate`] means greedy.
@@ -29,7 +30,7 @@ pub fn greedy(
     prompt: &[u32],
     max_new: usize,
     eos: Option<u32>,
-) -> qtrain_lora::Result<Vec<u32>> {
+) -> qtrain_reference::Result<Vec<u32>> {
     generate(base, lora, prompt, max_new, eos, None)
 }
 
@@ -42,7 +43,7 @@ pub fn generate(
     max_new: usize,
     eos: Option<u32>,
     sampling: Option<Sampling>,
-) -> qtrain_lora::Result<Vec<u32>> {
+) -> qtrain_reference::Result<Vec<u32>> {
     let mut out = Vec::new();
     if max_new == 0 {
         return Ok(out);
@@ -69,7 +70,7 @@ fn pick(
     logits: &Tensor,
     sampling: Option<Sampling>,
     rng: &mut rand_chacha::ChaCha8Rng,
-) -> qtrain_lora::Result<u32> {
+) -> qtrain_reference::Result<u32> {
     Ok(match sampling {
         None => logits.argmax(D::Minus1)?.to_scalar::<u32>()?,
         Some(s) => {
@@ -113,8 +114,9 @@ pub fn top_p_sample(logits: &[f32], temperature: f64, top_p: f64, u: f64) -> u32
 mod tests {
     use super::*;
     use candle_core::{Device, IndexOp};
-    use qtrain_lora::{forward_logits, LoraConfig, TokenBatch};
     use qtrain_model::{LoadOptions, Quantization, PROJECTIONS};
+    use qtrain_reference::forward_logits;
+    use qtrain_step::{LoraConfig, TokenBatch};
 
     /// The full-recompute decoder (what `generate` did before the KV cache), kept
     /// as the oracle: every step runs the whole sequence through `forward_logits`.

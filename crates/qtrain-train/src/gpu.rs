@@ -323,8 +323,8 @@ pub fn detect(device: &Device) -> Result<Option<GpuInfo>, GpuError> {
 
 #[cfg(feature = "cuda")]
 fn detect_cuda(device: &Device) -> Result<GpuInfo, GpuError> {
-    let err = |e: qtrain_kernels::KernelError| GpuError::Detect(e.to_string());
-    let dev = qtrain_kernels::Dev::from_candle(device).map_err(err)?;
+    let err = |e: qtrain_device::DeviceError| GpuError::Detect(e.to_string());
+    let dev = qtrain_device::Dev::from_candle(device).map_err(err)?;
     let cuda = dev
         .cuda()
         .ok_or_else(|| GpuError::Detect("not a CUDA device".into()))?;
@@ -356,7 +356,7 @@ fn detect_cuda(_device: &Device) -> Result<GpuInfo, GpuError> {
 pub fn apply_precision(precision: Precision) {
     let tf32 = precision == Precision::Bf16;
     candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
-    qtrain_kernels::gemm::set_tf32(tf32);
+    qtrain_device::gemm::set_tf32(tf32);
 }
 
 #[cfg(test)]

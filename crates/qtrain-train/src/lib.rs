@@ -1,6 +1,7 @@
 //! The training run: its configuration, the time-budget planner, the training loop
 //! with checkpoints and exact resume, metrics, and the exports (PEFT adapter, merged
-//! model, GGUF). The math lives in `qtrain-lora`, the data in `qtrain-data`, the optimizer
+//! model, GGUF). The math lives in `qtrain-reference`, the data in `qtrain-data`, the
+//! optimizer
 //! in `qtrain-optim`; this crate wires them into one straight loop.
 //!
 //! Sizing: [`memory`] predicts a run's peak GPU memory (`qtrain plan`), [`gpu`]

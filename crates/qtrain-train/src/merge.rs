@@ -13,9 +13,9 @@
 //! bitsandbytes pre-quantized has no original weights: its NF4 data is dequantized.
 
 use crate::peft::PeftAdapter;
-use qtrain_lora::lora::HostTensor;
 use qtrain_model::safetensors_io::{RawTensor, ShardedTensors, StreamingWriter, TensorSpec};
 use qtrain_model::{ModelConfig, ModelError, Proj, PROJECTIONS};
+use qtrain_step::HostTensor;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 

@@ -24,10 +24,10 @@ use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::memory::KeptActivations;
 use crate::trainer::TrainError;
-use qtrain_data::{Batch, DatasetConfig};
+use qtrain_data::DatasetConfig;
 use qtrain_dist::{StepSharding, StepShare};
-use qtrain_lora::{StepOptions, TokenBatch};
 use qtrain_model::BaseModel;
+use qtrain_step::{StepOptions, TokenBatch};
 
 /// The passes of one optimizer step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,7 +212,7 @@ pub fn kept_activations(
 pub fn step_passes(
     backend: &mut Backend,
     base: &BaseModel,
-    share: &StepShare<Batch>,
+    share: &StepShare<TokenBatch>,
     sharding: &StepSharding,
     shape: &StepShape,
     step: u64,
@@ -237,7 +237,7 @@ pub fn step_passes(
 
 /// `b` cut into micro-batches of at most `rows` rows, in row order (the whole batch
 /// when it has no more rows than that).
-pub fn split_rows(b: &Batch, rows: usize) -> Result<Vec<TokenBatch>, TrainError> {
+pub fn split_rows(b: &TokenBatch, rows: usize) -> Result<Vec<TokenBatch>, TrainError> {
     let rows = rows.max(1);
     let s = b.seq_len;
     (0..b.batch_size.div_ceil(rows))

@@ -173,9 +173,9 @@ pub fn load_base(
 pub fn lora_from_peft(
     adapter: &crate::peft::PeftAdapter,
     base: &qtrain_model::BaseModel,
-) -> Result<qtrain_lora::LoraWeights, qtrain_lora::LoraError> {
+) -> Result<qtrain_step::LoraWeights, qtrain_step::StepError> {
     let s = &adapter.settings;
-    let cfg = qtrain_lora::LoraConfig {
+    let cfg = qtrain_step::LoraConfig {
         rank: s.rank,
         alpha: s.alpha,
         dropout: s.dropout,
@@ -183,7 +183,7 @@ pub fn lora_from_peft(
         rslora: s.rslora,
         seed: 0,
     };
-    let mut lora = qtrain_lora::LoraWeights::init(&cfg, &base.config, &base.device)?;
+    let mut lora = qtrain_step::LoraWeights::init(&cfg, &base.config, &base.device)?;
     lora.update_from_host(&adapter.tensors)?;
     Ok(lora)
 }

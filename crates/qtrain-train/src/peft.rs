@@ -5,12 +5,12 @@
 //! A directory holds `adapter_config.json` + `adapter_model.safetensors` with PEFT's
 //! tensor names, e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`,
 //! which HF PEFT's `PeftModel.from_pretrained` loads as is. Inside qtrain the same
-//! tensor is `layers.0.q_proj.lora_A` (see `qtrain_lora::tensor_name`); `lora_A` is
+//! tensor is `layers.0.q_proj.lora_A` (see `qtrain_step::tensor_name`); `lora_A` is
 //! `[r, in]` and `lora_B` is `[out, r]` in both, so no tensor is transposed.
 
-use qtrain_lora::lora::HostTensor;
 use qtrain_model::safetensors_io::{ShardedTensors, StreamingWriter, TensorSpec};
 use qtrain_model::{Proj, PROJECTIONS};
+use qtrain_step::HostTensor;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -55,7 +55,7 @@ pub struct PeftSettings {
 
 impl PeftSettings {
     /// The factor on `B @ A`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA (the same
-    /// rule as `qtrain_lora::LoraConfig::scale` and PEFT).
+    /// rule as `qtrain_step::LoraConfig::scale` and PEFT).
     pub fn scale(&self) -> f64 {
         if self.rslora {
             self.alpha / (self.rank as f64).sqrt()

@@ -29,12 +29,11 @@ use crate::peft::{self, PeftDtype, PeftSettings};
 use crate::planner::{Budget, Clock, Plan, Planner, PlannerState};
 use qtrain_data::{BatchStream, DataCursor, DatasetConfig, Encoder, EvalStream, Sample};
 use qtrain_dist::{agreed_loss_denominator, Collective, StepSharding};
-use qtrain_lora::lora::HostTensor;
-use qtrain_lora::{LoraConfig, LoraWeights};
 use qtrain_model::{BaseModel, LoadOptions, Proj};
 use qtrain_optim::{
     AdamW32, AdamW8bit, AdamWConfig, LrSchedule, PagingPolicy, ParamSpec, ScheduleKind,
 };
+use qtrain_step::{HostTensor, LoraConfig, LoraWeights};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,7 +47,9 @@ pub enum TrainError {
     #[error(transparent)]
     Model(#[from] qtrain_model::ModelError),
     #[error(transparent)]
-    Lora(#[from] qtrain_lora::LoraError),
+    Reference(#[from] qtrain_reference::ReferenceError),
+    #[error(transparent)]
+    Step(#[from] qtrain_step::StepError),
     #[error(transparent)]
     Data(#[from] qtrain_data::DataError),
     #[error(transparent)]
@@ -682,10 +683,10 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
         let cursor_before = stream.cursor();
         let share = sharding.take_step(
             coll.rank(),
-            || -> Result<qtrain_data::Batch> {
+            || -> Result<qtrain_step::TokenBatch> {
                 stream.next().ok_or(TrainError::NoData)?.map_err(Into::into)
             },
-            |b| b.valid_tokens as u64,
+            |b| b.valid_targets() as u64,
         )?;
         let valid = agreed_loss_denominator(&*coll, &share).map_err(dist)? as usize;
         if valid == 0 {

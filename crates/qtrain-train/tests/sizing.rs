@@ -5,9 +5,9 @@
 
 use candle_core::DType;
 use qtrain_engine::{Engine, EngineOptions};
-use qtrain_lora::{LoraConfig, LoraWeights, StepOptions, TokenBatch};
 use qtrain_model::Proj;
 use qtrain_optim::{AdamW8bit, AdamWConfig, ParamSpec};
+use qtrain_step::{LoraConfig, LoraWeights, StepOptions, TokenBatch};
 use qtrain_train::config::RunConfig;
 use qtrain_train::memory::{Category, EngineKind, MemorySpec, OptimizerPlace};
 use qtrain_train::trainer::{run, RunOptions, RunSummary, TrainError, TrainerState};

@@ -2,10 +2,10 @@
 //! `kernels/adamw8bit.cu`, the per-block statistics, and the paged pipeline's side
 //! stream, events and copies.
 
-use qtrain_kernels::cuda::{
+use qtrain_device::cuda::{
     grid_1d, launch, CudaDev, PinnedBuf, PushKernelArg, SideStream, StreamEvent,
 };
-use qtrain_kernels::{ptx, DBuf, Dev, KernelError, View};
+use qtrain_device::{ptx, DBuf, Dev, DeviceError, View};
 
 use super::schedule::{Pipeline, Staging};
 use super::{Chunk, ENTRY_WORDS};
@@ -185,7 +185,7 @@ pub(super) fn check_disjoint(params: View<'_, f32>, grads: View<'_, f32>) -> Res
     let (p0, g0) = (params.dptr(), grads.dptr());
     let (p1, g1) = (p0 + 4 * params.len() as u64, g0 + 4 * grads.len() as u64);
     if !params.is_empty() && p0 < g1 && g0 < p1 {
-        return Err(OptimError::Device(KernelError::Shape {
+        return Err(OptimError::Device(DeviceError::Shape {
             op: "optimizer step",
             msg: "the parameter and gradient buffers overlap".into(),
         }));

@@ -1,4 +1,4 @@
-//! The optimizer on a [`qtrain_kernels::Dev`]: [`DeviceAdamW8bit`] (and
+//! The optimizer on a [`qtrain_device::Dev`]: [`DeviceAdamW8bit`] (and
 //! [`DeviceAdamW32`]) update a flat f32 parameter buffer in place from a flat
 //! gradient buffer of the same layout, the fused engine's `DeviceLora::params` /
 //! `grads`, with the fused CUDA kernel `kernels/adamw8bit.cu` on a GPU and with the
@@ -56,7 +56,7 @@
 //!   so its value also depends on the core count beyond 1M parameters.)
 //! * NaN payloads, only when the state itself overflows (a gradient above ~1.8e19,
 //!   whose square is infinite): the GPU's canonical NaN differs from x86's.
-//! * [`clip_grad_norm`] on the GPU: `qtrain_kernels::rows::sum_squares` sums in a
+//! * [`clip_grad_norm`] on the GPU: `qtrain_device::rows::sum_squares` sums in a
 //!   grid-stride order, so the norm can differ from the CPU's in the last bits of
 //!   the f64 sum (same bound as above); when clipping applies, the f32 scale factor
 //!   can then differ by one ulp, and so can the clipped gradients.
@@ -70,7 +70,7 @@ mod gpu;
 use std::ops::Range;
 use std::path::Path;
 
-use qtrain_kernels::{DBuf, Dev, View};
+use qtrain_device::{DBuf, Dev, View};
 
 use crate::adamw::{
     num_blocks, update_storage, Acc, Coeffs, Core, OptimizerKind, ParamSpec, ParamState,
@@ -271,7 +271,7 @@ fn table_words(slots: &[Slot]) -> Vec<u32> {
 enum HostArena {
     Plain(Vec<u8>),
     #[cfg(feature = "cuda")]
-    Pinned(qtrain_kernels::cuda::PinnedBuf),
+    Pinned(qtrain_device::cuda::PinnedBuf),
 }
 
 impl HostArena {
@@ -319,7 +319,7 @@ impl DeviceCore {
     fn from_core(core: &Core, dev: &Dev, chunk_bytes: usize) -> Result<Self> {
         if dev.is_cuda() && !cfg!(feature = "cuda") {
             return Err(OptimError::Device(
-                qtrain_kernels::KernelError::Unsupported {
+                qtrain_device::DeviceError::Unsupported {
                     op: "device optimizer",
                     msg: "qtrain-optim was built without its `cuda` feature".into(),
                 },
@@ -838,14 +838,14 @@ device_optimizer_type!(
 /// On the CPU this equals `clip_grad_norm` on the same values bit for bit; on the GPU
 /// see the module docs.
 pub fn clip_grad_norm(dev: &Dev, grads: View<'_, f32>, max_norm: f32) -> Result<f32> {
-    let sum_sq = qtrain_kernels::rows::sum_squares(dev, grads)?;
+    let sum_sq = qtrain_device::rows::sum_squares(dev, grads)?;
     let norm = sum_sq.sqrt();
     if max_norm.is_nan() || max_norm <= 0.0 || !norm.is_finite() {
         return Ok(norm as f32);
     }
     let coef = f64::from(max_norm) / (norm + 1e-6);
     if coef < 1.0 {
-        qtrain_kernels::rows::scale_in_place(dev, grads, coef as f32)?;
+        qtrain_device::rows::scale_in_place(dev, grads, coef as f32)?;
     }
     Ok(norm as f32)
 }

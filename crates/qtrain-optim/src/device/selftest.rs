@@ -12,8 +12,8 @@
 
 use std::time::Instant;
 
-use qtrain_kernels::selftest::{random, Check};
-use qtrain_kernels::Dev;
+use qtrain_device::selftest::{random, Check};
+use qtrain_device::Dev;
 
 use super::DeviceAdamW8bit;
 use crate::adamw::StateStorage;

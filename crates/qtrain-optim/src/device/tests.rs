@@ -3,7 +3,7 @@
 use super::selftest::{compare, mixed_specs, selftest_layers};
 use super::*;
 use crate::{AdamW32, AdamW8bit, PagingPolicy, ParamSpec};
-use qtrain_kernels::selftest::random;
+use qtrain_device::selftest::random;
 
 fn cfg(paging: PagingPolicy, weight_decay: f32) -> AdamWConfig {
     AdamWConfig {

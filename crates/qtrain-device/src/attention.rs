@@ -1,0 +1,323 @@
+//! Causal grouped-query attention, forward and backward, with sliding window and
+//! packed-document (segment) masking (`kernels/attention.cu`: flash-style tiling,
+//! memory linear in the sequence length).
+//!
+//! Layout: `n = batch · seq` tokens, one row each. `q: [n, heads · d]`,
+//! `k, v: [n, kv_heads · d]` (column blocks of the fused q/k/v buffer are fine),
+//! `o: [n, heads · d]`. Query head `h` reads KV head `h / (heads / kv_heads)`.
+//! Key `j` is visible from query `i` of the same batch row when `j <= i`,
+//! `j > i − window` (if there is a window) and both tokens carry the same segment
+//! id, the rule of `qtrain_reference::ops::attention::visible`.
+//!
+//! The forward saves `lse = log Σ_j exp(s_ij)` per query and head, laid out
+//! `[batch, heads, seq]`; the backward recomputes `P = exp(S − lse)` from it, and
+//! uses `D_i = Σ_d dO_id · O_id` (the stored, rounded `O`, as FlashAttention does).
+//! All softmax math is f32; outputs are rounded once to the storage type.
+
+use crate::device::{
+    check_disjoint, read_f32, read_mat, read_view, write_f32, write_mat, Dev, Float, Mat, View,
+};
+use crate::error::{ensure, Result};
+
+/// The shape and masking of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Mistral v0.1's sliding window (keys `j > i − window` stay visible).
+    pub window: Option<usize>,
+    /// Multiplies the scores, usually `1 / sqrt(head_dim)`.
+    pub scale: f32,
+}
+
+impl AttnShape {
+    pub fn tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+
+    /// Entries of `lse` (and of the backward's scratch): `batch · heads · seq`.
+    pub fn stats_len(&self) -> usize {
+        self.batch * self.heads * self.seq
+    }
+
+    fn check(&self, op: &'static str) -> Result<()> {
+        ensure!(
+            self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads),
+            op,
+            "{} heads over {} KV heads",
+            self.heads,
+            self.kv_heads
+        );
+        ensure!(
+            self.window != Some(0),
+            op,
+            "a sliding window of 0 would hide every key"
+        );
+        Ok(())
+    }
+}
+
+/// Whether key `j` is visible from query `i` of the same batch row.
+pub fn visible(i: usize, j: usize, window: Option<usize>, seg_i: u32, seg_j: u32) -> bool {
+    j <= i && window.is_none_or(|w| j + w > i) && seg_i == seg_j
+}
+
+fn check_mats<T: Float>(
+    op: &'static str,
+    s: &AttnShape,
+    q: Mat<'_, T>,
+    k: Mat<'_, T>,
+    v: Mat<'_, T>,
+    o: Mat<'_, T>,
+) -> Result<()> {
+    let n = s.tokens();
+    let (qc, kc) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+    for (name, m, cols) in [("q", q, qc), ("k", k, kc), ("v", v, kc), ("o", o, qc)] {
+        ensure!(
+            m.rows == n && m.cols == cols,
+            op,
+            "{name} is {}x{}, expected {n}x{cols}",
+            m.rows,
+            m.cols
+        );
+    }
+    Ok(())
+}
+
+/// Reads a `[n, heads * d]` matrix as f32 `[n][heads][d]`.
+struct Heads {
+    data: Vec<f32>,
+    heads: usize,
+    d: usize,
+}
+
+impl Heads {
+    fn new<T: Float>(m: Mat<'_, T>, d: usize) -> Self {
+        Heads {
+            data: read_mat(m),
+            heads: m.cols / d,
+            d,
+        }
+    }
+    fn row(&self, t: usize, h: usize) -> &[f32] {
+        let o = (t * self.heads + h) * self.d;
+        &self.data[o..o + self.d]
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// CPU reference of the forward: `(o, lse)` as dense arrays (`o` before rounding).
+pub fn attention_fwd_ref<T: Float>(
+    s: &AttnShape,
+    q: Mat<'_, T>,
+    k: Mat<'_, T>,
+    v: Mat<'_, T>,
+    seg: Option<&[u32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let d = s.head_dim;
+    let (qh, kh, vh) = (Heads::new(q, d), Heads::new(k, d), Heads::new(v, d));
+    let groups = s.heads / s.kv_heads;
+    let mut o = vec![0f32; s.tokens() * s.heads * d];
+    let mut lse = vec![0f32; s.stats_len()];
+    let segment = |t: usize| seg.map_or(0, |sg| sg[t]);
+    let mut scores = vec![0f32; s.seq];
+    for b in 0..s.batch {
+        for h in 0..s.heads {
+            let kvh = h / groups;
+            for i in 0..s.seq {
+                let ti = b * s.seq + i;
+                let qi = qh.row(ti, h);
+                let mut m = f32::NEG_INFINITY;
+                for (j, sc) in scores.iter_mut().enumerate().take(i + 1) {
+                    let tj = b * s.seq + j;
+                    *sc = if visible(i, j, s.window, segment(ti), segment(tj)) {
+                        dot(qi, kh.row(tj, kvh)) * s.scale
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    m = m.max(*sc);
+                }
+                let mut l = 0f32;
+                let out = &mut o[(ti * s.heads + h) * d..(ti * s.heads + h + 1) * d];
+                for (j, &sc) in scores.iter().enumerate().take(i + 1) {
+                    if sc == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let p = (sc - m).exp();
+                    l += p;
+                    let vj = vh.row(b * s.seq + j, kvh);
+                    for c in 0..d {
+                        out[c] += p * vj[c];
+                    }
+                }
+                for x in out.iter_mut() {
+                    *x /= l;
+                }
+                lse[(b * s.heads + h) * s.seq + i] = m + l.ln();
+            }
+        }
+    }
+    (o, lse)
+}
+
+/// Gradients of the CPU reference: `(dq, dk, dv)` as dense arrays.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd_ref<T: Float>(
+    s: &AttnShape,
+    q: Mat<'_, T>,
+    k: Mat<'_, T>,
+    v: Mat<'_, T>,
+    o: Mat<'_, T>,
+    d_o: Mat<'_, T>,
+    lse: &[f32],
+    seg: Option<&[u32]>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let d = s.head_dim;
+    let (qh, kh, vh) = (Heads::new(q, d), Heads::new(k, d), Heads::new(v, d));
+    let (oh, doh) = (Heads::new(o, d), Heads::new(d_o, d));
+    let groups = s.heads / s.kv_heads;
+    let n = s.tokens();
+    let mut dq = vec![0f32; n * s.heads * d];
+    let mut dk = vec![0f32; n * s.kv_heads * d];
+    let mut dv = vec![0f32; n * s.kv_heads * d];
+    let segment = |t: usize| seg.map_or(0, |sg| sg[t]);
+    for b in 0..s.batch {
+        for h in 0..s.heads {
+            let kvh = h / groups;
+            for i in 0..s.seq {
+                let ti = b * s.seq + i;
+                let (qi, doi) = (qh.row(ti, h), doh.row(ti, h));
+                let delta = dot(doi, oh.row(ti, h));
+                let li = lse[(b * s.heads + h) * s.seq + i];
+                for j in 0..=i {
+                    let tj = b * s.seq + j;
+                    if !visible(i, j, s.window, segment(ti), segment(tj)) {
+                        continue;
+                    }
+                    let (kj, vj) = (kh.row(tj, kvh), vh.row(tj, kvh));
+                    let p = (dot(qi, kj) * s.scale - li).exp();
+                    let dp = dot(doi, vj);
+                    let ds = p * (dp - delta);
+                    let kv_off = (tj * s.kv_heads + kvh) * d;
+                    let q_off = (ti * s.heads + h) * d;
+                    for c in 0..d {
+                        dv[kv_off + c] += p * doi[c];
+                        dq[q_off + c] += ds * kj[c] * s.scale;
+                        dk[kv_off + c] += ds * qi[c] * s.scale;
+                    }
+                }
+            }
+        }
+    }
+    (dq, dk, dv)
+}
+
+/// `o = softmax(q kᵀ · scale + mask) v`, saving `lse: [batch, heads, seq]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd<T: Float>(
+    dev: &Dev,
+    s: &AttnShape,
+    q: Mat<'_, T>,
+    k: Mat<'_, T>,
+    v: Mat<'_, T>,
+    segments: Option<View<'_, u32>>,
+    o: Mat<'_, T>,
+    lse: View<'_, f32>,
+) -> Result<()> {
+    s.check("attention_fwd")?;
+    check_mats("attention_fwd", s, q, k, v, o)?;
+    ensure!(
+        lse.len() == s.stats_len(),
+        "attention_fwd",
+        "lse has {} entries, need {}",
+        lse.len(),
+        s.stats_len()
+    );
+    if let Some(sg) = segments {
+        ensure!(
+            sg.len() == s.tokens(),
+            "attention_fwd",
+            "{} segment ids for {} tokens",
+            sg.len(),
+            s.tokens()
+        );
+    }
+    let seg_span = segments.map(|s| s.span());
+    let mut ins = vec![q.span(), k.span(), v.span()];
+    ins.extend(seg_span);
+    check_disjoint("attention_fwd", &[o.span(), lse.span()], &ins)?;
+    #[cfg(feature = "cuda")]
+    if let Some(c) = dev.cuda() {
+        return crate::launch::attention_fwd(c, s, q, k, v, segments, o, lse);
+    }
+    let _ = dev;
+    let seg = segments.map(read_view);
+    let (ov, l) = attention_fwd_ref(s, q, k, v, seg.as_deref());
+    write_mat(o, &ov);
+    write_f32(lse, &l);
+    Ok(())
+}
+
+/// Gradients of [`attention_fwd`]: writes `dq`, `dk`, `dv` (overwritten, not
+/// accumulated). `scratch` holds `stats_len()` f32 (the `D` terms on the GPU).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd<T: Float>(
+    dev: &Dev,
+    s: &AttnShape,
+    q: Mat<'_, T>,
+    k: Mat<'_, T>,
+    v: Mat<'_, T>,
+    o: Mat<'_, T>,
+    d_o: Mat<'_, T>,
+    lse: View<'_, f32>,
+    segments: Option<View<'_, u32>>,
+    dq: Mat<'_, T>,
+    dk: Mat<'_, T>,
+    dv: Mat<'_, T>,
+    scratch: View<'_, f32>,
+) -> Result<()> {
+    s.check("attention_bwd")?;
+    check_mats("attention_bwd", s, q, k, v, o)?;
+    check_mats("attention_bwd", s, dq, dk, dv, d_o)?;
+    ensure!(
+        lse.len() == s.stats_len() && scratch.len() == s.stats_len(),
+        "attention_bwd",
+        "lse has {} and scratch {} entries, need {}",
+        lse.len(),
+        scratch.len(),
+        s.stats_len()
+    );
+    let mut ins = vec![
+        q.span(),
+        k.span(),
+        v.span(),
+        o.span(),
+        d_o.span(),
+        lse.span(),
+    ];
+    ins.extend(segments.map(|s| s.span()));
+    check_disjoint(
+        "attention_bwd",
+        &[dq.span(), dk.span(), dv.span(), scratch.span()],
+        &ins,
+    )?;
+    #[cfg(feature = "cuda")]
+    if let Some(c) = dev.cuda() {
+        return crate::launch::attention_bwd(
+            c, s, q, k, v, o, d_o, lse, segments, dq, dk, dv, scratch,
+        );
+    }
+    let _ = dev;
+    let seg = segments.map(read_view);
+    let (a, b, c) = attention_bwd_ref(s, q, k, v, o, d_o, &read_f32(lse), seg.as_deref());
+    write_mat(dq, &a);
+    write_mat(dk, &b);
+    write_mat(dv, &c);
+    Ok(())
+}

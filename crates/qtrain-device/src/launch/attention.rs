@@ -1,0 +1,386 @@
+//! CUDA launchers of the flash-attention kernels (`kernels/attention.cu`): kernel
+//! choice (head dim, element type), the checks the kernels rely on (compute capability
+//! 8.0+, 16-byte aligned rows), grids, dynamic shared memory, and the arguments in
+//! the exact order of the kernels' parameters.
+//!
+//! Forward: `attn_fwd` over (heads, query tiles, batch). Backward: `attn_bwd_prep`
+//! (`D = rowsum(dO ∘ O)` into the scratch), then `attn_bwd_dkdv` over (kv heads, key
+//! tiles, batch) and `attn_bwd_dq` over (heads, query tiles, batch): every gradient
+//! element has one writer, so the result is bit-reproducible (no atomics).
+
+use crate::attention::AttnShape;
+use crate::cuda::{launch, CudaDev, PushKernelArg};
+use crate::device::{Float, FloatKind, Mat, View};
+use crate::error::{DeviceError, Result};
+use crate::ptx;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig};
+
+/// Rows per tile on both sides (`kBQ`, `kBK` in the kernel file).
+const TILE: usize = 64;
+/// Threads per CTA (4 warps).
+const THREADS: u32 = 128;
+/// Head dimensions with a kernel instantiation.
+const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
+
+/// Warps per CTA of the forward by default. At head dim 128 an 8-warp variant exists
+/// too (128 queries share each K/V tile: half the L2 traffic, one CTA per SM instead of
+/// two); the GPU self-test times both (`selftest::attention_speed`), so the default can
+/// follow the measurement.
+pub(crate) const FWD_WARPS: usize = 4;
+
+/// Dynamic shared memory of each kernel, as laid out by `FwdSmem`, `DkvSmem`, `DqSmem`.
+fn fwd_smem(d: usize, warps: usize) -> u32 {
+    (32 * warps * d + 512 * d + 512) as u32
+}
+fn dkdv_smem(d: usize) -> u32 {
+    (768 * d + 1536) as u32
+}
+fn dq_smem(d: usize) -> u32 {
+    (768 * d + 512) as u32
+}
+
+/// `attn_{op}_d{d}_{bf16|f16}`, interned (kernel names must be `'static`).
+fn kernel_name(op: &str, d: usize, kind: FloatKind) -> &'static str {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static NAMES: Mutex<Option<HashMap<String, &'static str>>> = Mutex::new(None);
+    let key = format!("attn_{op}_d{d}_{}", kind.suffix());
+    let mut g = NAMES.lock().unwrap();
+    let map = g.get_or_insert_with(HashMap::new);
+    if let Some(&n) = map.get(&key) {
+        return n;
+    }
+    let leaked: &'static str = Box::leak(key.clone().into_boxed_str());
+    map.insert(key, leaked);
+    leaked
+}
+
+/// Loads `attn_{op}` for this shape and type, raising its shared-memory limit when needed.
+fn kernel<T: Float>(c: &CudaDev, op: &str, d: usize, smem: u32) -> Result<CudaFunction> {
+    let f = c.func(
+        "qtrain_attention",
+        ptx::ATTENTION,
+        kernel_name(op, d, T::KIND),
+    )?;
+    if smem > 48 * 1024 {
+        c.set_max_dynamic_smem(&f, smem)?;
+    }
+    Ok(f)
+}
+
+fn unsupported(op: &'static str, msg: String) -> DeviceError {
+    DeviceError::Unsupported { op, msg }
+}
+
+/// What every attention launch needs: a GPU with bf16 mma.sync and cp.async, a 16-bit
+/// element type, an instantiated head dim, and sizes the grid can hold.
+fn check_common<T: Float>(op: &'static str, c: &CudaDev, s: &AttnShape) -> Result<()> {
+    let (major, minor) = c.compute_capability()?;
+    if major < 8 {
+        return Err(unsupported(
+            op,
+            format!(
+                "the flash-attention kernels need compute capability 8.0 or newer \
+                 (mma.sync bf16/f16 m16n8k16, cp.async); this GPU is {major}.{minor}"
+            ),
+        ));
+    }
+    if !matches!(T::KIND, FloatKind::Bf16 | FloatKind::F16) {
+        return Err(unsupported(
+            op,
+            format!("element type {} (the kernels take bf16 or f16)", T::NAME),
+        ));
+    }
+    if !HEAD_DIMS.contains(&s.head_dim) {
+        return Err(unsupported(
+            op,
+            format!("head dim {} (kernels exist for {HEAD_DIMS:?})", s.head_dim),
+        ));
+    }
+    let tiles = s.seq.div_ceil(TILE); // the most query/key tiles of any kernel
+    let fits = s.seq <= i32::MAX as usize
+        && s.heads <= i32::MAX as usize
+        && tiles <= 65535
+        && s.batch <= 65535;
+    if !fits {
+        return Err(unsupported(
+            op,
+            format!(
+                "batch {} x seq {} x {} heads is beyond the launch grid (batch and \
+                 seq/64 at most 65535)",
+                s.batch, s.seq, s.heads
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The kernels move rows 16 bytes at a time with cp.async and vector stores.
+fn check_rows<T: Float>(op: &'static str, mats: &[(&str, Mat<'_, T>)]) -> Result<()> {
+    for (name, m) in mats {
+        if m.ld % 8 != 0 {
+            return Err(crate::error::shape_err(
+                op,
+                format!(
+                    "{name} has leading dimension {} elements; the CUDA kernel needs a \
+                     multiple of 8 (16-byte rows)",
+                    m.ld
+                ),
+            ));
+        }
+        if m.dptr() % 16 != 0 {
+            return Err(crate::error::shape_err(
+                op,
+                format!("{name} does not start on a 16-byte boundary"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The kernels' `window` argument: 0 when there is none or it covers the whole sequence.
+fn window_arg(s: &AttnShape) -> i32 {
+    match s.window {
+        Some(w) if w < s.seq => w as i32,
+        _ => 0,
+    }
+}
+
+fn cfg(grid: (usize, usize, usize), smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_fwd<T: Float>(
+    c: &CudaDev,
+    s: &AttnShape,
+    q: Mat<'_, T>,
+    k: Mat<'_, T>,
+    v: Mat<'_, T>,
+    segments: Option<View<'_, u32>>,
+    o: Mat<'_, T>,
+    lse: View<'_, f32>,
+) -> Result<()> {
+    attention_fwd_warps(c, s, q, k, v, segments, o, lse, FWD_WARPS)
+}
+
+/// [`attention_fwd`] with `warps` per CTA: 4, or 8 at head dim 128.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_fwd_warps<T: Float>(
+    c: &CudaDev,
+    s: &AttnShape,
+    q: Mat<'_, T>,
+    k: Mat<'_, T>,
+    v: Mat<'_, T>,
+    segments: Option<View<'_, u32>>,
+    o: Mat<'_, T>,
+    lse: View<'_, f32>,
+    warps: usize,
+) -> Result<()> {
+    const OP: &str = "attention_fwd";
+    if s.tokens() == 0 || s.heads == 0 {
+        return Ok(());
+    }
+    check_common::<T>(OP, c, s)?;
+    check_rows(OP, &[("q", q), ("k", k), ("v", v), ("o", o)])?;
+    let d = s.head_dim;
+    let (op_name, rows) = match (warps, d) {
+        (4, _) => ("fwd", TILE),
+        (8, 128) => ("fwd8", 2 * TILE),
+        _ => {
+            return Err(unsupported(
+                OP,
+                format!("{warps} warps at head dim {d} (4 always, 8 at head dim 128)"),
+            ))
+        }
+    };
+    let smem = fwd_smem(d, warps);
+    let f = kernel::<T>(c, op_name, d, smem)?;
+    let (qp, ldq, kp, ldk, vp, ldv) = (
+        q.dptr(),
+        q.ld as u64,
+        k.dptr(),
+        k.ld as u64,
+        v.dptr(),
+        v.ld as u64,
+    );
+    let (sp, op, ldo, lp) = (
+        segments.map_or(0u64, |g| g.dptr()),
+        o.dptr(),
+        o.ld as u64,
+        lse.dptr(),
+    );
+    let (seq, heads, kvh, win, scale) = (
+        s.seq as i32,
+        s.heads as i32,
+        s.kv_heads as i32,
+        window_arg(s),
+        s.scale,
+    );
+    let mut b = c.builder(&f);
+    b.arg(&qp)
+        .arg(&ldq)
+        .arg(&kp)
+        .arg(&ldk)
+        .arg(&vp)
+        .arg(&ldv)
+        .arg(&sp)
+        .arg(&op)
+        .arg(&ldo)
+        .arg(&lp)
+        .arg(&seq)
+        .arg(&heads)
+        .arg(&kvh)
+        .arg(&win)
+        .arg(&scale);
+    let grid = (s.heads, s.seq.div_ceil(rows), s.batch);
+    let mut config = cfg(grid, smem);
+    config.block_dim.0 = 32 * warps as u32;
+    // SAFETY: arguments match `attn_fwd_*` / `attn_fwd8_*` in number, order and type; the
+    // wrapper checked every matrix's shape against `s`, lse's and the segments' lengths,
+    // and overlaps; the kernel reads and writes only rows < seq of each batch row and the
+    // columns of its head; the block has the 32 * warps threads it was compiled for.
+    unsafe { launch(OP, b, config) }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_bwd<T: Float>(
+    c: &CudaDev,
+    s: &AttnShape,
+    q: Mat<'_, T>,
+    k: Mat<'_, T>,
+    v: Mat<'_, T>,
+    o: Mat<'_, T>,
+    d_o: Mat<'_, T>,
+    lse: View<'_, f32>,
+    segments: Option<View<'_, u32>>,
+    dq: Mat<'_, T>,
+    dk: Mat<'_, T>,
+    dv: Mat<'_, T>,
+    scratch: View<'_, f32>,
+) -> Result<()> {
+    const OP: &str = "attention_bwd";
+    if s.tokens() == 0 || s.heads == 0 {
+        return Ok(());
+    }
+    check_common::<T>(OP, c, s)?;
+    check_rows(
+        OP,
+        &[
+            ("q", q),
+            ("k", k),
+            ("v", v),
+            ("o", o),
+            ("dO", d_o),
+            ("dq", dq),
+            ("dk", dk),
+            ("dv", dv),
+        ],
+    )?;
+    let d = s.head_dim;
+    let (seq, heads, kvh, win, scale) = (
+        s.seq as i32,
+        s.heads as i32,
+        s.kv_heads as i32,
+        window_arg(s),
+        s.scale,
+    );
+    let (qp, ldq, kp, ldk, vp, ldv) = (
+        q.dptr(),
+        q.ld as u64,
+        k.dptr(),
+        k.ld as u64,
+        v.dptr(),
+        v.ld as u64,
+    );
+    let (op, ldo, dop, lddo) = (o.dptr(), o.ld as u64, d_o.dptr(), d_o.ld as u64);
+    let (lp, dsp, sp) = (
+        lse.dptr(),
+        scratch.dptr(),
+        segments.map_or(0u64, |g| g.dptr()),
+    );
+
+    // D = rowsum(dO ∘ O), one (token, head) row per D/8 threads.
+    {
+        let f = kernel::<T>(c, "bwd_prep", d, 0)?;
+        let rows = (s.tokens() * s.heads) as u64;
+        let per_block = (THREADS as usize) / (d / 8);
+        let mut b = c.builder(&f);
+        b.arg(&op)
+            .arg(&ldo)
+            .arg(&dop)
+            .arg(&lddo)
+            .arg(&dsp)
+            .arg(&seq)
+            .arg(&heads)
+            .arg(&rows);
+        let grid = ((rows as usize).div_ceil(per_block), 1, 1);
+        // SAFETY: arguments match `attn_bwd_prep_*`; rows >= n * heads are skipped in the
+        // kernel; scratch holds batch * heads * seq floats (checked by the wrapper).
+        unsafe { launch(OP, b, cfg(grid, 0))? };
+    }
+    // dK, dV per (kv head, key tile, batch row).
+    {
+        let smem = dkdv_smem(d);
+        let f = kernel::<T>(c, "bwd_dkdv", d, smem)?;
+        let (dkp, lddk, dvp, lddv) = (dk.dptr(), dk.ld as u64, dv.dptr(), dv.ld as u64);
+        let mut b = c.builder(&f);
+        b.arg(&qp)
+            .arg(&ldq)
+            .arg(&kp)
+            .arg(&ldk)
+            .arg(&vp)
+            .arg(&ldv)
+            .arg(&dop)
+            .arg(&lddo)
+            .arg(&lp)
+            .arg(&dsp)
+            .arg(&sp)
+            .arg(&dkp)
+            .arg(&lddk)
+            .arg(&dvp)
+            .arg(&lddv)
+            .arg(&seq)
+            .arg(&heads)
+            .arg(&kvh)
+            .arg(&win)
+            .arg(&scale);
+        let grid = (s.kv_heads, s.seq.div_ceil(TILE), s.batch);
+        // SAFETY: arguments match `attn_bwd_dkdv_*`; shapes and overlaps checked by the
+        // wrapper; each CTA writes only its key tile's rows < seq of dk and dv.
+        unsafe { launch(OP, b, cfg(grid, smem))? };
+    }
+    // dQ per (head, query tile, batch row).
+    {
+        let smem = dq_smem(d);
+        let f = kernel::<T>(c, "bwd_dq", d, smem)?;
+        let (dqp, lddq) = (dq.dptr(), dq.ld as u64);
+        let mut b = c.builder(&f);
+        b.arg(&qp)
+            .arg(&ldq)
+            .arg(&kp)
+            .arg(&ldk)
+            .arg(&vp)
+            .arg(&ldv)
+            .arg(&dop)
+            .arg(&lddo)
+            .arg(&lp)
+            .arg(&dsp)
+            .arg(&sp)
+            .arg(&dqp)
+            .arg(&lddq)
+            .arg(&seq)
+            .arg(&heads)
+            .arg(&kvh)
+            .arg(&win)
+            .arg(&scale);
+        let grid = (s.heads, s.seq.div_ceil(TILE), s.batch);
+        // SAFETY: arguments match `attn_bwd_dq_*`; each CTA writes only its query tile's
+        // rows < seq of dq.
+        unsafe { launch(OP, b, cfg(grid, smem)) }
+    }
+}
