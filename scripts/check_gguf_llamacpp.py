@@ -12,11 +12,18 @@ the GGUF, and checks:
   * the prompt token ids equal qtrain's (the tokenizer metadata is right);
   * greedy decoding in llama.cpp stops at an end-of-generation token and, with
     --expect-same, gives exactly qtrain's tokens (f16 / q8_0: same weights up to
-    8-bit rounding); without it the tokens are reported (q4_k_m).
+    8-bit rounding); without it the tokens are reported (q4_k_m);
+  * with Go installed, the Modelfile's TEMPLATE rendered by Go's text/template as
+    Ollama renders it (scripts/ollama_template.go) equals the Jinja template's
+    output (without the BOS llama.cpp adds) for single-turn, multi-turn and
+    system-message conversations.
 Needs llama-cpp-python (scripts/check_gguf_llamacpp.sh builds it) and jinja2.
 """
 
 import json
+import os
+import shutil
+import subprocess
 import sys
 
 import jinja2
@@ -59,6 +66,9 @@ def main():
         print("FAIL: llama.cpp tokenizes the prompt differently from qtrain")
         sys.exit(1)
 
+    check_modelfile(template, os.path.join(os.path.dirname(gguf), "Modelfile"), env, bos, eos,
+                    meta.get("tokenizer.ggml.add_bos_token") == "true", want["prompt"])
+
     llm.reset()
     llm.eval(prompt)
     out, stopped = [], False
@@ -91,6 +101,40 @@ def main():
         print("note:", msg, "(expected to be possible at this quantization)")
     else:
         print("ok: same greedy tokens as qtrain, and the same stop")
+
+
+def check_modelfile(template, modelfile, env, bos, eos, add_bos, prompt):
+    if shutil.which("go") is None:
+        print("skipped: the Modelfile TEMPLATE check needs Go (text/template)")
+        return
+    text = open(modelfile).read()
+    if 'TEMPLATE """' not in text:
+        print(f"FAIL: {modelfile} has no TEMPLATE")
+        sys.exit(1)
+    go_tmpl = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    go_src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ollama_template.go")
+    convs = [
+        [("user", prompt)],
+        [("system", "Answer briefly."), ("user", prompt)],
+        [("user", "Uppercase: sun"), ("assistant", "SUN"), ("user", prompt)],
+        [("system", "Answer briefly."), ("user", "Uppercase: sun"), ("assistant", "SUN"),
+         ("user", prompt)],
+    ]
+    for conv in convs:
+        msgs = [{"role": r, "content": c} for r, c in conv]
+        want = env.from_string(template).render(
+            messages=msgs, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+        if add_bos and want.startswith(bos):
+            want = want[len(bos):]
+        got = subprocess.run(["go", "run", go_src], input=json.dumps({"template": go_tmpl, "messages": msgs}),
+                             capture_output=True, text=True)
+        if got.returncode != 0:
+            print(f"FAIL: Go cannot render the Modelfile TEMPLATE: {got.stderr}")
+            sys.exit(1)
+        if got.stdout != want:
+            print(f"FAIL: Modelfile TEMPLATE renders {got.stdout!r}, the Jinja template {want!r}")
+            sys.exit(1)
+    print(f"ok: the Modelfile TEMPLATE (Go) renders {len(convs)} conversations as the Jinja template does")
 
 
 if __name__ == "__main__":

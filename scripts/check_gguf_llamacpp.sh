@@ -6,7 +6,9 @@
 # `qtrain generate` on the merged weights (no NF4), and checks with llama.cpp
 # (through llama-cpp-python) that each GGUF loads, tokenizes the chat prompt into
 # the same ids, stops at the end-of-turn token, and — for f16 and q8_0 — gives the
-# same greedy tokens. q4_k_m's tokens are reported.
+# same greedy tokens. q4_k_m's tokens are reported. With Go installed it also renders
+# the Modelfile's TEMPLATE with Go's text/template as Ollama does and compares it
+# with the Jinja chat template's output.
 #
 # The first run builds llama.cpp from PyPI's llama-cpp-python source package into
 # $QTRAIN_LLAMACPP_VENV (default ~/.cache/qtrain-llamacpp/venv): about 20 minutes
