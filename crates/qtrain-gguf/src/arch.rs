@@ -554,7 +554,7 @@ pub fn plan_tensors(
 /// of the input.
 pub fn permute_rows(x: &[f32], rows: usize, heads: usize) -> Vec<f32> {
     assert!(
-        rows % (2 * heads) == 0,
+        rows.is_multiple_of(2 * heads),
         "{rows} rows do not split into {heads} heads of pairs"
     );
     let cols = x.len() / rows;

@@ -34,7 +34,7 @@ fn layer_of(name: &str) -> Option<usize> {
 
 /// `tensor_type_fallback`: the type used when `ty`'s block does not divide `row`.
 fn fallback(ty: GgmlType, row: usize) -> GgmlType {
-    if row % ty.block_size() == 0 {
+    if row.is_multiple_of(ty.block_size()) {
         return ty;
     }
     let next = match ty {
@@ -42,7 +42,7 @@ fn fallback(ty: GgmlType, row: usize) -> GgmlType {
         GgmlType::Q6K => GgmlType::Q8_0,
         other => other,
     };
-    if row % next.block_size() == 0 {
+    if row.is_multiple_of(next.block_size()) {
         next
     } else {
         GgmlType::F16
@@ -64,7 +64,7 @@ pub fn tensor_type(
     match ft {
         FileType::F16 | FileType::BF16 => ft.default_type(),
         FileType::Q8_0 => {
-            if row % 32 == 0 {
+            if row.is_multiple_of(32) {
                 GgmlType::Q8_0
             } else {
                 GgmlType::F16
@@ -74,7 +74,7 @@ pub fn tensor_type(
             let is_70b = m.arch == Arch::Llama && m.n_layers == 80 && m.n_heads != m.n_kv_heads;
             let ty = if name == "output.weight" || (!has_output && name == "token_embd.weight") {
                 // Q8_0 unless 256 divides the row (then F16 unless 32 does).
-                let ty = if row % 256 == 0 {
+                let ty = if row.is_multiple_of(256) {
                     GgmlType::Q6K
                 } else {
                     GgmlType::Q8_0

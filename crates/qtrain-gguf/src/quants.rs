@@ -55,7 +55,10 @@ fn f16_at(b: &[u8]) -> f32 {
 /// `row_len` elements, a multiple of `ty`'s block size. Large inputs are split
 /// across threads by rows; the result does not depend on the split.
 pub fn quantize(ty: GgmlType, x: &[f32], row_len: usize, out: &mut Vec<u8>) {
-    assert!(row_len > 0 && x.len() % row_len == 0, "x is not whole rows");
+    assert!(
+        row_len > 0 && x.len().is_multiple_of(row_len),
+        "x is not whole rows"
+    );
     assert_eq!(
         row_len % ty.block_size(),
         0,
@@ -583,7 +586,7 @@ mod tests {
             (4194303.0, 4194303),
         ] {
             assert_eq!(nearest_int(x), want, "{x}");
-            assert_eq!(nearest_int(x), (x as f32).round_ties_even() as i32, "{x}");
+            assert_eq!(nearest_int(x), x.round_ties_even() as i32, "{x}");
         }
     }
 
@@ -592,8 +595,8 @@ mod tests {
         for x in [
             1.0f32,
             -3.3e-5,
-            1.00390625,
-            1.005859375,
+            1.003_906_3,
+            1.005_859_4,
             3.4e38,
             -0.0,
             1e-40,
