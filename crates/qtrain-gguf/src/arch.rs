@@ -45,6 +45,12 @@ pub enum RopeScaling {
         beta_fast: Option<f32>,
         beta_slow: Option<f32>,
     },
+    /// Dynamic NTK scaling: it changes RoPE only past the trained context, and
+    /// llama.cpp has no such mode for these architectures, so nothing is written
+    /// (with a note).
+    Dynamic {
+        factor: f32,
+    },
     /// Llama 3.1's frequency-dependent scaling: a `rope_freqs.weight` tensor.
     Llama3 {
         factor: f32,
@@ -74,6 +80,8 @@ pub struct HfModel {
     pub rope_scaling: RopeScaling,
     pub tie_word_embeddings: bool,
     pub sliding_window: Option<usize>,
+    /// Qwen's switch for its sliding window (off in the released models).
+    pub use_sliding_window: bool,
 }
 
 impl HfModel {
@@ -175,6 +183,7 @@ impl HfModel {
                 match (kind, factor) {
                     ("default", _) => RopeScaling::None,
                     ("linear", Some(factor)) => RopeScaling::Linear { factor },
+                    ("dynamic", Some(factor)) => RopeScaling::Dynamic { factor },
                     ("yarn", Some(factor)) => RopeScaling::Yarn {
                         factor,
                         original_context: r
@@ -230,6 +239,10 @@ impl HfModel {
                 .and_then(Json::as_bool)
                 .unwrap_or(false),
             sliding_window: usize_of("sliding_window")?,
+            use_sliding_window: raw
+                .get("use_sliding_window")
+                .and_then(Json::as_bool)
+                .unwrap_or(false),
         };
         if m.arch == Arch::Llama && m.head_dim.is_some_and(|h| h * n_heads != hidden_size) {
             // llama.cpp's llama architecture runs RoPE over the whole head and needs
@@ -266,7 +279,7 @@ impl HfModel {
             md.set_u32(&k("attention.value_length"), h as u32);
         }
         match &self.rope_scaling {
-            RopeScaling::None | RopeScaling::Llama3 { .. } => {}
+            RopeScaling::None | RopeScaling::Llama3 { .. } | RopeScaling::Dynamic { .. } => {}
             RopeScaling::Linear { factor } => {
                 md.set_str(&k("rope.scaling.type"), "linear");
                 md.set_f32(&k("rope.scaling.factor"), *factor);
@@ -306,6 +319,23 @@ impl HfModel {
     /// A note for the log when the GGUF cannot carry something the model has.
     pub fn caveats(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if let RopeScaling::Dynamic { factor } = self.rope_scaling {
+            out.push(format!(
+                "config.json asks for dynamic NTK RoPE scaling (factor {factor}), which \
+                 llama.cpp does not implement for `{}`; the GGUF uses plain RoPE, the same \
+                 as the model up to its {} trained positions (dynamic scaling only changes \
+                 longer sequences)",
+                self.arch.name(),
+                self.context_length
+            ));
+        }
+        if self.arch != Arch::Llama && self.use_sliding_window {
+            out.push(format!(
+                "config.json enables Qwen's sliding window; llama.cpp's `{}` attends to the \
+                 whole context",
+                self.arch.name()
+            ));
+        }
         if let Some(w) = self.sliding_window {
             if self.arch == Arch::Llama && w < self.context_length {
                 out.push(format!(
@@ -469,21 +499,36 @@ pub fn plan_tensors(
                 true,
             )?;
         }
+        let o = ("attn_output", "self_attn.o_proj");
         add(
-            g("attn_output.weight"),
-            hf("self_attn.o_proj.weight"),
+            g(&format!("{}.weight", o.0)),
+            hf(&format!("{}.weight", o.1)),
             None,
             true,
         )?;
+        // Llama's attention_bias / mlp_bias: optional tensors llama.cpp reads.
         add(
-            g("ffn_norm.weight"),
-            hf("post_attention_layernorm.weight"),
+            g(&format!("{}.bias", o.0)),
+            hf(&format!("{}.bias", o.1)),
             None,
-            true,
+            false,
         )?;
-        add(g("ffn_gate.weight"), hf("mlp.gate_proj.weight"), None, true)?;
-        add(g("ffn_up.weight"), hf("mlp.up_proj.weight"), None, true)?;
-        add(g("ffn_down.weight"), hf("mlp.down_proj.weight"), None, true)?;
+        let norm = ("ffn_norm.weight", "post_attention_layernorm.weight");
+        add(g(norm.0), hf(norm.1), None, true)?;
+        for (p, gn) in [("gate", "ffn_gate"), ("up", "ffn_up"), ("down", "ffn_down")] {
+            add(
+                g(&format!("{gn}.weight")),
+                hf(&format!("mlp.{p}_proj.weight")),
+                None,
+                true,
+            )?;
+            add(
+                g(&format!("{gn}.bias")),
+                hf(&format!("mlp.{p}_proj.bias")),
+                None,
+                false,
+            )?;
+        }
     }
     add(
         "output_norm.weight".into(),
@@ -612,6 +657,10 @@ mod tests {
                     vec![hd]
                 } else if e.contains("q_proj") {
                     vec![m.n_heads * hd]
+                } else if e.contains("o_proj") || e.contains("down_proj") {
+                    vec![h]
+                } else if e.contains("mlp.") {
+                    vec![f]
                 } else {
                     vec![m.n_kv_heads * hd]
                 };
@@ -731,6 +780,39 @@ mod tests {
     }
 
     #[test]
+    fn llama_attention_and_mlp_biases_are_kept_and_q_k_biases_permuted() {
+        let m = HfModel::from_json(&config("llama"), Path::new("c")).unwrap();
+        let extra = [
+            "self_attn.q_proj.bias",
+            "self_attn.k_proj.bias",
+            "self_attn.v_proj.bias",
+            "self_attn.o_proj.bias",
+            "mlp.gate_proj.bias",
+            "mlp.up_proj.bias",
+            "mlp.down_proj.bias",
+        ];
+        let plan = plan_tensors(&m, &hf_tensors(&m, &extra)).unwrap();
+        assert_eq!(plan.len(), 3 + 2 * (9 + 7));
+        let get = |n: &str| plan.iter().find(|p| p.name == n).unwrap();
+        assert!(matches!(
+            get("blk.0.attn_q.bias").source,
+            Source::Hf {
+                permute_heads: Some(4),
+                ..
+            }
+        ));
+        assert!(matches!(
+            get("blk.0.attn_k.bias").source,
+            Source::Hf {
+                permute_heads: Some(2),
+                ..
+            }
+        ));
+        assert_eq!(get("blk.1.ffn_up.bias").shape, vec![96]);
+        assert_eq!(get("blk.1.attn_output.bias").shape, vec![64]);
+    }
+
+    #[test]
     fn tied_embeddings_leftovers_and_bad_shapes() {
         let mut c = config("llama");
         c["tie_word_embeddings"] = true.into();
@@ -789,6 +871,11 @@ mod tests {
             md.get("llama.rope.scaling.original_context_length"),
             Some(&crate::Value::U32(32768))
         );
+
+        c["rope_scaling"] = json!({"rope_type": "dynamic", "factor": 2.0});
+        let m = HfModel::from_json(&c, Path::new("c")).unwrap();
+        assert_eq!(m.rope_scaling, RopeScaling::Dynamic { factor: 2.0 });
+        assert!(m.caveats()[0].contains("dynamic NTK"), "{:?}", m.caveats());
 
         c["rope_scaling"] = json!({"rope_type": "longrope", "factor": 4.0});
         let e = HfModel::from_json(&c, Path::new("c"))

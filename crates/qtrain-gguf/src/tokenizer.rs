@@ -16,7 +16,8 @@
 //! * **Byte-level BPE** (Llama 3, Qwen) becomes tokenizer model `gpt2`: the tokens,
 //!   the merges and the pre-tokenizer type (`tokenizer.ggml.pre`), recognised from
 //!   the pre-tokenizer's split regex (llama.cpp implements each known regex under a
-//!   name; an unknown one is refused, since llama.cpp would split text differently).
+//!   name; an unknown one is refused, since llama.cpp would split text differently;
+//!   a `ByteLevel` pre-tokenizer splitting with its own regex is GPT-2's, `gpt-2`).
 //!
 //! Special token ids come from `tokenizer_config.json` (`bos_token`, ...) matched
 //! against the added tokens, then `config.json`'s `*_token_id`; whether BOS/EOS are
@@ -401,9 +402,17 @@ fn byte_level_pre(parts: &[&Json]) -> Result<String, String> {
                      (known: Llama 3's, Qwen 2's); llama.cpp would split text differently"
                 )
             }),
+        // ByteLevel splitting with its own regex is GPT-2's, which llama.cpp knows
+        // as `gpt-2`.
+        [] if parts.iter().any(|p| {
+            type_of(p) == "ByteLevel" && p.get("use_regex").and_then(Json::as_bool) != Some(false)
+        }) =>
+        {
+            Ok("gpt-2".into())
+        }
         [] => Err(
-            "a byte-level BPE without a split regex (GPT-2 style) is not supported by \
-                   qtrain's GGUF export"
+            "a byte-level BPE that splits text without a regex: llama.cpp has no such \
+                   pre-tokenizer"
                 .into(),
         ),
         _ => Err(format!(
@@ -791,6 +800,17 @@ mod tests {
             md.get("tokenizer.chat_templates"),
             Some(&Value::ArrayString(vec!["tool_use".into()]))
         );
+
+        // ByteLevel with its built-in regex (no Split): GPT-2's pre-tokenizer.
+        let mut gpt2 = byte_level(&qwen, post.clone());
+        gpt2["pre_tokenizer"] =
+            json!({"type": "ByteLevel", "add_prefix_space": false, "use_regex": true});
+        write(d.path(), &gpt2, &tc, &json!({}));
+        assert_eq!(read_tokenizer(d.path(), 9).unwrap().pre, "gpt-2");
+        gpt2["pre_tokenizer"]["use_regex"] = false.into();
+        write(d.path(), &gpt2, &tc, &json!({}));
+        let e = read_tokenizer(d.path(), 9).unwrap_err().to_string();
+        assert!(e.contains("without a regex"), "{e}");
 
         write(d.path(), &byte_level(r"\s+|\w+", post), &tc, &json!({}));
         let e = read_tokenizer(d.path(), 9).unwrap_err().to_string();

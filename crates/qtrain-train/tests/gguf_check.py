@@ -116,8 +116,9 @@ def main():
     tc = json.loads((merged_dir / "tokenizer_config.json").read_text())
     r = GGUFReader(gguf_path)
     arch = field(r, "general.architecture")
-    if arch != "llama":
-        fail(f"architecture {arch}")
+    want_arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[cfg["model_type"]]
+    if arch != want_arch:
+        fail(f"architecture {arch}, want {want_arch}")
 
     # --- metadata
     n_layer = cfg["num_hidden_layers"]
@@ -127,61 +128,91 @@ def main():
     want = {
         "general.file_type": FILE_TYPES[ft],
         "general.quantization_version": 2,
-        "llama.block_count": n_layer,
-        "llama.context_length": cfg["max_position_embeddings"],
-        "llama.embedding_length": cfg["hidden_size"],
-        "llama.feed_forward_length": cfg["intermediate_size"],
-        "llama.attention.head_count": n_head,
-        "llama.attention.head_count_kv": n_kv,
-        "llama.rope.dimension_count": head_dim,
-        "llama.vocab_size": cfg["vocab_size"],
+        f"{arch}.block_count": n_layer,
+        f"{arch}.context_length": cfg["max_position_embeddings"],
+        f"{arch}.embedding_length": cfg["hidden_size"],
+        f"{arch}.feed_forward_length": cfg["intermediate_size"],
+        f"{arch}.attention.head_count": n_head,
+        f"{arch}.attention.head_count_kv": n_kv,
     }
+    if arch == "llama":
+        want["llama.rope.dimension_count"] = head_dim
+        want["llama.vocab_size"] = cfg["vocab_size"]
+    if cfg.get("head_dim"):
+        want[f"{arch}.attention.key_length"] = cfg["head_dim"]
     for k, v in want.items():
         if field(r, k) != v:
             fail(f"{k} = {field(r, k)}, want {v}")
-    for k, v in [("llama.rope.freq_base", cfg.get("rope_theta", 10000.0)),
-                 ("llama.attention.layer_norm_rms_epsilon", cfg["rms_norm_eps"])]:
+    theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    for k, v in [(f"{arch}.rope.freq_base", theta),
+                 (f"{arch}.attention.layer_norm_rms_epsilon", cfg["rms_norm_eps"])]:
         if field(r, k) != np.float32(v):
             fail(f"{k} = {field(r, k)}, want {v}")
-    print(f"ok: general/llama metadata ({len(want) + 2} keys)")
+    print(f"ok: general/{arch} metadata ({len(want) + 2} keys)")
 
     # --- tokenizer
     vocab = tj["model"]["vocab"]
     tokens = field(r, "tokenizer.ggml.tokens")
-    if field(r, "tokenizer.ggml.model") != "llama" or len(tokens) != cfg["vocab_size"]:
-        fail(f"tokenizer model / size: {field(r, 'tokenizer.ggml.model')} {len(tokens)}")
+    model = field(r, "tokenizer.ggml.model")
+    byte_level = "ByteLevel" in json.dumps(tj.get("pre_tokenizer"))
+    if model != ("gpt2" if byte_level else "llama") or len(tokens) != cfg["vocab_size"]:
+        fail(f"tokenizer model / size: {model} {len(tokens)}")
     for t, i in vocab.items():
         if tokens[i] != t:
             fail(f"token {i}: {tokens[i]!r} vs tokenizer.json {t!r}")
     types = field(r, "tokenizer.ggml.token_type")
-    special = {a["content"]: a["id"] for a in tj["added_tokens"] if a["special"]}
-    unk = tj["model"]["unk_token"]
+    added = {a["content"]: a for a in tj["added_tokens"]}
+    unk = tj["model"].get("unk_token")
+    known = set(vocab) | set(added)
     for i, t in enumerate(tokens):
-        want_ty = (2 if t == unk else 3 if t in special else
-                   6 if t.startswith("<0x") and len(t) == 6 else 1)
+        if t not in known:
+            want_ty = 5  # UNUSED padding up to vocab_size
+        elif t == unk and not byte_level:
+            want_ty = 2
+        elif t in added:
+            want_ty = 3 if added[t]["special"] or (t.startswith("<|") and t.endswith("|>")) else 4
+        elif not byte_level and t.startswith("<0x") and len(t) == 6:
+            want_ty = 6
+        else:
+            want_ty = 1
         if types[i] != want_ty:
             fail(f"token {i} {t!r}: type {types[i]}, want {want_ty}")
-    # SentencePiece merges pick the highest score: a merge-rank order.
-    scores = field(r, "tokenizer.ggml.scores")
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
-    ranked = list(dict.fromkeys(vocab[m.replace(" ", "")] for m in merges))
-    if any(scores[a] <= scores[b] for a, b in zip(ranked, ranked[1:])):
-        fail("scores do not fall with the merge rank")
-    ids = {k: field(r, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos")}
-    ids["unk"] = field(r, "tokenizer.ggml.unknown_token_id")
-    for k, v in ids.items():
-        if tokens[v] != tc[f"{k}_token"]:
-            fail(f"{k} id {v} is {tokens[v]!r}, tokenizer_config says {tc[k + '_token']!r}")
-    if field(r, "tokenizer.ggml.add_bos_token") is not True or field(r, "tokenizer.ggml.add_eos_token") is not False:
-        fail("add_bos/add_eos")
-    # Metaspace's `first` scheme marks only the start of the input: no space after
-    # special tokens, which llama.cpp's add_space_prefix would add.
-    scheme = (tj.get("pre_tokenizer") or {}).get("prepend_scheme")
-    if scheme and field(r, "tokenizer.ggml.add_space_prefix") != (scheme == "always"):
-        fail(f"add_space_prefix with Metaspace prepend_scheme {scheme!r}")
+    merges = [m if isinstance(m, str) else " ".join(p.replace(" ", "\u0120") for p in m)
+              for m in tj["model"]["merges"]]
+    if byte_level:
+        if field(r, "tokenizer.ggml.merges") != merges:
+            fail("merges differ from tokenizer.json's")
+        pre = field(r, "tokenizer.ggml.pre")
+        if pre not in ("llama-bpe", "qwen2", "gpt-2"):
+            fail(f"pre-tokenizer {pre!r}")
+    else:
+        # SentencePiece merges pick the highest score: a merge-rank order.
+        scores = field(r, "tokenizer.ggml.scores")
+        ranked = list(dict.fromkeys(vocab[m.replace(" ", "")] for m in merges))
+        if any(scores[a] <= scores[b] for a, b in zip(ranked, ranked[1:])):
+            fail("scores do not fall with the merge rank")
+        # Metaspace's `first` scheme marks only the start of the input: no space
+        # after special tokens, which llama.cpp's add_space_prefix would add.
+        scheme = (tj.get("pre_tokenizer") or {}).get("prepend_scheme")
+        if scheme and field(r, "tokenizer.ggml.add_space_prefix") != (scheme == "always"):
+            fail(f"add_space_prefix with Metaspace prepend_scheme {scheme!r}")
+    ids = {}
+    for k, key in [("bos", "bos"), ("eos", "eos"), ("unk", "unknown")]:
+        text = tc.get(f"{k}_token")
+        text = text.get("content") if isinstance(text, dict) else text
+        if text:
+            ids[k] = field(r, f"tokenizer.ggml.{key}_token_id")
+            if tokens[ids[k]] != text:
+                fail(f"{k} id {ids[k]} is {tokens[ids[k]]!r}, tokenizer_config says {text!r}")
+    post = json.dumps(tj.get("post_processor"))
+    want_bos = "TemplateProcessing" in post
+    if field(r, "tokenizer.ggml.add_bos_token") is not want_bos:
+        fail(f"add_bos_token: want {want_bos}")
+    if field(r, "tokenizer.ggml.add_eos_token") is not False:
+        fail("add_eos_token")
     if field(r, "tokenizer.chat_template") != tc["chat_template"]:
         fail("chat template differs from tokenizer_config.json's")
-    print(f"ok: tokenizer ({len(tokens)} tokens, ids {ids}, chat template)")
+    print(f"ok: tokenizer ({model}, {len(tokens)} tokens, ids {ids}, chat template)")
 
     # --- tensors
     merged = read_safetensors(merged_dir)
@@ -192,8 +223,10 @@ def main():
         for hf, g in [("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"),
                       ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
                       ("self_attn.o_proj", "attn_output"), ("post_attention_layernorm", "ffn_norm"),
-                      ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")]:
-            hf_of[f"blk.{i}.{g}.weight"] = f"model.layers.{i}.{hf}.weight"
+                      ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down"),
+                      ("self_attn.q_norm", "attn_q_norm"), ("self_attn.k_norm", "attn_k_norm")]:
+            for suffix in ("weight", "bias"):
+                hf_of[f"blk.{i}.{g}.{suffix}"] = f"model.layers.{i}.{hf}.{suffix}"
     got_names = [t.name for t in r.tensors]
     expect_names = [n for n, h in hf_of.items() if h in merged]
     if sorted(got_names) != sorted(expect_names):
@@ -202,9 +235,9 @@ def main():
     counts = {}
     for t in r.tensors:
         w = merged[hf_of[t.name]].astype(np.float32)
-        if t.name.endswith("attn_q.weight"):
+        if arch == "llama" and (t.name.endswith("attn_q.weight") or t.name.endswith("attn_q.bias")):
             w = permute(w, n_head, n_head)
-        elif t.name.endswith("attn_k.weight"):
+        elif arch == "llama" and (t.name.endswith("attn_k.weight") or t.name.endswith("attn_k.bias")):
             w = permute(w, n_head, n_kv)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         if shape != w.shape:

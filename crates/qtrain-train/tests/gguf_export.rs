@@ -96,14 +96,19 @@ fn tiny_model(dir: &Path, hidden: usize, inter: usize) -> ModelConfig {
 /// LoRA on all seven projections of layers 0, 2 and 3, with deltas well above bf16
 /// rounding so a missing merge or a wrong permutation cannot pass.
 fn adapter(cfg: &ModelConfig) -> PeftAdapter {
-    let r = 4;
+    adapter_on(cfg, &[0, 2, 3], 4, 0.3)
+}
+
+/// Rank-`r` LoRA on all seven projections of `layers`, A and B uniform in
+/// `[-amp, amp)`.
+fn adapter_on(cfg: &ModelConfig, layers: &[usize], r: usize, amp: f32) -> PeftAdapter {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     let mut tensors = Vec::new();
-    for l in [0, 2, 3] {
+    for &l in layers {
         for p in PROJECTIONS {
             let [o, i] = cfg.proj_shape(p);
-            let a: Vec<f32> = (0..r * i).map(|_| rng.random_range(-0.3..0.3)).collect();
-            let b: Vec<f32> = (0..o * r).map(|_| rng.random_range(-0.3..0.3)).collect();
+            let a: Vec<f32> = (0..r * i).map(|_| rng.random_range(-amp..amp)).collect();
+            let b: Vec<f32> = (0..o * r).map(|_| rng.random_range(-amp..amp)).collect();
             tensors.push((format!("layers.{l}.{}.lora_A", p.name()), a, vec![r, i]));
             tensors.push((format!("layers.{l}.{}.lora_B", p.name()), b, vec![o, r]));
         }
@@ -111,7 +116,7 @@ fn adapter(cfg: &ModelConfig) -> PeftAdapter {
     PeftAdapter {
         settings: PeftSettings {
             rank: r,
-            alpha: 8.0,
+            alpha: 2.0 * r as f64,
             dropout: 0.0,
             targets: PROJECTIONS.to_vec(),
             rslora: false,
@@ -230,4 +235,61 @@ fn unsupported_families_are_refused_by_name() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("layer 9"), "{e}");
+}
+
+/// The real 7B shape: Mistral-7B-v0.3's dimensions (32768 vocabulary, hidden 4096,
+/// 14336 MLP, 32 heads over 8 KV heads) with QTRAIN_GGUF_7B_LAYERS layers (default
+/// 2; 32 is the full model, ~15 GB per copy), exported to every type one after the
+/// other and checked by gguf-py. Slow and disk-hungry, so not in CI:
+/// `cargo test -p qtrain-train --test gguf_export -- --ignored` (tests build with
+/// opt-level 2).
+/// QTRAIN_GGUF_7B_KEEP=DIR keeps the model, merged export and GGUF files there.
+#[test]
+#[ignore]
+fn mistral_7b_shape_exports_every_type() {
+    let layers: usize = std::env::var("QTRAIN_GGUF_7B_LAYERS")
+        .map(|v| v.parse().expect("QTRAIN_GGUF_7B_LAYERS is a number"))
+        .unwrap_or(2);
+    let keep = std::env::var_os("QTRAIN_GGUF_7B_KEEP").map(PathBuf::from);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = keep.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    let (src, merged) = (root.join("model"), root.join("merged"));
+    let tok = qtrain_data::tiny_tokenizer::build_tiny_tokenizer();
+    let mut cfg = ModelConfig::preset("mistral-7b-v0.3", 0).unwrap();
+    cfg.num_hidden_layers = layers;
+    qtrain_model::random::write_random_model(
+        &src,
+        &cfg,
+        3,
+        5_000_000_000,
+        &tok.to_string(false).unwrap(),
+        &qtrain_data::tiny_tokenizer::tiny_tokenizer_config(),
+    )
+    .unwrap();
+    // Deltas of the size of the weights (0.02): a model llama.cpp can run in f16.
+    let ad = adapter_on(&cfg, &(0..layers).collect::<Vec<_>>(), 16, 0.05);
+    let started = std::time::Instant::now();
+    export_merged(&src, &ad, &merged, MergeBase::Original, 5_000_000_000).unwrap();
+    eprintln!("merged export: {:.1}s", started.elapsed().as_secs_f64());
+    for ft in FileType::ALL {
+        let out = root.join(format!("gguf-{}", ft.name()));
+        let started = std::time::Instant::now();
+        let s = qtrain_train::gguf::export_gguf(
+            &src,
+            &ad,
+            &out,
+            ft,
+            &MergeOptions::new(MergeBase::Original, usize::MAX),
+        )
+        .unwrap();
+        eprintln!(
+            "{ft}: {:.1} MB in {:.1}s",
+            s.bytes as f64 / 1e6,
+            started.elapsed().as_secs_f64()
+        );
+        check_with_gguf_py(&s.gguf, &merged, ft);
+        if keep.is_none() {
+            std::fs::remove_dir_all(&out).unwrap();
+        }
+    }
 }
