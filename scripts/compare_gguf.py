@@ -17,7 +17,9 @@ are listed; the ones qtrain makes on purpose are allowed, any other fails:
     path leaves them NORMAL, so that llama.cpp would not match them in a prompt;
   * tokenizer.ggml.add_space_prefix: written explicitly (false for Metaspace's
     `first` scheme, so text after special tokens is tokenized as transformers does);
-  * tokenizer.ggml.add_sep_token: the converter's guess from a pair template.
+  * tokenizer.ggml.add_sep_token: the converter's guess from a pair template;
+  * the token list padded to the model's vocab_size with unused `[PADi]` tokens
+    (the converter's tokenizer.json path stops at the tokenizer's own tokens).
 """
 
 import sys
@@ -50,9 +52,23 @@ def main():
     fa = {k: f for k, f in a.fields.items() if not k.startswith("GGUF.")}
     fb = {k: f for k, f in b.fields.items() if not k.startswith("GGUF.")}
     notes = []
+    # From a tokenizer.json alone the converter lists only the tokenizer's tokens;
+    # qtrain pads the list to the model's vocab_size with unused `[PADi]` entries,
+    # as the converter's SentencePiece and BPE paths do. Compare the common part and
+    # check the padding.
+    pad_from = None
+    ka, kb = fa.get("tokenizer.ggml.tokens"), fb.get("tokenizer.ggml.tokens")
+    if ka is not None and kb is not None and len(ka.contents()) > len(kb.contents()):
+        pad_from = len(kb.contents())
+        toks, types = ka.contents(), fa["tokenizer.ggml.token_type"].contents()
+        padded = all(toks[i] == f"[PAD{i}]" and types[i] == 5 for i in range(pad_from, len(toks)))
+        msg = f"tokenizer: qtrain pads {len(toks) - pad_from} unused [PADi] tokens up to vocab_size"
+        (notes if padded else bad).append(msg)
     for k in sorted(set(fa) | set(fb)):
         va = fa[k].contents() if k in fa else None
         vb = fb[k].contents() if k in fb else None
+        if pad_from is not None and k.startswith("tokenizer.ggml.") and isinstance(va, list) and len(va) > pad_from:
+            va = va[:pad_from]
         if va == vb:
             continue
         d = []
