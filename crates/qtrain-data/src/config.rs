@@ -20,10 +20,21 @@ pub struct DatasetConfig {
     /// dataset id `org/name` (optionally `@revision`) read from the local Hugging Face
     /// cache, or `builtin:instructions`.
     pub path: String,
-    /// For directories and hub datasets holding several splits: the files whose path
-    /// mentions this split are used (all files when none does).
+    /// For directories and hub datasets holding several splits, the split to read,
+    /// found by the hub's file naming rules (`data/train-00000-of-00001.parquet`,
+    /// `train/0000.parquet`, `my_valid_file.jsonl`; `dev`/`val`/`valid` mean
+    /// `validation`, `eval`/`testing` mean `test`, `training` means `train`). A
+    /// directory whose files name no split is one `train` split. `""`: every file.
     pub split: String,
     pub format: Format,
+    /// OpenAssistant message trees: keep the conversations whose initial prompt is
+    /// in one of these languages (`lang` codes such as `"en"`, `"de"`); empty keeps
+    /// every language. An error for datasets without message trees.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub languages: Vec<String>,
+    /// OpenAssistant message trees: which threads become conversations.
+    #[serde(skip_serializing_if = "TreePaths::is_best")]
+    pub tree_paths: TreePaths,
     pub columns: Columns,
     /// `auto` (the model's `chat_template`, else Mistral's `[INST]` format),
     /// `model` (the model's, an error when it has none), `mistral`, or the path of a
@@ -60,6 +71,8 @@ impl Default for DatasetConfig {
             path: BUILTIN_INSTRUCTIONS.to_string(),
             split: "train".to_string(),
             format: Format::Auto,
+            languages: Vec::new(),
+            tree_paths: TreePaths::Best,
             columns: Columns::default(),
             chat_template: "auto".to_string(),
             train_on_prompt: false,
@@ -90,6 +103,9 @@ pub enum Format {
     Messages,
     /// `text`: trained on entirely.
     Text,
+    /// An OpenAssistant message table (`message_id`, `parent_id`, `role`, `text`,
+    /// ...; one row per message) or tree export: assembled into conversations.
+    Oasst,
 }
 
 impl Format {
@@ -100,7 +116,34 @@ impl Format {
             Format::Sharegpt => "sharegpt",
             Format::Messages => "messages",
             Format::Text => "text",
+            Format::Oasst => "oasst",
         }
+    }
+}
+
+/// Which threads of an OpenAssistant message tree become training conversations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TreePaths {
+    /// One conversation per tree: from the initial prompt, at each turn the
+    /// best-ranked usable reply (`rank` 0 first; deleted replies and replies that
+    /// failed review are never used), as the guanaco-style exports do.
+    #[default]
+    Best,
+    /// Every thread from the initial prompt to a last assistant reply: one
+    /// conversation per branch (they share their common beginning).
+    All,
+}
+
+impl TreePaths {
+    pub fn name(self) -> &'static str {
+        match self {
+            TreePaths::Best => "best",
+            TreePaths::All => "all",
+        }
+    }
+    fn is_best(&self) -> bool {
+        *self == TreePaths::Best
     }
 }
 
@@ -181,6 +224,16 @@ impl DatasetConfig {
         }
         if self.prefetch == 0 {
             return bad("prefetch", "must be at least 1");
+        }
+        if let Some(l) = self
+            .languages
+            .iter()
+            .find(|l| l.trim().is_empty() || l.trim() != l.as_str())
+        {
+            return bad(
+                "languages",
+                &format!("`{l}` is not a language code (expected e.g. \"en\")"),
+            );
         }
         Ok(())
     }

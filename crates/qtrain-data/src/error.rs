@@ -56,7 +56,7 @@ pub enum DataError {
         field: String,
         problem: String,
     },
-    #[error("{at}: cannot detect the format: expected a `messages`, `conversations`, `instruction`+`output` or `text` field, found {found} (set `format` or map the columns)")]
+    #[error("{at}: cannot detect the format: expected a `messages`, `conversations`, `instruction`+`output` or `text` field, or an OpenAssistant message table (`message_id`, `parent_id`, `role`, `text`), found {found} (set `format` or map the columns)")]
     UnknownFormat { at: Location, found: String },
     #[error("{path}: {message}")]
     Parquet { path: PathBuf, message: String },

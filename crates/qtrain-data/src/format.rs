@@ -18,20 +18,114 @@ pub enum Sample {
     Text(String),
 }
 
+/// A field (column) as format detection sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    pub name: String,
+    /// Whether it holds a list of records (objects / structs), as conversation
+    /// turns do.
+    pub holds_records: bool,
+}
+
+impl Field {
+    /// The fields of a JSON object.
+    pub fn of_object(obj: &serde_json::Map<String, Value>) -> Vec<Field> {
+        obj.iter()
+            .map(|(name, v)| Field {
+                name: name.clone(),
+                holds_records: v
+                    .as_array()
+                    .is_some_and(|a| a.first().is_some_and(Value::is_object)),
+            })
+            .collect()
+    }
+}
+
+/// Field names that belong to structured (conversation, preference, QA, message
+/// tree) formats: a record with one of them beside `text` is not a plain text, and
+/// training on its `text` alone would train on fragments.
+const STRUCTURED_FIELDS: [&str; 21] = [
+    "role",
+    "from",
+    "parent_id",
+    "message_id",
+    "message_tree_id",
+    "prompt",
+    "completion",
+    "chosen",
+    "rejected",
+    "response",
+    "question",
+    "answer",
+    "instruction",
+    "input",
+    "output",
+    "conversation",
+    "conversations",
+    "messages",
+    "dialog",
+    "dialogue",
+    "turns",
+];
+
+/// Which format records with these fields are in; `Err` describes the fields for
+/// [`DataError::UnknownFormat`]. `text` is only taken as a plain text when no other
+/// field looks structured (see [`STRUCTURED_FIELDS`], or a list of records).
+pub fn detect_fields(fields: &[Field], cols: &Columns) -> std::result::Result<Format, String> {
+    let has = |k: &str| fields.iter().any(|f| f.name == k);
+    if has(&cols.messages) {
+        return Ok(Format::Messages);
+    }
+    if has(&cols.conversations) {
+        return Ok(Format::Sharegpt);
+    }
+    if has(&cols.instruction) && has(&cols.output) {
+        return Ok(Format::Alpaca);
+    }
+    let listed = |fs: &[&Field]| {
+        fs.iter()
+            .map(|f| format!("`{}`", f.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let all: Vec<&Field> = fields.iter().collect();
+    if fields.is_empty() {
+        return Err("no fields".into());
+    }
+    if has(&cols.text) {
+        let mapped = [
+            &cols.role,
+            &cols.from,
+            &cols.instruction,
+            &cols.input,
+            &cols.output,
+        ];
+        let structured: Vec<&Field> = fields
+            .iter()
+            .filter(|f| f.name != cols.text)
+            .filter(|f| {
+                f.holds_records
+                    || STRUCTURED_FIELDS.contains(&f.name.as_str())
+                    || mapped.contains(&&f.name)
+            })
+            .collect();
+        if structured.is_empty() {
+            return Ok(Format::Text);
+        }
+        return Err(format!(
+            "fields {}: {} belong to a structured format, so `{}` alone is not the \
+             training text (set format = \"text\" to train on it anyway)",
+            listed(&all),
+            listed(&structured),
+            cols.text
+        ));
+    }
+    Err(format!("fields {}", listed(&all)))
+}
+
 /// Which format a record is in, from the fields it has.
 pub fn detect(record: &Value, cols: &Columns) -> Option<Format> {
-    let obj = record.as_object()?;
-    if obj.contains_key(&cols.messages) {
-        Some(Format::Messages)
-    } else if obj.contains_key(&cols.conversations) {
-        Some(Format::Sharegpt)
-    } else if obj.contains_key(&cols.instruction) && obj.contains_key(&cols.output) {
-        Some(Format::Alpaca)
-    } else if obj.contains_key(&cols.text) {
-        Some(Format::Text)
-    } else {
-        None
-    }
+    detect_fields(&Field::of_object(record.as_object()?), cols).ok()
 }
 
 /// Converts a record. `at` locates it for error messages.
@@ -44,15 +138,15 @@ pub fn to_sample(record: &Value, format: Format, cols: &Columns, at: &Location) 
         });
     };
     let format = match format {
-        Format::Auto => detect(record, cols).ok_or_else(|| DataError::UnknownFormat {
-            at: at.clone(),
-            found: if obj.is_empty() {
-                "no fields".to_string()
-            } else {
-                let keys: Vec<_> = obj.keys().map(|k| format!("`{k}`")).collect();
-                format!("fields {}", keys.join(", "))
-            },
+        Format::Auto => detect_fields(&Field::of_object(obj), cols).map_err(|found| {
+            DataError::UnknownFormat {
+                at: at.clone(),
+                found,
+            }
         })?,
+        // Assembled message-tree conversations are `messages` records
+        // (crate::oasst).
+        Format::Oasst => Format::Messages,
         f => f,
     };
     let name = format.name();
@@ -143,7 +237,7 @@ pub fn to_sample(record: &Value, format: Format, cols: &Columns, at: &Location) 
             }
             Ok(Sample::Chat(messages))
         }
-        Format::Auto => unreachable!("resolved above"),
+        Format::Auto | Format::Oasst => unreachable!("resolved above"),
     }
 }
 
