@@ -293,3 +293,143 @@ fn mistral_7b_shape_exports_every_type() {
         }
     }
 }
+
+/// Llama 3's split regex, as in its tokenizer.json.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Meta-Llama-3-8B-Instruct's chat template.
+const LLAMA3_TEMPLATE: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+/// A byte-level BPE shaped like Llama 3's tokenizer.json (GPT-2's byte alphabet, a
+/// few merges, Llama 3's special tokens, its split regex and BOS template) and its
+/// tokenizer_config.json.
+fn llama3_tokenizer() -> (serde_json::Value, serde_json::Value, usize) {
+    use serde_json::json;
+    // GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to
+    // 256 + n in byte order.
+    let printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut extra = 0;
+    let mut vocab = serde_json::Map::new();
+    for b in 0..256u32 {
+        let c = if printable.contains(&b) {
+            b
+        } else {
+            extra += 1;
+            255 + extra
+        };
+        vocab.insert(char::from_u32(c).unwrap().to_string(), b.into());
+    }
+    let merges = [
+        ("Ġ", "t"),
+        ("h", "e"),
+        ("Ġt", "he"),
+        ("i", "n"),
+        ("Ġ", "a"),
+        ("e", "r"),
+    ];
+    for (a, b) in merges {
+        let id = vocab.len();
+        vocab.insert(format!("{a}{b}"), id.into());
+    }
+    let specials = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ];
+    let base = vocab.len();
+    let added: Vec<serde_json::Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            vocab.insert(s.to_string(), (base + i).into());
+            json!({"id": base + i, "content": s, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let bos = json!({"SpecialToken": {"id": specials[0], "type_id": 0}});
+    let tj = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]},
+        "post_processor": {"type": "Sequence", "processors": [
+            {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+            {"type": "TemplateProcessing",
+             "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+             "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
+             "special_tokens": {specials[0]: {"id": specials[0], "ids": [base], "tokens": [specials[0]]}}}]},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": true, "vocab": vocab,
+                  "merges": merges.iter().map(|(a, b)| json!([a, b])).collect::<Vec<_>>()}
+    });
+    let tc = json!({
+        "bos_token": specials[0], "eos_token": "<|eot_id|>",
+        "chat_template": LLAMA3_TEMPLATE, "model_max_length": 8192,
+        "tokenizer_class": "PreTrainedTokenizerFast"
+    });
+    (tj, tc, base + specials.len())
+}
+
+/// Llama 3's byte-level BPE becomes llama.cpp's `gpt2` tokenizer with the
+/// `llama-bpe` pre-tokenizer, merges, special ids and its header chat format.
+/// QTRAIN_GGUF_KEEP=DIR keeps the files (for scripts/check_gguf_llamacpp.py).
+#[test]
+fn llama3_tokenizer_exports_as_gpt2_bpe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = std::env::var_os("QTRAIN_GGUF_KEEP")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| tmp.path().to_path_buf());
+    let (src, merged) = (root.join("model"), root.join("merged"));
+    let (tj, tc, n_tokens) = llama3_tokenizer();
+    let mut cfg = ModelConfig::preset("tiny", n_tokens + 5).unwrap();
+    cfg.model_type = "llama".into();
+    cfg.hidden_size = 256;
+    cfg.intermediate_size = 512;
+    cfg.head_dim = Some(64);
+    cfg.rope_theta = 500_000.0;
+    cfg.bos_token_id = Some(n_tokens as u32 - 5);
+    cfg.eos_token_id = Some(serde_json::json!(n_tokens - 1));
+    qtrain_model::random::write_random_model(&src, &cfg, 4, usize::MAX, &tj.to_string(), &tc)
+        .unwrap();
+    let ad = adapter(&cfg);
+    export_merged(&src, &ad, &merged, MergeBase::Original, usize::MAX).unwrap();
+    for ft in [FileType::F16, FileType::Q4KM] {
+        let s = qtrain_train::gguf::export_gguf(
+            &src,
+            &ad,
+            &root.join(format!("gguf-{}", ft.name())),
+            ft,
+            &MergeOptions::new(MergeBase::Original, usize::MAX),
+        )
+        .unwrap();
+        check_with_gguf_py(&s.gguf, &merged, ft);
+        let m = std::fs::read_to_string(&s.modelfile).unwrap();
+        assert!(
+            m.contains(
+                "{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ else }}{{ end }}"
+            ),
+            "{m}"
+        );
+        assert!(
+            m.contains("{{ if $last }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ end }}"),
+            "{m}"
+        );
+        assert!(
+            m.contains("PARAMETER stop \"<|eot_id|>\"\nPARAMETER stop \"<|start_header_id|>\"\n"),
+            "{m}"
+        );
+        assert!(
+            !m.contains("<|begin_of_text|>"),
+            "llama.cpp adds BOS itself: {m}"
+        );
+    }
+}
