@@ -605,11 +605,6 @@ fn chat_templates(tc: Option<&Json>, dir: &Path) -> Result<Vec<(String, String)>
 }
 
 impl GgufTokenizer {
-    /// The id of token text `t`, if it is one token.
-    pub fn id_of(&self, t: &str) -> Option<u32> {
-        self.tokens.iter().position(|x| x == t).map(|i| i as u32)
-    }
-
     pub fn special_id(&self, typ: &str) -> Option<u32> {
         self.special_ids
             .iter()

@@ -206,11 +206,6 @@ impl GgufWriter {
         Ok(w)
     }
 
-    /// The infos in file order.
-    pub fn tensors(&self) -> &[TensorInfo] {
-        &self.tensors
-    }
-
     /// Writes the data of the next tensor, which must be `name` with exactly its
     /// size in bytes.
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<(), GgufError> {
