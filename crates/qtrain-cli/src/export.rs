@@ -1,6 +1,7 @@
 //! `qtrain export`: a checkpoint as a PEFT adapter, or as a full model with the
-//! adapter merged in. Writes atomically (a failed or disk-full export leaves no
-//! partial files) and refuses to write into a non-empty directory without --force.
+//! adapter merged in (Hugging Face safetensors, or GGUF with `--gguf`). Writes
+//! atomically (a failed or disk-full export leaves no partial files) and refuses to
+//! write into a non-empty directory without --force.
 
 use anyhow::{bail, Context, Result};
 use qtrain_train::ckpt_io;
@@ -38,6 +39,15 @@ pub struct Args {
     /// Largest shard of a merged export in bytes.
     #[arg(long, default_value_t = 5_000_000_000)]
     max_shard_bytes: usize,
+    /// Write the merged model as OUT/model-TYPE.gguf for llama.cpp, Ollama and LM
+    /// Studio (f16, bf16, q8_0 or q4_k_m), with an Ollama Modelfile beside it.
+    #[arg(long, value_name = "TYPE", conflicts_with = "merged", value_parser = parse_gguf)]
+    gguf: Option<qtrain_gguf::FileType>,
+}
+
+fn parse_gguf(s: &str) -> Result<qtrain_gguf::FileType, String> {
+    qtrain_gguf::FileType::parse(s)
+        .ok_or_else(|| format!("`{s}`: expected f16, bf16, q8_0 or q4_k_m"))
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -116,7 +126,11 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     let model = a.model.clone().unwrap_or(model);
-    if a.merged {
+    let base = match a.merge_base {
+        Base::Original => MergeBase::Original,
+        Base::Dequantized => MergeBase::Dequantized,
+    };
+    if a.merged || a.gguf.is_some() {
         let dir = qtrain_train::models::resolve(&model, &cache)
             .with_context(|| format!("resolving the base model {model}"))?;
         if a.out.canonicalize().ok() == Some(dir.canonicalize()?) {
@@ -128,17 +142,44 @@ pub fn run(a: Args) -> Result<()> {
         let cfg = qtrain_model::ModelConfig::from_file(&dir.join("config.json"))?;
         qtrain_train::models::check_adapter_complete(&adapter, &cfg)
             .with_context(|| format!("--checkpoint {}", a.checkpoint.display()))?;
-        let base = match a.merge_base {
-            Base::Original => MergeBase::Original,
-            Base::Dequantized => MergeBase::Dequantized,
-        };
         // bf16 weights: about the source's size when it is bf16.
-        let expected = qtrain_train::budget::model_bytes(&dir);
-        ckpt_io::write_dir_atomic(&a.out, Some(expected), None, |tmp| {
-            export_merged(&dir, &adapter, tmp, base, a.max_shard_bytes)?;
-            Ok(())
-        })?;
-        println!("wrote the merged model to {}", a.out.display());
+        let bf16_bytes = qtrain_train::budget::model_bytes(&dir);
+        if let Some(ft) = a.gguf {
+            // Bits per weight of the file type against bf16's 16.
+            let share = match ft {
+                qtrain_gguf::FileType::F16 | qtrain_gguf::FileType::BF16 => 1.0,
+                qtrain_gguf::FileType::Q8_0 => 8.5 / 16.0,
+                qtrain_gguf::FileType::Q4KM => 5.0 / 16.0,
+            };
+            let expected = (bf16_bytes as f64 * share) as u64;
+            let opts = qtrain_train::merge::MergeOptions::new(base, a.max_shard_bytes);
+            let mut written = None;
+            ckpt_io::write_dir_atomic(&a.out, Some(expected), None, |tmp| {
+                written = Some(qtrain_train::gguf::export_gguf(
+                    &dir, &adapter, tmp, ft, &opts,
+                )?);
+                Ok(())
+            })?;
+            let s = written.expect("the export ran");
+            for n in &s.notes {
+                tracing::warn!("{n}");
+            }
+            // The summary names the temporary directory the files were written in.
+            let placed = |p: &Path| a.out.join(p.file_name().expect("a file"));
+            let (gguf, modelfile) = (placed(&s.gguf), placed(&s.modelfile));
+            println!("wrote {} ({:.1} MB)", gguf.display(), s.bytes as f64 / 1e6);
+            println!(
+                "wrote {} (ollama create NAME -f {})",
+                modelfile.display(),
+                modelfile.display()
+            );
+        } else {
+            ckpt_io::write_dir_atomic(&a.out, Some(bf16_bytes), None, |tmp| {
+                export_merged(&dir, &adapter, tmp, base, a.max_shard_bytes)?;
+                Ok(())
+            })?;
+            println!("wrote the merged model to {}", a.out.display());
+        }
     } else {
         let dtype = match a.dtype {
             Dtype::F32 => PeftDtype::F32,

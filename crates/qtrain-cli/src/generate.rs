@@ -31,12 +31,20 @@ pub struct Args {
     device: String,
     #[arg(long, default_value = "auto")]
     dtype: String,
+    /// The base weights: `nf4` (as in training) or `none` (as stored, e.g. a merged
+    /// export, to compare with other runtimes on the same weights).
+    #[arg(long, default_value = "nf4", value_parser = ["nf4", "none"])]
+    quantization: String,
+    /// Also print the prompt and answer token ids as one JSON line.
+    #[arg(long)]
+    print_ids: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let cache = qtrain_model::bnb::default_cache_root();
-    let (base, dir) = qtrain_train::models::load_base(&a.model, "nf4", &a.device, &a.dtype, &cache)
-        .with_context(|| format!("loading --model {}", a.model))?;
+    let (base, dir) =
+        qtrain_train::models::load_base(&a.model, &a.quantization, &a.device, &a.dtype, &cache)
+            .with_context(|| format!("loading --model {}", a.model))?;
     let lora = match &a.adapter {
         Some(d) => Some(
             qtrain_train::peft::read_peft_adapter(d)
@@ -67,5 +75,15 @@ pub fn run(a: Args) -> Result<()> {
         sampling,
     )?;
     println!("{}", enc.decode(&out, true)?);
+    if a.print_ids {
+        // Generation stops before EOS, so fewer tokens than the limit means it was
+        // reached.
+        let json = serde_json::json!({
+            "prompt_ids": ids,
+            "ids": out,
+            "stopped_at_eos": out.len() < a.max_new_tokens,
+        });
+        println!("{json}");
+    }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The training run: its configuration, the time-budget planner, the training loop
 //! with checkpoints and exact resume, metrics, and the exports (PEFT adapter, merged
-//! model). The step's math lives in `qtrain-reference` and `qtrain-engine` (over the
+//! model, GGUF). The step's math lives in `qtrain-reference` and `qtrain-engine` (over the
 //! shared types of `qtrain-step`; [`backend`] switches between them), the data in
 //! `qtrain-data`, the optimizer in `qtrain-optim`; this crate wires them into one
 //! straight loop.
@@ -24,6 +24,7 @@ pub mod ckpt_io;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod gguf;
 pub mod gpu;
 pub mod loss_scale;
 pub mod memory;

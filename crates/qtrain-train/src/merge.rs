@@ -309,72 +309,171 @@ pub fn export_merged(
     )
 }
 
-/// The full-precision weight of projection `t` (stored as `name`) with its adapter
-/// pair merged in: dequantized from a pre-quantized source, or read and (with
-/// [`MergeBase::Dequantized`]) passed through the NF4 round trip training saw.
-fn merged_weight(
-    st: &ShardedTensors,
-    name: &str,
-    t: &Target,
-    cfg: &ModelConfig,
-    opts: &MergeOptions,
-    adapter: &PeftAdapter,
-) -> Result<Vec<f32>, MergeError> {
-    let prequant = cfg.is_prequantized();
-    let shape = cfg.proj_shape(t.proj);
-    let mut v = if prequant {
-        qtrain_model::bnb::read_nf4(st, name)?.dequantize_to_vec()
-    } else {
-        st.get(name)?.to_f32_vec()?
-    };
-    if v.len() != shape[0] * shape[1] {
-        return Err(ModelError::ShapeMismatch {
-            path: st.get(name)?.path.to_path_buf(),
-            name: name.to_string(),
-            found: vec![v.len()],
-            expected: shape.to_vec(),
-        }
-        .into());
-    }
-    if opts.base == MergeBase::Dequantized && !prequant {
-        v = qtrain_quant::Nf4Tensor::quantize(
-            &v,
-            &shape,
-            opts.nf4_blocksize,
-            opts.nf4_double_quant,
-        )
-        .map_err(|source| ModelError::Quant {
-            path: st
-                .get(name)
-                .map(|r| r.path.to_path_buf())
-                .unwrap_or_default(),
-            name: name.to_string(),
-            source,
-        })?
-        .dequantize_to_vec();
-    }
-    if let Some((a, b)) = t.pair {
-        let [out, inp] = shape;
-        let scale = adapter.settings.scale() as f32;
-        add_lora(&mut v, &a.1, &b.1, out, adapter.settings.rank, inp, scale);
-    }
-    Ok(v)
+/// The merged model, one tensor at a time: the source checkpoint with
+/// `W + scale * B @ A` in every adapted projection, each tensor rounded to bf16 as
+/// the merged export stores it. Both the safetensors export ([`export_merged_with`])
+/// and the GGUF export read their tensors from here, so they hold the same values.
+///
+/// Tensors are read from the memory-mapped source on demand and their pages
+/// released after, so memory holds one projection, not the model.
+pub struct MergedModel<'a> {
+    source_dir: PathBuf,
+    cfg: ModelConfig,
+    st: ShardedTensors,
+    adapter: &'a PeftAdapter,
+    opts: MergeOptions,
+    prequant: bool,
+    /// Output tensors in output order, with their projection and adapter pair.
+    names: Vec<String>,
+    targets: Vec<Option<Target<'a>>>,
+    merged: usize,
 }
 
-/// `config.json` of the merged model, written last: the source's, without the
-/// quantization settings, in bf16.
-fn write_merged_config(cfg: &ModelConfig, out_dir: &Path) -> Result<(), MergeError> {
-    let mut json = cfg.to_json();
-    let obj = json.as_object_mut().expect("config is an object");
-    obj.remove("quantization_config");
-    // Marks qtrain's quantized cache; the merged model is not one.
-    obj.remove("qtrain_cache_format");
-    obj.insert("torch_dtype".into(), "bfloat16".into());
-    // Newer transformers write `dtype` instead; keep the two in agreement.
-    if obj.contains_key("dtype") {
-        obj.insert("dtype".into(), "bfloat16".into());
+impl<'a> MergedModel<'a> {
+    /// Opens the source and matches the adapter to its projections (every adapter
+    /// tensor must fit, before anything is read).
+    pub fn open(
+        source_dir: &Path,
+        adapter: &'a PeftAdapter,
+        opts: &MergeOptions,
+    ) -> Result<Self, MergeError> {
+        let cfg = ModelConfig::from_file(&source_dir.join("config.json"))?;
+        let st = ShardedTensors::open_model_dir(source_dir)?;
+        let pairs = pair_adapter(adapter, &cfg, &st)?;
+        let prequant = cfg.is_prequantized();
+        if prequant && opts.base == MergeBase::Original {
+            tracing::warn!(
+                "{}: the source is NF4 pre-quantized; merging into its dequantized weights",
+                source_dir.display()
+            );
+        }
+        let weight_names: HashMap<String, (usize, Proj)> = (0..cfg.num_hidden_layers)
+            .flat_map(|l| PROJECTIONS.iter().map(move |&p| (p.weight_name(l), (l, p))))
+            .collect();
+        // The dense tensors of the output: every source tensor except bitsandbytes'
+        // quant state (`<proj>.weight.absmax`, `.quant_map`, ...), which
+        // pre-quantized sources carry next to each packed weight.
+        let mut names: Vec<String> = st
+            .names()
+            .into_iter()
+            .filter(|n| !prequant || weight_names.contains_key(*n) || !n.contains(".weight."))
+            .map(str::to_string)
+            .collect();
+        names.sort_by_cached_key(|n| natural_key(n));
+        let targets = names
+            .iter()
+            .map(|n| {
+                weight_names.get(n).map(|&(layer, proj)| Target {
+                    layer,
+                    proj,
+                    pair: pairs.get(&(layer, proj)).copied(),
+                })
+            })
+            .collect();
+        Ok(Self {
+            source_dir: source_dir.to_path_buf(),
+            cfg,
+            st,
+            adapter,
+            opts: *opts,
+            prequant,
+            names,
+            targets,
+            merged: 0,
+        })
     }
-    write_json_atomic(&out_dir.join("config.json"), &json)
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn source_dir(&self) -> &Path {
+        &self.source_dir
+    }
+
+    /// Output tensor names, in output order (layers in numeric order).
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Projections that received an adapter delta so far.
+    pub fn merged(&self) -> usize {
+        self.merged
+    }
+
+    /// The shape of output tensor `i`.
+    pub fn shape(&self, i: usize) -> Result<Vec<usize>, MergeError> {
+        Ok(match &self.targets[i] {
+            // A packed NF4 weight is stored [n, 1]; its real shape is the config's.
+            Some(t) => self.cfg.proj_shape(t.proj).to_vec(),
+            None => self.st.get(&self.names[i])?.shape.to_vec(),
+        })
+    }
+
+    /// Output tensor `i` as bf16 bytes into `buf`, then releases its source pages.
+    pub fn bf16_bytes(&mut self, i: usize, buf: &mut Vec<u8>) -> Result<(), MergeError> {
+        let name = self.names[i].as_str();
+        let (st, cfg, opts, prequant) = (&self.st, &self.cfg, &self.opts, self.prequant);
+        match &self.targets[i] {
+            // A projection is rewritten only when it changes: with the original
+            // base and no adapter pair it is copied like any other tensor.
+            Some(t) if prequant || opts.base == MergeBase::Dequantized || t.pair.is_some() => {
+                let shape = cfg.proj_shape(t.proj);
+                let mut v = if prequant {
+                    qtrain_model::bnb::read_nf4(st, name)?.dequantize_to_vec()
+                } else {
+                    st.get(name)?.to_f32_vec()?
+                };
+                if v.len() != shape[0] * shape[1] {
+                    return Err(ModelError::ShapeMismatch {
+                        path: st.get(name)?.path.to_path_buf(),
+                        name: name.to_string(),
+                        found: vec![v.len()],
+                        expected: shape.to_vec(),
+                    }
+                    .into());
+                }
+                if opts.base == MergeBase::Dequantized && !prequant {
+                    v = qtrain_quant::Nf4Tensor::quantize(
+                        &v,
+                        &shape,
+                        opts.nf4_blocksize,
+                        opts.nf4_double_quant,
+                    )
+                    .map_err(|source| ModelError::Quant {
+                        path: st
+                            .get(name)
+                            .map(|r| r.path.to_path_buf())
+                            .unwrap_or_default(),
+                        name: name.to_string(),
+                        source,
+                    })?
+                    .dequantize_to_vec();
+                }
+                if let Some((a, b)) = t.pair {
+                    let [out, inp] = shape;
+                    let scale = self.adapter.settings.scale() as f32;
+                    add_lora(
+                        &mut v,
+                        &a.1,
+                        &b.1,
+                        out,
+                        self.adapter.settings.rank,
+                        inp,
+                        scale,
+                    );
+                    self.merged += 1;
+                    tracing::debug!("merged layer {} {}", t.layer, t.proj.name());
+                }
+                qtrain_model::safetensors_io::f32_to_bf16_bytes(&v, buf);
+            }
+            _ => to_bf16_bytes(&st.get(name)?, buf)?,
+        }
+        // The pages of this tensor are not needed again; without this a 14 GB
+        // source would end up resident through the mapping.
+        self.st.release(name);
+        Ok(())
+    }
 }
 
 /// Writes the merged model into `out_dir`: weights (sharded when larger than
@@ -387,53 +486,18 @@ pub fn export_merged_with(
     out_dir: &Path,
     opts: &MergeOptions,
 ) -> Result<MergeSummary, MergeError> {
-    let cfg = ModelConfig::from_file(&source_dir.join("config.json"))?;
-    let st = ShardedTensors::open_model_dir(source_dir)?;
-    let pairs = pair_adapter(adapter, &cfg, &st)?;
+    let mut model = MergedModel::open(source_dir, adapter, opts)?;
     check_out_dir(source_dir, out_dir)?;
-    let prequant = cfg.is_prequantized();
-    if prequant && opts.base == MergeBase::Original {
-        tracing::warn!(
-            "{}: the source is NF4 pre-quantized; merging into its dequantized weights",
-            source_dir.display()
-        );
-    }
-
-    let weight_names: HashMap<String, (usize, Proj)> = (0..cfg.num_hidden_layers)
-        .flat_map(|l| PROJECTIONS.iter().map(move |&p| (p.weight_name(l), (l, p))))
-        .collect();
-    // The dense tensors of the output: every source tensor except bitsandbytes'
-    // quant state (`<proj>.weight.absmax`, `.quant_map`, ...), which pre-quantized
-    // sources carry next to each packed weight.
-    let mut names: Vec<&str> = st
-        .names()
-        .into_iter()
-        .filter(|n| !prequant || weight_names.contains_key(*n) || !n.contains(".weight."))
-        .collect();
-    names.sort_by_cached_key(|n| natural_key(n));
-    let targets: Vec<Option<Target>> = names
-        .iter()
-        .map(|n| {
-            weight_names.get(*n).map(|&(layer, proj)| Target {
-                layer,
-                proj,
-                pair: pairs.get(&(layer, proj)).copied(),
-            })
-        })
-        .collect();
-    let shape_of = |i: usize| -> Result<Vec<usize>, MergeError> {
-        Ok(match &targets[i] {
-            // A packed NF4 weight is stored [n, 1]; its real shape is the config's.
-            Some(t) => cfg.proj_shape(t.proj).to_vec(),
-            None => st.get(names[i])?.shape.to_vec(),
-        })
-    };
+    let n = model.names().len();
+    let shapes = (0..n)
+        .map(|i| model.shape(i))
+        .collect::<Result<Vec<_>, _>>()?;
 
     // Shards in output order, greedy by bf16 size, as HF's save_pretrained does.
     let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
     let mut size = 0usize;
-    for i in 0..names.len() {
-        let bytes = shape_of(i)?.iter().product::<usize>() * 2;
+    for (i, shape) in shapes.iter().enumerate() {
+        let bytes = shape.iter().product::<usize>() * 2;
         if size > 0 && size + bytes > opts.max_shard_bytes {
             shards.push(Vec::new());
             size = 0;
@@ -444,7 +508,7 @@ pub fn export_merged_with(
     let count = shards.len();
     let mut summary = MergeSummary {
         files: Vec::with_capacity(count),
-        tensors: names.len(),
+        tensors: n,
         merged: 0,
         total_bytes: 0,
     };
@@ -458,42 +522,21 @@ pub fn export_merged_with(
         };
         let specs = shard
             .iter()
-            .map(|&i| {
-                Ok(TensorSpec::new(
-                    names[i],
-                    safetensors::Dtype::BF16,
-                    &shape_of(i)?,
-                ))
-            })
-            .collect::<Result<Vec<_>, MergeError>>()?;
+            .map(|&i| TensorSpec::new(&model.names()[i], safetensors::Dtype::BF16, &shapes[i]))
+            .collect::<Vec<_>>();
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         let mut w = StreamingWriter::create(&out_dir.join(&file), specs, Some(meta))?;
         for &i in shard {
-            let name = names[i];
-            match &targets[i] {
-                // A projection is rewritten only when it changes: with the original
-                // base and no adapter pair it is copied like any other tensor.
-                Some(t) if prequant || opts.base == MergeBase::Dequantized || t.pair.is_some() => {
-                    let v = merged_weight(&st, name, t, &cfg, opts, adapter)?;
-                    if t.pair.is_some() {
-                        summary.merged += 1;
-                        tracing::debug!("merged layer {} {}", t.layer, t.proj.name());
-                    }
-                    qtrain_model::safetensors_io::f32_to_bf16_bytes(&v, &mut buf);
-                }
-                _ => to_bf16_bytes(&st.get(name)?, &mut buf)?,
-            }
+            model.bf16_bytes(i, &mut buf)?;
             w.write_next(&buf)?;
-            // The pages of this tensor are not needed again; without this a 14 GB
-            // source would end up resident through the mapping.
-            st.release(name);
-            weight_map.insert(name.to_string(), file.clone().into());
+            weight_map.insert(model.names()[i].clone(), file.clone().into());
             summary.total_bytes += buf.len();
         }
         w.finish()?;
         summary.files.push(file);
     }
+    summary.merged = model.merged();
     if count > 1 {
         write_json_atomic(
             &out_dir.join("model.safetensors.index.json"),
@@ -504,7 +547,17 @@ pub fn export_merged_with(
         )?;
     }
     qtrain_model::bnb::copy_tokenizer_files(source_dir, out_dir)?;
-    write_merged_config(&cfg, out_dir)?;
+    let mut json = model.config().to_json();
+    let obj = json.as_object_mut().expect("config is an object");
+    obj.remove("quantization_config");
+    // Marks qtrain's quantized cache; the merged model is not one.
+    obj.remove("qtrain_cache_format");
+    obj.insert("torch_dtype".into(), "bfloat16".into());
+    // Newer transformers write `dtype` instead; keep the two in agreement.
+    if obj.contains_key("dtype") {
+        obj.insert("dtype".into(), "bfloat16".into());
+    }
+    write_json_atomic(&out_dir.join("config.json"), &json)?;
     Ok(summary)
 }
 
