@@ -19,10 +19,10 @@ pub struct Args {
     config: Option<PathBuf>,
     /// Wall-clock budget in hours: the planner fits the steps (and the LR schedule)
     /// into it, ending with a checkpoint and the exported adapter.
-    #[arg(long, group = "budget")]
+    #[arg(long, group = "budget", allow_negative_numbers = true)]
     hours: Option<f64>,
     /// Wall-clock budget in minutes.
-    #[arg(long, group = "budget")]
+    #[arg(long, group = "budget", allow_negative_numbers = true)]
     minutes: Option<f64>,
     /// A fixed number of optimizer steps instead of a time budget.
     #[arg(long, group = "budget")]

@@ -235,8 +235,15 @@ pub fn check_adapter_complete(
         adapter.tensors.iter().map(|t| t.0.as_str()).collect();
     let mut expected = 0;
     let mut missing = Vec::new();
+    // In the model's order (layer, then q, k, v, o, gate, up, down), whatever order
+    // the adapter's config lists its targets in, so the first names shown are the
+    // first the model lacks.
+    let targets: Vec<_> = qtrain_model::PROJECTIONS
+        .iter()
+        .filter(|p| adapter.settings.targets.contains(p))
+        .collect();
     for layer in 0..cfg.num_hidden_layers {
-        for &p in &adapter.settings.targets {
+        for &&p in &targets {
             for part in [LoraPart::A, LoraPart::B] {
                 expected += 1;
                 let name = tensor_name(layer, p, part);
