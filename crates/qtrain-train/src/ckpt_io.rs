@@ -339,7 +339,7 @@ fn failed_write(
     // Writers that lose the OS error in their own message still fail on a full disk:
     // so little room left that the write cannot have fit is a full disk too.
     let need = opts.expected_bytes.unwrap_or(written).max(written);
-    if free.is_some_and(|f| f < need.min(1 << 20).max(1)) {
+    if free.is_some_and(|f| f < need.clamp(1, 1 << 20)) {
         return CkptError::DiskFull {
             path: tmp.to_path_buf(),
             needed: need,

@@ -106,12 +106,12 @@ impl Periodic {
             return 0.0;
         }
         // Multiples of `every` in (done, done + more), the last step excluded.
-        let among = |every: u64| {
-            if every == 0 {
-                0
-            } else {
-                (done + more - 1) / every - done / every
-            }
+        let among = |every: u64| match (
+            (done + more - 1).checked_div(every),
+            done.checked_div(every),
+        ) {
+            (Some(last), Some(first)) => last - first,
+            _ => 0,
         };
         let steps = more as f64 * step;
         let by_time = if self.ckpt_every_secs > 0.0 {

@@ -278,14 +278,14 @@ pub struct Trainer {
 /// What `setup` found: a run to train, or a resumed run that is already done.
 enum Setup {
     Train(Box<Trainer>),
-    Finished(RunSummary),
+    Finished(Box<RunSummary>),
 }
 
 /// Runs (or resumes) a training run to the end of its budget.
 pub fn run(opts: RunOptions) -> Result<RunSummary> {
     let mut t = match Trainer::setup(opts)? {
         Setup::Train(t) => t,
-        Setup::Finished(summary) => return Ok(summary),
+        Setup::Finished(summary) => return Ok(*summary),
     };
     t.evaluate_before_training()?;
     let stop = loop {

@@ -83,7 +83,7 @@ impl Trainer {
         };
         let mut inputs = match check_inputs(cfg, &start)? {
             Ok(inputs) => inputs,
-            Err(finished) => return Ok(Setup::Finished(finished)),
+            Err(finished) => return Ok(Setup::Finished(Box::new(finished))),
         };
         refuse_budget_before_loading(&inputs, &clock, &cache_root)?;
         inputs
