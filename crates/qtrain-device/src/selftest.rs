@@ -141,6 +141,31 @@ pub fn run_basic(dev: &Dev, full: bool) -> Result<Vec<Check>> {
         "swiglu",
         crate::ops::swiglu::self_test::<half::bf16>(dev, rows, inter, 1e-2).map(|c| vec![c]),
     );
+    // Heads of 128 at a 16-byte-aligned offset (the vector path), and of 12 at an
+    // odd one (the scalar path).
+    add(
+        "head rmsnorm",
+        crate::ops::head_norm::self_test::<half::bf16>(dev, (300, 6, 128, 8 * 128), 1e-2)
+            .map(|c| vec![c]),
+    );
+    add(
+        "head rmsnorm",
+        crate::ops::head_norm::self_test::<half::bf16>(dev, (37, 5, 12, 5 * 12 + 3), 1e-2)
+            .map(|c| vec![c]),
+    );
+    add(
+        "head rmsnorm",
+        crate::ops::head_norm::self_test::<f32>(dev, (64, 4, 16, 4 * 16 + 8), 1e-5)
+            .map(|c| vec![c]),
+    );
+    add(
+        "bias add",
+        crate::ops::bias::self_test::<half::bf16>(dev, rows, h, 1e-2).map(|c| vec![c]),
+    );
+    add(
+        "bias add",
+        crate::ops::bias::self_test::<f32>(dev, 37, 72, 1e-6).map(|c| vec![c]),
+    );
     add(
         "cross-entropy",
         crate::ops::xent::self_test::<half::bf16>(dev, 1e-2).map(|c| vec![c]),

@@ -11,7 +11,8 @@
 //! | `layer_inputs` | `L·n·h` | gradient checkpoints: each layer's input |
 //! | `attn_residuals` | `L·n·h` | with `save_attention_residual`: each layer's residual after attention |
 //! | `h1 x2 h2 dres dh` | `n·h` each | norms' outputs, the residual after attention, gradients |
-//! | `qkv dqkv` | `n·qc` each | fused q/k/v (after RoPE) and their gradients |
+//! | `qkv dqkv` | `n·qc` each | fused q/k/v (after RoPE; with q/k norms, before them) and their gradients |
+//! | `qk_normed qk_inv` | `n·(heads + kv)·d`, `n·(heads + kv)` | with q/k norms (Qwen 3): q and k after the per-head norm and RoPE (what attention reads), each head's inverse RMS |
 //! | `attn dattn` | `n·heads·d` each | attention output and its gradient |
 //! | `gu m dm` | `c·2I`, `c·I`, `c·I` | the MLP of one chunk of `c` tokens (`gu` only without `mlp_activations`) |
 //! | `mlp_activations` | `L·n·2I` | with `save_mlp_activations`: each layer's gate/up output (after its LoRA) |
@@ -197,6 +198,14 @@ impl WorkspaceLayout {
             b("ce_targets", BatchInputs, n, 4),
             b("losses", BatchInputs, n, 4),
         ];
+        if cfg.has_qk_norm() {
+            // Qwen 3: the norm's input stays in `qkv` for the backward, its
+            // rotated output goes here; recomputed with the rest of the attention
+            // half, so one layer's worth.
+            let qk = (cfg.num_attention_heads + cfg.num_kv_heads()) * d;
+            buffers.push(b("qk_normed", LayerActivations, n * qk, e));
+            buffers.push(b("qk_inv", LayerActivations, n * qk / d, 4));
+        }
         if shape.save_attention_residual {
             buffers.push(b(
                 "attn_residuals",

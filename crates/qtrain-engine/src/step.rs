@@ -8,7 +8,7 @@
 //! for each layer, last first:
 //!     recompute the attention half from the saved input       (h1, q/k/v after RoPE, O, lse, x2, h2)
 //!     per MLP chunk: recompute gate/up and SwiGLU, then its backward
-//!     attention backward, RoPE⁻¹, q/k/v backward, input-norm backward
+//!     attention backward, RoPE⁻¹, q/k norms⁻¹ (Qwen 3), q/k/v backward, input-norm backward
 //! ```
 //!
 //! Each layer's frozen weights are dequantized once per pass into four reused
@@ -19,6 +19,14 @@
 //! Residual adds are fused into the GEMMs (`beta = 1`) and into the norms'
 //! backward (`accumulate`).
 //!
+//! The families' extras: frozen projection biases (Qwen 2.5's q/k/v, Llama's
+//! `attention_bias`/`mlp_bias`) are added to each fused product right after its
+//! GEMM, before the LoRA term (`x Wᵀ + b + s·B A x`, PEFT's order), one add per
+//! group; being constants they change no gradient. Qwen 3's per-head RMSNorm of q
+//! and k runs between the q/k/v projections and RoPE, out of place (its input
+//! stays in `qkv` for the backward, its rotated output goes to `qk_normed`, which
+//! attention reads), and its backward runs in place on `dq`/`dk` after RoPE⁻¹.
+//!
 //! The same code runs on the CPU (f32, each kernel's reference), which is how CI
 //! checks the orchestration against `qtrain_reference::forward_backward`.
 
@@ -28,6 +36,8 @@ use crate::lora::{DeviceLora, PairSlot};
 use crate::weights::{FrozenWeights, Group};
 use qtrain_device::gemm::{gemm, Op};
 use qtrain_device::ops::attention::{attention_bwd, attention_fwd, AttnShape};
+use qtrain_device::ops::bias::add_bias;
+use qtrain_device::ops::head_norm::{head_rmsnorm_bwd, head_rmsnorm_fwd};
 use qtrain_device::ops::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
 use qtrain_device::ops::rope::rope;
 use qtrain_device::ops::rows::{add_into, dropout, gather_rows, scatter_rows};
@@ -114,6 +124,9 @@ struct Workspace<T: Float> {
     lora_dx: Option<DBuf<T>>,
     /// Every layer's `x2`, with `save_attention_residual`.
     attn_residuals: Option<DBuf<T>>,
+    /// With q/k norms: q and k after the norm and RoPE, and each head's inverse RMS.
+    qk_normed: Option<DBuf<T>>,
+    qk_inv: Option<DBuf<f32>>,
 }
 
 /// Where the gate/up output lives: one token chunk's buffer, recomputed in the
@@ -133,7 +146,18 @@ impl<T: Float> Workspace<T> {
             };
         }
         let dropout = p.shape.dropout;
+        let has = |name: &str| p.buffers.iter().any(|b| b.name == name);
         Ok(Self {
+            qk_normed: if has("qk_normed") {
+                Some(buf!("qk_normed"))
+            } else {
+                None
+            },
+            qk_inv: if has("qk_inv") {
+                Some(buf!("qk_inv"))
+            } else {
+                None
+            },
             layer_inputs: buf!("layer_inputs"),
             final_hidden: buf!("final_hidden"),
             h1: buf!("h1"),
@@ -233,6 +257,26 @@ impl<T: Float + candle_core::WithDType> Engine<T> {
             )));
         }
         let frozen = FrozenWeights::from_base(&dev, base)?;
+        if let Some(l) = frozen
+            .layers
+            .iter()
+            .position(|l| l.qk_norm.is_some() != cfg.has_qk_norm())
+        {
+            return Err(EngineError::Unsupported(format!(
+                "layer {l}: q/k norm weights {} but model_type {} {} them",
+                if cfg.has_qk_norm() {
+                    "missing"
+                } else {
+                    "present"
+                },
+                cfg.model_type,
+                if cfg.has_qk_norm() {
+                    "has"
+                } else {
+                    "does not have"
+                },
+            )));
+        }
         let lora = DeviceLora::new(&dev, lora, &cfg)?;
         Ok(Self {
             dev,
@@ -556,6 +600,16 @@ impl<'a, T: Float> Ctx<'a, T> {
         Ok(w)
     }
 
+    /// Adds the frozen biases of group `g` of layer `l` (if it has any) to its
+    /// product `y`, before the LoRA terms, as the reference's `x Wᵀ + b + lora`.
+    fn bias(&self, l: usize, g: Group, y: Mat<'a, T>) -> Result<()> {
+        if let Some(b) = &self.w.layers[l].biases[g.index()] {
+            let _r = self.dev.region("bias add");
+            add_bias(self.dev, y, b.all())?;
+        }
+        Ok(())
+    }
+
     fn slot(&self, l: usize, p: Proj) -> Option<&'a PairSlot> {
         self.lora.layout.get(l, p)
     }
@@ -669,6 +723,41 @@ impl<'a, T: Float> Ctx<'a, T> {
         Ok(())
     }
 
+    /// Where attention reads q and k (after RoPE), and the `[q | k]` block that
+    /// holds both: in `qkv` itself, or with q/k norms in `qk_normed` (`qkv` then
+    /// keeps the norms' inputs for the backward).
+    fn attn_qk(&self) -> (Mat<'a, T>, Mat<'a, T>, Mat<'a, T>) {
+        let d = &self.dims;
+        let qk = match &self.ws.qk_normed {
+            Some(b) => mat(b, d.n, d.qcols + d.kvcols),
+            None => mat(&self.ws.qkv, d.n, d.qc).col_block(0, d.qcols + d.kvcols),
+        };
+        (
+            qk.col_block(0, d.qcols),
+            qk.col_block(d.qcols, d.kvcols),
+            qk,
+        )
+    }
+
+    /// Layer `l`'s q/k norm weights with the inverse-RMS buffers of q's and of k's
+    /// heads (Qwen 3), or None.
+    #[allow(clippy::type_complexity)]
+    fn qk_norm(
+        &self,
+        l: usize,
+    ) -> Option<(View<'a, T>, View<'a, T>, View<'a, f32>, View<'a, f32>)> {
+        let (qn, kn) = self.w.layers[l].qk_norm.as_ref()?;
+        let inv = self.ws.qk_inv.as_ref()?;
+        let d = &self.dims;
+        let nq = d.n * d.attn.heads;
+        Some((
+            qn.all(),
+            kn.all(),
+            inv.view(0, nq),
+            inv.view(nq, d.n * d.attn.kv_heads),
+        ))
+    }
+
     fn qkv_blocks(&self, m: Mat<'a, T>) -> (Mat<'a, T>, Mat<'a, T>, Mat<'a, T>) {
         let d = &self.dims;
         (
@@ -679,7 +768,8 @@ impl<'a, T: Float> Ctx<'a, T> {
     }
 
     /// The attention half of layer `l` on input `x`: leaves `h1`, `inv1`, `qkv`
-    /// (after RoPE), `attn`, `lse`, `x2`, `inv2`, `h2` (and the q/k/v/o `z`) in the
+    /// (after RoPE; with q/k norms, q and k before the norm, and `qk_normed`,
+    /// `qk_inv`), `attn`, `lse`, `x2`, `inv2`, `h2` (and the q/k/v/o `z`) in the
     /// workspace. `recompute`: the backward's second pass, which with a saved `x2`
     /// only needs o's LoRA `z`, not the o projection.
     fn attention_half(&self, l: usize, x: Mat<'a, T>, recompute: bool) -> Result<()> {
@@ -705,10 +795,18 @@ impl<'a, T: Float> Ctx<'a, T> {
             let _r = self.dev.region("GEMM q/k/v");
             gemm(self.dev, h1, Op::N, wqkv, Op::T, qkv, 1.0, 0.0)?;
         }
+        self.bias(l, Group::Qkv, qkv)?;
         let (q, k, v) = self.qkv_blocks(qkv);
         self.lora_fwd(l, Proj::Q, h1, Some(q), 0)?;
         self.lora_fwd(l, Proj::K, h1, Some(k), 0)?;
         self.lora_fwd(l, Proj::V, h1, Some(v), 0)?;
+        let (qa, ka, qk) = self.attn_qk();
+        if let Some((qn, kn, q_inv, k_inv)) = self.qk_norm(l) {
+            // Qwen 3: each head of q and of k normalized over head_dim, then rotated.
+            let _r = self.dev.region("q/k norm forward");
+            head_rmsnorm_fwd(self.dev, q, d.d, qn, eps, qa, q_inv)?;
+            head_rmsnorm_fwd(self.dev, k, d.d, kn, eps, ka, k_inv)?;
+        }
         let (cos, sin) = (
             ws.rope_cos.view(0, d.n * d.d / 2),
             ws.rope_sin.view(0, d.n * d.d / 2),
@@ -716,20 +814,13 @@ impl<'a, T: Float> Ctx<'a, T> {
         {
             // q and k are adjacent column blocks of equal head size: one launch.
             let _r = self.dev.region("RoPE");
-            rope(
-                self.dev,
-                qkv.col_block(0, d.qcols + d.kvcols),
-                d.d,
-                cos,
-                sin,
-                false,
-            )?;
+            rope(self.dev, qk, d.d, cos, sin, false)?;
         }
         let attn = mat(&ws.attn, d.n, d.qcols);
         let lse = ws.lse.view(0, d.attn.stats_len());
         {
             let _r = self.dev.region("attention forward");
-            attention_fwd(self.dev, &d.attn, q, k, v, self.segments, attn, lse)?;
+            attention_fwd(self.dev, &d.attn, qa, ka, v, self.segments, attn, lse)?;
         }
         // x2 = x + attn Woᵀ (+ LoRA)
         let x2 = self.x2(l);
@@ -743,6 +834,7 @@ impl<'a, T: Float> Ctx<'a, T> {
                 self.dev.copy(x.v, x2.v)?;
                 gemm(self.dev, attn, Op::N, wo, Op::T, x2, 1.0, 1.0)?;
             }
+            self.bias(l, Group::O, x2)?;
             self.lora_fwd(l, Proj::O, attn, Some(x2), 0)?;
         }
         let h2 = mat(&ws.h2, d.n, d.h);
@@ -778,6 +870,8 @@ impl<'a, T: Float> Ctx<'a, T> {
         if let Some(wgu) = wgu {
             let _r = self.dev.region("GEMM gate/up");
             gemm(self.dev, h2c, Op::N, wgu, Op::T, gu, 1.0, 0.0)?;
+            drop(_r);
+            self.bias(l, Group::GateUp, gu)?;
         }
         let (g, u) = (gu.col_block(0, d.inter), gu.col_block(d.inter, d.inter));
         // Kept: only `z`, the output already holds the LoRA term.
@@ -811,6 +905,7 @@ impl<'a, T: Float> Ctx<'a, T> {
                 self.dev.copy(x2.row_block(c0, cn).v, oc.v)?;
                 gemm(self.dev, m, Op::N, wd, Op::T, oc, 1.0, 1.0)?;
             }
+            self.bias(l, Group::Down, oc)?;
             self.lora_fwd(l, Proj::Down, m, Some(oc), c0)?;
         }
         Ok(())
@@ -964,7 +1059,8 @@ impl<'a, T: Float> Ctx<'a, T> {
         }
         self.lora_bwd(l, Proj::O, attn, dres, Some(dattn), 0)?;
         let qkv = mat(&ws.qkv, d.n, d.qc);
-        let (q, k, v) = self.qkv_blocks(qkv);
+        let (q_in, k_in, v) = self.qkv_blocks(qkv);
+        let (q, k, _) = self.attn_qk();
         let dqkv = mat(&ws.dqkv, d.n, d.qc);
         let (dq, dk, dv) = self.qkv_blocks(dqkv);
         let r_attn = self.dev.region("attention backward");
@@ -998,6 +1094,13 @@ impl<'a, T: Float> Ctx<'a, T> {
                 sin,
                 true,
             )?;
+        }
+        if let Some((qn, kn, q_inv, k_inv)) = self.qk_norm(l) {
+            // Through the q/k norms, in place: dq, dk become the gradients of the
+            // projections' outputs (the norms' inputs, kept in qkv).
+            let _r = self.dev.region("q/k norm backward");
+            head_rmsnorm_bwd(self.dev, q_in, d.d, q_inv, qn, dq)?;
+            head_rmsnorm_bwd(self.dev, k_in, d.d, k_inv, kn, dk)?;
         }
         let h1 = mat(&ws.h1, d.n, d.h);
         if need_dx {

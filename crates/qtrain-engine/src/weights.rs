@@ -42,6 +42,13 @@ pub struct LayerWeights<T: Float> {
     pub post_norm: DBuf<T>,
     /// Indexed by [`Proj::index`].
     pub projs: Vec<ProjWeight<T>>,
+    /// Indexed by [`Group::index`]: the biases of the group's projections
+    /// concatenated like their outputs (`[b_q; b_k; b_v]`, zeros for a projection
+    /// without one), when any projection of the group has a bias. One add per
+    /// fused product.
+    pub biases: [Option<DBuf<T>>; 4],
+    /// Qwen 3's per-head RMSNorm weights `[head_dim]` of q and k.
+    pub qk_norm: Option<(DBuf<T>, DBuf<T>)>,
 }
 
 /// The weight groups the engine multiplies with, in layer order.
@@ -54,6 +61,13 @@ pub enum Group {
 }
 
 impl Group {
+    pub const ALL: [Group; 4] = [Group::Qkv, Group::O, Group::GateUp, Group::Down];
+
+    /// Position in [`Group::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn projs(self) -> &'static [Proj] {
         match self {
             Group::Qkv => &[Proj::Q, Proj::K, Proj::V],
@@ -100,7 +114,23 @@ impl<T: Float + candle_core::WithDType> FrozenWeights<T> {
                     )?,
                 );
             }
+            let mut biases: [Option<DBuf<T>>; 4] = Default::default();
+            for g in Group::ALL {
+                biases[g.index()] = group_bias(dev, layer, g)
+                    .map_err(|e| EngineError::Dtype(format!("layer {l} bias: {e}")))?;
+            }
+            let qk_norm = match (&layer.q_norm, &layer.k_norm) {
+                (Some(q), Some(k)) => Some((borrow(dev, q, "q_norm")?, borrow(dev, k, "k_norm")?)),
+                (None, None) => None,
+                _ => {
+                    return Err(EngineError::Unsupported(format!(
+                        "layer {l} has only one of q_norm and k_norm"
+                    )))
+                }
+            };
             layers.push(LayerWeights {
+                biases,
+                qk_norm,
                 input_norm: borrow(dev, &layer.input_layernorm, "input_layernorm")?,
                 post_norm: borrow(
                     dev,
@@ -137,6 +167,36 @@ impl<T: Float> FrozenWeights<T> {
         }
         Ok(())
     }
+}
+
+/// The concatenated bias of group `g` of `layer` (see [`LayerWeights::biases`]).
+fn group_bias<T: Float + candle_core::WithDType>(
+    dev: &Dev,
+    layer: &qtrain_model::BaseLayer,
+    g: Group,
+) -> Result<Option<DBuf<T>>> {
+    let projs = g.projs().iter().map(|&p| layer.proj(p));
+    if projs.clone().all(|fl| fl.bias.is_none()) {
+        return Ok(None);
+    }
+    let total = projs.clone().map(|fl| fl.out_features).sum();
+    let out = dev.zeros::<T>(total, "engine projection biases")?;
+    let mut off = 0;
+    for fl in projs {
+        if let Some(b) = &fl.bias {
+            if b.elem_count() != fl.out_features {
+                return Err(EngineError::Dtype(format!(
+                    "a bias of {} elements for {} outputs",
+                    b.elem_count(),
+                    fl.out_features
+                )));
+            }
+            let src = borrow::<T>(dev, b, "bias")?;
+            dev.copy(src.all(), out.view(off, fl.out_features))?;
+        }
+        off += fl.out_features;
+    }
+    Ok(Some(out))
 }
 
 fn proj_weight<T: Float + candle_core::WithDType>(

@@ -1,13 +1,17 @@
 //! The fused engine on the CPU (every kernel's reference) against the candle-ops
 //! reference step `qtrain_reference::forward_backward`: the same loss and the same LoRA
 //! gradients, with GQA, packed documents, a sliding window, dropout, NF4 weights,
-//! MLP and cross-entropy chunking, and accumulation over micro-batches.
+//! MLP and cross-entropy chunking, and accumulation over micro-batches; and every
+//! family's extras (biases, Qwen 3's q/k norms, the RoPE variants).
 
 #[path = "../../qtrain-reference/tests/common/mod.rs"]
 mod common;
+#[path = "../../qtrain-reference/tests/family_configs/mod.rs"]
+mod family_configs;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use family_configs::small_family_config;
 use qtrain_engine::{Engine, EngineOptions};
 use qtrain_model::{BaseModel, FrozenStorage, Proj};
 use qtrain_reference::{forward_backward, forward_loss};
@@ -139,6 +143,110 @@ fn nf4_base_matches_reference() {
         &[random_rows(61, 2, 8, 14)],
         EngineOptions::default(),
         2e-5,
+    );
+}
+
+/// The other families' math in the engine: Qwen 2.5's q/k/v biases (frozen: no
+/// gradient of their own, added to the product before the LoRA term), Llama's
+/// `attention_bias`/`mlp_bias` on all seven projections (the o and down biases meet
+/// the fused residual adds), Qwen 3's per-head q/k norms before RoPE (forward and
+/// backward, head_dim 12 not hidden / heads), Llama 3.1's RoPE scaling and Qwen's
+/// YaRN (the tables of the model's variant), with GQA, packed documents, dropout
+/// and MLP chunks; the same loss and gradients as the reference decoder, with every
+/// adapter's gradient non-zero.
+#[test]
+fn families_match_the_reference() {
+    for (i, family) in ["qwen2", "qwen3", "llama-bias", "llama3", "yarn"]
+        .into_iter()
+        .enumerate()
+    {
+        let cfg = small_family_config(61, family);
+        let seed = 40 + 10 * i as u64;
+        let (base, _) = random_base(&cfg, seed, DType::F32);
+        let lora = random_lora(&cfg, &all_targets_config(0.1), seed + 1, DType::F32);
+        let opts = EngineOptions {
+            mlp_chunk: 7,
+            ..EngineOptions::default()
+        };
+        compare(
+            &base,
+            &lora,
+            &[
+                packed_batch(61, 12, seed + 2),
+                random_rows(61, 2, 12, seed + 3),
+            ],
+            opts,
+            2e-5,
+        );
+    }
+}
+
+/// Qwen 3 with the attention residual and the gate/up output kept (the backward's
+/// recomputation then skips the o projection but still rebuilds the q/k norms):
+/// the reference's loss and gradients, and the workspace holds exactly the
+/// layout's bytes, q/k norm buffers included.
+#[test]
+fn qwen3_with_kept_activations_matches_the_reference_and_the_layout() {
+    let cfg = small_family_config(61, "qwen3");
+    let (base, _) = random_base(&cfg, 91, DType::F32);
+    let lora = random_lora(&cfg, &all_targets_config(0.2), 92, DType::F32);
+    let opts = EngineOptions {
+        save_attention_residual: true,
+        save_mlp_activations: true,
+        ..EngineOptions::default()
+    };
+    compare(&base, &lora, &[packed_batch(61, 10, 93)], opts, 2e-5);
+    let mut engine = Engine::<f32>::new(&base, &lora, opts).unwrap();
+    let before = engine.device().held_bytes();
+    engine.forward_loss(&packed_batch(61, 10, 94)).unwrap();
+    let layout = engine.workspace_layout(2, 10);
+    assert_eq!(engine.device().held_bytes() - before, layout.total_bytes());
+    let (n, d) = (20, cfg.head_dim());
+    let qk = (cfg.num_attention_heads + cfg.num_kv_heads()) * d;
+    assert_eq!(layout.elems("qk_normed"), n * qk);
+    assert_eq!(layout.elems("qk_inv"), n * qk / d);
+}
+
+/// A Qwen 3 base without its q/k norm weights is refused by the engine, never run
+/// as a model without norms.
+#[test]
+fn qwen3_without_norm_weights_is_refused() {
+    let cfg = small_family_config(61, "qwen3");
+    let (mut base, _) = random_base(&cfg, 95, DType::F32);
+    base.layers[1].q_norm = None;
+    base.layers[1].k_norm = None;
+    let lora = random_lora(&cfg, &all_targets_config(0.0), 96, DType::F32);
+    let err = match Engine::<f32>::new(&base, &lora, EngineOptions::default()) {
+        Ok(_) => panic!("a Qwen 3 without q/k norms was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("layer 1") && err.contains("q/k norm"), "{err}");
+}
+
+/// The bias is really added: dropping the model's biases changes the engine's
+/// loss (the comparison above would also pass if both sides ignored them).
+#[test]
+fn biases_change_the_engine_loss() {
+    let cfg = small_family_config(61, "qwen2");
+    let (mut base, _) = random_base(&cfg, 71, DType::F32);
+    let lora = random_lora(&cfg, &all_targets_config(0.0), 72, DType::F32);
+    let batch = random_rows(61, 2, 10, 73);
+    let loss = |base: &BaseModel| {
+        let mut e = Engine::<f32>::new(base, &lora, EngineOptions::default()).unwrap();
+        e.forward_loss(&batch).unwrap().loss_sum
+    };
+    let with = loss(&base);
+    let want = forward_loss(&base, Some(&lora), &batch).unwrap().loss_sum;
+    assert!((with - want).abs() / want < 1e-5, "{with} vs {want}");
+    for layer in &mut base.layers {
+        for p in [Proj::Q, Proj::K, Proj::V] {
+            assert!(layer.projs[p.index()].bias.take().is_some());
+        }
+    }
+    let without = loss(&base);
+    assert!(
+        (with - without).abs() / with > 1e-3,
+        "biases did not change the loss: {with} vs {without}"
     );
 }
 

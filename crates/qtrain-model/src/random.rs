@@ -61,11 +61,16 @@ fn tensor_plan(cfg: &ModelConfig) -> Vec<(TensorSpec, Init)> {
                 Init::Normal { std },
             ));
             // HF initializes biases to zero; random ones make a test notice a forward
-            // that forgets them.
+            // that forgets them. Their scale is that of the projections' outputs
+            // (std ≈ initializer_range · sqrt(in), 0.16 on the tiny presets), not far
+            // above it: with std 0.5, v was nearly the same row for every token, so
+            // attention hardly depended on q and k, their LoRA gradients were ~1e-5
+            // and, in bf16, mostly rounding (the doctor's bf16 step checks of the
+            // reference and of the engine on tiny-qwen2 compared noise and failed).
             if cfg.proj_has_bias(p) {
                 plan.push((
                     TensorSpec::new(p.bias_name(l), Dtype::BF16, &[cfg.proj_shape(p)[0]]),
-                    Init::Normal { std: 0.5 },
+                    Init::Normal { std: 0.1 },
                 ));
             }
         }

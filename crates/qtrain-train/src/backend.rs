@@ -132,12 +132,6 @@ impl EngineKind {
 /// `train.engine = fused` is refused, never run with math the model does not have.
 pub fn fused_engine_gap(cfg: &qtrain_model::ModelConfig) -> Option<String> {
     let mut gaps = Vec::new();
-    if cfg.has_biases() {
-        gaps.push("projection biases".to_string());
-    }
-    if cfg.has_qk_norm() {
-        gaps.push("q/k norms".to_string());
-    }
     // The engine's RoPE tables come from the model's variant (`qtrain_model::rope`),
     // made once per workspace for positions `0..seq`; `dynamic` changes frequencies
     // with each batch's longest position, which those tables cannot follow.

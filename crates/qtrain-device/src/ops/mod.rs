@@ -13,6 +13,10 @@
 //! - [`rope`], [`attention`], [`xent`], [`rows`]: plain-Rust references on host
 //!   slices (the reference decoder computes these differently: rotations on full
 //!   cos/sin tables, a materialized attention mask, chunked candle cross-entropy).
+//! - [`bias`]: a frozen projection bias added in place to a GEMM output (its
+//!   reference is the decoder's broadcast add, bit for bit).
+//! - [`head_norm`]: RMSNorm over each head of q and k (Qwen 3), whose CPU reference
+//!   is [`rmsnorm`]'s row loop over the heads.
 //! - [`nf4`]: NF4 dequantization into a reused buffer; [`nf4_quant`]: NF4 (double)
 //!   quantization on the device, bit-exact with `qtrain_quant`.
 //!
@@ -21,6 +25,8 @@
 //! kernel includes it too.
 
 pub mod attention;
+pub mod bias;
+pub mod head_norm;
 pub mod nf4;
 pub mod nf4_quant;
 pub mod rmsnorm;
