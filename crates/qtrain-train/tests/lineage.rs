@@ -180,7 +180,12 @@ fn a_corrupt_newest_checkpoint_falls_back_and_names_the_check() {
     })
     .unwrap();
     assert_eq!(s.steps, 6);
-    ckpt_io::verify(&ckpt(out.path(), 3)).unwrap();
+    // The corrupt step 3 was written again by the continued run, then pruned as
+    // keep_last = 2 asks: nothing corrupt is left, and `latest` is complete.
+    assert!(!three.exists(), "the corrupt checkpoint is still there");
+    let latest = ckpt_io::latest(&out.path().join("checkpoints")).unwrap();
+    assert_eq!(latest, ckpt(out.path(), 6));
+    ckpt_io::verify(&latest).unwrap();
 }
 
 /// The disk fills up while a checkpoint is written (the write-quota hook): the run
