@@ -45,6 +45,9 @@ pub fn compile_kernels(dir: &str, include: &str) {
         "cargo:rerun-if-changed={}",
         include.join("common.cuh").display()
     );
+    // The directory too: cargo then rescans it, so a kernel added in a new op
+    // directory is compiled (naming only the files seen would miss it).
+    println!("cargo:rerun-if-changed={}", dir.display());
     let mut srcs = Vec::new();
     sources(&dir, &mut srcs);
     assert!(!srcs.is_empty(), "no .cu files below {}", dir.display());

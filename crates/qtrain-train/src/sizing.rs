@@ -140,6 +140,18 @@ pub fn preset_for_id(id: &str) -> Option<&'static str> {
         }
     }
     let n = n.strip_prefix("meta-").unwrap_or(&n);
+    // Unbabel's Tower models are Llama 2 fine-tunes of the same shapes (their
+    // vocabulary adds a handful of chat tokens: a few MiB of embeddings).
+    for (prefix, preset) in [
+        ("towerinstruct-13b", "llama-2-13b"),
+        ("towerbase-13b", "llama-2-13b"),
+        ("towerinstruct-7b", "llama-2-7b"),
+        ("towerbase-7b", "llama-2-7b"),
+    ] {
+        if n.starts_with(prefix) {
+            return Some(preset);
+        }
+    }
     qtrain_model::PRESETS.iter().copied().find(|p| *p == n)
 }
 
@@ -566,6 +578,22 @@ mod tests {
         assert_eq!(
             preset_for_id("meta-llama/Meta-Llama-3-8B"),
             Some("llama-3-8b")
+        );
+        assert_eq!(
+            preset_for_id("Unbabel/TowerInstruct-13B-v0.1"),
+            Some("llama-2-13b")
+        );
+        assert_eq!(
+            preset_for_id("Unbabel/TowerInstruct-7B-v0.2"),
+            Some("llama-2-7b")
+        );
+        assert_eq!(
+            preset_for_id("Qwen/Qwen2.5-7B-Instruct"),
+            Some("qwen2.5-7b")
+        );
+        assert_eq!(
+            preset_for_id("meta-llama/Llama-3.1-8B-Instruct"),
+            Some("llama-3.1-8b")
         );
         assert_eq!(preset_for_id("someone/other-model"), None);
     }
