@@ -193,6 +193,15 @@ pub fn build_family_tokenizer(kind: BuiltinTokenizer, special_base: u32) -> Toke
         .enumerate()
         .map(|(i, t)| (t.clone(), first_regular + i as u32))
         .collect();
+    // The real-size presets put the specials at the real base (151643 for Qwen), far
+    // above the few hundred regular tokens. Fill the ids between with unused pieces
+    // so the vocabulary is contiguous, as every real tokenizer's is: a hole would
+    // decode to nothing when a random model samples it, make `tokenizers` warn with
+    // every missing id when the file is written, and leave GGUF writers to guess.
+    // No merge produces them, so no text ever encodes to one.
+    for id in first_regular + regular.len() as u32..special_base {
+        vocab.insert(format!("<|unused_{id}|>"), id);
+    }
     for (i, (t, _)) in added.iter().enumerate() {
         vocab.insert(t.to_string(), special_base + i as u32);
     }
@@ -445,6 +454,13 @@ mod tests {
         );
         let tok = build_family_tokenizer(BuiltinTokenizer::Qwen3, 151643);
         assert_eq!(tok.token_to_id("<|im_end|>"), Some(151645));
+        // Contiguous ids: every id below the last added token names a token, and
+        // ordinary text never encodes to a filler.
+        let n = tok.get_vocab_size(true) as u32;
+        assert_eq!(n, 151643 + BuiltinTokenizer::Qwen3.added().len() as u32);
+        assert!((0..n).all(|id| tok.id_to_token(id).is_some()));
+        let ids = tok.encode("the unused words <|unused_500|> stay text", false).unwrap();
+        assert!(ids.get_ids().iter().all(|&id| id < 400), "{:?}", ids.get_ids());
         assert_eq!(tok.token_to_id("</think>"), Some(151668));
         assert_eq!(
             BuiltinTokenizer::Qwen25.bos_eos_ids(151643),
