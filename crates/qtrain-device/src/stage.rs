@@ -91,7 +91,7 @@ impl<T: Elem> HostStage<T> {
                 mem,
             });
         }
-        let _ = what;
+        let _ = (dev, what);
         let mem = StageMem::Host((0..len).map(|_| UnsafeCell::new(T::default())).collect());
         Ok(Self {
             len,
