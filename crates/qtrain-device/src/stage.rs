@@ -70,13 +70,13 @@ impl<T: Elem> HostStage<T> {
         #[cfg(feature = "cuda")]
         if let Some(c) = dev.cuda() {
             let bytes = len * std::mem::size_of::<T>();
-            let pinned = c.alloc_pinned(bytes).map_err(|e| {
-                crate::error::shape_err(
-                    "pinned host memory",
-                    format!("{what}: {:.1} MiB: {e}", bytes as f64 / 1048576.0),
-                )
-            })?;
-            let events = |n: usize| (0..n).map(|_| c.stream_event()).collect::<Result<_>>();
+            let pinned = c
+                .alloc_pinned(bytes)
+                .map_err(|e| crate::DeviceError::Cuda {
+                    op: "pinned host memory",
+                    msg: format!("{what}: {:.1} MiB: {e}", bytes as f64 / 1048576.0),
+                })?;
+            let events = |n: usize| (0..n).map(|_| c.stream_event()).collect::<Result<Vec<_>>>();
             let mem = StageMem::Cuda(CudaStage {
                 side: c.side_stream()?,
                 mark: c.stream_event()?,
