@@ -8,6 +8,11 @@
 //! each step (it must fall on a repeated batch), peak device memory (the whole
 //! device as the driver reports it, and qtrain's own buffers), and model FLOPs
 //! utilization against the bf16 dense peak given with --peak-tflops; then a table.
+//!
+//! `--memory-limit 24GiB` runs the cases as a GPU of that size would: the memory
+//! model picks the offloaded checkpoints and kept activations for the cap, the
+//! frozen base and the engine's buffers may hold no more, and each JSON line says
+//! whether the checkpoints were offloaded and the peak against the cap.
 
 use anyhow::{bail, Context, Result};
 use qtrain_step::LoraConfig;
@@ -62,6 +67,18 @@ pub struct Args {
     /// fits), as `train.keep_mlp_activations`.
     #[arg(long, default_value = "auto")]
     keep_mlp: String,
+    /// Keep the gradient checkpoints in pinned host memory (a ring of two layer
+    /// inputs on the GPU, copies on a side stream): `on`, `off`, or `auto` (on when
+    /// the memory model says the case does not fit without it and does with it),
+    /// as `train.offload_checkpoints`.
+    #[arg(long, default_value = "auto")]
+    offload: String,
+    /// Cap on what the frozen base and the engine's buffers may allocate, e.g.
+    /// `24GiB`, `16GiB`, `24000MiB` or plain bytes: emulates a GPU of that size
+    /// (offload and kept activations are decided for it; past it an allocation
+    /// fails as an out-of-memory).
+    #[arg(long, value_name = "SIZE")]
+    memory_limit: Option<String>,
     /// After the timed steps, run one more with CUDA events around every kind of
     /// work in the fused engine, and print where the step's GPU time goes.
     #[arg(long)]
@@ -84,6 +101,13 @@ fn parse_case(case: &str) -> Result<(usize, usize)> {
         .with_context(|| format!("--cases: `{case}` is not BATCHxSEQ"))
 }
 
+/// `--memory-limit`'s size in bytes (see `qtrain_train::memory::parse_bytes`).
+fn memory_limit(spec: Option<&str>) -> Result<Option<u64>> {
+    spec.map(qtrain_train::memory::parse_bytes)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--memory-limit: {e}"))
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / 1048576.0
 }
@@ -98,11 +122,13 @@ pub fn run(a: Args) -> Result<()> {
     for (flag, v) in [
         ("--keep-residuals", &a.keep_residuals),
         ("--keep-mlp", &a.keep_mlp),
+        ("--offload", &a.offload),
     ] {
         if !["auto", "on", "off"].contains(&v.as_str()) {
             bail!("{flag}: `{v}` (expected auto, on or off)");
         }
     }
+    let memory_limit = memory_limit(a.memory_limit.as_deref())?;
     let cases = a.cases.split(',').map(|c| Ok((c.trim(), parse_case(c)?)));
     let cases: Vec<(&str, (usize, usize))> = cases.collect::<Result<_>>()?;
     if !a.model.join("config.json").exists() {
@@ -132,6 +158,8 @@ pub fn run(a: Args) -> Result<()> {
         engine: a.engine.clone(),
         keep_residuals: a.keep_residuals.clone(),
         keep_mlp: a.keep_mlp.clone(),
+        offload: a.offload.clone(),
+        memory_limit,
         warmup: a.warmup,
         steps: a.steps,
         profile: a.profile,
@@ -146,6 +174,22 @@ pub fn run(a: Args) -> Result<()> {
             );
         }
         eprintln!("memory, case {case}:\n{}", r.memory_comparison(&model));
+        if let (Some(limit), Some(peak)) = (r.memory_limit, r.capped_peak) {
+            eprintln!(
+                "memory limit {:.0} MiB: frozen base + engine buffers peaked at {:.0} MiB; \
+                 checkpoints {}",
+                mib(limit),
+                mib(peak),
+                if r.offload {
+                    format!(
+                        "offloaded ({:.0} MiB pinned on the host)",
+                        mib(r.host_bytes.unwrap_or(0) as u64)
+                    )
+                } else {
+                    "on the GPU".to_string()
+                }
+            );
+        }
         let json = r.record(&model, case, &a.targets, a.peak_tflops);
         println!("{json}");
         json_lines.push(json.to_string());
@@ -171,4 +215,21 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("{r}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_limit_parses_sizes_and_names_the_flag() {
+        assert_eq!(memory_limit(None).unwrap(), None);
+        assert_eq!(memory_limit(Some("24GiB")).unwrap(), Some(24 << 30));
+        assert_eq!(memory_limit(Some("24000MiB")).unwrap(), Some(24000 << 20));
+        let e = memory_limit(Some("24 gigs")).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--memory-limit: `24 gigs` is not a size") && e.contains("GiB"),
+            "{e}"
+        );
+    }
 }

@@ -12,6 +12,8 @@
 //! - [`ops`]: the fused ops, one module per op (RMSNorm, RoPE, SwiGLU, attention,
 //!   cross-entropy, row kernels, NF4 dequantization and quantization).
 //! - [`selftest`]: the self-test harness and [`selftest::run_basic`].
+//! - [`stage`]: host memory with asynchronous copies to and from device buffers
+//!   on a side stream ([`HostStage`]: the engine's offloaded checkpoints).
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -20,9 +22,11 @@ pub mod error;
 pub mod gemm;
 pub mod ops;
 pub mod selftest;
+pub mod stage;
 
 pub use device::{to_f32_vec, DBuf, Dev, Elem, Float, FloatKind, Mat, Region, RegionTime, View};
 pub use error::{DeviceError, Result};
 pub use gemm::{gemm, Op};
 pub use ops::nf4::Nf4Device;
 pub use ops::nf4_quant::Nf4QuantizeError;
+pub use stage::HostStage;

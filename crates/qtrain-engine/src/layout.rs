@@ -8,7 +8,7 @@
 //!
 //! | buffer | elements | role |
 //! |---|---|---|
-//! | `layer_inputs` | `L·n·h` | gradient checkpoints: each layer's input |
+//! | `layer_inputs` | `L·n·h` | gradient checkpoints: each layer's input; with `offload_layer_inputs` a ring of [`OFFLOAD_RING`] layers' (`R·n·h`) |
 //! | `attn_residuals` | `L·n·h` | with `save_attention_residual`: each layer's residual after attention |
 //! | `h1 x2 h2 dres dh` | `n·h` each | norms' outputs, the residual after attention, gradients |
 //! | `qkv dqkv` | `n·qc` each | fused q/k/v (after RoPE; with q/k norms, before them) and their gradients |
@@ -19,9 +19,23 @@
 //! | `w_qkv w_o w_gu w_down` | one layer's weight groups | dequantized weights, reused by every layer |
 //! | `logits dlogits` | `cc·V` | one cross-entropy chunk of `cc` rows (f32, compute type) |
 //! | `rope_table_cos rope_table_sin` | `seq·d/2` each | RoPE of positions `0..seq`, computed once per workspace; a batch's per-token tables `rope_cos rope_sin` are gathered from them by `positions` |
+//!
+//! With `offload_layer_inputs` one buffer lives in (page-locked) host memory,
+//! listed apart ([`WorkspaceLayout::host_buffers`], not in
+//! [`WorkspaceLayout::total_bytes`]):
+//!
+//! | buffer | elements | role |
+//! |---|---|---|
+//! | `layer_inputs_host` | `(L - R)·n·h` | the inputs of layers `0..L-R`, copied out in the forward and back in the backward (the last `R` layers' stay in the ring) |
 
 use crate::step::EngineOptions;
 use qtrain_model::ModelConfig;
+
+/// Device slots of layer inputs with `offload_layer_inputs`: layer `l`'s input
+/// lives in slot `l % R`. Two suffice for full overlap: in the forward a slot's copy
+/// to the host runs during the next layer, in the backward the next slot's copy
+/// from the host runs during the current layer's backward.
+pub const OFFLOAD_RING: usize = 2;
 
 /// Everything that sizes the buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +57,20 @@ pub struct WorkspaceShape {
     pub save_attention_residual: bool,
     /// Every layer's gate/up output is kept (`EngineOptions`).
     pub save_mlp_activations: bool,
+    /// Layer inputs go to host memory, a ring of [`OFFLOAD_RING`] stays on the
+    /// device (`EngineOptions`).
+    pub offload_layer_inputs: bool,
+}
+
+impl WorkspaceShape {
+    /// Layer inputs on the device for `layers` layers: all of them, or the ring.
+    pub fn device_layer_slots(&self, layers: usize) -> usize {
+        if self.offload_layer_inputs {
+            layers.min(OFFLOAD_RING)
+        } else {
+            layers
+        }
+    }
 }
 
 impl WorkspaceShape {
@@ -69,6 +97,7 @@ impl WorkspaceShape {
             elem,
             save_attention_residual: opts.save_attention_residual,
             save_mlp_activations: opts.save_mlp_activations,
+            offload_layer_inputs: opts.offload_layer_inputs,
         }
     }
 }
@@ -130,7 +159,10 @@ impl BufferSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkspaceLayout {
     pub shape: WorkspaceShape,
+    /// On the device: what [`WorkspaceLayout::total_bytes`] sums.
     pub buffers: Vec<BufferSpec>,
+    /// In page-locked host memory (offloaded checkpoints); empty otherwise.
+    pub host_buffers: Vec<BufferSpec>,
 }
 
 impl WorkspaceLayout {
@@ -158,7 +190,7 @@ impl WorkspaceLayout {
             b(
                 "layer_inputs",
                 LayerInputs,
-                cfg.num_hidden_layers * n * h,
+                shape.device_layer_slots(cfg.num_hidden_layers) * n * h,
                 e,
             ),
             b("final_hidden", LayerActivations, n * h, e),
@@ -228,19 +260,42 @@ impl WorkspaceLayout {
             buffers.push(b("dropped_input", LoraScratch, max_in, e));
             buffers.push(b("lora_dx", LoraScratch, max_in, e));
         }
-        Self { shape, buffers }
+        let offloaded = cfg.num_hidden_layers - shape.device_layer_slots(cfg.num_hidden_layers);
+        let host_buffers = if offloaded > 0 {
+            vec![b("layer_inputs_host", LayerInputs, offloaded * n * h, e)]
+        } else {
+            Vec::new()
+        };
+        Self {
+            shape,
+            buffers,
+            host_buffers,
+        }
     }
 
     pub fn elems(&self, name: &str) -> usize {
         self.buffers
             .iter()
+            .chain(&self.host_buffers)
             .find(|b| b.name == name)
             .unwrap_or_else(|| panic!("no buffer {name} in the layout"))
             .elems
     }
 
+    /// Bytes on the device.
     pub fn total_bytes(&self) -> usize {
         self.buffers.iter().map(BufferSpec::bytes).sum()
+    }
+
+    /// Bytes of page-locked host memory (offloaded checkpoints).
+    pub fn host_bytes(&self) -> usize {
+        self.host_buffers.iter().map(BufferSpec::bytes).sum()
+    }
+
+    /// Bytes crossing the host link per training pass: each offloaded layer input
+    /// goes out in the forward and comes back in the backward.
+    pub fn transfer_bytes(&self) -> usize {
+        2 * self.host_bytes()
     }
 
     /// Bytes per component, largest first.

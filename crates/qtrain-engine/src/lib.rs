@@ -17,6 +17,6 @@ pub mod step;
 pub mod weights;
 
 pub use error::{EngineError, Result};
-pub use layout::{Component, WorkspaceLayout, WorkspaceShape};
+pub use layout::{Component, WorkspaceLayout, WorkspaceShape, OFFLOAD_RING};
 pub use lora::{device_lora_bytes, DeviceLora, LoraLayout};
 pub use step::{Engine, EngineOptions};

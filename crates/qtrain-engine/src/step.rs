@@ -27,11 +27,22 @@
 //! stays in `qkv` for the backward, its rotated output goes to `qk_normed`, which
 //! attention reads), and its backward runs in place on `dq`/`dk` after RoPE⁻¹.
 //!
+//! With `offload_layer_inputs` the checkpoints leave the device: a ring of
+//! [`OFFLOAD_RING`] layer inputs stays, and each layer's input is copied to
+//! page-locked host memory on a side stream while the next layer runs
+//! ([`qtrain_device::HostStage`]); in the backward layer `l - 1`'s input comes back
+//! while layer `l`'s backward runs. Events order the copies against the main
+//! stream: a copy out starts after the input's writer, a slot is overwritten only
+//! after its copy out finished, and a layer's backward starts only after its input
+//! came back. The inputs of the last `R` layers are still in the ring when the
+//! backward starts and never travel.
+//!
 //! The same code runs on the CPU (f32, each kernel's reference), which is how CI
-//! checks the orchestration against `qtrain_reference::forward_backward`.
+//! checks the orchestration against `qtrain_reference::forward_backward`; the
+//! offload runs there too, through plain copies to the host buffer.
 
 use crate::error::{EngineError, Result};
-use crate::layout::{WorkspaceLayout, WorkspaceShape};
+use crate::layout::{WorkspaceLayout, WorkspaceShape, OFFLOAD_RING};
 use crate::lora::{DeviceLora, PairSlot};
 use crate::weights::{FrozenWeights, Group};
 use qtrain_device::gemm::{gemm, Op};
@@ -43,7 +54,7 @@ use qtrain_device::ops::rope::rope;
 use qtrain_device::ops::rows::{add_into, dropout, gather_rows, scatter_rows};
 use qtrain_device::ops::swiglu::{swiglu_bwd, swiglu_fwd};
 use qtrain_device::ops::xent::xent;
-use qtrain_device::{DBuf, Dev, Float, Mat, View};
+use qtrain_device::{DBuf, Dev, Float, HostStage, Mat, View};
 use qtrain_model::{BaseModel, ModelConfig, Proj};
 use qtrain_step::{
     dropout_base, DropoutKey, LoraWeights, StepLoss, StepOptions, TokenBatch, IGNORE_INDEX,
@@ -66,6 +77,11 @@ pub struct EngineOptions {
     /// recompute the gate/up product, the costliest GEMM of the recomputation (the
     /// results are identical).
     pub save_mlp_activations: bool,
+    /// Keep the gradient checkpoints (each layer's input, `L·n·h` elements: 16 GiB
+    /// for a 7B model at 64k tokens) in page-locked host memory instead of on the
+    /// device, with a ring of [`OFFLOAD_RING`] layer inputs on the device; the
+    /// copies overlap the compute on a side stream (the results are identical).
+    pub offload_layer_inputs: bool,
 }
 
 impl Default for EngineOptions {
@@ -75,13 +91,19 @@ impl Default for EngineOptions {
             ce_chunk: 1024,
             save_attention_residual: false,
             save_mlp_activations: false,
+            offload_layer_inputs: false,
         }
     }
 }
 
 /// The preallocated buffers of one micro-batch size.
 struct Workspace<T: Float> {
+    /// With `offload_layer_inputs`: the host copies of the layer inputs. Declared
+    /// first so it is dropped first: its drop waits for the side stream's copies,
+    /// which read and write the ring below.
+    offload: Option<HostStage<T>>,
     layout: WorkspaceLayout,
+    /// Every layer's input, or (offloaded) the ring of `OFFLOAD_RING` of them.
     layer_inputs: DBuf<T>,
     final_hidden: DBuf<T>,
     h1: DBuf<T>,
@@ -147,7 +169,21 @@ impl<T: Float> Workspace<T> {
         }
         let dropout = p.shape.dropout;
         let has = |name: &str| p.buffers.iter().any(|b| b.name == name);
+        let offload = match p
+            .host_buffers
+            .iter()
+            .find(|b| b.name == "layer_inputs_host")
+        {
+            Some(b) => Some(HostStage::new(
+                dev,
+                b.elems,
+                OFFLOAD_RING,
+                "offloaded gradient checkpoints",
+            )?),
+            None => None,
+        };
         Ok(Self {
+            offload,
             qk_normed: if has("qk_normed") {
                 Some(buf!("qk_normed"))
             } else {
@@ -438,7 +474,7 @@ impl<T: Float> Engine<T> {
         let train = grad_scale.is_some();
         {
             let _r = self.dev.region("[pass] forward");
-            ctx.forward()?;
+            ctx.forward(train)?;
         }
         let scale = grad_scale.unwrap_or(0.0) as f32;
         ctx.loss(nv, train.then_some(scale))?;
@@ -538,9 +574,76 @@ fn mat<T: qtrain_device::Elem>(buf: &DBuf<T>, rows: usize, cols: usize) -> Mat<'
 }
 
 impl<'a, T: Float> Ctx<'a, T> {
+    /// Where layer `l`'s input lives on the device: its own slot, or (offloaded)
+    /// slot `l % OFFLOAD_RING` of the ring.
     fn layer_input(&self, l: usize) -> Mat<'a, T> {
         let (n, h) = (self.dims.n, self.dims.h);
-        self.ws.layer_inputs.view(l * n * h, n * h).mat(n, h, h)
+        self.ws
+            .layer_inputs
+            .view(self.slot_of(l) * n * h, n * h)
+            .mat(n, h, h)
+    }
+
+    fn slot_of(&self, l: usize) -> usize {
+        match self.ws.offload {
+            Some(_) => l % OFFLOAD_RING,
+            None => l,
+        }
+    }
+
+    /// With offloading, whether layer `l`'s input goes through the host: all but
+    /// the last `OFFLOAD_RING` layers' (those are still in the ring when the
+    /// backward starts). Its host copy starts at element `l·n·h`.
+    fn travels(&self, l: usize) -> Option<&'a HostStage<T>> {
+        let layers = self.cfg.num_hidden_layers;
+        self.ws
+            .offload
+            .as_ref()
+            .filter(|_| l + OFFLOAD_RING < layers)
+    }
+
+    /// Forward, after layer `l`'s input is written: queues its copy to the host.
+    fn save_input(&self, l: usize) -> Result<()> {
+        if let Some(stage) = self.travels(l) {
+            let nh = self.dims.n * self.dims.h;
+            stage.save(self.layer_input(l).v, l * nh, self.slot_of(l))?;
+        }
+        Ok(())
+    }
+
+    /// Forward, before layer `l`'s input is written: the slot's previous layer
+    /// (`l - OFFLOAD_RING`) must have finished its copy to the host.
+    fn before_writing_input(&self, l: usize) -> Result<()> {
+        if l >= OFFLOAD_RING && self.travels(l - OFFLOAD_RING).is_some() {
+            let _r = self.dev.region("checkpoint offload: wait for the copy out");
+            self.ws
+                .offload
+                .as_ref()
+                .expect("offloading")
+                .wait_saved(self.slot_of(l))?;
+        }
+        Ok(())
+    }
+
+    /// Backward, before layer `l`'s: queues the copy of layer `l - 1`'s input back
+    /// into its slot (whose last reader, layer `l - 1 + OFFLOAD_RING`'s backward,
+    /// is queued already), to run during layer `l`'s backward.
+    fn prefetch_input(&self, l: usize) -> Result<()> {
+        if let Some(stage) = l.checked_sub(1).and_then(|p| self.travels(p)) {
+            let nh = self.dims.n * self.dims.h;
+            let p = l - 1;
+            stage.load(self.layer_input(p).v, p * nh, self.slot_of(p))?;
+        }
+        Ok(())
+    }
+
+    /// Backward, before layer `l`'s: its input must be back in its slot.
+    fn await_input(&self, l: usize) -> Result<()> {
+        if let Some(stage) = self.travels(l) {
+            let _r = self.dev.region("checkpoint offload: wait for the copy in");
+            stage.wait_loaded(self.slot_of(l))?;
+        }
+        Ok(())
     }
 
     /// Where the gate/up output of tokens `c0..c0 + cn` of layer `l` lives: its rows
@@ -911,15 +1014,24 @@ impl<'a, T: Float> Ctx<'a, T> {
         Ok(())
     }
 
-    fn forward(&self) -> Result<()> {
+    /// The forward; `train`: the backward follows, so offloaded layer inputs are
+    /// copied to the host.
+    fn forward(&self, train: bool) -> Result<()> {
         let d = self.dims;
+        let layers = self.cfg.num_hidden_layers;
         gather_rows(
             self.dev,
             mat(&self.w.embed, d.vocab, d.h),
             self.ws.ids.view(0, d.n),
             self.layer_input(0),
         )?;
-        for l in 0..self.cfg.num_hidden_layers {
+        for l in 0..layers {
+            if train {
+                self.save_input(l)?;
+            }
+            if l + 1 < layers {
+                self.before_writing_input(l + 1)?;
+            }
             self.layer_forward(l)?;
         }
         Ok(())
@@ -989,6 +1101,8 @@ impl<'a, T: Float> Ctx<'a, T> {
     /// Backward through every layer, last first, recomputing each from its input.
     fn backward(&self) -> Result<()> {
         for l in (0..self.cfg.num_hidden_layers).rev() {
+            self.prefetch_input(l)?;
+            self.await_input(l)?;
             self.layer_backward(l, l > 0)?;
         }
         Ok(())

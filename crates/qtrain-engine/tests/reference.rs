@@ -428,3 +428,102 @@ fn fp16_engine_with_a_scaled_loss_matches_the_f32_reference() {
         assert!(e < 1.5e-2, "{}: max rel error {e:.2e}", w.0);
     }
 }
+
+/// Offloaded gradient checkpoints (a ring of two layer inputs on the device, the
+/// rest copied to the host in the forward and back in the backward) change no
+/// bit: the same loss and gradients as keeping every input on the device, for a
+/// Mistral-shaped and a Qwen 3 model of five layers (three inputs travel; an odd
+/// count so both ring slots wrap), with dropout, packed documents, a window and
+/// two micro-batches; the workspace holds exactly the layout's device bytes, which
+/// drop by (L - ring)·n·h elements, and that many move to the host. Also against
+/// the reference decoder, with the attention residuals kept beside.
+#[test]
+fn offloaded_checkpoints_change_no_bit() {
+    let families: [(&str, qtrain_model::ModelConfig); 2] = [
+        ("mistral", small_config(61, Some(4))),
+        ("qwen3", small_family_config(61, "qwen3")),
+    ];
+    for (i, (family, mut cfg)) in families.into_iter().enumerate() {
+        cfg.num_hidden_layers = 5;
+        let seed = 120 + 10 * i as u64;
+        let (base, _) = random_base(&cfg, seed, DType::F32);
+        let lora = random_lora(&cfg, &all_targets_config(0.2), seed + 1, DType::F32);
+        let batches = [
+            packed_batch(61, 11, seed + 2),
+            random_rows(61, 2, 11, seed + 3),
+        ];
+        let run = |offload: bool| {
+            let opts = EngineOptions {
+                offload_layer_inputs: offload,
+                mlp_chunk: 7,
+                ..EngineOptions::default()
+            };
+            let mut engine = Engine::<f32>::new(&base, &lora, opts).unwrap();
+            let before = engine.device().held_bytes();
+            let mut loss = 0.0;
+            for (i, b) in batches.iter().enumerate() {
+                let so = StepOptions {
+                    checkpointing: true,
+                    dropout_seed: 5,
+                    micro_step: i as u64,
+                };
+                loss += engine.forward_backward(b, &so, 40.0).unwrap().loss_sum;
+            }
+            let layout = engine.workspace_layout(2, 11);
+            assert_eq!(engine.workspace_bytes(), layout.total_bytes());
+            assert_eq!(
+                engine.device().held_bytes() - before,
+                layout.total_bytes(),
+                "{family}: the device holds the layout's bytes"
+            );
+            let grads = engine.lora().grads_to_host(engine.device()).unwrap();
+            (loss, grads, layout)
+        };
+        let (l0, g0, on_device) = run(false);
+        let (l1, g1, offloaded) = run(true);
+        assert_eq!(l0, l1, "{family}: loss");
+        assert_eq!(g0, g1, "{family}: gradients");
+        assert!(g1.iter().all(|g| g.1.iter().any(|&x| x != 0.0)));
+        let moved = (5 - qtrain_engine::OFFLOAD_RING) * 2 * 11 * cfg.hidden_size * 4;
+        assert_eq!(
+            on_device.total_bytes() - offloaded.total_bytes(),
+            moved,
+            "{family}"
+        );
+        assert_eq!((on_device.host_bytes(), offloaded.host_bytes()), (0, moved));
+        assert_eq!(offloaded.transfer_bytes(), 2 * moved);
+        compare(
+            &base,
+            &lora,
+            &batches,
+            EngineOptions {
+                offload_layer_inputs: true,
+                save_attention_residual: true,
+                ..EngineOptions::default()
+            },
+            2e-5,
+        );
+    }
+}
+
+/// With fewer layers than the ring, offloading moves nothing: every input stays
+/// on the device and no host memory is taken.
+#[test]
+fn offload_with_fewer_layers_than_the_ring_keeps_everything() {
+    let cfg = small_config(61, None);
+    assert!(cfg.num_hidden_layers <= qtrain_engine::OFFLOAD_RING);
+    let (base, _) = random_base(&cfg, 140, DType::F32);
+    let lora = random_lora(&cfg, &all_targets_config(0.0), 141, DType::F32);
+    let opts = EngineOptions {
+        offload_layer_inputs: true,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::<f32>::new(&base, &lora, opts).unwrap();
+    let layout = engine.workspace_layout(2, 8);
+    assert_eq!(layout.host_bytes(), 0);
+    assert_eq!(
+        layout.elems("layer_inputs"),
+        cfg.num_hidden_layers * 16 * cfg.hidden_size
+    );
+    compare(&base, &lora, &[random_rows(61, 2, 8, 142)], opts, 2e-5);
+}

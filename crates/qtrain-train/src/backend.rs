@@ -283,6 +283,24 @@ impl Backend {
         }
     }
 
+    /// Whether the fused engine keeps its gradient checkpoints in pinned host
+    /// memory (`EngineOptions::offload_layer_inputs`); false on the reference path.
+    pub fn offload_checkpoints(&self) -> bool {
+        self.engine_options().offload_layer_inputs
+    }
+
+    /// Sets [`Backend::offload_checkpoints`] (ignored on the reference path); the
+    /// workspace is sized anew at the next pass.
+    pub fn set_offload_checkpoints(&mut self, offload: bool) {
+        if let Kind::Fused { engine, .. } = &mut self.kind {
+            with_engine!(engine.as_mut(), e => {
+                let mut opts = e.options();
+                opts.offload_layer_inputs = offload;
+                e.set_options(opts);
+            });
+        }
+    }
+
     /// The fused engine's device (`None` on the reference path): its memory
     /// accounting and profiler.
     pub fn engine_device(&self) -> Option<qtrain_device::Dev> {

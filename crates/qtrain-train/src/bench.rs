@@ -5,6 +5,14 @@
 //! peak device memory (the whole device as the driver reports it, and the engine's
 //! own buffers) against the memory model's prediction, and optionally where one
 //! step's GPU time goes.
+//!
+//! With a memory limit ([`BenchOptions::memory_limit`], `--memory-limit 24GiB`) a
+//! bigger GPU runs as a smaller one would: the memory model decides the offloaded
+//! checkpoints and the kept activations for that many bytes (as `auto` does for a
+//! GPU's usable memory), and the frozen base plus the engine's own buffers
+//! (adapters, workspace, device optimizer state) may hold at most that much: the
+//! engine's device gets the cap less the frozen base's bytes
+//! (`Dev::set_memory_limit`), so an allocation past it fails as an out-of-memory.
 
 use crate::backend::{fused_engine_gap, Backend, EngineKind, HostOptimizer};
 use crate::gpu::GpuInfo;
@@ -76,6 +84,11 @@ pub struct BenchOptions {
     /// `train.keep_attention_residuals` / `train.keep_mlp_activations` policies.
     pub keep_residuals: String,
     pub keep_mlp: String,
+    /// `train.offload_checkpoints`' policy (`auto`, `on`, `off`).
+    pub offload: String,
+    /// Bytes the frozen base and the engine's buffers may hold (emulates a GPU of
+    /// this size); `None`: 90% of the GPU, no cap.
+    pub memory_limit: Option<u64>,
     pub warmup: usize,
     pub steps: usize,
     /// Time one more step with the engine's regions profiled.
@@ -102,6 +115,15 @@ pub struct CaseResult {
     pub workspace_bytes: Option<usize>,
     pub trainable: usize,
     pub kept: KeptActivations,
+    /// The gradient checkpoints were in pinned host memory.
+    pub offload: bool,
+    /// The cap of [`BenchOptions::memory_limit`], and what it covered at its peak:
+    /// the frozen base plus the engine device's peak (adapters, workspace, device
+    /// optimizer state).
+    pub memory_limit: Option<u64>,
+    pub capped_peak: Option<u64>,
+    /// Pinned host bytes of the offloaded checkpoints.
+    pub host_bytes: Option<usize>,
     /// The memory model's prediction for this case.
     pub predicted: MemoryBreakdown,
     /// With [`BenchOptions::profile`]: the regions of one step, `[step]` the whole.
@@ -155,6 +177,12 @@ impl CaseResult {
                 .collect::<serde_json::Map<_, _>>()),
             "attention_residuals_kept": self.kept.attention_residuals,
             "mlp_activations_kept": self.kept.mlp,
+            "offload_checkpoints": self.offload,
+            "pinned_host_mib": self.host_bytes.map(|b| mib(b as u64)),
+            "memory_limit_mib": self.memory_limit.map(mib),
+            "capped_peak_mib": self.capped_peak.map(mib),
+            "within_memory_limit": self.memory_limit.zip(self.capped_peak).map(|(l, p)| p <= l),
+            "predicted_host_link_s": self.predicted.transfer_seconds(),
             "baseline_used_mib": model.baseline_used.map(mib),
             "predicted_peak_mib": mib(self.predicted.total()),
             "predicted_engine_mib": mib(self.predicted.engine_bytes),
@@ -250,6 +278,70 @@ fn spec_for(
     }
 }
 
+/// With [`BenchOptions::memory_limit`]: caps the engine's device at the limit less
+/// the frozen base's bytes (the engine's buffers and the device optimizer count
+/// from then on). Returns the limit.
+fn cap_engine(model: &BenchModel, o: &BenchOptions, backend: &Backend) -> Result<Option<u64>> {
+    let Some(cap) = o.memory_limit else {
+        return Ok(None);
+    };
+    let frozen = model.base.storage_bytes() as u64;
+    if frozen >= cap {
+        return Err(TrainError::Other(format!(
+            "--memory-limit {:.0} MiB: the frozen base alone takes {:.0} MiB",
+            memory::mib(cap),
+            memory::mib(frozen)
+        )));
+    }
+    if backend.engine() == EngineKind::Reference {
+        return Err(TrainError::Other(
+            "--memory-limit caps the fused engine's buffers; the reference engine has no \
+             such accounting"
+                .into(),
+        ));
+    }
+    backend.set_memory_limit(Some((cap - frozen) as usize));
+    Ok(Some(cap))
+}
+
+/// As the trainer decides, on the memory model of the case: whether the
+/// checkpoints are offloaded, then which activations are kept, against the memory
+/// limit when set, else 90% of the GPU (nothing to size against on the CPU).
+fn decide_memory(
+    model: &BenchModel,
+    o: &BenchOptions,
+    backend: &mut Backend,
+    shape: (usize, usize),
+) -> Result<()> {
+    let usable = o.memory_limit.or(model
+        .gpu
+        .as_ref()
+        .map(|g| memory::usable(g.total_bytes, memory::DEFAULT_HEADROOM)));
+    let mut opts = EngineOptions::default();
+    let spec = |opts| {
+        spec_for(
+            model,
+            o,
+            backend.engine(),
+            shape,
+            backend.optimizer_place(),
+            opts,
+        )
+    };
+    opts.offload_layer_inputs = memory::offload_checkpoints(
+        &o.offload,
+        &spec(opts),
+        usable,
+        None,
+        memory::host_memory_available(),
+    )
+    .map_err(|e| TrainError::Other(format!("--offload on: {e}")))?;
+    let kept = memory::kept_activations(&o.keep_residuals, &o.keep_mlp, &spec(opts), usable, None);
+    backend.set_offload_checkpoints(opts.offload_layer_inputs);
+    backend.set_kept_activations(kept);
+    Ok(())
+}
+
 /// Times `warmup + steps` optimizer steps on a random `batch x seq` batch.
 pub fn run_case(
     model: &BenchModel,
@@ -288,25 +380,8 @@ pub fn run_case(
     let trainable = specs.iter().map(|s| s.numel).sum();
     let opt = AdamW8bit::new(AdamWConfig::default(), &specs)?;
     let mut backend = Backend::new(base, lora, HostOptimizer::AdamW8bit(opt), engine)?;
-    // As the trainer decides: on the memory model of the case, against 90% of the GPU.
-    let kept = memory::kept_activations(
-        &o.keep_residuals,
-        &o.keep_mlp,
-        &spec_for(
-            model,
-            o,
-            engine,
-            (batch, seq),
-            backend.optimizer_place(),
-            EngineOptions::default(),
-        ),
-        model
-            .gpu
-            .as_ref()
-            .map(|g| memory::usable(g.total_bytes, memory::DEFAULT_HEADROOM)),
-        None,
-    );
-    backend.set_kept_activations(kept);
+    let memory_limit = cap_engine(model, o, &backend)?;
+    decide_memory(model, o, &mut backend, (batch, seq))?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let rows: Vec<Vec<u32>> = (0..batch)
         .map(|_| {
@@ -386,6 +461,14 @@ pub fn run_case(
             .map(|l| l.total_bytes()),
         trainable,
         kept: backend.kept_activations(),
+        offload: backend.offload_checkpoints(),
+        memory_limit,
+        capped_peak: memory_limit.and(
+            backend
+                .engine_device()
+                .map(|d| (d.peak_bytes() + base.storage_bytes()) as u64),
+        ),
+        host_bytes: backend.workspace_layout(batch, seq).map(|l| l.host_bytes()),
         predicted,
         profile,
     })

@@ -165,6 +165,13 @@ pub struct TrainSection {
     /// or `auto` (on when the memory model says it fits beside the micro-batch and
     /// the attention residuals; an out-of-memory gives it back first).
     pub keep_mlp_activations: String,
+    /// Keep the gradient checkpoints (every layer's input: `layers x tokens x
+    /// hidden` compute-type elements, 16 GiB for Mistral-7B at 65536 tokens) in
+    /// pinned host memory instead of on the GPU, copied out and back on a side
+    /// stream beside the compute (fused engine; gradients are identical): `on`,
+    /// `off`, or `auto` (on when the memory model says the run does not fit the GPU
+    /// without it and does with it, and the host has the memory available).
+    pub offload_checkpoints: String,
 }
 
 impl Default for TrainSection {
@@ -180,6 +187,7 @@ impl Default for TrainSection {
             engine: "auto".into(),
             keep_attention_residuals: "auto".into(),
             keep_mlp_activations: "auto".into(),
+            offload_checkpoints: "auto".into(),
         }
     }
 }
@@ -498,6 +506,7 @@ impl RunConfig {
         for (key, v) in [
             ("keep_attention_residuals", &t.keep_attention_residuals),
             ("keep_mlp_activations", &t.keep_mlp_activations),
+            ("offload_checkpoints", &t.offload_checkpoints),
         ] {
             if !["auto", "on", "off"].contains(&v.as_str()) {
                 p.push(format!("train.{key}: `{v}` (expected auto, on or off)"));
@@ -819,6 +828,23 @@ mod tests {
             assert!(all.contains(needle), "missing {needle} in:\n{all}");
         }
         assert_eq!(problems.len(), 5, "{all}");
+    }
+
+    #[test]
+    fn offload_checkpoints_takes_auto_on_or_off() {
+        assert_eq!(RunConfig::default().train.offload_checkpoints, "auto");
+        for v in ["auto", "on", "off"] {
+            let text = format!("[train]\noffload_checkpoints = \"{v}\"\n");
+            let cfg = RunConfig::from_toml_str(&text, p(), &[]).unwrap();
+            assert_eq!(cfg.train.offload_checkpoints, v);
+        }
+        let e = RunConfig::from_toml_str("[train]\noffload_checkpoints = \"yes\"\n", p(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("train.offload_checkpoints: `yes` (expected auto, on or off)"),
+            "{e}"
+        );
     }
 
     #[test]

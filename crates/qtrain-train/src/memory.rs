@@ -17,7 +17,11 @@
 //!   formula of `qtrain_optim::StateFormat::bytes`), or, paged, two staging buffers
 //!   the size of the largest tensor's state; or nothing for today's host optimizer.
 //! - **The engine's workspace**: every buffer of [`qtrain_engine::WorkspaceLayout`] by
-//!   [`qtrain_engine::Component`] (the engine allocates exactly that layout).
+//!   [`qtrain_engine::Component`] (the engine allocates exactly that layout). With
+//!   offloaded gradient checkpoints (`train.offload_checkpoints`) only a ring of
+//!   [`qtrain_engine::OFFLOAD_RING`] layer inputs is on the device; the rest is
+//!   pinned host memory ([`MemoryBreakdown::host_bytes`], not in the total) crossing
+//!   the host link twice per pass ([`MemoryBreakdown::transfer_bytes`]).
 //! - **Runtime**: the CUDA context, the cuBLAS workspace and the allocator's slack,
 //!   as named constants to be calibrated on a GPU (`qtrain bench` prints predicted
 //!   against measured memory, see [`compare`]).
@@ -59,6 +63,11 @@ pub const ALLOCATOR_SLACK_MIN_BYTES: u64 = 64 * MIB;
 /// Share of a GPU's memory a run may use by default; the rest is headroom for what
 /// the model does not see (another process, a display, fragmentation).
 pub const DEFAULT_HEADROOM: f64 = 0.90;
+
+/// Host-to-device bandwidth assumed for the offloaded checkpoints' copies (PCIe 4.0
+/// x16 moves ~25 GB/s, 5.0 ~50 GB/s; pinned copies reach most of it). An estimate
+/// for `qtrain plan`; not calibrated.
+pub const HOST_LINK_BYTES_PER_S: f64 = 20e9;
 
 /// The reference path's rough bound multiplies the tensors it counts by this, for
 /// the temporaries of candle's ops (dtype casts, broadcasts, contiguous copies).
@@ -138,6 +147,12 @@ pub struct MemoryBreakdown {
     pub lora_params: usize,
     /// Caveats to print with the table (e.g. the reference path is a rough bound).
     pub warnings: Vec<String>,
+    /// Pinned host memory of the offloaded gradient checkpoints (not device memory,
+    /// not in [`MemoryBreakdown::total`]); 0 without offloading.
+    pub host_bytes: u64,
+    /// Bytes crossing the host link per micro-batch pass (the offloaded checkpoints
+    /// out in the forward and back in the backward).
+    pub transfer_bytes: u64,
 }
 
 impl MemoryBreakdown {
@@ -157,6 +172,13 @@ impl MemoryBreakdown {
     /// Whether the predicted total fits in `usable` bytes.
     pub fn fits(&self, usable: u64) -> bool {
         self.total() <= usable
+    }
+
+    /// Seconds the offloaded checkpoints' copies take per pass at the assumed
+    /// [`HOST_LINK_BYTES_PER_S`] (an estimate; they run on a side stream beside the
+    /// compute, so only what a layer's compute cannot hide costs time).
+    pub fn transfer_seconds(&self) -> f64 {
+        self.transfer_bytes as f64 / HOST_LINK_BYTES_PER_S
     }
 
     /// The breakdown as a table (component, MiB), with the total.
@@ -370,7 +392,7 @@ impl MemorySpec {
         let numels = lora_tensor_numels(cfg, &self.targets, self.rank);
         let numel: usize = numels.iter().sum();
         let n4 = 4 * numel as u64;
-        let mut engine_bytes = 0u64;
+        let (mut engine_bytes, mut host_bytes, mut transfer_bytes) = (0u64, 0u64, 0u64);
         let mut warnings = Vec::new();
         match self.engine {
             EngineKind::Fused => {
@@ -401,14 +423,23 @@ impl MemorySpec {
                 );
                 let layout = self.workspace_layout();
                 for (c, bytes) in layout.by_component() {
+                    let what = match c {
+                        Component::LayerInputs if layout.host_bytes() > 0 => format!(
+                            "gradient checkpoints (ring of {} layer inputs; the rest offloaded)",
+                            qtrain_engine::OFFLOAD_RING
+                        ),
+                        c => c.describe().to_string(),
+                    };
                     push(
                         &mut lines,
                         Category::Workspace(c),
-                        format!("workspace: {}", c.describe()),
+                        format!("workspace: {what}"),
                         bytes as u64,
                     );
                 }
                 engine_bytes = lora + layout.total_bytes() as u64;
+                host_bytes = layout.host_bytes() as u64;
+                transfer_bytes = layout.transfer_bytes() as u64;
             }
             EngineKind::Reference => {
                 push(
@@ -453,6 +484,8 @@ impl MemorySpec {
             engine_bytes,
             lora_params: numel,
             warnings,
+            host_bytes,
+            transfer_bytes,
         }
     }
 
@@ -620,6 +653,133 @@ pub fn kept_activations(
         _ => fits(KeptActivations { mlp: true, ..kept }),
     };
     kept
+}
+
+/// Offloading the gradient checkpoints needs more pinned host memory than the
+/// host has available.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "offloading the gradient checkpoints needs {:.0} MiB of pinned host memory; the host has \
+     {:.0} MiB available (MemAvailable in /proc/meminfo)",
+    mib(*needed), mib(*available)
+)]
+pub struct HostMemoryShort {
+    pub needed: u64,
+    pub available: u64,
+}
+
+/// The same spec with the gradient checkpoints offloaded or not.
+pub fn with_offload(spec: &MemorySpec, offload: bool) -> MemorySpec {
+    let mut s = spec.clone();
+    s.engine_options.offload_layer_inputs = offload;
+    s
+}
+
+/// What `train.offload_checkpoints = policy` (`on`, `off` or `auto`) decides for a
+/// run sized by `spec`: nothing on the reference engine; `on` is on (an error when
+/// the pinned host memory it needs is more than `host_available`); `auto` is on
+/// when the prediction without offloading does not fit `usable` bytes (or the
+/// engine's own buffers `engine_limit`) and the one with it does, with its host
+/// memory available. Without a GPU to size against (`usable` None) `auto` is off.
+/// Decided before [`kept_activations`] (which then sizes with the checkpoints
+/// where they are); the trainer, `qtrain plan` and `qtrain bench` all decide
+/// through this.
+pub fn offload_checkpoints(
+    policy: &str,
+    spec: &MemorySpec,
+    usable: Option<u64>,
+    engine_limit: Option<u64>,
+    host_available: Option<u64>,
+) -> Result<bool, HostMemoryShort> {
+    if spec.engine != EngineKind::Fused {
+        return Ok(false);
+    }
+    let with = with_offload(spec, true).predict();
+    let host_ok = host_available.is_none_or(|a| with.host_bytes <= a);
+    match policy {
+        "on" if !host_ok => Err(HostMemoryShort {
+            needed: with.host_bytes,
+            available: host_available.unwrap_or(0),
+        }),
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => {
+            let fits = |p: &MemoryBreakdown| {
+                usable.is_some_and(|u| p.fits(u))
+                    && engine_limit.is_none_or(|l| p.engine_bytes <= l)
+            };
+            let without = with_offload(spec, false).predict();
+            Ok(!fits(&without) && fits(&with) && host_ok)
+        }
+    }
+}
+
+/// The spec the micro-batch search sizes with under `train.offload_checkpoints =
+/// policy`: offloaded for `on`; for `auto` only when not even one row fits
+/// without (`fits_one_row` of the spec of one row), so that short contexts keep
+/// their micro-batch search as before and long ones can start at all.
+pub fn search_spec(
+    policy: &str,
+    spec: &MemorySpec,
+    fits_one_row: impl Fn(&MemorySpec) -> bool,
+) -> MemorySpec {
+    let fused = spec.engine == EngineKind::Fused;
+    let off = with_offload(spec, false);
+    let offload = match policy {
+        "on" => fused,
+        "off" => false,
+        _ => fused && !fits_one_row(&off.with_shape(1, spec.seq)),
+    };
+    with_offload(spec, offload)
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes: what the host can give without
+/// swapping (None where there is no such file, e.g. not Linux).
+pub fn host_memory_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_available(&text)
+}
+
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A size as people write it: plain bytes (`25769803776`), or a number with a
+/// binary (`KiB`, `MiB`, `GiB`, `TiB`) or decimal (`KB`, `MB`, `GB`, `TB`) unit,
+/// case-insensitive, e.g. `24GiB`, `24000MiB`, `1.5 GiB`. The error says what is
+/// accepted.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = (&t[..split], t[split..].trim());
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => 0,
+    };
+    let value: Option<f64> = num.parse().ok();
+    match value {
+        Some(v)
+            if scale > 0 && v.is_finite() && v > 0.0 && (v * scale as f64) < u64::MAX as f64 =>
+        {
+            Ok((v * scale as f64).round() as u64)
+        }
+        _ => Err(format!(
+            "`{text}` is not a size: give bytes, or a positive number with KiB, MiB, GiB, \
+             TiB, KB, MB, GB or TB (e.g. 24GiB)"
+        )),
+    }
 }
 
 /// The bytes a run may use on a GPU of `total` bytes with `headroom` (a share).
@@ -892,5 +1052,91 @@ mod tests {
             kept_activations("on", "on", &reference, Some(u64::MAX), None),
             none
         );
+    }
+
+    /// `auto` offloads the checkpoints exactly where the run does not fit without
+    /// and does with: Mistral-7B at 1 x 65536 under 24 GiB (16 GiB of checkpoints),
+    /// not at 1 x 4096; the device saves (L - ring)·n·h·2 bytes, the host takes
+    /// them, the link moves them twice; `on` needs the host memory; the reference
+    /// engine and a run with nothing to size against never offload on `auto`.
+    #[test]
+    fn offload_is_picked_where_it_is_needed() {
+        let cap = 24 * 1024 * MIB;
+        let long = mistral(1, 65536);
+        let (off, on) = (
+            with_offload(&long, false).predict(),
+            with_offload(&long, true).predict(),
+        );
+        let moved = (32 - qtrain_engine::OFFLOAD_RING as u64) * 65536 * 4096 * 2;
+        assert_eq!(off.engine_bytes - on.engine_bytes, moved);
+        assert_eq!((off.host_bytes, on.host_bytes), (0, moved));
+        assert_eq!(on.transfer_bytes, 2 * moved);
+        assert!((on.transfer_seconds() - 2.0 * moved as f64 / 20e9).abs() < 1e-9);
+        assert!(!off.fits(cap) && on.fits(cap), "{}", on.table());
+        assert!(
+            on.table().contains("ring of 2 layer inputs"),
+            "{}",
+            on.table()
+        );
+        let decide = |policy, spec: &MemorySpec, usable, host| {
+            offload_checkpoints(policy, spec, usable, None, host)
+        };
+        assert_eq!(decide("auto", &long, Some(cap), None), Ok(true));
+        assert_eq!(
+            decide("auto", &mistral(1, 4096), Some(cap), None),
+            Ok(false)
+        );
+        assert_eq!(decide("off", &long, Some(cap), None), Ok(false));
+        assert_eq!(decide("auto", &long, None, None), Ok(false));
+        // Too little memory even offloaded: auto stays off.
+        assert_eq!(decide("auto", &long, Some(8 * 1024 * MIB), None), Ok(false));
+        // The host must hold the checkpoints: auto stays off, on is an error.
+        assert_eq!(decide("auto", &long, Some(cap), Some(moved - 1)), Ok(false));
+        let err = decide("on", &long, Some(cap), Some(moved - 1)).unwrap_err();
+        assert_eq!(err.needed, moved);
+        assert!(err.to_string().contains("MemAvailable"), "{err}");
+        assert_eq!(decide("on", &mistral(1, 512), None, Some(moved)), Ok(true));
+        // The engine limit counts as in kept_activations.
+        let limit = Some(on.engine_bytes);
+        assert_eq!(
+            offload_checkpoints("auto", &long, Some(u64::MAX), limit, None),
+            Ok(true)
+        );
+        let mut reference = long.clone();
+        reference.engine = EngineKind::Reference;
+        assert_eq!(decide("on", &reference, Some(cap), None), Ok(false));
+        // The micro-batch search offloads for `on`, and for `auto` only when one row
+        // does not fit without.
+        let fits = |s: &MemorySpec| s.predict().fits(cap);
+        let opts = |policy, spec: &MemorySpec| {
+            search_spec(policy, spec, fits)
+                .engine_options
+                .offload_layer_inputs
+        };
+        assert!(opts("auto", &long) && opts("on", &mistral(1, 512)));
+        assert!(!opts("auto", &mistral(1, 512)) && !opts("off", &long));
+    }
+
+    #[test]
+    fn mem_available_is_read_from_meminfo() {
+        let text =
+            "MemTotal:       131072000 kB\nMemFree:         1000 kB\nMemAvailable:   65536000 kB\n";
+        assert_eq!(parse_mem_available(text), Some(65536000 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
+    }
+
+    #[test]
+    fn sizes_parse_with_units_and_bad_ones_say_why() {
+        assert_eq!(parse_bytes("24GiB"), Ok(24 << 30));
+        assert_eq!(parse_bytes("16gib"), Ok(16 << 30));
+        assert_eq!(parse_bytes("24000MiB"), Ok(24000 << 20));
+        assert_eq!(parse_bytes("1.5 GiB"), Ok(3 << 29));
+        assert_eq!(parse_bytes("24GB"), Ok(24_000_000_000));
+        assert_eq!(parse_bytes("25769803776"), Ok(25769803776));
+        assert_eq!(parse_bytes(" 512 KiB "), Ok(512 << 10));
+        for bad in ["", "GiB", "24 GiBs", "-3GiB", "0", "24XB", "1.2.3MiB"] {
+            let e = parse_bytes(bad).unwrap_err();
+            assert!(e.contains(&format!("`{bad}`")) && e.contains("GiB"), "{e}");
+        }
     }
 }

@@ -140,12 +140,16 @@ pub fn resolve_step_shape(
         gpu.map(|g| g.compute_capability),
     );
     let usable = gpu.map(|g| memory::usable(g.total_bytes, memory::DEFAULT_HEADROOM));
+    let fits = |s: &MemorySpec| {
+        let plan = s.predict();
+        usable.is_none_or(|u| plan.fits(u))
+            && engine_limit.is_none_or(|l| plan.engine_bytes <= l as u64)
+    };
+    // With train.offload_checkpoints = "on", or "auto" where not even one row fits
+    // otherwise, the search sizes with the checkpoints on the host.
+    let spec = memory::search_spec(&cfg.train.offload_checkpoints, &spec, fits);
     let shape = StepShape::resolve(cfg, resumed_micro, |max| {
-        memory::largest_fitting(max, |m| {
-            let plan = spec.with_shape(m, seq).predict();
-            usable.is_none_or(|u| plan.fits(u))
-                && engine_limit.is_none_or(|l| plan.engine_bytes <= l as u64)
-        })
+        memory::largest_fitting(max, |m| fits(&spec.with_shape(m, seq)))
     })?;
     if cfg.data.batch_size_is_auto() || shape.micro_rows < shape.data_rows {
         let plan = spec.with_shape(shape.micro_rows, seq).predict();
@@ -169,9 +173,57 @@ pub fn resolve_step_shape(
     Ok(shape)
 }
 
+/// The memory model's spec of micro-batches of `shape` on the backend as it is
+/// set now (its engine, where its checkpoints live).
+fn run_spec(
+    cfg: &RunConfig,
+    base: &BaseModel,
+    backend: &Backend,
+    gpu: Option<&crate::gpu::GpuInfo>,
+    shape: &StepShape,
+) -> crate::memory::MemorySpec {
+    let mut spec = crate::memory::MemorySpec::for_run(
+        cfg,
+        &base.config,
+        base.dtype,
+        backend.engine(),
+        shape.micro_rows,
+        cfg.data.seq_len,
+        gpu.map(|g| g.compute_capability),
+    );
+    spec.engine_options.offload_layer_inputs = backend.offload_checkpoints();
+    spec
+}
+
+/// Whether the fused engine should keep its gradient checkpoints in pinned host
+/// memory for micro-batches of `shape` on `gpu` (`memory::offload_checkpoints`,
+/// sized against the GPU's usable memory, the engine memory limit and the host's
+/// available memory; `auto` is off on the CPU). `on` with too little host memory is
+/// an error naming the key.
+pub fn offload_checkpoints(
+    cfg: &RunConfig,
+    base: &BaseModel,
+    backend: &Backend,
+    gpu: Option<&crate::gpu::GpuInfo>,
+    engine_limit: Option<usize>,
+    shape: &StepShape,
+) -> Result<bool, TrainError> {
+    use crate::memory;
+    let spec = memory::with_offload(&run_spec(cfg, base, backend, gpu, shape), false);
+    memory::offload_checkpoints(
+        &cfg.train.offload_checkpoints,
+        &spec,
+        gpu.map(|g| memory::usable(g.total_bytes, memory::DEFAULT_HEADROOM)),
+        engine_limit.map(|l| l as u64),
+        memory::host_memory_available(),
+    )
+    .map_err(|e| TrainError::Other(format!("train.offload_checkpoints = \"on\": {e}")))
+}
+
 /// Which activations the fused engine should keep for micro-batches of `shape` on
 /// `gpu` (`memory::kept_activations`, sized against the GPU's usable memory and the
-/// engine memory limit; `auto` keeps none on the CPU).
+/// engine memory limit, with the checkpoints where the backend keeps them; `auto`
+/// keeps none on the CPU).
 pub fn kept_activations(
     cfg: &RunConfig,
     base: &BaseModel,
@@ -180,25 +232,11 @@ pub fn kept_activations(
     engine_limit: Option<usize>,
     shape: &StepShape,
 ) -> KeptActivations {
-    use crate::memory::{self, EngineKind, MemorySpec};
-    let engine = if backend.name() == "fused" {
-        EngineKind::Fused
-    } else {
-        EngineKind::Reference
-    };
-    let spec = MemorySpec::for_run(
-        cfg,
-        &base.config,
-        base.dtype,
-        engine,
-        shape.micro_rows,
-        cfg.data.seq_len,
-        gpu.map(|g| g.compute_capability),
-    );
+    use crate::memory;
     memory::kept_activations(
         &cfg.train.keep_attention_residuals,
         &cfg.train.keep_mlp_activations,
-        &spec,
+        &run_spec(cfg, base, backend, gpu, shape),
         gpu.map(|g| memory::usable(g.total_bytes, memory::DEFAULT_HEADROOM)),
         engine_limit.map(|l| l as u64),
     )

@@ -1,7 +1,9 @@
 //! The training step's self-tests, for `qtrain doctor`: for each family's tiny
 //! random model ([`TINY_FAMILIES`]), its training step on a device against the reference decoder on the CPU in f32 (the
 //! fused engine in bf16 and fp16, and the reference decoder itself in f32 and
-//! bf16), KV-cached decoding against the full forward, and the loader's device
+//! bf16), the fused engine with its gradient checkpoints offloaded to the host
+//! against the same engine keeping them (bit-identical: the side stream's copies
+//! and events on a GPU), KV-cached decoding against the full forward, and the loader's device
 //! quantization against the CPU loader's. The kernels' own self-tests live beside
 //! the kernels (`qtrain_device::ops`, `qtrain_optim::device`).
 //!
@@ -205,6 +207,47 @@ fn engine_check(
     })
 }
 
+/// The fused engine on `device` in bf16 with its gradient checkpoints offloaded to
+/// (pinned) host memory against the same engine keeping them on the device: the
+/// loss and every gradient must be bit-identical. On a GPU this runs the side
+/// stream's copies and their events (a missing wait shows as a difference); the
+/// inputs of all but the last `OFFLOAD_RING` layers travel.
+fn offload_check(s: &TinySetup, device: &Device) -> Result<Check> {
+    let (base, lora) = s.model_and_adapters(device, DType::BF16)?;
+    let valid = s.valid();
+    let step_with = |offload_layer_inputs| {
+        engine_step::<half::bf16>(
+            &base,
+            &lora,
+            s,
+            valid,
+            qtrain_engine::EngineOptions {
+                offload_layer_inputs,
+                ..Default::default()
+            },
+        )
+    };
+    let (kept, offloaded) = (step_with(false)?, step_with(true)?);
+    let same = kept == offloaded;
+    let travel = base
+        .config
+        .num_hidden_layers
+        .saturating_sub(qtrain_engine::OFFLOAD_RING);
+    Ok(Check {
+        name: format!(
+            "{} training step, fused engine (bf16), checkpoints offloaded vs kept on the device",
+            s.preset
+        ),
+        ok: same,
+        detail: format!(
+            "{travel} of {} layer inputs through the host; loss and {} gradient tensors {}",
+            base.config.num_hidden_layers,
+            kept.1.len(),
+            if same { "bit-identical" } else { "DIFFER" }
+        ),
+    })
+}
+
 /// The reference decoder on `device` in `dtype` against itself on the CPU in f32.
 fn reference_check(
     s: &TinySetup,
@@ -304,6 +347,10 @@ fn family_checks(preset: &'static str, device: &Device) -> Vec<Check> {
                         .unwrap_or_else(|e| failed(&format!("fused engine step {dtype:?}"), e)),
                 );
             }
+            out.push(
+                offload_check(&setup, device)
+                    .unwrap_or_else(|e| failed("fused engine step, offloaded checkpoints", e)),
+            );
         }
         Ok(Some(gap)) => out.push(Check {
             name: format!("{preset} fused engine"),
@@ -327,9 +374,18 @@ mod tests {
     #[test]
     fn step_checks_pass_on_the_cpu() {
         let checks = super::step_checks(&candle_core::Device::Cpu);
-        // Per family: decoding, the engine (two dtypes, or one line saying why not),
-        // the reference in two dtypes, the loader.
+        // Per family: decoding, the engine (two dtypes and offloaded, or one line
+        // saying why not), the reference in two dtypes, the loader.
         assert!(checks.len() >= 4 * 5, "{checks:?}");
+        // The 4-layer tiny model sends two layer inputs through the host.
+        assert!(
+            checks
+                .iter()
+                .any(|c| c.name.starts_with("tiny training step")
+                    && c.name.contains("offloaded")
+                    && c.detail.starts_with("2 of 4 layer inputs")),
+            "{checks:?}"
+        );
         for family in super::TINY_FAMILIES {
             assert!(
                 checks

@@ -50,6 +50,9 @@ pub enum SizingError {
          must be local)"
     )]
     EpochsNeedData,
+    /// `train.offload_checkpoints = "on"` with too little host memory.
+    #[error("train.offload_checkpoints = \"on\": {0}")]
+    HostMemory(#[from] memory::HostMemoryShort),
     #[error(transparent)]
     Source(#[from] ModelSourceError),
     #[error(transparent)]
@@ -246,6 +249,10 @@ pub fn memory_report(
     let seq = cfg.data.seq_len;
     let cc = Some(gpu.compute_capability);
     let spec0 = MemorySpec::for_run(cfg, &model.config, dtype, engine, 1, seq, cc);
+    // As the trainer: checkpoints offloaded for the search with `on`, or with `auto`
+    // where not even one row fits otherwise.
+    let policy = &cfg.train.offload_checkpoints;
+    let spec0 = memory::search_spec(policy, &spec0, |s| s.predict().fits(usable));
     let fits_rows = |m: usize| spec0.with_shape(m, seq).predict().fits(usable);
     let shape = match StepShape::resolve(cfg, None, |max| memory::largest_fitting(max, fits_rows)) {
         Ok(s) => s,
@@ -257,7 +264,10 @@ pub fn memory_report(
         },
         Err(e) => return Err(SizingError::Train(Box::new(e))),
     };
-    let mut spec = spec0.with_shape(shape.micro_rows, seq);
+    let mut spec = memory::with_offload(&spec0.with_shape(shape.micro_rows, seq), false);
+    let host_available = memory::host_memory_available();
+    let offload = memory::offload_checkpoints(policy, &spec, Some(usable), None, host_available)?;
+    spec.engine_options.offload_layer_inputs = offload;
     // What train.keep_attention_residuals and train.keep_mlp_activations decide for
     // this micro-batch (the trainer decides through the same function).
     let kept = memory::kept_activations(
@@ -273,6 +283,9 @@ pub fn memory_report(
     kept.apply(&mut spec.engine_options);
     let predicted = spec.predict();
     let mut t = run_summary(cfg, label, gpu, model, &spec, &shape, kept, &predicted)?;
+    if spec.engine == EngineKind::Fused {
+        t += &offload_summary(cfg, &spec, &predicted, host_available);
+    }
     t += "\n";
     t += &predicted.table();
     let total = predicted.total();
@@ -401,6 +414,37 @@ fn run_summary(
     Ok(t)
 }
 
+/// Where the gradient checkpoints live: on the GPU, or offloaded with the device
+/// bytes saved, the pinned host bytes needed (against what the host has), and the
+/// host-link traffic per pass with its estimated time.
+fn offload_summary(
+    cfg: &RunConfig,
+    spec: &MemorySpec,
+    predicted: &memory::MemoryBreakdown,
+    host_available: Option<u64>,
+) -> String {
+    let policy = &cfg.train.offload_checkpoints;
+    if !spec.engine_options.offload_layer_inputs {
+        return format!("checkpoints: on the GPU (train.offload_checkpoints = {policy})\n");
+    }
+    let saved = memory::with_offload(spec, false).predict().total() - predicted.total();
+    format!(
+        "checkpoints: offloaded to pinned host memory (train.offload_checkpoints = {policy}): \
+         {:.0} MiB less on the GPU, {:.0} MiB pinned on the host ({} available); {:.0} MiB \
+         over the host link per pass, ~{:.2} s at an assumed {:.0} GB/s (an estimate; the \
+         copies overlap the compute on a side stream)\n",
+        mib(saved),
+        mib(predicted.host_bytes),
+        host_available.map_or("host memory unknown".to_string(), |a| format!(
+            "{:.0} MiB",
+            mib(a)
+        )),
+        mib(predicted.transfer_bytes),
+        predicted.transfer_seconds(),
+        memory::HOST_LINK_BYTES_PER_S / 1e9
+    )
+}
+
 /// The largest micro-batch at the configured `seq_len` and the largest `seq_len` at
 /// the micro-batch of `shape` that fit `usable` bytes, with nothing kept.
 fn largest_shapes(
@@ -486,6 +530,23 @@ pub fn time_estimate(
     );
     let tps = e.tokens_per_s;
     t += &format!("throughput: ~{tps:.0} tokens/s ({})\n", e.basis);
+    let predicted = r.spec.predict();
+    if predicted.transfer_bytes > 0 {
+        // The copies run beside the compute; only what the compute cannot hide
+        // costs time (estimated per pass, as both scale with the layers).
+        let compute = (r.shape.micro_rows * r.spec.seq) as f64 / tps;
+        let link = predicted.transfer_seconds();
+        t += &format!(
+            "offload: ~{link:.2} s of host-link copies per pass against ~{compute:.2} s of \
+             compute: {} (estimate, {:.0} GB/s assumed)\n",
+            if link <= compute {
+                "hidden behind the compute".to_string()
+            } else {
+                format!("~{:.2} s exposed per pass", link - compute)
+            },
+            memory::HOST_LINK_BYTES_PER_S / 1e9
+        );
+    }
     if r.spec.model.num_parameters() < 1_000_000_000 {
         t += "note:  the estimate scales by FLOPs; a model this small is bound by kernel \
               launches and host work instead: expect far less\n";

@@ -143,6 +143,7 @@ fn keeps_training_exact(key: &str) -> bool {
                 | "train.oom"
                 | "train.keep_attention_residuals"
                 | "train.keep_mlp_activations"
+                | "train.offload_checkpoints"
         )
 }
 

@@ -456,6 +456,20 @@ fn build(
         state.and_then(|s| s.micro_batch),
     )?;
     let data_cfg = shape.data_config(&cfg.data);
+    let offload =
+        micro::offload_checkpoints(cfg, base, &backend, gpu, engine_memory_limit, &shape)?;
+    backend.set_offload_checkpoints(offload);
+    if offload {
+        let layout = backend.workspace_layout(shape.micro_rows, cfg.data.seq_len);
+        tracing::info!(
+            "offloading the gradient checkpoints to pinned host memory \
+             (train.offload_checkpoints = {}): {:.0} MiB on the host, a ring of {} layer \
+             inputs on the GPU",
+            cfg.train.offload_checkpoints,
+            layout.map_or(0.0, |l| crate::memory::mib(l.host_bytes() as u64)),
+            qtrain_engine::OFFLOAD_RING
+        );
+    }
     let kept = micro::kept_activations(cfg, base, &backend, gpu, engine_memory_limit, &shape);
     backend.set_kept_activations(kept);
     if kept.attention_residuals {
