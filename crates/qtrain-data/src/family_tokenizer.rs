@@ -459,8 +459,14 @@ mod tests {
         let n = tok.get_vocab_size(true) as u32;
         assert_eq!(n, 151643 + BuiltinTokenizer::Qwen3.added().len() as u32);
         assert!((0..n).all(|id| tok.id_to_token(id).is_some()));
-        let ids = tok.encode("the unused words <|unused_500|> stay text", false).unwrap();
-        assert!(ids.get_ids().iter().all(|&id| id < 400), "{:?}", ids.get_ids());
+        let ids = tok
+            .encode("the unused words <|unused_500|> stay text", false)
+            .unwrap();
+        assert!(
+            ids.get_ids().iter().all(|&id| id < 400),
+            "{:?}",
+            ids.get_ids()
+        );
         assert_eq!(tok.token_to_id("</think>"), Some(151668));
         assert_eq!(
             BuiltinTokenizer::Qwen25.bos_eos_ids(151643),
