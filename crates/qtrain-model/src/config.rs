@@ -501,6 +501,29 @@ impl ModelConfig {
         self.family() == Family::Qwen3
     }
 
+    /// The longest context the model's positions were trained for, as its config
+    /// states it: `max_position_embeddings`, extended by the RoPE scaling that
+    /// exists to go past it (`linear` and `dynamic` by their factor, `yarn` to
+    /// `factor · original_max_position_embeddings`; Llama 3.1's `llama3` configs
+    /// already state the extended length). `None` when the RoPE block is invalid
+    /// (loading refuses it with the reason).
+    pub fn trained_context(&self) -> Option<usize> {
+        use crate::rope::RopeScaling;
+        let base = self.max_position_embeddings;
+        let extended = match self.rope().ok()?.scaling {
+            RopeScaling::Default | RopeScaling::Llama3 { .. } => base as f64,
+            RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor, .. } => {
+                base as f64 * factor
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                ..
+            } => original_max_position_embeddings * factor,
+        };
+        Some(base.max(extended.round() as usize))
+    }
+
     /// The RoPE parameters (theta, variant) of this config.
     pub fn rope(&self) -> Result<RopeSpec, ModelError> {
         self.rope_at(Path::new("config.json"))
@@ -938,6 +961,31 @@ mod tests {
         assert_eq!(c.num_parameters(), 7_248_023_552);
         assert_eq!(c.proj_shape(Proj::K), [1024, 4096]);
         assert_eq!(c.proj_shape(Proj::Down), [4096, 14336]);
+    }
+
+    #[test]
+    fn trained_context_follows_the_rope_scaling() {
+        // Mistral v0.3: no scaling, 32k.
+        let m = ModelConfig::preset("mistral-7b-v0.3", 0).unwrap();
+        assert_eq!(m.trained_context(), Some(32768));
+        // Llama 3.1 states the extended length itself (131072 with rope_type llama3).
+        let l = ModelConfig::preset("llama-3.1-8b", 0).unwrap();
+        assert_eq!(l.rope().unwrap().scaling.name(), "llama3");
+        assert_eq!(l.trained_context(), Some(131072));
+        // Qwen 2.5's long-context recipe: yarn x4 over 32768.
+        let mut q = ModelConfig::preset("qwen2.5-7b", 0).unwrap();
+        q.rope_scaling = Some(serde_json::json!({
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768
+        }));
+        assert_eq!(q.trained_context(), Some(131072));
+        // Linear scaling by 2 over the config's length.
+        let mut lin = m.clone();
+        lin.rope_scaling = Some(serde_json::json!({"rope_type": "linear", "factor": 2.0}));
+        assert_eq!(lin.trained_context(), Some(65536));
+        // An invalid block is not guessed at.
+        let mut bad = m.clone();
+        bad.rope_scaling = Some(serde_json::json!({"rope_type": "yarn", "factor": "four"}));
+        assert_eq!(bad.trained_context(), None);
     }
 
     #[test]

@@ -279,7 +279,10 @@ pub fn memory_report(
     );
     // The searches keep the micro-batch first, as `auto` does (nothing kept); the
     // report's spec is the run's, with the activations it keeps.
-    let searched = largest_shapes(cfg, &spec, &shape, usable, &model.config);
+    let mut searched = largest_shapes(cfg, &spec, &shape, usable, &model.config);
+    if let Some(w) = context_warning(cfg.data.seq_len, &model.config) {
+        searched += &format!("warning: {w}\n");
+    }
     kept.apply(&mut spec.engine_options);
     let predicted = spec.predict();
     let mut t = run_summary(cfg, label, gpu, model, &spec, &shape, kept, &predicted)?;
@@ -443,6 +446,28 @@ fn offload_summary(
         predicted.transfer_seconds(),
         memory::HOST_LINK_BYTES_PER_S / 1e9
     )
+}
+
+/// A warning when `data.seq_len` runs past the context the model was trained for
+/// ([`ModelConfig::trained_context`]): nothing breaks (RoPE is defined at every
+/// position), but positions the base never saw make a fine-tune that learns the
+/// extrapolation instead of the task, which users rarely mean. Said by `qtrain plan`
+/// and logged by `qtrain run`, never refused: extending the context is a use too.
+pub fn context_warning(seq_len: usize, c: &ModelConfig) -> Option<String> {
+    let trained = c.trained_context()?;
+    (seq_len > trained).then(|| {
+        format!(
+            "data.seq_len = {seq_len} is past the {trained} positions the model was trained \
+             for (config.json: max_position_embeddings = {}{}): rows longer than that train \
+             on positions the base never saw; to extend the context, give the model a \
+             rope_scaling block (e.g. yarn) first",
+            c.max_position_embeddings,
+            match c.rope().map(|r| r.scaling.name()) {
+                Ok("default") | Err(_) => String::new(),
+                Ok(name) => format!(", rope_scaling {name}"),
+            }
+        )
+    })
 }
 
 /// The largest micro-batch at the configured `seq_len` and the largest `seq_len` at
@@ -719,6 +744,28 @@ mod tests {
     }
 
     /// The shipped T4 config: fp16 with the fused engine, and it fits 16 GB.
+    #[test]
+    fn plan_warns_when_rows_run_past_the_trained_context() {
+        let g = GpuInfo::from_preset(gpu::preset("h100").unwrap());
+        let plan = |seq: &str, preset: &str| {
+            let cfg = config(
+                "a10.toml",
+                &[&format!("data.seq_len={seq}"), "data.batch_size=1"],
+            );
+            memory_report(&cfg, "configs/a10.toml", &g, &shape_of(preset), 0.9)
+                .unwrap()
+                .text
+        };
+        let long = plan("65536", "mistral-7b-v0.3");
+        assert!(
+            long.contains("warning: data.seq_len = 65536 is past the 32768 positions"),
+            "{long}"
+        );
+        assert!(!plan("32768", "mistral-7b-v0.3").contains("warning: data.seq_len"));
+        // Llama 3.1's 128k context covers 64k rows.
+        assert!(!plan("65536", "llama-3.1-8b").contains("warning: data.seq_len"));
+    }
+
     #[test]
     fn t4_plan_of_the_shipped_config() {
         let cfg = config("t4.toml", &[]);

@@ -110,6 +110,9 @@ impl Trainer {
             inputs.dtype,
             inputs.accounting.secs(Phase::Load)
         );
+        if let Some(w) = crate::sizing::context_warning(inputs.cfg.data.seq_len, &base.config) {
+            tracing::warn!("{w}");
+        }
         let built = build(&inputs, &base, &*coll, engine_memory_limit)?;
         let t = Trainer::assemble(inputs, base, built, clock, coll, cache_root)?;
         let t = Trainer {
