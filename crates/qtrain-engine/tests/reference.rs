@@ -12,10 +12,10 @@ mod family_configs;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use family_configs::small_family_config;
-use qtrain_engine::{Engine, EngineOptions};
+use qtrain_engine::{Engine, EngineOptions, WorkspaceLayout};
 use qtrain_model::{BaseModel, FrozenStorage, Proj};
 use qtrain_reference::{forward_backward, forward_loss};
-use qtrain_step::{LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch};
+use qtrain_step::{HostTensor, LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch};
 
 fn max_rel(a: &[f32], b: &[f32]) -> f64 {
     let scale = a
@@ -307,6 +307,35 @@ fn parameters_round_trip_through_the_host_and_bad_tensors_are_refused() {
     let _ = Tensor::zeros(1, DType::F32, &Device::Cpu);
 }
 
+/// Trains `batches` (2 rows of 11 tokens each) as consecutive micro-steps of a fresh
+/// engine of `opts`, with checkpointing and dropout seeded by `dropout_seed`: the
+/// summed loss, the LoRA gradients, the workspace layout of that shape (which the
+/// engine's own count must equal) and the bytes the engine's device took for it.
+fn train_micro_steps(
+    base: &BaseModel,
+    lora: &LoraWeights,
+    opts: EngineOptions,
+    batches: &[TokenBatch],
+    dropout_seed: u64,
+) -> (f64, Vec<HostTensor>, WorkspaceLayout, usize) {
+    let mut engine = Engine::<f32>::new(base, lora, opts).unwrap();
+    let before = engine.device().held_bytes();
+    let mut loss = 0.0;
+    for (i, b) in batches.iter().enumerate() {
+        let so = StepOptions {
+            checkpointing: true,
+            dropout_seed,
+            micro_step: i as u64,
+        };
+        loss += engine.forward_backward(b, &so, 40.0).unwrap().loss_sum;
+    }
+    let layout = engine.workspace_layout(2, 11);
+    assert_eq!(engine.workspace_bytes(), layout.total_bytes());
+    let held = engine.device().held_bytes() - before;
+    let grads = engine.lora().grads_to_host(engine.device()).unwrap();
+    (loss, grads, layout, held)
+}
+
 /// Keeping each layer's attention residual and/or its gate/up output only removes
 /// recomputation: the same loss and bit-identical gradients as recomputing them,
 /// with dropout on every adapter's input (down's included, whose SwiGLU input the
@@ -325,25 +354,9 @@ fn kept_activations_change_no_bit() {
             mlp_chunk,
             ..EngineOptions::default()
         };
-        let mut engine = Engine::<f32>::new(&base, &lora, opts).unwrap();
-        let before = engine.device().held_bytes();
-        let mut loss = 0.0;
-        for (i, b) in batches.iter().enumerate() {
-            let so = StepOptions {
-                checkpointing: true,
-                dropout_seed: 3,
-                micro_step: i as u64,
-            };
-            loss += engine.forward_backward(b, &so, 40.0).unwrap().loss_sum;
-        }
-        let layout = engine.workspace_layout(2, 11);
-        assert_eq!(engine.workspace_bytes(), layout.total_bytes());
-        assert!(engine.device().held_bytes() - before >= layout.total_bytes());
-        (
-            loss,
-            engine.lora().grads_to_host(engine.device()).unwrap(),
-            layout.total_bytes(),
-        )
+        let (loss, grads, layout, held) = train_micro_steps(&base, &lora, opts, &batches, 3);
+        assert!(held >= layout.total_bytes());
+        (loss, grads, layout.total_bytes())
     };
     let chunk = EngineOptions::default().mlp_chunk;
     let (n, h, i2) = (2 * 11, cfg.hidden_size, 2 * cfg.intermediate_size);
@@ -458,25 +471,12 @@ fn offloaded_checkpoints_change_no_bit() {
                 mlp_chunk: 7,
                 ..EngineOptions::default()
             };
-            let mut engine = Engine::<f32>::new(&base, &lora, opts).unwrap();
-            let before = engine.device().held_bytes();
-            let mut loss = 0.0;
-            for (i, b) in batches.iter().enumerate() {
-                let so = StepOptions {
-                    checkpointing: true,
-                    dropout_seed: 5,
-                    micro_step: i as u64,
-                };
-                loss += engine.forward_backward(b, &so, 40.0).unwrap().loss_sum;
-            }
-            let layout = engine.workspace_layout(2, 11);
-            assert_eq!(engine.workspace_bytes(), layout.total_bytes());
+            let (loss, grads, layout, held) = train_micro_steps(&base, &lora, opts, &batches, 5);
             assert_eq!(
-                engine.device().held_bytes() - before,
+                held,
                 layout.total_bytes(),
                 "{family}: the device holds the layout's bytes"
             );
-            let grads = engine.lora().grads_to_host(engine.device()).unwrap();
             (loss, grads, layout)
         };
         let (l0, g0, on_device) = run(false);
