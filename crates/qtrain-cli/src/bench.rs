@@ -83,6 +83,12 @@ pub struct Args {
     /// work in the fused engine, and print where the step's GPU time goes.
     #[arg(long)]
     profile: bool,
+    /// The frozen base's products: `auto` (the compute type) or `fp8` (E4M3 with
+    /// per-token and per-channel scales, compute capability 8.9+), as
+    /// `train.precision`. With `fp8` each case also runs one step both ways and
+    /// reports the loss difference and the gradients' cosine similarity.
+    #[arg(long, default_value = "auto")]
+    precision: String,
 }
 
 /// `qkvo`, `all`, or a comma-separated list of projections.
@@ -128,6 +134,9 @@ pub fn run(a: Args) -> Result<()> {
             bail!("{flag}: `{v}` (expected auto, on or off)");
         }
     }
+    if !["auto", "fp8"].contains(&a.precision.as_str()) {
+        bail!("--precision: `{}` (expected auto or fp8)", a.precision);
+    }
     let memory_limit = memory_limit(a.memory_limit.as_deref())?;
     let cases = a.cases.split(',').map(|c| Ok((c.trim(), parse_case(c)?)));
     let cases: Vec<(&str, (usize, usize))> = cases.collect::<Result<_>>()?;
@@ -163,6 +172,7 @@ pub fn run(a: Args) -> Result<()> {
         warmup: a.warmup,
         steps: a.steps,
         profile: a.profile,
+        precision: a.precision.clone(),
     };
     let (mut rows_out, mut json_lines) = (Vec::new(), Vec::new());
     for (case, (b, s)) in cases {
@@ -174,6 +184,16 @@ pub fn run(a: Args) -> Result<()> {
             );
         }
         eprintln!("memory, case {case}:\n{}", r.memory_comparison(&model));
+        if let Some(q) = &r.fp8_quality {
+            eprintln!(
+                "fp8 vs the compute type, case {case}: loss differs by {:.3}%, gradient \
+                 cosine {:.5} (all), lowest {:.5} ({})",
+                100.0 * q.loss_rel,
+                q.all_cosine,
+                q.min_cosine,
+                q.min_tensor
+            );
+        }
         if let (Some(limit), Some(peak)) = (r.memory_limit, r.capped_peak) {
             eprintln!(
                 "memory limit {:.0} MiB: frozen base + engine buffers peaked at {:.0} MiB; \

@@ -183,8 +183,27 @@ pub fn run_basic(dev: &Dev, full: bool) -> Result<Vec<Check>> {
         crate::gemm::self_test::<f32>(dev, 2e-3).map(|c| vec![c]),
     );
     add("attention", crate::ops::attention::self_test(dev, full));
+    add(
+        "fp8 quantize",
+        crate::ops::fp8::self_test_quant::<half::bf16>(dev, rows, h).map(|c| vec![c]),
+    );
+    add(
+        "fp8 quantize",
+        crate::ops::fp8::self_test_quant::<f32>(dev, 37, 72).map(|c| vec![c]),
+    );
+    // The FP8 GEMM only where the tensor cores have FP8 (the CPU runs the reference).
+    let fp8 = crate::ops::fp8::support(dev).is_ok();
+    if fp8 {
+        add(
+            "gemm fp8",
+            crate::ops::fp8::self_test_gemm::<half::bf16>(dev, 1e-2).map(|c| vec![c]),
+        );
+    }
     if full {
         add("gemm speed", crate::gemm::speed(dev));
+        if fp8 {
+            add("gemm fp8 speed", crate::ops::fp8::speed(dev));
+        }
     }
     Ok(out)
 }

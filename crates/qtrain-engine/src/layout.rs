@@ -18,6 +18,8 @@
 //! | `mlp_activations` | `L·n·2I` | with `save_mlp_activations`: each layer's gate/up output (after its LoRA) |
 //! | `w_qkv w_o w_gu w_down` | one layer's weight groups | dequantized weights, reused by every layer |
 //! | `logits dlogits` | `cc·V` | one cross-entropy chunk of `cc` rows (f32, compute type) |
+//! | `fp8_w_* fp8_wt_* fp8_weight_scales` | one layer's weight groups, 1 byte each, twice | with `fp8_base`: E4M3 codes of the weights per output row (forward) and of their transposes per input column (input gradient), and their f32 scales |
+//! | `fp8_input fp8_input_scales` | the widest product input (`max(n·qc, c·2I)`), `n` | with `fp8_base`: one product input's E4M3 codes and per-token scales |
 //! | `rope_table_cos rope_table_sin` | `seq·d/2` each | RoPE of positions `0..seq`, computed once per workspace; a batch's per-token tables `rope_cos rope_sin` are gathered from them by `positions` |
 //!
 //! With `offload_layer_inputs` one buffer lives in (page-locked) host memory,
@@ -36,6 +38,25 @@ use qtrain_model::ModelConfig;
 /// to the host runs during the next layer, in the backward the next slot's copy
 /// from the host runs during the current layer's backward.
 pub const OFFLOAD_RING: usize = 2;
+
+/// The FP8 code buffers of the weight groups (in `Group::ALL` order): rows
+/// (forward) and transposed (input gradient).
+pub const FP8_WEIGHTS: [[&str; 2]; 4] = [
+    ["fp8_w_qkv", "fp8_wt_qkv"],
+    ["fp8_w_o", "fp8_wt_o"],
+    ["fp8_w_gu", "fp8_wt_gu"],
+    ["fp8_w_down", "fp8_wt_down"],
+];
+
+/// `(out, in)` of each weight group (`[q; k; v]`, `o`, `[gate; up]`, `down`: the
+/// engine's `Group::ALL` order).
+pub fn weight_group_shapes(cfg: &ModelConfig) -> [(usize, usize); 4] {
+    let d = cfg.head_dim();
+    let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+    let qcols = cfg.num_attention_heads * d;
+    let qc = (cfg.num_attention_heads + 2 * cfg.num_kv_heads()) * d;
+    [(qc, h), (h, qcols), (2 * inter, h), (h, inter)]
+}
 
 /// Everything that sizes the buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +81,9 @@ pub struct WorkspaceShape {
     /// Layer inputs go to host memory, a ring of [`OFFLOAD_RING`] stays on the
     /// device (`EngineOptions`).
     pub offload_layer_inputs: bool,
+    /// The frozen products run in FP8 (`EngineOptions::fp8_base`): the code and
+    /// scale buffers exist.
+    pub fp8_base: bool,
 }
 
 impl WorkspaceShape {
@@ -98,6 +122,7 @@ impl WorkspaceShape {
             save_attention_residual: opts.save_attention_residual,
             save_mlp_activations: opts.save_mlp_activations,
             offload_layer_inputs: opts.offload_layer_inputs,
+            fp8_base: opts.fp8_base,
         }
     }
 }
@@ -121,6 +146,9 @@ pub enum Component {
     BatchInputs,
     /// Every layer's gate/up output, kept from the forward.
     MlpActivations,
+    /// FP8 codes and scales of one layer's weights (both orientations) and of one
+    /// product's input.
+    Fp8Scratch,
 }
 
 impl Component {
@@ -136,6 +164,7 @@ impl Component {
             Component::LoraScratch => "LoRA intermediates",
             Component::BatchInputs => "batch inputs (ids, RoPE tables, targets)",
             Component::MlpActivations => "kept gate/up outputs (no MLP recomputation)",
+            Component::Fp8Scratch => "FP8 codes and scales (weights, product inputs)",
         }
     }
 }
@@ -259,6 +288,21 @@ impl WorkspaceLayout {
         if shape.dropout {
             buffers.push(b("dropped_input", LoraScratch, max_in, e));
             buffers.push(b("lora_dx", LoraScratch, max_in, e));
+        }
+        if shape.fp8_base {
+            // Each weight group twice (rows for the forward, the transpose for the
+            // input gradient), scales per row of each; one product input at a time:
+            // the widest is the MLP chunk's [c, 2I] gradient (gate/up dX).
+            let groups = weight_group_shapes(cfg);
+            for (name, (o, i)) in FP8_WEIGHTS.iter().zip(groups) {
+                buffers.push(b(name[0], Fp8Scratch, o * i, 1));
+                buffers.push(b(name[1], Fp8Scratch, o * i, 1));
+            }
+            let scales: usize = groups.iter().map(|(o, i)| o + i).sum();
+            buffers.push(b("fp8_weight_scales", Fp8Scratch, scales, 4));
+            let act = (n * h.max(qcols).max(qc)).max(c * 2 * inter);
+            buffers.push(b("fp8_input", Fp8Scratch, act, 1));
+            buffers.push(b("fp8_input_scales", Fp8Scratch, n.max(c), 4));
         }
         let offloaded = cfg.num_hidden_layers - shape.device_layer_slots(cfg.num_hidden_layers);
         let host_buffers = if offloaded > 0 {

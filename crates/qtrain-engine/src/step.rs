@@ -42,12 +42,15 @@
 //! offload runs there too, through plain copies to the host buffer.
 
 use crate::error::{EngineError, Result};
-use crate::layout::{WorkspaceLayout, WorkspaceShape, OFFLOAD_RING};
+use crate::layout::{
+    weight_group_shapes, WorkspaceLayout, WorkspaceShape, FP8_WEIGHTS, OFFLOAD_RING,
+};
 use crate::lora::{DeviceLora, PairSlot};
 use crate::weights::{FrozenWeights, Group};
 use qtrain_device::gemm::{gemm, Op};
 use qtrain_device::ops::attention::{attention_bwd, attention_fwd, AttnShape};
 use qtrain_device::ops::bias::add_bias;
+use qtrain_device::ops::fp8::{gemm_fp8, quantize_cols_t, quantize_rows};
 use qtrain_device::ops::head_norm::{head_rmsnorm_bwd, head_rmsnorm_fwd};
 use qtrain_device::ops::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
 use qtrain_device::ops::rope::rope;
@@ -82,6 +85,15 @@ pub struct EngineOptions {
     /// device, with a ring of [`OFFLOAD_RING`] layer inputs on the device; the
     /// copies overlap the compute on a side stream (the results are identical).
     pub offload_layer_inputs: bool,
+    /// Run the frozen weights' products (forward, recomputation and input
+    /// gradients) on the FP8 tensor cores: E4M3 codes with one scale per token of
+    /// the input and per output channel of the weight (per input channel for the
+    /// input gradient), f32 accumulation, scales applied in the GEMM's epilogue.
+    /// LoRA, norms, attention and the loss stay in the compute type. Compute
+    /// capability 8.9+ (the CPU runs the same arithmetic as a reference); the
+    /// results differ from the compute type's by the FP8 rounding (see
+    /// `qtrain_device::ops::fp8`).
+    pub fp8_base: bool,
 }
 
 impl Default for EngineOptions {
@@ -92,6 +104,7 @@ impl Default for EngineOptions {
             save_attention_residual: false,
             save_mlp_activations: false,
             offload_layer_inputs: false,
+            fp8_base: false,
         }
     }
 }
@@ -149,6 +162,94 @@ struct Workspace<T: Float> {
     /// With q/k norms: q and k after the norm and RoPE, and each head's inverse RMS.
     qk_normed: Option<DBuf<T>>,
     qk_inv: Option<DBuf<f32>>,
+    /// With `fp8_base`: the FP8 codes and scales.
+    fp8: Option<Fp8Buffers>,
+}
+
+/// FP8 codes of one layer's weights (per group, both orientations) and of one
+/// product input, with their scales (`qtrain_device::ops::fp8`).
+struct Fp8Buffers {
+    /// Rows of each group's weight `[out, in]` (forward products).
+    w: [DBuf<u8>; 4],
+    /// Each group's transposed weight `[in, out]` (input gradients).
+    wt: [DBuf<u8>; 4],
+    /// Per group: `out` scales of `w`, then `in` scales of `wt`.
+    scales: DBuf<f32>,
+    /// Offsets of each group's scales in `scales`.
+    scale_at: [usize; 4],
+    input: DBuf<u8>,
+    input_scales: DBuf<f32>,
+    /// The layer whose weight group `g` is in `wt[g]` (quantized on the first input
+    /// gradient after the group was dequantized; the MLP's chunks reuse it).
+    wt_layer: std::cell::Cell<[Option<usize>; 4]>,
+}
+
+impl Fp8Buffers {
+    fn new(dev: &Dev, p: &WorkspaceLayout, groups: [(usize, usize); 4]) -> Result<Self> {
+        let mut scale_at = [0; 4];
+        let mut at = 0;
+        for (g, (o, i)) in groups.iter().enumerate() {
+            scale_at[g] = at;
+            at += o + i;
+        }
+        let named = |name: &str| dev.zeros::<u8>(p.elems(name), "engine buffer (FP8 codes)");
+        Ok(Self {
+            w: [
+                named(FP8_WEIGHTS[0][0])?,
+                named(FP8_WEIGHTS[1][0])?,
+                named(FP8_WEIGHTS[2][0])?,
+                named(FP8_WEIGHTS[3][0])?,
+            ],
+            wt: [
+                named(FP8_WEIGHTS[0][1])?,
+                named(FP8_WEIGHTS[1][1])?,
+                named(FP8_WEIGHTS[2][1])?,
+                named(FP8_WEIGHTS[3][1])?,
+            ],
+            scales: dev.zeros(
+                p.elems("fp8_weight_scales"),
+                "engine buffer fp8_weight_scales",
+            )?,
+            scale_at,
+            input: named("fp8_input")?,
+            input_scales: dev.zeros(
+                p.elems("fp8_input_scales"),
+                "engine buffer fp8_input_scales",
+            )?,
+            wt_layer: std::cell::Cell::new([None; 4]),
+        })
+    }
+
+    /// Group `g`'s weight codes `[o, i]` (rows) and their `o` scales.
+    fn rows(&self, g: Group, o: usize, i: usize) -> (Mat<'_, u8>, View<'_, f32>) {
+        let k = g.index();
+        (mat(&self.w[k], o, i), self.scales.view(self.scale_at[k], o))
+    }
+
+    /// Group `g`'s transposed weight codes `[i, o]` and their `i` scales.
+    fn transposed(&self, g: Group, o: usize, i: usize) -> (Mat<'_, u8>, View<'_, f32>) {
+        let k = g.index();
+        (
+            mat(&self.wt[k], i, o),
+            self.scales.view(self.scale_at[k] + o, i),
+        )
+    }
+
+    /// Room for one product input `[rows, cols]` and its `rows` scales.
+    fn input(&self, rows: usize, cols: usize) -> (Mat<'_, u8>, View<'_, f32>) {
+        (
+            mat(&self.input, rows, cols),
+            self.input_scales.view(0, rows),
+        )
+    }
+
+    /// Forgets which layer's transposed codes group `g` holds (its weight buffer
+    /// was just rewritten).
+    fn invalidate(&self, g: Group) {
+        let mut wl = self.wt_layer.get();
+        wl[g.index()] = None;
+        self.wt_layer.set(wl);
+    }
 }
 
 /// Where the gate/up output lives: one token chunk's buffer, recomputed in the
@@ -160,7 +261,7 @@ enum GateUp<T: Float> {
 }
 
 impl<T: Float> Workspace<T> {
-    fn new(dev: &Dev, layout: WorkspaceLayout) -> Result<Self> {
+    fn new(dev: &Dev, cfg: &ModelConfig, layout: WorkspaceLayout) -> Result<Self> {
         let p = &layout;
         macro_rules! buf {
             ($name:literal) => {
@@ -182,8 +283,14 @@ impl<T: Float> Workspace<T> {
             )?),
             None => None,
         };
+        let fp8 = if p.shape.fp8_base {
+            Some(Fp8Buffers::new(dev, p, weight_group_shapes(cfg))?)
+        } else {
+            None
+        };
         Ok(Self {
             offload,
+            fp8,
             qk_normed: if has("qk_normed") {
                 Some(buf!("qk_normed"))
             } else {
@@ -377,9 +484,14 @@ impl<T: Float> Engine<T> {
                 && w.layout.shape == layout.shape
         });
         if !fits {
+            if self.opts.fp8_base {
+                qtrain_device::ops::fp8::support(&self.dev).map_err(|why| {
+                    EngineError::Unsupported(format!("FP8 products of the frozen base: {why}"))
+                })?;
+            }
             // Free the old buffers before taking the new ones.
             self.ws = None;
-            let ws = Workspace::new(&self.dev, layout)?;
+            let ws = Workspace::new(&self.dev, &self.cfg, layout)?;
             // RoPE of every position a row of `seq` tokens can hold, once: a batch
             // then only uploads its position ids (computing its tables on the host
             // took milliseconds per step, with the GPU idle).
@@ -695,12 +807,70 @@ impl<'a, T: Float> Ctx<'a, T> {
     }
 
     /// Dequantizes `group` of layer `l` into its buffer and returns it as `[out, in]`.
+    /// With FP8 products, the weight's row codes are written too.
     fn weights(&self, l: usize, g: Group) -> Result<Mat<'a, T>> {
         let w = self.weight_buf(g);
-        let _r = self.dev.region("dequantize NF4");
-        self.w
-            .materialize(self.dev, l, g, &self.group_sizes(g), w.v)?;
+        {
+            let _r = self.dev.region("dequantize NF4");
+            self.w
+                .materialize(self.dev, l, g, &self.group_sizes(g), w.v)?;
+        }
+        if let Some(f) = &self.ws.fp8 {
+            let _r = self.dev.region("FP8 quantize weights");
+            let (q, s) = f.rows(g, w.rows, w.cols);
+            quantize_rows(self.dev, w, q, s)?;
+            f.invalidate(g);
+        }
         Ok(w)
+    }
+
+    /// `y = x Wᵀ + beta · y` with weight group `g`'s `w` (`[out, in]`): a GEMM in
+    /// the compute type, or with FP8 products `x` quantized per token and the
+    /// weight's row codes (written by [`Ctx::weights`]).
+    fn base_fwd(
+        &self,
+        x: Mat<'a, T>,
+        g: Group,
+        w: Mat<'a, T>,
+        y: Mat<'a, T>,
+        beta: f32,
+    ) -> Result<()> {
+        let Some(f) = &self.ws.fp8 else {
+            return Ok(gemm(self.dev, x, Op::N, w, Op::T, y, 1.0, beta)?);
+        };
+        let (qx, sx) = f.input(x.rows, x.cols);
+        quantize_rows(self.dev, x, qx, sx)?;
+        let (qw, sw) = f.rows(g, w.rows, w.cols);
+        Ok(gemm_fp8(self.dev, qx, sx, qw, sw, y, beta, true)?)
+    }
+
+    /// `dx = dy W` with weight group `g`'s `w` (holding layer `l`'s): a GEMM in the
+    /// compute type, or with FP8 products `dy` quantized per token and the
+    /// transposed weight per input channel (quantized once per layer and group,
+    /// on first use).
+    fn base_dx(
+        &self,
+        l: usize,
+        dy: Mat<'a, T>,
+        g: Group,
+        w: Mat<'a, T>,
+        dx: Mat<'a, T>,
+    ) -> Result<()> {
+        let Some(f) = &self.ws.fp8 else {
+            return Ok(gemm(self.dev, dy, Op::N, w, Op::N, dx, 1.0, 0.0)?);
+        };
+        let (qt, st) = f.transposed(g, w.rows, w.cols);
+        let mut held = f.wt_layer.get();
+        if held[g.index()] != Some(l) {
+            let _r = self.dev.region("FP8 quantize weights");
+            quantize_cols_t(self.dev, w, qt, st)?;
+            held[g.index()] = Some(l);
+            f.wt_layer.set(held);
+        }
+        let (qy, sy) = f.input(dy.rows, dy.cols);
+        quantize_rows(self.dev, dy, qy, sy)?;
+        // No fast accumulation for gradients (as the usual FP8 training recipes).
+        Ok(gemm_fp8(self.dev, qy, sy, qt, st, dx, 0.0, false)?)
     }
 
     /// Adds the frozen biases of group `g` of layer `l` (if it has any) to its
@@ -896,7 +1066,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         let qkv = mat(&ws.qkv, d.n, d.qc);
         {
             let _r = self.dev.region("GEMM q/k/v");
-            gemm(self.dev, h1, Op::N, wqkv, Op::T, qkv, 1.0, 0.0)?;
+            self.base_fwd(h1, Group::Qkv, wqkv, qkv, 0.0)?;
         }
         self.bias(l, Group::Qkv, qkv)?;
         let (q, k, v) = self.qkv_blocks(qkv);
@@ -935,7 +1105,7 @@ impl<'a, T: Float> Ctx<'a, T> {
             {
                 let _r = self.dev.region("GEMM o (+ residual copy)");
                 self.dev.copy(x.v, x2.v)?;
-                gemm(self.dev, attn, Op::N, wo, Op::T, x2, 1.0, 1.0)?;
+                self.base_fwd(attn, Group::O, wo, x2, 1.0)?;
             }
             self.bias(l, Group::O, x2)?;
             self.lora_fwd(l, Proj::O, attn, Some(x2), 0)?;
@@ -972,7 +1142,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         let gu = self.gu_chunk(l, c0, cn);
         if let Some(wgu) = wgu {
             let _r = self.dev.region("GEMM gate/up");
-            gemm(self.dev, h2c, Op::N, wgu, Op::T, gu, 1.0, 0.0)?;
+            self.base_fwd(h2c, Group::GateUp, wgu, gu, 0.0)?;
             drop(_r);
             self.bias(l, Group::GateUp, gu)?;
         }
@@ -1006,7 +1176,7 @@ impl<'a, T: Float> Ctx<'a, T> {
             {
                 let _r = self.dev.region("GEMM down (+ residual copy)");
                 self.dev.copy(x2.row_block(c0, cn).v, oc.v)?;
-                gemm(self.dev, m, Op::N, wd, Op::T, oc, 1.0, 1.0)?;
+                self.base_fwd(m, Group::Down, wd, oc, 1.0)?;
             }
             self.bias(l, Group::Down, oc)?;
             self.lora_fwd(l, Proj::Down, m, Some(oc), c0)?;
@@ -1131,7 +1301,7 @@ impl<'a, T: Float> Ctx<'a, T> {
             let dm = mat(&ws.dm, cn, d.inter);
             {
                 let _r = self.dev.region("GEMM down backward (dX)");
-                gemm(self.dev, dres_c, Op::N, wd, Op::N, dm, 1.0, 0.0)?;
+                self.base_dx(l, dres_c, Group::Down, wd, dm)?;
             }
             self.lora_bwd(l, Proj::Down, m, dres_c, Some(dm), c0)?;
             {
@@ -1141,7 +1311,7 @@ impl<'a, T: Float> Ctx<'a, T> {
             let dh_c = dh.row_block(c0, cn);
             {
                 let _r = self.dev.region("GEMM gate/up backward (dX)");
-                gemm(self.dev, gu, Op::N, wgu, Op::N, dh_c, 1.0, 0.0)?;
+                self.base_dx(l, gu, Group::GateUp, wgu, dh_c)?;
             }
             let h2c = h2.row_block(c0, cn);
             self.lora_bwd(l, Proj::Gate, h2c, g, Some(dh_c), c0)?;
@@ -1169,7 +1339,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         let dattn = mat(&ws.dattn, d.n, d.qcols);
         {
             let _r = self.dev.region("GEMM o backward (dX)");
-            gemm(self.dev, dres, Op::N, wo, Op::N, dattn, 1.0, 0.0)?;
+            self.base_dx(l, dres, Group::O, wo, dattn)?;
         }
         self.lora_bwd(l, Proj::O, attn, dres, Some(dattn), 0)?;
         let qkv = mat(&ws.qkv, d.n, d.qc);
@@ -1219,16 +1389,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         let h1 = mat(&ws.h1, d.n, d.h);
         if need_dx {
             let _r = self.dev.region("GEMM q/k/v backward (dX)");
-            gemm(
-                self.dev,
-                dqkv,
-                Op::N,
-                self.weight_buf(Group::Qkv),
-                Op::N,
-                dh,
-                1.0,
-                0.0,
-            )?;
+            self.base_dx(l, dqkv, Group::Qkv, self.weight_buf(Group::Qkv), dh)?;
         }
         let dxo = need_dx.then_some(dh);
         self.lora_bwd(l, Proj::Q, h1, dq, dxo, 0)?;

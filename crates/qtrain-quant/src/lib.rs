@@ -4,6 +4,7 @@
 //! - [`nf4`]: 4-bit NormalFloat blockwise quantization with double quantization.
 //! - [`blockwise`]: 8-bit blockwise quantization with a 256-entry code.
 //! - [`dynamic_map`]: bitsandbytes' signed and unsigned dynamic 8-bit maps.
+//! - [`fp8`]: FP8 E4M3 and the per-row scaling of `train.precision = "fp8"`.
 //! - [`bnb_format`]: bitsandbytes' serialized quant state (safetensors entries).
 //!
 //! Pure Rust on slices, no tensor library: the CUDA kernels (qtrain-device's `ops`, qtrain-optim's AdamW) are
@@ -13,6 +14,7 @@ pub mod blockwise;
 pub mod bnb_format;
 pub mod dynamic_map;
 pub mod error;
+pub mod fp8;
 pub mod nf4;
 
 pub use blockwise::{dequantize_blockwise, quantize_blockwise, quantize_one};

@@ -301,6 +301,29 @@ impl Backend {
         }
     }
 
+    /// Runs the frozen base's products in FP8 (`EngineOptions::fp8_base`; fused
+    /// engine only: the reference path refuses it). The workspace is sized anew at
+    /// the next pass, where a GPU without FP8 tensor cores is refused.
+    pub fn set_fp8_base(&mut self, on: bool) -> Result<()> {
+        match &mut self.kind {
+            Kind::Fused { engine, .. } => {
+                with_engine!(engine.as_mut(), e => {
+                    let mut opts = e.options();
+                    opts.fp8_base = on;
+                    e.set_options(opts);
+                });
+                Ok(())
+            }
+            Kind::Reference { .. } if on => Err(TrainError::Other(
+                "train.precision = \"fp8\" runs on the fused engine; this run uses the \
+                 reference engine (set train.engine = \"fused\", or see the log for why \
+                 auto chose the reference engine)"
+                    .into(),
+            )),
+            Kind::Reference { .. } => Ok(()),
+        }
+    }
+
     /// The fused engine's device (`None` on the reference path): its memory
     /// accounting and profiler.
     pub fn engine_device(&self) -> Option<qtrain_device::Dev> {
@@ -394,6 +417,16 @@ impl Backend {
             }
         }
         Ok(())
+    }
+
+    /// The accumulated LoRA gradients on the host (before clipping).
+    pub fn grads_to_host(&self) -> Result<Vec<qtrain_step::HostTensor>> {
+        Ok(match &self.kind {
+            Kind::Reference { grads, .. } => grads.to_host()?,
+            Kind::Fused { engine, .. } => {
+                with_engine!(engine.as_ref(), e => e.lora().grads_to_host(e.device())?)
+            }
+        })
     }
 
     /// One micro-batch: adds its gradient (of `loss_sum / loss_denominator`).

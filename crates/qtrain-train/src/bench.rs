@@ -93,6 +93,61 @@ pub struct BenchOptions {
     pub steps: usize,
     /// Time one more step with the engine's regions profiled.
     pub profile: bool,
+    /// `train.precision`'s values: `auto` or `fp8` (then the case also reports
+    /// [`Fp8Quality`]).
+    pub precision: String,
+}
+
+/// One FP8 step against the same step in the compute type, after the timed steps
+/// (the adapters trained a little, so every LoRA gradient is non-zero): issue 20's
+/// per-step quality gate.
+#[derive(Debug, Clone)]
+pub struct Fp8Quality {
+    /// `|loss_fp8 - loss| / loss`.
+    pub loss_rel: f64,
+    /// The lowest cosine similarity of one LoRA tensor's gradients, and its name.
+    pub min_cosine: f64,
+    pub min_tensor: String,
+    /// The cosine similarity of all LoRA gradients as one vector.
+    pub all_cosine: f64,
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+/// Runs `step` with FP8 products off, then on, and compares loss and gradients.
+fn fp8_quality(
+    backend: &mut Backend,
+    mut step: impl FnMut(&mut Backend) -> Result<f64>,
+) -> Result<Fp8Quality> {
+    let mut run =
+        |backend: &mut Backend, fp8: bool| -> Result<(f64, Vec<qtrain_step::HostTensor>)> {
+            backend.set_fp8_base(fp8)?;
+            backend.zero_grads()?;
+            let loss = step(backend)?;
+            Ok((loss, backend.grads_to_host()?))
+        };
+    let (exact_loss, exact) = run(backend, false)?;
+    let (loss, got) = run(backend, true)?;
+    let (mut min_cosine, mut min_tensor) = (f64::INFINITY, String::new());
+    let (mut all_e, mut all_g) = (Vec::new(), Vec::new());
+    for (e, g) in exact.iter().zip(&got) {
+        let c = cosine(&e.1, &g.1);
+        if c < min_cosine {
+            (min_cosine, min_tensor) = (c, e.0.clone());
+        }
+        all_e.extend_from_slice(&e.1);
+        all_g.extend_from_slice(&g.1);
+    }
+    Ok(Fp8Quality {
+        loss_rel: (loss - exact_loss).abs() / exact_loss.abs(),
+        min_cosine,
+        min_tensor,
+        all_cosine: cosine(&all_e, &all_g),
+    })
 }
 
 /// One case's measurements.
@@ -128,6 +183,8 @@ pub struct CaseResult {
     pub predicted: MemoryBreakdown,
     /// With [`BenchOptions::profile`]: the regions of one step, `[step]` the whole.
     pub profile: Option<Vec<qtrain_device::RegionTime>>,
+    /// With `precision = fp8`: the step against the compute type's.
+    pub fp8_quality: Option<Fp8Quality>,
 }
 
 impl CaseResult {
@@ -186,6 +243,13 @@ impl CaseResult {
             "baseline_used_mib": model.baseline_used.map(mib),
             "predicted_peak_mib": mib(self.predicted.total()),
             "predicted_engine_mib": mib(self.predicted.engine_bytes),
+            "fp8_base": self.fp8_quality.is_some(),
+            "fp8_vs_compute_type": self.fp8_quality.as_ref().map(|q| serde_json::json!({
+                "loss_rel": q.loss_rel,
+                "min_grad_cosine": q.min_cosine,
+                "min_grad_cosine_tensor": q.min_tensor,
+                "all_grad_cosine": q.all_cosine,
+            })),
         })
     }
 
@@ -317,7 +381,10 @@ fn decide_memory(
         .gpu
         .as_ref()
         .map(|g| memory::usable(g.total_bytes, memory::DEFAULT_HEADROOM)));
-    let mut opts = EngineOptions::default();
+    let mut opts = EngineOptions {
+        fp8_base: o.precision == "fp8",
+        ..EngineOptions::default()
+    };
     let spec = |opts| {
         spec_for(
             model,
@@ -382,6 +449,8 @@ pub fn run_case(
     let mut backend = Backend::new(base, lora, HostOptimizer::AdamW8bit(opt), engine)?;
     let memory_limit = cap_engine(model, o, &backend)?;
     decide_memory(model, o, &mut backend, (batch, seq))?;
+    let fp8 = o.precision == "fp8";
+    backend.set_fp8_base(fp8)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let rows: Vec<Vec<u32>> = (0..batch)
         .map(|_| {
@@ -432,6 +501,14 @@ pub fn run_case(
         })?),
         None => None,
     };
+    let fp8_quality = if fp8 {
+        let so = options(o.warmup + o.steps + 1);
+        Some(fp8_quality(&mut backend, |b| {
+            Ok(b.micro_step(base, &tokens, &so, valid / scale)?.loss_sum)
+        })?)
+    } else {
+        None
+    };
     // The memory model's prediction (fused: the 8-bit AdamW state on the GPU as the
     // placement policy decided; reference: on the host), next to what was measured:
     // the numbers the runtime constants are calibrated on.
@@ -471,6 +548,7 @@ pub fn run_case(
         host_bytes: backend.workspace_layout(batch, seq).map(|l| l.host_bytes()),
         predicted,
         profile,
+        fp8_quality,
     })
 }
 

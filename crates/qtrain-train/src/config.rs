@@ -172,6 +172,11 @@ pub struct TrainSection {
     /// `off`, or `auto` (on when the memory model says the run does not fit the GPU
     /// without it and does with it, and the host has the memory available).
     pub offload_checkpoints: String,
+    /// The frozen base's products: `auto` (in the compute type, `model.dtype`) or
+    /// `fp8` (E4M3 on the FP8 tensor cores of compute capability 8.9+, with one
+    /// scale per token and per weight channel; fused engine only; opt-in, because
+    /// it does not yet meet its quality gates on small models: docs/perf.md).
+    pub precision: String,
 }
 
 impl Default for TrainSection {
@@ -188,6 +193,7 @@ impl Default for TrainSection {
             keep_attention_residuals: "auto".into(),
             keep_mlp_activations: "auto".into(),
             offload_checkpoints: "auto".into(),
+            precision: "auto".into(),
         }
     }
 }
@@ -511,6 +517,18 @@ impl RunConfig {
             if !["auto", "on", "off"].contains(&v.as_str()) {
                 p.push(format!("train.{key}: `{v}` (expected auto, on or off)"));
             }
+        }
+        if !["auto", "fp8"].contains(&t.precision.as_str()) {
+            p.push(format!(
+                "train.precision: `{}` (expected auto or fp8)",
+                t.precision
+            ));
+        }
+        if t.precision == "fp8" && t.engine == "reference" {
+            p.push(
+                "train.precision = \"fp8\" runs on the fused engine, not train.engine = \"reference\""
+                    .into(),
+            );
         }
         if !["retry", "stop"].contains(&t.oom.as_str()) {
             p.push(format!("train.oom: `{}` (expected retry or stop)", t.oom));

@@ -331,7 +331,10 @@ impl MemorySpec {
                 EngineKind::Reference => OptimizerPlace::Host,
             },
             engine,
-            engine_options: EngineOptions::default(),
+            engine_options: EngineOptions {
+                fp8_base: cfg.train.precision == "fp8",
+                ..EngineOptions::default()
+            },
             compute_capability: cc,
         }
     }

@@ -518,6 +518,7 @@ fn bench_memory_limit_caps_the_engine_and_reports_offload() {
         warmup: 1,
         steps: 1,
         profile: false,
+        precision: "auto".into(),
     };
     let free = run_case(&model, &opts("on", None), 2, 32).unwrap();
     assert!(free.offload && free.memory_limit.is_none() && free.capped_peak.is_none());
@@ -542,4 +543,56 @@ fn bench_memory_limit_caps_the_engine_and_reports_offload() {
         .expect("a 1 KiB engine cap cannot hold the case")
         .to_string();
     assert!(e.contains("out of GPU memory"), "{e}");
+}
+
+/// `qtrain bench --precision fp8` on the CPU (the FP8 kernels' references): the case
+/// trains, its memory prediction includes the FP8 buffers exactly, and it reports
+/// the step against the compute type's: a small loss difference and gradients
+/// pointing the same way (the bounds of the engine's FP8 tests).
+#[test]
+fn bench_fp8_reports_its_quality_against_the_compute_type() {
+    use qtrain_train::bench::{run_case, BenchModel, BenchOptions};
+    let cache = tempfile::tempdir().unwrap();
+    let (base, _) =
+        qtrain_train::models::load_base("builtin:tiny", "nf4", "cpu", "auto", cache.path())
+            .unwrap();
+    let model = BenchModel {
+        base,
+        gpu: None,
+        baseline_used: None,
+        loaded_used: None,
+        load_s: 0.0,
+        cache: "test".into(),
+    };
+    let opts = BenchOptions {
+        targets: vec![Proj::Q, Proj::K, Proj::V, Proj::O],
+        rank: 4,
+        engine: "fused".into(),
+        keep_residuals: "off".into(),
+        keep_mlp: "off".into(),
+        offload: "off".into(),
+        memory_limit: None,
+        warmup: 1,
+        steps: 2,
+        profile: false,
+        precision: "fp8".into(),
+    };
+    let r = run_case(&model, &opts, 2, 32).unwrap();
+    assert!(r.loss_falls(), "{:?}", r.losses);
+    let q = r.fp8_quality.clone().expect("fp8 quality");
+    assert!(q.loss_rel > 0.0 && q.loss_rel < 1.5e-2, "{q:?}");
+    assert!(q.all_cosine > 0.97 && q.min_cosine > 0.9, "{q:?}");
+    assert_eq!(
+        r.predicted.engine_bytes as usize,
+        r.engine_peak.unwrap(),
+        "the memory model counts the FP8 buffers"
+    );
+    let json = r.record(&model, "2x32", "qkvo", 0.0);
+    assert_eq!(json["fp8_base"], true);
+    assert!(
+        json["fp8_vs_compute_type"]["all_grad_cosine"]
+            .as_f64()
+            .unwrap()
+            > 0.97
+    );
 }

@@ -17,6 +17,8 @@
 //!   reference is the decoder's broadcast add, bit for bit).
 //! - [`head_norm`]: RMSNorm over each head of q and k (Qwen 3), whose CPU reference
 //!   is [`rmsnorm`]'s row loop over the heads.
+//! - [`fp8`]: FP8 E4M3 quantization with per-row scales and the scaled FP8 GEMM
+//!   (cuBLASLt) of `train.precision = "fp8"`, against `qtrain_quant::fp8`.
 //! - [`nf4`]: NF4 dequantization into a reused buffer; [`nf4_quant`]: NF4 (double)
 //!   quantization on the device, bit-exact with `qtrain_quant`.
 //!
@@ -26,6 +28,7 @@
 
 pub mod attention;
 pub mod bias;
+pub mod fp8;
 pub mod head_norm;
 pub mod nf4;
 pub mod nf4_quant;

@@ -350,6 +350,17 @@ fn check_inputs(
     }
     let device = models::device(&cfg.model.device)?;
     let (dtype, gpu) = models::resolve_dtype(&cfg.model.dtype, &device)?;
+    if let (Some(g), "fp8") = (&gpu, cfg.train.precision.as_str()) {
+        let (major, minor) = g.compute_capability;
+        if (major, minor) < (8, 9) {
+            return Err(TrainError::Other(format!(
+                "train.precision = \"fp8\": FP8 tensor cores need compute capability 8.9 or \
+                 newer (Ada: L4, L40S, RTX 40xx; Hopper: H100, H200); {} has {major}.{minor}. \
+                 Use train.precision = \"auto\"",
+                g.name
+            )));
+        }
+    }
     let model_dir = models::resolve(&cfg.model.path, start.cache_root)?;
     let model_cfg = qtrain_model::ModelConfig::from_file(&model_dir.join("config.json"))?;
     let encoder = Arc::new(Encoder::from_model_dir(
@@ -448,6 +459,14 @@ fn build(
     .map_err(TrainError::Other)?;
     let mut backend = Backend::new(base, lora, opt, engine)?;
     backend.set_memory_limit(engine_memory_limit);
+    if cfg.train.precision == "fp8" {
+        backend.set_fp8_base(true)?;
+        tracing::info!(
+            "train.precision = fp8: the frozen base's products run in FP8 E4M3 (per-token and \
+             per-channel scales); LoRA, norms, attention and the loss in {:?}",
+            base.dtype
+        );
+    }
     let state = inputs.resumed.as_ref().map(|r| &r.state);
     let gpu = inputs.gpu.as_ref();
     let shape = micro::resolve_step_shape(
