@@ -174,6 +174,39 @@ pub fn run_basic(dev: &Dev, full: bool) -> Result<Vec<Check>> {
         "row kernels",
         crate::ops::rows::self_test::<half::bf16>(dev).map(|c| vec![c]),
     );
+    // The fused LoRA dropout products: dense and aligned (the vector loads; 7B rows
+    // with `full`), and odd sizes in strided, unaligned blocks; bf16 and fp16 (the
+    // tensor-core path on 8.0+), f32 (the FMA path every type takes below 8.0); and
+    // the mask itself, bit for bit.
+    use crate::ops::lora_dropout::{mask_test, self_test as lora_dropout_test, Case};
+    add(
+        "lora dropout bf16",
+        lora_dropout_test::<half::bf16>(dev, Case::dense(rows, h, 16), 1e-2),
+    );
+    add(
+        "lora dropout bf16",
+        lora_dropout_test::<half::bf16>(dev, Case::odd(), 1e-2),
+    );
+    add(
+        "lora dropout f16",
+        lora_dropout_test::<half::f16>(dev, Case::dense(100, 136, 40), 5e-3),
+    );
+    add(
+        "lora dropout f32",
+        lora_dropout_test::<f32>(dev, Case::dense(100, 136, 64), 1e-5),
+    );
+    add(
+        "lora dropout f32",
+        lora_dropout_test::<f32>(dev, Case::odd(), 1e-5),
+    );
+    add(
+        "lora dropout mask",
+        mask_test::<half::bf16>(dev, 300, 264).map(|c| vec![c]),
+    );
+    add(
+        "lora dropout mask",
+        mask_test::<f32>(dev, 37, 75).map(|c| vec![c]),
+    );
     add(
         "gemm bf16",
         crate::gemm::self_test::<half::bf16>(dev, 1e-2).map(|c| vec![c]),

@@ -140,7 +140,7 @@ pub enum Component {
     DequantWeights,
     /// One cross-entropy chunk: logits and their gradient.
     Logits,
-    /// LoRA intermediates (`z = x Aᵀ`, dropout scratch).
+    /// LoRA intermediates (`z = dropout(x) Aᵀ` and its gradient).
     LoraScratch,
     /// The uploaded batch: ids, rotary tables, segments, targets.
     BatchInputs,
@@ -207,7 +207,6 @@ impl WorkspaceLayout {
         let stats = shape.batch * cfg.num_attention_heads * shape.seq;
         let e = shape.elem;
         let r = shape.rank;
-        let max_in = (n * h.max(qcols)).max(c * inter);
         use Component::*;
         let b = |name, component, elems, elem_bytes| BufferSpec {
             name,
@@ -284,10 +283,6 @@ impl WorkspaceLayout {
             ));
         } else {
             buffers.push(b("gu", MlpChunk, c * 2 * inter, e));
-        }
-        if shape.dropout {
-            buffers.push(b("dropped_input", LoraScratch, max_in, e));
-            buffers.push(b("lora_dx", LoraScratch, max_in, e));
         }
         if shape.fp8_base {
             // Each weight group twice (rows for the forward, the transpose for the

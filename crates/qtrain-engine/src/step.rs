@@ -13,9 +13,12 @@
 //!
 //! Each layer's frozen weights are dequantized once per pass into four reused
 //! buffers (`[q;k;v]`, `o`, `[gate;up]`, `down`), so q/k/v and gate/up are each
-//! one GEMM. LoRA runs as two skinny GEMMs per adapted projection,
+//! one GEMM. LoRA runs as two skinny products per adapted projection,
 //! `z = dropout(x) Aᵀ` then `y += s · z Bᵀ` (accumulated into the base product);
-//! its gradients are accumulated in f32 straight from compute-type operands.
+//! its gradients are accumulated in f32 straight from compute-type operands. With
+//! dropout the A-side products (`z`, `dA += dzᵀ dropout(x)`, `dx += (dz A) ∘ mask`)
+//! are the fused kernels of `qtrain_device::ops::lora_dropout`, which draw the mask
+//! as they read `x` (nothing materialized); without it they are cuBLAS GEMMs.
 //! Residual adds are fused into the GEMMs (`beta = 1`) and into the norms'
 //! backward (`accumulate`).
 //!
@@ -52,9 +55,10 @@ use qtrain_device::ops::attention::{attention_bwd, attention_fwd, AttnShape};
 use qtrain_device::ops::bias::add_bias;
 use qtrain_device::ops::fp8::{gemm_fp8, quantize_cols_t, quantize_rows};
 use qtrain_device::ops::head_norm::{head_rmsnorm_bwd, head_rmsnorm_fwd};
+use qtrain_device::ops::lora_dropout::{lora_a_fwd_dropout, lora_a_grad_dropout, lora_dx_dropout};
 use qtrain_device::ops::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
 use qtrain_device::ops::rope::rope;
-use qtrain_device::ops::rows::{add_into, dropout, gather_rows, scatter_rows};
+use qtrain_device::ops::rows::{gather_rows, scatter_rows};
 use qtrain_device::ops::swiglu::{swiglu_bwd, swiglu_fwd};
 use qtrain_device::ops::xent::xent;
 use qtrain_device::{DBuf, Dev, Float, HostStage, Mat, View};
@@ -155,8 +159,6 @@ struct Workspace<T: Float> {
     ce_rows: DBuf<u32>,
     ce_targets: DBuf<i32>,
     losses: DBuf<f32>,
-    dropped_input: Option<DBuf<T>>,
-    lora_dx: Option<DBuf<T>>,
     /// Every layer's `x2`, with `save_attention_residual`.
     attn_residuals: Option<DBuf<T>>,
     /// With q/k norms: q and k after the norm and RoPE, and each head's inverse RMS.
@@ -268,7 +270,6 @@ impl<T: Float> Workspace<T> {
                 dev.zeros(p.elems($name), concat!("engine buffer ", $name))?
             };
         }
-        let dropout = p.shape.dropout;
         let has = |name: &str| p.buffers.iter().any(|b| b.name == name);
         let offload = match p
             .host_buffers
@@ -343,12 +344,6 @@ impl<T: Float> Workspace<T> {
             ce_rows: buf!("ce_rows"),
             ce_targets: buf!("ce_targets"),
             losses: buf!("losses"),
-            dropped_input: if dropout {
-                Some(buf!("dropped_input"))
-            } else {
-                None
-            },
-            lora_dx: if dropout { Some(buf!("lora_dx")) } else { None },
             attn_residuals: if p.shape.save_attention_residual {
                 Some(buf!("attn_residuals"))
             } else {
@@ -897,26 +892,22 @@ impl<'a, T: Float> Ctx<'a, T> {
             .mat(rows, r, r)
     }
 
-    /// `dropout(x)` of projection `p` (into scratch), or `x` itself without dropout.
-    fn dropped(&self, l: usize, p: Proj, x: Mat<'a, T>, row0: usize) -> Result<Mat<'a, T>> {
-        match (self.dropout_key, &self.ws.dropped_input) {
-            (Some((seed, micro_step)), Some(buf)) => {
-                let base = dropout_base(DropoutKey {
-                    seed,
-                    micro_step,
-                    layer: l,
-                    proj: p,
-                });
-                let out = buf.view(0, x.rows * x.cols).mat(x.rows, x.cols, x.cols);
-                dropout(self.dev, x, out, base, row0, self.lora.layout.dropout)?;
-                Ok(out)
-            }
-            _ => Ok(x),
-        }
+    /// The hash base of projection `p`'s dropout mask in layer `l` (one mask per
+    /// seed, micro-step, layer and projection), or None without dropout.
+    fn dropout_base(&self, l: usize, p: Proj) -> Option<u64> {
+        self.dropout_key.map(|(seed, micro_step)| {
+            dropout_base(DropoutKey {
+                seed,
+                micro_step,
+                layer: l,
+                proj: p,
+            })
+        })
     }
 
     /// LoRA forward of `(l, p)`: `z = dropout(x) Aᵀ`, and `y += s z Bᵀ` when `y` is
-    /// given (the recomputation of the down projection only needs `z`).
+    /// given (the recomputation of the down projection only needs `z`). `x` holds
+    /// rows `row0..` of the dropout mask's rows (MLP chunks).
     fn lora_fwd(
         &self,
         l: usize,
@@ -930,8 +921,13 @@ impl<'a, T: Float> Ctx<'a, T> {
         };
         let _r = self.dev.region("LoRA forward");
         let z = self.z(p, row0, x.rows);
-        let xd = self.dropped(l, p, x, row0)?;
-        gemm(self.dev, xd, Op::N, self.lora.a(s), Op::T, z, 1.0, 0.0)?;
+        let a = self.lora.a(s);
+        match self.dropout_base(l, p) {
+            Some(base) => {
+                lora_a_fwd_dropout(self.dev, x, a, z, base, row0, self.lora.layout.dropout)?
+            }
+            None => gemm(self.dev, x, Op::N, a, Op::T, z, 1.0, 0.0)?,
+        }
         if let Some(y) = y {
             gemm(
                 self.dev,
@@ -969,28 +965,22 @@ impl<'a, T: Float> Ctx<'a, T> {
         // dB += s dyᵀ z ; dz = s dy B
         gemm(self.dev, dy, Op::T, z, Op::N, self.lora.grad_b(s), sc, 1.0)?;
         gemm(self.dev, dy, Op::N, self.lora.b(s), Op::N, dz, sc, 0.0)?;
-        // dA += dzᵀ dropout(x)
-        let xd = self.dropped(l, p, x, row0)?;
-        gemm(
-            self.dev,
-            dz,
-            Op::T,
-            xd,
-            Op::N,
-            self.lora.grad_a(s),
-            1.0,
-            1.0,
-        )?;
-        if let Some(dx) = dx {
-            match (&self.ws.lora_dx, self.dropout_key) {
-                (Some(tmp), Some(_)) => {
-                    // dx += (dz A) ∘ mask: the mask is a per-element scale.
-                    let t = tmp.view(0, x.rows * x.cols).mat(x.rows, x.cols, x.cols);
-                    gemm(self.dev, dz, Op::N, self.lora.a(s), Op::N, t, 1.0, 0.0)?;
-                    let masked = self.dropped(l, p, t, row0)?;
-                    add_into(self.dev, masked, dx)?;
+        let (a, grad_a) = (self.lora.a(s), self.lora.grad_a(s));
+        let prob = self.lora.layout.dropout;
+        match self.dropout_base(l, p) {
+            Some(base) => {
+                // dA += dzᵀ dropout(x) ; dx += (dz A) ∘ mask (the mask is a
+                // per-element scale), each one pass with the mask drawn in the kernel.
+                lora_a_grad_dropout(self.dev, dz, x, grad_a, base, row0, prob)?;
+                if let Some(dx) = dx {
+                    lora_dx_dropout(self.dev, dz, a, dx, base, row0, prob)?;
                 }
-                _ => gemm(self.dev, dz, Op::N, self.lora.a(s), Op::N, dx, 1.0, 1.0)?,
+            }
+            None => {
+                gemm(self.dev, dz, Op::T, x, Op::N, grad_a, 1.0, 1.0)?;
+                if let Some(dx) = dx {
+                    gemm(self.dev, dz, Op::N, a, Op::N, dx, 1.0, 1.0)?;
+                }
             }
         }
         Ok(())

@@ -19,17 +19,21 @@
 //!   is [`rmsnorm`]'s row loop over the heads.
 //! - [`fp8`]: FP8 E4M3 quantization with per-row scales and the scaled FP8 GEMM
 //!   (cuBLASLt) of `train.precision = "fp8"`, against `qtrain_quant::fp8`.
+//! - [`lora_dropout`]: the LoRA A-side products with the dropout mask generated in
+//!   the kernel (`z = dropout(x) Aᵀ`, `dA += dzᵀ dropout(x)`, `dx += (dz A) ∘ mask`),
+//!   whose CPU references are [`rows`]' dropout and the GEMM reference composed.
 //! - [`nf4`]: NF4 dequantization into a reused buffer; [`nf4_quant`]: NF4 (double)
 //!   quantization on the device, bit-exact with `qtrain_quant`.
 //!
 //! `common.cuh` holds the kernels' shared device helpers (conversions, vector
-//! loads, reductions, the 8-bit code search `quantize_one`); qtrain-optim's AdamW
-//! kernel includes it too.
+//! loads, reductions, the 8-bit code search `quantize_one`, the LoRA dropout mask's
+//! hash); qtrain-optim's AdamW kernel includes it too.
 
 pub mod attention;
 pub mod bias;
 pub mod fp8;
 pub mod head_norm;
+pub mod lora_dropout;
 pub mod nf4;
 pub mod nf4_quant;
 pub mod rmsnorm;

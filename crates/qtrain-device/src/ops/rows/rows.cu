@@ -65,15 +65,9 @@ extern "C" __global__ void sum_squares_f32(const float *__restrict__ v, uint64_t
   if (threadIdx.x == 0) partial[blockIdx.x] = sh[0];
 }
 
-__device__ __forceinline__ uint64_t splitmix64(uint64_t x) {
-  uint64_t z = x + 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
 // out = x * mask with mask[r][c] = 0 when splitmix64(base + (row_offset + r) * cols + c)
-// >> 11 < threshold, else keep (= 1/(1-p) rounded to f32).
+// >> 11 < threshold, else keep (= 1/(1-p) rounded to f32); the mask helpers are in
+// common.cuh.
 template <typename T>
 __device__ void dropout_impl(const T *__restrict__ x, uint64_t ldx, T *__restrict__ out, uint64_t ldo,
                              uint32_t rows, uint32_t cols, uint64_t base, uint64_t row_offset,
@@ -81,9 +75,9 @@ __device__ void dropout_impl(const T *__restrict__ x, uint64_t ldx, T *__restric
   const uint64_t idx = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (uint64_t)rows * cols) return;
   const uint64_t r = idx / cols, c = idx % cols;
-  const uint64_t h = splitmix64(base + (row_offset + r) * cols + c);
   const float v = to_f(x[r * ldx + c]);
-  out[r * ldo + c] = from_f<T>((h >> 11) < threshold ? 0.0f : v * keep);
+  out[r * ldo + c] = from_f<T>(
+      dropout_apply(v, base, (row_offset + r) * cols + c, dropout_limit(threshold), keep));
 }
 
 #define QT_DROPOUT(T, S)                                                                       \
