@@ -67,6 +67,13 @@ use qtrain_step::{
     dropout_base, DropoutKey, LoraWeights, StepLoss, StepOptions, TokenBatch, IGNORE_INDEX,
 };
 
+/// Whether the FP8 forward products use Hopper's fast accumulation (partial sums
+/// kept at reduced precision inside the tensor cores over the whole `k`, instead of
+/// promoted to f32 at intervals). Off: on the Mistral-7B shape with it on, one FP8
+/// step's LoRA gradients had a cosine similarity of only 0.56 to the bf16 step's
+/// (4 x 2048, docs/perf.md); the input gradients never use it.
+const FP8_FAST_ACCUM_FORWARD: bool = false;
+
 /// Tuning knobs of the engine (defaults suit 7B models on one GPU).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineOptions {
@@ -836,7 +843,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         let (qx, sx) = f.input(x.rows, x.cols);
         quantize_rows(self.dev, x, qx, sx)?;
         let (qw, sw) = f.rows(g, w.rows, w.cols);
-        Ok(gemm_fp8(self.dev, qx, sx, qw, sw, y, beta, true)?)
+        Ok(gemm_fp8(self.dev, qx, sx, qw, sw, y, beta, FP8_FAST_ACCUM_FORWARD)?)
     }
 
     /// `dx = dy W` with weight group `g`'s `w` (holding layer `l`'s): a GEMM in the
