@@ -70,8 +70,6 @@ pub struct WorkspaceShape {
     /// Rows per cross-entropy chunk.
     pub ce_chunk: usize,
     pub rank: usize,
-    /// Adapters carry dropout (the masked-input scratch buffers exist).
-    pub dropout: bool,
     /// Bytes per element of the compute type.
     pub elem: usize,
     /// Every layer's residual after attention is kept (`EngineOptions`).
@@ -99,13 +97,13 @@ impl WorkspaceShape {
 
 impl WorkspaceShape {
     /// The shape of a `batch x seq` micro-batch under `opts` with rank-`rank`
-    /// adapters (`dropout`: they carry dropout) in a compute type of `elem` bytes:
-    /// what [`crate::Engine`] allocates its workspace for, and what the memory model
-    /// of `qtrain plan` sizes without building an engine.
+    /// adapters in a compute type of `elem` bytes: what [`crate::Engine`] allocates
+    /// its workspace for, and what the memory model of `qtrain plan` sizes without
+    /// building an engine. Dropout takes no memory: its mask is drawn inside the
+    /// LoRA kernels (`qtrain_device::ops::lora_dropout`).
     pub fn for_micro_batch(
         opts: &EngineOptions,
         rank: usize,
-        dropout: bool,
         elem: usize,
         batch: usize,
         seq: usize,
@@ -117,7 +115,6 @@ impl WorkspaceShape {
             mlp_chunk: opts.mlp_chunk,
             ce_chunk: opts.ce_chunk,
             rank,
-            dropout,
             elem,
             save_attention_residual: opts.save_attention_residual,
             save_mlp_activations: opts.save_mlp_activations,

@@ -465,7 +465,6 @@ impl<T: Float> Engine<T> {
             WorkspaceShape::for_micro_batch(
                 &self.opts,
                 self.lora.layout.rank,
-                self.lora.layout.dropout > 0.0,
                 std::mem::size_of::<T>(),
                 batch,
                 seq,

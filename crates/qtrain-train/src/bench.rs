@@ -330,7 +330,6 @@ fn spec_for(
         dtype: base.dtype,
         rank: o.rank,
         targets: o.targets.clone(),
-        dropout: false,
         batch,
         seq,
         checkpointing: true,

@@ -97,8 +97,6 @@ pub struct MemorySpec {
     pub dtype: DType,
     pub rank: usize,
     pub targets: Vec<Proj>,
-    /// The adapters carry dropout (the engine keeps two more scratch buffers).
-    pub dropout: bool,
     /// Rows of the micro-batch (one forward/backward pass).
     pub batch: usize,
     pub seq: usize,
@@ -320,7 +318,6 @@ impl MemorySpec {
             dtype,
             rank: cfg.lora.rank,
             targets,
-            dropout: cfg.lora.dropout > 0.0,
             batch,
             seq,
             checkpointing: cfg.train.gradient_checkpointing,
@@ -346,7 +343,6 @@ impl MemorySpec {
             WorkspaceShape::for_micro_batch(
                 &self.engine_options,
                 self.rank,
-                self.dropout,
                 elem_size(self.dtype),
                 self.batch,
                 self.seq,
@@ -905,7 +901,6 @@ mod tests {
             dtype: DType::BF16,
             rank: 16,
             targets: vec![Proj::Q, Proj::K, Proj::V, Proj::O],
-            dropout: true,
             batch,
             seq,
             checkpointing: true,
