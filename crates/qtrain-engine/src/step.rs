@@ -842,7 +842,16 @@ impl<'a, T: Float> Ctx<'a, T> {
         let (qx, sx) = f.input(x.rows, x.cols);
         quantize_rows(self.dev, x, qx, sx)?;
         let (qw, sw) = f.rows(g, w.rows, w.cols);
-        Ok(gemm_fp8(self.dev, qx, sx, qw, sw, y, beta, FP8_FAST_ACCUM_FORWARD)?)
+        Ok(gemm_fp8(
+            self.dev,
+            qx,
+            sx,
+            qw,
+            sw,
+            y,
+            beta,
+            FP8_FAST_ACCUM_FORWARD,
+        )?)
     }
 
     /// `dx = dy W` with weight group `g`'s `w` (holding layer `l`'s): a GEMM in the

@@ -337,6 +337,10 @@ mod cuda {
     }
 }
 
+/// What one device produces in the quantization self-test: row codes and scales,
+/// transposed codes and scales, and the seconds one row quantization took.
+type QuantRun = (Vec<u8>, Vec<f32>, Vec<u8>, Vec<f32>, f64);
+
 /// Both quantizations on `dev` against the CPU reference, bit for bit (codes and
 /// scales), on strided random inputs of mixed magnitudes with an all-zero row and
 /// column, in the vector path (`cols` a multiple of 8) and the scalar one.
@@ -356,7 +360,7 @@ pub fn self_test_quant<T: Float>(dev: &Dev, rows: usize, cols: usize) -> Result<
         for r in 0..rows {
             x[r * ld + 2] = 0.0; // column 2 all zero
         }
-        let run = |d: &Dev| -> Result<(Vec<u8>, Vec<f32>, Vec<u8>, Vec<f32>, f64)> {
+        let run = |d: &Dev| -> Result<QuantRun> {
             let xb = upload::<T>(d, &x)?;
             let xm = xb.all().mat(rows, cols, ld);
             let (q, s) = (d.zeros::<u8>(rows * cols, "q")?, d.zeros::<f32>(rows, "s")?);
