@@ -103,6 +103,45 @@ fn matches_reference_with_sliding_window_and_dropout() {
 }
 
 #[test]
+fn segment_ids_that_fall_along_a_row_are_refused() {
+    // The attention kernels find the tiles of a packed document by binary search over
+    // the ids, so a document must be one run with ids rising along the row.
+    let cfg = small_config(61, None);
+    let (base, _) = random_base(&cfg, 1, DType::F32);
+    let lora = random_lora(&cfg, &all_targets_config(0.0), 2, DType::F32);
+    let good = packed_batch(61, 12, 3);
+    let mut seg = good.segment_ids.clone();
+    seg[12 + 7] = 4; // row 1 holds 5s: 5, .., 5, 4, 5, ..
+    let bad = TokenBatch::new(
+        good.input_ids.clone(),
+        good.labels.clone(),
+        good.position_ids.clone(),
+        seg,
+        2,
+        12,
+    )
+    .unwrap();
+    let mut engine = Engine::<f32>::new(&base, &lora, EngineOptions::default()).unwrap();
+    let so = StepOptions {
+        checkpointing: true,
+        dropout_seed: 1,
+        micro_step: 0,
+    };
+    let err = engine
+        .forward_backward(&bad, &so, bad.valid_targets() as f64)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("segment ids must not decrease")
+            && err.contains("row 1 goes from 5 to 4 at position 7"),
+        "{err}"
+    );
+    engine
+        .forward_backward(&good, &so, good.valid_targets() as f64)
+        .unwrap();
+}
+
+#[test]
 fn chunked_mlp_and_cross_entropy_match_the_reference() {
     let cfg = small_config(61, None);
     let (base, _) = random_base(&cfg, 8, DType::F32);

@@ -482,9 +482,8 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The hash base of a mask: element `i` is dropped when
-/// `splitmix64(base + i) >> 11 < p · 2⁵³` (the fused engine's device kernel draws
-/// the same elements from this number).
+/// The hash base of a mask (`dropout_mask` says how element `i` is drawn from it; the
+/// fused engine's device kernels draw the same elements from this number).
 pub fn dropout_base(key: DropoutKey) -> u64 {
     mix(&[
         key.seed,
@@ -504,12 +503,13 @@ pub struct DropoutKey {
 }
 
 /// The inverted-dropout mask `[rows, cols]` for `key`: element `i` (row-major) is
-/// dropped when `u_i < p`, with `u_i` the top 53 bits of
-/// `splitmix64(mix(seed, micro_step, layer, proj) + i)` as a uniform in `[0, 1)`;
-/// kept elements are `1/(1-p)`. It is a pure function of its inputs (counter-based,
-/// no RNG state), so gradient checkpointing regenerates the identical mask when it
-/// recomputes a layer, and a GPU kernel can reproduce it element by element.
-/// Returns `None` when `p == 0`.
+/// dropped when the 16-bit lane `i % 4` (bits `16 (i % 4)..`) of
+/// `splitmix64(mix(seed, micro_step, layer, proj) + i / 4)` is below `ceil(p · 2¹⁶)`
+/// (so `p` acts rounded up to a multiple of 2⁻¹⁶); kept elements are `1/(1-p)`. One
+/// hash serves four elements because the fused engine's dropout kernels are bound by
+/// the hash. It is a pure function of its inputs (counter-based, no RNG state), so
+/// gradient checkpointing regenerates the identical mask when it recomputes a layer,
+/// and a GPU kernel can reproduce it element by element. Returns `None` when `p == 0`.
 pub fn dropout_mask(
     p: f64,
     key: DropoutKey,
@@ -523,11 +523,11 @@ pub fn dropout_mask(
     }
     let base = dropout_base(key);
     let keep = 1.0 / (1.0 - p);
+    let threshold = (p * 65536.0).ceil().min(65536.0) as u64;
     let values: Vec<f32> = (0..rows * cols)
         .map(|i| {
-            let u = (splitmix64(base.wrapping_add(i as u64)) >> 11) as f64
-                * (1.0 / (1u64 << 53) as f64);
-            if u < p {
+            let lane = (splitmix64(base.wrapping_add(i as u64 >> 2)) >> (16 * (i & 3))) & 0xffff;
+            if lane < threshold {
                 0.0
             } else {
                 keep as f32

@@ -134,65 +134,57 @@ __device__ __forceinline__ uint32_t quantize_one(const float *code, float x) {
 
 // The LoRA dropout mask (qtrain_step::dropout_mask; CPU reference
 // crates/qtrain-device/src/ops/rows/mod.rs `dropout_ref`): element `i` of a mask with
-// hash base `base` is dropped when splitmix64(base + i) >> 11 < threshold, with
-// threshold = ceil(p * 2^53); kept elements are scaled by keep = 1/(1-p) (rounded to
-// f32). Every kernel that applies the mask (rows.cu's `dropout`, lora_dropout.cu's
-// fused LoRA products) draws it through these helpers. Host-callable too, so the
-// helpers can be checked against each other without a GPU.
+// hash base `base` is the 16-bit lane `i % 4` (bits 16 (i % 4) ..) of
+// splitmix64(base + i / 4), and is dropped when that lane is below threshold =
+// ceil(p * 2^16); kept elements are scaled by keep = 1/(1-p) (rounded to f32). One
+// hash serves four elements: the hash is what the fused LoRA kernels spend their time
+// on, and 16 bits resolve p to 1/65536. Every kernel that applies the mask (rows.cu's
+// `dropout`, lora_dropout.cu's fused LoRA products) draws it through these helpers.
+// Host-callable too, so the helpers can be checked against each other without a GPU.
 #define QT_SPLITMIX_GAMMA 0x9e3779b97f4a7c15ull
 
-// splitmix64 after its first step (the increment by QT_SPLITMIX_GAMMA).
-__host__ __device__ __forceinline__ uint64_t splitmix64_mix(uint64_t z) {
+__host__ __device__ __forceinline__ uint64_t splitmix64(uint64_t x) {
+  uint64_t z = x + QT_SPLITMIX_GAMMA;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
   return z ^ (z >> 31);
 }
 
-__host__ __device__ __forceinline__ uint64_t splitmix64(uint64_t x) {
-  return splitmix64_mix(x + QT_SPLITMIX_GAMMA);
+// Whether the 16-bit lane `lane` (0..3) of the hash `w` keeps its element.
+__host__ __device__ __forceinline__ bool dropout_lane_kept(uint64_t w, int lane,
+                                                           uint32_t threshold) {
+  return ((uint32_t)(w >> (16 * lane)) & 0xffffu) >= threshold;
 }
 
-// `h >> 11 < threshold` as `h < threshold << 11` (one shift fewer per element): equal
-// for every threshold below 2^53, which p < 1 guarantees.
-__host__ __device__ __forceinline__ uint64_t dropout_limit(uint64_t threshold) {
-  return threshold << 11;
-}
-
-// Whether element `i` of the mask is kept (`limit` from dropout_limit).
-__host__ __device__ __forceinline__ bool dropout_kept(uint64_t base, uint64_t i, uint64_t limit) {
-  return splitmix64(base + i) >= limit;
+// Whether element `i` of the mask is kept.
+__host__ __device__ __forceinline__ bool dropout_kept(uint64_t base, uint64_t i,
+                                                      uint32_t threshold) {
+  return dropout_lane_kept(splitmix64(base + (i >> 2)), (int)(i & 3), threshold);
 }
 
 // `v` after dropout: 0 where the mask drops element `i` (whatever v is), else v * keep.
 __host__ __device__ __forceinline__ float dropout_apply(float v, uint64_t base, uint64_t i,
-                                                        uint64_t limit, float keep) {
-  return dropout_kept(base, i, limit) ? v * keep : 0.0f;
+                                                        uint32_t threshold, float keep) {
+  return dropout_kept(base, i, threshold) ? v * keep : 0.0f;
 }
 
 // Calls f(j, kept) for the N consecutive mask elements i .. i + N - 1: the same flags as
-// dropout_kept, cheaper. Unless a carry crosses into the high word (then each input is
-// hashed as it is), the N hash inputs share their high 32 bits, and with them the high
-// word of the first xor-shift and the bits it shifts into the low word.
+// dropout_kept, with one hash per four elements when the run starts on a multiple of
+// four (N a multiple of 4; the kernels' runs do whenever the row length is one).
 template <int N, typename F>
 __host__ __device__ __forceinline__ void dropout_kept_run(uint64_t base, uint64_t i,
-                                                          uint64_t limit, F &&f) {
-  const uint64_t z0 = base + i + QT_SPLITMIX_GAMMA;
-  const uint32_t lo = (uint32_t)z0, hi = (uint32_t)(z0 >> 32);
-  if (lo <= 0xffffffffu - (N - 1)) {
-    // z ^ (z >> 30) of z = (hi, lo + j): high word hi ^ (hi >> 30), low word
-    // (lo + j) ^ ((lo + j) >> 30) ^ (hi << 2).
-    const uint64_t hx = (uint64_t)(hi ^ (hi >> 30)) << 32;
-    const uint32_t hs = hi << 2;
+                                                          uint32_t threshold, F &&f) {
+  static_assert(N % 4 == 0, "runs of whole hashes");
+  if ((i & 3) == 0) {
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      const uint32_t l = lo + (uint32_t)j;
-      uint64_t z = (hx | (uint32_t)(l ^ (l >> 30) ^ hs)) * 0xbf58476d1ce4e5b9ull;
-      z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-      f(j, (z ^ (z >> 31)) >= limit);
+    for (int q = 0; q < N / 4; ++q) {
+      const uint64_t w = splitmix64(base + (i >> 2) + (uint64_t)q);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) f(4 * q + e, dropout_lane_kept(w, e, threshold));
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < N; ++j) f(j, splitmix64_mix(z0 + (uint64_t)j) >= limit);
+    for (int j = 0; j < N; ++j) f(j, dropout_kept(base, i + (uint64_t)j, threshold));
   }
 }
 

@@ -62,10 +62,11 @@
 //
 // Masking: key j is visible from query i of the same batch row when j <= i, j > i - window
 // (window 0 = none), both < seq, and seg[i] == seg[j] (when segment ids are given). Key
-// tiles entirely outside the causal/window range are skipped; the element mask runs only on
-// tiles that straddle a boundary (or always when segment ids are given). A row with no
-// visible key inside one tile keeps its running max at -inf; the exponent base then falls
-// back to 0 so exp(-inf - base) = 0 instead of NaN.
+// tiles entirely outside the causal/window range are skipped, and with segment ids (which
+// must be non-decreasing along each row) so are the tiles of other documents; the element
+// mask runs only on tiles that straddle a boundary (or always when segment ids are
+// given). A row with no visible key inside one tile keeps its running max at -inf; the
+// exponent base then falls back to 0 so exp(-inf - base) = 0 instead of NaN.
 //
 // Tuning variant: attn_fwd8_d128_S runs the forward with 8 warps (BQ = 128, 256 threads, one
 // CTA per SM) so each K/V tile in shared memory feeds twice the queries; the launcher
@@ -234,6 +235,43 @@ QT_DEV bool visible(int i, int j, int seq, int window, bool has_seg, uint32_t si
   return (j <= i) & (i < seq) & ((window == 0) | (j + window > i)) & (!has_seg | (si == sj));
 }
 
+// Packed rows: segment ids are non-decreasing along each row (every document one run, as
+// the data pipeline packs them; the engine checks it), so the documents a tile can see
+// form one range of tiles, found by binary search over the tiles' boundary ids. Work on
+// the tiles outside it would be all masked (P = 0): skipping them changes no result.
+
+// The first key tile in [lo, hi] holding a key of the segment of query q0 (the query
+// tile's first): earlier tiles hold only earlier documents, invisible to every query of
+// the tile. Tile hi reaches q0, so it always qualifies.
+QT_DEV int first_key_tile(const uint32_t *sg, int q0, int lo, int hi, int seq) {
+  const uint32_t s0 = gld(sg + q0);
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (gld(sg + imin(mid * kBK + kBK - 1, seq - 1)) < s0) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// The last query tile in [lo, hi] whose first query is in a segment no later than the
+// key tile's last key (at k_last): later tiles hold only later documents. Tile lo starts
+// at or before the key tile, so it always qualifies.
+QT_DEV int last_query_tile(const uint32_t *sg, int k_last, int lo, int hi) {
+  const uint32_t s1 = gld(sg + k_last);
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (gld(sg + mid * kBQ) <= s1) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
 // S[16 x 8*NT] += A(16 x D, fragments `a` per k-step) * Y^T, Y = rows [0, 8*NT) of the
 // swizzled tile at `y`.
 template <int D, int NT, class E>
@@ -348,10 +386,11 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
 
   const int q_end = imin(q0 + BQ, seq);
   const int j_lo = window ? imax(0, q0 - window + 1) : 0;
-  const int kt_lo = j_lo / kBK, kt_hi = (q_end - 1) / kBK;
+  const uint32_t *sg = seg ? seg + tok0 : nullptr;
+  const int kt_hi = (q_end - 1) / kBK;
+  const int kt_lo = sg ? first_key_tile(sg, q0, j_lo / kBK, kt_hi, seq) : j_lo / kBK;
   const uint16_t *kb = k + tok0 * ldk + static_cast<uint64_t>(kvh) * D;
   const uint16_t *vb = v + tok0 * ldv + static_cast<uint64_t>(kvh) * D;
-  const uint32_t *sg = seg ? seg + tok0 : nullptr;
 
   load_tile<D, BQ, THREADS>(sb, q + (tok0 + q0) * ldq + static_cast<uint64_t>(h) * D, ldq, q_end - q0);
   cp_commit();
@@ -542,7 +581,10 @@ QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
 
   // Queries that can see this key tile: i >= k0 and i < (last key) + window.
   const int i_hi = window ? imin(seq - 1, k0 + kBK - 1 + window - 1) : seq - 1;
-  const int qt_lo = k0 / kBQ, nq = i_hi / kBQ - qt_lo + 1;
+  const int qt_lo = k0 / kBQ;
+  const int qt_hi = sg ? last_query_tile(sg, imin(k0 + kBK - 1, seq - 1), qt_lo, i_hi / kBQ)
+                       : i_hi / kBQ;
+  const int nq = qt_hi - qt_lo + 1;
   const int total = group * nq;
   auto load_q = [&](int it, int st) {
     const int h = kvh * group + it / nq, q0 = (qt_lo + it % nq) * kBQ;
@@ -670,10 +712,11 @@ QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t 
 
   const int q_end = imin(q0 + kBQ, seq);
   const int j_lo = window ? imax(0, q0 - window + 1) : 0;
-  const int kt_lo = j_lo / kBK, kt_hi = (q_end - 1) / kBK;
+  const uint32_t *sg = seg ? seg + tok0 : nullptr;
+  const int kt_hi = (q_end - 1) / kBK;
+  const int kt_lo = sg ? first_key_tile(sg, q0, j_lo / kBK, kt_hi, seq) : j_lo / kBK;
   const uint16_t *kb = k + tok0 * ldk + static_cast<uint64_t>(kvh) * D;
   const uint16_t *vb = v + tok0 * ldv + static_cast<uint64_t>(kvh) * D;
-  const uint32_t *sg = seg ? seg + tok0 : nullptr;
 
   load_tile<D, kBQ>(sb + L::kQ, q + (tok0 + q0) * ldq + static_cast<uint64_t>(h) * D, ldq,
                     q_end - q0);

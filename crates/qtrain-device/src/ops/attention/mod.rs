@@ -9,7 +9,11 @@
 //! `o: [n, heads · d]`. Query head `h` reads KV head `h / (heads / kv_heads)`.
 //! Key `j` is visible from query `i` of the same batch row when `j <= i`,
 //! `j > i − window` (if there is a window) and both tokens carry the same segment
-//! id ([`visible`], which the reference decoder's mask uses too).
+//! id ([`visible`], which the reference decoder's mask uses too). On the GPU the ids
+//! must be non-decreasing along each row (each packed document one run, as the data
+//! pipeline writes them; the fused engine refuses other batches): the kernels then skip
+//! the tiles of other documents, so a row of short documents costs what its documents
+//! do, not what a causal row of its length does.
 //!
 //! The forward saves `lse = log Σ_j exp(s_ij)` per query and head, laid out
 //! `[batch, heads, seq]`; the backward recomputes `P = exp(S − lse)` from it, and

@@ -71,6 +71,14 @@ pub fn self_test(dev: &Dev, full: bool) -> Result<Vec<Check>> {
         bf_fwd,
         bf_bwd,
     )?);
+    out.extend(attention_case::<Bf>(
+        dev,
+        "packed short documents (tiles of other documents skipped)",
+        shape(2, 400, 2, 1, 64, None),
+        Some(docs(2, 400, &[70, 150, 3, 64, 100])),
+        bf_fwd,
+        bf_bwd,
+    )?);
     let mistral_seq = if full && dev.is_cuda() { 1500 } else { 130 };
     out.extend(attention_case::<Bf>(
         dev,

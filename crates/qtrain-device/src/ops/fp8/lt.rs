@@ -110,7 +110,12 @@ pub(super) fn gemm_fp8<T: Float>(
     // FP8 GEMMs need 16-byte aligned operands and leading dimensions.
     let ld = |x: usize, cols: usize| x.max(cols).max(1);
     let (lda, ldb, ldc) = (ld(a.ld, a.cols), ld(b.ld, b.cols), ld(c.ld, c.cols));
-    if k % 16 != 0 || lda % 16 != 0 || ldb % 16 != 0 || a.dptr() % 16 != 0 || b.dptr() % 16 != 0 {
+    if !(k.is_multiple_of(16)
+        && lda.is_multiple_of(16)
+        && ldb.is_multiple_of(16)
+        && a.dptr().is_multiple_of(16)
+        && b.dptr().is_multiple_of(16))
+    {
         return Err(DeviceError::Unsupported {
             op: "gemm_fp8",
             msg: format!(
@@ -126,19 +131,18 @@ pub(super) fn gemm_fp8<T: Float>(
     };
     let ordinal = cu.ordinal();
     let mut states = states().lock().unwrap();
-    if !states.contains_key(&ordinal) {
-        let handle = lt::create_handle().map_err(|e| lt_err("cublasLtCreate", e))?;
-        let workspace = cu.alloc_zeroed(WORKSPACE_BYTES, "cuBLASLt workspace", 0)?;
-        states.insert(
-            ordinal,
-            LtState {
+    let st = match states.entry(ordinal) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            let handle = lt::create_handle().map_err(|e| lt_err("cublasLtCreate", e))?;
+            let workspace = cu.alloc_zeroed(WORKSPACE_BYTES, "cuBLASLt workspace", 0)?;
+            e.insert(LtState {
                 handle,
                 workspace,
                 algos: HashMap::new(),
-            },
-        );
-    }
-    let st = states.get_mut(&ordinal).expect("inserted above");
+            })
+        }
+    };
 
     let mut g = Guard {
         desc: None,

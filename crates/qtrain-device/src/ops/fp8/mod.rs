@@ -263,8 +263,8 @@ mod cuda {
         scale: View<'_, f32>,
     ) -> Result<()> {
         let vec = crate::cuda::vec8::<T>(&[(x.dptr(), x.cols, x.ld)])
-            && q.ld % 8 == 0
-            && q.dptr() % 8 == 0;
+            && q.ld.is_multiple_of(8)
+            && q.dptr().is_multiple_of(8);
         let f = c.func("qtrain_fp8", PTX, kernel_name::<T>("fp8_quant_rows"))?;
         let mut b = c.builder(&f);
         let (xp, ldx, qp, ldq, sp) = (x.dptr(), x.ld as u64, q.dptr(), q.ld as u64, scale.dptr());

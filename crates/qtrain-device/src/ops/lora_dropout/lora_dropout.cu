@@ -27,17 +27,18 @@
 // All reductions are in a fixed order (no atomics): results are repeatable bit for
 // bit, which the doctor's offload/kept-activation checks rely on.
 //
-// Cost: every element hashes one splitmix64 (two 64-bit multiplies, ~25 integer
-// instructions on sm_90), which on an H100/H200 is about as long as reading the
-// element at full memory bandwidth; the MMAs take the rank's r FMAs per element off
-// the FMA pipe, so the kernels are bound by the hash, not by the product.
+// Cost: every four elements hash one splitmix64 (two 64-bit multiplies, ~30 integer
+// instruction slots on sm_90). With one hash per element (the first version of the
+// mask) the kernels were bound by the hash, at 220-450 G elements/s on an H200; the
+// MMAs take the rank's r FMAs per element off the FMA pipe.
 //
 // Geometry (RP: the rank r <= RP, rounded up to 16, 32 or 64; padded ranks are zero):
 // - fwd:  grid ceil(n/32), 256 threads. A block owns 32 rows of x; its 8 warps take
 //         interleaved 32-column chunks of them; the warps' partial z are summed in
 //         warp order through shared memory and the last warp stores z.
-// - grad: grid ceil(h/32), 256 threads. A block owns 32 columns of gA over all n
-//         tokens; its 8 warps take interleaved 32-token steps; partials are summed in
+// - grad: grid ceil(h/32), grad_threads(RP) threads (512 at rank 16, else 256; the
+//         FMA path works with the first 256). A block owns 32 columns of gA over all n
+//         tokens; its warps take interleaved 32-token steps; partials are summed in
 //         warp order and the last warp adds them into gA (one writer per element).
 // - dx:   grid (ceil(h/64), ceil(n/512)), 128 threads. A block owns 64 columns x 512
 //         tokens of dx; each warp loads its B fragments (A's 64 columns) once and
@@ -53,26 +54,28 @@
 #endif
 
 constexpr int FWD_ROWS = 32, FWD_THREADS = 256;
-constexpr int GRAD_COLS = 32, GRAD_THREADS = 256;
+constexpr int GRAD_COLS = 32, GRAD_FMA_THREADS = 256;
+// The gradient's block: one block per 32 columns is only h / 32 blocks (128 for a
+// 4096-wide input, fewer than an H100's SMs), so at rank 16 a block runs 16 warps to
+// keep the SM busy; larger ranks hold more accumulators per lane and keep 8.
+__host__ __device__ constexpr int grad_threads(int rp) { return rp == 16 ? 512 : 256; }
 constexpr int DX_COLS = 64, DX_TOKENS = 512, DX_THREADS = 128;
 
 // The mask and its scale, as the launchers pass them.
 struct Mask {
-  uint64_t base;  // hash base of the mask
-  uint64_t row0;  // the first row's index in the mask's row space
-  uint64_t cols;  // the mask's row length (x's and dx's columns)
-  uint64_t limit; // dropout_limit(threshold)
-  float keep;     // 1/(1-p)
-  // Hash index of (row, 0): the row's columns follow it.
-  __device__ __forceinline__ uint64_t row_start(uint64_t row) const {
-    return base + (row0 + row) * cols;
-  }
+  uint64_t base;      // hash base of the mask
+  uint64_t row0;      // the first row's index in the mask's row space
+  uint64_t cols;      // the mask's row length (x's and dx's columns)
+  uint32_t threshold; // ceil(p * 2^16)
+  float keep;         // 1/(1-p)
+  // Mask index of (row, 0): the row's columns follow it.
+  __device__ __forceinline__ uint64_t row_start(uint64_t row) const { return (row0 + row) * cols; }
 };
 
 // `v` of element (row, col) after dropout, rounded to T (`row_start`: Mask::row_start(row)).
 template <typename T>
 __device__ __forceinline__ float dropped(float v, const Mask &m, uint64_t row_start, uint64_t col) {
-  return round_to<T>(dropout_apply(v, row_start, col, m.limit, m.keep));
+  return round_to<T>(dropout_apply(v, m.base, row_start + col, m.threshold, m.keep));
 }
 
 // v[0..N) = elements col .. col + N - 1 of a row after dropout, in f32 (the MMA paths
@@ -80,7 +83,7 @@ __device__ __forceinline__ float dropped(float v, const Mask &m, uint64_t row_st
 template <int N>
 __device__ __forceinline__ void drop_run(float (&v)[N], const Mask &m, uint64_t row_start,
                                          uint64_t col) {
-  dropout_kept_run<N>(row_start, col, m.limit,
+  dropout_kept_run<N>(m.base, row_start + col, m.threshold,
                       [&](int j, bool kept) { v[j] = kept ? v[j] * m.keep : 0.0f; });
 }
 
@@ -88,7 +91,7 @@ __device__ __forceinline__ void drop_run(float (&v)[N], const Mask &m, uint64_t 
 // them, in f32 (no fused multiply-add: the reference rounds the product first).
 __device__ __forceinline__ void dx_add_run(float (&d)[8], const float *inc, const Mask &m,
                                            uint64_t row_start, uint64_t col) {
-  dropout_kept_run<8>(row_start, col, m.limit, [&](int j, bool kept) {
+  dropout_kept_run<8>(m.base, row_start + col, m.threshold, [&](int j, bool kept) {
     if (kept) d[j] = d[j] + __fmul_rn(inc[j], m.keep);
   });
 }
@@ -374,7 +377,7 @@ __device__ void grad_mma(const T *__restrict__ dz, uint64_t lddz, const T *__res
         load4_or_zero(x + (uint64_t)(tok < n ? tok : 0) * ldx, c, h, tok < n, vec, v[s][q]);
       }
   };
-  constexpr uint32_t STEP = (GRAD_THREADS / 32) * 32;
+  constexpr uint32_t STEP = (grad_threads(RP) / 32) * 32;
   // One 32-token step from `cur`; FULL: all its tokens exist (no bounds checks).
   auto step = [&](uint32_t t0, const float (&cur)[2][4][4], auto full) {
     constexpr bool FULL = decltype(full)::value;
@@ -433,7 +436,7 @@ __device__ void grad_mma(const T *__restrict__ dz, uint64_t lddz, const T *__res
         for (int j = 0; j < 4; ++j) cur[s][q][j] = nxt[s][q][j];
   }
   sum_over_warps(acc, red);
-  if (warp != GRAD_THREADS / 32 - 1) return;
+  if (warp != grad_threads(RP) / 32 - 1) return;
 #pragma unroll
   for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -447,7 +450,9 @@ __device__ void grad_mma(const T *__restrict__ dz, uint64_t lddz, const T *__res
 #endif
 
 // FMA: per 32-token step the block stages D(x) [32 tokens x 32 columns] and dz
-// [32 x RP]; thread (col = tid % 32, k0 = tid / 32) sums ranks k0, k0 + 8, ...
+// [32 x RP]; thread (col = tid % 32, k0 = tid / 32) of the first GRAD_FMA_THREADS sums
+// ranks k0, k0 + 8, ...; threads past them (the rank-16 block is larger, for the MMA
+// path) only take part in the barriers.
 template <typename T, int RP>
 __device__ void grad_fma(const T *__restrict__ dz, uint64_t lddz, const T *__restrict__ x,
                          uint64_t ldx, float *__restrict__ ga, uint64_t ldg, uint32_t n, uint32_t h,
@@ -455,30 +460,34 @@ __device__ void grad_fma(const T *__restrict__ dz, uint64_t lddz, const T *__res
   __shared__ float xs[32][33];
   __shared__ float ds[32][RP + 1];
   const int tid = threadIdx.x, cl = tid & 31, k0 = tid >> 5;
+  const bool active = tid < GRAD_FMA_THREADS;
   const uint32_t cb = blockIdx.x * GRAD_COLS;
   float acc[RP / 8];
 #pragma unroll
   for (int i = 0; i < RP / 8; ++i) acc[i] = 0.0f;
   for (uint32_t t0 = 0; t0 < n; t0 += 32) {
-    for (int e = tid; e < 32 * 32; e += GRAD_THREADS) {
+    for (int e = active ? tid : 32 * 32; e < 32 * 32; e += GRAD_FMA_THREADS) {
       const uint32_t tok = t0 + (e >> 5), col = cb + (e & 31);
       float v = 0.0f;
       if (tok < n && col < h) v = dropped<T>(to_f(x[(uint64_t)tok * ldx + col]), m, m.row_start(tok), col);
       xs[e >> 5][e & 31] = v;
     }
-    for (int e = tid; e < 32 * RP; e += GRAD_THREADS) {
+    for (int e = active ? tid : 32 * RP; e < 32 * RP; e += GRAD_FMA_THREADS) {
       const uint32_t tok = t0 + e / RP, k = e % RP;
       ds[e / RP][k] = load_or_zero(dz + (uint64_t)tok * lddz + k, tok < n && k < r);
     }
     __syncthreads();
+    if (active) {
 #pragma unroll 8
-    for (int tt = 0; tt < 32; ++tt) {
-      const float xv = xs[tt][cl];
+      for (int tt = 0; tt < 32; ++tt) {
+        const float xv = xs[tt][cl];
 #pragma unroll
-      for (int i = 0; i < RP / 8; ++i) acc[i] += ds[tt][k0 + 8 * i] * xv;
+        for (int i = 0; i < RP / 8; ++i) acc[i] += ds[tt][k0 + 8 * i] * xv;
+      }
     }
     __syncthreads();
   }
+  if (!active) return;
   const uint32_t col = cb + cl;
 #pragma unroll
   for (int i = 0; i < RP / 8; ++i) {
@@ -659,7 +668,7 @@ __device__ void dx_impl(const T *dz, uint64_t lddz, const T *a, uint64_t lda, T 
 
 // ---------------------------------------------------------------------------------
 // Entry points: NAME_r{16,32,64}_{bf16,f16,f32}. Mask arguments: hash base, row
-// offset, threshold (ceil(p * 2^53)), keep (1/(1-p)); the mask's row length is h.
+// offset, threshold (ceil(p * 2^16)), keep (1/(1-p)); the mask's row length is h.
 // `vec`: every matrix the kernel moves 8 at a time passes vec8_ok (fwd: x and A;
 // grad: x; dx: dx).
 // ---------------------------------------------------------------------------------
@@ -671,15 +680,15 @@ __device__ void dx_impl(const T *dz, uint64_t lddz, const T *a, uint64_t lda, T 
                                      uint32_t vec, uint64_t base, uint64_t row0,                 \
                                      uint64_t threshold, float keep) {                           \
     fwd_impl<T, RP>(x, ldx, a, lda, z, ldz, n, h, r, vec,                                       \
-                    Mask{base, row0, h, dropout_limit(threshold), keep});                        \
+                    Mask{base, row0, h, (uint32_t)threshold, keep});                        \
   }                                                                                              \
-  extern "C" __global__ void __launch_bounds__(GRAD_THREADS)                                    \
+  extern "C" __global__ void __launch_bounds__(grad_threads(RP))                                  \
       lora_a_grad_dropout_r##RP##_##S(const T *dz, uint64_t lddz, const T *x, uint64_t ldx,     \
                                       float *ga, uint64_t ldg, uint32_t n, uint32_t h,           \
                                       uint32_t r, uint32_t vec, uint64_t base, uint64_t row0,    \
                                       uint64_t threshold, float keep) {                          \
     grad_impl<T, RP>(dz, lddz, x, ldx, ga, ldg, n, h, r, vec,                                   \
-                     Mask{base, row0, h, dropout_limit(threshold), keep});                       \
+                     Mask{base, row0, h, (uint32_t)threshold, keep});                       \
   }                                                                                              \
   extern "C" __global__ void __launch_bounds__(DX_THREADS)                                      \
       lora_dx_dropout_r##RP##_##S(const T *dz, uint64_t lddz, const T *a, uint64_t lda, T *dx,  \
@@ -687,7 +696,7 @@ __device__ void dx_impl(const T *dz, uint64_t lddz, const T *a, uint64_t lda, T 
                                   uint32_t vec, uint64_t base, uint64_t row0,                    \
                                   uint64_t threshold, float keep) {                              \
     dx_impl<T, RP>(dz, lddz, a, lda, dx, lddx, n, h, r, vec,                                    \
-                   Mask{base, row0, h, dropout_limit(threshold), keep});                         \
+                   Mask{base, row0, h, (uint32_t)threshold, keep});                         \
   }
 
 #define QT_LORA_RANKS(T, S) QT_LORA_KERNELS(T, S, 16) QT_LORA_KERNELS(T, S, 32) QT_LORA_KERNELS(T, S, 64)

@@ -241,7 +241,15 @@ mod cuda {
     const FWD_ROWS: usize = 32;
     const FWD_THREADS: u32 = 256;
     const GRAD_COLS: usize = 32;
-    const GRAD_THREADS: u32 = 256;
+    /// `grad_threads(RP)` in lora_dropout.cu: 16 warps at rank 16 (the grid is only
+    /// h / 32 blocks), 8 above.
+    fn grad_threads(r: usize) -> u32 {
+        if r <= 16 {
+            512
+        } else {
+            256
+        }
+    }
     const DX_COLS: usize = 64;
     const DX_TOKENS: usize = 512;
     const DX_THREADS: u32 = 128;
@@ -372,7 +380,7 @@ mod cuda {
             launch(
                 "lora_a_grad_dropout",
                 b,
-                cfg((x.cols.div_ceil(GRAD_COLS), 1), GRAD_THREADS),
+                cfg((x.cols.div_ceil(GRAD_COLS), 1), grad_threads(dz.cols)),
             )
         }
     }

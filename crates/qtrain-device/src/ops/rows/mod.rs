@@ -4,10 +4,10 @@
 //! squares behind gradient-norm clipping, and the LoRA dropout mask applied on the
 //! device.
 //!
-//! The dropout mask is the counter-based hash of `qtrain_step::dropout_mask`
-//! (`splitmix64(base + row · cols + col)`, kept when the top 53 bits are at least
-//! `p · 2⁵³`), so GPU and CPU drop exactly the same elements and recomputation in
-//! the backward regenerates the same mask.
+//! The dropout mask is the counter-based hash of `qtrain_step::dropout_mask` (element
+//! `i = row · cols + col` is kept when the 16-bit lane `i % 4` of
+//! `splitmix64(base + i / 4)` is at least `ceil(p · 2¹⁶)`), so GPU and CPU drop exactly
+//! the same elements and recomputation in the backward regenerates the same mask.
 
 use crate::device::{
     check_disjoint, read_f32, read_mat, read_view, write_f32, write_mat, Dev, Float, Mat, View,
@@ -165,10 +165,18 @@ pub fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The integer form of "drop when `u < p`" for `u = (h >> 11) · 2⁻⁵³`: drop when
-/// `h >> 11 < threshold`. Exact, because `(h >> 11) · 2⁻⁵³` is exact in f64.
+/// The mask's threshold for probability `p`: an element whose 16-bit hash lane is below
+/// it is dropped, so `p` is rounded up to a multiple of 2⁻¹⁶ (`qtrain_step::dropout_mask`).
 pub fn dropout_threshold(p: f64) -> u64 {
-    (p * (1u64 << 53) as f64).ceil() as u64
+    (p * 65536.0).ceil().clamp(0.0, 65536.0) as u64
+}
+
+/// Whether element `idx` of the mask with hash base `base` is kept: the 16-bit lane
+/// `idx % 4` of `splitmix64(base + idx / 4)` is at least `threshold` (one hash serves
+/// four elements; the kernels are bound by the hash).
+pub fn dropout_kept(base: u64, idx: u64, threshold: u64) -> bool {
+    let w = splitmix64(base.wrapping_add(idx >> 2));
+    (w >> (16 * (idx & 3))) & 0xffff >= threshold
 }
 
 /// CPU reference: `x · mask` for rows `row_offset..` of a `[rows, cols]` mask with
@@ -180,10 +188,10 @@ pub fn dropout_ref(x: &[f32], cols: usize, row_offset: usize, base: u64, p: f64)
         .enumerate()
         .map(|(i, &v)| {
             let idx = (row_offset * cols + i) as u64;
-            if splitmix64(base.wrapping_add(idx)) >> 11 < thr {
-                0.0
-            } else {
+            if dropout_kept(base, idx, thr) {
                 v * keep
+            } else {
+                0.0
             }
         })
         .collect()

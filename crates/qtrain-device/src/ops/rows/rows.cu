@@ -65,9 +65,9 @@ extern "C" __global__ void sum_squares_f32(const float *__restrict__ v, uint64_t
   if (threadIdx.x == 0) partial[blockIdx.x] = sh[0];
 }
 
-// out = x * mask with mask[r][c] = 0 when splitmix64(base + (row_offset + r) * cols + c)
-// >> 11 < threshold, else keep (= 1/(1-p) rounded to f32); the mask helpers are in
-// common.cuh.
+// out = x * mask with mask[r][c] element (row_offset + r) * cols + c of the mask with hash
+// base `base` and threshold ceil(p * 2^16) (0, or keep = 1/(1-p) rounded to f32); the
+// mask and its helpers are in common.cuh.
 template <typename T>
 __device__ void dropout_impl(const T *__restrict__ x, uint64_t ldx, T *__restrict__ out, uint64_t ldo,
                              uint32_t rows, uint32_t cols, uint64_t base, uint64_t row_offset,
@@ -77,7 +77,7 @@ __device__ void dropout_impl(const T *__restrict__ x, uint64_t ldx, T *__restric
   const uint64_t r = idx / cols, c = idx % cols;
   const float v = to_f(x[r * ldx + c]);
   out[r * ldo + c] = from_f<T>(
-      dropout_apply(v, base, (row_offset + r) * cols + c, dropout_limit(threshold), keep));
+      dropout_apply(v, base, (row_offset + r) * cols + c, (uint32_t)threshold, keep));
 }
 
 #define QT_DROPOUT(T, S)                                                                       \

@@ -267,6 +267,7 @@ int main(int argc, char **argv) {
       {1, 64, 2, 1, 128, 2, false, true},   // window 2, f16, exact tile multiple
       {2, 200, 4, 2, 128, 90, true, false}, // d 128 with window + segments, batch 2
       {2, 100, 2, 2, 64, 70, true, true},   // f16, window + segments, batch 2
+      {2, 400, 2, 1, 64, 0, true, false},   // packed short documents: other documents' tiles skipped
   };
   if (quick) shapes.resize(2);
   // Other arguments: indices of the shapes to run (default all).
