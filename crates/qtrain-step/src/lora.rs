@@ -543,3 +543,38 @@ pub fn dropout_mask(
     };
     Ok(Some(mask))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mask of one key, pinned by an independent model of the rule (Python): its
+    /// base is `mix(seed, micro_step, layer, proj)`, element `i` the 16-bit lane `i % 4`
+    /// of `splitmix64(base + i / 4)` against `ceil(p · 2¹⁶)`. The device crate's
+    /// `dropout_ref` and the CUDA kernels draw the same elements.
+    #[test]
+    fn dropout_mask_matches_its_definition() {
+        let key = DropoutKey {
+            seed: 7,
+            micro_step: 2,
+            layer: 3,
+            proj: Proj::Q,
+        };
+        assert_eq!(dropout_base(key), 0x8a72_ef89_2d62_3577);
+        let m = dropout_mask(0.3, key, 2, 12, DType::F32, &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        let flags: String = m
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&v| if v != 0.0 { '1' } else { '0' })
+            .collect();
+        assert_eq!(flags, "111111011011110111011111");
+        assert!(dropout_mask(0.0, key, 2, 12, DType::F32, &Device::Cpu)
+            .unwrap()
+            .is_none());
+    }
+}

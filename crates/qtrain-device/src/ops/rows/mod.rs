@@ -446,3 +446,34 @@ pub fn self_test<T: Float>(dev: &Dev) -> Result<Check> {
         "",
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mask's definition, pinned: the first 64 keep flags (and a row-offset slice)
+    /// of the mask with hash base 12345 at p = 0.3, from an independent model of the
+    /// 16-bit-lane rule (Python). common.cuh and `qtrain_step::dropout_mask` draw the
+    /// same elements; `qtrain doctor` compares the GPU's mask with this reference.
+    #[test]
+    fn dropout_mask_matches_its_definition() {
+        assert_eq!(dropout_threshold(0.3), 19661);
+        let flags = |x: &[f32]| -> String {
+            x.iter()
+                .map(|&v| if v != 0.0 { '1' } else { '0' })
+                .collect()
+        };
+        let ones = vec![1.0f32; 64];
+        assert_eq!(
+            flags(&dropout_ref(&ones, 64, 0, 12345, 0.3)),
+            "0110110111110001001001111001011110101101111111100011001111111111"
+        );
+        // Rows 3 and 4 of a 10-column mask: elements 30..50.
+        assert_eq!(
+            flags(&dropout_ref(&ones[..20], 10, 3, 12345, 0.3)),
+            "11101011011111111000"
+        );
+        let kept = dropout_ref(&ones, 64, 0, 12345, 0.3);
+        assert!(kept.iter().all(|&v| v == 0.0 || v == (1.0 / 0.7f64) as f32));
+    }
+}
