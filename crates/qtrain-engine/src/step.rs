@@ -664,17 +664,16 @@ fn upload_batch<T: Float>(
     // The attention kernels skip the key tiles of other documents by binary search over
     // the ids, which needs each document to be one run with ids rising along the row
     // (as the data pipeline packs them).
-    if let Some((r, row)) = rows()
-        .enumerate()
-        .find(|(_, row)| row.windows(2).any(|w| w[1] < w[0]))
-    {
-        let t = row.windows(2).position(|w| w[1] < w[0]).unwrap_or(0) + 1;
-        return Err(EngineError::Unsupported(format!(
-            "segment ids must not decrease along a row (one run per packed document): \
-             row {r} goes from {} to {} at position {t}",
-            row[t - 1],
-            row[t]
-        )));
+    for (r, row) in rows().enumerate() {
+        if let Some(t) = row.windows(2).position(|w| w[1] < w[0]) {
+            return Err(EngineError::Unsupported(format!(
+                "segment ids must not decrease along a row (one run per packed document): \
+                 row {r} goes from {} to {} at position {}",
+                row[t],
+                row[t + 1],
+                t + 1
+            )));
+        }
     }
     if packed {
         dev.write(ws.segments.view(0, n), &batch.segment_ids)?;
