@@ -12,6 +12,8 @@ for it:
         --drop '^bitsandbytes/libbitsandbytes_(cuda1[12][0-9]|rocm[0-9]+|xpu[0-9]+)\\.so$'
 
 keeps libbitsandbytes_cpu.so, _cuda130.so and _cuda132.so (7.1 MB).
+Unsloth 2026.10.9's wheel is 29 MB, nearly all of it Unsloth Studio (a web UI the
+trainer never imports); `--drop '^studio/'` leaves 2.2 MB.
 The output keeps the wheel's file name; its RECORD lists exactly the files kept, with
 their original hashes (the kept files are copied byte for byte).
 """

@@ -57,8 +57,8 @@ pub struct Args {
     /// Write the JSON lines here too.
     #[arg(long)]
     json_out: Option<PathBuf>,
-    /// Keep every layer's attention residual so the backward skips the o
-    /// projection: `on`, `off`, or `auto` (on when the memory model says it fits in
+    /// Keep every layer's attention residual, output and lse so the backward skips
+    /// the attention forward and the o projection: `on`, `off`, or `auto` (on when the memory model says it fits in
     /// 90% of this GPU's memory; off on the CPU), as `train.keep_attention_residuals`.
     #[arg(long, default_value = "auto")]
     keep_residuals: String,
@@ -89,6 +89,11 @@ pub struct Args {
     /// reports the loss difference and the gradients' cosine similarity.
     #[arg(long, default_value = "auto")]
     precision: String,
+    /// Tokens per MLP chunk (the SwiGLU output, its gradient and, unless kept, the
+    /// gate/up output exist for this many tokens at a time), as
+    /// `train.mlp_chunk_tokens`; smaller saves memory.
+    #[arg(long, default_value_t = qtrain_engine::EngineOptions::default().mlp_chunk)]
+    mlp_chunk: usize,
 }
 
 /// `qkvo`, `all`, or a comma-separated list of projections.
@@ -137,6 +142,9 @@ pub fn run(a: Args) -> Result<()> {
     if !["auto", "fp8"].contains(&a.precision.as_str()) {
         bail!("--precision: `{}` (expected auto or fp8)", a.precision);
     }
+    if a.mlp_chunk == 0 {
+        bail!("--mlp-chunk: must be >= 1 (tokens per MLP chunk)");
+    }
     let memory_limit = memory_limit(a.memory_limit.as_deref())?;
     let cases = a.cases.split(',').map(|c| Ok((c.trim(), parse_case(c)?)));
     let cases: Vec<(&str, (usize, usize))> = cases.collect::<Result<_>>()?;
@@ -173,6 +181,7 @@ pub fn run(a: Args) -> Result<()> {
         steps: a.steps,
         profile: a.profile,
         precision: a.precision.clone(),
+        mlp_chunk: a.mlp_chunk,
     };
     let (mut rows_out, mut json_lines) = (Vec::new(), Vec::new());
     for (case, (b, s)) in cases {

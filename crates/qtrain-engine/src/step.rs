@@ -6,7 +6,8 @@
 //! embed → for each layer: save its input, run it            (forward, nothing else kept)
 //! final norm → chunked cross-entropy (logits never whole) → ∂L/∂(final hidden)
 //! for each layer, last first:
-//!     recompute the attention half from the saved input       (h1, q/k/v after RoPE, O, lse, x2, h2)
+//!     recompute the attention half from the saved input       (h1, q/k/v after RoPE, O, lse, x2, h2;
+//!                                                              with kept residuals only h1, q/k/v, h2)
 //!     per MLP chunk: recompute gate/up and SwiGLU, then its backward
 //!     attention backward, RoPE⁻¹, q/k norms⁻¹ (Qwen 3), q/k/v backward, input-norm backward
 //! ```
@@ -81,10 +82,13 @@ pub struct EngineOptions {
     pub mlp_chunk: usize,
     /// Rows per cross-entropy chunk: bounds the `[cc, vocab]` f32 logits.
     pub ce_chunk: usize,
-    /// Keep each layer's residual after attention (`x2`, `L·n·h` more elements)
-    /// from the forward: the backward's recomputation then stops at the attention
-    /// output and skips the o projection (selective recomputation, for when memory
-    /// allows; the results are identical).
+    /// Keep what each layer's attention half leaves for the backward, but q/k/v:
+    /// the residual after attention (`x2`, `L·n·h` more elements) and the
+    /// attention output with its log-sum-exp (`L·n·heads·d` and `L·b·heads·seq`
+    /// f32, in place of one layer's). The backward's recomputation then runs
+    /// only the norm, the q/k/v product and RoPE: no attention forward (the
+    /// costliest part of the recomputation at long rows) and no o projection
+    /// (selective recomputation, for when memory allows; the results are identical).
     pub save_attention_residual: bool,
     /// Keep each layer's gate/up output (after its LoRA; `L·n·2I` more elements, the
     /// largest activation of a layer) from the forward: the backward then does not
@@ -133,8 +137,12 @@ struct Workspace<T: Float> {
     h1: DBuf<T>,
     inv1: DBuf<f32>,
     qkv: DBuf<T>,
+    /// The attention output and its log-sum-exp: one layer's, or with
+    /// `save_attention_residual` every layer's (`attn_outputs`, `lse_outputs`),
+    /// kept from the forward for the backward.
     attn: DBuf<T>,
     lse: DBuf<f32>,
+    attn_per_layer: bool,
     x2: DBuf<T>,
     inv2: DBuf<f32>,
     h2: DBuf<T>,
@@ -314,8 +322,17 @@ impl<T: Float> Workspace<T> {
             h1: buf!("h1"),
             inv1: buf!("inv1"),
             qkv: buf!("qkv"),
-            attn: buf!("attn"),
-            lse: buf!("lse"),
+            attn: if has("attn_outputs") {
+                buf!("attn_outputs")
+            } else {
+                buf!("attn")
+            },
+            lse: if has("lse_outputs") {
+                buf!("lse_outputs")
+            } else {
+                buf!("lse")
+            },
+            attn_per_layer: has("attn_outputs"),
             x2: buf!("x2"),
             inv2: buf!("inv2"),
             h2: buf!("h2"),
@@ -791,6 +808,18 @@ impl<'a, T: Float> Ctx<'a, T> {
         }
     }
 
+    /// Layer `l`'s attention output and log-sum-exp: its kept slots, or the one
+    /// shared pair (recomputed in the backward).
+    fn attn_out(&self, l: usize) -> (Mat<'a, T>, View<'a, f32>) {
+        let d = &self.dims;
+        let (o, s) = (d.n * d.qcols, d.attn.stats_len());
+        let l = if self.ws.attn_per_layer { l } else { 0 };
+        (
+            self.ws.attn.view(l * o, o).mat(d.n, d.qcols, d.qcols),
+            self.ws.lse.view(l * s, s),
+        )
+    }
+
     /// Output of layer `l`: the next layer's input, or the final hidden state.
     fn layer_output(&self, l: usize) -> Mat<'a, T> {
         if l + 1 < self.cfg.num_hidden_layers {
@@ -1106,9 +1135,9 @@ impl<'a, T: Float> Ctx<'a, T> {
             let _r = self.dev.region("RoPE");
             rope(self.dev, qk, d.d, cos, sin, false)?;
         }
-        let attn = mat(&ws.attn, d.n, d.qcols);
-        let lse = ws.lse.view(0, d.attn.stats_len());
-        {
+        let (attn, lse) = self.attn_out(l);
+        // Kept from the forward: the recomputation needs only q/k/v (above).
+        if !(recompute && ws.attn_per_layer) {
             let _r = self.dev.region("attention forward");
             attention_fwd(self.dev, &d.attn, qa, ka, v, self.segments, attn, lse)?;
         }
@@ -1352,7 +1381,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         } else {
             self.weight_buf(Group::O)
         };
-        let attn = mat(&ws.attn, d.n, d.qcols);
+        let (attn, lse) = self.attn_out(l);
         let dattn = mat(&ws.dattn, d.n, d.qcols);
         {
             let _r = self.dev.region("GEMM o backward (dX)");
@@ -1373,7 +1402,7 @@ impl<'a, T: Float> Ctx<'a, T> {
             v,
             attn,
             dattn,
-            ws.lse.view(0, d.attn.stats_len()),
+            lse,
             self.segments,
             dq,
             dk,

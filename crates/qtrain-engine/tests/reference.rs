@@ -221,7 +221,8 @@ fn families_match_the_reference() {
 }
 
 /// Qwen 3 with the attention residual and the gate/up output kept (the backward's
-/// recomputation then skips the o projection but still rebuilds the q/k norms):
+/// recomputation then skips the attention and the o projection but still rebuilds
+/// the q/k norms):
 /// the reference's loss and gradients, and the workspace holds exactly the
 /// layout's bytes, q/k norm buffers included.
 #[test]
@@ -411,11 +412,16 @@ fn kept_activations_change_no_bit() {
         let (l1, g1, bytes1) = run(residual, mlp, mlp_chunk);
         assert_eq!(l0, l1, "residual {residual} mlp {mlp} chunk {mlp_chunk}");
         assert_eq!(g0, g1, "residual {residual} mlp {mlp} chunk {mlp_chunk}");
-        // The saved residuals: one [tokens, hidden] f32 matrix per layer; the kept
-        // gate/up outputs one [tokens, 2I] per layer, in place of the chunk buffer.
+        // The saved residuals: one [tokens, hidden] f32 matrix per layer, and the
+        // attention output [tokens, heads·d] with its log-sum-exp [rows·heads·seq]
+        // per layer in place of one layer's; the kept gate/up outputs one
+        // [tokens, 2I] per layer, in place of the chunk buffer.
         if mlp_chunk == chunk {
-            let extra = residual as usize * cfg.num_hidden_layers * n * h * 4
-                + mlp as usize * (cfg.num_hidden_layers - 1) * n * i2 * 4;
+            let layers = cfg.num_hidden_layers;
+            let heads = cfg.num_attention_heads;
+            let attn = n * heads * cfg.head_dim() + 2 * heads * 11;
+            let extra = residual as usize * (layers * n * h + (layers - 1) * attn) * 4
+                + mlp as usize * (layers - 1) * n * i2 * 4;
             assert_eq!(bytes1 - bytes0, extra, "residual {residual} mlp {mlp}");
         }
     }

@@ -301,6 +301,19 @@ impl Backend {
         }
     }
 
+    /// Sets the fused engine's tokens per MLP chunk (`EngineOptions::mlp_chunk`,
+    /// `train.mlp_chunk_tokens`; ignored on the reference path); the workspace is
+    /// sized anew at the next pass.
+    pub fn set_mlp_chunk(&mut self, tokens: usize) {
+        if let Kind::Fused { engine, .. } = &mut self.kind {
+            with_engine!(engine.as_mut(), e => {
+                let mut opts = e.options();
+                opts.mlp_chunk = tokens.max(1);
+                e.set_options(opts);
+            });
+        }
+    }
+
     /// Runs the frozen base's products in FP8 (`EngineOptions::fp8_base`; fused
     /// engine only: the reference path refuses it). The workspace is sized anew at
     /// the next pass, where a GPU without FP8 tensor cores is refused.

@@ -96,6 +96,8 @@ pub struct BenchOptions {
     /// `train.precision`'s values: `auto` or `fp8` (then the case also reports
     /// [`Fp8Quality`]).
     pub precision: String,
+    /// `train.mlp_chunk_tokens`: tokens per MLP chunk of the fused engine.
+    pub mlp_chunk: usize,
 }
 
 /// One FP8 step against the same step in the compute type, after the timed steps
@@ -164,6 +166,8 @@ pub struct CaseResult {
     pub losses: Vec<f64>,
     /// Model FLOP/s achieved (see [`flops_per_token`]), in TFLOP/s.
     pub tflops: f64,
+    /// What the step executed per token (see [`executed_flops_per_token`]).
+    pub executed: ExecutedFlops,
     /// Peak device memory in use during the steps (0 on the CPU).
     pub peak_used: u64,
     pub engine_peak: Option<usize>,
@@ -172,6 +176,8 @@ pub struct CaseResult {
     pub kept: KeptActivations,
     /// The gradient checkpoints were in pinned host memory.
     pub offload: bool,
+    /// Tokens per MLP chunk the fused engine ran with.
+    pub mlp_chunk: usize,
     /// The cap of [`BenchOptions::memory_limit`], and what it covered at its peak:
     /// the frozen base plus the engine device's peak (adapters, workspace, device
     /// optimizer state).
@@ -197,6 +203,11 @@ impl CaseResult {
         (self.batch * self.seq) as f64 / self.step_s
     }
 
+    /// FLOP/s the step executed (see [`ExecutedFlops`]), in TFLOP/s.
+    pub fn executed_tflops(&self) -> f64 {
+        self.executed.total() * self.tokens_per_s() / 1e12
+    }
+
     /// The case as one JSON object, `qtrain bench`'s output line (`case` its
     /// label, `targets` the targets as given; MFU against `peak_tflops` when > 0).
     pub fn record(
@@ -208,6 +219,14 @@ impl CaseResult {
     ) -> serde_json::Value {
         let mib = |b: u64| b as f64 / 1048576.0;
         let base = &model.base;
+        // Apart: one json! of everything would pass the macro's recursion limit.
+        let executed = serde_json::json!({
+            "base": self.executed.base / 1e9,
+            "recompute": self.executed.recompute / 1e9,
+            "attention": self.executed.attention / 1e9,
+            "lora": self.executed.lora / 1e9,
+            "total": self.executed.total() / 1e9,
+        });
         serde_json::json!({
             "case": case,
             "targets": targets,
@@ -218,6 +237,9 @@ impl CaseResult {
             "tokens_per_s": self.tokens_per_s(),
             "achieved_tflops": self.tflops,
             "mfu": (peak_tflops > 0.0).then(|| self.tflops / peak_tflops),
+            "executed_gflop_per_token": executed,
+            "executed_tflops": self.executed_tflops(),
+            "mfu_executed": (peak_tflops > 0.0).then(|| self.executed_tflops() / peak_tflops),
             "losses": self.losses,
             "loss_falls": self.loss_falls(),
             "phase_s": {"forward_backward": self.phase_s[0], "optimizer": self.phase_s[1]},
@@ -235,6 +257,7 @@ impl CaseResult {
             "attention_residuals_kept": self.kept.attention_residuals,
             "mlp_activations_kept": self.kept.mlp,
             "offload_checkpoints": self.offload,
+            "mlp_chunk_tokens": self.mlp_chunk,
             "pinned_host_mib": self.host_bytes.map(|b| mib(b as u64)),
             "memory_limit_mib": self.memory_limit.map(mib),
             "capped_peak_mib": self.capped_peak.map(mib),
@@ -313,6 +336,80 @@ pub fn flops_per_token(base: &BaseModel, seq: usize) -> f64 {
     3.0 * 2.0 * matmul_params + 4.0 * attn
 }
 
+/// FLOPs per token that one fused-engine step executes, by kind: the honest
+/// count behind `executed_tflops` (where [`flops_per_token`] is the fixed 6P
+/// convention the peers' figures use, whatever is recomputed). Matmul work only;
+/// causal attention counts half the keys, as everywhere here.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExecutedFlops {
+    /// The frozen base's forward and input-gradient products, `lm_head` included
+    /// (2P + 2P; frozen weights get no weight gradient).
+    pub base: f64,
+    /// The frozen products the backward recomputes from each layer's saved input:
+    /// q/k/v always, o unless the attention residuals are kept, gate/up unless the
+    /// gate/up outputs are kept (down never: its output is the next layer's input).
+    pub recompute: f64,
+    /// Attention's two forward products, the backward's seven (two kernels,
+    /// deterministic: 3.5 forwards) and, unless its output is kept, the
+    /// recomputed forward.
+    pub attention: f64,
+    /// The adapters' forward, recomputation (as their projections'), input and
+    /// weight gradients.
+    pub lora: f64,
+}
+
+impl ExecutedFlops {
+    pub fn total(&self) -> f64 {
+        self.base + self.recompute + self.attention + self.lora
+    }
+}
+
+/// [`ExecutedFlops`] of a step at `seq` with adapters of `rank` on `targets` and
+/// `kept` activations.
+pub fn executed_flops_per_token(
+    cfg: &qtrain_model::ModelConfig,
+    seq: usize,
+    targets: &[Proj],
+    rank: usize,
+    kept: KeptActivations,
+) -> ExecutedFlops {
+    let layers = cfg.num_hidden_layers as f64;
+    let weights = |p: Proj| cfg.proj_shape(p).iter().product::<usize>() as f64;
+    let recomputed = |p: Proj| match p {
+        Proj::Q | Proj::K | Proj::V => true,
+        Proj::O => !kept.attention_residuals,
+        Proj::Gate | Proj::Up => !kept.mlp,
+        Proj::Down => false,
+    };
+    let all: f64 = qtrain_model::PROJECTIONS.iter().map(|&p| weights(p)).sum();
+    let head = (cfg.vocab_size * cfg.hidden_size) as f64;
+    let again: f64 = qtrain_model::PROJECTIONS
+        .iter()
+        .filter(|&&p| recomputed(p))
+        .map(|&p| weights(p))
+        .sum();
+    // One forward of causal attention: QK^T and PV, 2 FLOPs per multiply-add,
+    // seq/2 keys on average, every query head.
+    let attn_fwd =
+        2.0 * 2.0 * (seq as f64 / 2.0) * (cfg.num_attention_heads * cfg.head_dim()) as f64;
+    let attn_passes = 1.0 + 3.5 + if kept.attention_residuals { 0.0 } else { 1.0 };
+    let lora: f64 = targets
+        .iter()
+        .map(|&p| {
+            let [out, inp] = cfg.proj_shape(p);
+            let params = (rank * (out + inp)) as f64;
+            // forward, input gradient, weight gradients; plus the recomputed forward
+            2.0 * params * (3.0 + if recomputed(p) { 1.0 } else { 0.0 })
+        })
+        .sum();
+    ExecutedFlops {
+        base: 4.0 * (layers * all + head),
+        recompute: 2.0 * layers * again,
+        attention: layers * attn_fwd * attn_passes,
+        lora: layers * lora,
+    }
+}
+
 /// The memory model of a `batch x seq` case with the optimizer state where it
 /// lives and the engine's options.
 fn spec_for(
@@ -382,8 +479,10 @@ fn decide_memory(
         .map(|g| memory::usable(g.total_bytes, memory::DEFAULT_HEADROOM)));
     let mut opts = EngineOptions {
         fp8_base: o.precision == "fp8",
+        mlp_chunk: o.mlp_chunk,
         ..EngineOptions::default()
     };
+    backend.set_mlp_chunk(o.mlp_chunk);
     let spec = |opts| {
         spec_for(
             model,
@@ -530,6 +629,13 @@ pub fn run_case(
         phase_s,
         losses,
         tflops: flops_per_token(base, seq) * (batch * seq) as f64 / step_s / 1e12,
+        executed: executed_flops_per_token(
+            &base.config,
+            seq,
+            &o.targets,
+            o.rank,
+            backend.kept_activations(),
+        ),
         peak_used,
         engine_peak: backend.engine_peak_bytes(),
         workspace_bytes: backend
@@ -538,6 +644,7 @@ pub fn run_case(
         trainable,
         kept: backend.kept_activations(),
         offload: backend.offload_checkpoints(),
+        mlp_chunk: backend.engine_options().mlp_chunk,
         memory_limit,
         capped_peak: memory_limit.and(
             backend

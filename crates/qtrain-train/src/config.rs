@@ -151,9 +151,10 @@ pub struct TrainSection {
     /// buffers, bf16 or fp16 on GPUs), `reference` (candle ops, any device and
     /// dtype), or `auto` (fused on a GPU, reference otherwise).
     pub engine: String,
-    /// Keep each layer's residual after attention from the forward, so that the
-    /// backward does not recompute the o projection (fused engine; costs
-    /// `layers x tokens x hidden` compute-type elements: 1 GiB for Mistral-7B at
+    /// Keep each layer's residual after attention, attention output and
+    /// log-sum-exp from the forward, so that the backward recomputes neither the
+    /// attention forward nor the o projection (fused engine; costs about
+    /// `2 x layers x tokens x hidden` compute-type elements: 2 GiB for Mistral-7B at
     /// 4096 tokens per micro-batch): `on`, `off`, or `auto` (on when the memory
     /// model says it fits the GPU beside the micro-batch; the micro-batch comes
     /// first, and an out-of-memory turns it off before halving anything).
@@ -177,6 +178,13 @@ pub struct TrainSection {
     /// scale per token and per weight channel; fused engine only; opt-in, because
     /// it does not yet meet its quality gates on small models: docs/perf.md).
     pub precision: String,
+    /// Tokens per MLP chunk of the fused engine: the SwiGLU output, its gradient
+    /// and (unless `keep_mlp_activations` keeps every layer's) the gate/up output
+    /// exist for this many tokens at a time (`tokens x 4 x intermediate`
+    /// compute-type elements without kept gate/up: 448 MiB for Mistral-7B at 4096).
+    /// A smaller chunk saves memory at the cost of reading each MLP weight once
+    /// more per chunk (about 1% at 2048 on 7B).
+    pub mlp_chunk_tokens: usize,
 }
 
 impl Default for TrainSection {
@@ -194,6 +202,7 @@ impl Default for TrainSection {
             keep_mlp_activations: "auto".into(),
             offload_checkpoints: "auto".into(),
             precision: "auto".into(),
+            mlp_chunk_tokens: qtrain_engine::EngineOptions::default().mlp_chunk,
         }
     }
 }
@@ -523,6 +532,9 @@ impl RunConfig {
                 "train.precision: `{}` (expected auto or fp8)",
                 t.precision
             ));
+        }
+        if t.mlp_chunk_tokens == 0 {
+            p.push("train.mlp_chunk_tokens: must be >= 1 (tokens per MLP chunk)".into());
         }
         if t.precision == "fp8" && t.engine == "reference" {
             p.push(
@@ -863,6 +875,28 @@ mod tests {
             e.contains("train.offload_checkpoints: `yes` (expected auto, on or off)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn mlp_chunk_tokens_defaults_to_the_engines_and_refuses_zero() {
+        assert_eq!(RunConfig::default().train.mlp_chunk_tokens, 8192);
+        let cfg = RunConfig::from_toml_str("[train]\nmlp_chunk_tokens = 2048\n", p(), &[]).unwrap();
+        assert_eq!(cfg.train.mlp_chunk_tokens, 2048);
+        let model = qtrain_model::ModelConfig::preset("mistral-7b-v0.3", 0).unwrap();
+        let spec = crate::memory::MemorySpec::for_run(
+            &cfg,
+            &model,
+            candle_core::DType::BF16,
+            crate::backend::EngineKind::Fused,
+            8,
+            512,
+            Some((9, 0)),
+        );
+        assert_eq!(spec.engine_options.mlp_chunk, 2048);
+        let e = RunConfig::from_toml_str("[train]\nmlp_chunk_tokens = 0\n", p(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("train.mlp_chunk_tokens: must be >= 1"), "{e}");
     }
 
     #[test]

@@ -16,6 +16,9 @@
 //!
 //! Checks: [`bench`] times training steps (`qtrain bench`), [`selftest`] checks a
 //! tiny model's training step on a device against the CPU (`qtrain doctor`).
+// `qtrain bench`'s JSON line (bench::CaseResult::record) is one serde_json::json!
+// literal with more keys than the macro's default recursion limit expands.
+#![recursion_limit = "256"]
 
 pub mod backend;
 pub mod bench;

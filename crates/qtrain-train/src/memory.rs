@@ -330,6 +330,7 @@ impl MemorySpec {
             engine,
             engine_options: EngineOptions {
                 fp8_base: cfg.train.precision == "fp8",
+                mlp_chunk: cfg.train.mlp_chunk_tokens,
                 ..EngineOptions::default()
             },
             compute_capability: cc,
@@ -589,8 +590,11 @@ fn slack(allocated: u64) -> u64 {
 /// recomputes less (selective recomputation; gradients are identical either way).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct KeptActivations {
-    /// Each layer's residual after attention (`train.keep_attention_residuals`):
-    /// `L·n·h` elements, saves the o projection.
+    /// What each layer's attention half leaves for the backward
+    /// (`train.keep_attention_residuals`): the residual after attention (`L·n·h`
+    /// elements) and the attention output with its log-sum-exp (`L·n·heads·d`
+    /// and `L·b·heads·seq` f32); saves the attention forward and the o
+    /// projection in the recomputation.
     pub attention_residuals: bool,
     /// Each layer's gate/up output (`train.keep_mlp_activations`): `L·n·2I`
     /// elements, saves the gate/up product, the costliest GEMM recomputed.
@@ -1019,9 +1023,14 @@ mod tests {
             attention_residuals: true,
             mlp: true,
         };
-        // Mistral-7B at 4096 tokens: 1 GiB of residuals, 7 GiB of gate/up outputs
-        // (in place of the one chunk buffer).
-        assert_eq!(engine(res) - engine(none), 32 * 4096 * 4096 * 2);
+        // Mistral-7B at 4096 tokens: 1 GiB of residuals and 1 GiB of attention
+        // outputs (with 16 MiB of f32 log-sum-exp; one layer's of each was there
+        // already), 7 GiB of gate/up outputs (in place of the one chunk buffer).
+        let attn_layer = 4096 * 4096 * 2 + 8 * 32 * 512 * 4;
+        assert_eq!(
+            engine(res) - engine(none),
+            32 * 4096 * 4096 * 2 + 31 * attn_layer
+        );
         let gu_chunk = 4096 * 2 * 14336 * 2;
         assert_eq!(
             engine(both) - engine(res),

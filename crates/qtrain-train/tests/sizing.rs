@@ -519,6 +519,7 @@ fn bench_memory_limit_caps_the_engine_and_reports_offload() {
         steps: 1,
         profile: false,
         precision: "auto".into(),
+        mlp_chunk: 8192,
     };
     let free = run_case(&model, &opts("on", None), 2, 32).unwrap();
     assert!(free.offload && free.memory_limit.is_none() && free.capped_peak.is_none());
@@ -576,6 +577,7 @@ fn bench_fp8_reports_its_quality_against_the_compute_type() {
         steps: 2,
         profile: false,
         precision: "fp8".into(),
+        mlp_chunk: 8192,
     };
     let r = run_case(&model, &opts, 2, 32).unwrap();
     assert!(r.loss_falls(), "{:?}", r.losses);
@@ -595,4 +597,89 @@ fn bench_fp8_reports_its_quality_against_the_compute_type() {
             .unwrap()
             > 0.97
     );
+}
+
+/// `qtrain bench --mlp-chunk` / `train.mlp_chunk_tokens`: a smaller MLP chunk trains
+/// the same (identical losses: the chunks split the rows, not a reduction) in less
+/// memory, and the memory model predicts the engine's buffers exactly either way.
+#[test]
+fn bench_smaller_mlp_chunk_trains_the_same_in_less_memory() {
+    use qtrain_train::bench::{run_case, BenchModel, BenchOptions};
+    let cache = tempfile::tempdir().unwrap();
+    let (base, _) =
+        qtrain_train::models::load_base("builtin:tiny", "nf4", "cpu", "auto", cache.path())
+            .unwrap();
+    let inter = base.config.intermediate_size;
+    let model = BenchModel {
+        base,
+        gpu: None,
+        baseline_used: None,
+        loaded_used: None,
+        load_s: 0.0,
+        cache: "test".into(),
+    };
+    let opts = |mlp_chunk| BenchOptions {
+        targets: vec![Proj::Q, Proj::K, Proj::V, Proj::O],
+        rank: 4,
+        engine: "fused".into(),
+        keep_residuals: "off".into(),
+        keep_mlp: "off".into(),
+        offload: "off".into(),
+        memory_limit: None,
+        warmup: 1,
+        steps: 2,
+        profile: false,
+        precision: "auto".into(),
+        mlp_chunk,
+    };
+    let whole = run_case(&model, &opts(8192), 2, 32).unwrap();
+    let chunked = run_case(&model, &opts(16), 2, 32).unwrap();
+    assert_eq!(whole.losses, chunked.losses);
+    assert_eq!((whole.mlp_chunk, chunked.mlp_chunk), (8192, 16));
+    for r in [&whole, &chunked] {
+        assert_eq!(r.predicted.engine_bytes as usize, r.engine_peak.unwrap());
+    }
+    // 64 tokens against 16 per chunk: the gate/up output (2I), the SwiGLU output and
+    // its gradient (I each) for 48 tokens fewer, f32 on the CPU.
+    let saved = whole.engine_peak.unwrap() - chunked.engine_peak.unwrap();
+    assert_eq!(saved, 48 * 4 * inter * 4);
+    assert_eq!(
+        chunked.record(&model, "2x32", "qkvo", 0.0)["mlp_chunk_tokens"],
+        16
+    );
+}
+
+/// The executed-FLOPs count of `qtrain bench` (`executed_tflops`) on the Mistral-7B
+/// shape, against figures worked out by hand: 4P for the base, the recomputed
+/// products by what is kept, attention 5.5 or 4.5 forwards, LoRA's four passes.
+#[test]
+fn executed_flops_count_what_the_step_runs() {
+    use qtrain_train::bench::executed_flops_per_token;
+    use qtrain_train::memory::KeptActivations;
+    let cfg = qtrain_model::ModelConfig::preset("mistral-7b-v0.3", 0).unwrap();
+    let (l, h, kv, i, v) = (32.0, 4096.0, 1024.0, 14336.0, 32768.0);
+    let (q, k, o, gu, down) = (h * h, kv * h, h * h, 2.0 * i * h, i * h);
+    let p = l * (q + 2.0 * k + o + gu + down) + v * h;
+    let qkvo = [Proj::Q, Proj::K, Proj::V, Proj::O];
+    let none = executed_flops_per_token(&cfg, 2048, &qkvo, 16, KeptActivations::default());
+    let both = KeptActivations {
+        attention_residuals: true,
+        mlp: true,
+    };
+    let kept = executed_flops_per_token(&cfg, 2048, &qkvo, 16, both);
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
+    assert!(close(none.base, 4.0 * p) && close(kept.base, 4.0 * p));
+    assert!(close(none.recompute, 2.0 * l * (q + 2.0 * k + o + gu)));
+    assert!(close(kept.recompute, 2.0 * l * (q + 2.0 * k)));
+    // one causal forward per layer: 2 products x 2 FLOPs x 1024 keys x 4096 columns
+    let fwd = l * 4.0 * 1024.0 * h;
+    assert!(close(none.attention, 5.5 * fwd) && close(kept.attention, 4.5 * fwd));
+    // r16 on q (4096+4096), k and v (1024+4096), o (4096+4096): forward, recompute,
+    // dX, dW for q/k/v and o when recomputed; o kept: three passes
+    let lora = |passes_o: f64| l * 2.0 * 16.0 * (4.0 * (8192.0 + 2.0 * 5120.0) + passes_o * 8192.0);
+    assert!(close(none.lora, lora(4.0)) && close(kept.lora, lora(3.0)));
+    assert!(close(
+        none.total(),
+        none.base + none.recompute + none.attention + none.lora
+    ));
 }

@@ -459,6 +459,7 @@ fn build(
     .map_err(TrainError::Other)?;
     let mut backend = Backend::new(base, lora, opt, engine)?;
     backend.set_memory_limit(engine_memory_limit);
+    backend.set_mlp_chunk(cfg.train.mlp_chunk_tokens);
     if cfg.train.precision == "fp8" {
         backend.set_fp8_base(true)?;
         tracing::info!(
