@@ -94,6 +94,10 @@ pub struct Args {
     /// `train.mlp_chunk_tokens`; smaller saves memory.
     #[arg(long, default_value_t = qtrain_engine::EngineOptions::default().mlp_chunk)]
     mlp_chunk: usize,
+    /// The attention backward's kernels, as `train.attention_backward`: `split`, `fused`
+    /// (bit-reproducible) or `fused-atomic`.
+    #[arg(long, default_value = "split")]
+    attn_bwd: String,
 }
 
 /// `qkvo`, `all`, or a comma-separated list of projections.
@@ -145,6 +149,12 @@ pub fn run(a: Args) -> Result<()> {
     if a.mlp_chunk == 0 {
         bail!("--mlp-chunk: must be >= 1 (tokens per MLP chunk)");
     }
+    let Some(attn_bwd) = qtrain_engine::AttnBackward::parse(&a.attn_bwd) else {
+        bail!(
+            "--attn-bwd: `{}` (expected split, fused or fused-atomic)",
+            a.attn_bwd
+        );
+    };
     let memory_limit = memory_limit(a.memory_limit.as_deref())?;
     let cases = a.cases.split(',').map(|c| Ok((c.trim(), parse_case(c)?)));
     let cases: Vec<(&str, (usize, usize))> = cases.collect::<Result<_>>()?;
@@ -182,6 +192,7 @@ pub fn run(a: Args) -> Result<()> {
         profile: a.profile,
         precision: a.precision.clone(),
         mlp_chunk: a.mlp_chunk,
+        attention_backward: attn_bwd,
     };
     let (mut rows_out, mut json_lines) = (Vec::new(), Vec::new());
     for (case, (b, s)) in cases {

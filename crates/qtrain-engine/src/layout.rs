@@ -32,6 +32,7 @@
 //! | `layer_inputs_host` | `(L - R)·n·h` | the inputs of layers `0..L-R`, copied out in the forward and back in the backward (the last `R` layers' stay in the ring) |
 
 use crate::step::EngineOptions;
+use qtrain_device::ops::attention::{AttnBackward, AttnShape};
 use qtrain_model::ModelConfig;
 
 /// Device slots of layer inputs with `offload_layer_inputs`: layer `l`'s input
@@ -83,6 +84,9 @@ pub struct WorkspaceShape {
     /// The frozen products run in FP8 (`EngineOptions::fp8_base`): the code and
     /// scale buffers exist.
     pub fp8_base: bool,
+    /// The attention backward's kernels: the fused ones add a dQ accumulator to the
+    /// scratch (`EngineOptions::attention_backward`).
+    pub attention_backward: AttnBackward,
 }
 
 impl WorkspaceShape {
@@ -121,6 +125,7 @@ impl WorkspaceShape {
             save_mlp_activations: opts.save_mlp_activations,
             offload_layer_inputs: opts.offload_layer_inputs,
             fp8_base: opts.fp8_base,
+            attention_backward: opts.attention_backward,
         }
     }
 }
@@ -230,7 +235,21 @@ impl WorkspaceLayout {
             b("dh", LayerActivations, n * h, e),
             b("dattn", LayerActivations, n * qcols, e),
             b("dqkv", LayerActivations, n * qc, e),
-            b("attn_scratch", LayerActivations, stats, 4),
+            b(
+                "attn_scratch",
+                LayerActivations,
+                AttnShape {
+                    batch: shape.batch,
+                    seq: shape.seq,
+                    heads: cfg.num_attention_heads,
+                    kv_heads: cfg.num_kv_heads(),
+                    head_dim: d,
+                    window: None,
+                    scale: 1.0,
+                }
+                .bwd_scratch_len(shape.attention_backward),
+                4,
+            ),
             b("m", MlpChunk, c * inter, e),
             b("dm", MlpChunk, c * inter, e),
             b("w_qkv", DequantWeights, qc * h, e),

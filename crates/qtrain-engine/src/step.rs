@@ -52,7 +52,7 @@ use crate::layout::{
 use crate::lora::{DeviceLora, PairSlot};
 use crate::weights::{FrozenWeights, Group};
 use qtrain_device::gemm::{gemm, Op};
-use qtrain_device::ops::attention::{attention_bwd, attention_fwd, AttnShape};
+use qtrain_device::ops::attention::{attention_bwd, attention_fwd, AttnBackward, AttnShape};
 use qtrain_device::ops::bias::add_bias;
 use qtrain_device::ops::fp8::{gemm_fp8, quantize_cols_t, quantize_rows};
 use qtrain_device::ops::head_norm::{head_rmsnorm_bwd, head_rmsnorm_fwd};
@@ -109,6 +109,11 @@ pub struct EngineOptions {
     /// results differ from the compute type's by the FP8 rounding (see
     /// `qtrain_device::ops::fp8`).
     pub fp8_base: bool,
+    /// The attention backward's kernels on the GPU ([`AttnBackward`]): the split pair
+    /// (default, bit-reproducible), or one fused pass over K/V with dQ summed in a fixed
+    /// order (bit-reproducible) or with atomics (not): two products in seven fewer,
+    /// `n · heads · head_dim` f32 more memory.
+    pub attention_backward: AttnBackward,
 }
 
 impl Default for EngineOptions {
@@ -120,6 +125,7 @@ impl Default for EngineOptions {
             save_mlp_activations: false,
             offload_layer_inputs: false,
             fp8_base: false,
+            attention_backward: AttnBackward::Split,
         }
     }
 }
@@ -1394,9 +1400,11 @@ impl<'a, T: Float> Ctx<'a, T> {
         let dqkv = mat(&ws.dqkv, d.n, d.qc);
         let (dq, dk, dv) = self.qkv_blocks(dqkv);
         let r_attn = self.dev.region("attention backward");
+        let mode = ws.layout.shape.attention_backward;
         attention_bwd(
             self.dev,
             &d.attn,
+            mode,
             q,
             k,
             v,
@@ -1407,7 +1415,7 @@ impl<'a, T: Float> Ctx<'a, T> {
             dq,
             dk,
             dv,
-            ws.attn_scratch.view(0, d.attn.stats_len()),
+            ws.attn_scratch.view(0, d.attn.bwd_scratch_len(mode)),
         )?;
         drop(r_attn);
         let (cos, sin) = (

@@ -314,6 +314,19 @@ impl Backend {
         }
     }
 
+    /// Picks the fused engine's attention backward kernels
+    /// (`EngineOptions::attention_backward`, `train.attention_backward`; ignored on the
+    /// reference path, which is exact); the workspace is sized anew at the next pass.
+    pub fn set_attention_backward(&mut self, mode: qtrain_engine::AttnBackward) {
+        if let Kind::Fused { engine, .. } = &mut self.kind {
+            with_engine!(engine.as_mut(), e => {
+                let mut opts = e.options();
+                opts.attention_backward = mode;
+                e.set_options(opts);
+            });
+        }
+    }
+
     /// Runs the frozen base's products in FP8 (`EngineOptions::fp8_base`; fused
     /// engine only: the reference path refuses it). The workspace is sized anew at
     /// the next pass, where a GPU without FP8 tensor cores is refused.

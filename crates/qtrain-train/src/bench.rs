@@ -98,6 +98,8 @@ pub struct BenchOptions {
     pub precision: String,
     /// `train.mlp_chunk_tokens`: tokens per MLP chunk of the fused engine.
     pub mlp_chunk: usize,
+    /// `train.attention_backward`: the attention backward's kernels.
+    pub attention_backward: qtrain_engine::AttnBackward,
 }
 
 /// One FP8 step against the same step in the compute type, after the timed steps
@@ -178,6 +180,8 @@ pub struct CaseResult {
     pub offload: bool,
     /// Tokens per MLP chunk the fused engine ran with.
     pub mlp_chunk: usize,
+    /// The attention backward's kernels it ran with.
+    pub attention_backward: qtrain_engine::AttnBackward,
     /// The cap of [`BenchOptions::memory_limit`], and what it covered at its peak:
     /// the frozen base plus the engine device's peak (adapters, workspace, device
     /// optimizer state).
@@ -258,6 +262,7 @@ impl CaseResult {
             "mlp_activations_kept": self.kept.mlp,
             "offload_checkpoints": self.offload,
             "mlp_chunk_tokens": self.mlp_chunk,
+            "attention_backward": self.attention_backward.name(),
             "pinned_host_mib": self.host_bytes.map(|b| mib(b as u64)),
             "memory_limit_mib": self.memory_limit.map(mib),
             "capped_peak_mib": self.capped_peak.map(mib),
@@ -480,9 +485,11 @@ fn decide_memory(
     let mut opts = EngineOptions {
         fp8_base: o.precision == "fp8",
         mlp_chunk: o.mlp_chunk,
+        attention_backward: o.attention_backward,
         ..EngineOptions::default()
     };
     backend.set_mlp_chunk(o.mlp_chunk);
+    backend.set_attention_backward(o.attention_backward);
     let spec = |opts| {
         spec_for(
             model,
@@ -645,6 +652,7 @@ pub fn run_case(
         kept: backend.kept_activations(),
         offload: backend.offload_checkpoints(),
         mlp_chunk: backend.engine_options().mlp_chunk,
+        attention_backward: backend.engine_options().attention_backward,
         memory_limit,
         capped_peak: memory_limit.and(
             backend

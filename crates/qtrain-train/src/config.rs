@@ -6,6 +6,7 @@
 //! silently fall back to a default. Parse errors carry the file, line and column.
 
 use qtrain_data::DatasetConfig;
+use qtrain_engine::AttnBackward;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -185,6 +186,12 @@ pub struct TrainSection {
     /// A smaller chunk saves memory at the cost of reading each MLP weight once
     /// more per chunk (about 1% at 2048 on 7B).
     pub mlp_chunk_tokens: usize,
+    /// The attention backward's kernels on a GPU: `split` (two kernels, dK/dV then dQ;
+    /// bit-reproducible), `fused` (one pass over K/V, dQ summed in a fixed order:
+    /// bit-reproducible, two of seven products fewer, `tokens x heads x head_dim` f32
+    /// more memory) or `fused-atomic` (the same with atomic adds, FlashAttention-2's
+    /// way: no waiting, but dQ's rounding varies run to run).
+    pub attention_backward: String,
 }
 
 impl Default for TrainSection {
@@ -203,6 +210,10 @@ impl Default for TrainSection {
             offload_checkpoints: "auto".into(),
             precision: "auto".into(),
             mlp_chunk_tokens: qtrain_engine::EngineOptions::default().mlp_chunk,
+            attention_backward: qtrain_engine::EngineOptions::default()
+                .attention_backward
+                .name()
+                .into(),
         }
     }
 }
@@ -535,6 +546,12 @@ impl RunConfig {
         }
         if t.mlp_chunk_tokens == 0 {
             p.push("train.mlp_chunk_tokens: must be >= 1 (tokens per MLP chunk)".into());
+        }
+        if AttnBackward::parse(&t.attention_backward).is_none() {
+            p.push(format!(
+                "train.attention_backward: `{}` (expected split, fused or fused-atomic)",
+                t.attention_backward
+            ));
         }
         if t.precision == "fp8" && t.engine == "reference" {
             p.push(
@@ -873,6 +890,33 @@ mod tests {
             .to_string();
         assert!(
             e.contains("train.offload_checkpoints: `yes` (expected auto, on or off)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn attention_backward_is_split_by_default_and_names_its_choices() {
+        assert_eq!(RunConfig::default().train.attention_backward, "split");
+        let model = qtrain_model::ModelConfig::preset("mistral-7b-v0.3", 0).unwrap();
+        for mode in AttnBackward::ALL {
+            let text = format!("[train]\nattention_backward = \"{mode}\"\n");
+            let cfg = RunConfig::from_toml_str(&text, p(), &[]).unwrap();
+            let spec = crate::memory::MemorySpec::for_run(
+                &cfg,
+                &model,
+                candle_core::DType::BF16,
+                crate::backend::EngineKind::Fused,
+                1,
+                8192,
+                Some((9, 0)),
+            );
+            assert_eq!(spec.engine_options.attention_backward, mode);
+        }
+        let e = RunConfig::from_toml_str("[train]\nattention_backward = \"fast\"\n", p(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("train.attention_backward: `fast` (expected split, fused or fused-atomic)"),
             "{e}"
         );
     }

@@ -331,6 +331,11 @@ impl MemorySpec {
             engine_options: EngineOptions {
                 fp8_base: cfg.train.precision == "fp8",
                 mlp_chunk: cfg.train.mlp_chunk_tokens,
+                // Validated with the config; the default where it was not.
+                attention_backward: qtrain_engine::AttnBackward::parse(
+                    &cfg.train.attention_backward,
+                )
+                .unwrap_or_default(),
                 ..EngineOptions::default()
             },
             compute_capability: cc,

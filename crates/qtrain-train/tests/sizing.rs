@@ -520,6 +520,7 @@ fn bench_memory_limit_caps_the_engine_and_reports_offload() {
         profile: false,
         precision: "auto".into(),
         mlp_chunk: 8192,
+        attention_backward: Default::default(),
     };
     let free = run_case(&model, &opts("on", None), 2, 32).unwrap();
     assert!(free.offload && free.memory_limit.is_none() && free.capped_peak.is_none());
@@ -578,6 +579,7 @@ fn bench_fp8_reports_its_quality_against_the_compute_type() {
         profile: false,
         precision: "fp8".into(),
         mlp_chunk: 8192,
+        attention_backward: Default::default(),
     };
     let r = run_case(&model, &opts, 2, 32).unwrap();
     assert!(r.loss_falls(), "{:?}", r.losses);
@@ -631,6 +633,7 @@ fn bench_smaller_mlp_chunk_trains_the_same_in_less_memory() {
         profile: false,
         precision: "auto".into(),
         mlp_chunk,
+        attention_backward: Default::default(),
     };
     let whole = run_case(&model, &opts(8192), 2, 32).unwrap();
     let chunked = run_case(&model, &opts(16), 2, 32).unwrap();
@@ -682,4 +685,65 @@ fn executed_flops_count_what_the_step_runs() {
         none.total(),
         none.base + none.recompute + none.attention + none.lora
     ));
+}
+
+/// `qtrain bench --attn-bwd` / `train.attention_backward`: the fused backwards add the
+/// dQ accumulator (tokens x heads x head_dim f32) and its turn counters to the
+/// attention scratch; the memory model predicts the engine exactly in every mode, and
+/// the CPU (whose reference backward is exact in every mode) trains the same.
+#[test]
+fn bench_fused_attention_backward_is_sized_by_the_memory_model() {
+    use qtrain_engine::AttnBackward;
+    use qtrain_train::bench::{run_case, BenchModel, BenchOptions};
+    let cache = tempfile::tempdir().unwrap();
+    let (base, _) =
+        qtrain_train::models::load_base("builtin:tiny", "nf4", "cpu", "auto", cache.path())
+            .unwrap();
+    let (heads, d) = (base.config.num_attention_heads, base.config.head_dim());
+    let model = BenchModel {
+        base,
+        gpu: None,
+        baseline_used: None,
+        loaded_used: None,
+        load_s: 0.0,
+        cache: "test".into(),
+    };
+    let opts = |attention_backward| BenchOptions {
+        targets: vec![Proj::Q, Proj::K, Proj::V, Proj::O],
+        rank: 4,
+        engine: "fused".into(),
+        keep_residuals: "off".into(),
+        keep_mlp: "off".into(),
+        offload: "off".into(),
+        memory_limit: None,
+        warmup: 1,
+        steps: 2,
+        profile: false,
+        precision: "auto".into(),
+        mlp_chunk: 8192,
+        attention_backward,
+    };
+    let runs: Vec<_> = AttnBackward::ALL
+        .into_iter()
+        .map(|m| run_case(&model, &opts(m), 2, 40).unwrap())
+        .collect();
+    for (r, m) in runs.iter().zip(AttnBackward::ALL) {
+        assert_eq!(r.attention_backward, m);
+        assert_eq!(r.losses, runs[0].losses);
+        assert_eq!(r.predicted.engine_bytes as usize, r.engine_peak.unwrap());
+        assert_eq!(
+            r.record(&model, "2x40", "qkvo", 0.0)["attention_backward"],
+            m.name()
+        );
+    }
+    // 80 tokens: the D terms (2 x heads x 40) rounded up to 16 bytes, 2 x heads x 2
+    // counters (one 64-query tile of two steps per row), then the accumulator.
+    let stats = 2 * heads * 40;
+    let turns = 2 * heads * 2;
+    let acc = 80 * heads * d;
+    let fused_scratch = (stats.next_multiple_of(4) + turns).next_multiple_of(4) + acc;
+    for r in &runs[1..] {
+        let grown = r.engine_peak.unwrap() - runs[0].engine_peak.unwrap();
+        assert_eq!(grown, 4 * (fused_scratch - stats));
+    }
 }

@@ -460,6 +460,15 @@ fn build(
     let mut backend = Backend::new(base, lora, opt, engine)?;
     backend.set_memory_limit(engine_memory_limit);
     backend.set_mlp_chunk(cfg.train.mlp_chunk_tokens);
+    let attn_bwd =
+        qtrain_engine::AttnBackward::parse(&cfg.train.attention_backward).unwrap_or_default(); // validated with the config
+    backend.set_attention_backward(attn_bwd);
+    if !attn_bwd.reproducible() {
+        tracing::warn!(
+            "train.attention_backward = {attn_bwd}: dQ is summed with atomic adds, so two runs \
+             (and a resumed run against an uninterrupted one) differ in the last bits"
+        );
+    }
     if cfg.train.precision == "fp8" {
         backend.set_fp8_base(true)?;
         tracing::info!(

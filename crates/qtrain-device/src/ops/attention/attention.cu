@@ -8,9 +8,13 @@
 //   attn_bwd_dkdv_dD_S   grid (kv heads, key tiles, batch): dK, dV of one 64-key tile, looping
 //                        over every query head of its group and every query tile that sees it
 //   attn_bwd_dq_dD_S     grid (heads, q tiles, batch): dQ of one 64-query tile
-// Every output element is written by exactly one thread after a fixed-order reduction, with
-// no atomics: results are bit-reproducible run to run. Memory is O(seq): nothing of size
-// seq^2 is ever stored, the backward recomputes P from lse.
+//   attn_bwd_fused_dD_S  grid (kv heads, batch, key tiles): dK, dV as bwd_dkdv plus each key
+//                        tile's share of dQ, summed in key-tile order in an f32 buffer
+//                        (5 products per tile pair instead of 7; see bwd_fused)
+//   attn_bwd_fusedu_dD_S the same with atomic adds, then attn_bwd_dq_store_dD_S
+// Except in fusedu, every output element is written by exactly one thread after a
+// fixed-order reduction: results are bit-reproducible run to run. Memory is O(seq):
+// nothing of size seq^2 is ever stored, the backward recomputes P from lse.
 //
 // 128 threads = 4 warps per CTA, each warp owns 16 rows of the CTA's 64-row tile (queries in
 // fwd / dQ, keys in dK/dV) and loops over 64-row tiles of the other side. Tiles are moved
@@ -126,8 +130,27 @@ QT_DEV uint32_t smem_addr(const void *p) {
 template <class T> QT_DEV T gld(const T *p) { return *p; }
 QT_DEV void gst16(void *p, uint4 v) { *reinterpret_cast<uint4 *>(p) = v; }
 QT_DEV void gstf(float *p, float v) { *p = v; }
-
+QT_DEV void gst4(void *p, uint32_t v) { *reinterpret_cast<uint32_t *>(p) = v; }
+// The fused backward's dQ accumulator: read and written at L2 (.cg), never through an
+// SM's L1, which another CTA's earlier add on the same SM could have left stale.
+QT_DEV float2 ldcg2(const float *p) { return __ldcg(reinterpret_cast<const float2 *>(p)); }
+QT_DEV void stcg2(float *p, float2 v) { __stcg(reinterpret_cast<float2 *>(p), v); }
+QT_DEV void red_add(float *p, float v) { atomicAdd(p, v); }  // result unused: red.global.add
+QT_DEV void fence_gpu() { __threadfence(); }
 #if QT_ATTN_ON
+// Turn counters of the ordered dQ accumulation (one thread per CTA spins / hands on).
+QT_DEV void wait_turn(const uint32_t *p, uint32_t want) {
+  uint32_t v;
+  for (;;) {
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    if (v == want) return;
+    __nanosleep(64);
+  }
+}
+QT_DEV void give_turn(uint32_t *p, uint32_t v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
 QT_DEV void ldsm4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -322,6 +345,27 @@ QT_DEV void mm_pb(float (&acc)[D / 8][4], const uint32_t (&p)[2 * KS][2], uint32
       ldsm4t(b, y + Sw<D>::off(kk * 16 + (mi & 1) * 8 + lr, nt + (mi >> 1)));
       mma<E>(acc[nt], a, b[0], b[1]);
       mma<E>(acc[nt + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc[16 x 8*NTD] += X(16 x 64) * Y[:, n0 .. n0 + 8*NTD), X = rows [row0, row0 + 16) of the
+// transpose of the swizzled [64][W] tile at `xt` (which stores X^T: dS^T, keys x queries),
+// Y = the swizzled [64][D] tile at `y` (K). Both operands via .trans ldmatrix.
+template <int D, int W, int NTD, class E>
+QT_DEV void mm_atb_smem(float (&acc)[NTD][4], uint32_t xt, int row0, uint32_t y, int n0,
+                        int lane) {
+  const int mi = lane >> 3, lr = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < kBK / 16; ++kk) {
+    uint32_t a[4];
+    ldsm4t(a, xt + Sw<W>::off(16 * kk + 8 * (mi >> 1) + lr, row0 / 8 + (mi & 1)));
+#pragma unroll
+    for (int nt = 0; nt < NTD; nt += 2) {
+      uint32_t bb[4];
+      ldsm4t(bb, y + Sw<D>::off(kk * 16 + (mi & 1) * 8 + lr, n0 / 8 + nt + (mi >> 1)));
+      mma<E>(acc[nt], a, bb[0], bb[1]);
+      mma<E>(acc[nt + 1], a, bb[2], bb[3]);
     }
   }
 }
@@ -805,6 +849,254 @@ QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t 
                    lane);
 }
 
+// ---------------------------------------------------------------------------------------
+// Backward, fused: one pass over K/V. Each CTA computes dK, dV of one 64-key tile as
+// bwd_dkdv does and, per query step, that key tile's share of dQ = dS K from the same dS,
+// added into an f32 accumulator in global memory: five products per (key tile, query
+// tile) pair where bwd_dkdv + bwd_dq run seven (bwd_dq recomputes S and dP). Grid (kv
+// heads, batch rows, key tiles), so the columns (kv head, batch row) interleave in launch
+// order and the long low key tiles start first.
+//
+// ORDERED (bit-reproducible): the key tiles add into a query step's accumulator one after
+// the other in ascending order. A counter per (batch row, head, query step) holds kt + 1
+// once key tile kt has added (zeroed before the launch): the first key tile that sees the
+// step stores its share, each later one waits for its predecessor's count, adds, and hands
+// on, and the last (the diagonal, kt == qt) writes dq = scale * sum in the storage type.
+// A key tile only ever waits for a lower one, which launched earlier (lower blockIdx.z),
+// so every wait ends. Query tiles are walked from the last down, so the key tiles of one
+// column reach each step in their order, one step apart.
+// Otherwise (FlashAttention-2's way): red.global.add into a zeroed accumulator, whose sum
+// order and hence rounding vary run to run; bwd_dq_store converts it afterwards.
+//
+// The key tiles that see a query tile are exactly those whose query range (bwd_dkdv's
+// qt_lo..qt_hi) contains it, and they are contiguous: [bwd_dq's kt_lo, qt] (the window and
+// segment bounds are the same inequalities read from either side).
+template <int D> constexpr int kStepRows = D == 128 ? 32 : kBQ;  // bwd_dkdv's QH
+template <int D> struct FusedSmem {
+  static constexpr int kTile = kBQ * D * 2;
+  static constexpr int kK = 0, kV = kTile, kQ = 2 * kTile, kO = 4 * kTile;
+  static constexpr int kL = 6 * kTile, kDs = kL + 2 * kBQ * 4, kSq = kDs + 2 * kBQ * 4;
+  // dS^T of one query step, [64 keys][QH queries]: the dQ product needs every key.
+  static constexpr int kDst = kSq + 2 * kBQ * 4;
+  static constexpr int kBytes = kDst + kBK * kStepRows<D> * 2;
+};
+template <int D, class E, bool ORDERED>
+QT_DEV void bwd_fused(const uint16_t *__restrict__ q, uint64_t ldq,
+                      const uint16_t *__restrict__ k, uint64_t ldk,
+                      const uint16_t *__restrict__ v, uint64_t ldv,
+                      const uint16_t *__restrict__ dout, uint64_t lddo,
+                      const float *__restrict__ lse, const float *__restrict__ dsum,
+                      const uint32_t *__restrict__ seg, uint16_t *__restrict__ dk,
+                      uint64_t lddk, uint16_t *__restrict__ dv, uint64_t lddv,
+                      float *__restrict__ dq_acc, uint32_t *__restrict__ turns,
+                      uint16_t *__restrict__ dq, uint64_t lddq, int seq, int heads,
+                      int kv_heads, int window, float scale) {
+  using L = FusedSmem<D>;
+  constexpr int QH = kStepRows<D>, NT = QH / 8;
+  // The dQ product of a step (QH queries x D) over the 4 warps: RB row blocks of 16
+  // queries, WPR warps per block, each taking DW of the D columns.
+  constexpr int RB = QH / 16, WPR = 4 / RB, DW = D / WPR, NTD = DW / 8;
+  static_assert(RB * WPR == 4 && NTD % 2 == 0, "dQ split over 4 warps");
+  const int kvh = blockIdx.x, b = blockIdx.y, kt = blockIdx.z;
+  const int group = heads / kv_heads;
+  const int k0 = kt * kBK;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const uint64_t tok0 = static_cast<uint64_t>(b) * seq;
+  const uint64_t hd = static_cast<uint64_t>(heads) * D;  // dq_acc row length
+  // Turn counters per (batch row, head): every step of every query tile, including a
+  // ragged last tile's steps past the end.
+  const int steps = (seq + kBQ - 1) / kBQ * (kBQ / QH);
+  char *sm = smem_ptr();
+  const uint32_t sb = smem_addr(sm);
+  const uint32_t *sg = seg ? seg + tok0 : nullptr;
+  const int k_valid = imin(kBK, seq - k0);
+  load_tile<D, kBK>(sb + L::kK, k + (tok0 + k0) * ldk + static_cast<uint64_t>(kvh) * D, ldk,
+                    k_valid);
+  load_tile<D, kBK>(sb + L::kV, v + (tok0 + k0) * ldv + static_cast<uint64_t>(kvh) * D, ldv,
+                    k_valid);
+  cp_commit();
+  const int i_hi = window ? imin(seq - 1, k0 + kBK - 1 + window - 1) : seq - 1;
+  const int qt_lo = k0 / kBQ;
+  const int qt_hi = sg ? last_query_tile(sg, imin(k0 + kBK - 1, seq - 1), qt_lo, i_hi / kBQ)
+                       : i_hi / kBQ;
+  const int nq = qt_hi - qt_lo + 1;
+  const int total = group * nq;
+  auto load_q = [&](int it, int st) {
+    const int h = kvh * group + it / nq, q0 = (qt_hi - it % nq) * kBQ;
+    const int valid = imin(kBQ, seq - q0);
+    load_tile<D, kBQ>(sb + L::kQ + st * L::kTile,
+                      q + (tok0 + q0) * ldq + static_cast<uint64_t>(h) * D, ldq, valid);
+    load_tile<D, kBQ>(sb + L::kO + st * L::kTile,
+                      dout + (tok0 + q0) * lddo + static_cast<uint64_t>(h) * D, lddo, valid);
+    const uint64_t srow = (static_cast<uint64_t>(b) * heads + h) * seq + q0;
+    load_words<kBQ>(sb + L::kL + st * kBQ * 4, lse + srow, valid);
+    load_words<kBQ>(sb + L::kDs + st * kBQ * 4, dsum + srow, valid);
+    if (sg) load_words<kBQ>(sb + L::kSq + st * kBQ * 4, sg + q0, valid);
+    cp_commit();
+  };
+  load_q(0, 0);
+  const int j0r = k0 + warp * 16 + g, j1r = j0r + 8;
+  const uint32_t sj0 = sg ? gld(sg + imin(j0r, seq - 1)) : 0;
+  const uint32_t sj1 = sg ? gld(sg + imin(j1r, seq - 1)) : 0;
+  const float sl2 = scale * kLog2e;
+  // This warp's block of each step's dQ share: queries rq.., columns n0..
+  const int rq = 16 * (warp % RB), n0 = DW * (warp / RB);
+  float dK[D / 8][4], dV[D / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dK[nt][e] = dV[nt][e] = 0.f;
+  for (int it = 0, st = 0; it < total; ++it, st ^= 1) {
+    cp_wait<0>();
+    bar_sync();
+    if (it + 1 < total) load_q(it + 1, st ^ 1);
+    const int h = kvh * group + it / nq, qt = qt_hi - it % nq, q0 = qt * kBQ;
+    const uint32_t cQ = sb + L::kQ + st * L::kTile, cO = sb + L::kO + st * L::kTile;
+    const float *sL = reinterpret_cast<const float *>(sm + L::kL + st * kBQ * 4);
+    const float *sD = reinterpret_cast<const float *>(sm + L::kDs + st * kBQ * 4);
+    const uint32_t *sS = reinterpret_cast<const uint32_t *>(sm + L::kSq + st * kBQ * 4);
+    const bool need = (k0 + kBK - 1 > q0) || (window && q0 + kBQ - 1 - k0 >= window) ||
+                      (q0 + kBQ > seq) || sg;
+    // Where this key tile stands among those adding into the query tile (ORDERED).
+    bool first = true;
+    const bool last = kt == qt;
+    if constexpr (ORDERED) {
+      const int j_lo = window ? imax(0, q0 - window + 1) : 0;
+      const int kt_first = sg ? first_key_tile(sg, q0, j_lo / kBK, qt, seq) : j_lo / kBK;
+      first = kt == kt_first;
+    }
+#pragma unroll 1
+    for (int hq = 0; hq < kBQ / QH; ++hq) {
+      const uint32_t hQ = cQ + hq * QH * D * 2, hO = cO + hq * QH * D * 2;
+      const int c0 = hq * QH;
+      // S^T, P^T, dV, dP^T, dS^T, dK exactly as bwd_dkdv.
+      float s[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      mm_abt_smem<D, NT, E>(s, sb + L::kK, warp * 16, hQ, lane);
+      uint32_t p[NT][2];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        float pe[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = c0 + nt * 8 + 2 * t + (e & 1);
+          pe[e] = ex2(fmaf(s[nt][e], sl2, -sL[c] * kLog2e));
+        }
+        if (need) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int c = c0 + nt * 8 + 2 * t + (e & 1);
+            if (!visible(q0 + c, e < 2 ? j0r : j1r, seq, window, sg, sS[c], e < 2 ? sj0 : sj1))
+              pe[e] = 0.f;
+          }
+        }
+        p[nt][0] = pack2<E>(pe[0], pe[1]);
+        p[nt][1] = pack2<E>(pe[2], pe[3]);
+      }
+      mm_pb<D, QH / 16, E>(dV, p, hO, lane);
+      float dp[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+      mm_abt_smem<D, NT, E>(dp, sb + L::kV, warp * 16, hO, lane);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int c = c0 + nt * 8 + 2 * t;
+        const float d0 = sD[c], d1 = sD[c + 1];
+        const float2 pa = unpack2<E>(p[nt][0]), pb = unpack2<E>(p[nt][1]);
+        p[nt][0] = pack2<E>(pa.x * (dp[nt][0] - d0), pa.y * (dp[nt][1] - d1));
+        p[nt][1] = pack2<E>(pb.x * (dp[nt][2] - d0), pb.y * (dp[nt][3] - d1));
+      }
+      mm_pb<D, QH / 16, E>(dK, p, hQ, lane);
+      // dS^T rows of this warp (its 16 keys) into shared memory for the dQ product.
+      char *dst = sm + L::kDst;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        *reinterpret_cast<uint32_t *>(dst + Sw<QH>::off(warp * 16 + g, nt) + 4 * t) = p[nt][0];
+        *reinterpret_cast<uint32_t *>(dst + Sw<QH>::off(warp * 16 + g + 8, nt) + 4 * t) =
+            p[nt][1];
+      }
+      bar_sync();  // all 64 keys' dS^T rows are in place
+      // dQ share: dS (QH queries x 64 keys) K (64 keys x D), this warp's 16 x DW block.
+      float acc[NTD][4];
+#pragma unroll
+      for (int nt = 0; nt < NTD; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+      mm_atb_smem<D, QH, NTD, E>(acc, sb + L::kDst, rq, sb + L::kK, n0, lane);
+      bar_sync();  // everyone is done with dS^T (and, after the last step, with all of K)
+      const int i0 = q0 + c0 + rq + g, i1 = i0 + 8;
+      float *a0 = dq_acc + (tok0 + imin(i0, seq - 1)) * hd + static_cast<uint64_t>(h) * D + n0;
+      float *a1 = dq_acc + (tok0 + imin(i1, seq - 1)) * hd + static_cast<uint64_t>(h) * D + n0;
+      if constexpr (ORDERED) {
+        uint32_t *turn = turns + (static_cast<uint64_t>(b) * heads + h) * steps + (q0 + c0) / QH;
+        if (!first) {
+          if (threadIdx.x == 0) wait_turn(turn, static_cast<uint32_t>(kt));
+          bar_sync();
+        }
+        uint16_t *o0 = dq + (tok0 + imin(i0, seq - 1)) * lddq + static_cast<uint64_t>(h) * D + n0;
+        uint16_t *o1 = dq + (tok0 + imin(i1, seq - 1)) * lddq + static_cast<uint64_t>(h) * D + n0;
+#pragma unroll
+        for (int nt = 0; nt < NTD; ++nt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            if ((r ? i1 : i0) >= seq) continue;
+            const int col = nt * 8 + 2 * t;
+            float *pa = (r ? a1 : a0) + col;
+            float2 x{acc[nt][2 * r], acc[nt][2 * r + 1]};
+            if (!first) {
+              const float2 old = ldcg2(pa);
+              x.x = old.x + x.x;
+              x.y = old.y + x.y;
+            }
+            if (last)
+              gst4((r ? o1 : o0) + col, pack2<E>(x.x * scale, x.y * scale));
+            else
+              stcg2(pa, x);
+          }
+        if (!last) {
+          fence_gpu();  // this thread's adds are visible GPU-wide ...
+          bar_sync();   // ... for every thread, before the turn passes on
+          if (threadIdx.x == 0) give_turn(turn, static_cast<uint32_t>(kt + 1));
+        }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < NTD; ++nt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            if ((r ? i1 : i0) >= seq) continue;
+            float *pa = (r ? a1 : a0) + nt * 8 + 2 * t;
+            red_add(pa, acc[nt][2 * r]);
+            red_add(pa + 1, acc[nt][2 * r + 1]);
+          }
+      }
+    }
+  }
+  // Every warp read all of K (the dQ products; a barrier followed the last) but only its
+  // own 16 rows of V: stage the results in those rows.
+  store_rows<D, E>(dV, 1.f, 1.f, sm + L::kV, warp * 16,
+                   dv + (tok0 + k0) * lddv + static_cast<uint64_t>(kvh) * D, lddv, k_valid,
+                   lane);
+  store_rows<D, E>(dK, scale, scale, sm + L::kK, warp * 16,
+                   dk + (tok0 + k0) * lddk + static_cast<uint64_t>(kvh) * D, lddk, k_valid,
+                   lane);
+}
+// dq = scale * dq_acc in the storage type (the unordered fused backward's last step);
+// one (token, head) row per D/8 threads, 8 elements each.
+template <int D, class E>
+QT_DEV void bwd_dq_store(const float *__restrict__ acc, uint16_t *__restrict__ dq,
+                         uint64_t lddq, int heads, uint64_t rows, float scale) {
+  constexpr int kTpr = D / 8;
+  const uint64_t row =
+      static_cast<uint64_t>(blockIdx.x) * (kThreads / kTpr) + threadIdx.x / kTpr;
+  const int part = threadIdx.x % kTpr;
+  if (row >= rows) return;
+  const uint64_t tok = row / heads;
+  const int h = static_cast<int>(row % heads);
+  const float *src = acc + row * D + part * 8;
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) w[i] = pack2<E>(gld(src + 2 * i) * scale, gld(src + 2 * i + 1) * scale);
+  gst16(dq + tok * lddq + static_cast<uint64_t>(h) * D + part * 8, uint4{w[0], w[1], w[2], w[3]});
+}
 #endif  // QT_ATTN_ON
 }  // namespace qt_attn
 
@@ -818,6 +1110,19 @@ QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t 
 #define QT_BODY(...)
 #endif
 
+// The fused backward: `fused` hands the dQ sums on in key-tile order (bit-reproducible),
+// `fusedu` adds with atomics (then attn_bwd_dq_store).
+#define QT_ATTN_FUSED(DIM, E, S, NAME, ORDERED)                                             \
+  extern "C" __global__ void __launch_bounds__(128) attn_bwd_##NAME##_d##DIM##_##S(          \
+      const uint16_t *q, uint64_t ldq, const uint16_t *k, uint64_t ldk, const uint16_t *v,  \
+      uint64_t ldv, const uint16_t *dout, uint64_t lddo, const float *lse,                  \
+      const float *dsum, const uint32_t *seg, uint16_t *dk, uint64_t lddk, uint16_t *dv,    \
+      uint64_t lddv, float *dq_acc, uint32_t *turns, uint16_t *dq, uint64_t lddq, int seq,  \
+      int heads, int kv_heads, int window, float scale) {                                   \
+    QT_BODY(qt_attn::bwd_fused<DIM, qt_attn::E, ORDERED>(                                   \
+        q, ldq, k, ldk, v, ldv, dout, lddo, lse, dsum, seg, dk, lddk, dv, lddv, dq_acc,     \
+        turns, dq, lddq, seq, heads, kv_heads, window, scale);)                             \
+  }
 #define QT_ATTN_KERNELS(DIM, E, S)                                                          \
   extern "C" __global__ void __launch_bounds__(128)                                         \
       attn_fwd_d##DIM##_##S(const uint16_t *q, uint64_t ldq, const uint16_t *k,             \
@@ -850,6 +1155,13 @@ QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t 
     QT_BODY(qt_attn::bwd_dq<DIM, qt_attn::E>(q, ldq, k, ldk, v, ldv, dout, lddo, lse, dsum,  \
                                              seg, dq, lddq, seq, heads, kv_heads, window,   \
                                              scale);)                                       \
+  }                                                                                         \
+  QT_ATTN_FUSED(DIM, E, S, fused, true)                                                     \
+  QT_ATTN_FUSED(DIM, E, S, fusedu, false)                                                   \
+  extern "C" __global__ void __launch_bounds__(128) attn_bwd_dq_store_d##DIM##_##S(          \
+      const float *acc, uint16_t *dq, uint64_t lddq, int heads, uint64_t rows,              \
+      float scale) {                                                                        \
+    QT_BODY(qt_attn::bwd_dq_store<DIM, qt_attn::E>(acc, dq, lddq, heads, rows, scale);)      \
   }
 
 #define QT_ATTN_DIMS(E, S)                                                                  \

@@ -8,7 +8,7 @@
 //! tiles, batch) and `attn_bwd_dq` over (heads, query tiles, batch): every gradient
 //! element has one writer, so the result is bit-reproducible (no atomics).
 
-use super::AttnShape;
+use super::{AttnBackward, AttnShape};
 use crate::cuda::{launch, CudaDev, PushKernelArg};
 use crate::device::{Float, FloatKind, Mat, View};
 use crate::error::{DeviceError, Result};
@@ -38,6 +38,11 @@ fn dkdv_smem(d: usize) -> u32 {
 }
 fn dq_smem(d: usize) -> u32 {
     (768 * d + 512) as u32
+}
+/// `FusedSmem`: `DkvSmem` plus one query step's dS^T (64 keys x 32 or 64 queries).
+fn fused_smem(d: usize) -> u32 {
+    let step = if d == 128 { 32 } else { 64 };
+    dkdv_smem(d) + (TILE * step * 2) as u32
 }
 
 /// `attn_{op}_d{d}_{bf16|f16}`, interned (kernel names must be `'static`).
@@ -248,6 +253,7 @@ pub(super) fn attention_fwd_warps<T: Float>(
 pub(super) fn attention_bwd<T: Float>(
     c: &CudaDev,
     s: &AttnShape,
+    mode: AttnBackward,
     q: Mat<'_, T>,
     k: Mat<'_, T>,
     v: Mat<'_, T>,
@@ -320,6 +326,18 @@ pub(super) fn attention_bwd<T: Float>(
         // kernel; scratch holds batch * heads * seq floats (checked by the wrapper).
         unsafe { launch(OP, b, cfg(grid, 0))? };
     }
+    if mode != AttnBackward::Split {
+        return fused_bwd::<T>(
+            c,
+            s,
+            mode,
+            [qp, ldq, kp, ldk, vp, ldv, dop, lddo, lp, dsp, sp],
+            dk,
+            dv,
+            dq,
+            scratch,
+        );
+    }
     // dK, dV per (kv head, key tile, batch row).
     {
         let smem = dkdv_smem(d);
@@ -380,4 +398,90 @@ pub(super) fn attention_bwd<T: Float>(
         // rows < seq of dq.
         unsafe { launch(OP, b, cfg(grid, smem)) }
     }
+}
+
+/// The fused backward (after `attn_bwd_prep`): `attn_bwd_fused` / `attn_bwd_fusedu` over
+/// (kv heads, batch rows, key tiles), the dQ accumulator and turn counters in `scratch`
+/// after the `D` terms; the unordered one adds into zeros and `attn_bwd_dq_store`
+/// converts. `ins` = q, ldq, k, ldk, v, ldv, dO, lddo, lse, D terms, segments (device
+/// pointers and leading dimensions, as the split kernels take them).
+#[allow(clippy::too_many_arguments)]
+fn fused_bwd<T: Float>(
+    c: &CudaDev,
+    s: &AttnShape,
+    mode: AttnBackward,
+    ins: [u64; 11],
+    dk: Mat<'_, T>,
+    dv: Mat<'_, T>,
+    dq: Mat<'_, T>,
+    scratch: View<'_, f32>,
+) -> Result<()> {
+    const OP: &str = "attention_bwd";
+    let d = s.head_dim;
+    let layout = s.bwd_scratch(mode);
+    let base = scratch.dptr();
+    let (turns, acc) = (base + 4 * layout.turns as u64, base + 4 * layout.acc as u64);
+    let ordered = mode == AttnBackward::Fused;
+    if ordered {
+        c.memset0(turns, 4 * layout.turns_len)?;
+    } else {
+        c.memset0(acc, 4 * s.tokens() * s.heads * d)?;
+    }
+    let (seq, heads, kvh, win, scale) = (
+        s.seq as i32,
+        s.heads as i32,
+        s.kv_heads as i32,
+        window_arg(s),
+        s.scale,
+    );
+    let (dkp, lddk, dvp, lddv) = (dk.dptr(), dk.ld as u64, dv.dptr(), dv.ld as u64);
+    let (dqp, lddq) = (dq.dptr(), dq.ld as u64);
+    {
+        let smem = fused_smem(d);
+        let f = kernel::<T>(c, if ordered { "bwd_fused" } else { "bwd_fusedu" }, d, smem)?;
+        let mut b = c.builder(&f);
+        for x in &ins {
+            b.arg(x);
+        }
+        b.arg(&dkp)
+            .arg(&lddk)
+            .arg(&dvp)
+            .arg(&lddv)
+            .arg(&acc)
+            .arg(&turns)
+            .arg(&dqp)
+            .arg(&lddq)
+            .arg(&seq)
+            .arg(&heads)
+            .arg(&kvh)
+            .arg(&win)
+            .arg(&scale);
+        // Key tiles slowest: a key tile waits (ordered) only for lower ones of its
+        // column, which launch earlier, so every wait ends.
+        let grid = (s.kv_heads, s.batch, s.seq.div_ceil(TILE));
+        // SAFETY: arguments match `attn_bwd_fused_*` / `attn_bwd_fusedu_*` (the eleven
+        // inputs in the split kernels' order, then dk, dv, the accumulator, the counters,
+        // dq); the wrapper checked shapes, overlaps and that scratch holds
+        // `bwd_scratch_len(mode)` floats (accumulator tokens x heads x d, counters batch x
+        // heads x 2 per 64-query tile, both zeroed or fully stored before being read); each
+        // CTA writes only its key tile's rows of dk, dv, and dq rows < seq of its heads.
+        unsafe { launch(OP, b, cfg(grid, smem))? };
+    }
+    if !ordered {
+        let f = kernel::<T>(c, "bwd_dq_store", d, 0)?;
+        let rows = (s.tokens() * s.heads) as u64;
+        let per_block = (THREADS as usize) / (d / 8);
+        let mut b = c.builder(&f);
+        b.arg(&acc)
+            .arg(&dqp)
+            .arg(&lddq)
+            .arg(&heads)
+            .arg(&rows)
+            .arg(&scale);
+        let grid = ((rows as usize).div_ceil(per_block), 1, 1);
+        // SAFETY: arguments match `attn_bwd_dq_store_*`; rows >= tokens x heads are
+        // skipped; the accumulator holds tokens x heads x d floats.
+        unsafe { launch(OP, b, cfg(grid, 0))? };
+    }
+    Ok(())
 }

@@ -45,14 +45,101 @@ pub struct AttnShape {
     pub scale: f32,
 }
 
+/// How the GPU backward computes dQ (the CPU reference ignores it: it is exact).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum AttnBackward {
+    /// Two kernels, dK/dV per key tile then dQ per query tile: seven products per
+    /// (key tile, query tile) pair (the dQ kernel recomputes S and dP), bit-reproducible,
+    /// no memory beyond the `D` terms.
+    #[default]
+    Split,
+    /// One kernel per key tile adds its share of dQ into an f32 buffer, the key tiles
+    /// of a query tile one after the other in a fixed order (turn counters): five
+    /// products, bit-reproducible, `tokens · heads · head_dim` f32 more scratch; the
+    /// later key tiles of a column may wait for their turn.
+    Fused,
+    /// The same, with atomic adds (FlashAttention-2's way): five products, no waiting,
+    /// but the order of the adds and so the rounding of dQ vary run to run.
+    FusedAtomic,
+}
+
+impl AttnBackward {
+    pub const ALL: [AttnBackward; 3] = [Self::Split, Self::Fused, Self::FusedAtomic];
+
+    /// The name in configs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Split => "split",
+            Self::Fused => "fused",
+            Self::FusedAtomic => "fused-atomic",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == s)
+    }
+
+    /// Whether two runs give bit-identical gradients.
+    pub fn reproducible(self) -> bool {
+        self != Self::FusedAtomic
+    }
+}
+
+impl std::fmt::Display for AttnBackward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where the parts of the backward's scratch start (f32 units, 16-byte aligned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BwdScratch {
+    /// Turn counters (u32): one per (batch row, head, 32-query step).
+    pub turns: usize,
+    pub turns_len: usize,
+    /// The f32 dQ accumulator, `[tokens, heads · head_dim]`.
+    pub acc: usize,
+    pub len: usize,
+}
+
 impl AttnShape {
     pub fn tokens(&self) -> usize {
         self.batch * self.seq
     }
 
-    /// Entries of `lse` (and of the backward's scratch): `batch · heads · seq`.
+    /// Entries of `lse`: `batch · heads · seq`.
     pub fn stats_len(&self) -> usize {
         self.batch * self.heads * self.seq
+    }
+
+    /// f32 entries of the backward's scratch: the `D` terms (`stats_len`), and for the
+    /// fused backwards the dQ accumulator and its turn counters.
+    pub fn bwd_scratch_len(&self, mode: AttnBackward) -> usize {
+        self.bwd_scratch(mode).len
+    }
+
+    pub(crate) fn bwd_scratch(&self, mode: AttnBackward) -> BwdScratch {
+        let up = |x: usize| x.next_multiple_of(4);
+        let dsum = self.stats_len();
+        if mode == AttnBackward::Split {
+            return BwdScratch {
+                turns: dsum,
+                turns_len: 0,
+                acc: dsum,
+                len: dsum,
+            };
+        }
+        // Steps of 32 queries (the kernel's are 32 or 64 rows; every 64-query tile
+        // counts two, a ragged last one too).
+        let turns_len = self.batch * self.heads * self.seq.div_ceil(64) * 2;
+        let turns = up(dsum);
+        let acc = up(turns + turns_len);
+        BwdScratch {
+            turns,
+            turns_len,
+            acc,
+            len: acc + self.tokens() * self.heads * self.head_dim,
+        }
     }
 
     fn check(&self, op: &'static str) -> Result<()> {
@@ -282,11 +369,13 @@ pub fn attention_fwd<T: Float>(
 }
 
 /// Gradients of [`attention_fwd`]: writes `dq`, `dk`, `dv` (overwritten, not
-/// accumulated). `scratch` holds `stats_len()` f32 (the `D` terms on the GPU).
+/// accumulated). `scratch` holds `s.bwd_scratch_len(mode)` f32 (on the GPU the `D`
+/// terms, and for the fused modes the dQ accumulator); `mode` picks the GPU kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd<T: Float>(
     dev: &Dev,
     s: &AttnShape,
+    mode: AttnBackward,
     q: Mat<'_, T>,
     k: Mat<'_, T>,
     v: Mat<'_, T>,
@@ -303,12 +392,13 @@ pub fn attention_bwd<T: Float>(
     check_mats("attention_bwd", s, q, k, v, o)?;
     check_mats("attention_bwd", s, dq, dk, dv, d_o)?;
     ensure!(
-        lse.len() == s.stats_len() && scratch.len() == s.stats_len(),
+        lse.len() == s.stats_len() && scratch.len() >= s.bwd_scratch_len(mode),
         "attention_bwd",
-        "lse has {} and scratch {} entries, need {}",
+        "lse has {} entries (need {}) and scratch {} (need {} for the {mode} backward)",
         lse.len(),
+        s.stats_len(),
         scratch.len(),
-        s.stats_len()
+        s.bwd_scratch_len(mode)
     );
     let mut ins = vec![
         q.span(),
@@ -326,9 +416,11 @@ pub fn attention_bwd<T: Float>(
     )?;
     #[cfg(feature = "cuda")]
     if let Some(c) = dev.cuda() {
-        return cuda::attention_bwd(c, s, q, k, v, o, d_o, lse, segments, dq, dk, dv, scratch);
+        return cuda::attention_bwd(
+            c, s, mode, q, k, v, o, d_o, lse, segments, dq, dk, dv, scratch,
+        );
     }
-    let _ = dev;
+    let _ = (dev, mode);
     let seg = segments.map(read_view);
     let (a, b, c) = attention_bwd_ref(s, q, k, v, o, d_o, &read_f32(lse), seg.as_deref());
     write_mat(dq, &a);

@@ -1,7 +1,7 @@
 //! The attention kernels against the CPU reference on random data, for `qtrain
 //! doctor` ([`self_test`]), and their speed at Mistral-7B's shape ([`speed`]).
 
-use super::{attention_bwd, attention_fwd, AttnShape};
+use super::{attention_bwd, attention_fwd, AttnBackward, AttnShape};
 use crate::device::{to_f32_vec, DBuf, Dev, Float, Mat, View};
 use crate::error::Result;
 use crate::selftest::{check, poisoned, random, rel_err, time_it, upload, Check};
@@ -196,7 +196,7 @@ fn attention_case<T: Float>(
 
     // The backward of both devices starts from the reference's (rounded) O and lse, so
     // it is checked on its own.
-    let bwd = |dv: &Dev| -> Result<Vec<f32>> {
+    let bwd = |dv: &Dev, mode: AttnBackward| -> Result<Vec<f32>> {
         let buf = upload::<T>(dv, &qkv)?;
         let (q, k, v) = fused_blocks(&buf, n, ld, qc, kc);
         let sg = segs(dv)?;
@@ -204,10 +204,11 @@ fn attention_case<T: Float>(
         let lb = dv.upload(&lse_ref, "lse")?;
         let g = poisoned::<T>(dv, n * ld)?;
         let (dq, dk, dv_) = fused_blocks(&g, n, ld, qc, kc);
-        let scratch = poisoned::<f32>(dv, s.stats_len())?;
+        let scratch = poisoned::<f32>(dv, s.bwd_scratch_len(mode))?;
         attention_bwd(
             dv,
             &s,
+            mode,
             q,
             k,
             v,
@@ -222,16 +223,7 @@ fn attention_case<T: Float>(
         )?;
         to_f32_vec(dv, g.all())
     };
-    let (g, g2, g_ref) = (bwd(dev)?, bwd(dev)?, bwd(&cpu)?);
-    let same = g.iter().zip(&g2).all(|(a, b)| a.to_bits() == b.to_bits());
-    let pad_kept = cols(&g, n, ld, width, ld).iter().all(|x| x.is_nan());
-    let err = |a: usize, b: usize| rel_err(&cols(&g, n, ld, a, b), &cols(&g_ref, n, ld, a, b));
-    let (eq, ek, ev) = (err(0, qc), err(qc, qc + kc), err(qc + kc, width));
-    let worst = if same && pad_kept {
-        eq.max(ek).max(ev)
-    } else {
-        f64::INFINITY
-    };
+    let g_ref = bwd(&cpu, AttnBackward::Split)?;
     let t = T::NAME;
     let what = format!(
         "{label}: b{} s{} h{}/{} d{}{}{}",
@@ -243,18 +235,42 @@ fn attention_case<T: Float>(
         s.window.map_or(String::new(), |w| format!(" window {w}")),
         if seg.is_some() { " segments" } else { "" }
     );
-    Ok(vec![
-        check(
-            format!("attention fwd {t} {what}"),
-            eo.max(el).max(e8.unwrap_or(0.0)),
-            tol_fwd,
-            &format!(
-                " (o {eo:.1e}, lse {el:.1e}{})",
-                e8.map_or(String::new(), |e| format!(", 8-warp variant {e:.1e}"))
-            ),
+    let mut out = vec![check(
+        format!("attention fwd {t} {what}"),
+        eo.max(el).max(e8.unwrap_or(0.0)),
+        tol_fwd,
+        &format!(
+            " (o {eo:.1e}, lse {el:.1e}{})",
+            e8.map_or(String::new(), |e| format!(", 8-warp variant {e:.1e}"))
         ),
-        check(
-            format!("attention bwd {t} {what}"),
+    )];
+    // Every backward mode on a GPU (the CPU has one: the reference); the reproducible
+    // ones must also be bit-identical across two runs.
+    let modes: &[AttnBackward] = if dev.is_cuda() {
+        &AttnBackward::ALL
+    } else {
+        &[AttnBackward::Split]
+    };
+    for &mode in modes {
+        let g = bwd(dev, mode)?;
+        let same = !mode.reproducible()
+            || g.iter()
+                .zip(&bwd(dev, mode)?)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+        let pad_kept = cols(&g, n, ld, width, ld).iter().all(|x| x.is_nan());
+        let err = |a: usize, b: usize| rel_err(&cols(&g, n, ld, a, b), &cols(&g_ref, n, ld, a, b));
+        let (eq, ek, ev) = (err(0, qc), err(qc, qc + kc), err(qc + kc, width));
+        let worst = if same && pad_kept {
+            eq.max(ek).max(ev)
+        } else {
+            f64::INFINITY
+        };
+        let name = match mode {
+            AttnBackward::Split => format!("attention bwd {t} {what}"),
+            m => format!("attention bwd ({m}) {t} {what}"),
+        };
+        out.push(check(
+            name,
             worst,
             tol_bwd,
             &format!(
@@ -266,16 +282,17 @@ fn attention_case<T: Float>(
                     ", wrote outside dq/dk/dv"
                 }
             ),
-        ),
-    ])
+        ));
+    }
+    Ok(out)
 }
 
 /// Forward and backward time at batch 1 x 8192 tokens, 32 query / 8 KV heads of 128
 /// (Mistral 7B), causal, in bf16. FLOPs count the causal half of the score matrix:
 /// forward `2 · 2 · b · h · (s²/2) · d` (QKᵀ and PV), backward 2.5 times that (the five
-/// matmuls of FlashAttention-2's count; qtrain's deterministic backward really does
-/// seven, recomputing S and dP in the dQ kernel, so its hardware rate is 1.4x what is
-/// printed). The forward is timed in both CTA shapes of the launcher (4 warps x 16
+/// matmuls of FlashAttention-2's count; the split backward really does seven,
+/// recomputing S and dP in the dQ kernel, so its hardware rate is 1.4x what is printed;
+/// the fused ones do five). Every backward mode is timed. The forward is timed in both CTA shapes of the launcher (4 warps x 16
 /// queries, the default, and 8 warps). The check fails only on non-finite outputs.
 pub fn speed(dev: &Dev) -> Result<Check> {
     type T = half::bf16;
@@ -308,17 +325,18 @@ pub fn speed(dev: &Dev) -> Result<Check> {
         gm.col_block(qc, kc),
         gm.col_block(qc + kc, kc),
     );
-    let scratch = poisoned::<f32>(dev, s.stats_len())?;
+    let scratch = poisoned::<f32>(dev, s.bwd_scratch_len(AttnBackward::Fused))?;
     let fwd = |warps| {
         time_it(dev, 10, || {
             attention_fwd_variant(dev, &s, q, k, v, None, o.mat(n, qc), lse.all(), warps)
         })
     };
     let (t_fwd8, t_fwd) = (fwd(8)?, fwd(4)?);
-    let bwd = || {
+    let bwd = |mode| {
         attention_bwd(
             dev,
             &s,
+            mode,
             q,
             k,
             v,
@@ -332,7 +350,10 @@ pub fn speed(dev: &Dev) -> Result<Check> {
             scratch.all(),
         )
     };
-    let t_bwd = time_it(dev, 5, bwd)?;
+    let mut t_bwd = Vec::new();
+    for mode in AttnBackward::ALL {
+        t_bwd.push((mode, time_it(dev, 5, || bwd(mode))?));
+    }
     let flops = 4.0 * (s.batch * s.heads) as f64 * (s.seq as f64).powi(2) / 2.0 * d as f64;
     let finite = to_f32_vec(dev, o.all())?.iter().all(|x| x.is_finite())
         && to_f32_vec(dev, g.all())?.iter().all(|x| x.is_finite());
@@ -340,14 +361,17 @@ pub fn speed(dev: &Dev) -> Result<Check> {
         name: "attention speed bf16 b1 s8192 h32/8 d128 causal".into(),
         ok: finite,
         detail: format!(
-            "fwd {:.2} ms {:.0} TFLOP/s (8-warp variant {:.2} ms {:.0}), bwd {:.2} ms {:.0} \
-             TFLOP/s (2.5x fwd FLOPs){}",
+            "fwd {:.2} ms {:.0} TFLOP/s (8-warp variant {:.2} ms {:.0}), bwd {} (TFLOP/s \
+             counted as 2.5x fwd FLOPs){}",
             t_fwd * 1e3,
             flops / t_fwd / 1e12,
             t_fwd8 * 1e3,
             flops / t_fwd8 / 1e12,
-            t_bwd * 1e3,
-            2.5 * flops / t_bwd / 1e12,
+            t_bwd
+                .iter()
+                .map(|(m, t)| format!("{m} {:.2} ms {:.0}", t * 1e3, 2.5 * flops / t / 1e12))
+                .collect::<Vec<_>>()
+                .join(", "),
             if finite { "" } else { ", NON-FINITE outputs" }
         ),
     })

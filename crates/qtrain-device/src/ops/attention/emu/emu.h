@@ -171,6 +171,36 @@ inline void gstf(float *p, float v) {
   emu::check_global(p, 4);
   *p = v;
 }
+inline void gst4(void *p, uint32_t v) {
+  emu::check_global(p, 4);
+  std::memcpy(p, &v, 4);
+}
+inline float2 ldcg2(const float *p) {
+  emu::check_global(p, 8);
+  return {p[0], p[1]};
+}
+inline void stcg2(float *p, float2 v) {
+  emu::check_global(p, 8);
+  p[0] = v.x;
+  p[1] = v.y;
+}
+// CTAs run one at a time and a CTA's threads own disjoint elements: a plain add is the
+// atomic's result.
+inline void red_add(float *p, float v) {
+  emu::check_global(p, 4);
+  *p += v;
+}
+inline void fence_gpu() {}
+// CTAs run one at a time in launch order, so a turn that has not come yet never will:
+// waiting for a later-launched CTA would hang on the GPU too.
+inline void wait_turn(const uint32_t *p, uint32_t want) {
+  emu::check_global(p, 4);
+  if (*p != want) emu::fail("ordered dQ: waiting for a turn no earlier CTA hands on");
+}
+inline void give_turn(uint32_t *p, uint32_t v) {
+  emu::check_global(p, 4);
+  *p = v;
+}
 
 inline void ldsm_impl(uint32_t (&r)[4], uint32_t addr, bool trans) {
   emu::Warp &w = emu::warp();
