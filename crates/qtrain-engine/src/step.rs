@@ -112,7 +112,7 @@ pub struct EngineOptions {
     /// The attention backward's kernels on the GPU ([`AttnBackward`]): the split pair
     /// (default, bit-reproducible), or one fused pass over K/V with dQ summed in a fixed
     /// order (bit-reproducible) or with atomics (not): two products in seven fewer,
-    /// `n · heads · head_dim` f32 more memory.
+    /// `n · (heads + 2 · kv_heads) · head_dim` f32 more memory.
     pub attention_backward: AttnBackward,
 }
 

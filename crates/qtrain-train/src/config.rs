@@ -188,8 +188,8 @@ pub struct TrainSection {
     pub mlp_chunk_tokens: usize,
     /// The attention backward's kernels on a GPU: `split` (two kernels, dK/dV then dQ;
     /// bit-reproducible), `fused` (one pass over K/V, dQ summed in a fixed order:
-    /// bit-reproducible, two of seven products fewer, `tokens x heads x head_dim` f32
-    /// more memory) or `fused-atomic` (the same with atomic adds, FlashAttention-2's
+    /// bit-reproducible, two of seven products fewer, `tokens x (heads + 2 kv_heads) x
+    /// head_dim` f32 more memory: 24 KiB per token on Mistral-7B) or `fused-atomic` (the same with atomic adds, FlashAttention-2's
     /// way: no waiting, but dQ's rounding varies run to run).
     pub attention_backward: String,
 }

@@ -688,8 +688,8 @@ fn executed_flops_count_what_the_step_runs() {
 }
 
 /// `qtrain bench --attn-bwd` / `train.attention_backward`: the fused backwards add the
-/// dQ accumulator (tokens x heads x head_dim f32) and its turn counters to the
-/// attention scratch; the memory model predicts the engine exactly in every mode, and
+/// f32 accumulators (dQ: tokens x heads x head_dim; with GQA the group's dK/dV: tokens x
+/// kv_heads x 2 head_dim) and their turn counters to the attention scratch; the memory model predicts the engine exactly in every mode, and
 /// the CPU (whose reference backward is exact in every mode) trains the same.
 #[test]
 fn bench_fused_attention_backward_is_sized_by_the_memory_model() {
@@ -699,7 +699,11 @@ fn bench_fused_attention_backward_is_sized_by_the_memory_model() {
     let (base, _) =
         qtrain_train::models::load_base("builtin:tiny", "nf4", "cpu", "auto", cache.path())
             .unwrap();
-    let (heads, d) = (base.config.num_attention_heads, base.config.head_dim());
+    let (heads, kv, d) = (
+        base.config.num_attention_heads,
+        base.config.num_kv_heads(),
+        base.config.head_dim(),
+    );
     let model = BenchModel {
         base,
         gpu: None,
@@ -737,10 +741,13 @@ fn bench_fused_attention_backward_is_sized_by_the_memory_model() {
         );
     }
     // 80 tokens: the D terms (2 x heads x 40) rounded up to 16 bytes, 2 x heads x 2
-    // counters (one 64-query tile of two steps per row), then the accumulator.
+    // dQ counters (one 64-query tile of two steps per row) and 2 x kv_heads dK/dV
+    // counters (one key tile per row), then the dQ accumulator and, with GQA, the
+    // group's dK/dV accumulator.
     let stats = 2 * heads * 40;
-    let turns = 2 * heads * 2;
-    let acc = 80 * heads * d;
+    let turns = 2 * heads * 2 + 2 * kv;
+    let kv_acc = if heads > kv { 80 * kv * 2 * d } else { 0 };
+    let acc = 80 * heads * d + kv_acc;
     let fused_scratch = (stats.next_multiple_of(4) + turns).next_multiple_of(4) + acc;
     for r in &runs[1..] {
         let grown = r.engine_peak.unwrap() - runs[0].engine_peak.unwrap();

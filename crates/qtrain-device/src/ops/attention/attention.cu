@@ -8,9 +8,9 @@
 //   attn_bwd_dkdv_dD_S   grid (kv heads, key tiles, batch): dK, dV of one 64-key tile, looping
 //                        over every query head of its group and every query tile that sees it
 //   attn_bwd_dq_dD_S     grid (heads, q tiles, batch): dQ of one 64-query tile
-//   attn_bwd_fused_dD_S  grid (kv heads, batch, key tiles): dK, dV as bwd_dkdv plus each key
-//                        tile's share of dQ, summed in key-tile order in an f32 buffer
-//                        (5 products per tile pair instead of 7; see bwd_fused)
+//   attn_bwd_fused_dD_S  grid (heads, batch, key tiles): one head's dK, dV shares as bwd_dkdv
+//                        plus each key tile's share of dQ, summed in key-tile order in an f32
+//                        buffer (5 products per tile pair instead of 7; see bwd_fused)
 //   attn_bwd_fusedu_dD_S the same with atomic adds, then attn_bwd_dq_store_dD_S
 // Except in fusedu, every output element is written by exactly one thread after a
 // fixed-order reduction: results are bit-reproducible run to run. Memory is O(seq):
@@ -139,11 +139,16 @@ QT_DEV void red_add(float *p, float v) { atomicAdd(p, v); }  // result unused: r
 QT_DEV void fence_gpu() { __threadfence(); }
 #if QT_ATTN_ON
 // Turn counters of the ordered dQ accumulation (one thread per CTA spins / hands on).
+// A turn comes within a few tile steps (microseconds); one that has not come after ~2^34
+// cycles (several seconds) never will (blocks did not launch in index order, see
+// bwd_fused): trap, so the launch fails with an error instead of hanging the run.
 QT_DEV void wait_turn(const uint32_t *p, uint32_t want) {
   uint32_t v;
+  const long long t0 = clock64();
   for (;;) {
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
     if (v == want) return;
+    if (clock64() - t0 > (1ll << 34)) asm volatile("trap;");
     __nanosleep(64);
   }
 }
@@ -850,12 +855,17 @@ QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t 
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward, fused: one pass over K/V. Each CTA computes dK, dV of one 64-key tile as
-// bwd_dkdv does and, per query step, that key tile's share of dQ = dS K from the same dS,
-// added into an f32 accumulator in global memory: five products per (key tile, query
-// tile) pair where bwd_dkdv + bwd_dq run seven (bwd_dq recomputes S and dP). Grid (kv
-// heads, batch rows, key tiles), so the columns (kv head, batch row) interleave in launch
-// order and the long low key tiles start first.
+// Backward, fused: one pass over K/V. Each CTA takes one query head and one 64-key tile:
+// its share of dK, dV as bwd_dkdv computes them and, per query step, its share of
+// dQ = dS K from the same dS, added into an f32 accumulator in global memory: five
+// products per (key tile, query tile) pair where bwd_dkdv + bwd_dq run seven (bwd_dq
+// recomputes S and dP). Grid (heads, batch rows, key tiles): the columns (head, batch
+// row) interleave in launch order and the long low key tiles start first. With GQA the
+// heads of a group sum their dK, dV shares in head order at the end (see below), so each
+// column is one head's, not one group's: four times the columns, a quarter of the turn
+// lag below (a scheduling model of 132 SMs x 2 CTAs: the ordered backward at 1.02x /
+// 1.05x / 1.01x its unhindered time at 4 x 2048 / 1 x 8192 / 1 x 32768, against 1.22x /
+// 1.26x / 1.06x with a group per CTA).
 //
 // ORDERED (bit-reproducible): the key tiles add into a query step's accumulator one after
 // the other in ascending order. A counter per (batch row, head, query step) holds kt + 1
@@ -863,8 +873,11 @@ QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t 
 // step stores its share, each later one waits for its predecessor's count, adds, and hands
 // on, and the last (the diagonal, kt == qt) writes dq = scale * sum in the storage type.
 // A key tile only ever waits for a lower one, which launched earlier (lower blockIdx.z),
-// so every wait ends. Query tiles are walked from the last down, so the key tiles of one
-// column reach each step in their order, one step apart.
+// so every wait ends (blocks launch in index order in practice, as FlashAttention-3's
+// deterministic backward and CUTLASS's semaphores also assume; CUDA does not promise it,
+// so a wait that never ends traps instead of hanging). Query tiles are walked from the
+// last down, so the key tiles of one column reach each step in their order, one step
+// apart.
 // Otherwise (FlashAttention-2's way): red.global.add into a zeroed accumulator, whose sum
 // order and hence rounding vary run to run; bwd_dq_store converts it afterwards.
 //
@@ -889,16 +902,17 @@ QT_DEV void bwd_fused(const uint16_t *__restrict__ q, uint64_t ldq,
                       const uint32_t *__restrict__ seg, uint16_t *__restrict__ dk,
                       uint64_t lddk, uint16_t *__restrict__ dv, uint64_t lddv,
                       float *__restrict__ dq_acc, uint32_t *__restrict__ turns,
-                      uint16_t *__restrict__ dq, uint64_t lddq, int seq, int heads,
-                      int kv_heads, int window, float scale) {
+                      uint16_t *__restrict__ dq, uint64_t lddq, float *__restrict__ dkv_acc,
+                      uint32_t *__restrict__ kv_turns, int seq, int heads, int kv_heads,
+                      int window, float scale) {
   using L = FusedSmem<D>;
   constexpr int QH = kStepRows<D>, NT = QH / 8;
   // The dQ product of a step (QH queries x D) over the 4 warps: RB row blocks of 16
   // queries, WPR warps per block, each taking DW of the D columns.
   constexpr int RB = QH / 16, WPR = 4 / RB, DW = D / WPR, NTD = DW / 8;
   static_assert(RB * WPR == 4 && NTD % 2 == 0, "dQ split over 4 warps");
-  const int kvh = blockIdx.x, b = blockIdx.y, kt = blockIdx.z;
-  const int group = heads / kv_heads;
+  const int h = blockIdx.x, b = blockIdx.y, kt = blockIdx.z;
+  const int group = heads / kv_heads, kvh = h / group;
   const int k0 = kt * kBK;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const uint64_t tok0 = static_cast<uint64_t>(b) * seq;
@@ -920,9 +934,8 @@ QT_DEV void bwd_fused(const uint16_t *__restrict__ q, uint64_t ldq,
   const int qt_hi = sg ? last_query_tile(sg, imin(k0 + kBK - 1, seq - 1), qt_lo, i_hi / kBQ)
                        : i_hi / kBQ;
   const int nq = qt_hi - qt_lo + 1;
-  const int total = group * nq;
   auto load_q = [&](int it, int st) {
-    const int h = kvh * group + it / nq, q0 = (qt_hi - it % nq) * kBQ;
+    const int q0 = (qt_hi - it) * kBQ;
     const int valid = imin(kBQ, seq - q0);
     load_tile<D, kBQ>(sb + L::kQ + st * L::kTile,
                       q + (tok0 + q0) * ldq + static_cast<uint64_t>(h) * D, ldq, valid);
@@ -946,11 +959,11 @@ QT_DEV void bwd_fused(const uint16_t *__restrict__ q, uint64_t ldq,
   for (int nt = 0; nt < D / 8; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dK[nt][e] = dV[nt][e] = 0.f;
-  for (int it = 0, st = 0; it < total; ++it, st ^= 1) {
+  for (int it = 0, st = 0; it < nq; ++it, st ^= 1) {
     cp_wait<0>();
     bar_sync();
-    if (it + 1 < total) load_q(it + 1, st ^ 1);
-    const int h = kvh * group + it / nq, qt = qt_hi - it % nq, q0 = qt * kBQ;
+    if (it + 1 < nq) load_q(it + 1, st ^ 1);
+    const int qt = qt_hi - it, q0 = qt * kBQ;
     const uint32_t cQ = sb + L::kQ + st * L::kTile, cO = sb + L::kO + st * L::kTile;
     const float *sL = reinterpret_cast<const float *>(sm + L::kL + st * kBQ * 4);
     const float *sD = reinterpret_cast<const float *>(sm + L::kDs + st * kBQ * 4);
@@ -1070,14 +1083,61 @@ QT_DEV void bwd_fused(const uint16_t *__restrict__ q, uint64_t ldq,
       }
     }
   }
-  // Every warp read all of K (the dQ products; a barrier followed the last) but only its
-  // own 16 rows of V: stage the results in those rows.
-  store_rows<D, E>(dV, 1.f, 1.f, sm + L::kV, warp * 16,
-                   dv + (tok0 + k0) * lddv + static_cast<uint64_t>(kvh) * D, lddv, k_valid,
-                   lane);
-  store_rows<D, E>(dK, scale, scale, sm + L::kK, warp * 16,
-                   dk + (tok0 + k0) * lddk + static_cast<uint64_t>(kvh) * D, lddk, k_valid,
-                   lane);
+  if (group == 1) {
+    // Every warp read all of K (the dQ products; a barrier followed the last) but only
+    // its own 16 rows of V: stage the results in those rows.
+    store_rows<D, E>(dV, 1.f, 1.f, sm + L::kV, warp * 16,
+                     dv + (tok0 + k0) * lddv + static_cast<uint64_t>(kvh) * D, lddv, k_valid,
+                     lane);
+    store_rows<D, E>(dK, scale, scale, sm + L::kK, warp * 16,
+                     dk + (tok0 + k0) * lddk + static_cast<uint64_t>(kvh) * D, lddk, k_valid,
+                     lane);
+    return;
+  }
+  // The query heads of a group add their dK, dV into f32 rows [tokens][kv heads][dK | dV]
+  // in head order (turn counter per batch row, kv head and key tile; the heads of a group
+  // are neighbours in blockIdx.x, so the one waited for launched just before and has the
+  // same work); the last writes dk = scale * sum and dv in the storage type.
+  const int hg = h - kvh * group;  // this head's place in its group
+  uint32_t *turn = kv_turns + (static_cast<uint64_t>(b) * kv_heads + kvh) * gridDim.z + kt;
+  if (hg > 0) {
+    if (threadIdx.x == 0) wait_turn(turn, static_cast<uint32_t>(hg));
+    bar_sync();
+  }
+  const bool last_head = hg == group - 1;
+  const int j0 = warp * 16 + g;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = j0 + 8 * r;
+    if (j >= k_valid) continue;
+    const uint64_t tok = tok0 + k0 + j;
+    float *arow = dkv_acc + (tok * kv_heads + kvh) * (2 * D);
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      const int col = nt * 8 + 2 * t;
+      float2 xk{dK[nt][2 * r], dK[nt][2 * r + 1]}, xv{dV[nt][2 * r], dV[nt][2 * r + 1]};
+      if (hg > 0) {
+        const float2 ok = ldcg2(arow + col), ov = ldcg2(arow + D + col);
+        xk.x = ok.x + xk.x;
+        xk.y = ok.y + xk.y;
+        xv.x = ov.x + xv.x;
+        xv.y = ov.y + xv.y;
+      }
+      if (last_head) {
+        gst4(dk + tok * lddk + static_cast<uint64_t>(kvh) * D + col,
+             pack2<E>(xk.x * scale, xk.y * scale));
+        gst4(dv + tok * lddv + static_cast<uint64_t>(kvh) * D + col, pack2<E>(xv.x, xv.y));
+      } else {
+        stcg2(arow + col, xk);
+        stcg2(arow + D + col, xv);
+      }
+    }
+  }
+  if (!last_head) {
+    fence_gpu();
+    bar_sync();
+    if (threadIdx.x == 0) give_turn(turn, static_cast<uint32_t>(hg + 1));
+  }
 }
 // dq = scale * dq_acc in the storage type (the unordered fused backward's last step);
 // one (token, head) row per D/8 threads, 8 elements each.
@@ -1117,11 +1177,12 @@ QT_DEV void bwd_dq_store(const float *__restrict__ acc, uint16_t *__restrict__ d
       const uint16_t *q, uint64_t ldq, const uint16_t *k, uint64_t ldk, const uint16_t *v,  \
       uint64_t ldv, const uint16_t *dout, uint64_t lddo, const float *lse,                  \
       const float *dsum, const uint32_t *seg, uint16_t *dk, uint64_t lddk, uint16_t *dv,    \
-      uint64_t lddv, float *dq_acc, uint32_t *turns, uint16_t *dq, uint64_t lddq, int seq,  \
-      int heads, int kv_heads, int window, float scale) {                                   \
+      uint64_t lddv, float *dq_acc, uint32_t *turns, uint16_t *dq, uint64_t lddq,           \
+      float *dkv_acc, uint32_t *kv_turns, int seq, int heads, int kv_heads, int window,     \
+      float scale) {                                                                        \
     QT_BODY(qt_attn::bwd_fused<DIM, qt_attn::E, ORDERED>(                                   \
         q, ldq, k, ldk, v, ldv, dout, lddo, lse, dsum, seg, dk, lddk, dv, lddv, dq_acc,     \
-        turns, dq, lddq, seq, heads, kv_heads, window, scale);)                             \
+        turns, dq, lddq, dkv_acc, kv_turns, seq, heads, kv_heads, window, scale);)          \
   }
 #define QT_ATTN_KERNELS(DIM, E, S)                                                          \
   extern "C" __global__ void __launch_bounds__(128)                                         \

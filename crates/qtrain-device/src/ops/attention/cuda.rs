@@ -401,8 +401,8 @@ pub(super) fn attention_bwd<T: Float>(
 }
 
 /// The fused backward (after `attn_bwd_prep`): `attn_bwd_fused` / `attn_bwd_fusedu` over
-/// (kv heads, batch rows, key tiles), the dQ accumulator and turn counters in `scratch`
-/// after the `D` terms; the unordered one adds into zeros and `attn_bwd_dq_store`
+/// (heads, batch rows, key tiles), the accumulators and turn counters in `scratch` after
+/// the `D` terms (`AttnShape::bwd_scratch`); the unordered one adds into zeros and `attn_bwd_dq_store`
 /// converts. `ins` = q, ldq, k, ldk, v, ldv, dO, lddo, lse, D terms, segments (device
 /// pointers and leading dimensions, as the split kernels take them).
 #[allow(clippy::too_many_arguments)]
@@ -420,11 +420,14 @@ fn fused_bwd<T: Float>(
     let d = s.head_dim;
     let layout = s.bwd_scratch(mode);
     let base = scratch.dptr();
-    let (turns, acc) = (base + 4 * layout.turns as u64, base + 4 * layout.acc as u64);
+    let at = |off: usize| base + 4 * off as u64;
+    let (turns, kv_turns) = (at(layout.turns), at(layout.kv_turns));
+    let (acc, kv_acc) = (at(layout.acc), at(layout.kv_acc));
     let ordered = mode == AttnBackward::Fused;
-    if ordered {
-        c.memset0(turns, 4 * layout.turns_len)?;
-    } else {
+    // Both variants sum the group's dK/dV in head order (turns); only the ordered one
+    // hands the dQ sums on (its first key tile stores, so the accumulator needs no zeroing).
+    c.memset0(turns, 4 * layout.turns_len)?;
+    if !ordered {
         c.memset0(acc, 4 * s.tokens() * s.heads * d)?;
     }
     let (seq, heads, kvh, win, scale) = (
@@ -451,20 +454,23 @@ fn fused_bwd<T: Float>(
             .arg(&turns)
             .arg(&dqp)
             .arg(&lddq)
+            .arg(&kv_acc)
+            .arg(&kv_turns)
             .arg(&seq)
             .arg(&heads)
             .arg(&kvh)
             .arg(&win)
             .arg(&scale);
-        // Key tiles slowest: a key tile waits (ordered) only for lower ones of its
-        // column, which launch earlier, so every wait ends.
-        let grid = (s.kv_heads, s.batch, s.seq.div_ceil(TILE));
+        // Heads fastest, key tiles slowest: a CTA waits only for a lower key tile of its
+        // column or the previous head of its group, which launch earlier.
+        let grid = (s.heads, s.batch, s.seq.div_ceil(TILE));
         // SAFETY: arguments match `attn_bwd_fused_*` / `attn_bwd_fusedu_*` (the eleven
-        // inputs in the split kernels' order, then dk, dv, the accumulator, the counters,
-        // dq); the wrapper checked shapes, overlaps and that scratch holds
-        // `bwd_scratch_len(mode)` floats (accumulator tokens x heads x d, counters batch x
-        // heads x 2 per 64-query tile, both zeroed or fully stored before being read); each
-        // CTA writes only its key tile's rows of dk, dv, and dq rows < seq of its heads.
+        // inputs in the split kernels' order, then dk, dv, the dQ accumulator and its
+        // counters, dq, the dK/dV accumulator and its counters); the wrapper checked
+        // shapes, overlaps and that scratch holds `bwd_scratch_len(mode)` floats (laid out
+        // by `bwd_scratch`: counters zeroed above, accumulators zeroed or fully stored
+        // before being read); each CTA writes only its key tile's rows < seq of dk, dv
+        // (the group's last head) and dq rows < seq of its head.
         unsafe { launch(OP, b, cfg(grid, smem))? };
     }
     if !ordered {

@@ -53,13 +53,14 @@ pub enum AttnBackward {
     /// no memory beyond the `D` terms.
     #[default]
     Split,
-    /// One kernel per key tile adds its share of dQ into an f32 buffer, the key tiles
-    /// of a query tile one after the other in a fixed order (turn counters): five
-    /// products, bit-reproducible, `tokens · heads · head_dim` f32 more scratch; the
-    /// later key tiles of a column may wait for their turn.
+    /// One kernel per (query head, key tile) adds its share of dQ into an f32 buffer,
+    /// the key tiles of a query tile one after the other in a fixed order (turn
+    /// counters), and the heads of a GQA group sum their dK/dV shares the same way:
+    /// five products, bit-reproducible, `tokens · (heads + 2 · kv_heads) · head_dim`
+    /// f32 more scratch; a key tile may wait a step for its turn.
     Fused,
-    /// The same, with atomic adds (FlashAttention-2's way): five products, no waiting,
-    /// but the order of the adds and so the rounding of dQ vary run to run.
+    /// The same, with atomic adds for dQ (FlashAttention-2's way): no waiting, but the
+    /// order of the adds and so the rounding of dQ vary run to run.
     FusedAtomic,
 }
 
@@ -94,11 +95,16 @@ impl std::fmt::Display for AttnBackward {
 /// Where the parts of the backward's scratch start (f32 units, 16-byte aligned).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct BwdScratch {
-    /// Turn counters (u32): one per (batch row, head, 32-query step).
+    /// Turn counters (u32): one per (batch row, head, 32-query step), then one per
+    /// (batch row, kv head, 64-key tile) for the group's dK/dV sums; zeroed per launch.
     pub turns: usize,
     pub turns_len: usize,
+    pub kv_turns: usize,
     /// The f32 dQ accumulator, `[tokens, heads · head_dim]`.
     pub acc: usize,
+    /// The f32 dK/dV accumulator of the query heads of a group, `[tokens, kv_heads,
+    /// 2 · head_dim]` (empty without GQA).
+    pub kv_acc: usize,
     pub len: usize,
 }
 
@@ -125,20 +131,32 @@ impl AttnShape {
             return BwdScratch {
                 turns: dsum,
                 turns_len: 0,
+                kv_turns: dsum,
                 acc: dsum,
+                kv_acc: dsum,
                 len: dsum,
             };
         }
         // Steps of 32 queries (the kernel's are 32 or 64 rows; every 64-query tile
-        // counts two, a ragged last one too).
-        let turns_len = self.batch * self.heads * self.seq.div_ceil(64) * 2;
+        // counts two, a ragged last one too), then the key tiles.
+        let tiles = self.seq.div_ceil(64);
+        let q_turns = self.batch * self.heads * tiles * 2;
+        let turns_len = q_turns + self.batch * self.kv_heads * tiles;
         let turns = up(dsum);
         let acc = up(turns + turns_len);
+        let kv_acc = acc + self.tokens() * self.heads * self.head_dim;
+        let kv_len = if self.heads > self.kv_heads {
+            self.tokens() * self.kv_heads * 2 * self.head_dim
+        } else {
+            0
+        };
         BwdScratch {
             turns,
             turns_len,
+            kv_turns: turns + q_turns,
             acc,
-            len: acc + self.tokens() * self.heads * self.head_dim,
+            kv_acc,
+            len: kv_acc + kv_len,
         }
     }
 

@@ -264,13 +264,18 @@ template <class E> Result run(const Shape &s, uint64_t seed) {
   const int QH = D == 128 ? 32 : kBQ;
   std::vector<float> dq_acc(static_cast<size_t>(n) * H * D, NaN);
   std::vector<uint32_t> turns(static_cast<size_t>(s.batch) * H * ((s.seq + kBQ - 1) / kBQ) * (kBQ / QH), 0);
+  std::vector<float> dkv_acc(static_cast<size_t>(n) * KV * 2 * D, NaN);
+  std::vector<uint32_t> kv_turns(static_cast<size_t>(s.batch) * KV * ktiles, 0);
   emu::register_buffer(dq_acc.data(), dq_acc.size() * 4);
   emu::register_buffer(turns.data(), turns.size() * 4);
+  emu::register_buffer(dkv_acc.data(), dkv_acc.size() * 4);
+  emu::register_buffer(kv_turns.data(), kv_turns.size() * 4);
   smem = D == 16 ? FusedSmem<16>::kBytes : D == 32 ? FusedSmem<32>::kBytes : D == 64 ? FusedSmem<64>::kBytes : FusedSmem<128>::kBytes;
   std::vector<uint16_t> ordered;
   for (const bool ord : {true, false}) {
     std::fill(dqkv.begin(), dqkv.end(), poison);
     std::fill(turns.begin(), turns.end(), 0u);
+    std::fill(kv_turns.begin(), kv_turns.end(), 0u);
     // Ordered: the first key tile stores, so poison must not leak through; unordered adds
     // into zeros.
     std::fill(dq_acc.begin(), dq_acc.end(), ord ? NaN : 0.f);
@@ -281,17 +286,18 @@ template <class E> Result run(const Shape &s, uint64_t seed) {
     if (ord)                                                                                     \
       bwd_fused<DIM, E, true>(qp, ldqkv, kp, ldqkv, vp, ldqkv, dout.data(), lddo, lse_in.data(), \
                               dsum.data(), segp, dkp, ldqkv, dvp, ldqkv, dq_acc.data(),          \
-                              turns.data(), dqp, ldqkv, s.seq, H, KV, s.window, scale);          \
+                              turns.data(), dqp, ldqkv, dkv_acc.data(), kv_turns.data(), s.seq,  \
+                              H, KV, s.window, scale);                                           \
     else                                                                                         \
       bwd_fused<DIM, E, false>(qp, ldqkv, kp, ldqkv, vp, ldqkv, dout.data(), lddo,               \
                                lse_in.data(), dsum.data(), segp, dkp, ldqkv, dvp, ldqkv,         \
-                               dq_acc.data(), turns.data(), dqp, ldqkv, s.seq, H, KV, s.window,  \
-                               scale);                                                           \
+                               dq_acc.data(), turns.data(), dqp, ldqkv, dkv_acc.data(),          \
+                               kv_turns.data(), s.seq, H, KV, s.window, scale);                  \
     break;
         QT_FUSED(16) QT_FUSED(32) QT_FUSED(64) QT_FUSED(128)
       }
     };
-    emu::launch({static_cast<unsigned>(KV), static_cast<unsigned>(s.batch), static_cast<unsigned>(ktiles)}, kThreads, smem, fused_call);
+    emu::launch({static_cast<unsigned>(H), static_cast<unsigned>(s.batch), static_cast<unsigned>(ktiles)}, kThreads, smem, fused_call);
     if (!ord) {
       auto store_call = [&]() {
         switch (D) {
