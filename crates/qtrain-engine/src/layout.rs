@@ -17,7 +17,7 @@
 //! | `attn dattn` | `n·heads·d` each | attention output (one layer's, unless kept per layer) and its gradient |
 //! | `gu m dm` | `c·2I`, `c·I`, `c·I` | the MLP of one chunk of `c` tokens (`gu` only without `mlp_activations`) |
 //! | `mlp_activations` | `L·n·2I` | with `save_mlp_activations`: each layer's gate/up output (after its LoRA) |
-//! | `w_qkv w_o w_gu w_down` | one layer's weight groups | dequantized weights, reused by every layer |
+//! | `weights` | `max(qc·h + h·heads·d, 2I·h + h·I)` | one layer's dequantized weights, reused by every layer: `[q;k;v]` and `o` side by side, `[gate;up]` and `down` side by side over the same memory (the attention half and the MLP never need each other's weights at once: the backward dequantizes o and q/k/v again after the MLP) |
 //! | `logits dlogits` | `cc·V` | one cross-entropy chunk of `cc` rows (f32, compute type) |
 //! | `fp8_w_* fp8_wt_* fp8_weight_scales` | one layer's weight groups, 1 byte each, twice | with `fp8_base`: E4M3 codes of the weights per output row (forward) and of their transposes per input column (input gradient), and their f32 scales |
 //! | `fp8_input fp8_input_scales` | the widest product input (`max(n·qc, c·2I)`), `n` | with `fp8_base`: one product input's E4M3 codes and per-token scales |
@@ -58,6 +58,21 @@ pub fn weight_group_shapes(cfg: &ModelConfig) -> [(usize, usize); 4] {
     let qcols = cfg.num_attention_heads * d;
     let qc = (cfg.num_attention_heads + 2 * cfg.num_kv_heads()) * d;
     [(qc, h), (h, qcols), (2 * inter, h), (h, inter)]
+}
+
+/// Offset of each weight group (`Group::ALL` order) in the shared `weights`
+/// buffer: the attention half's groups side by side from 0, the MLP's side by side
+/// from 0 over the same memory. A group's weights are in the buffer only until a
+/// group of the other half is dequantized.
+pub fn weight_group_offsets(cfg: &ModelConfig) -> [usize; 4] {
+    let [(qo, qi), _, (go, gi), _] = weight_group_shapes(cfg);
+    [0, qo * qi, 0, go * gi]
+}
+
+/// Elements of the shared `weights` buffer: the larger half.
+pub fn weight_buffer_elems(cfg: &ModelConfig) -> usize {
+    let [q, o, gu, down] = weight_group_shapes(cfg).map(|(out, inp)| out * inp);
+    (q + o).max(gu + down)
 }
 
 /// Everything that sizes the buffers.
@@ -252,10 +267,7 @@ impl WorkspaceLayout {
             ),
             b("m", MlpChunk, c * inter, e),
             b("dm", MlpChunk, c * inter, e),
-            b("w_qkv", DequantWeights, qc * h, e),
-            b("w_o", DequantWeights, h * qcols, e),
-            b("w_gu", DequantWeights, 2 * inter * h, e),
-            b("w_down", DequantWeights, h * inter, e),
+            b("weights", DequantWeights, weight_buffer_elems(cfg), e),
             b("ce_hidden", Logits, cc * h, e),
             b("logits", Logits, cc * cfg.vocab_size, 4),
             b("dlogits", Logits, cc * cfg.vocab_size, e),
@@ -369,5 +381,30 @@ impl WorkspaceLayout {
         }
         out.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The attention half's groups and the MLP's each fit the shared buffer side by
+    /// side, and the buffer is the larger half, not the sum.
+    #[test]
+    fn weight_groups_share_one_buffer_of_the_larger_half() {
+        let json = r#"{"model_type":"mistral","vocab_size":32768,"hidden_size":4096,
+            "intermediate_size":14336,"num_hidden_layers":32,"num_attention_heads":32,
+            "num_key_value_heads":8,"max_position_embeddings":32768,"rms_norm_eps":1e-5,
+            "rope_theta":1e6}"#;
+        let cfg = ModelConfig::from_json_str(json, std::path::Path::new("config.json")).unwrap();
+        let sizes = weight_group_shapes(&cfg).map(|(o, i)| o * i);
+        let offsets = weight_group_offsets(&cfg);
+        let elems = weight_buffer_elems(&cfg);
+        assert_eq!(offsets, [0, sizes[0], 0, sizes[2]]);
+        assert_eq!(elems, sizes[2] + sizes[3]);
+        assert!(sizes[0] + sizes[1] <= elems);
+        // 336 MiB of bf16 on Mistral-7B where four buffers took 416.
+        assert_eq!((elems * 2) >> 20, 336);
+        assert_eq!((sizes.iter().sum::<usize>() * 2) >> 20, 416);
     }
 }
