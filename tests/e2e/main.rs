@@ -139,6 +139,27 @@ fn the_doctor_on_the_cpu_says_what_to_build() {
     );
 }
 
+/// `doctor --cpu --only GROUP` runs that group alone (what a profiler is pointed at).
+#[test]
+fn the_doctor_runs_one_group_on_request() {
+    let o = ok(qtrain(["doctor", "--cpu", "--only", "attention"]));
+    let out = stdout(&o);
+    let checks: Vec<&str> = out.lines().filter(|l| l.ends_with(" ok")).collect();
+    assert!(!checks.is_empty(), "{out}");
+    assert!(checks.iter().all(|l| l.starts_with("attention")), "{out}");
+    assert!(out.contains("all checks passed"), "{out}");
+    // A group that does not exist is a usage error (exit 2) naming the groups.
+    let o = qtrain(["doctor", "--cpu", "--only", "nothing"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("attention, optimizer"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// Budgets no run can use are refused at once, by flag or key, before loading
 /// anything, never with a panic or TOML internals.
 #[test]

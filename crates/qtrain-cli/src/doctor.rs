@@ -21,6 +21,20 @@ pub struct Args {
     /// Run every check on the CPU instead of a GPU (small shapes, no speeds).
     #[arg(long)]
     cpu: bool,
+    /// Run one group of checks only (e.g. under a profiler): nf4, kernels (every fused
+    /// kernel and GEMM), attention, optimizer, step (a tiny model's training step).
+    #[arg(long, value_enum)]
+    only: Option<Group>,
+}
+
+/// The groups of checks, in the order a full run prints them.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Group {
+    Nf4,
+    Kernels,
+    Attention,
+    Optimizer,
+    Step,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -55,20 +69,32 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
     };
-    // NF4 dequantization: bit-exact against the CPU reference, and bandwidth.
-    report(qtrain_device::ops::nf4::self_test(&device, full)?);
-    // Every fused kernel against its CPU reference (bf16 on the GPU).
-    report(qtrain_device::selftest::run_basic(&dev, full)?);
-    // NF4 quantization (how the loader quantizes on a GPU), byte for byte.
-    report(qtrain_device::ops::nf4_quant::self_test(&device, full));
-    // The fused 8-bit AdamW against the CPU optimizer (bit-exact), and its speed.
-    let optimizer_layers = if full { 32 } else { 1 };
-    report(qtrain_optim::device::selftest::selftest_layers(
-        &dev,
-        optimizer_layers,
-    ));
-    // A tiny model's training step, decoding and loading against the CPU.
-    report(qtrain_train::selftest::step_checks(&device));
+    let runs = |g: Group| a.only.is_none_or(|o| o == g);
+    if runs(Group::Nf4) {
+        // NF4 dequantization: bit-exact against the CPU reference, and bandwidth.
+        report(qtrain_device::ops::nf4::self_test(&device, full)?);
+        // NF4 quantization (how the loader quantizes on a GPU), byte for byte.
+        report(qtrain_device::ops::nf4_quant::self_test(&device, full));
+    }
+    if runs(Group::Kernels) {
+        // Every fused kernel against its CPU reference (bf16 on the GPU), attention
+        // included.
+        report(qtrain_device::selftest::run_basic(&dev, full)?);
+    } else if a.only == Some(Group::Attention) {
+        report(qtrain_device::ops::attention::self_test(&dev, full)?);
+    }
+    if runs(Group::Optimizer) {
+        // The fused 8-bit AdamW against the CPU optimizer (bit-exact), and its speed.
+        let optimizer_layers = if full { 32 } else { 1 };
+        report(qtrain_optim::device::selftest::selftest_layers(
+            &dev,
+            optimizer_layers,
+        ));
+    }
+    if runs(Group::Step) {
+        // A tiny model's training step, decoding and loading against the CPU.
+        report(qtrain_train::selftest::step_checks(&device));
+    }
     if failures.is_empty() {
         println!("all checks passed");
         Ok(())

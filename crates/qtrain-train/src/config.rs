@@ -190,7 +190,8 @@ pub struct TrainSection {
     /// bit-reproducible), `fused` (one pass over K/V, dQ summed in a fixed order:
     /// bit-reproducible, two of seven products fewer, `tokens x (heads + 2 kv_heads) x
     /// head_dim` f32 more memory: 24 KiB per token on Mistral-7B) or `fused-atomic` (the same with atomic adds, FlashAttention-2's
-    /// way: no waiting, but dQ's rounding varies run to run).
+    /// way: no waiting, but dQ's rounding varies run to run). Both fused ones are 3.0x /
+    /// 2.2x slower than `split` on an H100 today (docs/perf.md v8).
     pub attention_backward: String,
 }
 

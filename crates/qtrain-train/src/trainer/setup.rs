@@ -463,6 +463,13 @@ fn build(
     let attn_bwd =
         qtrain_engine::AttnBackward::parse(&cfg.train.attention_backward).unwrap_or_default(); // validated with the config
     backend.set_attention_backward(attn_bwd);
+    if attn_bwd != qtrain_engine::AttnBackward::Split && base.device.is_cuda() {
+        // Measured (docs/perf.md v8): correct, but the dQ accumulation is latency-bound.
+        tracing::warn!(
+            "train.attention_backward = {attn_bwd}: slower than `split` today (3.0x fused, \
+             2.2x fused-atomic for the attention backward on an H100); `split` is the fast choice"
+        );
+    }
     if !attn_bwd.reproducible() {
         tracing::warn!(
             "train.attention_backward = {attn_bwd}: dQ is summed with atomic adds, so two runs \
