@@ -17,7 +17,8 @@
 //! one GEMM; the attention half's groups and the MLP's share the memory
 //! ([`crate::layout::weight_group_offsets`]), so the backward dequantizes o and
 //! q/k/v a second time after the MLP (a fifth of the layer's weights: ~0.3% of a
-//! step) for a buffer of the MLP's size alone (80 MiB less on Mistral-7B). LoRA runs as two skinny products per adapted projection,
+//! step) for a buffer of the MLP's size alone (80 MiB less on Mistral-7B).
+//! LoRA runs as two skinny products per adapted projection,
 //! `z = dropout(x) Aᵀ` then `y += s · z Bᵀ` (accumulated into the base product);
 //! its gradients are accumulated in f32 straight from compute-type operands. With
 //! dropout the A-side products (`z`, `dA += dzᵀ dropout(x)`, `dx += (dz A) ∘ mask`)
@@ -166,7 +167,8 @@ struct Workspace<T: Float> {
     dm: DBuf<T>,
     /// One layer's dequantized weight groups, at [`weight_group_offsets`].
     weights: DBuf<T>,
-    weight_offsets: [usize; 4],
+    /// `(offset, out, in)` of each group in `weights` (`Group::ALL` order).
+    weight_groups: [(usize, usize, usize); 4],
     ce_hidden: DBuf<T>,
     logits: DBuf<f32>,
     dlogits: DBuf<T>,
@@ -358,7 +360,10 @@ impl<T: Float> Workspace<T> {
             m: buf!("m"),
             dm: buf!("dm"),
             weights: buf!("weights"),
-            weight_offsets: weight_group_offsets(cfg),
+            weight_groups: {
+                let (offsets, shapes) = (weight_group_offsets(cfg), weight_group_shapes(cfg));
+                std::array::from_fn(|i| (offsets[i], shapes[i].0, shapes[i].1))
+            },
             ce_hidden: buf!("ce_hidden"),
             logits: buf!("logits"),
             dlogits: buf!("dlogits"),
@@ -846,16 +851,10 @@ impl<'a, T: Float> Ctx<'a, T> {
     /// The place of weight group `g` in the shared buffer as `[out, in]` (whatever
     /// it holds now: only [`Ctx::weights`] makes it this layer's group).
     fn weight_buf(&self, g: Group) -> Mat<'a, T> {
-        let d = &self.dims;
-        let (slot, rows, cols) = match g {
-            Group::Qkv => (0, d.qc, d.h),
-            Group::O => (1, d.h, d.qcols),
-            Group::GateUp => (2, 2 * d.inter, d.h),
-            Group::Down => (3, d.h, d.inter),
-        };
+        let (offset, rows, cols) = self.ws.weight_groups[g.index()];
         self.ws
             .weights
-            .view(self.ws.weight_offsets[slot], rows * cols)
+            .view(offset, rows * cols)
             .mat(rows, cols, cols)
     }
 
