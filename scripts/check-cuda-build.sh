@@ -21,4 +21,18 @@ for cap in 75 80 86 89 90; do
   done
   echo "${#sources[@]} kernels compile for compute_$cap"
 done
+# Files with Hopper-only kernels (wgmma) have a second build for compute_90a (see
+# build_ptx.rs, SM90A_MARKER); ptxas assembles it, which checks the wgmma operands, and
+# must not serialize the wgmma instructions (its "Potential Performance Loss" warning).
+for src in "${sources[@]}"; do
+  grep -q QTRAIN_SM90A_VARIANT "$src" || continue
+  nvcc --ptx -O3 -std=c++17 -arch=compute_90a -DQTRAIN_SM90A_VARIANT -I crates/qtrain-device/src/ops \
+    -o "$tmp/k90a.ptx" "$src" || { echo "error: $src does not compile for compute_90a" >&2; exit 1; }
+  ptxas -arch=sm_90a -v "$tmp/k90a.ptx" -o "$tmp/k90a.cubin" 2> "$tmp/ptxas.log" ||
+    { cat "$tmp/ptxas.log" >&2; echo "error: ptxas rejects $src's sm_90a build" >&2; exit 1; }
+  if grep -qi "serialized" "$tmp/ptxas.log"; then
+    cat "$tmp/ptxas.log" >&2; echo "error: ptxas serializes wgmma in $src" >&2; exit 1
+  fi
+  echo "$src: sm_90a build assembles ($(grep -c 'Compiling entry' "$tmp/ptxas.log") kernels)"
+done
 CUDA_COMPUTE_CAP=90 cargo clippy --release --workspace --all-targets --features qtrain-cli/cuda -- -D warnings

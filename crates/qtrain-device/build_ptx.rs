@@ -66,5 +66,46 @@ pub fn compile_kernels(dir: &str, include: &str) {
             .status()
             .unwrap_or_else(|e| panic!("running {nvcc} (is the CUDA toolkit on PATH?): {e}"));
         assert!(status.success(), "nvcc failed on {}", src.display());
+        sm90a_variant(
+            &nvcc,
+            &cap,
+            &include,
+            &src,
+            &out.join(format!("{stem}_sm90a.ptx")),
+        );
     }
 }
+
+/// A kernel file that defines `SM90A_MARKER` has a second build for Hopper's
+/// arch-specific instructions (wgmma): with `-arch=compute_90a` and the marker defined,
+/// which selects the kernels that use them. The PTX loads on compute capability 9.0 only
+/// (the crate picks it at run time); for any other `CUDA_COMPUTE_CAP` the file is empty.
+fn sm90a_variant(nvcc: &str, cap: &str, include: &Path, src: &Path, ptx: &Path) {
+    let text = std::fs::read_to_string(src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    if !text.contains(SM90A_MARKER) {
+        return;
+    }
+    if cap != "90" {
+        std::fs::write(ptx, "").unwrap_or_else(|e| panic!("{}: {e}", ptx.display()));
+        return;
+    }
+    let status = Command::new(nvcc)
+        .args(NVCC_FLAGS)
+        .arg("-arch=compute_90a")
+        .arg(format!("-D{SM90A_MARKER}"))
+        .arg("-I")
+        .arg(include)
+        .arg("-o")
+        .arg(ptx)
+        .arg(src)
+        .status()
+        .unwrap_or_else(|e| panic!("running {nvcc}: {e}"));
+    assert!(
+        status.success(),
+        "nvcc (compute_90a) failed on {}",
+        src.display()
+    );
+}
+
+/// The macro a kernel file tests to build its sm_90a-only kernels.
+pub const SM90A_MARKER: &str = "QTRAIN_SM90A_VARIANT";

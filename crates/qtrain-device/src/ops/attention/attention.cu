@@ -12,6 +12,10 @@
 //                        plus each key tile's share of dQ, summed in key-tile order in an f32
 //                        buffer (5 products per tile pair instead of 7; see bwd_fused)
 //   attn_bwd_fusedu_dD_S the same with atomic adds, then attn_bwd_dq_store_dD_S
+// and, compiled a second time for sm_90a (-DQTRAIN_SM90A_VARIANT; attention_sm90a.ptx, loaded
+// on compute capability 9.0 only), the same templates with Hopper's wgmma for the products
+// (WG = true; D = 64, 128): attn_fwdwg_dD_S / attn_fwdwg8_dD_S (1 / 2 warpgroups),
+// attn_bwd_dkdvwg_dD_S, attn_bwd_dqwg_dD_S (the split backward). See WgSw and fwd.
 // Except in fusedu, every output element is written by exactly one thread after a
 // fixed-order reduction: results are bit-reproducible run to run. Memory is O(seq):
 // nothing of size seq^2 is ever stored, the backward recomputes P from lse.
@@ -78,7 +82,8 @@
 //
 // Testing without a GPU: crates/qtrain-device/src/ops/attention/emu/run.sh compiles this file for the host (-DQT_EMU) with
 // an emulation of every primitive below (emu/emu.h, layouts transcribed from the PTX
-// ISA tables above) and checks all kernels against a reference. If the GPU check fails but
+// ISA tables above, wgmma's shared-memory descriptors decoded from the ISA's canonical
+// layouts) and checks all kernels, the wgmma ones included, against a reference. If the GPU check fails but
 // the emulation passes, suspect what the emulator cannot see: the hardware's fragment
 // layouts themselves (the table above), cp.async / shared-memory ordering (the emulator
 // runs cp.async copies at the wait), and launch configuration (grid, block, dynamic smem).
@@ -211,6 +216,115 @@ template <> QT_DEV float2 unpack2<Bf16>(uint32_t u) {
 template <> QT_DEV float2 unpack2<F16>(uint32_t u) {
   return __half22float2(*reinterpret_cast<__half2 *>(&u));
 }
+// wgmma (sm_90a only: the attention_sm90a.ptx build defines __CUDA_ARCH_FEAT_SM90_ALL;
+// elsewhere these trap, and no kernel that reaches them is built there).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define QT_SM90A(...) asm volatile(__VA_ARGS__)
+#else
+#define QT_SM90A(...) __trap()
+#endif
+QT_DEV void wg_fence() { QT_SM90A("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+QT_DEV void wg_commit() { QT_SM90A("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> QT_DEV void wg_wait() {
+  QT_SM90A("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// cp.async writes shared memory through the generic proxy, wgmma reads it through the
+// async proxy: each writer fences before the barrier that precedes the reads.
+QT_DEV void fence_proxy_async() { QT_SM90A("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Keeps the compiler from moving reads or writes of wgmma accumulators across the
+// asynchronous instructions (CUTLASS's warpgroup_fence_operand).
+template <int A, int B> QT_DEV void wg_fence_operands(float (&r)[A][B]) {
+#pragma unroll
+  for (int i = 0; i < A; ++i)
+#pragma unroll
+    for (int j = 0; j < B; ++j) asm volatile("" : "+f"(r[i][j])::"memory");
+}
+template <int N, class E> struct Wg;
+template <int N, class E> struct WgSs;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// D[64 x N] (+)= A[64 x 16] B[16 x N], A from registers, B by shared-memory descriptor
+// (TB = 1: B stored MN-major); `accumulate` 0 overwrites D.
+#define QT_WGMMA_RS64(E, T)                                                               \
+  template <> struct Wg<64, E> {                                                             \
+    template <int TB>                                                                       \
+    static QT_DEV void rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc,       \
+                          int accumulate) {                                                 \
+      asm volatile(                                                                         \
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                     \
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32." T "." T " "                         \
+          "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "  \
+          "{%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"                                       \
+          :       "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),\
+      "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),\
+      "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),\
+      "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),\
+      "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),\
+      "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),\
+      "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),\
+      "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]) \
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate),        \
+            "n"(TB));                                                                       \
+    }                                                                                       \
+  };
+#define QT_WGMMA_RS128(E, T)                                                               \
+  template <> struct Wg<128, E> {                                                             \
+    template <int TB>                                                                       \
+    static QT_DEV void rs(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc,       \
+                          int accumulate) {                                                 \
+      asm volatile(                                                                         \
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                     \
+          "wgmma.mma_async.sync.aligned.m64n128k16.f32." T "." T " "                         \
+          "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "  \
+          "{%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"                                       \
+          :       "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),\
+      "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),\
+      "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),\
+      "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),\
+      "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),\
+      "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),\
+      "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),\
+      "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),\
+      "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),\
+      "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),\
+      "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),\
+      "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),\
+      "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),\
+      "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),\
+      "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),\
+      "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]) \
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate),        \
+            "n"(TB));                                                                       \
+    }                                                                                       \
+  };
+// The same with A by descriptor too (K-major A).
+#define QT_WGMMA_SS64(E, T)                                                               \
+  template <> struct WgSs<64, E> {                                                           \
+    template <int TB>                                                                       \
+    static QT_DEV void ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b,            \
+                          int accumulate) {                                                 \
+      asm volatile(                                                                         \
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                     \
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32." T "." T " "                         \
+          "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "  \
+          "%32, %33, p, 1, 1, 0, %35;\n}\n"                                       \
+          :       "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), \
+      "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
+      "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
+      "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
+      "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), \
+      "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
+      "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), \
+      "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]) \
+          : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TB));                            \
+    }                                                                                       \
+  };
+QT_WGMMA_SS64(Bf16, "bf16")
+QT_WGMMA_SS64(F16, "f16")
+QT_WGMMA_RS64(Bf16, "bf16")
+QT_WGMMA_RS64(F16, "f16")
+QT_WGMMA_RS128(Bf16, "bf16")
+QT_WGMMA_RS128(F16, "f16")
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
 #endif  // QT_ATTN_ON
 #endif  // !QT_EMU
 
@@ -234,9 +348,39 @@ template <int D> struct Sw {
   }
 };
 
+// The same [kBK][D] tile (D = 64 or 128) in wgmma's canonical 128-byte-swizzle layout
+// (PTX ISA "Shared Memory Matrix Layout"): 64-column blocks of kBK rows x 128 bytes, one
+// after the other; within a block, row r, chunk c at r * 128 + 16 * (c ^ (r & 7)). The tile
+// must start on a 1024-byte boundary (the hardware swizzles address bits 4-6 with 7-9).
+// As B of S = Q K^T it is K-major (keys = n, head dim = k); as B of O = P V it is MN-major
+// (head dim = n, keys = k): one layout serves both.
+template <int D> struct WgSw {
+  static_assert(D == 64 || D == 128, "wgmma tiles are 64-column blocks");
+  static constexpr uint32_t kBlock = kBK * 128;  // bytes of one 64-column block
+  static QT_DEV uint32_t off(int r, int c) {
+    return static_cast<uint32_t>((c >> 3) * kBlock + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+  }
+};
+
+template <bool B, class T, class F> struct Pick {
+  using type = T;
+};
+template <class T, class F> struct Pick<false, T, F> {
+  using type = F;
+};
+
+// wgmma shared-memory matrix descriptor with the 128-byte swizzle (PTX ISA "Matrix
+// Descriptor Format"): start address, leading and stride byte offsets in 16-byte units.
+QT_DEV uint64_t wg_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
+         (static_cast<uint64_t>((lbo & 0x3FFFF) >> 4) << 16) |
+         (static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
+}
+
 // Rows [0, ROWS) of a global [rows][D] tile (row r at g + r * ld) into the swizzled tile at
-// shared address s; rows >= valid are zero-filled (never NaN garbage: P = 0 times a zero V).
-template <int D, int ROWS, int THREADS = kThreads>
+// shared address s (layout Lay: Sw<D>, or WgSw<D> for wgmma operands); rows >= valid are
+// zero-filled (never NaN garbage: P = 0 times a zero V).
+template <int D, int ROWS, int THREADS = kThreads, class Lay = Sw<D>>
 QT_DEV void load_tile(uint32_t s, const uint16_t *g, uint64_t ld, int valid) {
   constexpr int kCpr = D / 8, kTotal = ROWS * kCpr;
   static_assert(kTotal % THREADS == 0, "tile must split evenly over the CTA");
@@ -245,7 +389,7 @@ QT_DEV void load_tile(uint32_t s, const uint16_t *g, uint64_t ld, int valid) {
     const int idx = it * THREADS + static_cast<int>(threadIdx.x);
     const int r = idx / kCpr, c = idx % kCpr;
     const bool ok = r < valid;
-    cp16(s + Sw<D>::off(r, c), g + (ok ? static_cast<uint64_t>(r) * ld : 0) + c * 8, ok);
+    cp16(s + Lay::off(r, c), g + (ok ? static_cast<uint64_t>(r) * ld : 0) + c * 8, ok);
   }
 }
 
@@ -375,6 +519,41 @@ QT_DEV void mm_atb_smem(float (&acc)[NTD][4], uint32_t xt, int row0, uint32_t y,
   }
 }
 
+// The warpgroup's versions (WG kernels; tiles in the WgSw layout, 1024-byte aligned).
+// S[64 x N] = X Y^T: X = the 64-row tile at `x` (A, K-major), Y = rows [0, N) of the tile
+// at `y` (B, K-major); k-step kk reads head-dim columns 16kk..: block kk / 4, 32 bytes
+// into the swizzled rows per step, 8-row groups 1024 bytes apart.
+template <int D, int N, class E>
+QT_DEV void wg_abt(float (&s)[N / 8][4], uint32_t x, uint32_t y) {
+  wg_fence_operands(s);
+  wg_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t step = (kk >> 2) * WgSw<D>::kBlock + (kk & 3) * 32;
+    WgSs<N, E>::template ss<0>(s, wg_desc(x + step, 16, 1024), wg_desc(y + step, 16, 1024), kk);
+  }
+  wg_commit();
+  wg_wait<0>();
+  wg_fence_operands(s);
+}
+
+// acc[64 x D] += P(64 x KR, packed pairs p[n-tile][row half]: the accumulator layout of
+// S) * Y, Y = rows [0, KR) of the tile at `y` read MN-major: k-step kk is rows 16kk..
+// (2048 bytes on), the next 64 columns one block (LBO) on, the next 8 rows 1024 (SBO).
+template <int D, int KR, class E>
+QT_DEV void wg_pb(float (&acc)[D / 8][4], const uint32_t (&p)[KR / 8][2], uint32_t y) {
+  wg_fence_operands(acc);
+  wg_fence();
+#pragma unroll
+  for (int kk = 0; kk < KR / 16; ++kk) {
+    const uint32_t a[4] = {p[2 * kk][0], p[2 * kk][1], p[2 * kk + 1][0], p[2 * kk + 1][1]};
+    Wg<D, E>::template rs<1>(acc, a, wg_desc(y + kk * 2048, WgSw<D>::kBlock, 1024), 1);
+  }
+  wg_commit();
+  wg_wait<0>();
+  wg_fence_operands(acc);
+}
+
 // Writes a warp's 16 x D f32 accumulator (times `mul`) as 16-bit rows: staged through the
 // warp's own 16 rows of the swizzled tile `stage` (generic pointer; nobody else reads those
 // rows any more), then copied out 16 bytes per lane, rows < `valid` only.
@@ -406,24 +585,36 @@ QT_DEV void store_rows(const float (&acc)[D / 8][4], float mul0, float mul1, cha
 // Forward. W warps of 16 query rows each: BQ = 16 W queries per CTA (W = 4 everywhere by
 // default; W = 8 is a tuning variant at D = 128 where one K/V tile then feeds twice the
 // queries, halving the L2 -> shared traffic, at one CTA per SM).
-template <int D, int W = 4> struct FwdSmem {
+//
+// WG (Hopper, sm_90a, D = 64 or 128): the two products run as wgmma instead of mma.sync,
+// each warpgroup (4 warps, 64 query rows) issuing m64nNk16 with A from registers (Q, then
+// P: the mma A layout per warp, so the softmax code is shared) and B = the K or V tile
+// read by the tensor cores straight from shared memory (WgSw layout, no ldmatrix). The
+// accumulators have the mma.sync layout too (element i of a warp's m64nN share = n-tile
+// i / 4, entry i % 4). The dynamic shared memory is 1 KiB larger: the K/V tiles start on
+// a 1024-byte boundary, as the swizzle needs.
+template <int D, int W = 4, bool WG = false> struct FwdSmem {
   static constexpr int kQ = 16 * W * D * 2, kTile = kBK * D * 2;
   static constexpr int kK = kQ, kV = kK + 2 * kTile, kSeg = kV + 2 * kTile;
-  static constexpr int kBytes = kSeg + 2 * kBK * 4;
+  static constexpr int kBytes = kSeg + 2 * kBK * 4 + (WG ? 1024 : 0);
+  static_assert(!WG || (kK % 1024 == 0 && kTile % 1024 == 0), "wgmma tiles on 1 KiB");
 };
 
-template <int D, int W, class E>
+template <int D, int W, class E, bool WG = false>
 QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__restrict__ k,
                 uint64_t ldk, const uint16_t *__restrict__ v, uint64_t ldv,
                 const uint32_t *__restrict__ seg, uint16_t *__restrict__ o, uint64_t ldo,
                 float *__restrict__ lse, int seq, int heads, int kv_heads, int window,
                 float scale) {
-  using L = FwdSmem<D, W>;
+  using L = FwdSmem<D, W, WG>;
+  using KvLay = typename Pick<WG, WgSw<D>, Sw<D>>::type;
   constexpr int NT = kBK / 8, BQ = 16 * W, THREADS = 32 * W;
+  static_assert(!WG || W % 4 == 0, "wgmma needs whole warpgroups");
   // Q fragments stay in registers for small D; at D = 128 they would take 32 of the 255
   // registers and starve the ldmatrix -> mma pipelining, so they are re-read from shared
   // memory per key tile (8 extra ldmatrix per 64 of K and V), as FlashAttention-2 does.
-  constexpr bool kQRegs = D <= 64;
+  // wgmma takes A from registers (no ldmatrix of B to pipeline): Q stays there.
+  constexpr bool kQRegs = D <= 64 || WG;
   const int h = blockIdx.x, qt = gridDim.y - 1 - blockIdx.y, b = blockIdx.z;
   const int kvh = h / (heads / kv_heads);
   const int q0 = qt * BQ;
@@ -431,7 +622,12 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
   const int mi = lane >> 3, lr = lane & 7;
   const uint64_t tok0 = static_cast<uint64_t>(b) * seq;
   char *sm = smem_ptr();
-  const uint32_t sb = smem_addr(sm);
+  uint32_t sb = smem_addr(sm);
+  if constexpr (WG) {  // K/V tiles on 1 KiB (L::kBytes has the room)
+    const uint32_t pad = (1024u - (sb & 1023u)) & 1023u;
+    sm += pad;
+    sb += pad;
+  }
 
   const int q_end = imin(q0 + BQ, seq);
   const int j_lo = window ? imax(0, q0 - window + 1) : 0;
@@ -445,10 +641,10 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
   cp_commit();
   auto load_kv = [&](int kt, int st) {
     const int j0 = kt * kBK, valid = imin(kBK, seq - j0);
-    load_tile<D, kBK, THREADS>(sb + L::kK + st * L::kTile, kb + static_cast<uint64_t>(j0) * ldk, ldk,
-                      valid);
-    load_tile<D, kBK, THREADS>(sb + L::kV + st * L::kTile, vb + static_cast<uint64_t>(j0) * ldv, ldv,
-                      valid);
+    load_tile<D, kBK, THREADS, KvLay>(sb + L::kK + st * L::kTile,
+                                      kb + static_cast<uint64_t>(j0) * ldk, ldk, valid);
+    load_tile<D, kBK, THREADS, KvLay>(sb + L::kV + st * L::kTile,
+                                      vb + static_cast<uint64_t>(j0) * ldv, ldv, valid);
     if (sg) load_words<kBK>(sb + L::kSeg + st * kBK * 4, sg + j0, valid);
     cp_commit();
   };
@@ -474,6 +670,7 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
 
   for (int kt = kt_hi, st = 0; kt >= kt_lo; --kt, st ^= 1) {
     cp_wait<0>();
+    if constexpr (WG) fence_proxy_async();
     bar_sync();  // tile kt is visible to all; everyone is done with the other buffer
     if (kt > kt_lo) load_kv(kt - 1, st ^ 1);
     const uint32_t cK = sb + L::kK + st * L::kTile, cV = sb + L::kV + st * L::kTile;
@@ -482,10 +679,23 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
     float s[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-    if constexpr (kQRegs)
+    if constexpr (WG) {
+      // S = Q K^T: k-step kk reads head-dim columns 16kk.. of every key row: block kk / 4,
+      // 32 bytes into the (swizzled) row per step; 8-row groups 1024 bytes apart.
+      wg_fence_operands(s);
+      wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        Wg<kBK, E>::template rs<0>(
+            s, qf[kk], wg_desc(cK + (kk >> 2) * WgSw<D>::kBlock + (kk & 3) * 32, 16, 1024), kk);
+      wg_commit();
+      wg_wait<0>();
+      wg_fence_operands(s);
+    } else if constexpr (kQRegs) {
       mm_abt_regs<D, NT, E>(s, qf, cK, lane);
-    else
+    } else {
       mm_abt_smem<D, NT, E>(s, sb, warp * 16, cK, lane);
+    }
 
     const bool need = (j0 + kBK - 1 > q0) || (window && q0 + BQ - 1 - j0 >= window) ||
                       (j0 + kBK > seq) || sg;
@@ -537,7 +747,10 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
       p[nt][0] = pack2<E>(p0, p1);
       p[nt][1] = pack2<E>(p2, p3);
     }
-    mm_pb<D, kBK / 16, E>(acc, p, cV, lane);
+    if constexpr (WG)
+      wg_pb<D, kBK, E>(acc, p, cV);
+    else
+      mm_pb<D, kBK / 16, E>(acc, p, cV, lane);
   }
 
   l0 += shfl_xor(l0, 1);
@@ -590,14 +803,21 @@ QT_DEV void bwd_prep(const uint16_t *__restrict__ o, uint64_t ldo,
 
 // ---------------------------------------------------------------------------------------
 // Backward dK, dV: one CTA per (kv head, 64-key tile, batch row).
-template <int D> struct DkvSmem {
+//
+// WG (Hopper, sm_90a, D = 64 or 128): the four products as wgmma of the CTA's one
+// warpgroup (64 keys = M): S^T = K Q^T and dP^T = V dO^T with both operands from shared
+// memory (K, V as K-major A; Q, dO as K-major B), dV += P^T dO and dK += dS^T Q with A
+// from registers (the mma A layout, as the forward's P) and B = dO, Q read MN-major. All
+// four tiles use the WgSw layout; the whole 64-query step at once (N = 64), since no
+// K/V fragments occupy registers. 1 KiB more shared memory, for the 1024-byte alignment.
+template <int D, bool WG = false> struct DkvSmem {
   static constexpr int kTile = kBQ * D * 2;  // kBQ == kBK
   static constexpr int kK = 0, kV = kTile, kQ = 2 * kTile, kO = 4 * kTile;
   static constexpr int kL = 6 * kTile, kDs = kL + 2 * kBQ * 4, kSq = kDs + 2 * kBQ * 4;
-  static constexpr int kBytes = kSq + 2 * kBQ * 4;
+  static constexpr int kBytes = kSq + 2 * kBQ * 4 + (WG ? 1024 : 0);
 };
 
-template <int D, class E>
+template <int D, class E, bool WG = false>
 QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
                      const uint16_t *__restrict__ k, uint64_t ldk,
                      const uint16_t *__restrict__ v, uint64_t ldv,
@@ -606,11 +826,13 @@ QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
                      const uint32_t *__restrict__ seg, uint16_t *__restrict__ dk, uint64_t lddk,
                      uint16_t *__restrict__ dv, uint64_t lddv, int seq, int heads, int kv_heads,
                      int window, float scale) {
-  using L = DkvSmem<D>;
+  using L = DkvSmem<D, WG>;
+  using Lay = typename Pick<WG, WgSw<D>, Sw<D>>::type;
   // Queries per inner step. dK and dV take 2 * D/2 accumulator registers; at D = 128 a
   // 64-query step's S^T and dP^T (64 more) would spill, so the tile is done in two halves
-  // (the K/V A-fragments are re-read once more per half: ~11% more ldmatrix).
-  constexpr int QH = D == 128 ? 32 : kBQ;
+  // (the K/V A-fragments are re-read once more per half: ~11% more ldmatrix). wgmma
+  // reads K and V from shared memory, so the whole step fits.
+  constexpr int QH = D == 128 && !WG ? 32 : kBQ;
   constexpr int NT = QH / 8;
   const int kvh = blockIdx.x, kt = blockIdx.y, b = blockIdx.z;
   const int group = heads / kv_heads;
@@ -618,14 +840,19 @@ QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const uint64_t tok0 = static_cast<uint64_t>(b) * seq;
   char *sm = smem_ptr();
-  const uint32_t sb = smem_addr(sm);
+  uint32_t sb = smem_addr(sm);
+  if constexpr (WG) {  // tiles on 1 KiB (L::kBytes has the room)
+    const uint32_t pad = (1024u - (sb & 1023u)) & 1023u;
+    sm += pad;
+    sb += pad;
+  }
   const uint32_t *sg = seg ? seg + tok0 : nullptr;
 
   const int k_valid = imin(kBK, seq - k0);
-  load_tile<D, kBK>(sb + L::kK, k + (tok0 + k0) * ldk + static_cast<uint64_t>(kvh) * D, ldk,
-                    k_valid);
-  load_tile<D, kBK>(sb + L::kV, v + (tok0 + k0) * ldv + static_cast<uint64_t>(kvh) * D, ldv,
-                    k_valid);
+  load_tile<D, kBK, kThreads, Lay>(
+      sb + L::kK, k + (tok0 + k0) * ldk + static_cast<uint64_t>(kvh) * D, ldk, k_valid);
+  load_tile<D, kBK, kThreads, Lay>(
+      sb + L::kV, v + (tok0 + k0) * ldv + static_cast<uint64_t>(kvh) * D, ldv, k_valid);
   cp_commit();
 
   // Queries that can see this key tile: i >= k0 and i < (last key) + window.
@@ -638,10 +865,12 @@ QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
   auto load_q = [&](int it, int st) {
     const int h = kvh * group + it / nq, q0 = (qt_lo + it % nq) * kBQ;
     const int valid = imin(kBQ, seq - q0);
-    load_tile<D, kBQ>(sb + L::kQ + st * L::kTile,
-                      q + (tok0 + q0) * ldq + static_cast<uint64_t>(h) * D, ldq, valid);
-    load_tile<D, kBQ>(sb + L::kO + st * L::kTile,
-                      dout + (tok0 + q0) * lddo + static_cast<uint64_t>(h) * D, lddo, valid);
+    load_tile<D, kBQ, kThreads, Lay>(sb + L::kQ + st * L::kTile,
+                                     q + (tok0 + q0) * ldq + static_cast<uint64_t>(h) * D, ldq,
+                                     valid);
+    load_tile<D, kBQ, kThreads, Lay>(sb + L::kO + st * L::kTile,
+                                     dout + (tok0 + q0) * lddo + static_cast<uint64_t>(h) * D,
+                                     lddo, valid);
     const uint64_t srow = (static_cast<uint64_t>(b) * heads + h) * seq + q0;
     load_words<kBQ>(sb + L::kL + st * kBQ * 4, lse + srow, valid);
     load_words<kBQ>(sb + L::kDs + st * kBQ * 4, dsum + srow, valid);
@@ -662,6 +891,7 @@ QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
 
   for (int it = 0, st = 0; it < total; ++it, st ^= 1) {
     cp_wait<0>();
+    if constexpr (WG) fence_proxy_async();
     bar_sync();
     if (it + 1 < total) load_q(it + 1, st ^ 1);
     const int q0 = (qt_lo + it % nq) * kBQ;
@@ -681,7 +911,10 @@ QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
       float s[NT][4];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      mm_abt_smem<D, NT, E>(s, sb + L::kK, warp * 16, hQ, lane);
+      if constexpr (WG)
+        wg_abt<D, QH, E>(s, sb + L::kK, hQ);
+      else
+        mm_abt_smem<D, NT, E>(s, sb + L::kK, warp * 16, hQ, lane);
       uint32_t p[NT][2];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
@@ -703,12 +936,18 @@ QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
         p[nt][1] = pack2<E>(pe[2], pe[3]);
       }
       // dV += P^T dO
-      mm_pb<D, QH / 16, E>(dV, p, hO, lane);
+      if constexpr (WG)
+        wg_pb<D, QH, E>(dV, p, hO);
+      else
+        mm_pb<D, QH / 16, E>(dV, p, hO, lane);
       // dP^T = V dO^T;  dS^T = P^T * (dP^T - Dsum), P^T as rounded for the mma above
       float dp[NT][4];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
-      mm_abt_smem<D, NT, E>(dp, sb + L::kV, warp * 16, hO, lane);
+      if constexpr (WG)
+        wg_abt<D, QH, E>(dp, sb + L::kV, hO);
+      else
+        mm_abt_smem<D, NT, E>(dp, sb + L::kV, warp * 16, hO, lane);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int c = c0 + nt * 8 + 2 * t;
@@ -718,7 +957,10 @@ QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
         p[nt][1] = pack2<E>(pb.x * (dp[nt][2] - d0), pb.y * (dp[nt][3] - d1));
       }
       // dK += dS^T Q  (times scale at the end)
-      mm_pb<D, QH / 16, E>(dK, p, hQ, lane);
+      if constexpr (WG)
+        wg_pb<D, QH, E>(dK, p, hQ);
+      else
+        mm_pb<D, QH / 16, E>(dK, p, hQ, lane);
     }
   }
 
@@ -734,22 +976,26 @@ QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
 
 // ---------------------------------------------------------------------------------------
 // Backward dQ: one CTA per (head, 64-query tile, batch row).
-template <int D> struct DqSmem {
+//
+// WG (Hopper, sm_90a, D = 64 or 128): S = Q K^T and dP = dO V^T with both operands from
+// shared memory, dQ += dS K with dS from registers and K read MN-major (as bwd_dkdv).
+template <int D, bool WG = false> struct DqSmem {
   static constexpr int kTile = kBK * D * 2;
   static constexpr int kQ = 0, kO = kTile, kK = 2 * kTile, kV = 4 * kTile, kSeg = 6 * kTile;
-  static constexpr int kBytes = kSeg + 2 * kBK * 4;
+  static constexpr int kBytes = kSeg + 2 * kBK * 4 + (WG ? 1024 : 0);
 };
 
-template <int D, class E>
+template <int D, class E, bool WG = false>
 QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__restrict__ k,
                    uint64_t ldk, const uint16_t *__restrict__ v, uint64_t ldv,
                    const uint16_t *__restrict__ dout, uint64_t lddo,
                    const float *__restrict__ lse, const float *__restrict__ dsum,
                    const uint32_t *__restrict__ seg, uint16_t *__restrict__ dq, uint64_t lddq,
                    int seq, int heads, int kv_heads, int window, float scale) {
-  using L = DqSmem<D>;
+  using L = DqSmem<D, WG>;
+  using Lay = typename Pick<WG, WgSw<D>, Sw<D>>::type;
   constexpr int NT = kBK / 8;
-  constexpr bool kQRegs = D <= 64;  // as in the forward
+  constexpr bool kQRegs = D <= 64 && !WG;  // as in the forward; wgmma reads Q from smem
   const int h = blockIdx.x, qt = gridDim.y - 1 - blockIdx.y, b = blockIdx.z;
   const int kvh = h / (heads / kv_heads);
   const int q0 = qt * kBQ;
@@ -757,7 +1003,12 @@ QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t 
   const int mi = lane >> 3, lr = lane & 7;
   const uint64_t tok0 = static_cast<uint64_t>(b) * seq;
   char *sm = smem_ptr();
-  const uint32_t sb = smem_addr(sm);
+  uint32_t sb = smem_addr(sm);
+  if constexpr (WG) {  // tiles on 1 KiB (L::kBytes has the room)
+    const uint32_t pad = (1024u - (sb & 1023u)) & 1023u;
+    sm += pad;
+    sb += pad;
+  }
 
   const int q_end = imin(q0 + kBQ, seq);
   const int j_lo = window ? imax(0, q0 - window + 1) : 0;
@@ -767,17 +1018,17 @@ QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t 
   const uint16_t *kb = k + tok0 * ldk + static_cast<uint64_t>(kvh) * D;
   const uint16_t *vb = v + tok0 * ldv + static_cast<uint64_t>(kvh) * D;
 
-  load_tile<D, kBQ>(sb + L::kQ, q + (tok0 + q0) * ldq + static_cast<uint64_t>(h) * D, ldq,
-                    q_end - q0);
-  load_tile<D, kBQ>(sb + L::kO, dout + (tok0 + q0) * lddo + static_cast<uint64_t>(h) * D, lddo,
-                    q_end - q0);
+  load_tile<D, kBQ, kThreads, Lay>(
+      sb + L::kQ, q + (tok0 + q0) * ldq + static_cast<uint64_t>(h) * D, ldq, q_end - q0);
+  load_tile<D, kBQ, kThreads, Lay>(
+      sb + L::kO, dout + (tok0 + q0) * lddo + static_cast<uint64_t>(h) * D, lddo, q_end - q0);
   cp_commit();
   auto load_kv = [&](int kt, int st) {
     const int j0 = kt * kBK, valid = imin(kBK, seq - j0);
-    load_tile<D, kBK>(sb + L::kK + st * L::kTile, kb + static_cast<uint64_t>(j0) * ldk, ldk,
-                      valid);
-    load_tile<D, kBK>(sb + L::kV + st * L::kTile, vb + static_cast<uint64_t>(j0) * ldv, ldv,
-                      valid);
+    load_tile<D, kBK, kThreads, Lay>(sb + L::kK + st * L::kTile,
+                                     kb + static_cast<uint64_t>(j0) * ldk, ldk, valid);
+    load_tile<D, kBK, kThreads, Lay>(sb + L::kV + st * L::kTile,
+                                     vb + static_cast<uint64_t>(j0) * ldv, ldv, valid);
     if (sg) load_words<kBK>(sb + L::kSeg + st * kBK * 4, sg + j0, valid);
     cp_commit();
   };
@@ -808,6 +1059,7 @@ QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t 
 
   for (int kt = kt_hi, st = 0; kt >= kt_lo; --kt, st ^= 1) {
     cp_wait<0>();
+    if constexpr (WG) fence_proxy_async();
     bar_sync();
     if (kt > kt_lo) load_kv(kt - 1, st ^ 1);
     const uint32_t cK = sb + L::kK + st * L::kTile, cV = sb + L::kV + st * L::kTile;
@@ -816,7 +1068,9 @@ QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t 
     float s[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-    if constexpr (kQRegs)
+    if constexpr (WG)
+      wg_abt<D, kBK, E>(s, sb + L::kQ, cK);
+    else if constexpr (kQRegs)
       mm_abt_regs<D, NT, E>(s, qf, cK, lane);
     else
       mm_abt_smem<D, NT, E>(s, sb + L::kQ, warp * 16, cK, lane);
@@ -840,14 +1094,20 @@ QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t 
     float dp[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
-    mm_abt_smem<D, NT, E>(dp, sb + L::kO, warp * 16, cV, lane);
+    if constexpr (WG)
+      wg_abt<D, kBK, E>(dp, sb + L::kO, cV);
+    else
+      mm_abt_smem<D, NT, E>(dp, sb + L::kO, warp * 16, cV, lane);
     uint32_t ds[NT][2];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       ds[nt][0] = pack2<E>(s[nt][0] * (dp[nt][0] - ds0), s[nt][1] * (dp[nt][1] - ds0));
       ds[nt][1] = pack2<E>(s[nt][2] * (dp[nt][2] - ds1), s[nt][3] * (dp[nt][3] - ds1));
     }
-    mm_pb<D, kBK / 16, E>(acc, ds, cK, lane);
+    if constexpr (WG)
+      wg_pb<D, kBK, E>(acc, ds, cK);
+    else
+      mm_pb<D, kBK / 16, E>(acc, ds, cK, lane);
   }
   store_rows<D, E>(acc, scale, scale, sm + L::kQ, warp * 16,
                    dq + (tok0 + q0) * lddq + static_cast<uint64_t>(h) * D, lddq, q_end - q0,
@@ -1228,6 +1488,7 @@ QT_DEV void bwd_dq_store(const float *__restrict__ acc, uint16_t *__restrict__ d
 #define QT_ATTN_DIMS(E, S)                                                                  \
   QT_ATTN_KERNELS(16, E, S)                                                                 \
   QT_ATTN_KERNELS(32, E, S) QT_ATTN_KERNELS(64, E, S) QT_ATTN_KERNELS(128, E, S)
+#ifndef QTRAIN_SM90A_VARIANT
 QT_ATTN_DIMS(Bf16, bf16)
 QT_ATTN_DIMS(F16, f16)
 
@@ -1243,4 +1504,47 @@ QT_ATTN_DIMS(F16, f16)
   }
 QT_ATTN_FWD8(Bf16, bf16)
 QT_ATTN_FWD8(F16, f16)
+#else
+// The sm_90a build (attention_sm90a.ptx, loaded on compute capability 9.0 only): the
+// wgmma forward, one (W = 4, 64 queries) or two (W = 8, 128 queries) warpgroups per CTA.
+#define QT_ATTN_FWDWG(NAME, W, DIM, E, S)                                                   \
+  extern "C" __global__ void __launch_bounds__(32 * W)                                      \
+      attn_##NAME##_d##DIM##_##S(const uint16_t *q, uint64_t ldq, const uint16_t *k,        \
+                                 uint64_t ldk, const uint16_t *v, uint64_t ldv,             \
+                                 const uint32_t *seg, uint16_t *o, uint64_t ldo,            \
+                                 float *lse, int seq, int heads, int kv_heads, int window,  \
+                                 float scale) {                                             \
+    QT_BODY(qt_attn::fwd<DIM, W, qt_attn::E, true>(q, ldq, k, ldk, v, ldv, seg, o, ldo, lse, \
+                                                   seq, heads, kv_heads, window, scale);)   \
+  }
+// and the wgmma dK/dV and dQ kernels of the split backward.
+#define QT_ATTN_DKDVWG(DIM, E, S)                                                           \
+  extern "C" __global__ void __launch_bounds__(128) attn_bwd_dkdvwg_d##DIM##_##S(            \
+      const uint16_t *q, uint64_t ldq, const uint16_t *k, uint64_t ldk, const uint16_t *v,  \
+      uint64_t ldv, const uint16_t *dout, uint64_t lddo, const float *lse,                  \
+      const float *dsum, const uint32_t *seg, uint16_t *dk, uint64_t lddk, uint16_t *dv,    \
+      uint64_t lddv, int seq, int heads, int kv_heads, int window, float scale) {           \
+    QT_BODY(qt_attn::bwd_dkdv<DIM, qt_attn::E, true>(q, ldq, k, ldk, v, ldv, dout, lddo,     \
+                                                     lse, dsum, seg, dk, lddk, dv, lddv,    \
+                                                     seq, heads, kv_heads, window, scale);) \
+  }
+#define QT_ATTN_DQWG(DIM, E, S)                                                             \
+  extern "C" __global__ void __launch_bounds__(128) attn_bwd_dqwg_d##DIM##_##S(              \
+      const uint16_t *q, uint64_t ldq, const uint16_t *k, uint64_t ldk, const uint16_t *v,  \
+      uint64_t ldv, const uint16_t *dout, uint64_t lddo, const float *lse,                  \
+      const float *dsum, const uint32_t *seg, uint16_t *dq, uint64_t lddq, int seq,         \
+      int heads, int kv_heads, int window, float scale) {                                   \
+    QT_BODY(qt_attn::bwd_dq<DIM, qt_attn::E, true>(q, ldq, k, ldk, v, ldv, dout, lddo, lse,  \
+                                                   dsum, seg, dq, lddq, seq, heads,         \
+                                                   kv_heads, window, scale);)               \
+  }
+#define QT_ATTN_FWDWG_ALL(E, S)                                                             \
+  QT_ATTN_FWDWG(fwdwg, 4, 64, E, S)                                                         \
+  QT_ATTN_FWDWG(fwdwg, 4, 128, E, S)                                                        \
+  QT_ATTN_FWDWG(fwdwg8, 8, 64, E, S) QT_ATTN_FWDWG(fwdwg8, 8, 128, E, S)                    \
+  QT_ATTN_DKDVWG(64, E, S) QT_ATTN_DKDVWG(128, E, S)                                        \
+  QT_ATTN_DQWG(64, E, S) QT_ATTN_DQWG(128, E, S)
+QT_ATTN_FWDWG_ALL(Bf16, bf16)
+QT_ATTN_FWDWG_ALL(F16, f16)
+#endif  // QTRAIN_SM90A_VARIANT
 #endif  // !QT_EMU

@@ -7,14 +7,21 @@
 //! (`D = rowsum(dO ∘ O)` into the scratch), then `attn_bwd_dkdv` over (kv heads, key
 //! tiles, batch) and `attn_bwd_dq` over (heads, query tiles, batch): every gradient
 //! element has one writer, so the result is bit-reproducible (no atomics).
+//!
+//! Two PTX modules: `attention.ptx` (mma.sync, 8.0+) and, in a build for compute
+//! capability 9.0, `attention_sm90a.ptx` with the wgmma variants ([`FwdKernel`],
+//! [`SplitKernels`]), loaded only on a 9.0 GPU (sm_90a code runs on no other).
 
-use super::{AttnBackward, AttnShape};
+use super::{AttnBackward, AttnShape, FwdKernel, SplitKernels};
 use crate::cuda::{launch, CudaDev, PushKernelArg};
 use crate::device::{Float, FloatKind, Mat, View};
 use crate::error::{DeviceError, Result};
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+/// The sm_90a build of the same file (`build_ptx.rs`): the wgmma forward. Empty unless
+/// the crate was built for compute capability 9.0.
+const PTX_SM90A: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_sm90a.ptx"));
 
 /// Rows per tile on both sides (`kBQ`, `kBK` in the kernel file).
 const TILE: usize = 64;
@@ -23,15 +30,62 @@ const THREADS: u32 = 128;
 /// Head dimensions with a kernel instantiation.
 const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 
-/// Warps per CTA of the forward by default. At head dim 128 an 8-warp variant exists
-/// too (128 queries share each K/V tile: half the L2 traffic, one CTA per SM instead of
-/// two); the GPU self-test times both (`selftest::speed`), so the default can
-/// follow the measurement.
-pub(crate) const FWD_WARPS: usize = 4;
+/// What the launcher needs to know of each forward kernel.
+impl FwdKernel {
+    /// The kernel name's op part (`attn_{op}_d{D}_{type}`).
+    fn op(self) -> &'static str {
+        match self {
+            Self::Mma4 => "fwd",
+            Self::Mma8 => "fwd8",
+            Self::Wgmma4 => "fwdwg",
+            Self::Wgmma8 => "fwdwg8",
+        }
+    }
 
-/// Dynamic shared memory of each kernel, as laid out by `FwdSmem`, `DkvSmem`, `DqSmem`.
-fn fwd_smem(d: usize, warps: usize) -> u32 {
-    (32 * warps * d + 512 * d + 512) as u32
+    fn warps(self) -> usize {
+        match self {
+            Self::Mma4 | Self::Wgmma4 => 4,
+            Self::Mma8 | Self::Wgmma8 => 8,
+        }
+    }
+
+    fn wgmma(self) -> bool {
+        matches!(self, Self::Wgmma4 | Self::Wgmma8)
+    }
+
+    /// Why this kernel cannot run here, if it cannot: head dims 128 (`Mma8`) or 64 and
+    /// 128 (wgmma), and for wgmma a 9.0 GPU and a binary built for it.
+    pub(super) fn unsupported(self, cc: (i32, i32), head_dim: usize) -> Option<String> {
+        match self {
+            Self::Mma4 => None,
+            Self::Mma8 if head_dim != 128 => Some(format!(
+                "the 8-warp forward is built for head dim 128, not {head_dim}"
+            )),
+            Self::Mma8 => None,
+            _ if cc != (9, 0) => Some(format!(
+                "the wgmma attention kernels need compute capability 9.0 (H100/H200); this \
+                 GPU is {}.{}",
+                cc.0, cc.1
+            )),
+            _ if PTX_SM90A.is_empty() => Some(
+                "the wgmma attention kernels are in the sm_90a build, and this binary was \
+                 built with CUDA_COMPUTE_CAP other than 90"
+                    .into(),
+            ),
+            _ if head_dim != 64 && head_dim != 128 => Some(format!(
+                "the wgmma attention kernels are built for head dims 64 and 128, not \
+                 {head_dim}"
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// Dynamic shared memory of each kernel, as laid out by `FwdSmem`, `DkvSmem`, `DqSmem`
+/// (the wgmma kernels: [`WGMMA_SMEM_PAD`] more).
+fn fwd_smem(d: usize, warps: usize, wgmma: bool) -> u32 {
+    let pad = if wgmma { WGMMA_SMEM_PAD } else { 0 };
+    (32 * warps * d + 512 * d + 512) as u32 + pad
 }
 fn dkdv_smem(d: usize) -> u32 {
     (768 * d + 1536) as u32
@@ -39,6 +93,20 @@ fn dkdv_smem(d: usize) -> u32 {
 fn dq_smem(d: usize) -> u32 {
     (768 * d + 512) as u32
 }
+/// What every wgmma kernel adds to its layout's shared memory: the 1 KiB that lets it
+/// start its tiles on a 1024-byte boundary (the 128-byte swizzle's period).
+const WGMMA_SMEM_PAD: u32 = 1024;
+
+impl SplitKernels {
+    /// Why these kernels cannot run here, if they cannot (see [`FwdKernel::unsupported`]).
+    pub(super) fn unsupported(self, cc: (i32, i32), head_dim: usize) -> Option<String> {
+        match self {
+            Self::Mma => None,
+            Self::Wgmma => FwdKernel::Wgmma4.unsupported(cc, head_dim),
+        }
+    }
+}
+
 /// `FusedSmem`: `DkvSmem` plus one query step's dS^T (64 keys x 32 or 64 queries).
 fn fused_smem(d: usize) -> u32 {
     let step = if d == 128 { 32 } else { 64 };
@@ -64,6 +132,20 @@ fn kernel_name(op: &str, d: usize, kind: FloatKind) -> &'static str {
 /// Loads `attn_{op}` for this shape and type, raising its shared-memory limit when needed.
 fn kernel<T: Float>(c: &CudaDev, op: &str, d: usize, smem: u32) -> Result<CudaFunction> {
     let f = c.func("qtrain_attention", PTX, kernel_name(op, d, T::KIND))?;
+    smem_limit(c, f, smem)
+}
+
+/// The same from the sm_90a module (the wgmma kernels).
+fn kernel_sm90a<T: Float>(c: &CudaDev, op: &str, d: usize, smem: u32) -> Result<CudaFunction> {
+    let f = c.func(
+        "qtrain_attention_sm90a",
+        PTX_SM90A,
+        kernel_name(op, d, T::KIND),
+    )?;
+    smem_limit(c, f, smem)
+}
+
+fn smem_limit(c: &CudaDev, f: CudaFunction, smem: u32) -> Result<CudaFunction> {
     if smem > 48 * 1024 {
         c.set_max_dynamic_smem(&f, smem)?;
     }
@@ -167,12 +249,12 @@ pub(super) fn attention_fwd<T: Float>(
     o: Mat<'_, T>,
     lse: View<'_, f32>,
 ) -> Result<()> {
-    attention_fwd_warps(c, s, q, k, v, segments, o, lse, FWD_WARPS)
+    attention_fwd_kernel(c, s, q, k, v, segments, o, lse, FwdKernel::from_env()?)
 }
 
-/// [`attention_fwd`] with `warps` per CTA: 4, or 8 at head dim 128.
+/// [`attention_fwd`] with the given kernel.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn attention_fwd_warps<T: Float>(
+pub(super) fn attention_fwd_kernel<T: Float>(
     c: &CudaDev,
     s: &AttnShape,
     q: Mat<'_, T>,
@@ -181,7 +263,7 @@ pub(super) fn attention_fwd_warps<T: Float>(
     segments: Option<View<'_, u32>>,
     o: Mat<'_, T>,
     lse: View<'_, f32>,
-    warps: usize,
+    kern: FwdKernel,
 ) -> Result<()> {
     const OP: &str = "attention_fwd";
     if s.tokens() == 0 || s.heads == 0 {
@@ -190,18 +272,17 @@ pub(super) fn attention_fwd_warps<T: Float>(
     check_common::<T>(OP, c, s)?;
     check_rows(OP, &[("q", q), ("k", k), ("v", v), ("o", o)])?;
     let d = s.head_dim;
-    let (op_name, rows) = match (warps, d) {
-        (4, _) => ("fwd", TILE),
-        (8, 128) => ("fwd8", 2 * TILE),
-        _ => {
-            return Err(unsupported(
-                OP,
-                format!("{warps} warps at head dim {d} (4 always, 8 at head dim 128)"),
-            ))
-        }
+    if let Some(why) = kern.unsupported(c.compute_capability()?, d) {
+        return Err(unsupported(OP, why));
+    }
+    let warps = kern.warps();
+    let rows = 16 * warps;
+    let smem = fwd_smem(d, warps, kern.wgmma());
+    let f = if kern.wgmma() {
+        kernel_sm90a::<T>(c, kern.op(), d, smem)?
+    } else {
+        kernel::<T>(c, kern.op(), d, smem)?
     };
-    let smem = fwd_smem(d, warps);
-    let f = kernel::<T>(c, op_name, d, smem)?;
     let (qp, ldq, kp, ldk, vp, ldv) = (
         q.dptr(),
         q.ld as u64,
@@ -242,7 +323,8 @@ pub(super) fn attention_fwd_warps<T: Float>(
     let grid = (s.heads, s.seq.div_ceil(rows), s.batch);
     let mut config = cfg(grid, smem);
     config.block_dim.0 = 32 * warps as u32;
-    // SAFETY: arguments match `attn_fwd_*` / `attn_fwd8_*` in number, order and type; the
+    // SAFETY: arguments match `attn_fwd*_*` (every variant has one signature) in number,
+    // order and type; the
     // wrapper checked every matrix's shape against `s`, lse's and the segments' lengths,
     // and overlaps; the kernel reads and writes only rows < seq of each batch row and the
     // columns of its head; the block has the 32 * warps threads it was compiled for.
@@ -254,6 +336,31 @@ pub(super) fn attention_bwd<T: Float>(
     c: &CudaDev,
     s: &AttnShape,
     mode: AttnBackward,
+    q: Mat<'_, T>,
+    k: Mat<'_, T>,
+    v: Mat<'_, T>,
+    o: Mat<'_, T>,
+    d_o: Mat<'_, T>,
+    lse: View<'_, f32>,
+    segments: Option<View<'_, u32>>,
+    dq: Mat<'_, T>,
+    dk: Mat<'_, T>,
+    dv: Mat<'_, T>,
+    scratch: View<'_, f32>,
+) -> Result<()> {
+    let split = SplitKernels::from_env()?;
+    attention_bwd_kernels(
+        c, s, mode, split, q, k, v, o, d_o, lse, segments, dq, dk, dv, scratch,
+    )
+}
+
+/// [`attention_bwd`] with the given split-backward kernels (ignored by the fused modes).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_bwd_kernels<T: Float>(
+    c: &CudaDev,
+    s: &AttnShape,
+    mode: AttnBackward,
+    split: SplitKernels,
     q: Mat<'_, T>,
     k: Mat<'_, T>,
     v: Mat<'_, T>,
@@ -338,10 +445,22 @@ pub(super) fn attention_bwd<T: Float>(
             scratch,
         );
     }
+    if let Some(why) = split.unsupported(c.compute_capability()?, d) {
+        return Err(unsupported(OP, why));
+    }
+    let wg = split == SplitKernels::Wgmma;
+    let pad = if wg { WGMMA_SMEM_PAD } else { 0 };
+    let load = |op: &str, wg_op: &str, smem: u32| {
+        if wg {
+            kernel_sm90a::<T>(c, wg_op, d, smem)
+        } else {
+            kernel::<T>(c, op, d, smem)
+        }
+    };
     // dK, dV per (kv head, key tile, batch row).
     {
-        let smem = dkdv_smem(d);
-        let f = kernel::<T>(c, "bwd_dkdv", d, smem)?;
+        let smem = dkdv_smem(d) + pad;
+        let f = load("bwd_dkdv", "bwd_dkdvwg", smem)?;
         let (dkp, lddk, dvp, lddv) = (dk.dptr(), dk.ld as u64, dv.dptr(), dv.ld as u64);
         let mut b = c.builder(&f);
         b.arg(&qp)
@@ -365,14 +484,14 @@ pub(super) fn attention_bwd<T: Float>(
             .arg(&win)
             .arg(&scale);
         let grid = (s.kv_heads, s.seq.div_ceil(TILE), s.batch);
-        // SAFETY: arguments match `attn_bwd_dkdv_*`; shapes and overlaps checked by the
+        // SAFETY: arguments match `attn_bwd_dkdv*_*`; shapes and overlaps checked by the
         // wrapper; each CTA writes only its key tile's rows < seq of dk and dv.
         unsafe { launch(OP, b, cfg(grid, smem))? };
     }
     // dQ per (head, query tile, batch row).
     {
-        let smem = dq_smem(d);
-        let f = kernel::<T>(c, "bwd_dq", d, smem)?;
+        let smem = dq_smem(d) + pad;
+        let f = load("bwd_dq", "bwd_dqwg", smem)?;
         let (dqp, lddq) = (dq.dptr(), dq.ld as u64);
         let mut b = c.builder(&f);
         b.arg(&qp)
@@ -394,7 +513,7 @@ pub(super) fn attention_bwd<T: Float>(
             .arg(&win)
             .arg(&scale);
         let grid = (s.heads, s.seq.div_ceil(TILE), s.batch);
-        // SAFETY: arguments match `attn_bwd_dq_*`; each CTA writes only its query tile's
+        // SAFETY: arguments match `attn_bwd_dq*_*`; each CTA writes only its query tile's
         // rows < seq of dq.
         unsafe { launch(OP, b, cfg(grid, smem)) }
     }

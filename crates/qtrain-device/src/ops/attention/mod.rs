@@ -31,6 +31,100 @@ mod selftest;
 
 pub use selftest::{self_test, speed};
 
+/// The forward's kernels. `Mma4` (4 warps x 16 queries, mma.sync, every GPU from 8.0)
+/// is the default; the others are tuning variants that `qtrain doctor` checks against
+/// the CPU reference and times (`selftest::speed`), so the default can follow the
+/// measurement: `Mma8` (head dim 128: 128 queries share each K/V tile, half the L2
+/// traffic, one CTA per SM), and on compute capability 9.0 `Wgmma4` / `Wgmma8` (head dim
+/// 64 or 128: the products as Hopper's warpgroup MMA, one or two warpgroups per CTA,
+/// from the sm_90a build). `QTRAIN_ATTN_FWD` = `mma`, `mma8`, `wgmma` or `wgmma8` picks
+/// one for a whole run (benchmarks of a variant end to end).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FwdKernel {
+    Mma4,
+    Mma8,
+    Wgmma4,
+    Wgmma8,
+}
+
+impl FwdKernel {
+    pub const ALL: [FwdKernel; 4] = [Self::Mma4, Self::Mma8, Self::Wgmma4, Self::Wgmma8];
+
+    /// The name `QTRAIN_ATTN_FWD` takes and reports print.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Mma4 => "mma",
+            Self::Mma8 => "mma8",
+            Self::Wgmma4 => "wgmma",
+            Self::Wgmma8 => "wgmma8",
+        }
+    }
+
+    /// `QTRAIN_ATTN_FWD`, read once; `Mma4` when unset.
+    pub fn from_env() -> Result<Self> {
+        static CHOICE: std::sync::OnceLock<std::result::Result<FwdKernel, String>> =
+            std::sync::OnceLock::new();
+        env_choice(&CHOICE, "QTRAIN_ATTN_FWD", &Self::ALL, Self::label)
+    }
+}
+
+/// The kernels of the split backward ([`AttnBackward::Split`]): `Mma` (mma.sync, every
+/// GPU from 8.0) by default, or on compute capability 9.0 at head dims 64 and 128 `Wgmma`
+/// (the dK/dV and dQ products as Hopper's warpgroup MMA, from the sm_90a build; the same
+/// reductions in the same order per element, so still bit-reproducible run to run).
+/// `QTRAIN_ATTN_SPLIT` = `mma` or `wgmma` picks one for a run; `qtrain doctor` checks
+/// and times both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitKernels {
+    Mma,
+    Wgmma,
+}
+
+impl SplitKernels {
+    pub const ALL: [SplitKernels; 2] = [Self::Mma, Self::Wgmma];
+
+    /// The name `QTRAIN_ATTN_SPLIT` takes and reports print.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Mma => "mma",
+            Self::Wgmma => "wgmma",
+        }
+    }
+
+    /// `QTRAIN_ATTN_SPLIT`, read once; `Mma` when unset.
+    pub fn from_env() -> Result<Self> {
+        static CHOICE: std::sync::OnceLock<std::result::Result<SplitKernels, String>> =
+            std::sync::OnceLock::new();
+        env_choice(&CHOICE, "QTRAIN_ATTN_SPLIT", &Self::ALL, Self::label)
+    }
+}
+
+/// The kernel choice an environment variable names, parsed once into `cell`: the first
+/// of `all` when unset, an error naming the variable and the choices when unknown.
+fn env_choice<K: Copy + Send + Sync>(
+    cell: &'static std::sync::OnceLock<std::result::Result<K, String>>,
+    var: &str,
+    all: &[K],
+    label: fn(K) -> &'static str,
+) -> Result<K> {
+    cell.get_or_init(|| match std::env::var(var) {
+        Err(_) => Ok(all[0]),
+        Ok(v) => all
+            .iter()
+            .copied()
+            .find(|&k| label(k) == v.trim())
+            .ok_or_else(|| {
+                let names: Vec<_> = all.iter().map(|&k| label(k)).collect();
+                format!("{var}={v:?}: expected one of {}", names.join(", "))
+            }),
+    })
+    .clone()
+    .map_err(|msg| crate::error::DeviceError::Unsupported {
+        op: "attention",
+        msg,
+    })
+}
+
 /// The shape and masking of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AttnShape {
@@ -445,4 +539,41 @@ pub fn attention_bwd<T: Float>(
     write_mat(dk, &b);
     write_mat(dv, &c);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::OnceLock;
+
+    // Each case reads its own variable into its own cell: `env_choice` parses once.
+    #[test]
+    fn kernel_choices_come_from_the_environment_with_a_clear_error() {
+        static UNSET: OnceLock<std::result::Result<FwdKernel, String>> = OnceLock::new();
+        static SET: OnceLock<std::result::Result<FwdKernel, String>> = OnceLock::new();
+        static BAD: OnceLock<std::result::Result<SplitKernels, String>> = OnceLock::new();
+        let all = FwdKernel::ALL;
+        let unset = env_choice(&UNSET, "QTRAIN_TEST_ATTN_UNSET", &all, FwdKernel::label);
+        assert_eq!(
+            unset.unwrap(),
+            FwdKernel::Mma4,
+            "the first choice is the default"
+        );
+        // No other test reads these variables (set_var is safe in edition 2021).
+        std::env::set_var("QTRAIN_TEST_ATTN_SET", " wgmma8 ");
+        let set = env_choice(&SET, "QTRAIN_TEST_ATTN_SET", &all, FwdKernel::label);
+        assert_eq!(set.unwrap(), FwdKernel::Wgmma8);
+        std::env::set_var("QTRAIN_TEST_ATTN_BAD", "tma");
+        let splits = SplitKernels::ALL;
+        let err = env_choice(&BAD, "QTRAIN_TEST_ATTN_BAD", &splits, SplitKernels::label)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("QTRAIN_TEST_ATTN_BAD=\"tma\"") && err.contains("mma, wgmma"),
+            "{err}"
+        );
+        // Every label names one kernel.
+        let labels: Vec<_> = all.iter().map(|k| k.label()).collect();
+        assert_eq!(labels, ["mma", "mma8", "wgmma", "wgmma8"]);
+    }
 }

@@ -1,7 +1,7 @@
 //! The attention kernels against the CPU reference on random data, for `qtrain
 //! doctor` ([`self_test`]), and their speed at Mistral-7B's shape ([`speed`]).
 
-use super::{attention_bwd, attention_fwd, AttnBackward, AttnShape};
+use super::{attention_bwd, attention_fwd, AttnBackward, AttnShape, FwdKernel, SplitKernels};
 use crate::device::{to_f32_vec, DBuf, Dev, Float, Mat, View};
 use crate::error::Result;
 use crate::selftest::{check, poisoned, random, rel_err, time_it, upload, Check};
@@ -109,8 +109,84 @@ fn cols(data: &[f32], rows: usize, ld: usize, a: usize, b: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The forward with `warps` per CTA on a GPU (the launcher's tuning variants); on the
-/// CPU there is one implementation, the reference.
+/// The forward kernels this device runs at `head_dim`, besides the default path: on a
+/// GPU every [`FwdKernel`] it supports; on the CPU none (it has one implementation, the
+/// reference).
+fn fwd_kernels(dev: &Dev, head_dim: usize) -> Result<Vec<FwdKernel>> {
+    #[cfg(feature = "cuda")]
+    if let Some(c) = dev.cuda() {
+        let cc = c.compute_capability()?;
+        return Ok(FwdKernel::ALL
+            .into_iter()
+            .filter(|k| k.unsupported(cc, head_dim).is_none())
+            .collect());
+    }
+    let _ = (dev, head_dim);
+    Ok(Vec::new())
+}
+
+/// The backward runs to check and time on this device: every mode on a GPU, the split
+/// one also with its wgmma kernels where they run (`None`: the launcher's choice); on
+/// the CPU the reference.
+fn bwd_runs(dev: &Dev, head_dim: usize) -> Result<Vec<(AttnBackward, Option<SplitKernels>)>> {
+    #[cfg(feature = "cuda")]
+    if let Some(c) = dev.cuda() {
+        let cc = c.compute_capability()?;
+        let mut runs = vec![(AttnBackward::Split, None)];
+        for k in SplitKernels::ALL {
+            if k.unsupported(cc, head_dim).is_none() {
+                runs.push((AttnBackward::Split, Some(k)));
+            }
+        }
+        runs.extend([
+            (AttnBackward::Fused, None),
+            (AttnBackward::FusedAtomic, None),
+        ]);
+        return Ok(runs);
+    }
+    let _ = (dev, head_dim);
+    Ok(vec![(AttnBackward::Split, None)])
+}
+
+/// `name (split, wgmma)` for a run of [`bwd_runs`].
+fn bwd_label(mode: AttnBackward, split: Option<SplitKernels>) -> String {
+    match split {
+        Some(k) => format!("{mode}, {}", k.label()),
+        None => mode.to_string(),
+    }
+}
+
+/// The backward with the given split kernels on a GPU (`None`: the launcher's choice);
+/// on the CPU, the reference.
+#[allow(clippy::too_many_arguments)]
+fn attention_bwd_variant<T: Float>(
+    dev: &Dev,
+    s: &AttnShape,
+    mode: AttnBackward,
+    split: Option<SplitKernels>,
+    q: Mat<'_, T>,
+    k: Mat<'_, T>,
+    v: Mat<'_, T>,
+    o: Mat<'_, T>,
+    d_o: Mat<'_, T>,
+    lse: View<'_, f32>,
+    seg: Option<View<'_, u32>>,
+    dq: Mat<'_, T>,
+    dk: Mat<'_, T>,
+    dv: Mat<'_, T>,
+    scratch: View<'_, f32>,
+) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let (Some(c), Some(split)) = (dev.cuda(), split) {
+        return super::cuda::attention_bwd_kernels(
+            c, s, mode, split, q, k, v, o, d_o, lse, seg, dq, dk, dv, scratch,
+        );
+    }
+    let _ = split;
+    attention_bwd(dev, s, mode, q, k, v, o, d_o, lse, seg, dq, dk, dv, scratch)
+}
+
+/// The forward with the given kernel on a GPU; on the CPU, the reference.
 #[allow(clippy::too_many_arguments)]
 fn attention_fwd_variant<T: Float>(
     dev: &Dev,
@@ -121,13 +197,13 @@ fn attention_fwd_variant<T: Float>(
     seg: Option<View<'_, u32>>,
     o: Mat<'_, T>,
     lse: View<'_, f32>,
-    warps: usize,
+    kern: FwdKernel,
 ) -> Result<()> {
     #[cfg(feature = "cuda")]
     if let Some(c) = dev.cuda() {
-        return super::cuda::attention_fwd_warps(c, s, q, k, v, seg, o, lse, warps);
+        return super::cuda::attention_fwd_kernel(c, s, q, k, v, seg, o, lse, kern);
     }
-    let _ = warps;
+    let _ = kern;
     attention_fwd(dev, s, q, k, v, seg, o, lse)
 }
 
@@ -169,34 +245,36 @@ fn attention_case<T: Float>(
             .map(|g| dv.upload(g, "segment ids"))
             .transpose()
     };
-    let fwd = |dv: &Dev, warps: usize| -> Result<(Vec<f32>, Vec<f32>)> {
+    // `None`: the default path (`attention_fwd`); `Some`: that kernel.
+    let fwd = |dv: &Dev, kern: Option<FwdKernel>| -> Result<(Vec<f32>, Vec<f32>)> {
         let buf = upload::<T>(dv, &qkv)?;
         let (q, k, v) = fused_blocks(&buf, n, ld, qc, kc);
         let sg = segs(dv)?;
         let o = poisoned::<T>(dv, n * qc)?;
         let lse = poisoned::<f32>(dv, s.stats_len())?;
         let seg_view = sg.as_ref().map(|b| b.all());
-        if warps == 4 {
-            attention_fwd(dv, &s, q, k, v, seg_view, o.mat(n, qc), lse.all())?;
-        } else {
-            attention_fwd_variant(dv, &s, q, k, v, seg_view, o.mat(n, qc), lse.all(), warps)?;
+        match kern {
+            None => attention_fwd(dv, &s, q, k, v, seg_view, o.mat(n, qc), lse.all())?,
+            Some(kern) => {
+                attention_fwd_variant(dv, &s, q, k, v, seg_view, o.mat(n, qc), lse.all(), kern)?
+            }
         }
         Ok((to_f32_vec(dv, o.all())?, to_f32_vec(dv, lse.all())?))
     };
-    let (o, lse) = fwd(dev, 4)?;
-    let (o_ref, lse_ref) = fwd(&cpu, 4)?;
+    let (o, lse) = fwd(dev, None)?;
+    let (o_ref, lse_ref) = fwd(&cpu, None)?;
     let (eo, el) = (rel_err(&o, &o_ref), rel_err(&lse, &lse_ref));
-    // The 8-warp forward variant at head dim 128 (GPU only; see attention_speed).
-    let e8 = if dev.is_cuda() && d == 128 {
-        let (o8, l8) = fwd(dev, 8)?;
-        Some(rel_err(&o8, &o_ref).max(rel_err(&l8, &lse_ref)))
-    } else {
-        None
-    };
+    // Every forward kernel the GPU runs at this head dim (the tuning variants; see speed).
+    let mut variants = Vec::new();
+    for kern in fwd_kernels(dev, d)? {
+        let (ov, lv) = fwd(dev, Some(kern))?;
+        variants.push((kern, rel_err(&ov, &o_ref).max(rel_err(&lv, &lse_ref))));
+    }
+    let worst_variant = variants.iter().map(|v| v.1).fold(0.0, f64::max);
 
     // The backward of both devices starts from the reference's (rounded) O and lse, so
     // it is checked on its own.
-    let bwd = |dv: &Dev, mode: AttnBackward| -> Result<Vec<f32>> {
+    let bwd = |dv: &Dev, mode: AttnBackward, split: Option<SplitKernels>| -> Result<Vec<f32>> {
         let buf = upload::<T>(dv, &qkv)?;
         let (q, k, v) = fused_blocks(&buf, n, ld, qc, kc);
         let sg = segs(dv)?;
@@ -205,10 +283,11 @@ fn attention_case<T: Float>(
         let g = poisoned::<T>(dv, n * ld)?;
         let (dq, dk, dv_) = fused_blocks(&g, n, ld, qc, kc);
         let scratch = poisoned::<f32>(dv, s.bwd_scratch_len(mode))?;
-        attention_bwd(
+        attention_bwd_variant(
             dv,
             &s,
             mode,
+            split,
             q,
             k,
             v,
@@ -223,7 +302,7 @@ fn attention_case<T: Float>(
         )?;
         to_f32_vec(dv, g.all())
     };
-    let g_ref = bwd(&cpu, AttnBackward::Split)?;
+    let g_ref = bwd(&cpu, AttnBackward::Split, None)?;
     let t = T::NAME;
     let what = format!(
         "{label}: b{} s{} h{}/{} d{}{}{}",
@@ -237,25 +316,23 @@ fn attention_case<T: Float>(
     );
     let mut out = vec![check(
         format!("attention fwd {t} {what}"),
-        eo.max(el).max(e8.unwrap_or(0.0)),
+        eo.max(el).max(worst_variant),
         tol_fwd,
         &format!(
             " (o {eo:.1e}, lse {el:.1e}{})",
-            e8.map_or(String::new(), |e| format!(", 8-warp variant {e:.1e}"))
+            variants
+                .iter()
+                .map(|(k, e)| format!(", {} {e:.1e}", k.label()))
+                .collect::<String>()
         ),
     )];
     // Every backward mode on a GPU (the CPU has one: the reference); the reproducible
     // ones must also be bit-identical across two runs.
-    let modes: &[AttnBackward] = if dev.is_cuda() {
-        &AttnBackward::ALL
-    } else {
-        &[AttnBackward::Split]
-    };
-    for &mode in modes {
-        let g = bwd(dev, mode)?;
+    for (mode, split) in bwd_runs(dev, d)? {
+        let g = bwd(dev, mode, split)?;
         let same = !mode.reproducible()
             || g.iter()
-                .zip(&bwd(dev, mode)?)
+                .zip(&bwd(dev, mode, split)?)
                 .all(|(a, b)| a.to_bits() == b.to_bits());
         let pad_kept = cols(&g, n, ld, width, ld).iter().all(|x| x.is_nan());
         let err = |a: usize, b: usize| rel_err(&cols(&g, n, ld, a, b), &cols(&g_ref, n, ld, a, b));
@@ -265,9 +342,9 @@ fn attention_case<T: Float>(
         } else {
             f64::INFINITY
         };
-        let name = match mode {
-            AttnBackward::Split => format!("attention bwd {t} {what}"),
-            m => format!("attention bwd ({m}) {t} {what}"),
+        let name = match (mode, split) {
+            (AttnBackward::Split, None) => format!("attention bwd {t} {what}"),
+            (m, k) => format!("attention bwd ({}) {t} {what}", bwd_label(m, k)),
         };
         out.push(check(
             name,
@@ -292,8 +369,9 @@ fn attention_case<T: Float>(
 /// forward `2 · 2 · b · h · (s²/2) · d` (QKᵀ and PV), backward 2.5 times that (the five
 /// matmuls of FlashAttention-2's count; the split backward really does seven,
 /// recomputing S and dP in the dQ kernel, so its hardware rate is 1.4x what is printed;
-/// the fused ones do five). Every backward mode is timed. The forward is timed in both CTA shapes of the launcher (4 warps x 16
-/// queries, the default, and 8 warps). The check fails only on non-finite outputs.
+/// the fused ones do five). Every backward mode is timed, and every forward kernel the GPU
+/// runs ([`FwdKernel`]: mma.sync with 4 warps, the default, or 8; wgmma with one or two
+/// warpgroups on 9.0). The check fails only on non-finite outputs.
 pub fn speed(dev: &Dev) -> Result<Check> {
     type T = half::bf16;
     let s = AttnShape {
@@ -326,17 +404,19 @@ pub fn speed(dev: &Dev) -> Result<Check> {
         gm.col_block(qc + kc, kc),
     );
     let scratch = poisoned::<f32>(dev, s.bwd_scratch_len(AttnBackward::Fused))?;
-    let fwd = |warps| {
-        time_it(dev, 10, || {
-            attention_fwd_variant(dev, &s, q, k, v, None, o.mat(n, qc), lse.all(), warps)
-        })
-    };
-    let (t_fwd8, t_fwd) = (fwd(8)?, fwd(4)?);
-    let bwd = |mode| {
-        attention_bwd(
+    let mut t_fwd = Vec::new();
+    for kern in fwd_kernels(dev, d)? {
+        let t = time_it(dev, 10, || {
+            attention_fwd_variant(dev, &s, q, k, v, None, o.mat(n, qc), lse.all(), kern)
+        })?;
+        t_fwd.push((kern, t));
+    }
+    let bwd = |mode, split| {
+        attention_bwd_variant(
             dev,
             &s,
             mode,
+            split,
             q,
             k,
             v,
@@ -351,8 +431,11 @@ pub fn speed(dev: &Dev) -> Result<Check> {
         )
     };
     let mut t_bwd = Vec::new();
-    for mode in AttnBackward::ALL {
-        t_bwd.push((mode, time_it(dev, 5, || bwd(mode))?));
+    for (mode, split) in bwd_runs(dev, d)? {
+        t_bwd.push((
+            bwd_label(mode, split),
+            time_it(dev, 5, || bwd(mode, split))?,
+        ));
     }
     let flops = 4.0 * (s.batch * s.heads) as f64 * (s.seq as f64).powi(2) / 2.0 * d as f64;
     let finite = to_f32_vec(dev, o.all())?.iter().all(|x| x.is_finite())
@@ -361,12 +444,12 @@ pub fn speed(dev: &Dev) -> Result<Check> {
         name: "attention speed bf16 b1 s8192 h32/8 d128 causal".into(),
         ok: finite,
         detail: format!(
-            "fwd {:.2} ms {:.0} TFLOP/s (8-warp variant {:.2} ms {:.0}), bwd {} (TFLOP/s \
-             counted as 2.5x fwd FLOPs){}",
-            t_fwd * 1e3,
-            flops / t_fwd / 1e12,
-            t_fwd8 * 1e3,
-            flops / t_fwd8 / 1e12,
+            "fwd {} (ms, TFLOP/s), bwd {} (TFLOP/s counted as 2.5x fwd FLOPs){}",
+            t_fwd
+                .iter()
+                .map(|(k, t)| format!("{} {:.2} ms {:.0}", k.label(), t * 1e3, flops / t / 1e12))
+                .collect::<Vec<_>>()
+                .join(", "),
             t_bwd
                 .iter()
                 .map(|(m, t)| format!("{m} {:.2} ms {:.0}", t * 1e3, 2.5 * flops / t / 1e12))

@@ -1,5 +1,5 @@
 // Runs crates/qtrain-device/src/ops/attention/attention.cu on the CPU through the warp-primitive emulator (emu.h) and
-// compares forward (O, lse; 4 and 8 warps) and backward (dQ, dK, dV: the split kernels, the
+// compares forward (O, lse; 4 and 8 warps of mma.sync, 1 and 2 warpgroups of wgmma at head dims 64 and 128) and backward (dQ, dK, dV: the split kernels, with mma.sync or (head dims 64, 128) wgmma, the
 // fused one ordered and with atomic adds, the two bit-identical here) with a plain double-precision
 // reference of the contract in crates/qtrain-device/src/attention.rs, on random data, for
 // several shapes (head dims 16..128, ragged sequence ends, windows, segments, GQA, batch > 1,
@@ -160,6 +160,27 @@ template <class E> Result run(const Shape &s, uint64_t seed) {
     emu::launch({static_cast<unsigned>(H), static_cast<unsigned>((s.seq + 127) / 128), static_cast<unsigned>(s.batch)}, 256, FwdSmem<128, 8>::kBytes, fwd8);
     check_fwd("8 warps");
   }
+  if (D == 64 || D == 128) {  // the wgmma forward (sm_90a), one and two warpgroups
+    for (const int W : {4, 8}) {
+      std::fill(o.begin(), o.end(), poison);
+      std::fill(lse.begin(), lse.end(), NaN);
+      auto fwdwg = [&]() {
+#define QT_FWDWG(DIM, WARPS)                                                                    \
+  fwd<DIM, WARPS, E, true>(qp, ldqkv, kp, ldqkv, vp, ldqkv, segp, o.data(), ldo, lse.data(),    \
+                           s.seq, H, KV, s.window, scale)
+        if (D == 64) {
+          if (W == 4) QT_FWDWG(64, 4); else QT_FWDWG(64, 8);
+        } else {
+          if (W == 4) QT_FWDWG(128, 4); else QT_FWDWG(128, 8);
+        }
+      };
+      const size_t wsmem = D == 64 ? (W == 4 ? FwdSmem<64, 4, true>::kBytes : FwdSmem<64, 8, true>::kBytes)
+                                   : (W == 4 ? FwdSmem<128, 4, true>::kBytes : FwdSmem<128, 8, true>::kBytes);
+      emu::launch({static_cast<unsigned>(H), static_cast<unsigned>((s.seq + 16 * W - 1) / (16 * W)), static_cast<unsigned>(s.batch)},
+                  32 * W, wsmem, fwdwg);
+      check_fwd(W == 4 ? "wgmma, 1 warpgroup" : "wgmma, 2 warpgroups");
+    }
+  }
 
   // Backward: reference O (rounded) and lse feed both sides.
   std::vector<uint16_t> o_in(static_cast<size_t>(n) * ldo, poison);
@@ -258,6 +279,27 @@ template <class E> Result run(const Shape &s, uint64_t seed) {
     res.dv = std::max(res.dv, rel_err(dvg, dv_ref));
   };
   check_bwd("split");
+  if (D == 64 || D == 128) {  // the split backward's wgmma kernels (sm_90a)
+    std::fill(dqkv.begin(), dqkv.end(), poison);
+    auto dkdvwg_call = [&]() {
+#define QT_DKDVWG(DIM)                                                                      \
+  bwd_dkdv<DIM, E, true>(qp, ldqkv, kp, ldqkv, vp, ldqkv, dout.data(), lddo, lse_in.data(), \
+                         dsum.data(), segp, dkp, ldqkv, dvp, ldqkv, s.seq, H, KV, s.window, \
+                         scale)
+      if (D == 64) QT_DKDVWG(64); else QT_DKDVWG(128);
+    };
+    const size_t wsmem = D == 64 ? DkvSmem<64, true>::kBytes : DkvSmem<128, true>::kBytes;
+    emu::launch({static_cast<unsigned>(KV), static_cast<unsigned>((s.seq + kBK - 1) / kBK), static_cast<unsigned>(s.batch)}, kThreads, wsmem, dkdvwg_call);
+    auto dqwg_call = [&]() {
+#define QT_DQWG(DIM)                                                                          \
+  bwd_dq<DIM, E, true>(qp, ldqkv, kp, ldqkv, vp, ldqkv, dout.data(), lddo, lse_in.data(),     \
+                       dsum.data(), segp, dqp, ldqkv, s.seq, H, KV, s.window, scale)
+      if (D == 64) QT_DQWG(64); else QT_DQWG(128);
+    };
+    smem = D == 64 ? DqSmem<64, true>::kBytes : DqSmem<128, true>::kBytes;
+    emu::launch({static_cast<unsigned>(H), static_cast<unsigned>(qtiles), static_cast<unsigned>(s.batch)}, kThreads, smem, dqwg_call);
+    check_bwd("split, wgmma dK/dV and dQ");
+  }
 
   // The fused backward, ordered (turn counters) and unordered (adds, then bwd_dq_store).
   const int ktiles = (s.seq + kBK - 1) / kBK;

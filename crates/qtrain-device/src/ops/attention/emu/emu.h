@@ -13,9 +13,21 @@
 //   C (16x8):  elem e holds (row g + 8*(e>>1), n 2t + (e&1))
 //   ldmatrix x4: reg i = matrix i (addresses from lanes 8i..8i+7), (row g, cols 2t, 2t+1);
 //   .trans: (rows 2t, 2t+1; col g) of the stored matrix.
+// wgmma.m64nNk16 (PTX ISA "Register Fragments and Shared Memory Matrix Layouts"): warp w of
+// the warpgroup holds rows 16w..16w+15 of A and D, each in the mma.m16n8k16 layout above
+// (A: 4 regs; D: N/2 floats, element i at row g + 8*((i>>1)&1), n 8*(i>>2) + 2t + (i&1)).
+// B comes from shared memory through a matrix descriptor, decoded here from the ISA's
+// canonical layouts (128-byte swizzle only: K-major ((8,m),(T,2k)):((8T,SBO),(1,T)),
+// MN-major ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)), T = 8 16-bit elements, then byte address
+// bits 4-6 ^= bits 7-9). The products run at wgmma.wait_group, reading shared memory then,
+// so a missing wait leaves the accumulators stale and an early overwrite of an operand
+// tile shows; a wgmma issued with no wgmma.fence since the last wait, an accumulator
+// touched while its product is in flight, and cp.async data read without
+// fence.proxy.async all fail.
 // cp.async copies are deferred until the cp.async.wait_group that must complete them, so a
 // missing wait shows up as stale (poisoned) data.
 #pragma once
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -25,6 +37,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define QT_DEV inline
@@ -57,12 +70,34 @@ struct Warp {
   uint32_t slot[32][12];
 };
 
+// A warpgroup: 4 consecutive warps, the unit of wgmma.
+struct WarpGroup {
+  std::barrier<> bar{128};
+  uint32_t slot[128][4];
+};
+
 struct Cta {
   explicit Cta(size_t smem_bytes, int warps)
-      : smem(smem_bytes, 0xFF), bar(warps * 32), warps(warps) {}
+      : smem(smem_bytes, 0xFF), bar(warps * 32), warps(warps), groups((warps + 3) / 4) {}
   std::vector<uint8_t> smem;
   std::barrier<> bar;
   std::vector<Warp> warps;
+  std::vector<WarpGroup> groups;
+};
+
+// One thread's share of an issued wgmma: its accumulator registers, the A rows it needs
+// (captured at issue, as the hardware reads the registers then), the B descriptor.
+struct Wgmma {
+  float *d;
+  int n;           // N: the thread holds n / 2 accumulators
+  bool accumulate; // scale-d
+  bool trans_b;    // B MN-major
+  bool bf16;
+  float a[2][16];  // A rows g and g + 8 of the thread's warp, k = 0..15 (from registers)
+  uint64_t desc_a;  // or A by descriptor (K-major), read when the product runs; 0 = registers
+  int row0;        // the thread's first A/D row in the warpgroup's 64 (16 * warp + g)
+  uint64_t desc;
+  std::vector<float> before;  // the accumulators at issue, to catch a touch in flight
 };
 
 struct Copy {
@@ -76,6 +111,10 @@ struct Thread {
   Cta *cta = nullptr;
   std::vector<std::vector<Copy>> groups;
   std::vector<Copy> open;
+  std::vector<std::vector<Wgmma>> wg_groups;
+  std::vector<Wgmma> wg_open;
+  bool wg_fenced = false;  // a wgmma.fence since the last wgmma.wait_group
+  bool smem_unfenced = false;  // cp.async data landed since the last fence.proxy.async
 };
 inline thread_local Thread ts;
 
@@ -104,6 +143,7 @@ inline uint8_t *smem_at(uint32_t addr, size_t n) {
 }
 inline int lane() { return threadIdx.x & 31; }
 inline Warp &warp() { return ts.cta->warps[threadIdx.x >> 5]; }
+inline WarpGroup &warpgroup() { return ts.cta->groups[threadIdx.x >> 7]; }
 
 inline float bits_f(uint32_t u) {
   float f;
@@ -134,6 +174,7 @@ inline void launch(Dim3 grid, unsigned threads, size_t smem, const std::function
             ts.cta = cta.get();
             body();
             if (!ts.open.empty() || !ts.groups.empty()) fail("cp.async still pending at exit");
+            if (!ts.wg_open.empty() || !ts.wg_groups.empty()) fail("wgmma still pending at exit");
           });
         for (auto &t : th) t.join();
       }
@@ -302,6 +343,7 @@ template <int N> inline void cp_wait() {
       }
     }
     emu::ts.groups.erase(emu::ts.groups.begin());
+    emu::ts.smem_unfenced = true;
   }
 }
 
@@ -311,5 +353,120 @@ template <class E> inline uint32_t pack2(float lo, float hi) {
 template <class E> inline float2 unpack2(uint32_t u) {
   return {half_to_f<E>(static_cast<uint16_t>(u & 0xffff)), half_to_f<E>(static_cast<uint16_t>(u >> 16))};
 }
+
+// ---- wgmma (sm_90a) ----------------------------------------------------------------------
+inline void fence_proxy_async() { emu::ts.smem_unfenced = false; }
+inline void wg_fence() { emu::ts.wg_fenced = true; }
+template <class T> inline void wg_fence_operands(T &) {}
+inline void wg_commit() {
+  emu::ts.wg_groups.push_back(std::move(emu::ts.wg_open));
+  emu::ts.wg_open.clear();
+}
+
+namespace wg_detail {
+// Byte offset in shared memory of B's element (k, n) under descriptor `desc`.
+inline uint32_t b_addr(uint64_t desc, bool trans_b, int k, int n) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  if ((desc >> 62) != 1) emu::fail("wgmma: only the 128-byte swizzle is emulated");
+  if ((desc >> 49) & 7) emu::fail("wgmma: non-zero matrix base offset");
+  uint32_t off;
+  if (!trans_b) {  // K-major: ((8,m),(T,2k)):((8T,SBO),(1,T)), in 16-bit elements
+    off = (n % 8) * 128 + (n / 8) * sbo + (k % 8) * 2 + (k / 8) * 16;
+  } else {  // MN-major: ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO))
+    if (lbo == 0) emu::fail("wgmma: MN-major B needs a leading byte offset");
+    off = (n % 64) * 2 + (n / 64) * lbo + (k % 8) * 128 + (k / 8) * sbo;
+  }
+  const uint32_t a = start + off;
+  return a ^ (((a >> 7) & 7) << 4);  // Swizzle<3,4,3> on the byte address
+}
+
+template <class E> float smem_half(uint32_t addr) {
+  uint16_t e;
+  std::memcpy(&e, emu::smem_at(addr, 2), 2);
+  return half_to_f<E>(e);
+}
+
+inline void run(emu::Wgmma &w) {
+  const int l = emu::lane(), g = l >> 2, t = l & 3;
+  if (w.desc_a)  // A(m, k) is B's K-major layout with m for n
+    for (int r = 0; r < 2; ++r)
+      for (int k = 0; k < 16; ++k) {
+        const uint32_t at = b_addr(w.desc_a, false, k, w.row0 + 8 * r);
+        w.a[r][k] = w.bf16 ? smem_half<Bf16>(at) : smem_half<F16>(at);
+      }
+  for (int i = 0; i < w.n / 2; ++i) {
+    const int r = (i >> 1) & 1, col = 8 * (i >> 2) + 2 * t + (i & 1);
+    float acc = w.accumulate ? w.d[i] : 0.f;
+    for (int k = 0; k < 16; ++k) {
+      const uint32_t at = b_addr(w.desc, w.trans_b, k, col);
+      acc += w.a[r][k] * (w.bf16 ? smem_half<Bf16>(at) : smem_half<F16>(at));
+    }
+    w.d[i] = acc;
+  }
+  (void)g;
+}
+}  // namespace wg_detail
+
+template <int N> inline void wg_wait() {
+  while (emu::ts.wg_groups.size() > static_cast<size_t>(N)) {
+    std::vector<emu::Wgmma> &grp = emu::ts.wg_groups.front();
+    // The first product into each accumulator saw the values of its issue; a later one
+    // of the same chain sees its predecessor's result.
+    std::vector<const float *> seen;
+    for (emu::Wgmma &w : grp) {
+      if (std::find(seen.begin(), seen.end(), w.d) == seen.end()) {
+        seen.push_back(w.d);
+        if (std::memcmp(w.before.data(), w.d, w.before.size() * 4) != 0)
+          emu::fail("wgmma: accumulator changed while its product was in flight");
+      }
+      wg_detail::run(w);
+    }
+    emu::ts.wg_groups.erase(emu::ts.wg_groups.begin());
+  }
+  emu::ts.wg_fenced = false;
+}
+
+// D[64 x N] (+)= A[64 x 16] * B[16 x N]: A from registers (this warp's 16 rows, the mma
+// A layout), B from shared memory (descriptor; TB = 1: MN-major). Warpgroup-collective.
+template <int N, class E> struct Wg {
+  template <int TB>
+  static void rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
+    if (!emu::ts.wg_fenced) emu::fail("wgmma issued without wgmma.fence since the last wait");
+    if (emu::ts.smem_unfenced) emu::fail("wgmma reads cp.async data without fence.proxy.async");
+    emu::WarpGroup &grp = emu::warpgroup();
+    const int wl = threadIdx.x & 127, l = wl & 31, g = l >> 2, base = wl & ~31;
+    for (int i = 0; i < 4; ++i) grp.slot[wl][i] = a[i];
+    grp.bar.arrive_and_wait();
+    emu::Wgmma w{&d[0][0], N, accumulate != 0, TB != 0, std::is_same_v<E, Bf16>, {}, 0, 0, desc, {}};
+    for (int r = 0; r < 2; ++r)
+      for (int k = 0; k < 16; ++k) {
+        // mma A layout: (row g + 8*(reg&1), k 2t + 8*(reg>>1) + h)
+        const uint32_t v = grp.slot[base + g * 4 + (k % 8) / 2][r + 2 * (k / 8)];
+        w.a[r][k] = half_to_f<E>(static_cast<uint16_t>(k % 2 ? v >> 16 : v & 0xffff));
+      }
+    w.before.assign(&d[0][0], &d[0][0] + N / 2);
+    grp.bar.arrive_and_wait();
+    emu::ts.wg_open.push_back(std::move(w));
+  }
+};
+
+// The same with A from shared memory (K-major, by descriptor).
+template <int N, class E> struct WgSs {
+  template <int TB>
+  static void ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    if (!emu::ts.wg_fenced) emu::fail("wgmma issued without wgmma.fence since the last wait");
+    if (emu::ts.smem_unfenced) emu::fail("wgmma reads cp.async data without fence.proxy.async");
+    if (desc_a == 0) emu::fail("wgmma: null A descriptor");
+    emu::WarpGroup &grp = emu::warpgroup();
+    grp.bar.arrive_and_wait();  // collective: every thread of the warpgroup issues it
+    const int wl = threadIdx.x & 127;
+    emu::Wgmma w{&d[0][0], N, accumulate != 0, TB != 0, std::is_same_v<E, Bf16>, {}, desc_a,
+                 16 * (wl >> 5) + ((wl & 31) >> 2), desc_b, {}};
+    w.before.assign(&d[0][0], &d[0][0] + N / 2);
+    emu::ts.wg_open.push_back(std::move(w));
+  }
+};
 
 }  // namespace qt_attn
