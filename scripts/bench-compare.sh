@@ -26,7 +26,9 @@
 # (autocast,liger,unsloth; `none` runs no peer); QTRAIN_ARGS add arguments to every
 # qtrain bench (e.g. "--peak-tflops 790"); QTRAIN_VARIANTS, `;`-separated NAME=ARGS,
 # runs qtrain bench once per variant, labelled qtrain-NAME (an empty NAME is plain
-# `qtrain`), e.g. QTRAIN_VARIANTS='=;lowmem=--keep-residuals off --keep-mlp off';
+# `qtrain`), e.g. QTRAIN_VARIANTS='=;lowmem=--keep-residuals off --keep-mlp off'; ARGS
+# may start with NAME=VALUE words, set in that run's environment only, e.g.
+# 'wgmma=QTRAIN_ATTN_FWD=wgmma8 QTRAIN_ATTN_SPLIT=wgmma' (the Hopper attention kernels);
 # PEER_ARGS / UNSLOTH_ARGS add arguments to peer_qlora.py / peer_unsloth.py;
 # ARCHIVE=FILE.tgz packs OUT_DIR into it at the end (also when stopped by a signal):
 # the device tool brings back at most 8 files of $OUT, and OUT_DIR holds about 20.
@@ -163,9 +165,15 @@ if [ "${SKIP_QTRAIN:-0}" != 1 ]; then
       smi_start "$Q-$T"
       phase_start
       date +%s.%N > "$OUT/$Q-$T.start"
+      # Leading NAME=VALUE words of a variant are its environment (kernel choices such
+      # as QTRAIN_ATTN_FWD), the rest are bench arguments.
+      VENV=(); VREST=()
+      for W in $VARGS; do
+        if [ ${#VREST[@]} = 0 ] && [[ "$W" =~ ^[A-Z_][A-Z0-9_]*= ]]; then VENV+=("$W"); else VREST+=("$W"); fi
+      done
       # shellcheck disable=SC2086
-      "$BIN" bench --model "$MODEL" --preset mistral-7b-v0.3 --cases "$CASES" --targets "$TL" \
-        --rank 16 --warmup "$WARMUP" --steps "$STEPS" ${QTRAIN_ARGS:-} $VARGS 2> "$OUT/$Q-$T.log" \
+      env ${VENV[@]+"${VENV[@]}"} "$BIN" bench --model "$MODEL" --preset mistral-7b-v0.3 --cases "$CASES" --targets "$TL" \
+        --rank 16 --warmup "$WARMUP" --steps "$STEPS" ${QTRAIN_ARGS:-} ${VREST[@]+"${VREST[@]}"} 2> "$OUT/$Q-$T.log" \
         | tee "$OUT/$Q-$T.jsonl" | stamp > "$OUT/$Q-$T.stamped"
       R=${PIPESTATUS[0]}
       smi_stop

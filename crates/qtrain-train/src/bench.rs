@@ -19,6 +19,7 @@ use crate::gpu::GpuInfo;
 use crate::memory::{self, KeptActivations, Measured, MemoryBreakdown, MemorySpec};
 use crate::trainer::TrainError;
 use candle_core::{DType, Device};
+use qtrain_device::ops::attention::{FwdKernel, SplitKernels};
 use qtrain_dist::SingleProcess;
 use qtrain_engine::EngineOptions;
 use qtrain_model::{BaseModel, Proj};
@@ -263,6 +264,11 @@ impl CaseResult {
             "offload_checkpoints": self.offload,
             "mlp_chunk_tokens": self.mlp_chunk,
             "attention_backward": self.attention_backward.name(),
+            // The GPU attention kernels this process picks (QTRAIN_ATTN_FWD, _SPLIT).
+            "attention_forward_kernel": FwdKernel::from_env()
+                .map_or_else(|e| e.to_string(), |k| k.label().to_string()),
+            "attention_split_kernels": SplitKernels::from_env()
+                .map_or_else(|e| e.to_string(), |k| k.label().to_string()),
             "pinned_host_mib": self.host_bytes.map(|b| mib(b as u64)),
             "memory_limit_mib": self.memory_limit.map(mib),
             "capped_peak_mib": self.capped_peak.map(mib),

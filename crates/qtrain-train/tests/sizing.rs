@@ -735,10 +735,11 @@ fn bench_fused_attention_backward_is_sized_by_the_memory_model() {
         assert_eq!(r.attention_backward, m);
         assert_eq!(r.losses, runs[0].losses);
         assert_eq!(r.predicted.engine_bytes as usize, r.engine_peak.unwrap());
-        assert_eq!(
-            r.record(&model, "2x40", "qkvo", 0.0)["attention_backward"],
-            m.name()
-        );
+        let rec = r.record(&model, "2x40", "qkvo", 0.0);
+        assert_eq!(rec["attention_backward"], m.name());
+        // The GPU kernel choices (environment; unset here: the defaults) are recorded.
+        assert_eq!(rec["attention_forward_kernel"], "mma");
+        assert_eq!(rec["attention_split_kernels"], "mma");
     }
     // 80 tokens: the D terms (2 x heads x 40) rounded up to 16 bytes, 2 x heads x 2
     // dQ counters (one 64-query tile of two steps per row) and 2 x kv_heads dK/dV

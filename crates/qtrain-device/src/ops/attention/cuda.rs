@@ -238,21 +238,7 @@ fn cfg(grid: (usize, usize, usize), smem: u32) -> LaunchConfig {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn attention_fwd<T: Float>(
-    c: &CudaDev,
-    s: &AttnShape,
-    q: Mat<'_, T>,
-    k: Mat<'_, T>,
-    v: Mat<'_, T>,
-    segments: Option<View<'_, u32>>,
-    o: Mat<'_, T>,
-    lse: View<'_, f32>,
-) -> Result<()> {
-    attention_fwd_kernel(c, s, q, k, v, segments, o, lse, FwdKernel::from_env()?)
-}
-
-/// [`attention_fwd`] with the given kernel.
+/// The forward (`super::attention_fwd` on a GPU) with the given kernel.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_fwd_kernel<T: Float>(
     c: &CudaDev,
@@ -331,30 +317,8 @@ pub(super) fn attention_fwd_kernel<T: Float>(
     unsafe { launch(OP, b, config) }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn attention_bwd<T: Float>(
-    c: &CudaDev,
-    s: &AttnShape,
-    mode: AttnBackward,
-    q: Mat<'_, T>,
-    k: Mat<'_, T>,
-    v: Mat<'_, T>,
-    o: Mat<'_, T>,
-    d_o: Mat<'_, T>,
-    lse: View<'_, f32>,
-    segments: Option<View<'_, u32>>,
-    dq: Mat<'_, T>,
-    dk: Mat<'_, T>,
-    dv: Mat<'_, T>,
-    scratch: View<'_, f32>,
-) -> Result<()> {
-    let split = SplitKernels::from_env()?;
-    attention_bwd_kernels(
-        c, s, mode, split, q, k, v, o, d_o, lse, segments, dq, dk, dv, scratch,
-    )
-}
-
-/// [`attention_bwd`] with the given split-backward kernels (ignored by the fused modes).
+/// The backward (`super::attention_bwd` on a GPU) with the given split-backward kernels
+/// (ignored by the fused modes).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_bwd_kernels<T: Float>(
     c: &CudaDev,

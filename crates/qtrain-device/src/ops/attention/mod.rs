@@ -470,7 +470,8 @@ pub fn attention_fwd<T: Float>(
     check_disjoint("attention_fwd", &[o.span(), lse.span()], &ins)?;
     #[cfg(feature = "cuda")]
     if let Some(c) = dev.cuda() {
-        return cuda::attention_fwd(c, s, q, k, v, segments, o, lse);
+        let kern = FwdKernel::from_env()?;
+        return cuda::attention_fwd_kernel(c, s, q, k, v, segments, o, lse, kern);
     }
     let _ = dev;
     let seg = segments.map(read_view);
@@ -528,8 +529,9 @@ pub fn attention_bwd<T: Float>(
     )?;
     #[cfg(feature = "cuda")]
     if let Some(c) = dev.cuda() {
-        return cuda::attention_bwd(
-            c, s, mode, q, k, v, o, d_o, lse, segments, dq, dk, dv, scratch,
+        let split = SplitKernels::from_env()?;
+        return cuda::attention_bwd_kernels(
+            c, s, mode, split, q, k, v, o, d_o, lse, segments, dq, dk, dv, scratch,
         );
     }
     let _ = (dev, mode);
