@@ -144,10 +144,12 @@ template <class E> Result run(const Shape &s, uint64_t seed) {
       for (int c = H * D; c < ldo; ++c) pad_ok &= o[static_cast<size_t>(tok) * ldo + c] == poison;
     }
     if (!pad_ok) std::printf("  !! forward (%s) wrote outside o's columns\n", variant);
-    res.o = std::max(res.o, pad_ok ? rel_err(og, o_ref) : INFINITY);
+    const double eo = pad_ok ? rel_err(og, o_ref) : INFINITY;
+    res.o = std::max(res.o, eo);
     double lw = 0;
     for (size_t i = 0; i < lse.size(); ++i) lw = std::max(lw, std::isfinite(lse[i]) ? std::fabs(lse[i] - lse_ref[i]) : INFINITY);
     res.lse = std::max(res.lse, lw);  // absolute error of lse (natural log units)
+    std::printf("  forward %-22s o %.2e lse(abs) %.2e\n", variant, eo, lw);
   };
   emu::launch({static_cast<unsigned>(H), static_cast<unsigned>(qtiles), static_cast<unsigned>(s.batch)}, kThreads, smem, fwd_call);
   check_fwd("4 warps");
@@ -274,9 +276,12 @@ template <class E> Result run(const Shape &s, uint64_t seed) {
       for (int c = qc; c < ldqkv; ++c) pad_ok &= r[c] == poison;
     }
     if (!pad_ok) std::printf("  !! backward (%s) wrote outside the dq/dk/dv columns\n", variant);
-    res.dq = std::max(res.dq, pad_ok ? rel_err(dqg, dq_ref) : INFINITY);
-    res.dk = std::max(res.dk, rel_err(dkg, dk_ref));
-    res.dv = std::max(res.dv, rel_err(dvg, dv_ref));
+    const double eq = pad_ok ? rel_err(dqg, dq_ref) : INFINITY, ek = rel_err(dkg, dk_ref),
+                 ev = rel_err(dvg, dv_ref);
+    res.dq = std::max(res.dq, eq);
+    res.dk = std::max(res.dk, ek);
+    res.dv = std::max(res.dv, ev);
+    std::printf("  backward %-26s dq %.2e dk %.2e dv %.2e\n", variant, eq, ek, ev);
   };
   check_bwd("split");
   if (D == 64 || D == 128) {  // the split backward's wgmma kernels (sm_90a)
