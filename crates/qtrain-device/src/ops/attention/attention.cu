@@ -523,15 +523,21 @@ QT_DEV void mm_atb_smem(float (&acc)[NTD][4], uint32_t xt, int row0, uint32_t y,
 // S[64 x N] = X Y^T: X = the 64-row tile at `x` (A, K-major), Y = rows [0, N) of the tile
 // at `y` (B, K-major); k-step kk reads head-dim columns 16kk..: block kk / 4, 32 bytes
 // into the swizzled rows per step, 8-row groups 1024 bytes apart.
+// `_issue`: the instructions only, inside the caller's wg_fence ... wg_commit, so several
+// products can share one wait.
 template <int D, int N, class E>
-QT_DEV void wg_abt(float (&s)[N / 8][4], uint32_t x, uint32_t y) {
-  wg_fence_operands(s);
-  wg_fence();
+QT_DEV void wg_abt_issue(float (&s)[N / 8][4], uint32_t x, uint32_t y) {
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const uint32_t step = (kk >> 2) * WgSw<D>::kBlock + (kk & 3) * 32;
     WgSs<N, E>::template ss<0>(s, wg_desc(x + step, 16, 1024), wg_desc(y + step, 16, 1024), kk);
   }
+}
+template <int D, int N, class E>
+QT_DEV void wg_abt(float (&s)[N / 8][4], uint32_t x, uint32_t y) {
+  wg_fence_operands(s);
+  wg_fence();
+  wg_abt_issue<D, N, E>(s, x, y);
   wg_commit();
   wg_wait<0>();
   wg_fence_operands(s);
@@ -541,14 +547,18 @@ QT_DEV void wg_abt(float (&s)[N / 8][4], uint32_t x, uint32_t y) {
 // S) * Y, Y = rows [0, KR) of the tile at `y` read MN-major: k-step kk is rows 16kk..
 // (2048 bytes on), the next 64 columns one block (LBO) on, the next 8 rows 1024 (SBO).
 template <int D, int KR, class E>
-QT_DEV void wg_pb(float (&acc)[D / 8][4], const uint32_t (&p)[KR / 8][2], uint32_t y) {
-  wg_fence_operands(acc);
-  wg_fence();
+QT_DEV void wg_pb_issue(float (&acc)[D / 8][4], const uint32_t (&p)[KR / 8][2], uint32_t y) {
 #pragma unroll
   for (int kk = 0; kk < KR / 16; ++kk) {
     const uint32_t a[4] = {p[2 * kk][0], p[2 * kk][1], p[2 * kk + 1][0], p[2 * kk + 1][1]};
     Wg<D, E>::template rs<1>(acc, a, wg_desc(y + kk * 2048, WgSw<D>::kBlock, 1024), 1);
   }
+}
+template <int D, int KR, class E>
+QT_DEV void wg_pb(float (&acc)[D / 8][4], const uint32_t (&p)[KR / 8][2], uint32_t y) {
+  wg_fence_operands(acc);
+  wg_fence();
+  wg_pb_issue<D, KR, E>(acc, p, y);
   wg_commit();
   wg_wait<0>();
   wg_fence_operands(acc);
@@ -907,60 +917,76 @@ QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
       // This step's QH queries: rows [hq * QH, hq * QH + QH) of the Q and dO tiles.
       const uint32_t hQ = cQ + hq * QH * D * 2, hO = cO + hq * QH * D * 2;
       const int c0 = hq * QH;
-      // S^T = K Q^T (16 keys of this warp x QH queries), P^T = exp(S^T * scale - lse).
-      float s[NT][4];
+      // P^T = exp(S^T * scale - lse), masked, rounded for the products.
+      auto make_p = [&](const float (&sc)[NT][4], uint32_t (&pp)[NT][2]) {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      if constexpr (WG)
-        wg_abt<D, QH, E>(s, sb + L::kK, hQ);
-      else
-        mm_abt_smem<D, NT, E>(s, sb + L::kK, warp * 16, hQ, lane);
-      uint32_t p[NT][2];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        float pe[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = c0 + nt * 8 + 2 * t + (e & 1);
-          pe[e] = ex2(fmaf(s[nt][e], sl2, -sL[c] * kLog2e));
-        }
-        if (need) {
+        for (int nt = 0; nt < NT; ++nt) {
+          float pe[4];
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int c = c0 + nt * 8 + 2 * t + (e & 1);
-            if (!visible(q0 + c, e < 2 ? j0r : j1r, seq, window, sg, sS[c], e < 2 ? sj0 : sj1))
-              pe[e] = 0.f;
+            pe[e] = ex2(fmaf(sc[nt][e], sl2, -sL[c] * kLog2e));
           }
+          if (need) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int c = c0 + nt * 8 + 2 * t + (e & 1);
+              if (!visible(q0 + c, e < 2 ? j0r : j1r, seq, window, sg, sS[c], e < 2 ? sj0 : sj1))
+                pe[e] = 0.f;
+            }
+          }
+          pp[nt][0] = pack2<E>(pe[0], pe[1]);
+          pp[nt][1] = pack2<E>(pe[2], pe[3]);
         }
-        p[nt][0] = pack2<E>(pe[0], pe[1]);
-        p[nt][1] = pack2<E>(pe[2], pe[3]);
-      }
-      // dV += P^T dO
-      if constexpr (WG)
-        wg_pb<D, QH, E>(dV, p, hO);
-      else
+      };
+      // dS^T = P^T * (dP^T - Dsum), P^T as rounded for the products; `out` may be `pp`.
+      auto make_ds = [&](const uint32_t (&pp)[NT][2], const float (&dpp)[NT][4],
+                         uint32_t (&out)[NT][2]) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int c = c0 + nt * 8 + 2 * t;
+          const float d0 = sD[c], d1 = sD[c + 1];
+          const float2 pa = unpack2<E>(pp[nt][0]), pb = unpack2<E>(pp[nt][1]);
+          out[nt][0] = pack2<E>(pa.x * (dpp[nt][0] - d0), pa.y * (dpp[nt][1] - d1));
+          out[nt][1] = pack2<E>(pb.x * (dpp[nt][2] - d0), pb.y * (dpp[nt][3] - d1));
+        }
+      };
+      float s[NT][4], dp[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
+      uint32_t p[NT][2];
+      if constexpr (WG) {
+        // S^T = K Q^T, then P^T; dV += P^T dO and dP^T = V dO^T in one batch of wgmma
+        // (one wait for both: three per query step instead of four); then dS^T and
+        // dK += dS^T Q. Batching S^T with dP^T too would save another wait, but keeps
+        // both accumulators live beside dK and dV: 144 bytes of spill at head dim 128.
+        wg_abt<D, QH, E>(s, sb + L::kK, hQ);
+        make_p(s, p);
+        wg_fence_operands(dV);
+        wg_fence_operands(dp);
+        wg_fence();
+        wg_pb_issue<D, QH, E>(dV, p, hO);
+        wg_abt_issue<D, QH, E>(dp, sb + L::kV, hO);
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_operands(dV);
+        wg_fence_operands(dp);
+        make_ds(p, dp, p);
+        wg_pb<D, QH, E>(dK, p, hQ);  // times scale at the end
+      } else {
+        // S^T = K Q^T (16 keys of this warp x QH queries), then P^T.
+        mm_abt_smem<D, NT, E>(s, sb + L::kK, warp * 16, hQ, lane);
+        make_p(s, p);
+        // dV += P^T dO
         mm_pb<D, QH / 16, E>(dV, p, hO, lane);
-      // dP^T = V dO^T;  dS^T = P^T * (dP^T - Dsum), P^T as rounded for the mma above
-      float dp[NT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
-      if constexpr (WG)
-        wg_abt<D, QH, E>(dp, sb + L::kV, hO);
-      else
+        // dP^T = V dO^T, dS^T in place of P^T
         mm_abt_smem<D, NT, E>(dp, sb + L::kV, warp * 16, hO, lane);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int c = c0 + nt * 8 + 2 * t;
-        const float d0 = sD[c], d1 = sD[c + 1];
-        const float2 pa = unpack2<E>(p[nt][0]), pb = unpack2<E>(p[nt][1]);
-        p[nt][0] = pack2<E>(pa.x * (dp[nt][0] - d0), pa.y * (dp[nt][1] - d1));
-        p[nt][1] = pack2<E>(pb.x * (dp[nt][2] - d0), pb.y * (dp[nt][3] - d1));
-      }
-      // dK += dS^T Q  (times scale at the end)
-      if constexpr (WG)
-        wg_pb<D, QH, E>(dK, p, hQ);
-      else
+        make_ds(p, dp, p);
+        // dK += dS^T Q  (times scale at the end)
         mm_pb<D, QH / 16, E>(dK, p, hQ, lane);
+      }
     }
   }
 
