@@ -49,10 +49,6 @@ impl FwdKernel {
         }
     }
 
-    fn wgmma(self) -> bool {
-        matches!(self, Self::Wgmma4 | Self::Wgmma8)
-    }
-
     /// Why this kernel cannot run here, if it cannot: head dims 128 (`Mma8`) or 64 and
     /// 128 (wgmma), and for wgmma a 9.0 GPU and a binary built for it.
     pub(super) fn unsupported(self, cc: (i32, i32), head_dim: usize) -> Option<String> {
@@ -263,8 +259,8 @@ pub(super) fn attention_fwd_kernel<T: Float>(
     }
     let warps = kern.warps();
     let rows = 16 * warps;
-    let smem = fwd_smem(d, warps, kern.wgmma());
-    let f = if kern.wgmma() {
+    let smem = fwd_smem(d, warps, kern.is_wgmma());
+    let f = if kern.is_wgmma() {
         kernel_sm90a::<T>(c, kern.op(), d, smem)?
     } else {
         kernel::<T>(c, kern.op(), d, smem)?

@@ -60,6 +60,11 @@ impl FwdKernel {
         }
     }
 
+    /// A Hopper (sm_90a) kernel.
+    pub fn is_wgmma(self) -> bool {
+        matches!(self, Self::Wgmma4 | Self::Wgmma8)
+    }
+
     /// `QTRAIN_ATTN_FWD`, read once; `Mma4` when unset.
     pub fn from_env() -> Result<Self> {
         static CHOICE: std::sync::OnceLock<std::result::Result<FwdKernel, String>> =
@@ -89,6 +94,11 @@ impl SplitKernels {
             Self::Mma => "mma",
             Self::Wgmma => "wgmma",
         }
+    }
+
+    /// Hopper (sm_90a) kernels.
+    pub fn is_wgmma(self) -> bool {
+        self == Self::Wgmma
     }
 
     /// `QTRAIN_ATTN_SPLIT`, read once; `Mma` when unset.

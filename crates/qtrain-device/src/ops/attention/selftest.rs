@@ -13,7 +13,27 @@ use crate::selftest::{check, poisoned, random, rel_err, time_it, upload, Check};
 /// be bit-identical across two runs. With `full` on a GPU: a 1500-token Mistral-sized
 /// check, and forward/backward TFLOP/s at 1 x 8192 (see [`speed`]).
 pub fn self_test(dev: &Dev, full: bool) -> Result<Vec<Check>> {
-    use AttnShape;
+    let mut out = cases(dev, full, Pass::Mma)?;
+    // The wgmma kernels last, each shape again: on their first run on a GPU a fault
+    // (which ends the CUDA context) then leaves every mma.sync result reported.
+    if dev.is_cuda() {
+        out.extend(cases(dev, full, Pass::Wgmma)?);
+    }
+    if full && dev.is_cuda() {
+        out.push(speed(dev)?);
+    }
+    Ok(out)
+}
+
+/// Which kernels a pass over the shapes checks: the default path and the mma.sync
+/// variants with every backward mode, or only the Hopper (wgmma) kernels.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Mma,
+    Wgmma,
+}
+
+fn cases(dev: &Dev, full: bool, pass: Pass) -> Result<Vec<Check>> {
     let shape = |batch, seq, heads, kv_heads, head_dim, window| AttnShape {
         batch,
         seq,
@@ -54,6 +74,7 @@ pub fn self_test(dev: &Dev, full: bool) -> Result<Vec<Check>> {
         None,
         bf_fwd,
         bf_bwd,
+        pass,
     )?);
     out.extend(attention_case::<Bf>(
         dev,
@@ -62,6 +83,7 @@ pub fn self_test(dev: &Dev, full: bool) -> Result<Vec<Check>> {
         Some(docs(1, 150, &[37, 70, 5, 90])),
         bf_fwd,
         bf_bwd,
+        pass,
     )?);
     out.extend(attention_case::<Bf>(
         dev,
@@ -70,6 +92,7 @@ pub fn self_test(dev: &Dev, full: bool) -> Result<Vec<Check>> {
         Some(docs(2, 70, &[1, 40, 9])),
         bf_fwd,
         bf_bwd,
+        pass,
     )?);
     out.extend(attention_case::<Bf>(
         dev,
@@ -78,6 +101,7 @@ pub fn self_test(dev: &Dev, full: bool) -> Result<Vec<Check>> {
         Some(docs(2, 400, &[70, 150, 3, 64, 100])),
         bf_fwd,
         bf_bwd,
+        pass,
     )?);
     let mistral_seq = if full && dev.is_cuda() { 1500 } else { 130 };
     out.extend(attention_case::<Bf>(
@@ -87,6 +111,7 @@ pub fn self_test(dev: &Dev, full: bool) -> Result<Vec<Check>> {
         None,
         bf_fwd,
         bf_bwd,
+        pass,
     )?);
     out.extend(attention_case::<half::f16>(
         dev,
@@ -95,10 +120,8 @@ pub fn self_test(dev: &Dev, full: bool) -> Result<Vec<Check>> {
         Some(docs(2, 100, &[60, 25])),
         hf,
         hf,
+        pass,
     )?);
-    if full && dev.is_cuda() {
-        out.push(speed(dev)?);
-    }
     Ok(out)
 }
 
@@ -132,16 +155,17 @@ fn bwd_runs(dev: &Dev, head_dim: usize) -> Result<Vec<(AttnBackward, Option<Spli
     #[cfg(feature = "cuda")]
     if let Some(c) = dev.cuda() {
         let cc = c.compute_capability()?;
+        let here = |k: &SplitKernels| k.unsupported(cc, head_dim).is_none();
+        let split = |k: &SplitKernels| (AttnBackward::Split, Some(*k));
         let mut runs = vec![(AttnBackward::Split, None)];
-        for k in SplitKernels::ALL {
-            if k.unsupported(cc, head_dim).is_none() {
-                runs.push((AttnBackward::Split, Some(k)));
-            }
-        }
+        let kerns = SplitKernels::ALL.iter().filter(|k| here(k));
+        runs.extend(kerns.clone().filter(|k| !k.is_wgmma()).map(split));
         runs.extend([
             (AttnBackward::Fused, None),
             (AttnBackward::FusedAtomic, None),
         ]);
+        // The wgmma kernels last (see self_test).
+        runs.extend(kerns.filter(|k| k.is_wgmma()).map(split));
         return Ok(runs);
     }
     let _ = (dev, head_dim);
@@ -223,6 +247,7 @@ fn fused_blocks<T: Float>(
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn attention_case<T: Float>(
     dev: &Dev,
     label: &str,
@@ -230,7 +255,20 @@ fn attention_case<T: Float>(
     seg: Option<Vec<u32>>,
     tol_fwd: f64,
     tol_bwd: f64,
+    pass: Pass,
 ) -> Result<Vec<Check>> {
+    let wgmma_pass = pass == Pass::Wgmma;
+    let fwd_kerns: Vec<_> = fwd_kernels(dev, s.head_dim)?
+        .into_iter()
+        .filter(|k| k.is_wgmma() == wgmma_pass)
+        .collect();
+    let bwd_kerns: Vec<_> = bwd_runs(dev, s.head_dim)?
+        .into_iter()
+        .filter(|r| r.1.is_some_and(|k| k.is_wgmma()) == wgmma_pass)
+        .collect();
+    if wgmma_pass && fwd_kerns.is_empty() && bwd_kerns.is_empty() {
+        return Ok(Vec::new()); // no wgmma kernel at this head dim or on this GPU
+    }
     let cpu = Dev::cpu();
     let (n, d) = (s.tokens(), s.head_dim);
     let (qc, kc) = (s.heads * d, s.kv_heads * d);
@@ -261,12 +299,17 @@ fn attention_case<T: Float>(
         }
         Ok((to_f32_vec(dv, o.all())?, to_f32_vec(dv, lse.all())?))
     };
-    let (o, lse) = fwd(dev, None)?;
     let (o_ref, lse_ref) = fwd(&cpu, None)?;
-    let (eo, el) = (rel_err(&o, &o_ref), rel_err(&lse, &lse_ref));
-    // Every forward kernel the GPU runs at this head dim (the tuning variants; see speed).
+    // The default path (not in the wgmma pass: it is mma.sync unless chosen otherwise).
+    let (eo, el) = if wgmma_pass {
+        (0.0, 0.0)
+    } else {
+        let (o, lse) = fwd(dev, None)?;
+        (rel_err(&o, &o_ref), rel_err(&lse, &lse_ref))
+    };
+    // Every forward kernel of this pass the GPU runs at this head dim (see speed).
     let mut variants = Vec::new();
-    for kern in fwd_kernels(dev, d)? {
+    for kern in fwd_kerns {
         let (ov, lv) = fwd(dev, Some(kern))?;
         variants.push((kern, rel_err(&ov, &o_ref).max(rel_err(&lv, &lse_ref))));
     }
@@ -314,21 +357,28 @@ fn attention_case<T: Float>(
         s.window.map_or(String::new(), |w| format!(" window {w}")),
         if seg.is_some() { " segments" } else { "" }
     );
+    let tag = if wgmma_pass { " (wgmma)" } else { "" };
     let mut out = vec![check(
-        format!("attention fwd {t} {what}"),
+        format!("attention fwd{tag} {t} {what}"),
         eo.max(el).max(worst_variant),
         tol_fwd,
         &format!(
-            " (o {eo:.1e}, lse {el:.1e}{})",
-            variants
-                .iter()
-                .map(|(k, e)| format!(", {} {e:.1e}", k.label()))
-                .collect::<String>()
+            " ({})",
+            (!wgmma_pass)
+                .then(|| format!("o {eo:.1e}, lse {el:.1e}"))
+                .into_iter()
+                .chain(
+                    variants
+                        .iter()
+                        .map(|(k, e)| format!("{} {e:.1e}", k.label()))
+                )
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     )];
     // Every backward mode on a GPU (the CPU has one: the reference); the reproducible
     // ones must also be bit-identical across two runs.
-    for (mode, split) in bwd_runs(dev, d)? {
+    for (mode, split) in bwd_kerns {
         let g = bwd(dev, mode, split)?;
         let same = !mode.reproducible()
             || g.iter()
