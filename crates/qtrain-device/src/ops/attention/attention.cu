@@ -360,7 +360,22 @@ template <int D> struct WgSw {
   static QT_DEV uint32_t off(int r, int c) {
     return static_cast<uint32_t>((c >> 3) * kBlock + r * 128 + (((c & 7) ^ (r & 7)) << 4));
   }
+  // Where k-step kk (head-dim columns 16kk..16kk+15) starts when the tile is read
+  // K-major: block kk / 4, 32 bytes into the (swizzled) rows per step.
+  static QT_DEV uint32_t kstep(int kk) {
+    return static_cast<uint32_t>((kk >> 2) * kBlock + (kk & 3) * 32);
+  }
 };
+
+// What a wgmma kernel's shared memory has beyond its layout, and where the layout then
+// starts: the next 1024-byte boundary (the 128-byte swizzle's period) of the dynamic
+// shared memory, whose own base the launch does not align that far.
+constexpr int kWgPad = 1024;
+QT_DEV void wg_align(char *&sm, uint32_t &sb) {
+  const uint32_t pad = (1024u - (sb & 1023u)) & 1023u;
+  sm += pad;
+  sb += pad;
+}
 
 template <bool B, class T, class F> struct Pick {
   using type = T;
@@ -521,15 +536,14 @@ QT_DEV void mm_atb_smem(float (&acc)[NTD][4], uint32_t xt, int row0, uint32_t y,
 
 // The warpgroup's versions (WG kernels; tiles in the WgSw layout, 1024-byte aligned).
 // S[64 x N] = X Y^T: X = the 64-row tile at `x` (A, K-major), Y = rows [0, N) of the tile
-// at `y` (B, K-major); k-step kk reads head-dim columns 16kk..: block kk / 4, 32 bytes
-// into the swizzled rows per step, 8-row groups 1024 bytes apart.
+// at `y` (B, K-major); k-step kk at WgSw::kstep, 8-row groups 1024 bytes apart.
 // `_issue`: the instructions only, inside the caller's wg_fence ... wg_commit, so several
 // products can share one wait.
 template <int D, int N, class E>
 QT_DEV void wg_abt_issue(float (&s)[N / 8][4], uint32_t x, uint32_t y) {
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    const uint32_t step = (kk >> 2) * WgSw<D>::kBlock + (kk & 3) * 32;
+    const uint32_t step = WgSw<D>::kstep(kk);
     WgSs<N, E>::template ss<0>(s, wg_desc(x + step, 16, 1024), wg_desc(y + step, 16, 1024), kk);
   }
 }
@@ -606,7 +620,7 @@ QT_DEV void store_rows(const float (&acc)[D / 8][4], float mul0, float mul1, cha
 template <int D, int W = 4, bool WG = false> struct FwdSmem {
   static constexpr int kQ = 16 * W * D * 2, kTile = kBK * D * 2;
   static constexpr int kK = kQ, kV = kK + 2 * kTile, kSeg = kV + 2 * kTile;
-  static constexpr int kBytes = kSeg + 2 * kBK * 4 + (WG ? 1024 : 0);
+  static constexpr int kBytes = kSeg + 2 * kBK * 4 + (WG ? kWgPad : 0);
   static_assert(!WG || (kK % 1024 == 0 && kTile % 1024 == 0), "wgmma tiles on 1 KiB");
 };
 
@@ -633,11 +647,7 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
   const uint64_t tok0 = static_cast<uint64_t>(b) * seq;
   char *sm = smem_ptr();
   uint32_t sb = smem_addr(sm);
-  if constexpr (WG) {  // K/V tiles on 1 KiB (L::kBytes has the room)
-    const uint32_t pad = (1024u - (sb & 1023u)) & 1023u;
-    sm += pad;
-    sb += pad;
-  }
+  if constexpr (WG) wg_align(sm, sb);  // tiles on 1 KiB (L::kBytes has the room)
 
   const int q_end = imin(q0 + BQ, seq);
   const int j_lo = window ? imax(0, q0 - window + 1) : 0;
@@ -690,14 +700,14 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
     if constexpr (WG) {
-      // S = Q K^T: k-step kk reads head-dim columns 16kk.. of every key row: block kk / 4,
-      // 32 bytes into the (swizzled) row per step; 8-row groups 1024 bytes apart.
+      // S = Q K^T, Q from registers: k-step kk of every key row at WgSw::kstep; 8-row
+      // groups 1024 bytes apart.
       wg_fence_operands(s);
       wg_fence();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
         Wg<kBK, E>::template rs<0>(
-            s, qf[kk], wg_desc(cK + (kk >> 2) * WgSw<D>::kBlock + (kk & 3) * 32, 16, 1024), kk);
+            s, qf[kk], wg_desc(cK + WgSw<D>::kstep(kk), 16, 1024), kk);
       wg_commit();
       wg_wait<0>();
       wg_fence_operands(s);
@@ -824,7 +834,7 @@ template <int D, bool WG = false> struct DkvSmem {
   static constexpr int kTile = kBQ * D * 2;  // kBQ == kBK
   static constexpr int kK = 0, kV = kTile, kQ = 2 * kTile, kO = 4 * kTile;
   static constexpr int kL = 6 * kTile, kDs = kL + 2 * kBQ * 4, kSq = kDs + 2 * kBQ * 4;
-  static constexpr int kBytes = kSq + 2 * kBQ * 4 + (WG ? 1024 : 0);
+  static constexpr int kBytes = kSq + 2 * kBQ * 4 + (WG ? kWgPad : 0);
 };
 
 template <int D, class E, bool WG = false>
@@ -851,11 +861,7 @@ QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
   const uint64_t tok0 = static_cast<uint64_t>(b) * seq;
   char *sm = smem_ptr();
   uint32_t sb = smem_addr(sm);
-  if constexpr (WG) {  // tiles on 1 KiB (L::kBytes has the room)
-    const uint32_t pad = (1024u - (sb & 1023u)) & 1023u;
-    sm += pad;
-    sb += pad;
-  }
+  if constexpr (WG) wg_align(sm, sb);  // tiles on 1 KiB (L::kBytes has the room)
   const uint32_t *sg = seg ? seg + tok0 : nullptr;
 
   const int k_valid = imin(kBK, seq - k0);
@@ -1008,7 +1014,7 @@ QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
 template <int D, bool WG = false> struct DqSmem {
   static constexpr int kTile = kBK * D * 2;
   static constexpr int kQ = 0, kO = kTile, kK = 2 * kTile, kV = 4 * kTile, kSeg = 6 * kTile;
-  static constexpr int kBytes = kSeg + 2 * kBK * 4 + (WG ? 1024 : 0);
+  static constexpr int kBytes = kSeg + 2 * kBK * 4 + (WG ? kWgPad : 0);
 };
 
 template <int D, class E, bool WG = false>
@@ -1030,11 +1036,7 @@ QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t 
   const uint64_t tok0 = static_cast<uint64_t>(b) * seq;
   char *sm = smem_ptr();
   uint32_t sb = smem_addr(sm);
-  if constexpr (WG) {  // tiles on 1 KiB (L::kBytes has the room)
-    const uint32_t pad = (1024u - (sb & 1023u)) & 1023u;
-    sm += pad;
-    sb += pad;
-  }
+  if constexpr (WG) wg_align(sm, sb);  // tiles on 1 KiB (L::kBytes has the room)
 
   const int q_end = imin(q0 + kBQ, seq);
   const int j_lo = window ? imax(0, q0 - window + 1) : 0;

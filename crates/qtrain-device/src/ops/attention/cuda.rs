@@ -89,8 +89,8 @@ fn dkdv_smem(d: usize) -> u32 {
 fn dq_smem(d: usize) -> u32 {
     (768 * d + 512) as u32
 }
-/// What every wgmma kernel adds to its layout's shared memory: the 1 KiB that lets it
-/// start its tiles on a 1024-byte boundary (the 128-byte swizzle's period).
+/// What every wgmma kernel adds to its layout's shared memory (`kWgPad` in the kernel
+/// file): the 1 KiB that lets it start its tiles on a 1024-byte boundary.
 const WGMMA_SMEM_PAD: u32 = 1024;
 
 impl SplitKernels {

@@ -149,13 +149,14 @@ fn fwd_kernels(dev: &Dev, head_dim: usize) -> Result<Vec<FwdKernel>> {
 }
 
 /// The backward runs to check and time on this device: every mode on a GPU, the split
-/// one also with its wgmma kernels where they run (`None`: the launcher's choice); on
-/// the CPU the reference.
+/// one also with each other kernel set that runs here (`None`: the launcher's choice,
+/// which is not listed again); on the CPU the reference.
 fn bwd_runs(dev: &Dev, head_dim: usize) -> Result<Vec<(AttnBackward, Option<SplitKernels>)>> {
     #[cfg(feature = "cuda")]
     if let Some(c) = dev.cuda() {
         let cc = c.compute_capability()?;
-        let here = |k: &SplitKernels| k.unsupported(cc, head_dim).is_none();
+        let default = SplitKernels::from_env().ok();
+        let here = |k: &SplitKernels| k.unsupported(cc, head_dim).is_none() && Some(*k) != default;
         let split = |k: &SplitKernels| (AttnBackward::Split, Some(*k));
         let mut runs = vec![(AttnBackward::Split, None)];
         let kerns = SplitKernels::ALL.iter().filter(|k| here(k));
@@ -258,9 +259,11 @@ fn attention_case<T: Float>(
     pass: Pass,
 ) -> Result<Vec<Check>> {
     let wgmma_pass = pass == Pass::Wgmma;
+    // The launcher's own choice runs as the default path (`None` below), not again here.
+    let default = FwdKernel::from_env().ok();
     let fwd_kerns: Vec<_> = fwd_kernels(dev, s.head_dim)?
         .into_iter()
-        .filter(|k| k.is_wgmma() == wgmma_pass)
+        .filter(|&k| k.is_wgmma() == wgmma_pass && Some(k) != default)
         .collect();
     let bwd_kerns: Vec<_> = bwd_runs(dev, s.head_dim)?
         .into_iter()

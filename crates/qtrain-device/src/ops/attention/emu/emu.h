@@ -388,6 +388,12 @@ template <class E> float smem_half(uint32_t addr) {
   return half_to_f<E>(e);
 }
 
+// What every wgmma issue needs of the issuing thread.
+inline void check_issue() {
+  if (!emu::ts.wg_fenced) emu::fail("wgmma issued without wgmma.fence since the last wait");
+  if (emu::ts.smem_unfenced) emu::fail("wgmma reads cp.async data without fence.proxy.async");
+}
+
 inline void run(emu::Wgmma &w) {
   const int l = emu::lane(), g = l >> 2, t = l & 3;
   if (w.desc_a)  // A(m, k) is B's K-major layout with m for n
@@ -433,8 +439,7 @@ template <int N> inline void wg_wait() {
 template <int N, class E> struct Wg {
   template <int TB>
   static void rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
-    if (!emu::ts.wg_fenced) emu::fail("wgmma issued without wgmma.fence since the last wait");
-    if (emu::ts.smem_unfenced) emu::fail("wgmma reads cp.async data without fence.proxy.async");
+    wg_detail::check_issue();
     emu::WarpGroup &grp = emu::warpgroup();
     const int wl = threadIdx.x & 127, l = wl & 31, g = l >> 2, base = wl & ~31;
     for (int i = 0; i < 4; ++i) grp.slot[wl][i] = a[i];
@@ -456,8 +461,7 @@ template <int N, class E> struct Wg {
 template <int N, class E> struct WgSs {
   template <int TB>
   static void ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-    if (!emu::ts.wg_fenced) emu::fail("wgmma issued without wgmma.fence since the last wait");
-    if (emu::ts.smem_unfenced) emu::fail("wgmma reads cp.async data without fence.proxy.async");
+    wg_detail::check_issue();
     if (desc_a == 0) emu::fail("wgmma: null A descriptor");
     emu::WarpGroup &grp = emu::warpgroup();
     grp.bar.arrive_and_wait();  // collective: every thread of the warpgroup issues it
