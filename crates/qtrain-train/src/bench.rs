@@ -19,7 +19,6 @@ use crate::gpu::GpuInfo;
 use crate::memory::{self, KeptActivations, Measured, MemoryBreakdown, MemorySpec};
 use crate::trainer::TrainError;
 use candle_core::{DType, Device};
-use qtrain_device::ops::attention::{FwdKernel, SplitKernels};
 use qtrain_dist::SingleProcess;
 use qtrain_engine::EngineOptions;
 use qtrain_model::{BaseModel, Proj};
@@ -155,6 +154,22 @@ fn fp8_quality(
     })
 }
 
+/// The labels of the attention kernels the fused engine runs on `dev` for this model
+/// (`FwdKernel` and `SplitKernels`: the GPU's defaults or the environment's choice):
+/// "reference" on the CPU, "-" without the fused engine, the error where the
+/// environment names an unknown kernel.
+fn attention_kernels(
+    dev: Option<&qtrain_device::Dev>,
+    cfg: &qtrain_model::ModelConfig,
+) -> (String, String) {
+    match dev.map(|d| qtrain_device::ops::attention::kernels_for(d, cfg.head_dim())) {
+        None => ("-".into(), "-".into()),
+        Some(Ok(None)) => ("reference".into(), "reference".into()),
+        Some(Ok(Some((f, s)))) => (f.label().into(), s.label().into()),
+        Some(Err(e)) => (e.to_string(), e.to_string()),
+    }
+}
+
 /// One case's measurements.
 pub struct CaseResult {
     pub batch: usize,
@@ -183,6 +198,9 @@ pub struct CaseResult {
     pub mlp_chunk: usize,
     /// The attention backward's kernels it ran with.
     pub attention_backward: qtrain_engine::AttnBackward,
+    /// The attention kernels of the fused engine's GPU (forward, split backward; see
+    /// [`attention_kernels`]).
+    pub attention_kernels: (String, String),
     /// The cap of [`BenchOptions::memory_limit`], and what it covered at its peak:
     /// the frozen base plus the engine device's peak (adapters, workspace, device
     /// optimizer state).
@@ -264,11 +282,10 @@ impl CaseResult {
             "offload_checkpoints": self.offload,
             "mlp_chunk_tokens": self.mlp_chunk,
             "attention_backward": self.attention_backward.name(),
-            // The GPU attention kernels this process picks (QTRAIN_ATTN_FWD, _SPLIT).
-            "attention_forward_kernel": FwdKernel::from_env()
-                .map_or_else(|e| e.to_string(), |k| k.label().to_string()),
-            "attention_split_kernels": SplitKernels::from_env()
-                .map_or_else(|e| e.to_string(), |k| k.label().to_string()),
+            // The attention kernels this run used (the GPU's defaults or QTRAIN_ATTN_FWD /
+            // _SPLIT; "reference" on the CPU).
+            "attention_forward_kernel": self.attention_kernels.0,
+            "attention_split_kernels": self.attention_kernels.1,
             "pinned_host_mib": self.host_bytes.map(|b| mib(b as u64)),
             "memory_limit_mib": self.memory_limit.map(mib),
             "capped_peak_mib": self.capped_peak.map(mib),
@@ -659,6 +676,7 @@ pub fn run_case(
         offload: backend.offload_checkpoints(),
         mlp_chunk: backend.engine_options().mlp_chunk,
         attention_backward: backend.engine_options().attention_backward,
+        attention_kernels: attention_kernels(backend.engine_device().as_ref(), &base.config),
         memory_limit,
         capped_peak: memory_limit.and(
             backend

@@ -49,8 +49,8 @@ impl FwdKernel {
         }
     }
 
-    /// Why this kernel cannot run here, if it cannot: head dims 128 (`Mma8`) or 64 and
-    /// 128 (wgmma), and for wgmma a 9.0 GPU and a binary built for it.
+    /// Why this kernel cannot run here, if it cannot: head dim 128 (`Mma8`, wgmma), and
+    /// for wgmma a 9.0 GPU and a binary built for it.
     pub(super) fn unsupported(self, cc: (i32, i32), head_dim: usize) -> Option<String> {
         match self {
             Self::Mma4 => None,
@@ -58,23 +58,54 @@ impl FwdKernel {
                 "the 8-warp forward is built for head dim 128, not {head_dim}"
             )),
             Self::Mma8 => None,
-            _ if cc != (9, 0) => Some(format!(
-                "the wgmma attention kernels need compute capability 9.0 (H100/H200); this \
-                 GPU is {}.{}",
-                cc.0, cc.1
-            )),
-            _ if PTX_SM90A.is_empty() => Some(
-                "the wgmma attention kernels are in the sm_90a build, and this binary was \
-                 built with CUDA_COMPUTE_CAP other than 90"
-                    .into(),
-            ),
-            _ if head_dim != 64 && head_dim != 128 => Some(format!(
-                "the wgmma attention kernels are built for head dims 64 and 128, not \
-                 {head_dim}"
-            )),
-            _ => None,
+            _ => wgmma_unsupported(cc).or_else(|| {
+                // attn_fwdwg*_d64 exist (the emulator checks them) but gave wrong
+                // scores on an H100 (docs/perf.md v10), so no run may use them.
+                (head_dim != 128).then(|| {
+                    format!(
+                        "the wgmma attention forward runs at head dim 128 only (at 64 it \
+                         failed the hardware check), not {head_dim}"
+                    )
+                })
+            }),
         }
     }
+}
+
+/// Why no wgmma kernel can run here, if none can: they need a 9.0 GPU and the sm_90a
+/// build (a binary built with CUDA_COMPUTE_CAP=90).
+fn wgmma_unsupported(cc: (i32, i32)) -> Option<String> {
+    if cc != (9, 0) {
+        Some(format!(
+            "the wgmma attention kernels need compute capability 9.0 (H100/H200); this GPU \
+             is {}.{}",
+            cc.0, cc.1
+        ))
+    } else if PTX_SM90A.is_empty() {
+        Some(
+            "the wgmma attention kernels are in the sm_90a build, and this binary was built \
+             with CUDA_COMPUTE_CAP other than 90"
+                .into(),
+        )
+    } else {
+        None
+    }
+}
+
+/// The forward this GPU runs at `head_dim`: `QTRAIN_ATTN_FWD`'s where set, else
+/// [`FwdKernel::default_for`].
+pub(super) fn fwd_kernel_for(c: &CudaDev, head_dim: usize) -> Result<FwdKernel> {
+    let cc = c.compute_capability()?;
+    Ok(FwdKernel::from_env()?
+        .unwrap_or_else(|| FwdKernel::default_for(cc, head_dim, !PTX_SM90A.is_empty())))
+}
+
+/// The split backward's kernels this GPU runs at `head_dim`: `QTRAIN_ATTN_SPLIT`'s where
+/// set, else [`SplitKernels::default_for`].
+pub(super) fn split_kernels_for(c: &CudaDev, head_dim: usize) -> Result<SplitKernels> {
+    let cc = c.compute_capability()?;
+    Ok(SplitKernels::from_env()?
+        .unwrap_or_else(|| SplitKernels::default_for(cc, head_dim, !PTX_SM90A.is_empty())))
 }
 
 /// Dynamic shared memory of each kernel, as laid out by `FwdSmem`, `DkvSmem`, `DqSmem`
@@ -98,7 +129,14 @@ impl SplitKernels {
     pub(super) fn unsupported(self, cc: (i32, i32), head_dim: usize) -> Option<String> {
         match self {
             Self::Mma => None,
-            Self::Wgmma => FwdKernel::Wgmma4.unsupported(cc, head_dim),
+            Self::Wgmma => wgmma_unsupported(cc).or_else(|| {
+                (!matches!(head_dim, 64 | 128)).then(|| {
+                    format!(
+                        "the wgmma attention backward is built for head dims 64 and 128, \
+                         not {head_dim}"
+                    )
+                })
+            }),
         }
     }
 }

@@ -31,14 +31,14 @@ mod selftest;
 
 pub use selftest::{self_test, speed};
 
-/// The forward's kernels. `Mma4` (4 warps x 16 queries, mma.sync, every GPU from 8.0)
-/// is the default; the others are tuning variants that `qtrain doctor` checks against
-/// the CPU reference and times (`selftest::speed`), so the default can follow the
-/// measurement: `Mma8` (head dim 128: 128 queries share each K/V tile, half the L2
-/// traffic, one CTA per SM), and on compute capability 9.0 `Wgmma4` / `Wgmma8` (head dim
-/// 64 or 128: the products as Hopper's warpgroup MMA, one or two warpgroups per CTA,
-/// from the sm_90a build). `QTRAIN_ATTN_FWD` = `mma`, `mma8`, `wgmma` or `wgmma8` picks
-/// one for a whole run (benchmarks of a variant end to end).
+/// The forward's kernels: `Mma4` (4 warps x 16 queries, mma.sync, every GPU from 8.0),
+/// `Mma8` (head dim 128: 128 queries share each K/V tile, half the L2 traffic, one CTA
+/// per SM), and on compute capability 9.0 `Wgmma4` / `Wgmma8` (head dim 128: the products
+/// as Hopper's warpgroup MMA, one or two warpgroups per CTA, from the sm_90a build).
+/// [`FwdKernel::default_for`] picks per GPU and head dim what measured fastest and
+/// correct there; `QTRAIN_ATTN_FWD` = `mma`, `mma8`, `wgmma` or `wgmma8` forces one for a
+/// whole run (benchmarks of a variant end to end; an error where it cannot run), and
+/// `qtrain doctor` checks every variant against the CPU reference and times it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FwdKernel {
     Mma4,
@@ -65,20 +65,35 @@ impl FwdKernel {
         matches!(self, Self::Wgmma4 | Self::Wgmma8)
     }
 
-    /// `QTRAIN_ATTN_FWD`, read once; `Mma4` when unset.
-    pub fn from_env() -> Result<Self> {
-        static CHOICE: std::sync::OnceLock<std::result::Result<FwdKernel, String>> =
+    /// `QTRAIN_ATTN_FWD`, read once; `None` when unset.
+    pub fn from_env() -> Result<Option<Self>> {
+        static CHOICE: std::sync::OnceLock<std::result::Result<Option<FwdKernel>, String>> =
             std::sync::OnceLock::new();
         env_choice(&CHOICE, "QTRAIN_ATTN_FWD", &Self::ALL, Self::label)
+    }
+
+    /// The forward a GPU of compute capability `cc` runs at `head_dim` unless
+    /// `QTRAIN_ATTN_FWD` says otherwise (`wgmma_built`: the binary holds the sm_90a
+    /// kernels). On 9.0 at head dim 128 the two-warpgroup wgmma kernel: 1.46x the
+    /// mma.sync forward's rate on an H200 at 1 x 8192 (docs/perf.md v10), correct on
+    /// every masking case of the hardware check. At head dim 64 the wgmma forward gave
+    /// wrong scores on the H100 although the emulator passes it (v10), so it is not
+    /// offered there; everywhere else the mma.sync kernel.
+    pub fn default_for(cc: (i32, i32), head_dim: usize, wgmma_built: bool) -> Self {
+        if cc == (9, 0) && wgmma_built && head_dim == 128 {
+            Self::Wgmma8
+        } else {
+            Self::Mma4
+        }
     }
 }
 
 /// The kernels of the split backward ([`AttnBackward::Split`]): `Mma` (mma.sync, every
-/// GPU from 8.0) by default, or on compute capability 9.0 at head dims 64 and 128 `Wgmma`
-/// (the dK/dV and dQ products as Hopper's warpgroup MMA, from the sm_90a build; the same
+/// GPU from 8.0), or on compute capability 9.0 at head dims 64 and 128 `Wgmma` (the
+/// dK/dV and dQ products as Hopper's warpgroup MMA, from the sm_90a build; the same
 /// reductions in the same order per element, so still bit-reproducible run to run).
-/// `QTRAIN_ATTN_SPLIT` = `mma` or `wgmma` picks one for a run; `qtrain doctor` checks
-/// and times both.
+/// [`SplitKernels::default_for`] picks; `QTRAIN_ATTN_SPLIT` = `mma` or `wgmma` forces
+/// one for a run; `qtrain doctor` checks and times both.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SplitKernels {
     Mma,
@@ -101,28 +116,58 @@ impl SplitKernels {
         self == Self::Wgmma
     }
 
-    /// `QTRAIN_ATTN_SPLIT`, read once; `Mma` when unset.
-    pub fn from_env() -> Result<Self> {
-        static CHOICE: std::sync::OnceLock<std::result::Result<SplitKernels, String>> =
+    /// `QTRAIN_ATTN_SPLIT`, read once; `None` when unset.
+    pub fn from_env() -> Result<Option<Self>> {
+        static CHOICE: std::sync::OnceLock<std::result::Result<Option<SplitKernels>, String>> =
             std::sync::OnceLock::new();
         env_choice(&CHOICE, "QTRAIN_ATTN_SPLIT", &Self::ALL, Self::label)
     }
+
+    /// The split backward's kernels on a GPU of compute capability `cc` at `head_dim`
+    /// unless `QTRAIN_ATTN_SPLIT` says otherwise: on 9.0 (with the sm_90a build) at head
+    /// dims 64 and 128 the wgmma pair, 1.78x the mma.sync pair's rate on an H200 at
+    /// 1 x 8192 and correct on every case of `qtrain doctor` (docs/perf.md v10);
+    /// elsewhere mma.sync.
+    pub fn default_for(cc: (i32, i32), head_dim: usize, wgmma_built: bool) -> Self {
+        if cc == (9, 0) && wgmma_built && matches!(head_dim, 64 | 128) {
+            Self::Wgmma
+        } else {
+            Self::Mma
+        }
+    }
 }
 
-/// The kernel choice an environment variable names, parsed once into `cell`: the first
-/// of `all` when unset, an error naming the variable and the choices when unknown.
+/// The attention kernels `attention_fwd` / `attention_bwd` run on `dev` at `head_dim`:
+/// the environment's choice where set, else the GPU's defaults; `None` on the CPU (the
+/// reference). For reports (`qtrain bench` records them).
+pub fn kernels_for(dev: &Dev, head_dim: usize) -> Result<Option<(FwdKernel, SplitKernels)>> {
+    #[cfg(feature = "cuda")]
+    if let Some(c) = dev.cuda() {
+        return Ok(Some((
+            cuda::fwd_kernel_for(c, head_dim)?,
+            cuda::split_kernels_for(c, head_dim)?,
+        )));
+    }
+    let _ = (dev, head_dim);
+    Ok(None)
+}
+
+/// The kernel choice an environment variable names, parsed once into `cell`: `None`
+/// when unset (or empty), an error naming the variable and the choices when unknown.
 fn env_choice<K: Copy + Send + Sync>(
-    cell: &'static std::sync::OnceLock<std::result::Result<K, String>>,
+    cell: &'static std::sync::OnceLock<std::result::Result<Option<K>, String>>,
     var: &str,
     all: &[K],
     label: fn(K) -> &'static str,
-) -> Result<K> {
+) -> Result<Option<K>> {
     cell.get_or_init(|| match std::env::var(var) {
-        Err(_) => Ok(all[0]),
+        Err(_) => Ok(None),
+        Ok(v) if v.trim().is_empty() => Ok(None),
         Ok(v) => all
             .iter()
             .copied()
             .find(|&k| label(k) == v.trim())
+            .map(Some)
             .ok_or_else(|| {
                 let names: Vec<_> = all.iter().map(|&k| label(k)).collect();
                 format!("{var}={v:?}: expected one of {}", names.join(", "))
@@ -480,7 +525,7 @@ pub fn attention_fwd<T: Float>(
     check_disjoint("attention_fwd", &[o.span(), lse.span()], &ins)?;
     #[cfg(feature = "cuda")]
     if let Some(c) = dev.cuda() {
-        let kern = FwdKernel::from_env()?;
+        let kern = cuda::fwd_kernel_for(c, s.head_dim)?;
         return cuda::attention_fwd_kernel(c, s, q, k, v, segments, o, lse, kern);
     }
     let _ = dev;
@@ -539,7 +584,7 @@ pub fn attention_bwd<T: Float>(
     )?;
     #[cfg(feature = "cuda")]
     if let Some(c) = dev.cuda() {
-        let split = SplitKernels::from_env()?;
+        let split = cuda::split_kernels_for(c, s.head_dim)?;
         return cuda::attention_bwd_kernels(
             c, s, mode, split, q, k, v, o, d_o, lse, segments, dq, dk, dv, scratch,
         );
@@ -561,20 +606,16 @@ mod tests {
     // Each case reads its own variable into its own cell: `env_choice` parses once.
     #[test]
     fn kernel_choices_come_from_the_environment_with_a_clear_error() {
-        static UNSET: OnceLock<std::result::Result<FwdKernel, String>> = OnceLock::new();
-        static SET: OnceLock<std::result::Result<FwdKernel, String>> = OnceLock::new();
-        static BAD: OnceLock<std::result::Result<SplitKernels, String>> = OnceLock::new();
+        static UNSET: OnceLock<std::result::Result<Option<FwdKernel>, String>> = OnceLock::new();
+        static SET: OnceLock<std::result::Result<Option<FwdKernel>, String>> = OnceLock::new();
+        static BAD: OnceLock<std::result::Result<Option<SplitKernels>, String>> = OnceLock::new();
         let all = FwdKernel::ALL;
         let unset = env_choice(&UNSET, "QTRAIN_TEST_ATTN_UNSET", &all, FwdKernel::label);
-        assert_eq!(
-            unset.unwrap(),
-            FwdKernel::Mma4,
-            "the first choice is the default"
-        );
+        assert_eq!(unset.unwrap(), None, "unset: the GPU's default");
         // No other test reads these variables (set_var is safe in edition 2021).
         std::env::set_var("QTRAIN_TEST_ATTN_SET", " wgmma8 ");
         let set = env_choice(&SET, "QTRAIN_TEST_ATTN_SET", &all, FwdKernel::label);
-        assert_eq!(set.unwrap(), FwdKernel::Wgmma8);
+        assert_eq!(set.unwrap(), Some(FwdKernel::Wgmma8));
         std::env::set_var("QTRAIN_TEST_ATTN_BAD", "tma");
         let splits = SplitKernels::ALL;
         let err = env_choice(&BAD, "QTRAIN_TEST_ATTN_BAD", &splits, SplitKernels::label)
@@ -587,5 +628,45 @@ mod tests {
         // Every label names one kernel.
         let labels: Vec<_> = all.iter().map(|k| k.label()).collect();
         assert_eq!(labels, ["mma", "mma8", "wgmma", "wgmma8"]);
+    }
+
+    #[test]
+    fn the_wgmma_kernels_are_the_default_only_where_they_were_measured_right() {
+        use FwdKernel::*;
+        let hopper = (9, 0);
+        // Head dim 128 on a 9.0 GPU with the sm_90a build: wgmma both ways.
+        assert_eq!(FwdKernel::default_for(hopper, 128, true), Wgmma8);
+        assert_eq!(
+            SplitKernels::default_for(hopper, 128, true),
+            SplitKernels::Wgmma
+        );
+        // Head dim 64: the backward's wgmma pair passed the hardware check, the
+        // forward did not.
+        assert_eq!(FwdKernel::default_for(hopper, 64, true), Mma4);
+        assert_eq!(
+            SplitKernels::default_for(hopper, 64, true),
+            SplitKernels::Wgmma
+        );
+        // Head dims without wgmma kernels, other GPUs, or a binary built for another
+        // CUDA_COMPUTE_CAP: mma.sync.
+        for (cc, d, built) in [
+            (hopper, 32, true),
+            (hopper, 16, true),
+            ((8, 9), 128, true),
+            ((8, 0), 128, true),
+            ((10, 0), 128, true),
+            (hopper, 128, false),
+        ] {
+            assert_eq!(
+                FwdKernel::default_for(cc, d, built),
+                Mma4,
+                "{cc:?} d{d} {built}"
+            );
+            assert_eq!(
+                SplitKernels::default_for(cc, d, built),
+                SplitKernels::Mma,
+                "{cc:?} d{d} {built}"
+            );
+        }
     }
 }

@@ -150,12 +150,12 @@ fn fwd_kernels(dev: &Dev, head_dim: usize) -> Result<Vec<FwdKernel>> {
 
 /// The backward runs to check and time on this device: every mode on a GPU, the split
 /// one also with each other kernel set that runs here (`None`: the launcher's choice,
-/// which is not listed again); on the CPU the reference.
+/// [`default_kernels`], which is not listed again); on the CPU the reference.
 fn bwd_runs(dev: &Dev, head_dim: usize) -> Result<Vec<(AttnBackward, Option<SplitKernels>)>> {
     #[cfg(feature = "cuda")]
     if let Some(c) = dev.cuda() {
         let cc = c.compute_capability()?;
-        let default = SplitKernels::from_env().ok();
+        let default = default_kernels(dev, head_dim).map(|k| k.1);
         let here = |k: &SplitKernels| k.unsupported(cc, head_dim).is_none() && Some(*k) != default;
         let split = |k: &SplitKernels| (AttnBackward::Split, Some(*k));
         let mut runs = vec![(AttnBackward::Split, None)];
@@ -171,6 +171,13 @@ fn bwd_runs(dev: &Dev, head_dim: usize) -> Result<Vec<(AttnBackward, Option<Spli
     }
     let _ = (dev, head_dim);
     Ok(vec![(AttnBackward::Split, None)])
+}
+
+/// The kernels the launchers pick on this device at `head_dim` (`None` on the CPU, or
+/// when the environment names an unknown kernel: the explicit variants then still get
+/// checked, and the default path reports the error).
+fn default_kernels(dev: &Dev, head_dim: usize) -> Option<(FwdKernel, SplitKernels)> {
+    super::kernels_for(dev, head_dim).ok().flatten()
 }
 
 /// `name (split, wgmma)` for a run of [`bwd_runs`].
@@ -259,17 +266,23 @@ fn attention_case<T: Float>(
     pass: Pass,
 ) -> Result<Vec<Check>> {
     let wgmma_pass = pass == Pass::Wgmma;
-    // The launcher's own choice runs as the default path (`None` below), not again here.
-    let default = FwdKernel::from_env().ok();
+    // The launchers' own choices run as the default paths (`None` below), in the pass of
+    // their kind, and not again as explicit variants.
+    let defaults = default_kernels(dev, s.head_dim);
+    let (default_fwd, default_split) = (defaults.map(|k| k.0), defaults.map(|k| k.1));
+    let fwd_default_here = default_fwd.is_some_and(|k| k.is_wgmma()) == wgmma_pass;
     let fwd_kerns: Vec<_> = fwd_kernels(dev, s.head_dim)?
         .into_iter()
-        .filter(|&k| k.is_wgmma() == wgmma_pass && Some(k) != default)
+        .filter(|&k| k.is_wgmma() == wgmma_pass && Some(k) != default_fwd)
         .collect();
     let bwd_kerns: Vec<_> = bwd_runs(dev, s.head_dim)?
         .into_iter()
-        .filter(|r| r.1.is_some_and(|k| k.is_wgmma()) == wgmma_pass)
+        .filter(|r| match r {
+            (AttnBackward::Split, None) => default_split.is_some_and(|k| k.is_wgmma()),
+            (_, k) => k.is_some_and(|k| k.is_wgmma()),
+        } == wgmma_pass)
         .collect();
-    if wgmma_pass && fwd_kerns.is_empty() && bwd_kerns.is_empty() {
+    if !fwd_default_here && fwd_kerns.is_empty() && bwd_kerns.is_empty() {
         return Ok(Vec::new()); // no wgmma kernel at this head dim or on this GPU
     }
     let cpu = Dev::cpu();
@@ -303,12 +316,12 @@ fn attention_case<T: Float>(
         Ok((to_f32_vec(dv, o.all())?, to_f32_vec(dv, lse.all())?))
     };
     let (o_ref, lse_ref) = fwd(&cpu, None)?;
-    // The default path (not in the wgmma pass: it is mma.sync unless chosen otherwise).
-    let (eo, el) = if wgmma_pass {
-        (0.0, 0.0)
-    } else {
+    // The default path, in the pass of its kernel's kind.
+    let (eo, el) = if fwd_default_here {
         let (o, lse) = fwd(dev, None)?;
         (rel_err(&o, &o_ref), rel_err(&lse, &lse_ref))
+    } else {
+        (0.0, 0.0)
     };
     // Every forward kernel of this pass the GPU runs at this head dim (see speed).
     let mut variants = Vec::new();
@@ -361,24 +374,29 @@ fn attention_case<T: Float>(
         if seg.is_some() { " segments" } else { "" }
     );
     let tag = if wgmma_pass { " (wgmma)" } else { "" };
-    let mut out = vec![check(
-        format!("attention fwd{tag} {t} {what}"),
-        eo.max(el).max(worst_variant),
-        tol_fwd,
-        &format!(
-            " ({})",
-            (!wgmma_pass)
-                .then(|| format!("o {eo:.1e}, lse {el:.1e}"))
-                .into_iter()
-                .chain(
-                    variants
-                        .iter()
-                        .map(|(k, e)| format!("{} {e:.1e}", k.label()))
-                )
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    )];
+    let mut out = Vec::new();
+    // A check only where a forward ran in this pass.
+    if fwd_default_here || !variants.is_empty() {
+        let default = fwd_default_here.then(|| {
+            let kern = default_fwd.map_or(String::new(), |k| format!("{}: ", k.label()));
+            format!("{kern}o {eo:.1e}, lse {el:.1e}")
+        });
+        let detail = default
+            .into_iter()
+            .chain(
+                variants
+                    .iter()
+                    .map(|(k, e)| format!("{} {e:.1e}", k.label())),
+            )
+            .collect::<Vec<_>>()
+            .join(", ");
+        out.push(check(
+            format!("attention fwd{tag} {t} {what}"),
+            eo.max(el).max(worst_variant),
+            tol_fwd,
+            &format!(" ({detail})"),
+        ));
+    }
     // Every backward mode on a GPU (the CPU has one: the reference); the reproducible
     // ones must also be bit-identical across two runs.
     for (mode, split) in bwd_kerns {
@@ -396,15 +414,20 @@ fn attention_case<T: Float>(
             f64::INFINITY
         };
         let name = match (mode, split) {
-            (AttnBackward::Split, None) => format!("attention bwd {t} {what}"),
+            (AttnBackward::Split, None) => format!("attention bwd{tag} {t} {what}"),
             (m, k) => format!("attention bwd ({}) {t} {what}", bwd_label(m, k)),
+        };
+        // The default path's kernels, named.
+        let kernels = match (mode, split, default_split) {
+            (AttnBackward::Split, None, Some(k)) => format!("split {}: ", k.label()),
+            _ => String::new(),
         };
         out.push(check(
             name,
             worst,
             tol_bwd,
             &format!(
-                " (dq {eq:.1e}, dk {ek:.1e}, dv {ev:.1e}{}{})",
+                " ({kernels}dq {eq:.1e}, dk {ek:.1e}, dv {ev:.1e}{}{})",
                 if same { "" } else { ", NOT deterministic" },
                 if pad_kept {
                     ""
@@ -484,9 +507,15 @@ pub fn speed(dev: &Dev) -> Result<Check> {
         )
     };
     let mut t_bwd = Vec::new();
+    let default_split = default_kernels(dev, d).map(|k| k.1);
     for (mode, split) in bwd_runs(dev, d)? {
+        // The default split backward is labelled with the kernels it runs.
+        let named = match (mode, split) {
+            (AttnBackward::Split, None) => default_split,
+            _ => split,
+        };
         t_bwd.push((
-            bwd_label(mode, split),
+            bwd_label(mode, named),
             time_it(dev, 5, || bwd(mode, split))?,
         ));
     }
