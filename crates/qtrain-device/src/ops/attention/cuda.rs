@@ -58,23 +58,20 @@ impl FwdKernel {
                 "the 8-warp forward is built for head dim 128, not {head_dim}"
             )),
             Self::Mma8 => None,
-            _ => wgmma_unsupported(cc).or_else(|| {
-                // attn_fwdwg*_d64 exist (the emulator checks them) but gave wrong
-                // scores on an H100 (docs/perf.md v10), so no run may use them.
-                (head_dim != 128).then(|| {
-                    format!(
-                        "the wgmma attention forward runs at head dim 128 only (at 64 it \
-                         failed the hardware check), not {head_dim}"
-                    )
-                })
-            }),
+            _ => wgmma_unsupported(cc, head_dim, Self::WGMMA_HEAD_DIMS, "forward"),
         }
     }
 }
 
-/// Why no wgmma kernel can run here, if none can: they need a 9.0 GPU and the sm_90a
-/// build (a binary built with CUDA_COMPUTE_CAP=90).
-fn wgmma_unsupported(cc: (i32, i32)) -> Option<String> {
+/// Why a wgmma kernel (the `what` of the attention) cannot run here, if it cannot: it
+/// needs a 9.0 GPU, the sm_90a build (a binary built with CUDA_COMPUTE_CAP=90) and one
+/// of `head_dims`.
+fn wgmma_unsupported(
+    cc: (i32, i32),
+    head_dim: usize,
+    head_dims: &[usize],
+    what: &str,
+) -> Option<String> {
     if cc != (9, 0) {
         Some(format!(
             "the wgmma attention kernels need compute capability 9.0 (H100/H200); this GPU \
@@ -87,6 +84,11 @@ fn wgmma_unsupported(cc: (i32, i32)) -> Option<String> {
              with CUDA_COMPUTE_CAP other than 90"
                 .into(),
         )
+    } else if !head_dims.contains(&head_dim) {
+        Some(format!(
+            "the wgmma attention {what} runs at head dims {head_dims:?} (docs/perf.md v10), \
+             not {head_dim}"
+        ))
     } else {
         None
     }
@@ -129,14 +131,7 @@ impl SplitKernels {
     pub(super) fn unsupported(self, cc: (i32, i32), head_dim: usize) -> Option<String> {
         match self {
             Self::Mma => None,
-            Self::Wgmma => wgmma_unsupported(cc).or_else(|| {
-                (!matches!(head_dim, 64 | 128)).then(|| {
-                    format!(
-                        "the wgmma attention backward is built for head dims 64 and 128, \
-                         not {head_dim}"
-                    )
-                })
-            }),
+            Self::Wgmma => wgmma_unsupported(cc, head_dim, Self::WGMMA_HEAD_DIMS, "backward"),
         }
     }
 }

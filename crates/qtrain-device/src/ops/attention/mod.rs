@@ -50,6 +50,11 @@ pub enum FwdKernel {
 impl FwdKernel {
     pub const ALL: [FwdKernel; 4] = [Self::Mma4, Self::Mma8, Self::Wgmma4, Self::Wgmma8];
 
+    /// The head dims the wgmma forward may run at: 128 only. `attn_fwdwg*_d64` are
+    /// built (the emulator checks them) but gave wrong scores on an H100 (docs/perf.md
+    /// v10), so no run may use them.
+    pub const WGMMA_HEAD_DIMS: &'static [usize] = &[128];
+
     /// The name `QTRAIN_ATTN_FWD` takes and reports print.
     pub fn label(self) -> &'static str {
         match self {
@@ -80,7 +85,7 @@ impl FwdKernel {
     /// wrong scores on the H100 although the emulator passes it (v10), so it is not
     /// offered there; everywhere else the mma.sync kernel.
     pub fn default_for(cc: (i32, i32), head_dim: usize, wgmma_built: bool) -> Self {
-        if cc == (9, 0) && wgmma_built && head_dim == 128 {
+        if cc == (9, 0) && wgmma_built && Self::WGMMA_HEAD_DIMS.contains(&head_dim) {
             Self::Wgmma8
         } else {
             Self::Mma4
@@ -102,6 +107,10 @@ pub enum SplitKernels {
 
 impl SplitKernels {
     pub const ALL: [SplitKernels; 2] = [Self::Mma, Self::Wgmma];
+
+    /// The head dims the wgmma split backward is built for (and passed the hardware
+    /// check at).
+    pub const WGMMA_HEAD_DIMS: &'static [usize] = &[64, 128];
 
     /// The name `QTRAIN_ATTN_SPLIT` takes and reports print.
     pub fn label(self) -> &'static str {
@@ -129,7 +138,7 @@ impl SplitKernels {
     /// 1 x 8192 and correct on every case of `qtrain doctor` (docs/perf.md v10);
     /// elsewhere mma.sync.
     pub fn default_for(cc: (i32, i32), head_dim: usize, wgmma_built: bool) -> Self {
-        if cc == (9, 0) && wgmma_built && matches!(head_dim, 64 | 128) {
+        if cc == (9, 0) && wgmma_built && Self::WGMMA_HEAD_DIMS.contains(&head_dim) {
             Self::Wgmma
         } else {
             Self::Mma
