@@ -32,9 +32,10 @@
 # PEER_ARGS / UNSLOTH_ARGS add arguments to peer_qlora.py / peer_unsloth.py;
 # ARCHIVE=FILE.tgz packs OUT_DIR into it at the end (also when stopped by a signal):
 # the device tool brings back at most 8 files of $OUT, and OUT_DIR holds about 20.
-# The peers need the carried wheels (bitsandbytes, liger-kernel, trl, unsloth, ...):
-# install them first as the device README says (pip install --target /tmp/site,
-# PYTHONPATH=/tmp/site).
+# The peers need wheels the GPU machine lacks (bitsandbytes, liger-kernel, trl, unsloth,
+# ...): `scripts/peer-wheels.sh .whl` fetches and slims them where pip reaches PyPI;
+# carry .whl and install them there first (pip install --no-index --no-deps --target
+# /tmp/site .whl/*.whl, PYTHONPATH=/tmp/site; the script's header has the line).
 #
 # Files in OUT_DIR: gpu.txt, init.log, QTOOL-T.{jsonl,stamped,start,log} per qtrain
 # variant and target set, peer-hf.{jsonl,log}, peer-unsloth.{jsonl,log}, smi-*.csv,
@@ -56,7 +57,7 @@
 # --targets qkvo,all doubles every peer's steps and adds one Unsloth load (~1 min).
 set -uo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,54p' "$0" >&2
+  sed -n '2,57p' "$0" >&2
   exit 2
 fi
 BIN="$1"; OUT="$2"; shift 2

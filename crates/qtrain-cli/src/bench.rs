@@ -57,9 +57,10 @@ pub struct Args {
     /// Write the JSON lines here too.
     #[arg(long)]
     json_out: Option<PathBuf>,
-    /// Keep every layer's attention residual, output and lse so the backward skips
-    /// the attention forward and the o projection: `on`, `off`, or `auto` (on when the memory model says it fits in
-    /// 90% of this GPU's memory; off on the CPU), as `train.keep_attention_residuals`.
+    /// Keep every layer's q/k/v, attention residual, output and lse so the backward
+    /// skips the q/k/v product, RoPE, the attention forward and the o projection:
+    /// `on`, `off`, or `auto` (on when the memory model says it fits in 90% of this
+    /// GPU's memory; off on the CPU), as `train.keep_attention_residuals`.
     #[arg(long, default_value = "auto")]
     keep_residuals: String,
     /// Keep every layer's gate/up output so the backward skips the gate/up product:

@@ -11,6 +11,7 @@
 //! | `layer_inputs` | `L·n·h` | gradient checkpoints: each layer's input; with `offload_layer_inputs` a ring of [`OFFLOAD_RING`] layers' (`R·n·h`) |
 //! | `attn_residuals` | `L·n·h` | with `save_attention_residual`: each layer's residual after attention |
 //! | `attn_outputs lse_outputs` | `L·n·heads·d`, `L·b·heads·seq` | with `save_attention_residual`: each layer's attention output and log-sum-exp (in place of `attn lse`), so the backward does not run the attention forward again |
+//! | `qkv_outputs` (`qk_normed_outputs qk_inv_outputs`) | `L·n·qc` (`L·n·(heads + kv)·d`, `L·n·(heads + kv)`) | with `save_attention_residual`: each layer's `qkv` (and q/k norm buffers), in place of one layer's, so the backward does not run the q/k/v product, RoPE or the norms again |
 //! | `h1 x2 h2 dres dh` | `n·h` each | norms' outputs, the residual after attention, gradients |
 //! | `qkv dqkv` | `n·qc` each | fused q/k/v (after RoPE; with q/k norms, before them) and their gradients |
 //! | `qk_normed qk_inv` | `n·(heads + kv)·d`, `n·(heads + kv)` | with q/k norms (Qwen 3): q and k after the per-head norm and RoPE (what attention reads), each head's inverse RMS |
@@ -242,7 +243,6 @@ impl WorkspaceLayout {
             b("final_hidden", LayerActivations, n * h, e),
             b("h1", LayerActivations, n * h, e),
             b("inv1", LayerActivations, n, 4),
-            b("qkv", LayerActivations, n * qc, e),
             b("x2", LayerActivations, n * h, e),
             b("inv2", LayerActivations, n, 4),
             b("h2", LayerActivations, n * h, e),
@@ -285,25 +285,34 @@ impl WorkspaceLayout {
             b("ce_targets", BatchInputs, n, 4),
             b("losses", BatchInputs, n, 4),
         ];
-        if cfg.has_qk_norm() {
-            // Qwen 3: the norm's input stays in `qkv` for the backward, its
-            // rotated output goes here; recomputed with the rest of the attention
-            // half, so one layer's worth.
-            let qk = (cfg.num_attention_heads + cfg.num_kv_heads()) * d;
-            buffers.push(b("qk_normed", LayerActivations, n * qk, e));
-            buffers.push(b("qk_inv", LayerActivations, n * qk / d, 4));
-        }
+        let qk = (cfg.num_attention_heads + cfg.num_kv_heads()) * d;
         if shape.save_attention_residual {
-            // Everything the attention half leaves for the backward but q/k/v
-            // (recomputed by one GEMM): the residual x2 (no o projection in the
-            // recomputation) and the attention output with its log-sum-exp (no
-            // attention forward: 8% of the step at 1 x 8192 on Mistral-7B, 14% at
-            // 1 x 32768).
+            // Everything the attention half leaves for the backward, so that its
+            // recomputation is only the input norm and the adapters' `z`: q/k/v
+            // after RoPE (no q/k/v product, LoRA B products or RoPE: ~5% of the
+            // step at 4 x 2048 on Mistral-7B), the residual x2 (no o projection)
+            // and the attention output with its log-sum-exp (no attention forward:
+            // 8% of the step at 1 x 8192, 14% at 1 x 32768). Qwen 3's q/k norms
+            // keep their rotated outputs and statistics per layer too (the norm's
+            // input stays in `qkv_outputs`).
             let layers = cfg.num_hidden_layers;
+            buffers.push(b("qkv_outputs", LayerInputs, layers * n * qc, e));
+            if cfg.has_qk_norm() {
+                buffers.push(b("qk_normed_outputs", LayerInputs, layers * n * qk, e));
+                buffers.push(b("qk_inv_outputs", LayerInputs, layers * n * qk / d, 4));
+            }
             buffers.push(b("attn_residuals", LayerInputs, layers * n * h, e));
             buffers.push(b("attn_outputs", LayerInputs, layers * n * qcols, e));
             buffers.push(b("lse_outputs", LayerInputs, layers * stats, 4));
         } else {
+            buffers.push(b("qkv", LayerActivations, n * qc, e));
+            if cfg.has_qk_norm() {
+                // Qwen 3: the norm's input stays in `qkv` for the backward, its
+                // rotated output goes here; recomputed with the rest of the
+                // attention half, so one layer's worth.
+                buffers.push(b("qk_normed", LayerActivations, n * qk, e));
+                buffers.push(b("qk_inv", LayerActivations, n * qk / d, 4));
+            }
             buffers.push(b("attn", LayerActivations, n * qcols, e));
             buffers.push(b("lse", LayerActivations, stats, 4));
         }

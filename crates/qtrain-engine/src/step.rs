@@ -147,10 +147,11 @@ struct Workspace<T: Float> {
     final_hidden: DBuf<T>,
     h1: DBuf<T>,
     inv1: DBuf<f32>,
+    /// q/k/v (and with q/k norms `qk_normed`, `qk_inv` below), the attention
+    /// output and its log-sum-exp: one layer's, or with `save_attention_residual`
+    /// every layer's (`qkv_outputs`, ..., `attn_outputs`, `lse_outputs`), kept from
+    /// the forward for the backward (`attn_per_layer`).
     qkv: DBuf<T>,
-    /// The attention output and its log-sum-exp: one layer's, or with
-    /// `save_attention_residual` every layer's (`attn_outputs`, `lse_outputs`),
-    /// kept from the forward for the backward.
     attn: DBuf<T>,
     lse: DBuf<f32>,
     attn_per_layer: bool,
@@ -318,12 +319,17 @@ impl<T: Float> Workspace<T> {
         Ok(Self {
             offload,
             fp8,
-            qk_normed: if has("qk_normed") {
+            // Kept per layer (`*_outputs`) or one layer's: same roles either way.
+            qk_normed: if has("qk_normed_outputs") {
+                Some(buf!("qk_normed_outputs"))
+            } else if has("qk_normed") {
                 Some(buf!("qk_normed"))
             } else {
                 None
             },
-            qk_inv: if has("qk_inv") {
+            qk_inv: if has("qk_inv_outputs") {
+                Some(buf!("qk_inv_outputs"))
+            } else if has("qk_inv") {
                 Some(buf!("qk_inv"))
             } else {
                 None
@@ -332,7 +338,11 @@ impl<T: Float> Workspace<T> {
             final_hidden: buf!("final_hidden"),
             h1: buf!("h1"),
             inv1: buf!("inv1"),
-            qkv: buf!("qkv"),
+            qkv: if has("qkv_outputs") {
+                buf!("qkv_outputs")
+            } else {
+                buf!("qkv")
+            },
             attn: if has("attn_outputs") {
                 buf!("attn_outputs")
             } else {
@@ -820,12 +830,32 @@ impl<'a, T: Float> Ctx<'a, T> {
         }
     }
 
+    /// The slot of layer `l` in the attention half's buffers: `l` when they are
+    /// kept per layer (`save_attention_residual`), else 0 (one layer's, recomputed
+    /// in the backward).
+    fn kept_layer(&self, l: usize) -> usize {
+        if self.ws.attn_per_layer {
+            l
+        } else {
+            0
+        }
+    }
+
+    /// Layer `l`'s fused q/k/v `[n, qc]`: its kept slot, or the one shared buffer.
+    fn qkv(&self, l: usize) -> Mat<'a, T> {
+        let (n, qc) = (self.dims.n, self.dims.qc);
+        self.ws
+            .qkv
+            .view(self.kept_layer(l) * n * qc, n * qc)
+            .mat(n, qc, qc)
+    }
+
     /// Layer `l`'s attention output and log-sum-exp: its kept slots, or the one
     /// shared pair (recomputed in the backward).
     fn attn_out(&self, l: usize) -> (Mat<'a, T>, View<'a, f32>) {
         let d = &self.dims;
         let (o, s) = (d.n * d.qcols, d.attn.stats_len());
-        let l = if self.ws.attn_per_layer { l } else { 0 };
+        let l = self.kept_layer(l);
         (
             self.ws.attn.view(l * o, o).mat(d.n, d.qcols, d.qcols),
             self.ws.lse.view(l * s, s),
@@ -1055,11 +1085,14 @@ impl<'a, T: Float> Ctx<'a, T> {
     /// Where attention reads q and k (after RoPE), and the `[q | k]` block that
     /// holds both: in `qkv` itself, or with q/k norms in `qk_normed` (`qkv` then
     /// keeps the norms' inputs for the backward).
-    fn attn_qk(&self) -> (Mat<'a, T>, Mat<'a, T>, Mat<'a, T>) {
+    fn attn_qk(&self, l: usize) -> (Mat<'a, T>, Mat<'a, T>, Mat<'a, T>) {
         let d = &self.dims;
         let qk = match &self.ws.qk_normed {
-            Some(b) => mat(b, d.n, d.qcols + d.kvcols),
-            None => mat(&self.ws.qkv, d.n, d.qc).col_block(0, d.qcols + d.kvcols),
+            Some(b) => {
+                let w = d.qcols + d.kvcols;
+                b.view(self.kept_layer(l) * d.n * w, d.n * w).mat(d.n, w, w)
+            }
+            None => self.qkv(l).col_block(0, d.qcols + d.kvcols),
         };
         (
             qk.col_block(0, d.qcols),
@@ -1078,13 +1111,9 @@ impl<'a, T: Float> Ctx<'a, T> {
         let (qn, kn) = self.w.layers[l].qk_norm.as_ref()?;
         let inv = self.ws.qk_inv.as_ref()?;
         let d = &self.dims;
-        let nq = d.n * d.attn.heads;
-        Some((
-            qn.all(),
-            kn.all(),
-            inv.view(0, nq),
-            inv.view(nq, d.n * d.attn.kv_heads),
-        ))
+        let (nq, nk) = (d.n * d.attn.heads, d.n * d.attn.kv_heads);
+        let at = self.kept_layer(l) * (nq + nk);
+        Some((qn.all(), kn.all(), inv.view(at, nq), inv.view(at + nq, nk)))
     }
 
     fn qkv_blocks(&self, m: Mat<'a, T>) -> (Mat<'a, T>, Mat<'a, T>, Mat<'a, T>) {
@@ -1099,11 +1128,14 @@ impl<'a, T: Float> Ctx<'a, T> {
     /// The attention half of layer `l` on input `x`: leaves `h1`, `inv1`, `qkv`
     /// (after RoPE; with q/k norms, q and k before the norm, and `qk_normed`,
     /// `qk_inv`), `attn`, `lse`, `x2`, `inv2`, `h2` (and the q/k/v/o `z`) in the
-    /// workspace. `recompute`: the backward's second pass, which with a saved `x2`
-    /// only needs o's LoRA `z`, not the o projection.
+    /// workspace. `recompute`: the backward's second pass, which with the attention
+    /// half kept per layer (`save_attention_residual`) only rebuilds what is not
+    /// kept: the norms' outputs and statistics and the adapters' `z` (their buffers
+    /// hold the last layer's).
     fn attention_half(&self, l: usize, x: Mat<'a, T>, recompute: bool) -> Result<()> {
         let d = self.dims;
         let ws = self.ws;
+        let kept = recompute && ws.attn_per_layer;
         let eps = self.cfg.rms_norm_eps as f32;
         let lw = &self.w.layers[l];
         let h1 = mat(&ws.h1, d.n, d.h);
@@ -1118,45 +1150,49 @@ impl<'a, T: Float> Ctx<'a, T> {
                 ws.inv1.view(0, d.n),
             )?;
         }
-        let wqkv = self.weights(l, Group::Qkv)?;
-        let qkv = mat(&ws.qkv, d.n, d.qc);
-        {
-            let _r = self.dev.region("GEMM q/k/v");
-            self.base_fwd(h1, Group::Qkv, wqkv, qkv, 0.0)?;
-        }
-        self.bias(l, Group::Qkv, qkv)?;
-        let (q, k, v) = self.qkv_blocks(qkv);
-        self.lora_fwd(l, Proj::Q, h1, Some(q), 0)?;
-        self.lora_fwd(l, Proj::K, h1, Some(k), 0)?;
-        self.lora_fwd(l, Proj::V, h1, Some(v), 0)?;
-        let (qa, ka, qk) = self.attn_qk();
-        if let Some((qn, kn, q_inv, k_inv)) = self.qk_norm(l) {
-            // Qwen 3: each head of q and of k normalized over head_dim, then rotated.
-            let _r = self.dev.region("q/k norm forward");
-            head_rmsnorm_fwd(self.dev, q, d.d, qn, eps, qa, q_inv)?;
-            head_rmsnorm_fwd(self.dev, k, d.d, kn, eps, ka, k_inv)?;
-        }
-        let (cos, sin) = (
-            ws.rope_cos.view(0, d.n * d.d / 2),
-            ws.rope_sin.view(0, d.n * d.d / 2),
-        );
-        {
-            // q and k are adjacent column blocks of equal head size: one launch.
-            let _r = self.dev.region("RoPE");
-            rope(self.dev, qk, d.d, cos, sin, false)?;
-        }
         let (attn, lse) = self.attn_out(l);
-        // Kept from the forward: the recomputation needs only q/k/v (above).
-        if !(recompute && ws.attn_per_layer) {
-            let _r = self.dev.region("attention forward");
-            attention_fwd(self.dev, &d.attn, qa, ka, v, self.segments, attn, lse)?;
-        }
-        // x2 = x + attn Woᵀ (+ LoRA)
         let x2 = self.x2(l);
-        if recompute && ws.attn_residuals.is_some() {
-            // x2 is saved; the backward needs only o's LoRA input product.
+        if kept {
+            // q/k/v, the attention output and x2 are this layer's kept slots; the
+            // backward needs only the adapters' input products.
+            for p in [Proj::Q, Proj::K, Proj::V] {
+                self.lora_fwd(l, p, h1, None, 0)?;
+            }
             self.lora_fwd(l, Proj::O, attn, None, 0)?;
         } else {
+            let wqkv = self.weights(l, Group::Qkv)?;
+            let qkv = self.qkv(l);
+            {
+                let _r = self.dev.region("GEMM q/k/v");
+                self.base_fwd(h1, Group::Qkv, wqkv, qkv, 0.0)?;
+            }
+            self.bias(l, Group::Qkv, qkv)?;
+            let (q, k, v) = self.qkv_blocks(qkv);
+            self.lora_fwd(l, Proj::Q, h1, Some(q), 0)?;
+            self.lora_fwd(l, Proj::K, h1, Some(k), 0)?;
+            self.lora_fwd(l, Proj::V, h1, Some(v), 0)?;
+            let (qa, ka, qk) = self.attn_qk(l);
+            if let Some((qn, kn, q_inv, k_inv)) = self.qk_norm(l) {
+                // Qwen 3: each head of q and of k normalized over head_dim, then
+                // rotated.
+                let _r = self.dev.region("q/k norm forward");
+                head_rmsnorm_fwd(self.dev, q, d.d, qn, eps, qa, q_inv)?;
+                head_rmsnorm_fwd(self.dev, k, d.d, kn, eps, ka, k_inv)?;
+            }
+            let (cos, sin) = (
+                ws.rope_cos.view(0, d.n * d.d / 2),
+                ws.rope_sin.view(0, d.n * d.d / 2),
+            );
+            {
+                // q and k are adjacent column blocks of equal head size: one launch.
+                let _r = self.dev.region("RoPE");
+                rope(self.dev, qk, d.d, cos, sin, false)?;
+            }
+            {
+                let _r = self.dev.region("attention forward");
+                attention_fwd(self.dev, &d.attn, qa, ka, v, self.segments, attn, lse)?;
+            }
+            // x2 = x + attn Woᵀ (+ LoRA)
             let wo = self.weights(l, Group::O)?;
             {
                 let _r = self.dev.region("GEMM o (+ residual copy)");
@@ -1394,9 +1430,8 @@ impl<'a, T: Float> Ctx<'a, T> {
             self.base_dx(l, dres, Group::O, wo, dattn)?;
         }
         self.lora_bwd(l, Proj::O, attn, dres, Some(dattn), 0)?;
-        let qkv = mat(&ws.qkv, d.n, d.qc);
-        let (q_in, k_in, v) = self.qkv_blocks(qkv);
-        let (q, k, _) = self.attn_qk();
+        let (q_in, k_in, v) = self.qkv_blocks(self.qkv(l));
+        let (q, k, _) = self.attn_qk(l);
         let dqkv = mat(&ws.dqkv, d.n, d.qc);
         let (dq, dk, dv) = self.qkv_blocks(dqkv);
         let r_attn = self.dev.region("attention backward");

@@ -241,10 +241,24 @@ fn qwen3_with_kept_activations_matches_the_reference_and_the_layout() {
     engine.forward_loss(&packed_batch(61, 10, 94)).unwrap();
     let layout = engine.workspace_layout(2, 10);
     assert_eq!(engine.device().held_bytes() - before, layout.total_bytes());
-    let (n, d) = (20, cfg.head_dim());
+    // Kept per layer like q/k/v: the norms' rotated outputs and statistics.
+    let (n, d, layers) = (20, cfg.head_dim(), cfg.num_hidden_layers);
     let qk = (cfg.num_attention_heads + cfg.num_kv_heads()) * d;
-    assert_eq!(layout.elems("qk_normed"), n * qk);
-    assert_eq!(layout.elems("qk_inv"), n * qk / d);
+    assert_eq!(layout.elems("qk_normed_outputs"), layers * n * qk);
+    assert_eq!(layout.elems("qk_inv_outputs"), layers * n * qk / d);
+    assert!(layout.buffers.iter().all(|b| b.name != "qk_normed"));
+    // Recomputing them instead changes no bit.
+    let batches = [packed_batch(61, 11, 95), random_rows(61, 2, 11, 96)];
+    let recomputed = EngineOptions {
+        save_attention_residual: false,
+        ..opts
+    };
+    let (l0, g0, layout0, _) = train_micro_steps(&base, &lora, recomputed, &batches, 2);
+    let (l1, g1, _, _) = train_micro_steps(&base, &lora, opts, &batches, 2);
+    assert_eq!(layout0.elems("qk_normed"), 22 * qk);
+    assert_eq!(layout0.elems("qk_inv"), 22 * qk / d);
+    assert_eq!(l0, l1);
+    assert_eq!(g0, g1);
 }
 
 /// A Qwen 3 base without its q/k norm weights is refused by the engine, never run
@@ -412,14 +426,16 @@ fn kept_activations_change_no_bit() {
         let (l1, g1, bytes1) = run(residual, mlp, mlp_chunk);
         assert_eq!(l0, l1, "residual {residual} mlp {mlp} chunk {mlp_chunk}");
         assert_eq!(g0, g1, "residual {residual} mlp {mlp} chunk {mlp_chunk}");
-        // The saved residuals: one [tokens, hidden] f32 matrix per layer, and the
-        // attention output [tokens, heads·d] with its log-sum-exp [rows·heads·seq]
-        // per layer in place of one layer's; the kept gate/up outputs one
-        // [tokens, 2I] per layer, in place of the chunk buffer.
+        // The saved residuals: one [tokens, hidden] f32 matrix per layer, and q/k/v
+        // [tokens, (heads + 2 kv)·d], the attention output [tokens, heads·d] with
+        // its log-sum-exp [rows·heads·seq] per layer in place of one layer's; the
+        // kept gate/up outputs one [tokens, 2I] per layer, in place of the chunk
+        // buffer.
         if mlp_chunk == chunk {
             let layers = cfg.num_hidden_layers;
             let heads = cfg.num_attention_heads;
-            let attn = n * heads * cfg.head_dim() + 2 * heads * 11;
+            let qkv = n * (heads + 2 * cfg.num_kv_heads()) * cfg.head_dim();
+            let attn = qkv + n * heads * cfg.head_dim() + 2 * heads * 11;
             let extra = residual as usize * (layers * n * h + (layers - 1) * attn) * 4
                 + mlp as usize * (layers - 1) * n * i2 * 4;
             assert_eq!(bytes1 - bytes0, extra, "residual {residual} mlp {mlp}");

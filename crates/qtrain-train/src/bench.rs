@@ -374,15 +374,16 @@ pub struct ExecutedFlops {
     /// (2P + 2P; frozen weights get no weight gradient).
     pub base: f64,
     /// The frozen products the backward recomputes from each layer's saved input:
-    /// q/k/v always, o unless the attention residuals are kept, gate/up unless the
-    /// gate/up outputs are kept (down never: its output is the next layer's input).
+    /// q/k/v and o unless the attention half is kept, gate/up unless the gate/up
+    /// outputs are kept (down never: its output is the next layer's input).
     pub recompute: f64,
     /// Attention's two forward products, the backward's seven (two kernels,
     /// deterministic: 3.5 forwards) and, unless its output is kept, the
     /// recomputed forward.
     pub attention: f64,
-    /// The adapters' forward, recomputation (as their projections'), input and
-    /// weight gradients.
+    /// The adapters' forward, input and weight gradients, and their recomputation:
+    /// the `A` product (`z`, which the backward reads) always, the `B` product
+    /// where the projection itself is recomputed.
     pub lora: f64,
 }
 
@@ -404,8 +405,7 @@ pub fn executed_flops_per_token(
     let layers = cfg.num_hidden_layers as f64;
     let weights = |p: Proj| cfg.proj_shape(p).iter().product::<usize>() as f64;
     let recomputed = |p: Proj| match p {
-        Proj::Q | Proj::K | Proj::V => true,
-        Proj::O => !kept.attention_residuals,
+        Proj::Q | Proj::K | Proj::V | Proj::O => !kept.attention_residuals,
         Proj::Gate | Proj::Up => !kept.mlp,
         Proj::Down => false,
     };
@@ -426,8 +426,10 @@ pub fn executed_flops_per_token(
         .map(|&p| {
             let [out, inp] = cfg.proj_shape(p);
             let params = (rank * (out + inp)) as f64;
-            // forward, input gradient, weight gradients; plus the recomputed forward
-            2.0 * params * (3.0 + if recomputed(p) { 1.0 } else { 0.0 })
+            // forward, input gradient, weight gradients; the recomputed z = x Aᵀ,
+            // and y += z Bᵀ where the projection is recomputed
+            let again = rank * (inp + if recomputed(p) { out } else { 0 });
+            2.0 * (3.0 * params + again as f64)
         })
         .sum();
     ExecutedFlops {

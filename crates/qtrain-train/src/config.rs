@@ -152,11 +152,12 @@ pub struct TrainSection {
     /// buffers, bf16 or fp16 on GPUs), `reference` (candle ops, any device and
     /// dtype), or `auto` (fused on a GPU, reference otherwise).
     pub engine: String,
-    /// Keep each layer's residual after attention, attention output and
-    /// log-sum-exp from the forward, so that the backward recomputes neither the
-    /// attention forward nor the o projection (fused engine; costs about
-    /// `2 x layers x tokens x hidden` compute-type elements: 2 GiB for Mistral-7B at
-    /// 4096 tokens per micro-batch): `on`, `off`, or `auto` (on when the memory
+    /// Keep each layer's q/k/v (after RoPE), residual after attention, attention
+    /// output and log-sum-exp from the forward, so that the backward recomputes
+    /// neither the q/k/v product, RoPE, the attention forward nor the o projection
+    /// (fused engine; costs `layers x tokens x (2 hidden + q/k/v width)`
+    /// compute-type elements: 3.5 GiB for Mistral-7B at 4096 tokens per
+    /// micro-batch): `on`, `off`, or `auto` (on when the memory
     /// model says it fits the GPU beside the micro-batch; the micro-batch comes
     /// first, and an out-of-memory turns it off before halving anything).
     pub keep_attention_residuals: String,

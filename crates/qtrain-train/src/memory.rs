@@ -596,10 +596,11 @@ fn slack(allocated: u64) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct KeptActivations {
     /// What each layer's attention half leaves for the backward
-    /// (`train.keep_attention_residuals`): the residual after attention (`L·n·h`
-    /// elements) and the attention output with its log-sum-exp (`L·n·heads·d`
-    /// and `L·b·heads·seq` f32); saves the attention forward and the o
-    /// projection in the recomputation.
+    /// (`train.keep_attention_residuals`): q/k/v after RoPE (`L·n·qc` elements),
+    /// the residual after attention (`L·n·h`) and the attention output with its
+    /// log-sum-exp (`L·n·heads·d` and `L·b·heads·seq` f32); the recomputation is
+    /// then only the input norm and the adapters' `z`: no q/k/v product, RoPE,
+    /// attention forward or o projection.
     pub attention_residuals: bool,
     /// Each layer's gate/up output (`train.keep_mlp_activations`): `L·n·2I`
     /// elements, saves the gate/up product, the costliest GEMM recomputed.
@@ -1028,10 +1029,11 @@ mod tests {
             attention_residuals: true,
             mlp: true,
         };
-        // Mistral-7B at 4096 tokens: 1 GiB of residuals and 1 GiB of attention
-        // outputs (with 16 MiB of f32 log-sum-exp; one layer's of each was there
-        // already), 7 GiB of gate/up outputs (in place of the one chunk buffer).
-        let attn_layer = 4096 * 4096 * 2 + 8 * 32 * 512 * 4;
+        // Mistral-7B at 4096 tokens: 1 GiB of residuals, 1.5 GiB of q/k/v and 1 GiB
+        // of attention outputs (with 16 MiB of f32 log-sum-exp; one layer's of each
+        // but the residual was there already), 7 GiB of gate/up outputs (in place of
+        // the one chunk buffer).
+        let attn_layer = 4096 * 6144 * 2 + 4096 * 4096 * 2 + 8 * 32 * 512 * 4;
         assert_eq!(
             engine(res) - engine(none),
             32 * 4096 * 4096 * 2 + 31 * attn_layer

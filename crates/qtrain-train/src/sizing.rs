@@ -397,7 +397,7 @@ fn run_summary(
         t += &format!(
             "recompute: {}; {} (train.keep_attention_residuals = {}, train.keep_mlp_activations = {})\n",
             if kept.attention_residuals {
-                "attention residuals kept, no o projection"
+                "attention half kept, no q/k/v or o projection, RoPE or attention forward"
             } else {
                 "the whole attention half"
             },
