@@ -7,8 +7,8 @@
 //! final norm → chunked cross-entropy (logits never whole) → ∂L/∂(final hidden)
 //! for each layer, last first:
 //!     recompute the attention half from the saved input       (h1, q/k/v after RoPE, O, lse, x2, h2;
-//!                                                              with kept residuals only h1, q/k/v, h2)
-//!     per MLP chunk: recompute gate/up and SwiGLU, then its backward
+//!                                                              with the half kept only h1, h2, LoRA z)
+//!     per MLP chunk: recompute gate/up (unless kept) and SwiGLU, then its backward
 //!     attention backward, RoPE⁻¹, q/k norms⁻¹ (Qwen 3), q/k/v backward, input-norm backward
 //! ```
 //!
@@ -87,13 +87,15 @@ pub struct EngineOptions {
     pub mlp_chunk: usize,
     /// Rows per cross-entropy chunk: bounds the `[cc, vocab]` f32 logits.
     pub ce_chunk: usize,
-    /// Keep what each layer's attention half leaves for the backward, but q/k/v:
-    /// the residual after attention (`x2`, `L·n·h` more elements) and the
-    /// attention output with its log-sum-exp (`L·n·heads·d` and `L·b·heads·seq`
-    /// f32, in place of one layer's). The backward's recomputation then runs
-    /// only the norm, the q/k/v product and RoPE: no attention forward (the
-    /// costliest part of the recomputation at long rows) and no o projection
-    /// (selective recomputation, for when memory allows; the results are identical).
+    /// Keep what each layer's attention half leaves for the backward: q/k/v after
+    /// RoPE (`L·n·qc` elements in place of one layer's; with q/k norms their
+    /// outputs and statistics too), the residual after attention (`x2`, `L·n·h`
+    /// more) and the attention output with its log-sum-exp (`L·n·heads·d` and
+    /// `L·b·heads·seq` f32, in place of one layer's). The backward's recomputation
+    /// then runs only the norms and the adapters' `z`: no q/k/v product, RoPE,
+    /// attention forward (the costliest part of the recomputation at long rows) or
+    /// o projection (selective recomputation, for when memory allows; the results
+    /// are identical).
     pub save_attention_residual: bool,
     /// Keep each layer's gate/up output (after its LoRA; `L·n·2I` more elements, the
     /// largest activation of a layer) from the forward: the backward then does not
