@@ -300,6 +300,17 @@ impl<T: Float> Workspace<T> {
             };
         }
         let has = |name: &str| p.buffers.iter().any(|b| b.name == name);
+        // The per-layer buffer when the layout keeps it (`save_attention_residual`),
+        // else the one layer's: same role either way.
+        macro_rules! kept_or {
+            ($kept:literal, $one:literal) => {
+                if has($kept) {
+                    buf!($kept)
+                } else {
+                    buf!($one)
+                }
+            };
+        }
         let offload = match p
             .host_buffers
             .iter()
@@ -321,18 +332,14 @@ impl<T: Float> Workspace<T> {
         Ok(Self {
             offload,
             fp8,
-            // Kept per layer (`*_outputs`) or one layer's: same roles either way.
-            qk_normed: if has("qk_normed_outputs") {
-                Some(buf!("qk_normed_outputs"))
-            } else if has("qk_normed") {
-                Some(buf!("qk_normed"))
+            // With q/k norms only (Qwen 3).
+            qk_normed: if cfg.has_qk_norm() {
+                Some(kept_or!("qk_normed_outputs", "qk_normed"))
             } else {
                 None
             },
-            qk_inv: if has("qk_inv_outputs") {
-                Some(buf!("qk_inv_outputs"))
-            } else if has("qk_inv") {
-                Some(buf!("qk_inv"))
+            qk_inv: if cfg.has_qk_norm() {
+                Some(kept_or!("qk_inv_outputs", "qk_inv"))
             } else {
                 None
             },
@@ -340,21 +347,9 @@ impl<T: Float> Workspace<T> {
             final_hidden: buf!("final_hidden"),
             h1: buf!("h1"),
             inv1: buf!("inv1"),
-            qkv: if has("qkv_outputs") {
-                buf!("qkv_outputs")
-            } else {
-                buf!("qkv")
-            },
-            attn: if has("attn_outputs") {
-                buf!("attn_outputs")
-            } else {
-                buf!("attn")
-            },
-            lse: if has("lse_outputs") {
-                buf!("lse_outputs")
-            } else {
-                buf!("lse")
-            },
+            qkv: kept_or!("qkv_outputs", "qkv"),
+            attn: kept_or!("attn_outputs", "attn"),
+            lse: kept_or!("lse_outputs", "lse"),
             attn_per_layer: has("attn_outputs"),
             x2: buf!("x2"),
             inv2: buf!("inv2"),
@@ -736,18 +731,31 @@ struct Ctx<'a, T: Float> {
 
 /// `rows x cols` contiguous matrix at the start of `buf`.
 fn mat<T: qtrain_device::Elem>(buf: &DBuf<T>, rows: usize, cols: usize) -> Mat<'_, T> {
-    buf.view(0, rows * cols).mat(rows, cols, cols)
+    slot_mat(buf, 0, rows, cols)
+}
+
+/// Slot `slot` of `buf` seen as consecutive contiguous `rows x cols` matrices (one
+/// per layer, or per ring slot).
+fn slot_mat<T: qtrain_device::Elem>(
+    buf: &DBuf<T>,
+    slot: usize,
+    rows: usize,
+    cols: usize,
+) -> Mat<'_, T> {
+    buf.view(slot * rows * cols, rows * cols)
+        .mat(rows, cols, cols)
 }
 
 impl<'a, T: Float> Ctx<'a, T> {
     /// Where layer `l`'s input lives on the device: its own slot, or (offloaded)
     /// slot `l % OFFLOAD_RING` of the ring.
     fn layer_input(&self, l: usize) -> Mat<'a, T> {
-        let (n, h) = (self.dims.n, self.dims.h);
-        self.ws
-            .layer_inputs
-            .view(self.slot_of(l) * n * h, n * h)
-            .mat(n, h, h)
+        slot_mat(
+            &self.ws.layer_inputs,
+            self.slot_of(l),
+            self.dims.n,
+            self.dims.h,
+        )
     }
 
     fn slot_of(&self, l: usize) -> usize {
@@ -827,7 +835,7 @@ impl<'a, T: Float> Ctx<'a, T> {
     fn x2(&self, l: usize) -> Mat<'a, T> {
         let (n, h) = (self.dims.n, self.dims.h);
         match &self.ws.attn_residuals {
-            Some(b) => b.view(l * n * h, n * h).mat(n, h, h),
+            Some(b) => slot_mat(b, l, n, h),
             None => mat(&self.ws.x2, n, h),
         }
     }
@@ -845,21 +853,17 @@ impl<'a, T: Float> Ctx<'a, T> {
 
     /// Layer `l`'s fused q/k/v `[n, qc]`: its kept slot, or the one shared buffer.
     fn qkv(&self, l: usize) -> Mat<'a, T> {
-        let (n, qc) = (self.dims.n, self.dims.qc);
-        self.ws
-            .qkv
-            .view(self.kept_layer(l) * n * qc, n * qc)
-            .mat(n, qc, qc)
+        slot_mat(&self.ws.qkv, self.kept_layer(l), self.dims.n, self.dims.qc)
     }
 
     /// Layer `l`'s attention output and log-sum-exp: its kept slots, or the one
     /// shared pair (recomputed in the backward).
     fn attn_out(&self, l: usize) -> (Mat<'a, T>, View<'a, f32>) {
         let d = &self.dims;
-        let (o, s) = (d.n * d.qcols, d.attn.stats_len());
+        let s = d.attn.stats_len();
         let l = self.kept_layer(l);
         (
-            self.ws.attn.view(l * o, o).mat(d.n, d.qcols, d.qcols),
+            slot_mat(&self.ws.attn, l, d.n, d.qcols),
             self.ws.lse.view(l * s, s),
         )
     }
@@ -1090,10 +1094,7 @@ impl<'a, T: Float> Ctx<'a, T> {
     fn attn_qk(&self, l: usize) -> (Mat<'a, T>, Mat<'a, T>, Mat<'a, T>) {
         let d = &self.dims;
         let qk = match &self.ws.qk_normed {
-            Some(b) => {
-                let w = d.qcols + d.kvcols;
-                b.view(self.kept_layer(l) * d.n * w, d.n * w).mat(d.n, w, w)
-            }
+            Some(b) => slot_mat(b, self.kept_layer(l), d.n, d.qcols + d.kvcols),
             None => self.qkv(l).col_block(0, d.qcols + d.kvcols),
         };
         (

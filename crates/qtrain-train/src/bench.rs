@@ -414,8 +414,9 @@ pub fn executed_flops_per_token(
     let again: f64 = qtrain_model::PROJECTIONS
         .iter()
         .filter(|&&p| recomputed(p))
-        .map(|&p| weights(p))
-        .sum();
+        // fold from +0.0: f64's `sum` of nothing is -0.0, which the JSON would print
+        // when both halves are kept and nothing is recomputed
+        .fold(0.0, |a, &p| a + weights(p));
     // One forward of causal attention: QK^T and PV, 2 FLOPs per multiply-add,
     // seq/2 keys on average, every query head.
     let attn_fwd =
