@@ -7,7 +7,7 @@
 //! final norm → chunked cross-entropy (logits never whole) → ∂L/∂(final hidden)
 //! for each layer, last first:
 //!     recompute the attention half from the saved input       (h1, q/k/v after RoPE, O, lse, x2, h2;
-//!                                                              with the half kept only h1, h2, LoRA z)
+//!                                                              with the half kept only h1 and h2)
 //!     per MLP chunk: recompute gate/up (unless kept) and SwiGLU, then its backward
 //!     attention backward, RoPE⁻¹, q/k norms⁻¹ (Qwen 3), q/k/v backward, input-norm backward
 //! ```
@@ -20,7 +20,9 @@
 //! step) for a buffer of the MLP's size alone (80 MiB less on Mistral-7B).
 //! LoRA runs as two skinny products per adapted projection,
 //! `z = dropout(x) Aᵀ` then `y += s · z Bᵀ` (accumulated into the base product);
-//! its gradients are accumulated in f32 straight from compute-type operands. With
+//! its gradients are accumulated in f32 straight from compute-type operands. `z` is
+//! kept per layer whenever either half of the layer is kept (`z_outputs`: 56 MiB at
+//! 8192 tokens on Mistral-7B), so only the recomputed projections rebuild it. With
 //! dropout the A-side products (`z`, `dA += dzᵀ dropout(x)`, `dx += (dz A) ∘ mask`)
 //! are the fused kernels of `qtrain_device::ops::lora_dropout`, which draw the mask
 //! as they read `x` (nothing materialized); without it they are cuBLAS GEMMs.
@@ -68,7 +70,7 @@ use qtrain_device::ops::rows::{gather_rows, scatter_rows};
 use qtrain_device::ops::swiglu::{swiglu_bwd, swiglu_fwd};
 use qtrain_device::ops::xent::xent;
 use qtrain_device::{DBuf, Dev, Float, HostStage, Mat, View};
-use qtrain_model::{BaseModel, ModelConfig, Proj};
+use qtrain_model::{BaseModel, ModelConfig, Proj, PROJECTIONS};
 use qtrain_step::{
     dropout_base, DropoutKey, LoraWeights, StepLoss, StepOptions, TokenBatch, IGNORE_INDEX,
 };
@@ -176,7 +178,10 @@ struct Workspace<T: Float> {
     logits: DBuf<f32>,
     dlogits: DBuf<T>,
     ce_dhidden: DBuf<T>,
+    /// The adapters' `z` of one layer, or with either half kept every layer's
+    /// (`z_outputs`, `z_per_layer`), kept from the forward for the backward.
     z: DBuf<T>,
+    z_per_layer: bool,
     dz: DBuf<T>,
     ids: DBuf<u32>,
     rope_cos: DBuf<f32>,
@@ -375,7 +380,8 @@ impl<T: Float> Workspace<T> {
             logits: buf!("logits"),
             dlogits: buf!("dlogits"),
             ce_dhidden: buf!("ce_dhidden"),
-            z: buf!("z"),
+            z: kept_or!("z_outputs", "z"),
+            z_per_layer: has("z_outputs"),
             dz: buf!("dz"),
             ids: buf!("ids"),
             rope_cos: buf!("rope_cos"),
@@ -984,14 +990,14 @@ impl<'a, T: Float> Ctx<'a, T> {
         self.lora.layout.get(l, p)
     }
 
-    /// `z` of projection `p` for `rows` rows starting at `row0` (MLP chunks use a
-    /// sub-range; the attention projections all `n` rows).
-    fn z(&self, p: Proj, row0: usize, rows: usize) -> Mat<'a, T> {
+    /// `z` of projection `p` of layer `l` for `rows` rows starting at `row0` (MLP
+    /// chunks use a sub-range; the attention projections all `n` rows): the layer's
+    /// own slot when every layer's is kept, else the one layer's buffer.
+    fn z(&self, l: usize, p: Proj, row0: usize, rows: usize) -> Mat<'a, T> {
         let (n, r) = (self.dims.n, self.lora.layout.rank);
-        self.ws
-            .z
-            .view(p.index() * n * r + row0 * r, rows * r)
-            .mat(rows, r, r)
+        let slot = if self.ws.z_per_layer { l } else { 0 };
+        let at = (slot * PROJECTIONS.len() + p.index()) * n * r;
+        self.ws.z.view(at + row0 * r, rows * r).mat(rows, r, r)
     }
 
     /// The hash base of projection `p`'s dropout mask in layer `l` (one mask per
@@ -1022,7 +1028,7 @@ impl<'a, T: Float> Ctx<'a, T> {
             return Ok(());
         };
         let _r = self.dev.region("LoRA forward");
-        let z = self.z(p, row0, x.rows);
+        let z = self.z(l, p, row0, x.rows);
         let a = self.lora.a(s);
         match self.dropout_base(l, p) {
             Some(base) => {
@@ -1062,7 +1068,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         let _r = self.dev.region("LoRA backward");
         let sc = self.lora.layout.scale;
         let r = self.lora.layout.rank;
-        let z = self.z(p, row0, x.rows);
+        let z = self.z(l, p, row0, x.rows);
         let dz = self.ws.dz.view(0, x.rows * r).mat(x.rows, r, r);
         // dB += s dyᵀ z ; dz = s dy B
         gemm(self.dev, dy, Op::T, z, Op::N, self.lora.grad_b(s), sc, 1.0)?;
@@ -1133,8 +1139,8 @@ impl<'a, T: Float> Ctx<'a, T> {
     /// `qk_inv`), `attn`, `lse`, `x2`, `inv2`, `h2` (and the q/k/v/o `z`) in the
     /// workspace. `recompute`: the backward's second pass, which with the attention
     /// half kept per layer (`save_attention_residual`) only rebuilds what is not
-    /// kept: the norms' outputs and statistics and the adapters' `z` (their buffers
-    /// hold the last layer's).
+    /// kept: the norms' outputs and statistics (their buffers hold the last
+    /// layer's; the adapters' `z` are kept per layer with the rest).
     fn attention_half(&self, l: usize, x: Mat<'a, T>, recompute: bool) -> Result<()> {
         let d = self.dims;
         let ws = self.ws;
@@ -1155,14 +1161,9 @@ impl<'a, T: Float> Ctx<'a, T> {
         }
         let (attn, lse) = self.attn_out(l);
         let x2 = self.x2(l);
-        if kept {
-            // q/k/v, the attention output and x2 are this layer's kept slots; the
-            // backward needs only the adapters' input products.
-            for p in [Proj::Q, Proj::K, Proj::V] {
-                self.lora_fwd(l, p, h1, None, 0)?;
-            }
-            self.lora_fwd(l, Proj::O, attn, None, 0)?;
-        } else {
+        // Kept: q/k/v, the attention output, x2 and the adapters' `z` are this
+        // layer's slots, filled by the forward; nothing to rebuild but the norms.
+        if !kept {
             let wqkv = self.weights(l, Group::Qkv)?;
             let qkv = self.qkv(l);
             {
@@ -1221,9 +1222,8 @@ impl<'a, T: Float> Ctx<'a, T> {
     /// Gate/up product, its LoRA, and SwiGLU for tokens `c0..c0 + cn`; returns
     /// `(gu, g, u, m)` of the chunk. With `wgu` None the backward takes the gate/up
     /// output kept from the forward (`save_mlp_activations`) instead of recomputing
-    /// it, and rebuilds only what it reads that is not kept: gate's and up's LoRA `z`
-    /// (their buffers hold the last layer's) and the SwiGLU output when down carries
-    /// an adapter.
+    /// it, and rebuilds only what it reads that is not kept: the SwiGLU output when
+    /// down carries an adapter (the adapters' `z` are kept per layer with it).
     #[allow(clippy::type_complexity)]
     fn mlp_up(
         &self,
@@ -1242,9 +1242,12 @@ impl<'a, T: Float> Ctx<'a, T> {
             self.bias(l, Group::GateUp, gu)?;
         }
         let (g, u) = (gu.col_block(0, d.inter), gu.col_block(d.inter, d.inter));
-        // Kept: only `z`, the output already holds the LoRA term.
-        self.lora_fwd(l, Proj::Gate, h2c, wgu.map(|_| g), c0)?;
-        self.lora_fwd(l, Proj::Up, h2c, wgu.map(|_| u), c0)?;
+        // Kept: the output already holds the LoRA term and `z` is kept with it.
+        debug_assert!(wgu.is_some() || self.ws.z_per_layer);
+        if wgu.is_some() {
+            self.lora_fwd(l, Proj::Gate, h2c, Some(g), c0)?;
+            self.lora_fwd(l, Proj::Up, h2c, Some(u), c0)?;
+        }
         let m = mat(&self.ws.m, cn, d.inter);
         if wgu.is_some() || self.slot(l, Proj::Down).is_some() {
             let _r = self.dev.region("SwiGLU forward");
@@ -1391,7 +1394,9 @@ impl<'a, T: Float> Ctx<'a, T> {
         for (c0, cn) in self.chunks() {
             let recompute = matches!(ws.gu, GateUp::Chunk(_)).then_some(wgu);
             let (gu, g, u, m) = self.mlp_up(l, recompute, c0, cn)?;
-            self.lora_fwd(l, Proj::Down, m, None, c0)?;
+            if !ws.z_per_layer {
+                self.lora_fwd(l, Proj::Down, m, None, c0)?;
+            }
             let dres_c = dres.row_block(c0, cn);
             let dm = mat(&ws.dm, cn, d.inter);
             {

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use family_configs::small_family_config;
 use qtrain_engine::{Engine, EngineOptions, WorkspaceLayout};
-use qtrain_model::{BaseModel, FrozenStorage, Proj};
+use qtrain_model::{BaseModel, FrozenStorage, Proj, PROJECTIONS};
 use qtrain_reference::{forward_backward, forward_loss};
 use qtrain_step::{HostTensor, LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch};
 
@@ -430,14 +430,17 @@ fn kept_activations_change_no_bit() {
         // [tokens, (heads + 2 kv)·d], the attention output [tokens, heads·d] with
         // its log-sum-exp [rows·heads·seq] per layer in place of one layer's; the
         // kept gate/up outputs one [tokens, 2I] per layer, in place of the chunk
-        // buffer.
+        // buffer; with either, the adapters' z [tokens, r] of all seven projections
+        // per layer, in place of one layer's.
         if mlp_chunk == chunk {
             let layers = cfg.num_hidden_layers;
             let heads = cfg.num_attention_heads;
             let qkv = n * (heads + 2 * cfg.num_kv_heads()) * cfg.head_dim();
             let attn = qkv + n * heads * cfg.head_dim() + 2 * heads * 11;
+            let z = PROJECTIONS.len() * n * 4;
             let extra = residual as usize * (layers * n * h + (layers - 1) * attn) * 4
-                + mlp as usize * (layers - 1) * n * i2 * 4;
+                + mlp as usize * (layers - 1) * n * i2 * 4
+                + (residual || mlp) as usize * (layers - 1) * z * 4;
             assert_eq!(bytes1 - bytes0, extra, "residual {residual} mlp {mlp}");
         }
     }

@@ -381,9 +381,10 @@ pub struct ExecutedFlops {
     /// deterministic: 3.5 forwards) and, unless its output is kept, the
     /// recomputed forward.
     pub attention: f64,
-    /// The adapters' forward, input and weight gradients, and their recomputation:
-    /// the `A` product (`z`, which the backward reads) always, the `B` product
-    /// where the projection itself is recomputed.
+    /// The adapters' forward, input and weight gradients, and their recomputation
+    /// where the projection itself is recomputed (`z` and the `B` product); `z`
+    /// alone for down when nothing is kept (with either half kept every layer's
+    /// `z` is).
     pub lora: f64,
 }
 
@@ -427,9 +428,16 @@ pub fn executed_flops_per_token(
         .map(|&p| {
             let [out, inp] = cfg.proj_shape(p);
             let params = (rank * (out + inp)) as f64;
-            // forward, input gradient, weight gradients; the recomputed z = x Aᵀ,
-            // and y += z Bᵀ where the projection is recomputed
-            let again = rank * (inp + if recomputed(p) { out } else { 0 });
+            // forward, input gradient, weight gradients; where the projection is
+            // recomputed, z = x Aᵀ and y += z Bᵀ again; elsewhere z again only
+            // when no half is kept (then nothing keeps every layer's z)
+            let again = if recomputed(p) {
+                rank * (inp + out)
+            } else if kept.attention_residuals || kept.mlp {
+                0
+            } else {
+                rank * inp
+            };
             2.0 * (3.0 * params + again as f64)
         })
         .sum();

@@ -1031,12 +1031,14 @@ mod tests {
         };
         // Mistral-7B at 4096 tokens: 1 GiB of residuals, 1.5 GiB of q/k/v and 1 GiB
         // of attention outputs (with 16 MiB of f32 log-sum-exp; one layer's of each
-        // but the residual was there already), 7 GiB of gate/up outputs (in place of
-        // the one chunk buffer).
+        // but the residual was there already) and 28 MiB of the adapters' z (all
+        // seven projections' slots, r16), 7 GiB of gate/up outputs (in place of the
+        // one chunk buffer).
         let attn_layer = 4096 * 6144 * 2 + 4096 * 4096 * 2 + 8 * 32 * 512 * 4;
+        let z_layer = 7 * 4096 * 16 * 2;
         assert_eq!(
             engine(res) - engine(none),
-            32 * 4096 * 4096 * 2 + 31 * attn_layer
+            32 * 4096 * 4096 * 2 + 31 * (attn_layer + z_layer)
         );
         let gu_chunk = 4096 * 2 * 14336 * 2;
         assert_eq!(

@@ -680,12 +680,30 @@ fn executed_flops_count_what_the_step_runs() {
     let fwd = l * 4.0 * 1024.0 * h;
     assert!(close(none.attention, 5.5 * fwd) && close(kept.attention, 4.5 * fwd));
     // r16 on q (4096+4096), k and v (1024+4096), o (4096+4096): forward, dX, dW;
-    // recomputed: all of it, or with the attention half kept only z = x Aᵀ (the
-    // input side: 4096 for each)
+    // recomputed: all of it, or with the attention half kept nothing (every
+    // layer's z = x Aᵀ is kept too)
     let three = 3.0 * (2.0 * 8192.0 + 2.0 * 5120.0);
     let lora = |again: f64| l * 2.0 * 16.0 * (three + again);
     assert!(close(none.lora, lora(2.0 * 8192.0 + 2.0 * 5120.0)));
-    assert!(close(kept.lora, lora(4.0 * 4096.0)));
+    assert!(close(kept.lora, lora(0.0)));
+    // All seven, nothing kept: gate/up recomputed whole, down's z alone (its
+    // output is the next layer's input, never recomputed); with the MLP kept,
+    // down's z is kept too and only the attention half's adapters run again.
+    let all = qtrain_model::PROJECTIONS;
+    let mlp_only = KeptActivations {
+        attention_residuals: false,
+        mlp: true,
+    };
+    let all_none = executed_flops_per_token(&cfg, 2048, &all, 16, KeptActivations::default());
+    let all_mlp = executed_flops_per_token(&cfg, 2048, &all, 16, mlp_only);
+    let mlp_three = 3.0 * (2.0 * (4096.0 + 14336.0) + (14336.0 + 4096.0));
+    let lora7 = |again: f64| l * 2.0 * 16.0 * (three + mlp_three + again);
+    let attn_again = 2.0 * 8192.0 + 2.0 * 5120.0;
+    assert!(close(
+        all_none.lora,
+        lora7(attn_again + 2.0 * (4096.0 + 14336.0) + 14336.0)
+    ));
+    assert!(close(all_mlp.lora, lora7(attn_again)));
     assert!(close(
         none.total(),
         none.base + none.recompute + none.attention + none.lora
