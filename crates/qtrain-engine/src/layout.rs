@@ -18,6 +18,8 @@
 //! | `attn dattn` | `n·heads·d` each | attention output (one layer's, unless kept per layer) and its gradient |
 //! | `gu m dm` | `c·2I`, `c·I`, `c·I` | the MLP of one chunk of `c` tokens (`gu` only without `mlp_activations`) |
 //! | `mlp_activations` | `L·n·2I` | with `save_mlp_activations`: each layer's gate/up output (after its LoRA) |
+//! | `dz` | `3·n·r` | the adapters' `dz` of one projection, or of a stacked group |
+//! | `lora_a_stacks` | `L·5r·h` | without dropout, each layer's `[A_q; A_k; A_v]` and `[A_gate; A_up]` (the adapted ones), so a group sharing an input runs one `z` product and one input-gradient product |
 //! | `z` (`z_outputs`) | `P·n·r` (`L·P·n·r`) | the adapters' `z = dropout(x) Aᵀ` of one layer's `P` projections, or with either half kept every layer's, so the backward does not recompute them |
 //! | `weights` | `max(qc·h + h·heads·d, 2I·h + h·I)` | one layer's dequantized weights, reused by every layer: `[q;k;v]` and `o` side by side, `[gate;up]` and `down` side by side over the same memory (the attention half and the MLP never need each other's weights at once: the backward dequantizes o and q/k/v again after the MLP) |
 //! | `logits dlogits` | `cc·V` | one cross-entropy chunk of `cc` rows (f32, compute type) |
@@ -76,6 +78,11 @@ pub fn weight_buffer_elems(cfg: &ModelConfig) -> usize {
     let [q, o, gu, down] = weight_group_shapes(cfg).map(|(out, inp)| out * inp);
     (q + o).max(gu + down)
 }
+
+/// The most adapters one stacked group holds (q/k/v; gate/up is the other group).
+pub const STACK_GROUP_MAX: usize = 3;
+/// Rank-rows of one layer's stacked `A`s: q/k/v's `3r` then gate/up's `2r`.
+pub const STACKED_ROWS: usize = 5;
 
 /// Everything that sizes the buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,7 +287,17 @@ impl WorkspaceLayout {
             b("logits", Logits, cc * cfg.vocab_size, 4),
             b("dlogits", Logits, cc * cfg.vocab_size, e),
             b("ce_dhidden", Logits, cc * h, e),
-            b("dz", LoraScratch, n * r, e),
+            // One projection's `dz`, or a stacked group's side by side (q/k/v: 3).
+            b("dz", LoraScratch, STACK_GROUP_MAX * n * r, e),
+            // Every layer's stacked `A` of q/k/v and of gate/up (`[3r, h]` and
+            // `[2r, h]`), refreshed with the compute copy: the group's `z` is one
+            // product over its shared input, its input gradient one product too.
+            b(
+                "lora_a_stacks",
+                LoraScratch,
+                cfg.num_hidden_layers * STACKED_ROWS * r * h,
+                e,
+            ),
             b("ids", BatchInputs, n, 4),
             b("rope_cos", BatchInputs, n * d / 2, 4),
             b("rope_sin", BatchInputs, n * d / 2, 4),

@@ -22,7 +22,11 @@
 //! `z = dropout(x) Aᵀ` then `y += s · z Bᵀ` (accumulated into the base product);
 //! its gradients are accumulated in f32 straight from compute-type operands. `z` is
 //! kept per layer whenever either half of the layer is kept (`z_outputs`: 56 MiB at
-//! 8192 tokens on Mistral-7B), so only the recomputed projections rebuild it. With
+//! 8192 tokens on Mistral-7B), so only the recomputed projections rebuild it.
+//! Without dropout the adapters of projections that share an input run their
+//! A-side products stacked (`[A_q; A_k; A_v]`, `[A_gate; A_up]`: one `z` product
+//! and one input-gradient product per group, each an `[n, h]` pass, instead of one
+//! per adapter). With
 //! dropout the A-side products (`z`, `dA += dzᵀ dropout(x)`, `dx += (dz A) ∘ mask`)
 //! are the fused kernels of `qtrain_device::ops::lora_dropout`, which draw the mask
 //! as they read `x` (nothing materialized); without it they are cuBLAS GEMMs.
@@ -54,7 +58,7 @@
 use crate::error::{EngineError, Result};
 use crate::layout::{
     weight_group_offsets, weight_group_shapes, WorkspaceLayout, WorkspaceShape, FP8_WEIGHTS,
-    OFFLOAD_RING,
+    OFFLOAD_RING, STACKED_ROWS,
 };
 use crate::lora::{DeviceLora, PairSlot};
 use crate::weights::{FrozenWeights, Group};
@@ -183,6 +187,8 @@ struct Workspace<T: Float> {
     z: DBuf<T>,
     z_per_layer: bool,
     dz: DBuf<T>,
+    /// Every layer's stacked `A`s of q/k/v and gate/up (see [`Ctx::stacked`]).
+    lora_a_stacks: DBuf<T>,
     ids: DBuf<u32>,
     rope_cos: DBuf<f32>,
     rope_sin: DBuf<f32>,
@@ -383,6 +389,7 @@ impl<T: Float> Workspace<T> {
             z: kept_or!("z_outputs", "z"),
             z_per_layer: has("z_outputs"),
             dz: buf!("dz"),
+            lora_a_stacks: buf!("lora_a_stacks"),
             ids: buf!("ids"),
             rope_cos: buf!("rope_cos"),
             rope_sin: buf!("rope_sin"),
@@ -627,6 +634,7 @@ impl<T: Float> Engine<T> {
             dropout_key: self.dropout_key,
         };
         let train = grad_scale.is_some();
+        ctx.fill_a_stacks()?;
         {
             let _r = self.dev.region("[pass] forward");
             ctx.forward(train)?;
@@ -724,6 +732,19 @@ fn upload_batch<T: Float>(
 }
 
 /// Everything one pass reads.
+/// A group of adapters that run as one product over their shared input
+/// ([`Ctx::stacked`]).
+struct Stacked<'a, T: Float> {
+    /// The group's projections in stacking order (adapted or not).
+    group: &'static [Proj],
+    /// How many of them carry an adapter in this layer.
+    count: usize,
+    /// The asked projection's place among the adapted ones.
+    index: usize,
+    /// `[A_p; …]`: `[count·r, h]`.
+    a: Mat<'a, T>,
+}
+
 struct Ctx<'a, T: Float> {
     dev: &'a Dev,
     cfg: &'a ModelConfig,
@@ -994,10 +1015,83 @@ impl<'a, T: Float> Ctx<'a, T> {
     /// chunks use a sub-range; the attention projections all `n` rows): the layer's
     /// own slot when every layer's is kept, else the one layer's buffer.
     fn z(&self, l: usize, p: Proj, row0: usize, rows: usize) -> Mat<'a, T> {
+        let r = self.lora.layout.rank;
+        match self.stacked(l, p) {
+            Some(st) => self.z_group(l, &st, row0, rows).col_block(st.index * r, r),
+            None => self.z_at(l, p.index(), 1, row0, rows),
+        }
+    }
+
+    /// The `[rows, g·r]` block of `z` (ld `g·r`) that starts at projection slot
+    /// `first` of layer `l`'s `P·n·r` elements: one projection's (`g` = 1) or a
+    /// stacked group's, over the slots of its members.
+    fn z_at(&self, l: usize, first: usize, g: usize, row0: usize, rows: usize) -> Mat<'a, T> {
         let (n, r) = (self.dims.n, self.lora.layout.rank);
         let slot = if self.ws.z_per_layer { l } else { 0 };
-        let at = (slot * PROJECTIONS.len() + p.index()) * n * r;
-        self.ws.z.view(at + row0 * r, rows * r).mat(rows, r, r)
+        let at = (slot * PROJECTIONS.len() + first) * n * r + row0 * g * r;
+        self.ws.z.view(at, rows * g * r).mat(rows, g * r, g * r)
+    }
+
+    /// The `z` of a stacked group's adapters side by side.
+    fn z_group(&self, l: usize, st: &Stacked<'a, T>, row0: usize, rows: usize) -> Mat<'a, T> {
+        self.z_at(l, st.group[0].index(), st.count, row0, rows)
+    }
+
+    /// The stacked group of `p` in layer `l`, when its adapters run as one: q/k/v
+    /// share the input norm's output, gate/up the post-attention norm's, so with
+    /// two or more of a group adapted and no dropout mask (each projection draws
+    /// its own), `[z_p …] = x [A_p; …]ᵀ` reads `x` once instead of once per adapter
+    /// and `dx += [dz_p …] [A_p; …]` updates `dx` once (`x` is `[n, h]`, each
+    /// `z_p` only `[n, r]`: the products are bound by those reads).
+    fn stacked(&self, l: usize, p: Proj) -> Option<Stacked<'a, T>> {
+        const QKV: &[Proj] = &[Proj::Q, Proj::K, Proj::V];
+        const GATE_UP: &[Proj] = &[Proj::Gate, Proj::Up];
+        if self.dropout_key.is_some() {
+            return None;
+        }
+        let (group, row_base) = match p {
+            Proj::Q | Proj::K | Proj::V => (QKV, 0),
+            Proj::Gate | Proj::Up => (GATE_UP, QKV.len()),
+            Proj::O | Proj::Down => return None,
+        };
+        let adapted = |q: &&Proj| self.slot(l, **q).is_some();
+        let count = group.iter().filter(adapted).count();
+        if count < 2 || self.slot(l, p).is_none() {
+            return None;
+        }
+        let index = group
+            .iter()
+            .take_while(|&&q| q != p)
+            .filter(adapted)
+            .count();
+        let (r, h) = (self.lora.layout.rank, self.dims.h);
+        let at = (l * STACKED_ROWS + row_base) * r * h;
+        Some(Stacked {
+            group,
+            count,
+            index,
+            a: self
+                .ws
+                .lora_a_stacks
+                .view(at, count * r * h)
+                .mat(count * r, h, h),
+        })
+    }
+
+    /// Copies each layer's adapted `A`s of a group into its stack (after the
+    /// compute copy's refresh; nothing without a stacked group).
+    fn fill_a_stacks(&self) -> Result<()> {
+        let r = self.lora.layout.rank;
+        for l in 0..self.cfg.num_hidden_layers {
+            for p in PROJECTIONS {
+                if let (Some(st), Some(s)) = (self.stacked(l, p), self.slot(l, p)) {
+                    debug_assert_eq!(s.in_features, self.dims.h);
+                    let dst = st.a.row_block(st.index * r, r);
+                    self.dev.copy(self.lora.a(s).v, dst.v)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The hash base of projection `p`'s dropout mask in layer `l` (one mask per
@@ -1094,6 +1188,82 @@ impl<'a, T: Float> Ctx<'a, T> {
         Ok(())
     }
 
+    /// LoRA forward of projections sharing the input `x` (q/k/v, or gate/up), each
+    /// with its output: one stacked `z` product where [`Self::stacked`] allows,
+    /// else each adapter's own.
+    fn lora_fwd_shared(
+        &self,
+        l: usize,
+        x: Mat<'a, T>,
+        outs: &[(Proj, Mat<'a, T>)],
+        row0: usize,
+    ) -> Result<()> {
+        let Some(st) = outs.iter().find_map(|&(p, _)| self.stacked(l, p)) else {
+            for &(p, y) in outs {
+                self.lora_fwd(l, p, x, Some(y), row0)?;
+            }
+            return Ok(());
+        };
+        let _r = self.dev.region("LoRA forward");
+        let z = self.z_group(l, &st, row0, x.rows);
+        gemm(self.dev, x, Op::N, st.a, Op::T, z, 1.0, 0.0)?;
+        for &(p, y) in outs {
+            if let Some(s) = self.slot(l, p) {
+                let z = self.z(l, p, row0, x.rows);
+                gemm(
+                    self.dev,
+                    z,
+                    Op::N,
+                    self.lora.b(s),
+                    Op::T,
+                    y,
+                    self.lora.layout.scale,
+                    1.0,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// LoRA backward of projections sharing the input `x`, each with its output's
+    /// gradient: `dA`, `dB` per adapter, and the input gradient into `dx` (when
+    /// given) as one product over the stacked group where [`Self::stacked`] allows.
+    fn lora_bwd_shared(
+        &self,
+        l: usize,
+        x: Mat<'a, T>,
+        dys: &[(Proj, Mat<'a, T>)],
+        dx: Option<Mat<'a, T>>,
+        row0: usize,
+    ) -> Result<()> {
+        let Some(st) = dys.iter().find_map(|&(p, _)| self.stacked(l, p)) else {
+            for &(p, dy) in dys {
+                self.lora_bwd(l, p, x, dy, dx, row0)?;
+            }
+            return Ok(());
+        };
+        let _r = self.dev.region("LoRA backward");
+        let (sc, r, rows) = (self.lora.layout.scale, self.lora.layout.rank, x.rows);
+        let g = st.count * r;
+        let dz_all = self.ws.dz.view(0, rows * g).mat(rows, g, g);
+        for &(p, dy) in dys {
+            let (Some(s), Some(sp)) = (self.slot(l, p), self.stacked(l, p)) else {
+                continue;
+            };
+            let z = self.z(l, p, row0, rows);
+            let dz = dz_all.col_block(sp.index * r, r);
+            // dB += s dyᵀ z ; dz = s dy B ; dA += dzᵀ x
+            gemm(self.dev, dy, Op::T, z, Op::N, self.lora.grad_b(s), sc, 1.0)?;
+            gemm(self.dev, dy, Op::N, self.lora.b(s), Op::N, dz, sc, 0.0)?;
+            gemm(self.dev, dz, Op::T, x, Op::N, self.lora.grad_a(s), 1.0, 1.0)?;
+        }
+        if let Some(dx) = dx {
+            // dx += [dz_p …] [A_p; …]: one pass over dx for the group.
+            gemm(self.dev, dz_all, Op::N, st.a, Op::N, dx, 1.0, 1.0)?;
+        }
+        Ok(())
+    }
+
     /// Where attention reads q and k (after RoPE), and the `[q | k]` block that
     /// holds both: in `qkv` itself, or with q/k norms in `qk_normed` (`qkv` then
     /// keeps the norms' inputs for the backward).
@@ -1172,9 +1342,7 @@ impl<'a, T: Float> Ctx<'a, T> {
             }
             self.bias(l, Group::Qkv, qkv)?;
             let (q, k, v) = self.qkv_blocks(qkv);
-            self.lora_fwd(l, Proj::Q, h1, Some(q), 0)?;
-            self.lora_fwd(l, Proj::K, h1, Some(k), 0)?;
-            self.lora_fwd(l, Proj::V, h1, Some(v), 0)?;
+            self.lora_fwd_shared(l, h1, &[(Proj::Q, q), (Proj::K, k), (Proj::V, v)], 0)?;
             let (qa, ka, qk) = self.attn_qk(l);
             if let Some((qn, kn, q_inv, k_inv)) = self.qk_norm(l) {
                 // Qwen 3: each head of q and of k normalized over head_dim, then
@@ -1245,8 +1413,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         // Kept: the output already holds the LoRA term and `z` is kept with it.
         debug_assert!(wgu.is_some() || self.ws.z_per_layer);
         if wgu.is_some() {
-            self.lora_fwd(l, Proj::Gate, h2c, Some(g), c0)?;
-            self.lora_fwd(l, Proj::Up, h2c, Some(u), c0)?;
+            self.lora_fwd_shared(l, h2c, &[(Proj::Gate, g), (Proj::Up, u)], c0)?;
         }
         let m = mat(&self.ws.m, cn, d.inter);
         if wgu.is_some() || self.slot(l, Proj::Down).is_some() {
@@ -1414,8 +1581,7 @@ impl<'a, T: Float> Ctx<'a, T> {
                 self.base_dx(l, gu, Group::GateUp, wgu, dh_c)?;
             }
             let h2c = h2.row_block(c0, cn);
-            self.lora_bwd(l, Proj::Gate, h2c, g, Some(dh_c), c0)?;
-            self.lora_bwd(l, Proj::Up, h2c, u, Some(dh_c), c0)?;
+            self.lora_bwd_shared(l, h2c, &[(Proj::Gate, g), (Proj::Up, u)], Some(dh_c), c0)?;
             let _r = self.dev.region("RMSNorm backward");
             rmsnorm_bwd(
                 self.dev,
@@ -1490,9 +1656,13 @@ impl<'a, T: Float> Ctx<'a, T> {
             self.base_dx(l, dqkv, Group::Qkv, wqkv, dh)?;
         }
         let dxo = need_dx.then_some(dh);
-        self.lora_bwd(l, Proj::Q, h1, dq, dxo, 0)?;
-        self.lora_bwd(l, Proj::K, h1, dk, dxo, 0)?;
-        self.lora_bwd(l, Proj::V, h1, dv, dxo, 0)?;
+        self.lora_bwd_shared(
+            l,
+            h1,
+            &[(Proj::Q, dq), (Proj::K, dk), (Proj::V, dv)],
+            dxo,
+            0,
+        )?;
         if need_dx {
             let _r = self.dev.region("RMSNorm backward");
             rmsnorm_bwd(

@@ -88,6 +88,41 @@ fn matches_reference_with_gqa_packing_and_all_targets() {
     );
 }
 
+/// Without dropout the adapters of q/k/v and of gate/up run as stacked groups (one
+/// `z` product over the shared input, one input-gradient product): a group that
+/// skips a member (q and v, no k), a member alone (up), every target, with both
+/// halves kept or recomputed and the MLP in chunks, all match the reference.
+#[test]
+fn stacked_adapter_groups_match_the_reference() {
+    let cfg = small_config(61, None);
+    let (base, _) = random_base(&cfg, 8, DType::F32);
+    for targets in [
+        vec![Proj::Q, Proj::V, Proj::Up, Proj::Down],
+        PROJECTIONS.to_vec(),
+    ] {
+        let lc = LoraConfig {
+            targets,
+            ..all_targets_config(0.0)
+        };
+        let lora = random_lora(&cfg, &lc, 9, DType::F32);
+        for kept in [false, true] {
+            let opts = EngineOptions {
+                mlp_chunk: 10,
+                save_attention_residual: kept,
+                save_mlp_activations: kept,
+                ..EngineOptions::default()
+            };
+            compare(
+                &base,
+                &lora,
+                &[packed_batch(61, 12, 3), random_rows(61, 2, 12, 4)],
+                opts,
+                2e-5,
+            );
+        }
+    }
+}
+
 #[test]
 fn matches_reference_with_sliding_window_and_dropout() {
     let cfg = small_config(61, Some(4));
