@@ -14,7 +14,8 @@
 #    if --peers names unsloth, each on every case and target set;
 # 4. prints one table (scripts/bench_compare_table.py): every tool's tokens/s and peak
 #    memory per case and target set, and qtrain's ratios against the FASTEST peer and
-#    the LOWEST-memory peer of each case (nvidia-smi is sampled every 100 ms meanwhile).
+#    the LOWEST-memory peer of each case (nvidia-smi is sampled every 100 ms meanwhile:
+#    memory, and the SM clock, power and power-limit share each tool ran at).
 # qtrain runs first (it is the quickest), Unsloth last (the slowest to start). A peer
 # that fails to import, errors or runs out of memory is recorded as such (its JSON
 # lines say so) and the others go on. Killed by SIGTERM/SIGINT (wrap it in
@@ -112,7 +113,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv
 
 SMI=""
 smi_start() {  # $1: tag
-  nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/smi-$1.csv" &
+  # memory for the peaks; utilization, SM clock, power and the clock-limit reasons so
+  # the table shows each tool's clock under the power cap (docs/perf.md v12)
+  nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu,clocks.sm,power.draw,clocks_event_reasons.active \
+    --format=csv,noheader,nounits -lms 100 > "$OUT/smi-$1.csv" &
   SMI=$!
 }
 smi_stop() {

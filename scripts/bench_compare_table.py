@@ -12,7 +12,9 @@ the results of two device commands, merge into one table):
 - peer*.jsonl: the peers' JSON lines (each carries t_start/t_end and `peer`, e.g.
   hf-autocast, hf-liger, hf-plain, unsloth; lines of the older peer_qlora.py,
   without `peer`, count as hf-autocast or hf-plain by their `autocast` field);
-- smi-*.csv: nvidia-smi samples `timestamp, memory.used [MiB]` taken during the runs;
+- smi-*.csv: nvidia-smi samples taken during the runs, `timestamp, memory.used [MiB]`
+  or (bench-compare.sh since v12) `timestamp, memory.used, utilization.gpu, clocks.sm,
+  power.draw, clocks_event_reasons.active`;
 - durations.tsv: how long each phase of bench-compare.sh took (printed as is).
 Lines that are not JSON objects are skipped, so every tool may log freely.
 
@@ -23,7 +25,11 @@ memory against the peer with the LOWEST peak. Peak memory for the ratios is the
 whole device's memory in use, which is what qtrain reports
 (`peak_device_mem_used_mib`, total - free); for a peer it is nvidia-smi's peak inside
 the case's time window, or torch's max_memory_reserved where no sample fell in it
-(marked `r`). torch's allocated/reserved figures are listed too.
+(marked `r`). torch's allocated/reserved figures are listed too. Where the samples
+carry clocks, each tool's case lists the mean SM clock and power over the samples with
+the GPU busy (utilization >= 50%) and the share of them limited by power (the SW power
+cap or the HW power brake): a long training step on an H100/H200 runs at its power
+limit, and the clock it gets there is part of the comparison.
 Writes PREFIX.json (every row) and PREFIX.md (the ratio table in Markdown, for
 docs/perf.md); PREFIX defaults to OUT_DIR/compare.
 """
@@ -103,8 +109,15 @@ def qtrain_variant(path):
     return variant if sep and variant else stem
 
 
+# clocks_event_reasons bits that mean "limited by power": SW power cap, HW power brake.
+POWER_LIMITED = 0x4 | 0x80
+
+
 def read_smi(paths):
-    """[(unix time, MiB)] from nvidia-smi csv files (timestamp, memory.used)."""
+    """[(unix time, MiB, clocks)] from nvidia-smi csv files: `timestamp, memory.used`, or
+    `timestamp, memory.used, utilization.gpu, clocks.sm, power.draw,
+    clocks_event_reasons.active`, where clocks is (utilization %, SM MHz, W, power
+    limited) and None for the two-column form or an unreadable field ([N/A])."""
     samples = []
     for p in paths:
         for line in read_lines(p):
@@ -112,12 +125,18 @@ def read_smi(paths):
             if len(parts) < 2:
                 continue
             try:
-                mib = float(parts[-1])
+                mib = float(parts[1])
                 t = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
             except ValueError:
                 continue
-            samples.append((t, mib))
-    samples.sort()
+            clocks = None
+            if len(parts) >= 6:
+                try:
+                    clocks = (float(parts[2]), float(parts[3]), float(parts[4]), bool(int(parts[5], 16) & POWER_LIMITED))
+                except ValueError:
+                    clocks = None
+            samples.append((t, mib, clocks))
+    samples.sort(key=lambda x: x[0])
     return samples
 
 
@@ -125,8 +144,24 @@ def smi_peak(samples, t0, t1):
     if t0 is None or t1 is None:
         return None
     # nvidia-smi samples every 100 ms: a little slack keeps short windows non-empty.
-    vals = [m for t, m in samples if t0 - 0.15 <= t <= t1 + 0.15]
+    vals = [m for t, m, _ in samples if t0 - 0.15 <= t <= t1 + 0.15]
     return max(vals) / 1024.0 if vals else None
+
+
+def smi_clocks(samples, t0, t1):
+    """{sm_mhz, power_w, power_limited} over the busy samples (utilization >= 50%) in
+    the window: means, and the share limited by power; {} without such samples."""
+    if t0 is None or t1 is None:
+        return {}
+    busy = [c for t, _, c in samples if c is not None and c[0] >= 50 and t0 - 0.15 <= t <= t1 + 0.15]
+    if not busy:
+        return {}
+    n = float(len(busy))
+    return {
+        "sm_mhz": sum(c[1] for c in busy) / n,
+        "power_w": sum(c[2] for c in busy) / n,
+        "power_limited": sum(c[3] for c in busy) / n,
+    }
 
 
 def num(v):
@@ -209,6 +244,7 @@ def collect(dirs):
                     "smi_gib": smi_peak(smi, t0, t1),
                     "loss_falls": loss_falls(rec),
                     "dir": d,
+                    **smi_clocks(smi, t0, t1),
                 }
         paths = sorted(set(glob.glob(os.path.join(d, "peer*.jsonl"))))
         for path in paths:
@@ -246,6 +282,7 @@ def collect(dirs):
                     "loss_impl": rec.get("loss_impl"),
                     "model_load": rec.get("model_load"),
                     "dir": d,
+                    **(smi_clocks(smi, num(rec.get("t_start")), num(rec.get("t_end"))) if ok else {}),
                 }
         dpath = os.path.join(d, "durations.tsv")
         if os.path.exists(dpath):
@@ -298,6 +335,10 @@ def fmt(v, spec, width=0):
     return s.rjust(width) if width else s
 
 
+def share(v):
+    return f"{100.0 * v:.0f}%" if v is not None else "-"
+
+
 def ratio(v):
     return f"{v:.2f}x" if v is not None else "-"
 
@@ -323,7 +364,7 @@ def render_text(rows, order, envs, durations):
         )
     head = (
         f"{'targets':<8} {'case':<8} {'tool':<16} {'tok/s':>8} {'step s':>7} {'peak GiB':>9} "
-        f"{'alloc':>6} {'resv':>6} {'smi':>6}  status"
+        f"{'alloc':>6} {'resv':>6} {'smi':>6} {'MHz':>5} {'W':>4} {'plim':>4}  status"
     )
     out += [head, "-" * len(head)]
     everyone = tool_order({n for k in order for n in rows[k]["tools"]})
@@ -337,7 +378,9 @@ def render_text(rows, order, envs, durations):
                 f"{r['targets'] if first else '':<8} {r['case'] if first else '':<8} {name:<16} "
                 f"{fmt(e.get('tokens_per_s'), '.0f', 8)} {fmt(e.get('step_s'), '.3f', 7)} "
                 f"{fmt(e.get('peak_gib'), '.2f', 8)}{mark} {fmt(e.get('allocated_gib'), '.2f', 6)} "
-                f"{fmt(e.get('reserved_gib'), '.2f', 6)} {fmt(e.get('smi_gib'), '.2f', 6)}  {status_text(e)}"
+                f"{fmt(e.get('reserved_gib'), '.2f', 6)} {fmt(e.get('smi_gib'), '.2f', 6)} "
+                f"{fmt(e.get('sm_mhz'), '.0f', 5)} {fmt(e.get('power_w'), '.0f', 4)} "
+                f"{share(e.get('power_limited')):>4}  {status_text(e)}"
             )
             first = False
     out.append("")
@@ -360,7 +403,9 @@ def render_text(rows, order, envs, durations):
         "speed = qtrain tok/s / fastest peer's; memory = qtrain peak / lowest peer peak (below 1 = less memory). "
         "Peak GiB: whole-device memory in use (qtrain's own figure; peers: nvidia-smi in the case window, "
         "r = torch max_memory_reserved where no sample fell in it); alloc/resv: torch's allocator; "
-        "smi: nvidia-smi peak in the case window (qtrain's first window includes its model load)."
+        "smi: nvidia-smi peak in the case window (qtrain's first window includes its model load); "
+        "MHz, W: mean SM clock and power draw over the window's busy samples, plim: the share of them "
+        "limited by power (SW power cap or HW power brake)."
     )
     if durations:
         out.append("")

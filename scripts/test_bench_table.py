@@ -228,7 +228,7 @@ class TableTests(unittest.TestCase):
         self.assertAlmostEqual(r["tools"]["qtrain"]["speed_ratio"], 17000 / 12000)
         text = bct.render_text(rows, order, envs, [])
         # unsloth has no 1x8192 line in either directory
-        self.assertRegex(text, r"unsloth +- +- +- +- +- +-  NO RESULT")
+        self.assertRegex(text, r"unsloth +- +- +- +- +- +- +- +- +-  NO RESULT")
 
     def test_old_peer_lines_and_variants(self):
         d = os.path.join(self.tmp, "old")
@@ -245,6 +245,42 @@ class TableTests(unittest.TestCase):
         self.assertEqual(sorted(r["tools"]), ["hf-plain", "qtrain", "qtrain-lowmem"])
         self.assertAlmostEqual(r["tools"]["qtrain-lowmem"]["speed_ratio"], 13690 / 5600)
         self.assertAlmostEqual(r["tools"]["qtrain-lowmem"]["memory_ratio"], (7270 / 1024) / 10.1)
+
+    def test_clocks_and_power_per_tool(self):
+        # Six-column samples (bench-compare.sh since v12): qtrain's 8x512 window holds
+        # two busy samples at the power cap and one idle sample (ignored); hf-autocast's
+        # 8x512 window one busy sample without a limit and one with the HW power brake.
+        d = os.path.join(self.tmp, "clk")
+        self.make_run(d)
+        t = 1_700_000_000.0
+
+        def line(ts, mib, util, mhz, watts, reasons):
+            return smi_line(ts, mib).rstrip("\n") + f", {util}, {mhz}, {watts}, {reasons}\n"
+
+        self.write(d, "smi-qtrain-qkvo.csv", [
+            line(t + 5, 1000, 0, 345, 80.0, "0x0000000000000001"),
+            line(t + 10, 15000, 100, 1600, 690.0, "0x0000000000000004"),
+            line(t + 11, 15000, 98, 1500, 700.0, "0x0000000000000004"),
+        ])
+        self.write(d, "smi-peer-hf.csv", [
+            line(t + 101, 9728, 100, 1980, 500.0, "0x0000000000000000"),
+            line(t + 102, 9728, 100, 1700, 650.0, "0x0000000000000080"),
+        ])
+        rows, order, envs, durations = bct.collect([d])
+        q = rows[("qkvo", "8x512")]["tools"]["qtrain"]
+        self.assertAlmostEqual(q["sm_mhz"], 1550.0)
+        self.assertAlmostEqual(q["power_w"], 695.0)
+        self.assertAlmostEqual(q["power_limited"], 1.0)
+        self.assertAlmostEqual(q["smi_gib"], 15000 / 1024)
+        h = rows[("qkvo", "8x512")]["tools"]["hf-autocast"]
+        self.assertAlmostEqual(h["sm_mhz"], 1840.0)
+        self.assertAlmostEqual(h["power_limited"], 0.5)
+        self.assertAlmostEqual(h["peak_gib"], 9.5)
+        # no samples in qtrain's 1x8192 window: no clock figures
+        self.assertNotIn("sm_mhz", rows[("qkvo", "1x8192")]["tools"]["qtrain"])
+        text = bct.render_text(rows, order, envs, durations)
+        self.assertRegex(text, r"qtrain +17000 .* 1550  695 100%  ok")
+        self.assertRegex(text, r"hf-autocast +7500 .* 1840  575  50%  ok")
 
     def test_main_writes_json_and_markdown(self):
         d = os.path.join(self.tmp, "run")
