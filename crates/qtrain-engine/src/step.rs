@@ -1131,17 +1131,29 @@ impl<'a, T: Float> Ctx<'a, T> {
             None => gemm(self.dev, x, Op::N, a, Op::T, z, 1.0, 0.0)?,
         }
         if let Some(y) = y {
-            gemm(
-                self.dev,
-                z,
-                Op::N,
-                self.lora.b(s),
-                Op::T,
-                y,
-                self.lora.layout.scale,
-                1.0,
-            )?;
+            self.lora_b_fwd(s, z, y)?;
         }
+        Ok(())
+    }
+
+    /// The B side of an adapter's forward: `y += s z Bᵀ`.
+    fn lora_b_fwd(&self, s: &PairSlot, z: Mat<'a, T>, y: Mat<'a, T>) -> Result<()> {
+        let b = self.lora.b(s);
+        gemm(self.dev, z, Op::N, b, Op::T, y, self.lora.layout.scale, 1.0)?;
+        Ok(())
+    }
+
+    /// The B side of an adapter's backward: `dB += s dyᵀ z` and `dz = s dy B`.
+    fn lora_b_bwd(
+        &self,
+        s: &PairSlot,
+        dy: Mat<'a, T>,
+        z: Mat<'a, T>,
+        dz: Mat<'a, T>,
+    ) -> Result<()> {
+        let sc = self.lora.layout.scale;
+        gemm(self.dev, dy, Op::T, z, Op::N, self.lora.grad_b(s), sc, 1.0)?;
+        gemm(self.dev, dy, Op::N, self.lora.b(s), Op::N, dz, sc, 0.0)?;
         Ok(())
     }
 
@@ -1160,13 +1172,10 @@ impl<'a, T: Float> Ctx<'a, T> {
             return Ok(());
         };
         let _r = self.dev.region("LoRA backward");
-        let sc = self.lora.layout.scale;
         let r = self.lora.layout.rank;
         let z = self.z(l, p, row0, x.rows);
         let dz = self.ws.dz.view(0, x.rows * r).mat(x.rows, r, r);
-        // dB += s dyᵀ z ; dz = s dy B
-        gemm(self.dev, dy, Op::T, z, Op::N, self.lora.grad_b(s), sc, 1.0)?;
-        gemm(self.dev, dy, Op::N, self.lora.b(s), Op::N, dz, sc, 0.0)?;
+        self.lora_b_bwd(s, dy, z, dz)?;
         let (a, grad_a) = (self.lora.a(s), self.lora.grad_a(s));
         let prob = self.lora.layout.dropout;
         match self.dropout_base(l, p) {
@@ -1209,17 +1218,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         gemm(self.dev, x, Op::N, st.a, Op::T, z, 1.0, 0.0)?;
         for &(p, y) in outs {
             if let Some(s) = self.slot(l, p) {
-                let z = self.z(l, p, row0, x.rows);
-                gemm(
-                    self.dev,
-                    z,
-                    Op::N,
-                    self.lora.b(s),
-                    Op::T,
-                    y,
-                    self.lora.layout.scale,
-                    1.0,
-                )?;
+                self.lora_b_fwd(s, self.z(l, p, row0, x.rows), y)?;
             }
         }
         Ok(())
@@ -1243,7 +1242,7 @@ impl<'a, T: Float> Ctx<'a, T> {
             return Ok(());
         };
         let _r = self.dev.region("LoRA backward");
-        let (sc, r, rows) = (self.lora.layout.scale, self.lora.layout.rank, x.rows);
+        let (r, rows) = (self.lora.layout.rank, x.rows);
         let g = st.count * r;
         let dz_all = self.ws.dz.view(0, rows * g).mat(rows, g, g);
         for &(p, dy) in dys {
@@ -1252,9 +1251,8 @@ impl<'a, T: Float> Ctx<'a, T> {
             };
             let z = self.z(l, p, row0, rows);
             let dz = dz_all.col_block(sp.index * r, r);
-            // dB += s dyᵀ z ; dz = s dy B ; dA += dzᵀ x
-            gemm(self.dev, dy, Op::T, z, Op::N, self.lora.grad_b(s), sc, 1.0)?;
-            gemm(self.dev, dy, Op::N, self.lora.b(s), Op::N, dz, sc, 0.0)?;
+            self.lora_b_bwd(s, dy, z, dz)?;
+            // dA += dzᵀ x
             gemm(self.dev, dz, Op::T, x, Op::N, self.lora.grad_a(s), 1.0, 1.0)?;
         }
         if let Some(dx) = dx {
