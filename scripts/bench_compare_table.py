@@ -140,20 +140,23 @@ def read_smi(paths):
     return samples
 
 
-def smi_peak(samples, t0, t1):
+def in_window(samples, t0, t1):
+    """The samples of the window t0..t1 (none without both ends)."""
     if t0 is None or t1 is None:
-        return None
+        return []
     # nvidia-smi samples every 100 ms: a little slack keeps short windows non-empty.
-    vals = [m for t, m, _ in samples if t0 - 0.15 <= t <= t1 + 0.15]
+    return [s for s in samples if t0 - 0.15 <= s[0] <= t1 + 0.15]
+
+
+def smi_peak(samples, t0, t1):
+    vals = [m for _, m, _ in in_window(samples, t0, t1)]
     return max(vals) / 1024.0 if vals else None
 
 
 def smi_clocks(samples, t0, t1):
     """{sm_mhz, power_w, power_limited} over the busy samples (utilization >= 50%) in
     the window: means, and the share limited by power; {} without such samples."""
-    if t0 is None or t1 is None:
-        return {}
-    busy = [c for t, _, c in samples if c is not None and c[0] >= 50 and t0 - 0.15 <= t <= t1 + 0.15]
+    busy = [c for _, _, c in in_window(samples, t0, t1) if c is not None and c[0] >= 50]
     if not busy:
         return {}
     n = float(len(busy))

@@ -10,8 +10,11 @@
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:/usr/local/nvidia/lib64
 T0=$(date +%s)
-python3 -c "import lzma,sys;open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" .carry/qtrain.xz /tmp/qtrain
-chmod +x /tmp/qtrain
+unpack() {  # $1: an xz-compressed binary, $2: where it goes (executable)
+  python3 -c "import lzma,sys;open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$1" "$2"
+  chmod +x "$2"
+}
+unpack .carry/qtrain.xz /tmp/qtrain
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > /tmp/pip.log 2>&1 || tail -3 /tmp/pip.log
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
 mkdir -p /tmp/R

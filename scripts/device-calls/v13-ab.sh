@@ -2,8 +2,7 @@
 # (.carry/qtrain.xz: stacked q/k/v and gate/up adapter products), same machine,
 # alternating order over two rounds, q/k/v/o and all seven; one profiled v13 step.
 source "$(dirname "$0")/common.sh"
-python3 -c "import lzma,sys;open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" .carry/qtrain-v12.xz /tmp/qtrain-v12
-chmod +x /tmp/qtrain-v12
+unpack .carry/qtrain-v12.xz /tmp/qtrain-v12
 /tmp/qtrain init-random --preset mistral-7b-v0.3 --out /tmp/m7b > /tmp/R/init.log 2>&1
 bench() {  # $1 build, $2 targets, $3 cases, $4 tag
   local bin=/tmp/qtrain; [ "$1" = v12 ] && bin=/tmp/qtrain-v12

@@ -113,12 +113,18 @@ pub struct WorkspaceShape {
     pub attention_backward: AttnBackward,
 }
 
+/// Whether every layer's LoRA `z` is kept from the forward (`z_outputs`): whenever
+/// a half of the layer is kept, since the recomputation then no longer rebuilds `z`
+/// as a by-product of the projection it recomputes. The one rule for the layout
+/// and for `qtrain bench`'s count of the products the step runs.
+pub fn keeps_lora_z(save_attention_residual: bool, save_mlp_activations: bool) -> bool {
+    save_attention_residual || save_mlp_activations
+}
+
 impl WorkspaceShape {
-    /// Every layer's LoRA `z` is kept from the forward (`z_outputs`): whenever a half
-    /// of the layer is kept, since the recomputation then no longer rebuilds `z` as
-    /// a by-product of the projection it recomputes.
+    /// [`keeps_lora_z`] of this shape.
     pub fn keeps_lora_z(&self) -> bool {
-        self.save_attention_residual || self.save_mlp_activations
+        keeps_lora_z(self.save_attention_residual, self.save_mlp_activations)
     }
 
     /// Layer inputs on the device for `layers` layers: all of them, or the ring.

@@ -731,7 +731,6 @@ fn upload_batch<T: Float>(
     Ok(packed)
 }
 
-/// Everything one pass reads.
 /// A group of adapters that run as one product over their shared input
 /// ([`Ctx::stacked`]).
 struct Stacked<'a, T: Float> {
@@ -745,6 +744,7 @@ struct Stacked<'a, T: Float> {
     a: Mat<'a, T>,
 }
 
+/// Everything one pass reads.
 struct Ctx<'a, T: Float> {
     dev: &'a Dev,
     cfg: &'a ModelConfig,

@@ -433,7 +433,7 @@ pub fn executed_flops_per_token(
             // when no half is kept (then nothing keeps every layer's z)
             let again = if recomputed(p) {
                 rank * (inp + out)
-            } else if kept.attention_residuals || kept.mlp {
+            } else if qtrain_engine::keeps_lora_z(kept.attention_residuals, kept.mlp) {
                 0
             } else {
                 rank * inp

@@ -598,9 +598,10 @@ pub struct KeptActivations {
     /// What each layer's attention half leaves for the backward
     /// (`train.keep_attention_residuals`): q/k/v after RoPE (`L·n·qc` elements),
     /// the residual after attention (`L·n·h`) and the attention output with its
-    /// log-sum-exp (`L·n·heads·d` and `L·b·heads·seq` f32); the recomputation is
-    /// then only the input norm and the adapters' `z`: no q/k/v product, RoPE,
-    /// attention forward or o projection.
+    /// log-sum-exp (`L·n·heads·d` and `L·b·heads·seq` f32), and (with either
+    /// half kept) every layer's adapter products `z`; the recomputation is then
+    /// only the input norm: no q/k/v product, RoPE, attention forward or o
+    /// projection.
     pub attention_residuals: bool,
     /// Each layer's gate/up output (`train.keep_mlp_activations`): `L·n·2I`
     /// elements, saves the gate/up product, the costliest GEMM recomputed.

@@ -8,8 +8,9 @@
 // The hardware's approximate exp and divide (MUFU.EX2 and MUFU.RCP, a few ulp in
 // f32) in place of the IEEE expf and division, ~20 FP32 instructions per element
 // for a kernel that moves only 6 bytes per element (the v10 profile had the forward
-// at about half of HBM's rate in the step); the lost bits vanish in the bf16 output. For x < -88, __expf(-x) is inf and the quotient 0,
-// as the exact sigmoid rounds to.
+// at about half of HBM's rate in the step); the lost bits vanish in the bf16
+// output. For x < -88, __expf(-x) is inf and the quotient 0, as the exact sigmoid
+// rounds to.
 __device__ __forceinline__ float sigmoidf_(float x) {
   return __fdividef(1.0f, 1.0f + __expf(-x));
 }
