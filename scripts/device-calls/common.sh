@@ -6,7 +6,7 @@
 # SM clock, power and clock-limit reasons every 100 ms for the whole call (the power
 # cap is what bounds a long training step on an H100/H200: docs/perf.md v12). Results go
 # under /tmp/R and come back as one archive, $OUT/results.tgz (the device tool returns
-# at most 8 files).
+# at most 8 files), refreshed every 30 s while the call runs.
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:/usr/local/nvidia/lib64
 T0=$(date +%s)
@@ -21,9 +21,15 @@ mkdir -p /tmp/R
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu,utilization.gpu,clocks_event_reasons.active \
   --format=csv,noheader,nounits -lms 100 > /tmp/R/clocks.csv &
 CLK=$!
+# A snapshot of /tmp/R every 30 s, so that a call cut short by its time limit (or by the
+# session's device budget running out) still returns what it measured so far.
+( while sleep 30; do tar czf "$OUT/results.tgz.part" -C /tmp R 2>/dev/null && mv "$OUT/results.tgz.part" "$OUT/results.tgz"; done ) &
+SNAP=$!
 echo "setup $(( $(date +%s) - T0 )) s"
 finish() {
-  kill $CLK 2>/dev/null
+  pkill -P $SNAP 2>/dev/null; kill $CLK $SNAP 2>/dev/null
+  wait $SNAP 2>/dev/null
+  rm -f "$OUT/results.tgz.part"
   tar czf "$OUT/results.tgz" -C /tmp R
   echo "total $(( $(date +%s) - T0 )) s"
 }

@@ -59,9 +59,9 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         targets: TargetSet::Attention,
         batch: 8,
         seq: 512,
-        tokens_per_s: 18150.0,
+        tokens_per_s: 19335.0,
         mlp_kept: true,
-        source: "docs/perf.md v10 (the default build, 2026-12-06)",
+        source: "docs/perf.md v13 (same call as TRL + Liger and Unsloth, 2026-12-06)",
     },
     MeasuredThroughput {
         gpu: "h200",
@@ -69,9 +69,9 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         targets: TargetSet::Attention,
         batch: 4,
         seq: 2048,
-        tokens_per_s: 17387.0,
+        tokens_per_s: 18189.0,
         mlp_kept: true,
-        source: "docs/perf.md v10 (the default build, 2026-12-06)",
+        source: "docs/perf.md v13 (same call as TRL + Liger and Unsloth, 2026-12-06)",
     },
     MeasuredThroughput {
         gpu: "h200",
@@ -79,39 +79,59 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         targets: TargetSet::Attention,
         batch: 1,
         seq: 8192,
-        tokens_per_s: 13565.0,
+        tokens_per_s: 14067.0,
         mlp_kept: true,
-        source: "docs/perf.md v10 (the default build, 2026-12-06)",
+        source: "docs/perf.md v13 (same call as TRL + Liger and Unsloth, 2026-12-06)",
     },
     MeasuredThroughput {
-        gpu: "h100",
+        gpu: "h200",
+        engine: EngineKind::Fused,
+        targets: TargetSet::Attention,
+        batch: 1,
+        seq: 32768,
+        tokens_per_s: 7464.0,
+        mlp_kept: true,
+        source: "docs/perf.md v13 (same call as TRL + Liger and Unsloth, 2026-12-06)",
+    },
+    MeasuredThroughput {
+        gpu: "h200",
         engine: EngineKind::Fused,
         targets: TargetSet::All,
         batch: 8,
         seq: 512,
-        tokens_per_s: 16244.0,
+        tokens_per_s: 17573.0,
         mlp_kept: true,
-        source: "docs/perf.md v12 (same call as TRL + Liger, 2026-12-06)",
+        source: "docs/perf.md v13 (same call as TRL + Liger and Unsloth, 2026-12-06)",
     },
     MeasuredThroughput {
-        gpu: "h100",
+        gpu: "h200",
         engine: EngineKind::Fused,
         targets: TargetSet::All,
         batch: 4,
         seq: 2048,
-        tokens_per_s: 15628.0,
+        tokens_per_s: 16751.0,
         mlp_kept: true,
-        source: "docs/perf.md v12 (same call as TRL + Liger, 2026-12-06)",
+        source: "docs/perf.md v13 (same call as TRL + Liger and Unsloth, 2026-12-06)",
     },
     MeasuredThroughput {
-        gpu: "h100",
+        gpu: "h200",
         engine: EngineKind::Fused,
         targets: TargetSet::All,
         batch: 1,
         seq: 8192,
-        tokens_per_s: 12391.0,
+        tokens_per_s: 13223.0,
         mlp_kept: true,
-        source: "docs/perf.md v12 (same call as TRL + Liger, 2026-12-06)",
+        source: "docs/perf.md v13 (same call as TRL + Liger and Unsloth, 2026-12-06)",
+    },
+    MeasuredThroughput {
+        gpu: "h200",
+        engine: EngineKind::Fused,
+        targets: TargetSet::All,
+        batch: 1,
+        seq: 32768,
+        tokens_per_s: 7233.0,
+        mlp_kept: true,
+        source: "docs/perf.md v13 (same call as TRL + Liger and Unsloth, 2026-12-06)",
     },
     MeasuredThroughput {
         gpu: "h200",
@@ -368,19 +388,23 @@ mod tests {
         assert!(f.basis.contains("h200"), "{}", f.basis);
         // Keeping the gate/up outputs picks the measurement that kept them.
         let k = estimate(&m7, &qkvo, EngineKind::Fused, 512, true, h100);
-        let want = 18150.0 * h100.tensor_tflops / h200.tensor_tflops;
+        let want = 19335.0 * h100.tensor_tflops / h200.tensor_tflops;
         assert!((k.tokens_per_s - want).abs() < 1e-6, "{k:?}");
         assert!(
-            k.basis.contains("gate/up kept") && k.basis.contains("v10"),
+            k.basis.contains("gate/up kept") && k.basis.contains("v13"),
             "{}",
             k.basis
         );
-        // No kept measurement at 32k: the nearest kept one, scaled by FLOPs per token.
-        let long = estimate(&m7, &qkvo, EngineKind::Fused, 32768, true, h100);
+        // Between two measured lengths: the nearest one, scaled by FLOPs per token.
+        let long = estimate(&m7, &qkvo, EngineKind::Fused, 24576, true, h100);
         assert!(
-            long.basis.contains("1x8192") && long.basis.contains("scaled"),
+            long.basis.contains("1x32768") && long.basis.contains("scaled"),
             "{}",
             long.basis
+        );
+        assert!(
+            long.tokens_per_s > 7464.0 && long.tokens_per_s < 14067.0,
+            "{long:?}"
         );
         // Without a measurement of the engine the assumption is spelled out.
         let f = estimate_from(&[], &m7, &qkvo, EngineKind::Fused, 512, false, h100);
