@@ -23,13 +23,15 @@ nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,power.limit,tem
 CLK=$!
 # A snapshot of /tmp/R every 30 s, so that a call cut short by its time limit (or by the
 # session's device budget running out) still returns what it measured so far.
-( while sleep 30; do tar czf "$OUT/results.tgz.part" -C /tmp R 2>/dev/null && mv "$OUT/results.tgz.part" "$OUT/results.tgz"; done ) &
+pack() {  # /tmp/R into $OUT/results.tgz, replaced whole (never a half-written archive)
+  tar czf "$OUT/results.tgz.part" -C /tmp R && mv "$OUT/results.tgz.part" "$OUT/results.tgz"
+}
+( while sleep 30; do pack 2>/dev/null; done ) &
 SNAP=$!
 echo "setup $(( $(date +%s) - T0 )) s"
 finish() {
   pkill -P $SNAP 2>/dev/null; kill $CLK $SNAP 2>/dev/null
   wait $SNAP 2>/dev/null
-  rm -f "$OUT/results.tgz.part"
-  tar czf "$OUT/results.tgz" -C /tmp R
+  pack
   echo "total $(( $(date +%s) - T0 )) s"
 }
