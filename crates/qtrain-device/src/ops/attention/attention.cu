@@ -231,6 +231,25 @@ template <int N> QT_DEV void wg_wait() {
 // cp.async writes shared memory through the generic proxy, wgmma reads it through the
 // async proxy: each writer fences before the barrier that precedes the reads.
 QT_DEV void fence_proxy_async() { QT_SM90A("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Bulk reduction shared -> global (the fused wgmma backward's dQ shares): the copy
+// engine adds `bytes` f32 from shared memory into global memory, asynchronously. The
+// threads that wrote the shared source fence.proxy.async before the barrier that
+// precedes the issue; the source may be overwritten once wait_group.read says so.
+QT_DEV void bulk_add_f32(float *dst, uint32_t src, uint32_t bytes) {
+  QT_SM90A("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+           "r"(src), "r"(bytes)
+           : "memory");
+}
+QT_DEV void bulk_commit() { QT_SM90A("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N> QT_DEV void bulk_wait_read() {
+  QT_SM90A("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+template <int N> QT_DEV void bulk_wait() {
+  QT_SM90A("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+QT_DEV void sts4f(float *p, float a, float b, float c, float d) {
+  *reinterpret_cast<float4 *>(p) = make_float4(a, b, c, d);
+}
 // Keeps the compiler from moving reads or writes of wgmma accumulators across the
 // asynchronous instructions (CUTLASS's warpgroup_fence_operand).
 template <int A, int B> QT_DEV void wg_fence_operands(float (&r)[A][B]) {
@@ -296,17 +315,17 @@ template <int N, class E> struct WgSs;
             "n"(TB));                                                                       \
     }                                                                                       \
   };
-// The same with A by descriptor too (K-major A).
+// The same with A by descriptor too (TA = 1: A stored MN-major, i.e. M contiguous).
 #define QT_WGMMA_SS64(E, T)                                                               \
   template <> struct WgSs<64, E> {                                                           \
-    template <int TB>                                                                       \
+    template <int TB, int TA = 0>                                                           \
     static QT_DEV void ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b,            \
                           int accumulate) {                                                 \
       asm volatile(                                                                         \
           "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                     \
           "wgmma.mma_async.sync.aligned.m64n64k16.f32." T "." T " "                         \
           "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "  \
-          "%32, %33, p, 1, 1, 0, %35;\n}\n"                                       \
+          "%32, %33, p, 1, 1, %36, %35;\n}\n"                                    \
           :       "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), \
       "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
       "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
@@ -315,7 +334,7 @@ template <int N, class E> struct WgSs;
       "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), \
       "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]) \
-          : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TB));                            \
+          : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TB), "n"(TA));                 \
     }                                                                                       \
   };
 QT_WGMMA_SS64(Bf16, "bf16")
@@ -348,15 +367,15 @@ template <int D> struct Sw {
   }
 };
 
-// The same [kBK][D] tile (D = 64 or 128) in wgmma's canonical 128-byte-swizzle layout
-// (PTX ISA "Shared Memory Matrix Layout"): 64-column blocks of kBK rows x 128 bytes, one
+// The same [ROWS][D] tile (D = 64 or 128) in wgmma's canonical 128-byte-swizzle layout
+// (PTX ISA "Shared Memory Matrix Layout"): 64-column blocks of ROWS rows x 128 bytes, one
 // after the other; within a block, row r, chunk c at r * 128 + 16 * (c ^ (r & 7)). The tile
 // must start on a 1024-byte boundary (the hardware swizzles address bits 4-6 with 7-9).
 // As B of S = Q K^T it is K-major (keys = n, head dim = k); as B of O = P V it is MN-major
 // (head dim = n, keys = k): one layout serves both.
-template <int D> struct WgSw {
+template <int D, int ROWS = kBK> struct WgSw {
   static_assert(D == 64 || D == 128, "wgmma tiles are 64-column blocks");
-  static constexpr uint32_t kBlock = kBK * 128;  // bytes of one 64-column block
+  static constexpr uint32_t kBlock = ROWS * 128;  // bytes of one 64-column block
   static QT_DEV uint32_t off(int r, int c) {
     return static_cast<uint32_t>((c >> 3) * kBlock + r * 128 + (((c & 7) ^ (r & 7)) << 4));
   }
@@ -430,11 +449,12 @@ QT_DEV bool visible(int i, int j, int seq, int window, bool has_seg, uint32_t si
 // The first key tile in [lo, hi] holding a key of the segment of query q0 (the query
 // tile's first): earlier tiles hold only earlier documents, invisible to every query of
 // the tile. Tile hi reaches q0, so it always qualifies.
+template <int BK = kBK>
 QT_DEV int first_key_tile(const uint32_t *sg, int q0, int lo, int hi, int seq) {
   const uint32_t s0 = gld(sg + q0);
   while (lo < hi) {
     const int mid = (lo + hi) / 2;
-    if (gld(sg + imin(mid * kBK + kBK - 1, seq - 1)) < s0) {
+    if (gld(sg + imin(mid * BK + BK - 1, seq - 1)) < s0) {
       lo = mid + 1;
     } else {
       hi = mid;
@@ -558,21 +578,21 @@ QT_DEV void wg_abt(float (&s)[N / 8][4], uint32_t x, uint32_t y) {
 }
 
 // acc[64 x D] += P(64 x KR, packed pairs p[n-tile][row half]: the accumulator layout of
-// S) * Y, Y = rows [0, KR) of the tile at `y` read MN-major: k-step kk is rows 16kk..
+// S) * Y, Y = rows [0, KR) of the ROWS-row tile at `y` read MN-major: k-step kk is rows 16kk..
 // (2048 bytes on), the next 64 columns one block (LBO) on, the next 8 rows 1024 (SBO).
-template <int D, int KR, class E>
+template <int D, int KR, class E, int ROWS = kBK>
 QT_DEV void wg_pb_issue(float (&acc)[D / 8][4], const uint32_t (&p)[KR / 8][2], uint32_t y) {
 #pragma unroll
   for (int kk = 0; kk < KR / 16; ++kk) {
     const uint32_t a[4] = {p[2 * kk][0], p[2 * kk][1], p[2 * kk + 1][0], p[2 * kk + 1][1]};
-    Wg<D, E>::template rs<1>(acc, a, wg_desc(y + kk * 2048, WgSw<D>::kBlock, 1024), 1);
+    Wg<D, E>::template rs<1>(acc, a, wg_desc(y + kk * 2048, WgSw<D, ROWS>::kBlock, 1024), 1);
   }
 }
-template <int D, int KR, class E>
+template <int D, int KR, class E, int ROWS = kBK>
 QT_DEV void wg_pb(float (&acc)[D / 8][4], const uint32_t (&p)[KR / 8][2], uint32_t y) {
   wg_fence_operands(acc);
   wg_fence();
-  wg_pb_issue<D, KR, E>(acc, p, y);
+  wg_pb_issue<D, KR, E, ROWS>(acc, p, y);
   wg_commit();
   wg_wait<0>();
   wg_fence_operands(acc);
@@ -617,22 +637,23 @@ QT_DEV void store_rows(const float (&acc)[D / 8][4], float mul0, float mul1, cha
 // accumulators have the mma.sync layout too (element i of a warp's m64nN share = n-tile
 // i / 4, entry i % 4). The dynamic shared memory is 1 KiB larger: the K/V tiles start on
 // a 1024-byte boundary, as the swizzle needs.
-template <int D, int W = 4, bool WG = false> struct FwdSmem {
-  static constexpr int kQ = 16 * W * D * 2, kTile = kBK * D * 2;
+template <int D, int W = 4, bool WG = false, int BK = kBK> struct FwdSmem {
+  static constexpr int kQ = 16 * W * D * 2, kTile = BK * D * 2;
   static constexpr int kK = kQ, kV = kK + 2 * kTile, kSeg = kV + 2 * kTile;
-  static constexpr int kBytes = kSeg + 2 * kBK * 4 + (WG ? kWgPad : 0);
+  static constexpr int kBytes = kSeg + 2 * BK * 4 + (WG ? kWgPad : 0);
   static_assert(!WG || (kK % 1024 == 0 && kTile % 1024 == 0), "wgmma tiles on 1 KiB");
 };
 
-template <int D, int W, class E, bool WG = false>
+template <int D, int W, class E, bool WG = false, int BK = kBK>
 QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__restrict__ k,
                 uint64_t ldk, const uint16_t *__restrict__ v, uint64_t ldv,
                 const uint32_t *__restrict__ seg, uint16_t *__restrict__ o, uint64_t ldo,
                 float *__restrict__ lse, int seq, int heads, int kv_heads, int window,
                 float scale) {
-  using L = FwdSmem<D, W, WG>;
-  using KvLay = typename Pick<WG, WgSw<D>, Sw<D>>::type;
-  constexpr int NT = kBK / 8, BQ = 16 * W, THREADS = 32 * W;
+  using L = FwdSmem<D, W, WG, BK>;
+  using KvLay = typename Pick<WG, WgSw<D, BK>, Sw<D>>::type;
+  constexpr int NT = BK / 8, BQ = 16 * W, THREADS = 32 * W;
+  static_assert(BK == kBK || WG, "128-key tiles only with wgmma");
   static_assert(!WG || W % 4 == 0, "wgmma needs whole warpgroups");
   // Q fragments stay in registers for small D; at D = 128 they would take 32 of the 255
   // registers and starve the ldmatrix -> mma pipelining, so they are re-read from shared
@@ -652,20 +673,20 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
   const int q_end = imin(q0 + BQ, seq);
   const int j_lo = window ? imax(0, q0 - window + 1) : 0;
   const uint32_t *sg = seg ? seg + tok0 : nullptr;
-  const int kt_hi = (q_end - 1) / kBK;
-  const int kt_lo = sg ? first_key_tile(sg, q0, j_lo / kBK, kt_hi, seq) : j_lo / kBK;
+  const int kt_hi = (q_end - 1) / BK;
+  const int kt_lo = sg ? first_key_tile<BK>(sg, q0, j_lo / BK, kt_hi, seq) : j_lo / BK;
   const uint16_t *kb = k + tok0 * ldk + static_cast<uint64_t>(kvh) * D;
   const uint16_t *vb = v + tok0 * ldv + static_cast<uint64_t>(kvh) * D;
 
   load_tile<D, BQ, THREADS>(sb, q + (tok0 + q0) * ldq + static_cast<uint64_t>(h) * D, ldq, q_end - q0);
   cp_commit();
   auto load_kv = [&](int kt, int st) {
-    const int j0 = kt * kBK, valid = imin(kBK, seq - j0);
-    load_tile<D, kBK, THREADS, KvLay>(sb + L::kK + st * L::kTile,
+    const int j0 = kt * BK, valid = imin(BK, seq - j0);
+    load_tile<D, BK, THREADS, KvLay>(sb + L::kK + st * L::kTile,
                                       kb + static_cast<uint64_t>(j0) * ldk, ldk, valid);
-    load_tile<D, kBK, THREADS, KvLay>(sb + L::kV + st * L::kTile,
+    load_tile<D, BK, THREADS, KvLay>(sb + L::kV + st * L::kTile,
                                       vb + static_cast<uint64_t>(j0) * ldv, ldv, valid);
-    if (sg) load_words<kBK>(sb + L::kSeg + st * kBK * 4, sg + j0, valid);
+    if (sg) load_words<BK>(sb + L::kSeg + st * BK * 4, sg + j0, valid);
     cp_commit();
   };
   load_kv(kt_hi, 0);
@@ -694,7 +715,7 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
     bar_sync();  // tile kt is visible to all; everyone is done with the other buffer
     if (kt > kt_lo) load_kv(kt - 1, st ^ 1);
     const uint32_t cK = sb + L::kK + st * L::kTile, cV = sb + L::kV + st * L::kTile;
-    const int j0 = kt * kBK;
+    const int j0 = kt * BK;
 
     float s[NT][4];
 #pragma unroll
@@ -706,8 +727,8 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
       wg_fence();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
-        Wg<kBK, E>::template rs<0>(
-            s, qf[kk], wg_desc(cK + WgSw<D>::kstep(kk), 16, 1024), kk);
+        Wg<BK, E>::template rs<0>(
+            s, qf[kk], wg_desc(cK + WgSw<D, BK>::kstep(kk), 16, 1024), kk);
       wg_commit();
       wg_wait<0>();
       wg_fence_operands(s);
@@ -717,10 +738,10 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
       mm_abt_smem<D, NT, E>(s, sb, warp * 16, cK, lane);
     }
 
-    const bool need = (j0 + kBK - 1 > q0) || (window && q0 + BQ - 1 - j0 >= window) ||
-                      (j0 + kBK > seq) || sg;
+    const bool need = (j0 + BK - 1 > q0) || (window && q0 + BQ - 1 - j0 >= window) ||
+                      (j0 + BK > seq) || sg;
     if (need) {
-      const uint32_t *ss = reinterpret_cast<const uint32_t *>(sm + L::kSeg + st * kBK * 4);
+      const uint32_t *ss = reinterpret_cast<const uint32_t *>(sm + L::kSeg + st * BK * 4);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -768,7 +789,7 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
       p[nt][1] = pack2<E>(p2, p3);
     }
     if constexpr (WG)
-      wg_pb<D, kBK, E>(acc, p, cV);
+      wg_pb<D, BK, E, BK>(acc, p, cV);
     else
       mm_pb<D, kBK / 16, E>(acc, p, cV, lane);
   }
@@ -1445,6 +1466,266 @@ QT_DEV void bwd_dq_store(const float *__restrict__ acc, uint16_t *__restrict__ d
   for (int i = 0; i < 4; ++i) w[i] = pack2<E>(gld(src + 2 * i) * scale, gld(src + 2 * i + 1) * scale);
   gst16(dq + tok * lddq + static_cast<uint64_t>(h) * D + part * 8, uint4{w[0], w[1], w[2], w[3]});
 }
+
+// ---------------------------------------------------------------------------------------
+// Fused backward for Hopper (sm_90a, D = 128; `fused-atomic` mode there): five products per
+// (key tile, query tile) pair instead of the split kernels' seven, with dQ summed by the
+// copy engine instead of by the warps (docs/perf.md v14; v8 measured what scalar atomics
+// in the warps' loop cost).
+//
+// One CTA of two warpgroups per (kv head, 128-key tile, batch row); warpgroup w owns keys
+// 64w..64w+63 of the tile and, as bwd_dkdv's WG path, accumulates their dK, dV in
+// registers over every query head of the group and every 64-query tile that sees them:
+// S^T = K_w Q^T, P^T; dV += P^T dO with dP^T = V_w dO^T; dS^T; dK += dS^T Q. Each
+// warpgroup also stores its dS^T into shared memory ([128 keys][64 queries], the
+// 128-byte swizzle), and after a barrier computes its half of the head-dim columns of
+// this step's dQ share, dS (64 queries x 128 keys, A read MN-major) times K (128 keys x
+// its 64 columns, read MN-major). The share goes to shared memory in register order
+// (conflict-free 16-byte stores; the global accumulator tile uses the same order,
+// bwd_dq_storewg undoes it) and one thread hands the 32 KiB to
+// cp.reduce.async.bulk .add.f32 at the next step's barrier: the add leaves the warps'
+// critical path. Two staging buffers, so a step writes one while the copy engine reads
+// the other. The order of the adds of a dQ element varies run to run (as with atomics).
+template <int D> struct FusedWgSmem {
+  static constexpr int kTile = kBK * D * 2;  // one 64-row 16-bit tile
+  // K and V: two 64-key tiles each (warpgroup w's keys in tile w); Q and dO: two stages.
+  static constexpr int kK = 0, kV = 2 * kTile, kQ = 4 * kTile, kO = 6 * kTile;
+  static constexpr int kDsHalf = kBK * kBQ * 2;  // dS^T of one warpgroup's 64 keys
+  static constexpr int kDs = 8 * kTile;
+  static constexpr int kAccBytes = kBQ * D * 4;  // one step's f32 dQ share
+  static constexpr int kAcc = kDs + 2 * kDsHalf;
+  static constexpr int kL = kAcc + 2 * kAccBytes, kDsum = kL + 2 * kBQ * 4;
+  static constexpr int kSq = kDsum + 2 * kBQ * 4;
+  static constexpr int kBytes = kSq + 2 * kBQ * 4 + kWgPad;
+};
+
+template <int D, class E>
+QT_DEV void bwd_fusedwg(const uint16_t *__restrict__ q, uint64_t ldq,
+                        const uint16_t *__restrict__ k, uint64_t ldk,
+                        const uint16_t *__restrict__ v, uint64_t ldv,
+                        const uint16_t *__restrict__ dout, uint64_t lddo,
+                        const float *__restrict__ lse, const float *__restrict__ dsum,
+                        const uint32_t *__restrict__ seg, uint16_t *__restrict__ dk,
+                        uint64_t lddk, uint16_t *__restrict__ dv, uint64_t lddv,
+                        float *__restrict__ dq_acc, int seq, int heads, int kv_heads,
+                        int window, float scale) {
+  static_assert(D == 128, "each warpgroup's dQ share is one 64-column block");
+  using L = FusedWgSmem<D>;
+  using Lay = WgSw<D>;
+  constexpr int NT = kBQ / 8;
+  constexpr int kT = 2 * kThreads;  // two warpgroups
+  constexpr int kKeys = 2 * kBK;
+  const int kvh = blockIdx.x, kt = blockIdx.y, b = blockIdx.z;
+  const int group = heads / kv_heads;
+  const int k0 = kt * kKeys;
+  const int tid = static_cast<int>(threadIdx.x), wg = tid >> 7, wl = tid & 127;
+  const int lane = tid & 31, warp = wl >> 5, g = lane >> 2, t = lane & 3;
+  const uint64_t tok0 = static_cast<uint64_t>(b) * seq;
+  const int qtiles = (seq + kBQ - 1) / kBQ;
+  char *sm = smem_ptr();
+  uint32_t sb = smem_addr(sm);
+  wg_align(sm, sb);  // tiles on 1 KiB (L::kBytes has the room)
+  const uint32_t *sg = seg ? seg + tok0 : nullptr;
+
+#pragma unroll
+  for (int w = 0; w < 2; ++w) {
+    const int r0 = k0 + w * kBK, valid = imin(kBK, seq - r0);
+    const uint64_t row = tok0 + (valid > 0 ? r0 : 0);
+    load_tile<D, kBK, kT, Lay>(sb + L::kK + w * L::kTile,
+                               k + row * ldk + static_cast<uint64_t>(kvh) * D, ldk, valid);
+    load_tile<D, kBK, kT, Lay>(sb + L::kV + w * L::kTile,
+                               v + row * ldv + static_cast<uint64_t>(kvh) * D, ldv, valid);
+  }
+  cp_commit();
+
+  // Queries that can see this key tile (as bwd_dkdv, for 128 keys).
+  const int i_hi = window ? imin(seq - 1, k0 + kKeys - 1 + window - 1) : seq - 1;
+  const int qt_lo = k0 / kBQ;
+  const int qt_hi = sg ? last_query_tile(sg, imin(k0 + kKeys - 1, seq - 1), qt_lo, i_hi / kBQ)
+                       : i_hi / kBQ;
+  const int nq = qt_hi - qt_lo + 1;
+  const int total = group * nq;
+  auto head_of = [&](int it) { return kvh * group + it / nq; };
+  auto q0_of = [&](int it) { return (qt_lo + it % nq) * kBQ; };
+  auto load_q = [&](int it, int st) {
+    const int h = head_of(it), q0 = q0_of(it);
+    const int valid = imin(kBQ, seq - q0);
+    load_tile<D, kBQ, kT, Lay>(sb + L::kQ + st * L::kTile,
+                               q + (tok0 + q0) * ldq + static_cast<uint64_t>(h) * D, ldq, valid);
+    load_tile<D, kBQ, kT, Lay>(sb + L::kO + st * L::kTile,
+                               dout + (tok0 + q0) * lddo + static_cast<uint64_t>(h) * D, lddo,
+                               valid);
+    const uint64_t srow = (static_cast<uint64_t>(b) * heads + h) * seq + q0;
+    load_words<kBQ>(sb + L::kL + st * kBQ * 4, lse + srow, valid);
+    load_words<kBQ>(sb + L::kDsum + st * kBQ * 4, dsum + srow, valid);
+    if (sg) load_words<kBQ>(sb + L::kSq + st * kBQ * 4, sg + q0, valid);
+    cp_commit();
+  };
+  // Step it's dQ share goes to its (batch row, head, query tile) tile of the accumulator.
+  auto reduce_step = [&](int it) {
+    const uint64_t tile =
+        (static_cast<uint64_t>(b) * heads + head_of(it)) * qtiles + q0_of(it) / kBQ;
+    bulk_add_f32(dq_acc + tile * (kBQ * D), sb + L::kAcc + (it & 1) * L::kAccBytes,
+                 L::kAccBytes);
+    bulk_commit();
+  };
+  load_q(0, 0);
+
+  const int kw = k0 + wg * kBK;  // this warpgroup's first key
+  const int j0r = kw + warp * 16 + g, j1r = j0r + 8;
+  const uint32_t sj0 = sg ? gld(sg + imin(j0r, seq - 1)) : 0;
+  const uint32_t sj1 = sg ? gld(sg + imin(j1r, seq - 1)) : 0;
+  const float sl2 = scale * kLog2e;
+  const uint32_t kTileW = sb + L::kK + wg * L::kTile, vTileW = sb + L::kV + wg * L::kTile;
+  char *ds_w = sm + L::kDs + wg * L::kDsHalf;  // this warpgroup's dS^T rows
+  float dK[D / 8][4], dV[D / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dK[nt][e] = dV[nt][e] = 0.f;
+
+  for (int it = 0, st = 0; it < total; ++it, st ^= 1) {
+    cp_wait<0>();
+    fence_proxy_async();
+    // Q/dO of this step landed; every product of the last step is done (so the other
+    // stage, the dS^T tile and the last step's staged dQ share are complete).
+    bar_sync();
+    if (tid == 0) {
+      if (it > 0) reduce_step(it - 1);
+      // The share staged two steps ago (this step's buffer) has been read.
+      bulk_wait_read<1>();
+    }
+    if (it + 1 < total) load_q(it + 1, st ^ 1);
+    const int q0 = q0_of(it);
+    const uint32_t cQ = sb + L::kQ + st * L::kTile, cO = sb + L::kO + st * L::kTile;
+    const float *sL = reinterpret_cast<const float *>(sm + L::kL + st * kBQ * 4);
+    const float *sD = reinterpret_cast<const float *>(sm + L::kDsum + st * kBQ * 4);
+    const uint32_t *sS = reinterpret_cast<const uint32_t *>(sm + L::kSq + st * kBQ * 4);
+    const bool need = (kw + kBK - 1 > q0) || (window && q0 + kBQ - 1 - kw >= window) ||
+                      (q0 + kBQ > seq) || sg;
+
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
+    uint32_t p[NT][2];
+    // S^T = K_w Q^T, then P^T = exp(S^T * scale - lse), masked, rounded for the products.
+    wg_abt<D, kBQ, E>(s, kTileW, cQ);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      float pe[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = nt * 8 + 2 * t + (e & 1);
+        pe[e] = ex2(fmaf(s[nt][e], sl2, -sL[c] * kLog2e));
+        if (need &&
+            !visible(q0 + c, e < 2 ? j0r : j1r, seq, window, sg, sS[c], e < 2 ? sj0 : sj1))
+          pe[e] = 0.f;
+      }
+      p[nt][0] = pack2<E>(pe[0], pe[1]);
+      p[nt][1] = pack2<E>(pe[2], pe[3]);
+    }
+    // dV += P^T dO and dP^T = V_w dO^T, one wait for both.
+    wg_fence_operands(dV);
+    wg_fence_operands(dp);
+    wg_fence();
+    wg_pb_issue<D, kBQ, E>(dV, p, cO);
+    wg_abt_issue<D, kBQ, E>(dp, vTileW, cO);
+    wg_commit();
+    wg_wait<0>();
+    wg_fence_operands(dV);
+    wg_fence_operands(dp);
+    // dS^T = P^T (dP^T - Dsum), in place of P^T; into shared memory for the dQ product:
+    // row = key (this warp's 16), 128 bytes of queries, chunk nt swizzled by row & 7.
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int c = nt * 8 + 2 * t;
+      const float d0 = sD[c], d1 = sD[c + 1];
+      const float2 pa = unpack2<E>(p[nt][0]), pb = unpack2<E>(p[nt][1]);
+      p[nt][0] = pack2<E>(pa.x * (dp[nt][0] - d0), pa.y * (dp[nt][1] - d1));
+      p[nt][1] = pack2<E>(pb.x * (dp[nt][2] - d0), pb.y * (dp[nt][3] - d1));
+      const int r = warp * 16 + g;  // r & 7 == g
+      *reinterpret_cast<uint32_t *>(ds_w + r * 128 + ((nt ^ g) << 4) + 4 * t) = p[nt][0];
+      *reinterpret_cast<uint32_t *>(ds_w + (r + 8) * 128 + ((nt ^ g) << 4) + 4 * t) = p[nt][1];
+    }
+    // dK += dS^T Q (times scale at the end), in flight across the barrier.
+    wg_fence_operands(dK);
+    wg_fence();
+    wg_pb_issue<D, kBQ, E>(dK, p, cQ);
+    wg_commit();
+    fence_proxy_async();  // dS^T written by st.shared, read by wgmma
+    bar_sync();           // both warpgroups' dS^T are in place
+    // This warpgroup's 64 columns of dQ = dS K over all 128 keys: k-step kk = keys
+    // 16kk..16kk+15, in warpgroup kk / 4's dS^T rows and K tile.
+    float dq[D / 16][4];
+#pragma unroll
+    for (int nt = 0; nt < D / 16; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dq[nt][e] = 0.f;
+    wg_fence_operands(dq);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      const uint32_t a = sb + L::kDs + (kk >> 2) * L::kDsHalf + (kk & 3) * 2048;
+      const uint32_t bk = sb + L::kK + (kk >> 2) * L::kTile + wg * Lay::kBlock + (kk & 3) * 2048;
+      WgSs<D / 2, E>::template ss<1, 1>(dq, wg_desc(a, L::kDsHalf, 1024),
+                                        wg_desc(bk, Lay::kBlock, 1024), kk);
+    }
+    wg_commit();
+    wg_wait<0>();  // dK and dQ
+    wg_fence_operands(dK);
+    wg_fence_operands(dq);
+    // Stage the share in register order: float4 (wg * 8 + nt) * 128 + wl.
+    float *stage = reinterpret_cast<float *>(sm + L::kAcc + st * L::kAccBytes);
+#pragma unroll
+    for (int nt = 0; nt < D / 16; ++nt)
+      sts4f(stage + ((wg * (D / 16) + nt) * 128 + wl) * 4, dq[nt][0], dq[nt][1], dq[nt][2],
+            dq[nt][3]);
+    fence_proxy_async();  // read by the bulk reduction after the next barrier
+  }
+  bar_sync();  // the last share is staged; no warpgroup reads K any more
+  if (tid == 0) {
+    reduce_step(total - 1);
+    bulk_wait<0>();
+  }
+  // Each warpgroup's warps stage their 16 rows in the warpgroup's own K / V tile.
+  const int valid = imin(kBK, seq - kw);
+  if (valid > 0) {
+    store_rows<D, E>(dV, 1.f, 1.f, sm + L::kV + wg * L::kTile, warp * 16,
+                     dv + (tok0 + kw) * lddv + static_cast<uint64_t>(kvh) * D, lddv, valid,
+                     lane);
+    store_rows<D, E>(dK, scale, scale, sm + L::kK + wg * L::kTile, warp * 16,
+                     dk + (tok0 + kw) * lddk + static_cast<uint64_t>(kvh) * D, lddk, valid,
+                     lane);
+  }
+}
+
+// dq = scale * bwd_fusedwg's accumulator: tile (batch row, head, query tile) of 64 x D
+// f32 in the kernel's register order, float4 f = (wg * 8 + nt) * 128 + thread: rows
+// 16 warp + g and + 8, columns 64 wg + 8 nt + 2t, +1. One float4 per thread.
+template <int D, class E>
+QT_DEV void bwd_dq_storewg(const float *__restrict__ acc, uint16_t *__restrict__ dq,
+                           uint64_t lddq, int seq, int heads, uint64_t tiles, float scale) {
+  constexpr int kPer = kBQ * D / 4;  // float4s per tile
+  const uint64_t idx = static_cast<uint64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const uint64_t tile = idx / kPer;
+  if (tile >= tiles) return;
+  const int f = static_cast<int>(idx % kPer);
+  const int qtiles = (seq + kBQ - 1) / kBQ;
+  const int qt = static_cast<int>(tile % qtiles);
+  const uint64_t bh = tile / qtiles;
+  const int h = static_cast<int>(bh % heads);
+  const uint64_t b = bh / heads;
+  const int wl = f & 127, wn = f >> 7, wg = wn / (D / 16), nt = wn % (D / 16);
+  const int lane = wl & 31, warp = wl >> 5, g = lane >> 2, t = lane & 3;
+  const int r0 = qt * kBQ + warp * 16 + g, col = wg * (D / 2) + nt * 8 + 2 * t;
+  const float *src = acc + idx * 4;
+  const float x0 = gld(src), x1 = gld(src + 1), x2 = gld(src + 2), x3 = gld(src + 3);
+  uint16_t *dst = dq + static_cast<uint64_t>(h) * D + col;
+  if (r0 < seq) gst4(dst + (b * seq + r0) * lddq, pack2<E>(x0 * scale, x1 * scale));
+  if (r0 + 8 < seq) gst4(dst + (b * seq + r0 + 8) * lddq, pack2<E>(x2 * scale, x3 * scale));
+}
 #endif  // QT_ATTN_ON
 }  // namespace qt_attn
 
@@ -1566,12 +1847,42 @@ QT_ATTN_FWD8(F16, f16)
                                                    dsum, seg, dq, lddq, seq, heads,         \
                                                    kv_heads, window, scale);)               \
   }
+// and the fused backward's (fused-atomic mode) kernel and its dQ conversion.
+#define QT_ATTN_FUSEDWG(DIM, E, S)                                                          \
+  extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_fusedwg_d##DIM##_##S(        \
+      const uint16_t *q, uint64_t ldq, const uint16_t *k, uint64_t ldk, const uint16_t *v,  \
+      uint64_t ldv, const uint16_t *dout, uint64_t lddo, const float *lse,                  \
+      const float *dsum, const uint32_t *seg, uint16_t *dk, uint64_t lddk, uint16_t *dv,    \
+      uint64_t lddv, float *dq_acc, int seq, int heads, int kv_heads, int window,           \
+      float scale) {                                                                        \
+    QT_BODY(qt_attn::bwd_fusedwg<DIM, qt_attn::E>(q, ldq, k, ldk, v, ldv, dout, lddo, lse,   \
+                                                  dsum, seg, dk, lddk, dv, lddv, dq_acc,    \
+                                                  seq, heads, kv_heads, window, scale);)    \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(128) attn_bwd_dq_storewg_d##DIM##_##S(        \
+      const float *acc, uint16_t *dq, uint64_t lddq, int seq, int heads, uint64_t tiles,    \
+      float scale) {                                                                        \
+    QT_BODY(qt_attn::bwd_dq_storewg<DIM, qt_attn::E>(acc, dq, lddq, seq, heads, tiles,       \
+                                                     scale);)                               \
+  }
+// The two-warpgroup forward with 128-key tiles (S as m64n128k16), head dim 128.
+#define QT_ATTN_FWDWGW(E, S)                                                                \
+  extern "C" __global__ void __launch_bounds__(256)                                         \
+      attn_fwdwg8w_d128_##S(const uint16_t *q, uint64_t ldq, const uint16_t *k, uint64_t ldk, \
+                            const uint16_t *v, uint64_t ldv, const uint32_t *seg, uint16_t *o, \
+                            uint64_t ldo, float *lse, int seq, int heads, int kv_heads,     \
+                            int window, float scale) {                                      \
+    QT_BODY(qt_attn::fwd<128, 8, qt_attn::E, true, 128>(q, ldq, k, ldk, v, ldv, seg, o, ldo, \
+                                                        lse, seq, heads, kv_heads, window,  \
+                                                        scale);)                            \
+  }
 #define QT_ATTN_FWDWG_ALL(E, S)                                                             \
+  QT_ATTN_FWDWGW(E, S)                                                                      \
   QT_ATTN_FWDWG(fwdwg, 4, 64, E, S)                                                         \
   QT_ATTN_FWDWG(fwdwg, 4, 128, E, S)                                                        \
   QT_ATTN_FWDWG(fwdwg8, 8, 64, E, S) QT_ATTN_FWDWG(fwdwg8, 8, 128, E, S)                    \
   QT_ATTN_DKDVWG(64, E, S) QT_ATTN_DKDVWG(128, E, S)                                        \
-  QT_ATTN_DQWG(64, E, S) QT_ATTN_DQWG(128, E, S)
+  QT_ATTN_DQWG(64, E, S) QT_ATTN_DQWG(128, E, S) QT_ATTN_FUSEDWG(128, E, S)
 QT_ATTN_FWDWG_ALL(Bf16, bf16)
 QT_ATTN_FWDWG_ALL(F16, f16)
 #endif  // QTRAIN_SM90A_VARIANT

@@ -39,13 +39,23 @@ impl FwdKernel {
             Self::Mma8 => "fwd8",
             Self::Wgmma4 => "fwdwg",
             Self::Wgmma8 => "fwdwg8",
+            Self::Wgmma8Wide => "fwdwg8w",
+        }
+    }
+
+    /// Keys per K/V tile.
+    fn key_tile(self) -> usize {
+        if self == Self::Wgmma8Wide {
+            2 * TILE
+        } else {
+            TILE
         }
     }
 
     fn warps(self) -> usize {
         match self {
             Self::Mma4 | Self::Wgmma4 => 4,
-            Self::Mma8 | Self::Wgmma8 => 8,
+            Self::Mma8 | Self::Wgmma8 | Self::Wgmma8Wide => 8,
         }
     }
 
@@ -58,6 +68,7 @@ impl FwdKernel {
                 "the 8-warp forward is built for head dim 128, not {head_dim}"
             )),
             Self::Mma8 => None,
+            Self::Wgmma8Wide => wgmma_unsupported(cc, head_dim, &[128], "128-key forward"),
             _ => wgmma_unsupported(cc, head_dim, Self::WGMMA_HEAD_DIMS, "forward"),
         }
     }
@@ -112,9 +123,9 @@ pub(super) fn split_kernels_for(c: &CudaDev, head_dim: usize) -> Result<SplitKer
 
 /// Dynamic shared memory of each kernel, as laid out by `FwdSmem`, `DkvSmem`, `DqSmem`
 /// (the wgmma kernels: [`WGMMA_SMEM_PAD`] more).
-fn fwd_smem(d: usize, warps: usize, wgmma: bool) -> u32 {
+fn fwd_smem(d: usize, warps: usize, key_tile: usize, wgmma: bool) -> u32 {
     let pad = if wgmma { WGMMA_SMEM_PAD } else { 0 };
-    (32 * warps * d + 512 * d + 512) as u32 + pad
+    (32 * warps * d + 8 * key_tile * d + 8 * key_tile) as u32 + pad
 }
 fn dkdv_smem(d: usize) -> u32 {
     (768 * d + 1536) as u32
@@ -140,6 +151,19 @@ impl SplitKernels {
 fn fused_smem(d: usize) -> u32 {
     let step = if d == 128 { 32 } else { 64 };
     dkdv_smem(d) + (TILE * step * 2) as u32
+}
+
+/// `FusedWgSmem` (head dim 128): K, V, two stages of Q and dO (eight 64-row tiles), the
+/// 128 keys' dS^T, two stages of the f32 dQ share, lse / D / segment ids, the 1 KiB pad.
+fn fusedwg_smem(d: usize) -> u32 {
+    (1536 * d + 18944) as u32
+}
+
+/// Whether the `fused-atomic` backward runs `attn_bwd_fusedwg` here (a 9.0 GPU, the
+/// sm_90a build, head dim 128) rather than the mma.sync `attn_bwd_fusedu`.
+pub(super) fn fused_wgmma_here(c: &CudaDev, head_dim: usize) -> Result<bool> {
+    let cc = c.compute_capability()?;
+    Ok(wgmma_unsupported(cc, head_dim, &[128], "fused backward").is_none())
 }
 
 /// `attn_{op}_d{d}_{bf16|f16}`, interned (kernel names must be `'static`).
@@ -292,7 +316,7 @@ pub(super) fn attention_fwd_kernel<T: Float>(
     }
     let warps = kern.warps();
     let rows = 16 * warps;
-    let smem = fwd_smem(d, warps, kern.is_wgmma());
+    let smem = fwd_smem(d, warps, kern.key_tile(), kern.is_wgmma());
     let f = if kern.is_wgmma() {
         kernel_sm90a::<T>(c, kern.op(), d, smem)?
     } else {
@@ -536,6 +560,9 @@ fn fused_bwd<T: Float>(
     let (turns, kv_turns) = (at(layout.turns), at(layout.kv_turns));
     let (acc, kv_acc) = (at(layout.acc), at(layout.kv_acc));
     let ordered = mode == AttnBackward::Fused;
+    if !ordered && fused_wgmma_here(c, d)? {
+        return fused_wgmma_bwd::<T>(c, s, ins, dk, dv, dq, at(layout.acc));
+    }
     // Both variants sum the group's dK/dV in head order (turns); only the ordered one
     // hands the dQ sums on (its first key tile stores, so the accumulator needs no zeroing).
     c.memset0(turns, 4 * layout.turns_len)?;
@@ -602,4 +629,75 @@ fn fused_bwd<T: Float>(
         unsafe { launch(OP, b, cfg(grid, 0))? };
     }
     Ok(())
+}
+
+/// `fused-atomic` on Hopper: `attn_bwd_fusedwg` over (kv heads, 128-key tiles, batch rows),
+/// two warpgroups per CTA, adding each step's dQ share into the zeroed accumulator `acc`
+/// (`[batch, heads, query tiles, 64 · d]` f32 in the kernel's register order) by bulk
+/// reduction; then `attn_bwd_dq_storewg` scales and converts it into dq.
+#[allow(clippy::too_many_arguments)]
+fn fused_wgmma_bwd<T: Float>(
+    c: &CudaDev,
+    s: &AttnShape,
+    ins: [u64; 11],
+    dk: Mat<'_, T>,
+    dv: Mat<'_, T>,
+    dq: Mat<'_, T>,
+    acc: u64,
+) -> Result<()> {
+    const OP: &str = "attention_bwd";
+    let d = s.head_dim;
+    let tiles = (s.batch * s.heads * s.seq.div_ceil(TILE)) as u64;
+    c.memset0(acc, 4 * tiles as usize * TILE * d)?;
+    let (seq, heads, kvh, win, scale) = (
+        s.seq as i32,
+        s.heads as i32,
+        s.kv_heads as i32,
+        window_arg(s),
+        s.scale,
+    );
+    let (dkp, lddk, dvp, lddv) = (dk.dptr(), dk.ld as u64, dv.dptr(), dv.ld as u64);
+    let (dqp, lddq) = (dq.dptr(), dq.ld as u64);
+    {
+        let smem = fusedwg_smem(d);
+        let f = kernel_sm90a::<T>(c, "bwd_fusedwg", d, smem)?;
+        let mut b = c.builder(&f);
+        for x in &ins {
+            b.arg(x);
+        }
+        b.arg(&dkp)
+            .arg(&lddk)
+            .arg(&dvp)
+            .arg(&lddv)
+            .arg(&acc)
+            .arg(&seq)
+            .arg(&heads)
+            .arg(&kvh)
+            .arg(&win)
+            .arg(&scale);
+        let mut config = cfg((s.kv_heads, s.seq.div_ceil(2 * TILE), s.batch), smem);
+        config.block_dim.0 = 2 * THREADS;
+        // SAFETY: arguments match `attn_bwd_fusedwg_*` (the eleven inputs in the split
+        // kernels' order, dk, dv, the accumulator, the shape); the wrapper checked shapes,
+        // overlaps and that scratch holds `bwd_scratch_len` floats, whose accumulator
+        // part (`bwd_scratch`) holds every 64-row tile of every (batch row, head) and
+        // was zeroed above; each CTA writes only its 128 keys' rows < seq of dk and dv
+        // and adds into the accumulator tiles of its group's heads; the block has the
+        // 256 threads the kernel was compiled for.
+        unsafe { launch(OP, b, config)? };
+    }
+    let f = kernel_sm90a::<T>(c, "bwd_dq_storewg", d, 0)?;
+    let mut b = c.builder(&f);
+    b.arg(&acc)
+        .arg(&dqp)
+        .arg(&lddq)
+        .arg(&seq)
+        .arg(&heads)
+        .arg(&tiles)
+        .arg(&scale);
+    let float4s = tiles as usize * TILE * d / 4;
+    let grid = (float4s.div_ceil(THREADS as usize), 1, 1);
+    // SAFETY: arguments match `attn_bwd_dq_storewg_*`; threads past `tiles` tiles return;
+    // each writes the two dq elements pairs of its float4 at rows < seq of its head.
+    unsafe { launch(OP, b, cfg(grid, 0)) }
 }

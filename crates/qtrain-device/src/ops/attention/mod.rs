@@ -34,7 +34,9 @@ pub use selftest::{self_test, speed};
 /// The forward's kernels: `Mma4` (4 warps x 16 queries, mma.sync, every GPU from 8.0),
 /// `Mma8` (head dim 128: 128 queries share each K/V tile, half the L2 traffic, one CTA
 /// per SM), and on compute capability 9.0 `Wgmma4` / `Wgmma8` (head dim 128: the products
-/// as Hopper's warpgroup MMA, one or two warpgroups per CTA, from the sm_90a build).
+/// as Hopper's warpgroup MMA, one or two warpgroups per CTA, from the sm_90a build), and
+/// `Wgmma8Wide` (two warpgroups, 128-key tiles: S as m64n128k16, half the barriers per
+/// key; docs/perf.md v14).
 /// [`FwdKernel::default_for`] picks per GPU and head dim what measured fastest and
 /// correct there; `QTRAIN_ATTN_FWD` = `mma`, `mma8`, `wgmma` or `wgmma8` forces one for a
 /// whole run (benchmarks of a variant end to end; an error where it cannot run), and
@@ -45,10 +47,17 @@ pub enum FwdKernel {
     Mma8,
     Wgmma4,
     Wgmma8,
+    Wgmma8Wide,
 }
 
 impl FwdKernel {
-    pub const ALL: [FwdKernel; 4] = [Self::Mma4, Self::Mma8, Self::Wgmma4, Self::Wgmma8];
+    pub const ALL: [FwdKernel; 5] = [
+        Self::Mma4,
+        Self::Mma8,
+        Self::Wgmma4,
+        Self::Wgmma8,
+        Self::Wgmma8Wide,
+    ];
 
     /// The head dims the wgmma forward may run at: 128 only. `attn_fwdwg*_d64` are
     /// built (the emulator checks them) but gave wrong scores on an H100 (docs/perf.md
@@ -62,12 +71,13 @@ impl FwdKernel {
             Self::Mma8 => "mma8",
             Self::Wgmma4 => "wgmma",
             Self::Wgmma8 => "wgmma8",
+            Self::Wgmma8Wide => "wgmma8w",
         }
     }
 
     /// A Hopper (sm_90a) kernel.
     pub fn is_wgmma(self) -> bool {
-        matches!(self, Self::Wgmma4 | Self::Wgmma8)
+        matches!(self, Self::Wgmma4 | Self::Wgmma8 | Self::Wgmma8Wide)
     }
 
     /// `QTRAIN_ATTN_FWD`, read once; `None` when unset.
@@ -218,7 +228,10 @@ pub enum AttnBackward {
     /// f32 more scratch; a key tile may wait a step for its turn.
     Fused,
     /// The same, with atomic adds for dQ (FlashAttention-2's way): no waiting, but the
-    /// order of the adds and so the rounding of dQ vary run to run.
+    /// order of the adds and so the rounding of dQ vary run to run. On a 9.0 GPU at head
+    /// dim 128 a wgmma kernel (two warpgroups per 128 keys, each key tile's dQ share
+    /// added by the copy engine's bulk reduction, dK/dV of a GQA group summed in
+    /// registers; docs/perf.md v14).
     FusedAtomic,
 }
 
@@ -258,7 +271,8 @@ pub(crate) struct BwdScratch {
     pub turns: usize,
     pub turns_len: usize,
     pub kv_turns: usize,
-    /// The f32 dQ accumulator, `[tokens, heads · head_dim]`.
+    /// The f32 dQ accumulator, `[tokens, heads · head_dim]` (mma.sync kernels) or
+    /// `[batch, heads, query tiles, 64 · head_dim]` in register order (`attn_bwd_fusedwg`).
     pub acc: usize,
     /// The f32 dK/dV accumulator of the query heads of a group, `[tokens, kv_heads,
     /// 2 · head_dim]` (empty without GQA).
@@ -302,7 +316,9 @@ impl AttnShape {
         let turns_len = q_turns + self.batch * self.kv_heads * tiles;
         let turns = up(dsum);
         let acc = up(turns + turns_len);
-        let kv_acc = acc + self.tokens() * self.heads * self.head_dim;
+        // Every row padded to whole 64-query tiles: the Hopper kernel of `FusedAtomic`
+        // accumulates whole tiles (the mma.sync kernels use the first tokens · heads rows).
+        let kv_acc = acc + self.batch * self.seq.next_multiple_of(64) * self.heads * self.head_dim;
         let kv_len = if self.heads > self.kv_heads {
             self.tokens() * self.kv_heads * 2 * self.head_dim
         } else {
@@ -636,7 +652,7 @@ mod tests {
         );
         // Every label names one kernel.
         let labels: Vec<_> = all.iter().map(|k| k.label()).collect();
-        assert_eq!(labels, ["mma", "mma8", "wgmma", "wgmma8"]);
+        assert_eq!(labels, ["mma", "mma8", "wgmma", "wgmma8", "wgmma8w"]);
     }
 
     #[test]

@@ -161,12 +161,17 @@ fn bwd_runs(dev: &Dev, head_dim: usize) -> Result<Vec<(AttnBackward, Option<Spli
         let mut runs = vec![(AttnBackward::Split, None)];
         let kerns = SplitKernels::ALL.iter().filter(|k| here(k));
         runs.extend(kerns.clone().filter(|k| !k.is_wgmma()).map(split));
-        runs.extend([
-            (AttnBackward::Fused, None),
-            (AttnBackward::FusedAtomic, None),
-        ]);
+        // fused-atomic runs a wgmma kernel on 9.0 at head dim 128.
+        let atomic_wg = super::cuda::fused_wgmma_here(c, head_dim)?;
+        runs.push((AttnBackward::Fused, None));
+        if !atomic_wg {
+            runs.push((AttnBackward::FusedAtomic, None));
+        }
         // The wgmma kernels last (see self_test).
         runs.extend(kerns.filter(|k| k.is_wgmma()).map(split));
+        if atomic_wg {
+            runs.push((AttnBackward::FusedAtomic, Some(SplitKernels::Wgmma)));
+        }
         return Ok(runs);
     }
     let _ = (dev, head_dim);
@@ -180,7 +185,8 @@ fn default_kernels(dev: &Dev, head_dim: usize) -> Option<(FwdKernel, SplitKernel
     super::kernels_for(dev, head_dim).ok().flatten()
 }
 
-/// `name (split, wgmma)` for a run of [`bwd_runs`].
+/// `name (split, wgmma)` for a run of [`bwd_runs`] (`fused-atomic, wgmma`: its Hopper
+/// kernel, which the launcher picks by itself).
 fn bwd_label(mode: AttnBackward, split: Option<SplitKernels>) -> String {
     match split {
         Some(k) => format!("{mode}, {}", k.label()),

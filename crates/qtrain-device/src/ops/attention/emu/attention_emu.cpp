@@ -1,6 +1,7 @@
 // Runs crates/qtrain-device/src/ops/attention/attention.cu on the CPU through the warp-primitive emulator (emu.h) and
 // compares forward (O, lse; 4 and 8 warps of mma.sync, 1 and 2 warpgroups of wgmma at head dims 64 and 128) and backward (dQ, dK, dV: the split kernels, with mma.sync or (head dims 64, 128) wgmma, the
-// fused one ordered and with atomic adds, the two bit-identical here) with a plain double-precision
+// fused one ordered and with atomic adds, the two bit-identical here, and at head dim 128 the
+// fused wgmma one with bulk-reduced dQ) with a plain double-precision
 // reference of the contract in crates/qtrain-device/src/attention.rs, on random data, for
 // several shapes (head dims 16..128, ragged sequence ends, windows, segments, GQA, batch > 1,
 // strided q/k/v column blocks of one fused buffer). Also checks that nothing outside the
@@ -182,6 +183,17 @@ template <class E> Result run(const Shape &s, uint64_t seed) {
                   32 * W, wsmem, fwdwg);
       check_fwd(W == 4 ? "wgmma, 1 warpgroup" : "wgmma, 2 warpgroups");
     }
+  }
+  if (D == 128) {  // two warpgroups over 128-key tiles
+    std::fill(o.begin(), o.end(), poison);
+    std::fill(lse.begin(), lse.end(), NaN);
+    auto fwdw = [&]() {
+      fwd<128, 8, E, true, 128>(qp, ldqkv, kp, ldqkv, vp, ldqkv, segp, o.data(), ldo, lse.data(), s.seq, H, KV,
+                                s.window, scale);
+    };
+    emu::launch({static_cast<unsigned>(H), static_cast<unsigned>((s.seq + 127) / 128), static_cast<unsigned>(s.batch)}, 256,
+                FwdSmem<128, 8, true, 128>::kBytes, fwdw);
+    check_fwd("wgmma, 2 wg, 128 keys");
   }
 
   // Backward: reference O (rounded) and lse feed both sides.
@@ -366,6 +378,24 @@ template <class E> Result run(const Shape &s, uint64_t seed) {
       std::printf("  !! fused ordered and unordered differ\n");
       res.dq = INFINITY;
     }
+  }
+  if (D == 128) {  // the fused wgmma backward (sm_90a): dQ shares by bulk reduction
+    std::fill(dqkv.begin(), dqkv.end(), poison);
+    const int qt = (s.seq + kBQ - 1) / kBQ;
+    const uint64_t tiles = static_cast<uint64_t>(s.batch) * H * qt;
+    std::vector<float> acc(tiles * kBQ * D, 0.f);
+    emu::register_buffer(acc.data(), acc.size() * 4);
+    auto fwg_call = [&]() {
+      bwd_fusedwg<128, E>(qp, ldqkv, kp, ldqkv, vp, ldqkv, dout.data(), lddo, lse_in.data(),
+                          dsum.data(), segp, dkp, ldqkv, dvp, ldqkv, acc.data(), s.seq, H, KV,
+                          s.window, scale);
+    };
+    emu::launch({static_cast<unsigned>(KV), static_cast<unsigned>((s.seq + 127) / 128), static_cast<unsigned>(s.batch)}, 256,
+                FusedWgSmem<128>::kBytes, fwg_call);
+    auto store_call = [&]() { bwd_dq_storewg<128, E>(acc.data(), dqp, ldqkv, s.seq, H, tiles, scale); };
+    const uint64_t f4 = tiles * kBQ * D / 4;
+    emu::launch({static_cast<unsigned>((f4 + kThreads - 1) / kThreads), 1, 1}, kThreads, 0, store_call);
+    check_bwd("fused, wgmma, bulk dQ");
   }
   return res;
 }

@@ -94,7 +94,8 @@ struct Wgmma {
   bool trans_b;    // B MN-major
   bool bf16;
   float a[2][16];  // A rows g and g + 8 of the thread's warp, k = 0..15 (from registers)
-  uint64_t desc_a;  // or A by descriptor (K-major), read when the product runs; 0 = registers
+  uint64_t desc_a;  // or A by descriptor, read when the product runs; 0 = registers
+  bool trans_a;     // A by descriptor stored MN-major (M contiguous)
   int row0;        // the thread's first A/D row in the warpgroup's 64 (16 * warp + g)
   uint64_t desc;
   std::vector<float> before;  // the accumulators at issue, to catch a touch in flight
@@ -107,8 +108,18 @@ struct Copy {
   bool ok;
 };
 
+// An issued cp.reduce.async.bulk .add.f32: the source is read when a wait_group.read (or
+// wait_group) completes it, so a source overwritten too early shows.
+struct BulkAdd {
+  float *dst;
+  uint32_t src;
+  uint32_t bytes;
+};
+
 struct Thread {
   Cta *cta = nullptr;
+  std::vector<std::vector<BulkAdd>> bulk_groups;
+  std::vector<BulkAdd> bulk_open;
   std::vector<std::vector<Copy>> groups;
   std::vector<Copy> open;
   std::vector<std::vector<Wgmma>> wg_groups;
@@ -175,6 +186,8 @@ inline void launch(Dim3 grid, unsigned threads, size_t smem, const std::function
             body();
             if (!ts.open.empty() || !ts.groups.empty()) fail("cp.async still pending at exit");
             if (!ts.wg_open.empty() || !ts.wg_groups.empty()) fail("wgmma still pending at exit");
+            if (!ts.bulk_open.empty() || !ts.bulk_groups.empty())
+              fail("bulk reduction still pending at exit");
           });
         for (auto &t : th) t.join();
       }
@@ -396,10 +409,10 @@ inline void check_issue() {
 
 inline void run(emu::Wgmma &w) {
   const int l = emu::lane(), g = l >> 2, t = l & 3;
-  if (w.desc_a)  // A(m, k) is B's K-major layout with m for n
+  if (w.desc_a)  // A(m, k) is B's layout (K- or MN-major) with m for n
     for (int r = 0; r < 2; ++r)
       for (int k = 0; k < 16; ++k) {
-        const uint32_t at = b_addr(w.desc_a, false, k, w.row0 + 8 * r);
+        const uint32_t at = b_addr(w.desc_a, w.trans_a, k, w.row0 + 8 * r);
         w.a[r][k] = w.bf16 ? smem_half<Bf16>(at) : smem_half<F16>(at);
       }
   for (int i = 0; i < w.n / 2; ++i) {
@@ -444,7 +457,7 @@ template <int N, class E> struct Wg {
     const int wl = threadIdx.x & 127, l = wl & 31, g = l >> 2, base = wl & ~31;
     for (int i = 0; i < 4; ++i) grp.slot[wl][i] = a[i];
     grp.bar.arrive_and_wait();
-    emu::Wgmma w{&d[0][0], N, accumulate != 0, TB != 0, std::is_same_v<E, Bf16>, {}, 0, 0, desc, {}};
+    emu::Wgmma w{&d[0][0], N, accumulate != 0, TB != 0, std::is_same_v<E, Bf16>, {}, 0, false, 0, desc, {}};
     for (int r = 0; r < 2; ++r)
       for (int k = 0; k < 16; ++k) {
         // mma A layout: (row g + 8*(reg&1), k 2t + 8*(reg>>1) + h)
@@ -457,9 +470,9 @@ template <int N, class E> struct Wg {
   }
 };
 
-// The same with A from shared memory (K-major, by descriptor).
+// The same with A from shared memory (by descriptor; TA = 1: MN-major).
 template <int N, class E> struct WgSs {
-  template <int TB>
+  template <int TB, int TA = 0>
   static void ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     wg_detail::check_issue();
     if (desc_a == 0) emu::fail("wgmma: null A descriptor");
@@ -467,10 +480,38 @@ template <int N, class E> struct WgSs {
     grp.bar.arrive_and_wait();  // collective: every thread of the warpgroup issues it
     const int wl = threadIdx.x & 127;
     emu::Wgmma w{&d[0][0], N, accumulate != 0, TB != 0, std::is_same_v<E, Bf16>, {}, desc_a,
-                 16 * (wl >> 5) + ((wl & 31) >> 2), desc_b, {}};
+                 TA != 0, 16 * (wl >> 5) + ((wl & 31) >> 2), desc_b, {}};
     w.before.assign(&d[0][0], &d[0][0] + N / 2);
     emu::ts.wg_open.push_back(std::move(w));
   }
 };
+
+// ---- bulk reductions (sm_90) --------------------------------------------------------------
+inline void bulk_add_f32(float *dst, uint32_t src, uint32_t bytes) {
+  if (bytes % 16 || src % 16 || reinterpret_cast<uintptr_t>(dst) % 16)
+    emu::fail("bulk reduction: size and addresses must be multiples of 16 bytes");
+  emu::ts.bulk_open.push_back({dst, src, bytes});
+}
+inline void bulk_commit() {
+  emu::ts.bulk_groups.push_back(std::move(emu::ts.bulk_open));
+  emu::ts.bulk_open.clear();
+}
+template <int N> inline void bulk_wait_read() {
+  while (emu::ts.bulk_groups.size() > static_cast<size_t>(N)) {
+    for (const emu::BulkAdd &a : emu::ts.bulk_groups.front()) {
+      const float *s = reinterpret_cast<const float *>(emu::smem_at(a.src, a.bytes));
+      emu::check_global(a.dst, a.bytes);
+      for (uint32_t i = 0; i < a.bytes / 4; ++i) a.dst[i] += s[i];
+    }
+    emu::ts.bulk_groups.erase(emu::ts.bulk_groups.begin());
+  }
+}
+template <int N> inline void bulk_wait() { bulk_wait_read<N>(); }
+inline void sts4f(float *p, float a, float b, float c, float d) {
+  p[0] = a;
+  p[1] = b;
+  p[2] = c;
+  p[3] = d;
+}
 
 }  // namespace qt_attn
