@@ -367,15 +367,15 @@ template <int D> struct Sw {
   }
 };
 
-// The same [ROWS][D] tile (D = 64 or 128) in wgmma's canonical 128-byte-swizzle layout
-// (PTX ISA "Shared Memory Matrix Layout"): 64-column blocks of ROWS rows x 128 bytes, one
+// The same [kBK][D] tile (D = 64 or 128) in wgmma's canonical 128-byte-swizzle layout
+// (PTX ISA "Shared Memory Matrix Layout"): 64-column blocks of kBK rows x 128 bytes, one
 // after the other; within a block, row r, chunk c at r * 128 + 16 * (c ^ (r & 7)). The tile
 // must start on a 1024-byte boundary (the hardware swizzles address bits 4-6 with 7-9).
 // As B of S = Q K^T it is K-major (keys = n, head dim = k); as B of O = P V it is MN-major
 // (head dim = n, keys = k): one layout serves both.
-template <int D, int ROWS = kBK> struct WgSw {
+template <int D> struct WgSw {
   static_assert(D == 64 || D == 128, "wgmma tiles are 64-column blocks");
-  static constexpr uint32_t kBlock = ROWS * 128;  // bytes of one 64-column block
+  static constexpr uint32_t kBlock = kBK * 128;  // bytes of one 64-column block
   static QT_DEV uint32_t off(int r, int c) {
     return static_cast<uint32_t>((c >> 3) * kBlock + r * 128 + (((c & 7) ^ (r & 7)) << 4));
   }
@@ -449,12 +449,11 @@ QT_DEV bool visible(int i, int j, int seq, int window, bool has_seg, uint32_t si
 // The first key tile in [lo, hi] holding a key of the segment of query q0 (the query
 // tile's first): earlier tiles hold only earlier documents, invisible to every query of
 // the tile. Tile hi reaches q0, so it always qualifies.
-template <int BK = kBK>
 QT_DEV int first_key_tile(const uint32_t *sg, int q0, int lo, int hi, int seq) {
   const uint32_t s0 = gld(sg + q0);
   while (lo < hi) {
     const int mid = (lo + hi) / 2;
-    if (gld(sg + imin(mid * BK + BK - 1, seq - 1)) < s0) {
+    if (gld(sg + imin(mid * kBK + kBK - 1, seq - 1)) < s0) {
       lo = mid + 1;
     } else {
       hi = mid;
@@ -578,21 +577,21 @@ QT_DEV void wg_abt(float (&s)[N / 8][4], uint32_t x, uint32_t y) {
 }
 
 // acc[64 x D] += P(64 x KR, packed pairs p[n-tile][row half]: the accumulator layout of
-// S) * Y, Y = rows [0, KR) of the ROWS-row tile at `y` read MN-major: k-step kk is rows 16kk..
+// S) * Y, Y = rows [0, KR) of the tile at `y` read MN-major: k-step kk is rows 16kk..
 // (2048 bytes on), the next 64 columns one block (LBO) on, the next 8 rows 1024 (SBO).
-template <int D, int KR, class E, int ROWS = kBK>
+template <int D, int KR, class E>
 QT_DEV void wg_pb_issue(float (&acc)[D / 8][4], const uint32_t (&p)[KR / 8][2], uint32_t y) {
 #pragma unroll
   for (int kk = 0; kk < KR / 16; ++kk) {
     const uint32_t a[4] = {p[2 * kk][0], p[2 * kk][1], p[2 * kk + 1][0], p[2 * kk + 1][1]};
-    Wg<D, E>::template rs<1>(acc, a, wg_desc(y + kk * 2048, WgSw<D, ROWS>::kBlock, 1024), 1);
+    Wg<D, E>::template rs<1>(acc, a, wg_desc(y + kk * 2048, WgSw<D>::kBlock, 1024), 1);
   }
 }
-template <int D, int KR, class E, int ROWS = kBK>
+template <int D, int KR, class E>
 QT_DEV void wg_pb(float (&acc)[D / 8][4], const uint32_t (&p)[KR / 8][2], uint32_t y) {
   wg_fence_operands(acc);
   wg_fence();
-  wg_pb_issue<D, KR, E, ROWS>(acc, p, y);
+  wg_pb_issue<D, KR, E>(acc, p, y);
   wg_commit();
   wg_wait<0>();
   wg_fence_operands(acc);
@@ -637,23 +636,22 @@ QT_DEV void store_rows(const float (&acc)[D / 8][4], float mul0, float mul1, cha
 // accumulators have the mma.sync layout too (element i of a warp's m64nN share = n-tile
 // i / 4, entry i % 4). The dynamic shared memory is 1 KiB larger: the K/V tiles start on
 // a 1024-byte boundary, as the swizzle needs.
-template <int D, int W = 4, bool WG = false, int BK = kBK> struct FwdSmem {
-  static constexpr int kQ = 16 * W * D * 2, kTile = BK * D * 2;
+template <int D, int W = 4, bool WG = false> struct FwdSmem {
+  static constexpr int kQ = 16 * W * D * 2, kTile = kBK * D * 2;
   static constexpr int kK = kQ, kV = kK + 2 * kTile, kSeg = kV + 2 * kTile;
-  static constexpr int kBytes = kSeg + 2 * BK * 4 + (WG ? kWgPad : 0);
+  static constexpr int kBytes = kSeg + 2 * kBK * 4 + (WG ? kWgPad : 0);
   static_assert(!WG || (kK % 1024 == 0 && kTile % 1024 == 0), "wgmma tiles on 1 KiB");
 };
 
-template <int D, int W, class E, bool WG = false, int BK = kBK>
+template <int D, int W, class E, bool WG = false>
 QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__restrict__ k,
                 uint64_t ldk, const uint16_t *__restrict__ v, uint64_t ldv,
                 const uint32_t *__restrict__ seg, uint16_t *__restrict__ o, uint64_t ldo,
                 float *__restrict__ lse, int seq, int heads, int kv_heads, int window,
                 float scale) {
-  using L = FwdSmem<D, W, WG, BK>;
-  using KvLay = typename Pick<WG, WgSw<D, BK>, Sw<D>>::type;
-  constexpr int NT = BK / 8, BQ = 16 * W, THREADS = 32 * W;
-  static_assert(BK == kBK || WG, "128-key tiles only with wgmma");
+  using L = FwdSmem<D, W, WG>;
+  using KvLay = typename Pick<WG, WgSw<D>, Sw<D>>::type;
+  constexpr int NT = kBK / 8, BQ = 16 * W, THREADS = 32 * W;
   static_assert(!WG || W % 4 == 0, "wgmma needs whole warpgroups");
   // Q fragments stay in registers for small D; at D = 128 they would take 32 of the 255
   // registers and starve the ldmatrix -> mma pipelining, so they are re-read from shared
@@ -673,20 +671,20 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
   const int q_end = imin(q0 + BQ, seq);
   const int j_lo = window ? imax(0, q0 - window + 1) : 0;
   const uint32_t *sg = seg ? seg + tok0 : nullptr;
-  const int kt_hi = (q_end - 1) / BK;
-  const int kt_lo = sg ? first_key_tile<BK>(sg, q0, j_lo / BK, kt_hi, seq) : j_lo / BK;
+  const int kt_hi = (q_end - 1) / kBK;
+  const int kt_lo = sg ? first_key_tile(sg, q0, j_lo / kBK, kt_hi, seq) : j_lo / kBK;
   const uint16_t *kb = k + tok0 * ldk + static_cast<uint64_t>(kvh) * D;
   const uint16_t *vb = v + tok0 * ldv + static_cast<uint64_t>(kvh) * D;
 
   load_tile<D, BQ, THREADS>(sb, q + (tok0 + q0) * ldq + static_cast<uint64_t>(h) * D, ldq, q_end - q0);
   cp_commit();
   auto load_kv = [&](int kt, int st) {
-    const int j0 = kt * BK, valid = imin(BK, seq - j0);
-    load_tile<D, BK, THREADS, KvLay>(sb + L::kK + st * L::kTile,
+    const int j0 = kt * kBK, valid = imin(kBK, seq - j0);
+    load_tile<D, kBK, THREADS, KvLay>(sb + L::kK + st * L::kTile,
                                       kb + static_cast<uint64_t>(j0) * ldk, ldk, valid);
-    load_tile<D, BK, THREADS, KvLay>(sb + L::kV + st * L::kTile,
+    load_tile<D, kBK, THREADS, KvLay>(sb + L::kV + st * L::kTile,
                                       vb + static_cast<uint64_t>(j0) * ldv, ldv, valid);
-    if (sg) load_words<BK>(sb + L::kSeg + st * BK * 4, sg + j0, valid);
+    if (sg) load_words<kBK>(sb + L::kSeg + st * kBK * 4, sg + j0, valid);
     cp_commit();
   };
   load_kv(kt_hi, 0);
@@ -715,7 +713,7 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
     bar_sync();  // tile kt is visible to all; everyone is done with the other buffer
     if (kt > kt_lo) load_kv(kt - 1, st ^ 1);
     const uint32_t cK = sb + L::kK + st * L::kTile, cV = sb + L::kV + st * L::kTile;
-    const int j0 = kt * BK;
+    const int j0 = kt * kBK;
 
     float s[NT][4];
 #pragma unroll
@@ -727,8 +725,8 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
       wg_fence();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
-        Wg<BK, E>::template rs<0>(
-            s, qf[kk], wg_desc(cK + WgSw<D, BK>::kstep(kk), 16, 1024), kk);
+        Wg<kBK, E>::template rs<0>(
+            s, qf[kk], wg_desc(cK + WgSw<D>::kstep(kk), 16, 1024), kk);
       wg_commit();
       wg_wait<0>();
       wg_fence_operands(s);
@@ -738,10 +736,10 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
       mm_abt_smem<D, NT, E>(s, sb, warp * 16, cK, lane);
     }
 
-    const bool need = (j0 + BK - 1 > q0) || (window && q0 + BQ - 1 - j0 >= window) ||
-                      (j0 + BK > seq) || sg;
+    const bool need = (j0 + kBK - 1 > q0) || (window && q0 + BQ - 1 - j0 >= window) ||
+                      (j0 + kBK > seq) || sg;
     if (need) {
-      const uint32_t *ss = reinterpret_cast<const uint32_t *>(sm + L::kSeg + st * BK * 4);
+      const uint32_t *ss = reinterpret_cast<const uint32_t *>(sm + L::kSeg + st * kBK * 4);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -789,7 +787,7 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
       p[nt][1] = pack2<E>(p2, p3);
     }
     if constexpr (WG)
-      wg_pb<D, BK, E, BK>(acc, p, cV);
+      wg_pb<D, kBK, E>(acc, p, cV);
     else
       mm_pb<D, kBK / 16, E>(acc, p, cV, lane);
   }
@@ -1865,19 +1863,7 @@ QT_ATTN_FWD8(F16, f16)
     QT_BODY(qt_attn::bwd_dq_storewg<DIM, qt_attn::E>(acc, dq, lddq, seq, heads, tiles,       \
                                                      scale);)                               \
   }
-// The two-warpgroup forward with 128-key tiles (S as m64n128k16), head dim 128.
-#define QT_ATTN_FWDWGW(E, S)                                                                \
-  extern "C" __global__ void __launch_bounds__(256)                                         \
-      attn_fwdwg8w_d128_##S(const uint16_t *q, uint64_t ldq, const uint16_t *k, uint64_t ldk, \
-                            const uint16_t *v, uint64_t ldv, const uint32_t *seg, uint16_t *o, \
-                            uint64_t ldo, float *lse, int seq, int heads, int kv_heads,     \
-                            int window, float scale) {                                      \
-    QT_BODY(qt_attn::fwd<128, 8, qt_attn::E, true, 128>(q, ldq, k, ldk, v, ldv, seg, o, ldo, \
-                                                        lse, seq, heads, kv_heads, window,  \
-                                                        scale);)                            \
-  }
 #define QT_ATTN_FWDWG_ALL(E, S)                                                             \
-  QT_ATTN_FWDWGW(E, S)                                                                      \
   QT_ATTN_FWDWG(fwdwg, 4, 64, E, S)                                                         \
   QT_ATTN_FWDWG(fwdwg, 4, 128, E, S)                                                        \
   QT_ATTN_FWDWG(fwdwg8, 8, 64, E, S) QT_ATTN_FWDWG(fwdwg8, 8, 128, E, S)                    \

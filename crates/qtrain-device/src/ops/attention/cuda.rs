@@ -39,23 +39,13 @@ impl FwdKernel {
             Self::Mma8 => "fwd8",
             Self::Wgmma4 => "fwdwg",
             Self::Wgmma8 => "fwdwg8",
-            Self::Wgmma8Wide => "fwdwg8w",
-        }
-    }
-
-    /// Keys per K/V tile.
-    fn key_tile(self) -> usize {
-        if self == Self::Wgmma8Wide {
-            2 * TILE
-        } else {
-            TILE
         }
     }
 
     fn warps(self) -> usize {
         match self {
             Self::Mma4 | Self::Wgmma4 => 4,
-            Self::Mma8 | Self::Wgmma8 | Self::Wgmma8Wide => 8,
+            Self::Mma8 | Self::Wgmma8 => 8,
         }
     }
 
@@ -68,7 +58,6 @@ impl FwdKernel {
                 "the 8-warp forward is built for head dim 128, not {head_dim}"
             )),
             Self::Mma8 => None,
-            Self::Wgmma8Wide => wgmma_unsupported(cc, head_dim, &[128], "128-key forward"),
             _ => wgmma_unsupported(cc, head_dim, Self::WGMMA_HEAD_DIMS, "forward"),
         }
     }
@@ -123,9 +112,9 @@ pub(super) fn split_kernels_for(c: &CudaDev, head_dim: usize) -> Result<SplitKer
 
 /// Dynamic shared memory of each kernel, as laid out by `FwdSmem`, `DkvSmem`, `DqSmem`
 /// (the wgmma kernels: [`WGMMA_SMEM_PAD`] more).
-fn fwd_smem(d: usize, warps: usize, key_tile: usize, wgmma: bool) -> u32 {
+fn fwd_smem(d: usize, warps: usize, wgmma: bool) -> u32 {
     let pad = if wgmma { WGMMA_SMEM_PAD } else { 0 };
-    (32 * warps * d + 8 * key_tile * d + 8 * key_tile) as u32 + pad
+    (32 * warps * d + 512 * d + 512) as u32 + pad
 }
 fn dkdv_smem(d: usize) -> u32 {
     (768 * d + 1536) as u32
@@ -316,7 +305,7 @@ pub(super) fn attention_fwd_kernel<T: Float>(
     }
     let warps = kern.warps();
     let rows = 16 * warps;
-    let smem = fwd_smem(d, warps, kern.key_tile(), kern.is_wgmma());
+    let smem = fwd_smem(d, warps, kern.is_wgmma());
     let f = if kern.is_wgmma() {
         kernel_sm90a::<T>(c, kern.op(), d, smem)?
     } else {

@@ -34,9 +34,7 @@ pub use selftest::{self_test, speed};
 /// The forward's kernels: `Mma4` (4 warps x 16 queries, mma.sync, every GPU from 8.0),
 /// `Mma8` (head dim 128: 128 queries share each K/V tile, half the L2 traffic, one CTA
 /// per SM), and on compute capability 9.0 `Wgmma4` / `Wgmma8` (head dim 128: the products
-/// as Hopper's warpgroup MMA, one or two warpgroups per CTA, from the sm_90a build), and
-/// `Wgmma8Wide` (two warpgroups, 128-key tiles: S as m64n128k16, half the barriers per
-/// key; docs/perf.md v14).
+/// as Hopper's warpgroup MMA, one or two warpgroups per CTA, from the sm_90a build).
 /// [`FwdKernel::default_for`] picks per GPU and head dim what measured fastest and
 /// correct there; `QTRAIN_ATTN_FWD` = `mma`, `mma8`, `wgmma` or `wgmma8` forces one for a
 /// whole run (benchmarks of a variant end to end; an error where it cannot run), and
@@ -47,17 +45,10 @@ pub enum FwdKernel {
     Mma8,
     Wgmma4,
     Wgmma8,
-    Wgmma8Wide,
 }
 
 impl FwdKernel {
-    pub const ALL: [FwdKernel; 5] = [
-        Self::Mma4,
-        Self::Mma8,
-        Self::Wgmma4,
-        Self::Wgmma8,
-        Self::Wgmma8Wide,
-    ];
+    pub const ALL: [FwdKernel; 4] = [Self::Mma4, Self::Mma8, Self::Wgmma4, Self::Wgmma8];
 
     /// The head dims the wgmma forward may run at: 128 only. `attn_fwdwg*_d64` are
     /// built (the emulator checks them) but gave wrong scores on an H100 (docs/perf.md
@@ -71,13 +62,12 @@ impl FwdKernel {
             Self::Mma8 => "mma8",
             Self::Wgmma4 => "wgmma",
             Self::Wgmma8 => "wgmma8",
-            Self::Wgmma8Wide => "wgmma8w",
         }
     }
 
     /// A Hopper (sm_90a) kernel.
     pub fn is_wgmma(self) -> bool {
-        matches!(self, Self::Wgmma4 | Self::Wgmma8 | Self::Wgmma8Wide)
+        matches!(self, Self::Wgmma4 | Self::Wgmma8)
     }
 
     /// `QTRAIN_ATTN_FWD`, read once; `None` when unset.
@@ -652,7 +642,7 @@ mod tests {
         );
         // Every label names one kernel.
         let labels: Vec<_> = all.iter().map(|k| k.label()).collect();
-        assert_eq!(labels, ["mma", "mma8", "wgmma", "wgmma8", "wgmma8w"]);
+        assert_eq!(labels, ["mma", "mma8", "wgmma", "wgmma8"]);
     }
 
     #[test]
