@@ -711,7 +711,7 @@ fn executed_flops_count_what_the_step_runs() {
 }
 
 /// `qtrain bench --attn-bwd` / `train.attention_backward`: the fused backwards add the
-/// f32 accumulators (dQ: tokens x heads x head_dim; with GQA the group's dK/dV: tokens x
+/// f32 accumulators (dQ: batch x whole 64-row tiles x heads x head_dim; with GQA the group's dK/dV: tokens x
 /// kv_heads x 2 head_dim) and their turn counters to the attention scratch; the memory model predicts the engine exactly in every mode, and
 /// the CPU (whose reference backward is exact in every mode) trains the same.
 #[test]
@@ -766,12 +766,12 @@ fn bench_fused_attention_backward_is_sized_by_the_memory_model() {
     }
     // 80 tokens: the D terms (2 x heads x 40) rounded up to 16 bytes, 2 x heads x 2
     // dQ counters (one 64-query tile of two steps per row) and 2 x kv_heads dK/dV
-    // counters (one key tile per row), then the dQ accumulator and, with GQA, the
-    // group's dK/dV accumulator.
+    // counters (one key tile per row), then the dQ accumulator (whole 64-query tiles:
+    // 2 x 64 rows) and, with GQA, the group's dK/dV accumulator.
     let stats = 2 * heads * 40;
     let turns = 2 * heads * 2 + 2 * kv;
     let kv_acc = if heads > kv { 80 * kv * 2 * d } else { 0 };
-    let acc = 80 * heads * d + kv_acc;
+    let acc = 2 * 64 * heads * d + kv_acc;
     let fused_scratch = (stats.next_multiple_of(4) + turns).next_multiple_of(4) + acc;
     for r in &runs[1..] {
         let grown = r.engine_peak.unwrap() - runs[0].engine_peak.unwrap();
