@@ -215,7 +215,8 @@ pub enum AttnBackward {
     /// the key tiles of a query tile one after the other in a fixed order (turn
     /// counters), and the heads of a GQA group sum their dK/dV shares the same way:
     /// five products, bit-reproducible, `tokens · (heads + 2 · kv_heads) · head_dim`
-    /// f32 more scratch; a key tile may wait a step for its turn.
+    /// f32 more scratch (dQ's rows padded to whole 64-query tiles); a key tile may wait
+    /// a step for its turn.
     Fused,
     /// The same, with atomic adds for dQ (FlashAttention-2's way): no waiting, but the
     /// order of the adds and so the rounding of dQ vary run to run. On a 9.0 GPU at head
