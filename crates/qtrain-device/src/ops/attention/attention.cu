@@ -258,6 +258,15 @@ template <int A, int B> QT_DEV void wg_fence_operands(float (&r)[A][B]) {
 #pragma unroll
     for (int j = 0; j < B; ++j) asm volatile("" : "+f"(r[i][j])::"memory");
 }
+// Keeps registers that an asynchronous wgmma reads as its A operand alive (and unchanged)
+// up to this point: after the wait for that product, so that the compiler does not give
+// them to other values while the tensor cores still read them.
+template <int A, int B> QT_DEV void wg_keep_operands(uint32_t (&r)[A][B]) {
+#pragma unroll
+  for (int i = 0; i < A; ++i)
+#pragma unroll
+    for (int j = 0; j < B; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
 template <int N, class E> struct Wg;
 template <int N, class E> struct WgSs;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -636,23 +645,37 @@ QT_DEV void store_rows(const float (&acc)[D / 8][4], float mul0, float mul1, cha
 // accumulators have the mma.sync layout too (element i of a warp's m64nN share = n-tile
 // i / 4, entry i % 4). The dynamic shared memory is 1 KiB larger: the K/V tiles start on
 // a 1024-byte boundary, as the swizzle needs.
-template <int D, int W = 4, bool WG = false> struct FwdSmem {
-  static constexpr int kQ = 16 * W * D * 2, kTile = kBK * D * 2;
-  static constexpr int kK = kQ, kV = kK + 2 * kTile, kSeg = kV + 2 * kTile;
-  static constexpr int kBytes = kSeg + 2 * kBK * 4 + (WG ? kWgPad : 0);
+//
+// PIPE (WG only): the pipelined wgmma forward (FlashAttention-3's intra-warpgroup
+// overlap). Each key tile's S = Q K^T goes out together with the previous tile's
+// O += P V (O rescaled between the two issues), and the softmax of this tile runs while
+// that product is in flight. The same operations on O in the same order as without PIPE
+// (bit-identical results), three K/V stages instead of two (the tile whose V a product
+// in flight reads stays put while the next one loads).
+template <int D, int W = 4, bool WG = false, int ST = 2> struct FwdSmem {
+  static constexpr int kTile = kBK * D * 2, kQBytes = 16 * W * D * 2;
+  // With three stages and one warpgroup (its Q tile the size of a K tile), Q lives in
+  // stage 2's K slot: it is read into registers before any tile loads there, and the
+  // output is staged there after the last product. Two such CTAs fit an SM.
+  static constexpr bool kQInStage = ST == 3 && kQBytes == kTile;
+  static constexpr int kK = kQInStage ? 0 : kQBytes, kV = kK + ST * kTile, kSeg = kV + ST * kTile;
+  static constexpr int kQ = kQInStage ? kK + 2 * kTile : 0;
+  static constexpr int kBytes = kSeg + ST * kBK * 4 + (WG ? kWgPad : 0);
   static_assert(!WG || (kK % 1024 == 0 && kTile % 1024 == 0), "wgmma tiles on 1 KiB");
 };
 
-template <int D, int W, class E, bool WG = false>
+template <int D, int W, class E, bool WG = false, bool PIPE = false>
 QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__restrict__ k,
                 uint64_t ldk, const uint16_t *__restrict__ v, uint64_t ldv,
                 const uint32_t *__restrict__ seg, uint16_t *__restrict__ o, uint64_t ldo,
                 float *__restrict__ lse, int seq, int heads, int kv_heads, int window,
                 float scale) {
-  using L = FwdSmem<D, W, WG>;
+  constexpr int ST = PIPE ? 3 : 2;  // K/V stages
+  using L = FwdSmem<D, W, WG, ST>;
   using KvLay = typename Pick<WG, WgSw<D>, Sw<D>>::type;
   constexpr int NT = kBK / 8, BQ = 16 * W, THREADS = 32 * W;
   static_assert(!WG || W % 4 == 0, "wgmma needs whole warpgroups");
+  static_assert(!PIPE || WG, "the pipelined forward is the wgmma one");
   // Q fragments stay in registers for small D; at D = 128 they would take 32 of the 255
   // registers and starve the ldmatrix -> mma pipelining, so they are re-read from shared
   // memory per key tile (8 extra ldmatrix per 64 of K and V), as FlashAttention-2 does.
@@ -676,7 +699,8 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
   const uint16_t *kb = k + tok0 * ldk + static_cast<uint64_t>(kvh) * D;
   const uint16_t *vb = v + tok0 * ldv + static_cast<uint64_t>(kvh) * D;
 
-  load_tile<D, BQ, THREADS>(sb, q + (tok0 + q0) * ldq + static_cast<uint64_t>(h) * D, ldq, q_end - q0);
+  load_tile<D, BQ, THREADS>(sb + L::kQ, q + (tok0 + q0) * ldq + static_cast<uint64_t>(h) * D, ldq,
+                            q_end - q0);
   cp_commit();
   auto load_kv = [&](int kt, int st) {
     const int j0 = kt * kBK, valid = imin(kBK, seq - j0);
@@ -695,7 +719,7 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
   if constexpr (kQRegs) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
-      ldsm4(qf[kk], sb + Sw<D>::off(warp * 16 + lr + (mi & 1) * 8, 2 * kk + (mi >> 1)));
+      ldsm4(qf[kk], sb + L::kQ + Sw<D>::off(warp * 16 + lr + (mi & 1) * 8, 2 * kk + (mi >> 1)));
   }
 
   const int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
@@ -707,35 +731,12 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
   for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
 
-  for (int kt = kt_hi, st = 0; kt >= kt_lo; --kt, st ^= 1) {
-    cp_wait<0>();
-    if constexpr (WG) fence_proxy_async();
-    bar_sync();  // tile kt is visible to all; everyone is done with the other buffer
-    if (kt > kt_lo) load_kv(kt - 1, st ^ 1);
-    const uint32_t cK = sb + L::kK + st * L::kTile, cV = sb + L::kV + st * L::kTile;
+  // Masks tile kt's scores (stage st) and runs the online softmax on them: the new
+  // running max and sum, P (f32, in place of the scores); returns the factors by which O
+  // must be rescaled before P V is added (running max m in raw score units, sum l a
+  // thread partial).
+  auto softmax = [&](float (&s)[NT][4], int kt, int st) {
     const int j0 = kt * kBK;
-
-    float s[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-    if constexpr (WG) {
-      // S = Q K^T, Q from registers: k-step kk of every key row at WgSw::kstep; 8-row
-      // groups 1024 bytes apart.
-      wg_fence_operands(s);
-      wg_fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        Wg<kBK, E>::template rs<0>(
-            s, qf[kk], wg_desc(cK + WgSw<D>::kstep(kk), 16, 1024), kk);
-      wg_commit();
-      wg_wait<0>();
-      wg_fence_operands(s);
-    } else if constexpr (kQRegs) {
-      mm_abt_regs<D, NT, E>(s, qf, cK, lane);
-    } else {
-      mm_abt_smem<D, NT, E>(s, sb, warp * 16, cK, lane);
-    }
-
     const bool need = (j0 + kBK - 1 > q0) || (window && q0 + BQ - 1 - j0 >= window) ||
                       (j0 + kBK > seq) || sg;
     if (need) {
@@ -750,8 +751,6 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
             s[nt][e] = -INFINITY;
         }
     }
-
-    // Online softmax: running max m (raw score units), running sum l (thread partial).
     float mx0 = m0, mx1 = m1;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -770,26 +769,136 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
     l0 *= al0;
     l1 *= al1;
 #pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt) {
-      acc[nt][0] *= al0;
-      acc[nt][1] *= al0;
-      acc[nt][2] *= al1;
-      acc[nt][3] *= al1;
-    }
-    uint32_t p[NT][2];
-#pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const float p0 = ex2(fmaf(s[nt][0], sl2, -base0)), p1 = ex2(fmaf(s[nt][1], sl2, -base0));
       const float p2 = ex2(fmaf(s[nt][2], sl2, -base1)), p3 = ex2(fmaf(s[nt][3], sl2, -base1));
       l0 += p0 + p1;
       l1 += p2 + p3;
-      p[nt][0] = pack2<E>(p0, p1);
-      p[nt][1] = pack2<E>(p2, p3);
+      s[nt][0] = p0;
+      s[nt][1] = p1;
+      s[nt][2] = p2;
+      s[nt][3] = p3;
     }
-    if constexpr (WG)
-      wg_pb<D, kBK, E>(acc, p, cV);
-    else
-      mm_pb<D, kBK / 16, E>(acc, p, cV, lane);
+    return float2{al0, al1};
+  };
+  // P rounded for the product (the A operand layout).
+  auto pack_p = [&](const float (&s)[NT][4], uint32_t (&p)[NT][2]) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      p[nt][0] = pack2<E>(s[nt][0], s[nt][1]);
+      p[nt][1] = pack2<E>(s[nt][2], s[nt][3]);
+    }
+  };
+  auto rescale = [&](float2 al) {
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      acc[nt][0] *= al.x;
+      acc[nt][1] *= al.x;
+      acc[nt][2] *= al.y;
+      acc[nt][3] *= al.y;
+    }
+  };
+  // S = Q K^T for the K tile at cK, Q from registers: k-step kk of every key row at
+  // WgSw::kstep; 8-row groups 1024 bytes apart (inside the caller's fence ... commit).
+  auto wg_qk_issue = [&](float (&s)[NT][4], uint32_t cK) {
+    if constexpr (WG) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        Wg<kBK, E>::template rs<0>(s, qf[kk], wg_desc(cK + WgSw<D>::kstep(kk), 16, 1024), kk);
+    }
+  };
+
+  if constexpr (PIPE) {
+    // Tile kt lives in stage st = (kt_hi - kt) % 3. Iteration kt issues S = Q K_kt^T, then
+    // (O rescaled meanwhile) O += P V of tile kt + 1, and runs tile kt's softmax while that
+    // product is in flight. The barrier at its top follows every thread's wait for the
+    // product of tile kt + 2 (issued in iteration kt + 1), so tile kt - 1 may load into
+    // that stage while tile kt + 1's V is being read. Each product has its own wgmma.fence,
+    // and the first tile (no product before it) is peeled off the loop: ptxas serializes
+    // the products unless every path through the loop body waits for them the same way.
+    auto next_tile = [&](int kt, int st) {  // tile kt has landed; tile kt - 1 starts loading
+      cp_wait<0>();
+      fence_proxy_async();
+      bar_sync();
+      if (kt > kt_lo) load_kv(kt - 1, st == ST - 1 ? 0 : st + 1);
+    };
+    uint32_t pp[NT][2];  // P of tile kt + 1: the A operand of the product in flight
+    float2 al;           // tile kt + 1's rescaling of O
+    {
+      next_tile(kt_hi, 0);
+      float s[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      wg_fence_operands(s);
+      wg_fence();
+      wg_qk_issue(s, sb + L::kK);
+      wg_commit();
+      wg_wait<0>();
+      wg_fence_operands(s);
+      al = softmax(s, kt_hi, 0);
+      pack_p(s, pp);
+    }
+    int st = 1;
+    for (int kt = kt_hi - 1; kt >= kt_lo; --kt) {
+      const int st_prev = st == 0 ? ST - 1 : st - 1;
+      next_tile(kt, st);
+      float s[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      wg_fence_operands(s);
+      wg_fence();
+      wg_qk_issue(s, sb + L::kK + st * L::kTile);
+      wg_commit();
+      rescale(al);
+      wg_fence_operands(acc);
+      wg_fence();
+      wg_pb_issue<D, kBK, E>(acc, pp, sb + L::kV + st_prev * L::kTile);
+      wg_commit();
+      wg_wait<1>();  // S has landed; P V may still run
+      wg_fence_operands(s);
+      // P stays f32 in s until the product has landed: writing a wgmma's input
+      // registers (pp) while one is in flight makes ptxas serialize them.
+      al = softmax(s, kt, st);
+      wg_wait<0>();
+      wg_fence_operands(acc);
+      wg_keep_operands(pp);  // the product read pp until here
+      pack_p(s, pp);
+      st = st == ST - 1 ? 0 : st + 1;
+    }
+    // The last tile's P V (tile kt_lo, in the stage before st).
+    rescale(al);
+    wg_pb<D, kBK, E>(acc, pp, sb + L::kV + (st == 0 ? ST - 1 : st - 1) * L::kTile);
+  } else {
+    for (int kt = kt_hi, st = 0; kt >= kt_lo; --kt, st ^= 1) {
+      cp_wait<0>();
+      if constexpr (WG) fence_proxy_async();
+      bar_sync();  // tile kt is visible to all; everyone is done with the other buffer
+      if (kt > kt_lo) load_kv(kt - 1, st ^ 1);
+      const uint32_t cK = sb + L::kK + st * L::kTile, cV = sb + L::kV + st * L::kTile;
+
+      float s[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      if constexpr (WG) {
+        wg_fence_operands(s);
+        wg_fence();
+        wg_qk_issue(s, cK);
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_operands(s);
+      } else if constexpr (kQRegs) {
+        mm_abt_regs<D, NT, E>(s, qf, cK, lane);
+      } else {
+        mm_abt_smem<D, NT, E>(s, sb + L::kQ, warp * 16, cK, lane);
+      }
+      uint32_t p[NT][2];
+      rescale(softmax(s, kt, st));
+      pack_p(s, p);
+      if constexpr (WG)
+        wg_pb<D, kBK, E>(acc, p, cV);
+      else
+        mm_pb<D, kBK / 16, E>(acc, p, cV, lane);
+    }
   }
 
   l0 += shfl_xor(l0, 1);
@@ -803,7 +912,7 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
   }
   // The diagonal is always visible, so l > 0 on every stored row.
   const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-  store_rows<D, E>(acc, inv0, inv1, sm, warp * 16,
+  store_rows<D, E>(acc, inv0, inv1, sm + L::kQ, warp * 16,
                    o + (tok0 + q0) * ldo + static_cast<uint64_t>(h) * D, ldo, q_end - q0, lane);
 }
 
@@ -1813,16 +1922,18 @@ QT_ATTN_FWD8(Bf16, bf16)
 QT_ATTN_FWD8(F16, f16)
 #else
 // The sm_90a build (attention_sm90a.ptx, loaded on compute capability 9.0 only): the
-// wgmma forward, one (W = 4, 64 queries) or two (W = 8, 128 queries) warpgroups per CTA.
-#define QT_ATTN_FWDWG(NAME, W, DIM, E, S)                                                   \
+// wgmma forward, one (W = 4, 64 queries) or two (W = 8, 128 queries) warpgroups per CTA, and
+// the pipelined ones (fwdwgp4, fwdwgp: head dim 128, see FwdSmem).
+#define QT_ATTN_FWDWG(NAME, W, DIM, E, S, PIPE)                                             \
   extern "C" __global__ void __launch_bounds__(32 * W)                                      \
       attn_##NAME##_d##DIM##_##S(const uint16_t *q, uint64_t ldq, const uint16_t *k,        \
                                  uint64_t ldk, const uint16_t *v, uint64_t ldv,             \
                                  const uint32_t *seg, uint16_t *o, uint64_t ldo,            \
                                  float *lse, int seq, int heads, int kv_heads, int window,  \
                                  float scale) {                                             \
-    QT_BODY(qt_attn::fwd<DIM, W, qt_attn::E, true>(q, ldq, k, ldk, v, ldv, seg, o, ldo, lse, \
-                                                   seq, heads, kv_heads, window, scale);)   \
+    QT_BODY(qt_attn::fwd<DIM, W, qt_attn::E, true, PIPE>(q, ldq, k, ldk, v, ldv, seg, o, ldo, \
+                                                         lse, seq, heads, kv_heads, window, \
+                                                         scale);)                           \
   }
 // and the wgmma dK/dV and dQ kernels of the split backward.
 #define QT_ATTN_DKDVWG(DIM, E, S)                                                           \
@@ -1864,9 +1975,10 @@ QT_ATTN_FWD8(F16, f16)
                                                      scale);)                               \
   }
 #define QT_ATTN_FWDWG_ALL(E, S)                                                             \
-  QT_ATTN_FWDWG(fwdwg, 4, 64, E, S)                                                         \
-  QT_ATTN_FWDWG(fwdwg, 4, 128, E, S)                                                        \
-  QT_ATTN_FWDWG(fwdwg8, 8, 64, E, S) QT_ATTN_FWDWG(fwdwg8, 8, 128, E, S)                    \
+  QT_ATTN_FWDWG(fwdwg, 4, 64, E, S, false)                                                  \
+  QT_ATTN_FWDWG(fwdwg, 4, 128, E, S, false)                                                 \
+  QT_ATTN_FWDWG(fwdwg8, 8, 64, E, S, false) QT_ATTN_FWDWG(fwdwg8, 8, 128, E, S, false)      \
+  QT_ATTN_FWDWG(fwdwgp, 8, 128, E, S, true) QT_ATTN_FWDWG(fwdwgp4, 4, 128, E, S, true)       \
   QT_ATTN_DKDVWG(64, E, S) QT_ATTN_DKDVWG(128, E, S)                                        \
   QT_ATTN_DQWG(64, E, S) QT_ATTN_DQWG(128, E, S) QT_ATTN_FUSEDWG(128, E, S)
 QT_ATTN_FWDWG_ALL(Bf16, bf16)

@@ -39,14 +39,21 @@ impl FwdKernel {
             Self::Mma8 => "fwd8",
             Self::Wgmma4 => "fwdwg",
             Self::Wgmma8 => "fwdwg8",
+            Self::Wgmma4P => "fwdwgp4",
+            Self::Wgmma8P => "fwdwgp",
         }
     }
 
     fn warps(self) -> usize {
         match self {
-            Self::Mma4 | Self::Wgmma4 => 4,
-            Self::Mma8 | Self::Wgmma8 => 8,
+            Self::Mma4 | Self::Wgmma4 | Self::Wgmma4P => 4,
+            Self::Mma8 | Self::Wgmma8 | Self::Wgmma8P => 8,
         }
+    }
+
+    /// K/V tiles in flight (`FwdSmem`'s `ST`): the pipelined kernels keep a third.
+    fn pipelined(self) -> bool {
+        matches!(self, Self::Wgmma4P | Self::Wgmma8P)
     }
 
     /// Why this kernel cannot run here, if it cannot: head dim 128 (`Mma8`, wgmma), and
@@ -58,6 +65,9 @@ impl FwdKernel {
                 "the 8-warp forward is built for head dim 128, not {head_dim}"
             )),
             Self::Mma8 => None,
+            Self::Wgmma4P | Self::Wgmma8P if head_dim != 128 => Some(format!(
+                "the pipelined wgmma forward is built for head dim 128, not {head_dim}"
+            )),
             _ => wgmma_unsupported(cc, head_dim, Self::WGMMA_HEAD_DIMS, "forward"),
         }
     }
@@ -110,11 +120,18 @@ pub(super) fn split_kernels_for(c: &CudaDev, head_dim: usize) -> Result<SplitKer
         .unwrap_or_else(|| SplitKernels::default_for(cc, head_dim, !PTX_SM90A.is_empty())))
 }
 
-/// Dynamic shared memory of each kernel, as laid out by `FwdSmem`, `DkvSmem`, `DqSmem`
-/// (the wgmma kernels: [`WGMMA_SMEM_PAD`] more).
-fn fwd_smem(d: usize, warps: usize, wgmma: bool) -> u32 {
+/// Dynamic shared memory of each kernel, as laid out by `FwdSmem` (the Q tile, then two
+/// or, pipelined, three stages of K, V and segment-id tiles; the pipelined one-warpgroup
+/// kernel keeps Q in the third stage's K slot), `DkvSmem`, `DqSmem` (the wgmma kernels:
+/// [`WGMMA_SMEM_PAD`] more).
+fn fwd_smem(d: usize, warps: usize, pipelined: bool, wgmma: bool) -> u32 {
     let pad = if wgmma { WGMMA_SMEM_PAD } else { 0 };
-    (32 * warps * d + 512 * d + 512) as u32 + pad
+    let (stages, q) = match (pipelined, warps) {
+        (true, 4) => (3, 0),
+        (true, _) => (3, 32 * warps * d),
+        (false, _) => (2, 32 * warps * d),
+    };
+    (q + stages * (256 * d + 256)) as u32 + pad
 }
 fn dkdv_smem(d: usize) -> u32 {
     (768 * d + 1536) as u32
@@ -305,7 +322,7 @@ pub(super) fn attention_fwd_kernel<T: Float>(
     }
     let warps = kern.warps();
     let rows = 16 * warps;
-    let smem = fwd_smem(d, warps, kern.is_wgmma());
+    let smem = fwd_smem(d, warps, kern.pipelined(), kern.is_wgmma());
     let f = if kern.is_wgmma() {
         kernel_sm90a::<T>(c, kern.op(), d, smem)?
     } else {
@@ -550,7 +567,7 @@ fn fused_bwd<T: Float>(
     let (acc, kv_acc) = (at(layout.acc), at(layout.kv_acc));
     let ordered = mode == AttnBackward::Fused;
     if !ordered && fused_wgmma_here(c, d)? {
-        return fused_wgmma_bwd::<T>(c, s, ins, dk, dv, dq, at(layout.acc));
+        return fused_wgmma_bwd::<T>(c, s, ins, dk, dv, dq, acc);
     }
     // Both variants sum the group's dK/dV in head order (turns); only the ordered one
     // hands the dQ sums on (its first key tile stores, so the accumulator needs no zeroing).

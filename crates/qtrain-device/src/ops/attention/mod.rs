@@ -34,9 +34,12 @@ pub use selftest::{self_test, speed};
 /// The forward's kernels: `Mma4` (4 warps x 16 queries, mma.sync, every GPU from 8.0),
 /// `Mma8` (head dim 128: 128 queries share each K/V tile, half the L2 traffic, one CTA
 /// per SM), and on compute capability 9.0 `Wgmma4` / `Wgmma8` (head dim 128: the products
-/// as Hopper's warpgroup MMA, one or two warpgroups per CTA, from the sm_90a build).
+/// as Hopper's warpgroup MMA, one or two warpgroups per CTA, from the sm_90a build) and
+/// `Wgmma4P` / `Wgmma8P` (`Wgmma4` / `Wgmma8` pipelined: each key tile's S = Q Kᵀ
+/// issued beside the previous tile's O += P V, the softmax running while that product is
+/// in flight; three K/V stages; bit-identical results to the unpipelined kernel).
 /// [`FwdKernel::default_for`] picks per GPU and head dim what measured fastest and
-/// correct there; `QTRAIN_ATTN_FWD` = `mma`, `mma8`, `wgmma` or `wgmma8` forces one for a
+/// correct there; `QTRAIN_ATTN_FWD` = `mma`, `mma8`, `wgmma`, `wgmma8`, `wgmma4p` or `wgmma8p` forces one for a
 /// whole run (benchmarks of a variant end to end; an error where it cannot run), and
 /// `qtrain doctor` checks every variant against the CPU reference and times it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,10 +48,19 @@ pub enum FwdKernel {
     Mma8,
     Wgmma4,
     Wgmma8,
+    Wgmma4P,
+    Wgmma8P,
 }
 
 impl FwdKernel {
-    pub const ALL: [FwdKernel; 4] = [Self::Mma4, Self::Mma8, Self::Wgmma4, Self::Wgmma8];
+    pub const ALL: [FwdKernel; 6] = [
+        Self::Mma4,
+        Self::Mma8,
+        Self::Wgmma4,
+        Self::Wgmma8,
+        Self::Wgmma4P,
+        Self::Wgmma8P,
+    ];
 
     /// The head dims the wgmma forward may run at: 128 only. `attn_fwdwg*_d64` are
     /// built (the emulator checks them) but gave wrong scores on an H100 (docs/perf.md
@@ -62,12 +74,17 @@ impl FwdKernel {
             Self::Mma8 => "mma8",
             Self::Wgmma4 => "wgmma",
             Self::Wgmma8 => "wgmma8",
+            Self::Wgmma4P => "wgmma4p",
+            Self::Wgmma8P => "wgmma8p",
         }
     }
 
     /// A Hopper (sm_90a) kernel.
     pub fn is_wgmma(self) -> bool {
-        matches!(self, Self::Wgmma4 | Self::Wgmma8)
+        matches!(
+            self,
+            Self::Wgmma4 | Self::Wgmma8 | Self::Wgmma4P | Self::Wgmma8P
+        )
     }
 
     /// `QTRAIN_ATTN_FWD`, read once; `None` when unset.
@@ -643,7 +660,10 @@ mod tests {
         );
         // Every label names one kernel.
         let labels: Vec<_> = all.iter().map(|k| k.label()).collect();
-        assert_eq!(labels, ["mma", "mma8", "wgmma", "wgmma8"]);
+        assert_eq!(
+            labels,
+            ["mma", "mma8", "wgmma", "wgmma8", "wgmma4p", "wgmma8p"]
+        );
     }
 
     #[test]

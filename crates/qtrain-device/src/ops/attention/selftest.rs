@@ -323,9 +323,16 @@ fn attention_case<T: Float>(
     };
     let (o_ref, lse_ref) = fwd(&cpu, None)?;
     // The default path, in the pass of its kernel's kind.
+    // Each kernel's outputs (o, lse), for the bit-identity of the pipelined forwards below.
+    type Outputs = (Vec<f32>, Vec<f32>);
+    let mut outputs: Vec<(FwdKernel, Outputs)> = Vec::new();
     let (eo, el) = if fwd_default_here {
         let (o, lse) = fwd(dev, None)?;
-        (rel_err(&o, &o_ref), rel_err(&lse, &lse_ref))
+        let errs = (rel_err(&o, &o_ref), rel_err(&lse, &lse_ref));
+        if let Some(k) = default_fwd {
+            outputs.push((k, (o, lse)));
+        }
+        errs
     } else {
         (0.0, 0.0)
     };
@@ -334,8 +341,29 @@ fn attention_case<T: Float>(
     for kern in fwd_kerns {
         let (ov, lv) = fwd(dev, Some(kern))?;
         variants.push((kern, rel_err(&ov, &o_ref).max(rel_err(&lv, &lse_ref))));
+        outputs.push((kern, (ov, lv)));
     }
-    let worst_variant = variants.iter().map(|v| v.1).fold(0.0, f64::max);
+    // A pipelined wgmma forward runs the same operations on O in the same order as its
+    // unpipelined kernel: any bit that differs is a fault (a product reading registers or
+    // shared memory that changed under it), however small.
+    let of = |k: FwdKernel| outputs.iter().find(|o| o.0 == k).map(|o| &o.1);
+    let bits = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    let pipelined: Vec<(FwdKernel, FwdKernel, bool)> = [
+        (FwdKernel::Wgmma4, FwdKernel::Wgmma4P),
+        (FwdKernel::Wgmma8, FwdKernel::Wgmma8P),
+    ]
+    .into_iter()
+    .filter_map(|(plain, piped)| {
+        let (a, b) = (of(plain)?, of(piped)?);
+        Some((plain, piped, bits(&a.0, &b.0) && bits(&a.1, &b.1)))
+    })
+    .collect();
+    let pipelined_same = pipelined.iter().all(|p| p.2);
+    let worst_variant = variants
+        .iter()
+        .map(|v| v.1)
+        .fold(0.0, f64::max)
+        .max(if !pipelined_same { f64::INFINITY } else { 0.0 });
 
     // The backward of both devices starts from the reference's (rounded) O and lse, so
     // it is checked on its own.
@@ -394,6 +422,14 @@ fn attention_case<T: Float>(
                     .iter()
                     .map(|(k, e)| format!("{} {e:.1e}", k.label())),
             )
+            .chain(pipelined.iter().map(|(plain, piped, same)| {
+                let how = if *same {
+                    "bit-identical to"
+                } else {
+                    "DIFFERS from"
+                };
+                format!("{} {how} {}", piped.label(), plain.label())
+            }))
             .collect::<Vec<_>>()
             .join(", ");
         out.push(check(

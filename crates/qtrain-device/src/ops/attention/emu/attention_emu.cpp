@@ -184,6 +184,23 @@ template <class E> Result run(const Shape &s, uint64_t seed) {
       check_fwd(W == 4 ? "wgmma, 1 warpgroup" : "wgmma, 2 warpgroups");
     }
   }
+  if (D == 128) {  // the pipelined wgmma forwards (S of a tile beside P V of the one before)
+    for (const int W : {4, 8}) {
+      std::fill(o.begin(), o.end(), poison);
+      std::fill(lse.begin(), lse.end(), NaN);
+      auto fwdwgp = [&]() {
+        if (W == 4)
+          fwd<128, 4, E, true, true>(qp, ldqkv, kp, ldqkv, vp, ldqkv, segp, o.data(), ldo, lse.data(),
+                                     s.seq, H, KV, s.window, scale);
+        else
+          fwd<128, 8, E, true, true>(qp, ldqkv, kp, ldqkv, vp, ldqkv, segp, o.data(), ldo, lse.data(),
+                                     s.seq, H, KV, s.window, scale);
+      };
+      emu::launch({static_cast<unsigned>(H), static_cast<unsigned>((s.seq + 16 * W - 1) / (16 * W)), static_cast<unsigned>(s.batch)},
+                  32 * W, W == 4 ? FwdSmem<128, 4, true, 3>::kBytes : FwdSmem<128, 8, true, 3>::kBytes, fwdwgp);
+      check_fwd(W == 4 ? "wgmma, 1 warpgroup, pipelined" : "wgmma, 2 warpgroups, pipelined");
+    }
+  }
 
   // Backward: reference O (rounded) and lse feed both sides.
   std::vector<uint16_t> o_in(static_cast<size_t>(n) * ldo, poison);

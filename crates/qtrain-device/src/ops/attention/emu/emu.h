@@ -371,6 +371,7 @@ template <class E> inline float2 unpack2(uint32_t u) {
 inline void fence_proxy_async() { emu::ts.smem_unfenced = false; }
 inline void wg_fence() { emu::ts.wg_fenced = true; }
 template <class T> inline void wg_fence_operands(T &) {}
+template <class T> inline void wg_keep_operands(T &) {}  // A registers: copied at issue here
 inline void wg_commit() {
   emu::ts.wg_groups.push_back(std::move(emu::ts.wg_open));
   emu::ts.wg_open.clear();
