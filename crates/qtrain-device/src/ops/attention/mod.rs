@@ -96,14 +96,16 @@ impl FwdKernel {
 
     /// The forward a GPU of compute capability `cc` runs at `head_dim` unless
     /// `QTRAIN_ATTN_FWD` says otherwise (`wgmma_built`: the binary holds the sm_90a
-    /// kernels). On 9.0 at head dim 128 the two-warpgroup wgmma kernel: 1.46x the
-    /// mma.sync forward's rate on an H200 at 1 x 8192 (docs/perf.md v10), correct on
-    /// every masking case of the hardware check. At head dim 64 the wgmma forward gave
-    /// wrong scores on the H100 although the emulator passes it (v10), so it is not
-    /// offered there; everywhere else the mma.sync kernel.
+    /// kernels). On 9.0 at head dim 128 the pipelined one-warpgroup wgmma kernel: 1.55x
+    /// the mma.sync forward's rate on an H100 at 1 x 8192, 1.09x the two-warpgroup
+    /// kernel's (v10's default), bit-identical to the unpipelined one-warpgroup kernel,
+    /// which is correct on every masking case of the hardware check (docs/perf.md v15).
+    /// At head dim 64 the wgmma forward gave wrong scores on the H100 although the
+    /// emulator passes it (v10, v15), so it is not offered there; everywhere else the
+    /// mma.sync kernel.
     pub fn default_for(cc: (i32, i32), head_dim: usize, wgmma_built: bool) -> Self {
         if cc == (9, 0) && wgmma_built && Self::WGMMA_HEAD_DIMS.contains(&head_dim) {
-            Self::Wgmma8
+            Self::Wgmma4P
         } else {
             Self::Mma4
         }
@@ -670,8 +672,9 @@ mod tests {
     fn the_wgmma_kernels_are_the_default_only_where_they_were_measured_right() {
         use FwdKernel::*;
         let hopper = (9, 0);
-        // Head dim 128 on a 9.0 GPU with the sm_90a build: wgmma both ways.
-        assert_eq!(FwdKernel::default_for(hopper, 128, true), Wgmma8);
+        // Head dim 128 on a 9.0 GPU with the sm_90a build: wgmma both ways (the
+        // forward pipelined, one warpgroup per CTA: docs/perf.md v15).
+        assert_eq!(FwdKernel::default_for(hopper, 128, true), Wgmma4P);
         assert_eq!(
             SplitKernels::default_for(hopper, 128, true),
             SplitKernels::Wgmma
