@@ -799,13 +799,36 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
     }
   };
   // S = Q K^T for the K tile at cK, Q from registers: k-step kk of every key row at
-  // WgSw::kstep; 8-row groups 1024 bytes apart (inside the caller's fence ... commit).
+  // WgSw::kstep; 8-row groups 1024 bytes apart. `wg_qk_issue` goes inside the caller's
+  // fence ... commit; `wg_qk` runs it alone and waits for it.
   auto wg_qk_issue = [&](float (&s)[NT][4], uint32_t cK) {
     if constexpr (WG) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
         Wg<kBK, E>::template rs<0>(s, qf[kk], wg_desc(cK + WgSw<D>::kstep(kk), 16, 1024), kk);
     }
+  };
+  auto zero_s = [&](float (&s)[NT][4]) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+  };
+  auto wg_qk = [&](float (&s)[NT][4], uint32_t cK) {
+    wg_fence_operands(s);
+    wg_fence();
+    wg_qk_issue(s, cK);
+    wg_commit();
+    wg_wait<0>();
+    wg_fence_operands(s);
+  };
+  // The K/V stages form a ring. `next_tile` waits until tile kt (stage st) has landed and
+  // every thread sees it and is done with the next stage, then starts tile kt - 1 there.
+  auto next_stage = [](int st) { return ST == 2 ? st ^ 1 : st == ST - 1 ? 0 : st + 1; };
+  auto prev_stage = [](int st) { return ST == 2 ? st ^ 1 : st == 0 ? ST - 1 : st - 1; };
+  auto next_tile = [&](int kt, int st) {
+    cp_wait<0>();
+    if constexpr (WG) fence_proxy_async();
+    bar_sync();
+    if (kt > kt_lo) load_kv(kt - 1, next_stage(st));
   };
 
   if constexpr (PIPE) {
@@ -816,35 +839,21 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
     // that stage while tile kt + 1's V is being read. Each product has its own wgmma.fence,
     // and the first tile (no product before it) is peeled off the loop: ptxas serializes
     // the products unless every path through the loop body waits for them the same way.
-    auto next_tile = [&](int kt, int st) {  // tile kt has landed; tile kt - 1 starts loading
-      cp_wait<0>();
-      fence_proxy_async();
-      bar_sync();
-      if (kt > kt_lo) load_kv(kt - 1, st == ST - 1 ? 0 : st + 1);
-    };
     uint32_t pp[NT][2];  // P of tile kt + 1: the A operand of the product in flight
     float2 al;           // tile kt + 1's rescaling of O
     {
       next_tile(kt_hi, 0);
       float s[NT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      wg_fence_operands(s);
-      wg_fence();
-      wg_qk_issue(s, sb + L::kK);
-      wg_commit();
-      wg_wait<0>();
-      wg_fence_operands(s);
+      zero_s(s);
+      wg_qk(s, sb + L::kK);
       al = softmax(s, kt_hi, 0);
       pack_p(s, pp);
     }
     int st = 1;
     for (int kt = kt_hi - 1; kt >= kt_lo; --kt) {
-      const int st_prev = st == 0 ? ST - 1 : st - 1;
       next_tile(kt, st);
       float s[NT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      zero_s(s);
       wg_fence_operands(s);
       wg_fence();
       wg_qk_issue(s, sb + L::kK + st * L::kTile);
@@ -852,7 +861,7 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
       rescale(al);
       wg_fence_operands(acc);
       wg_fence();
-      wg_pb_issue<D, kBK, E>(acc, pp, sb + L::kV + st_prev * L::kTile);
+      wg_pb_issue<D, kBK, E>(acc, pp, sb + L::kV + prev_stage(st) * L::kTile);
       wg_commit();
       wg_wait<1>();  // S has landed; P V may still run
       wg_fence_operands(s);
@@ -863,29 +872,20 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
       wg_fence_operands(acc);
       wg_keep_operands(pp);  // the product read pp until here
       pack_p(s, pp);
-      st = st == ST - 1 ? 0 : st + 1;
+      st = next_stage(st);
     }
     // The last tile's P V (tile kt_lo, in the stage before st).
     rescale(al);
-    wg_pb<D, kBK, E>(acc, pp, sb + L::kV + (st == 0 ? ST - 1 : st - 1) * L::kTile);
+    wg_pb<D, kBK, E>(acc, pp, sb + L::kV + prev_stage(st) * L::kTile);
   } else {
-    for (int kt = kt_hi, st = 0; kt >= kt_lo; --kt, st ^= 1) {
-      cp_wait<0>();
-      if constexpr (WG) fence_proxy_async();
-      bar_sync();  // tile kt is visible to all; everyone is done with the other buffer
-      if (kt > kt_lo) load_kv(kt - 1, st ^ 1);
+    for (int kt = kt_hi, st = 0; kt >= kt_lo; --kt, st = next_stage(st)) {
+      next_tile(kt, st);
       const uint32_t cK = sb + L::kK + st * L::kTile, cV = sb + L::kV + st * L::kTile;
 
       float s[NT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      zero_s(s);
       if constexpr (WG) {
-        wg_fence_operands(s);
-        wg_fence();
-        wg_qk_issue(s, cK);
-        wg_commit();
-        wg_wait<0>();
-        wg_fence_operands(s);
+        wg_qk(s, cK);
       } else if constexpr (kQRegs) {
         mm_abt_regs<D, NT, E>(s, qf, cK, lane);
       } else {
