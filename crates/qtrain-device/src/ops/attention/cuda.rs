@@ -126,12 +126,11 @@ pub(super) fn split_kernels_for(c: &CudaDev, head_dim: usize) -> Result<SplitKer
 /// [`WGMMA_SMEM_PAD`] more).
 fn fwd_smem(d: usize, warps: usize, pipelined: bool, wgmma: bool) -> u32 {
     let pad = if wgmma { WGMMA_SMEM_PAD } else { 0 };
-    let (stages, q) = match (pipelined, warps) {
-        (true, 4) => (3, 0),
-        (true, _) => (3, 32 * warps * d),
-        (false, _) => (2, 32 * warps * d),
-    };
-    (q + stages * (256 * d + 256)) as u32 + pad
+    let stages = if pipelined { 3 } else { 2 };
+    // `FwdSmem::kQInStage`: three stages and a Q tile the size of a K tile (64 rows).
+    let (q, tile) = (32 * warps * d, 128 * d);
+    let q_own = if stages == 3 && q == tile { 0 } else { q };
+    (q_own + stages * (2 * tile + 256)) as u32 + pad
 }
 fn dkdv_smem(d: usize) -> u32 {
     (768 * d + 1536) as u32
