@@ -68,10 +68,11 @@ pub struct Args {
     /// fits), as `train.keep_mlp_activations`.
     #[arg(long, default_value = "auto")]
     keep_mlp: String,
-    /// Keep the gradient checkpoints in pinned host memory (a ring of two layer
-    /// inputs on the GPU, copies on a side stream): `on`, `off`, or `auto` (on when
-    /// the memory model says the case does not fit without it and does with it),
-    /// as `train.offload_checkpoints`.
+    /// Keep the gradient checkpoints in pinned host memory (a ring of two layers'
+    /// inputs on the GPU, copies on a side stream; a kept attention half travels
+    /// with them): `on`, `off`, or `auto` (on when the memory model says the case
+    /// does not fit without it and does with it, or when it is what lets the
+    /// attention half be kept), as `train.offload_checkpoints`.
     #[arg(long, default_value = "auto")]
     offload: String,
     /// Cap on what the frozen base and the engine's buffers may allocate, e.g.

@@ -12,6 +12,9 @@
 //! | `attn_residuals` | `L·n·h` | with `save_attention_residual`: each layer's residual after attention |
 //! | `attn_outputs lse_outputs` | `L·n·heads·d`, `L·b·heads·seq` | with `save_attention_residual`: each layer's attention output and log-sum-exp (in place of `attn lse`), so the backward does not run the attention forward again |
 //! | `qkv_outputs` (`qk_normed_outputs qk_inv_outputs`) | `L·n·qc` (`L·n·(heads + kv)·d`, `L·n·(heads + kv)`) | with `save_attention_residual`: each layer's `qkv` (and q/k norm buffers), in place of one layer's, so the backward does not run the q/k/v product, RoPE or the norms again |
+//!
+//! With `offload_layer_inputs` every per-layer buffer of [`OFFLOADED`] (the layer
+//! inputs, and the kept attention half) holds a ring of `R` layers instead of `L`.
 //! | `h1 x2 h2 dres dh` | `n·h` each | norms' outputs, the residual after attention, gradients |
 //! | `qkv dqkv` | `n·qc` each | fused q/k/v (after RoPE; with q/k norms, before them) and their gradients |
 //! | `qk_normed qk_inv` | `n·(heads + kv)·d`, `n·(heads + kv)` | with q/k norms (Qwen 3): q and k after the per-head norm and RoPE (what attention reads), each head's inverse RMS |
@@ -27,23 +30,38 @@
 //! | `fp8_input fp8_input_scales` | the widest product input (`max(n·qc, c·2I)`), `n` | with `fp8_base`: one product input's E4M3 codes and per-token scales |
 //! | `rope_table_cos rope_table_sin` | `seq·d/2` each | RoPE of positions `0..seq`, computed once per workspace; a batch's per-token tables `rope_cos rope_sin` are gathered from them by `positions` |
 //!
-//! With `offload_layer_inputs` one buffer lives in (page-locked) host memory,
+//! With `offload_layer_inputs` the host copies live in (page-locked) host memory,
 //! listed apart ([`WorkspaceLayout::host_buffers`], not in
 //! [`WorkspaceLayout::total_bytes`]):
 //!
 //! | buffer | elements | role |
 //! |---|---|---|
 //! | `layer_inputs_host` | `(L - R)·n·h` | the inputs of layers `0..L-R`, copied out in the forward and back in the backward (the last `R` layers' stay in the ring) |
+//! | `<kept>_host` | `(L - R)·` per layer | with `save_attention_residual`: the same for each kept buffer of the attention half (`qkv_outputs`, `attn_residuals`, `attn_outputs`, `lse_outputs`, with q/k norms `qk_normed_outputs`, `qk_inv_outputs`) |
 
 use crate::step::EngineOptions;
 use qtrain_device::ops::attention::{AttnBackward, AttnShape};
 use qtrain_model::ModelConfig;
 
-/// Device slots of layer inputs with `offload_layer_inputs`: layer `l`'s input
-/// lives in slot `l % R`. Two suffice for full overlap: in the forward a slot's copy
+/// Device slots of layer inputs (and of the kept attention half) with
+/// `offload_layer_inputs`: layer `l`'s lives in slot `l % R`. Two suffice for full overlap: in the forward a slot's copy
 /// to the host runs during the next layer, in the backward the next slot's copy
 /// from the host runs during the current layer's backward.
 pub const OFFLOAD_RING: usize = 2;
+
+/// The per-layer checkpoint buffers that travel to host memory with
+/// `offload_layer_inputs` (device ring, host copy), in the order the engine's
+/// stages hold them: the layer inputs always, the attention half's outputs when
+/// they are kept (`save_attention_residual`).
+pub const OFFLOADED: [(&str, &str); 7] = [
+    ("layer_inputs", "layer_inputs_host"),
+    ("qkv_outputs", "qkv_outputs_host"),
+    ("qk_normed_outputs", "qk_normed_outputs_host"),
+    ("attn_residuals", "attn_residuals_host"),
+    ("attn_outputs", "attn_outputs_host"),
+    ("qk_inv_outputs", "qk_inv_outputs_host"),
+    ("lse_outputs", "lse_outputs_host"),
+];
 
 /// The FP8 code buffers of the weight groups (in `Group::ALL` order): rows
 /// (forward) and transposed (input gradient).
@@ -327,6 +345,9 @@ impl WorkspaceLayout {
             buffers.push(b("z", LoraScratch, projections * n * r, e));
         }
         let qk = (cfg.num_attention_heads + cfg.num_kv_heads()) * d;
+        // Slots of the per-layer checkpoints on the device: every layer's, or with
+        // offloading the ring; the other layers' live in host memory.
+        let slots = shape.device_layer_slots(cfg.num_hidden_layers);
         if shape.save_attention_residual {
             // Everything the attention half leaves for the backward, so that its
             // recomputation is only the input norm and the adapters' `z`: q/k/v
@@ -335,16 +356,16 @@ impl WorkspaceLayout {
             // and the attention output with its log-sum-exp (no attention forward:
             // 8% of the step at 1 x 8192, 14% at 1 x 32768). Qwen 3's q/k norms
             // keep their rotated outputs and statistics per layer too (the norm's
-            // input stays in `qkv_outputs`).
-            let layers = cfg.num_hidden_layers;
-            buffers.push(b("qkv_outputs", LayerInputs, layers * n * qc, e));
+            // input stays in `qkv_outputs`). Offloaded, they travel with the layer
+            // input through the same ring of slots.
+            buffers.push(b("qkv_outputs", LayerInputs, slots * n * qc, e));
             if cfg.has_qk_norm() {
-                buffers.push(b("qk_normed_outputs", LayerInputs, layers * n * qk, e));
-                buffers.push(b("qk_inv_outputs", LayerInputs, layers * n * qk / d, 4));
+                buffers.push(b("qk_normed_outputs", LayerInputs, slots * n * qk, e));
+                buffers.push(b("qk_inv_outputs", LayerInputs, slots * n * qk / d, 4));
             }
-            buffers.push(b("attn_residuals", LayerInputs, layers * n * h, e));
-            buffers.push(b("attn_outputs", LayerInputs, layers * n * qcols, e));
-            buffers.push(b("lse_outputs", LayerInputs, layers * stats, 4));
+            buffers.push(b("attn_residuals", LayerInputs, slots * n * h, e));
+            buffers.push(b("attn_outputs", LayerInputs, slots * n * qcols, e));
+            buffers.push(b("lse_outputs", LayerInputs, slots * stats, 4));
         } else {
             buffers.push(b("qkv", LayerActivations, n * qc, e));
             if cfg.has_qk_norm() {
@@ -382,9 +403,22 @@ impl WorkspaceLayout {
             buffers.push(b("fp8_input", Fp8Scratch, act, 1));
             buffers.push(b("fp8_input_scales", Fp8Scratch, n.max(c), 4));
         }
-        let offloaded = cfg.num_hidden_layers - shape.device_layer_slots(cfg.num_hidden_layers);
+        // Each offloaded checkpoint buffer's host copy: the layers outside the ring.
+        let offloaded = cfg.num_hidden_layers - slots;
         let host_buffers = if offloaded > 0 {
-            vec![b("layer_inputs_host", LayerInputs, offloaded * n * h, e)]
+            OFFLOADED
+                .iter()
+                .filter_map(|&(device, host)| {
+                    let on_device = buffers.iter().find(|x| x.name == device)?;
+                    let per_layer = on_device.elems / slots;
+                    Some(b(
+                        host,
+                        LayerInputs,
+                        offloaded * per_layer,
+                        on_device.elem_bytes,
+                    ))
+                })
+                .collect()
         } else {
             Vec::new()
         };

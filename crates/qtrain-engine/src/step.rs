@@ -49,7 +49,11 @@
 //! stream: a copy out starts after the input's writer, a slot is overwritten only
 //! after its copy out finished, and a layer's backward starts only after its input
 //! came back. The inputs of the last `R` layers are still in the ring when the
-//! backward starts and never travel.
+//! backward starts and never travel. A kept attention half
+//! (`save_attention_residual`: q/k/v, x2, the attention output and its
+//! log-sum-exp) travels the same way in a ring of its own slots, copied out while
+//! the layer's MLP runs: the backward then recomputes only the norms, for
+//! `(L - R)·n·(qc + h + heads·d)` more elements over the host link each way.
 //!
 //! The same code runs on the CPU (f32, each kernel's reference), which is how CI
 //! checks the orchestration against `qtrain_reference::forward_backward`; the
@@ -58,7 +62,7 @@
 use crate::error::{EngineError, Result};
 use crate::layout::{
     weight_group_offsets, weight_group_shapes, WorkspaceLayout, WorkspaceShape, FP8_WEIGHTS,
-    OFFLOAD_RING, STACKED_ROWS,
+    OFFLOADED, OFFLOAD_RING, STACKED_ROWS,
 };
 use crate::lora::{DeviceLora, PairSlot};
 use crate::weights::{FrozenWeights, Group};
@@ -145,10 +149,10 @@ impl Default for EngineOptions {
 
 /// The preallocated buffers of one micro-batch size.
 struct Workspace<T: Float> {
-    /// With `offload_layer_inputs`: the host copies of the layer inputs. Declared
-    /// first so it is dropped first: its drop waits for the side stream's copies,
-    /// which read and write the ring below.
-    offload: Option<HostStage<T>>,
+    /// With `offload_layer_inputs`: the host copies of the layer inputs (and of the
+    /// kept attention half). Declared first so it is dropped first: its drop waits
+    /// for the side streams' copies, which read and write the rings below.
+    offload: Option<Offload<T>>,
     layout: WorkspaceLayout,
     /// Every layer's input, or (offloaded) the ring of `OFFLOAD_RING` of them.
     layer_inputs: DBuf<T>,
@@ -297,6 +301,44 @@ impl Fp8Buffers {
 /// Where the gate/up output lives: one token chunk's buffer, recomputed in the
 /// backward, or every layer's, kept from the forward (`save_mlp_activations`; the
 /// chunks are then row blocks of it).
+/// The host side of the offloaded checkpoints: one [`HostStage`] per buffer of
+/// [`OFFLOADED`] that the layout has. The layer inputs travel on their own clock
+/// (written by the previous layer); the attention half's buffers (kept with
+/// `save_attention_residual`) are written by the layer's own attention half and
+/// travel together.
+struct Offload<T: Float> {
+    inputs: HostStage<T>,
+    /// The attention half's compute-type buffers, by device buffer name.
+    half: Vec<(&'static str, HostStage<T>)>,
+    /// Its f32 statistics (log-sum-exp; Qwen 3's q/k inverse RMS), by name.
+    half_stats: Vec<(&'static str, HostStage<f32>)>,
+}
+
+impl<T: Float> Offload<T> {
+    fn new(dev: &Dev, layout: &WorkspaceLayout) -> Result<Option<Self>> {
+        let mut inputs = None;
+        let (mut half, mut half_stats) = (Vec::new(), Vec::new());
+        for (device, host) in OFFLOADED {
+            let Some(b) = layout.host_buffers.iter().find(|b| b.name == host) else {
+                continue;
+            };
+            let what = "offloaded gradient checkpoints";
+            match device {
+                "layer_inputs" => inputs = Some(HostStage::new(dev, b.elems, OFFLOAD_RING, what)?),
+                "lse_outputs" | "qk_inv_outputs" => {
+                    half_stats.push((device, HostStage::new(dev, b.elems, OFFLOAD_RING, what)?))
+                }
+                _ => half.push((device, HostStage::new(dev, b.elems, OFFLOAD_RING, what)?)),
+            }
+        }
+        Ok(inputs.map(|inputs| Self {
+            inputs,
+            half,
+            half_stats,
+        }))
+    }
+}
+
 enum GateUp<T: Float> {
     Chunk(DBuf<T>),
     Kept(DBuf<T>),
@@ -322,19 +364,7 @@ impl<T: Float> Workspace<T> {
                 }
             };
         }
-        let offload = match p
-            .host_buffers
-            .iter()
-            .find(|b| b.name == "layer_inputs_host")
-        {
-            Some(b) => Some(HostStage::new(
-                dev,
-                b.elems,
-                OFFLOAD_RING,
-                "offloaded gradient checkpoints",
-            )?),
-            None => None,
-        };
+        let offload = Offload::new(dev, p)?;
         let fp8 = if p.shape.fp8_base {
             Some(Fp8Buffers::new(dev, p, weight_group_shapes(cfg))?)
         } else {
@@ -792,10 +822,11 @@ impl<'a, T: Float> Ctx<'a, T> {
         }
     }
 
-    /// With offloading, whether layer `l`'s input goes through the host: all but
+    /// With offloading, whether layer `l`'s checkpoints go through the host: all but
     /// the last `OFFLOAD_RING` layers' (those are still in the ring when the
-    /// backward starts). Its host copy starts at element `l·n·h`.
-    fn travels(&self, l: usize) -> Option<&'a HostStage<T>> {
+    /// backward starts). Layer `l`'s host copy of a buffer starts at `l` times the
+    /// buffer's elements per layer.
+    fn travels(&self, l: usize) -> Option<&'a Offload<T>> {
         let layers = self.cfg.num_hidden_layers;
         self.ws
             .offload
@@ -803,11 +834,62 @@ impl<'a, T: Float> Ctx<'a, T> {
             .filter(|_| l + OFFLOAD_RING < layers)
     }
 
+    /// The device ring of an offloaded compute-type buffer of the attention half.
+    fn half_ring(&self, name: &str) -> &'a DBuf<T> {
+        let ws = self.ws;
+        match name {
+            "qkv_outputs" => &ws.qkv,
+            "attn_outputs" => &ws.attn,
+            "attn_residuals" => ws.attn_residuals.as_ref().expect("kept residuals"),
+            "qk_normed_outputs" => ws.qk_normed.as_ref().expect("q/k norms"),
+            _ => unreachable!("{name} is not an offloaded buffer"),
+        }
+    }
+
+    /// The device ring of an offloaded f32 buffer of the attention half.
+    fn half_stats_ring(&self, name: &str) -> &'a DBuf<f32> {
+        let ws = self.ws;
+        match name {
+            "lse_outputs" => &ws.lse,
+            "qk_inv_outputs" => ws.qk_inv.as_ref().expect("q/k norms"),
+            _ => unreachable!("{name} is not an offloaded buffer"),
+        }
+    }
+
+    /// Slot `l`'s part of ring `buf` and the host offset of layer `l`'s copy.
+    fn ring_part<U: qtrain_device::Elem>(
+        &self,
+        buf: &'a DBuf<U>,
+        l: usize,
+    ) -> (View<'a, U>, usize) {
+        let per_layer = buf.len() / OFFLOAD_RING;
+        (
+            buf.view(self.slot_of(l) * per_layer, per_layer),
+            l * per_layer,
+        )
+    }
+
     /// Forward, after layer `l`'s input is written: queues its copy to the host.
     fn save_input(&self, l: usize) -> Result<()> {
-        if let Some(stage) = self.travels(l) {
-            let nh = self.dims.n * self.dims.h;
-            stage.save(self.layer_input(l).v, l * nh, self.slot_of(l))?;
+        if let Some(o) = self.travels(l) {
+            let (v, at) = self.ring_part(&self.ws.layer_inputs, l);
+            o.inputs.save(v, at, self.slot_of(l))?;
+        }
+        Ok(())
+    }
+
+    /// Forward, after layer `l`'s attention half: queues the copies of what it
+    /// keeps (nothing unless `save_attention_residual`).
+    fn save_half(&self, l: usize) -> Result<()> {
+        if let Some(o) = self.travels(l) {
+            for (name, stage) in &o.half {
+                let (v, at) = self.ring_part(self.half_ring(name), l);
+                stage.save(v, at, self.slot_of(l))?;
+            }
+            for (name, stage) in &o.half_stats {
+                let (v, at) = self.ring_part(self.half_stats_ring(name), l);
+                stage.save(v, at, self.slot_of(l))?;
+            }
         }
         Ok(())
     }
@@ -815,34 +897,63 @@ impl<'a, T: Float> Ctx<'a, T> {
     /// Forward, before layer `l`'s input is written: the slot's previous layer
     /// (`l - OFFLOAD_RING`) must have finished its copy to the host.
     fn before_writing_input(&self, l: usize) -> Result<()> {
-        if l >= OFFLOAD_RING && self.travels(l - OFFLOAD_RING).is_some() {
+        if let Some(o) = l.checked_sub(OFFLOAD_RING).and_then(|p| self.travels(p)) {
             let _r = self.dev.region("checkpoint offload: wait for the copy out");
-            self.ws
-                .offload
-                .as_ref()
-                .expect("offloading")
-                .wait_saved(self.slot_of(l))?;
+            o.inputs.wait_saved(self.slot_of(l))?;
         }
         Ok(())
     }
 
-    /// Backward, before layer `l`'s: queues the copy of layer `l - 1`'s input back
-    /// into its slot (whose last reader, layer `l - 1 + OFFLOAD_RING`'s backward,
-    /// is queued already), to run during layer `l`'s backward.
+    /// Forward, before layer `l`'s attention half writes its kept slot: the slot's
+    /// previous layer must have finished its copies to the host.
+    fn before_writing_half(&self, l: usize) -> Result<()> {
+        if let Some(o) = l.checked_sub(OFFLOAD_RING).and_then(|p| self.travels(p)) {
+            let _r = self.dev.region("checkpoint offload: wait for the copy out");
+            for (_, stage) in &o.half {
+                stage.wait_saved(self.slot_of(l))?;
+            }
+            for (_, stage) in &o.half_stats {
+                stage.wait_saved(self.slot_of(l))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Backward, before layer `l`'s: queues the copies of layer `l - 1`'s
+    /// checkpoints back into their slots (whose last reader, layer `l - 1 +
+    /// OFFLOAD_RING`'s backward, is queued already), to run during layer `l`'s
+    /// backward.
     fn prefetch_input(&self, l: usize) -> Result<()> {
-        if let Some(stage) = l.checked_sub(1).and_then(|p| self.travels(p)) {
-            let nh = self.dims.n * self.dims.h;
-            let p = l - 1;
-            stage.load(self.layer_input(p).v, p * nh, self.slot_of(p))?;
+        let Some(p) = l.checked_sub(1) else {
+            return Ok(());
+        };
+        if let Some(o) = self.travels(p) {
+            let (v, at) = self.ring_part(&self.ws.layer_inputs, p);
+            o.inputs.load(v, at, self.slot_of(p))?;
+            for (name, stage) in &o.half {
+                let (v, at) = self.ring_part(self.half_ring(name), p);
+                stage.load(v, at, self.slot_of(p))?;
+            }
+            for (name, stage) in &o.half_stats {
+                let (v, at) = self.ring_part(self.half_stats_ring(name), p);
+                stage.load(v, at, self.slot_of(p))?;
+            }
         }
         Ok(())
     }
 
-    /// Backward, before layer `l`'s: its input must be back in its slot.
+    /// Backward, before layer `l`'s: its checkpoints must be back in their slots.
     fn await_input(&self, l: usize) -> Result<()> {
-        if let Some(stage) = self.travels(l) {
+        if let Some(o) = self.travels(l) {
             let _r = self.dev.region("checkpoint offload: wait for the copy in");
-            stage.wait_loaded(self.slot_of(l))?;
+            let slot = self.slot_of(l);
+            o.inputs.wait_loaded(slot)?;
+            for (_, stage) in &o.half {
+                stage.wait_loaded(slot)?;
+            }
+            for (_, stage) in &o.half_stats {
+                stage.wait_loaded(slot)?;
+            }
         }
         Ok(())
     }
@@ -862,17 +973,18 @@ impl<'a, T: Float> Ctx<'a, T> {
     fn x2(&self, l: usize) -> Mat<'a, T> {
         let (n, h) = (self.dims.n, self.dims.h);
         match &self.ws.attn_residuals {
-            Some(b) => slot_mat(b, l, n, h),
+            Some(b) => slot_mat(b, self.slot_of(l), n, h),
             None => mat(&self.ws.x2, n, h),
         }
     }
 
-    /// The slot of layer `l` in the attention half's buffers: `l` when they are
-    /// kept per layer (`save_attention_residual`), else 0 (one layer's, recomputed
-    /// in the backward).
+    /// The slot of layer `l` in the attention half's buffers: its own (or with
+    /// offloading its ring slot, like its input's) when they are kept per layer
+    /// (`save_attention_residual`), else 0 (one layer's, recomputed in the
+    /// backward).
     fn kept_layer(&self, l: usize) -> usize {
         if self.ws.attn_per_layer {
-            l
+            self.slot_of(l)
         } else {
             0
         }
@@ -1427,8 +1539,14 @@ impl<'a, T: Float> Ctx<'a, T> {
     }
 
     /// Layer `l`'s forward, writing its output (forward pass only).
-    fn layer_forward(&self, l: usize) -> Result<()> {
+    /// `train`: the backward follows, so the kept attention half is copied to the
+    /// host when offloaded.
+    fn layer_forward(&self, l: usize, train: bool) -> Result<()> {
+        self.before_writing_half(l)?;
         self.attention_half(l, self.layer_input(l), false)?;
+        if train {
+            self.save_half(l)?;
+        }
         let wgu = self.weights(l, Group::GateUp)?;
         let wd = self.weights(l, Group::Down)?;
         let out = self.layer_output(l);
@@ -1447,7 +1565,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         Ok(())
     }
 
-    /// The forward; `train`: the backward follows, so offloaded layer inputs are
+    /// The forward; `train`: the backward follows, so offloaded checkpoints are
     /// copied to the host.
     fn forward(&self, train: bool) -> Result<()> {
         let d = self.dims;
@@ -1465,7 +1583,7 @@ impl<'a, T: Float> Ctx<'a, T> {
             if l + 1 < layers {
                 self.before_writing_input(l + 1)?;
             }
-            self.layer_forward(l)?;
+            self.layer_forward(l, train)?;
         }
         Ok(())
     }

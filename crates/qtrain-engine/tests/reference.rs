@@ -547,8 +547,11 @@ fn fp16_engine_with_a_scaled_loss_matches_the_f32_reference() {
 /// Mistral-shaped and a Qwen 3 model of five layers (three inputs travel; an odd
 /// count so both ring slots wrap), with dropout, packed documents, a window and
 /// two micro-batches; the workspace holds exactly the layout's device bytes, which
-/// drop by (L - ring)·n·h elements, and that many move to the host. Also against
-/// the reference decoder, with the attention residuals kept beside.
+/// drop by (L - ring)·n·h elements, and that many move to the host. With the
+/// attention half kept, it travels too (q/k/v, x2, the attention output and its
+/// log-sum-exp; Qwen 3's q/k norm outputs and statistics): again no bit changes
+/// against keeping it on the device, and every kept element of the layers outside
+/// the ring moves to the host. Also against the reference decoder.
 #[test]
 fn offloaded_checkpoints_change_no_bit() {
     let families: [(&str, qtrain_model::ModelConfig); 2] = [
@@ -564,9 +567,10 @@ fn offloaded_checkpoints_change_no_bit() {
             packed_batch(61, 11, seed + 2),
             random_rows(61, 2, 11, seed + 3),
         ];
-        let run = |offload: bool| {
+        let run = |offload: bool, keep: bool| {
             let opts = EngineOptions {
                 offload_layer_inputs: offload,
+                save_attention_residual: keep,
                 mlp_chunk: 7,
                 ..EngineOptions::default()
             };
@@ -578,12 +582,14 @@ fn offloaded_checkpoints_change_no_bit() {
             );
             (loss, grads, layout)
         };
-        let (l0, g0, on_device) = run(false);
-        let (l1, g1, offloaded) = run(true);
+        let (l0, g0, on_device) = run(false, false);
+        let (l1, g1, offloaded) = run(true, false);
         assert_eq!(l0, l1, "{family}: loss");
         assert_eq!(g0, g1, "{family}: gradients");
         assert!(g1.iter().all(|g| g.1.iter().any(|&x| x != 0.0)));
-        let moved = (5 - qtrain_engine::OFFLOAD_RING) * 2 * 11 * cfg.hidden_size * 4;
+        let travelling = 5 - qtrain_engine::OFFLOAD_RING;
+        let (n, h) = (2 * 11, cfg.hidden_size);
+        let moved = travelling * n * h * 4;
         assert_eq!(
             on_device.total_bytes() - offloaded.total_bytes(),
             moved,
@@ -591,6 +597,29 @@ fn offloaded_checkpoints_change_no_bit() {
         );
         assert_eq!((on_device.host_bytes(), offloaded.host_bytes()), (0, moved));
         assert_eq!(offloaded.transfer_bytes(), 2 * moved);
+
+        // The attention half kept, on the device and offloaded.
+        let (l2, g2, kept_on_device) = run(false, true);
+        let (l3, g3, kept_offloaded) = run(true, true);
+        assert_eq!(l2, l3, "{family}: loss, attention half kept");
+        assert_eq!(g2, g3, "{family}: gradients, attention half kept");
+        let d = cfg.head_dim();
+        let (heads, kv) = (cfg.num_attention_heads, cfg.num_kv_heads());
+        let qk_norm = if cfg.has_qk_norm() {
+            n * (heads + kv) * d + n * (heads + kv)
+        } else {
+            0
+        };
+        // Per layer: input, q/k/v, x2, attention output, lse (2 rows x heads x 11).
+        let per_layer =
+            n * h + n * (heads + 2 * kv) * d + n * h + n * heads * d + 2 * heads * 11 + qk_norm;
+        let moved = travelling * per_layer * 4;
+        assert_eq!(kept_offloaded.host_bytes(), moved, "{family}");
+        assert_eq!(
+            kept_on_device.total_bytes() - kept_offloaded.total_bytes(),
+            moved,
+            "{family}"
+        );
         compare(
             &base,
             &lora,

@@ -536,13 +536,22 @@ fn decide_memory(
     };
     opts.offload_layer_inputs = memory::offload_checkpoints(
         &o.offload,
+        &o.keep_residuals,
         &spec(opts),
         usable,
         None,
         memory::host_memory_available(),
+        model.gpu.as_ref().and_then(|g| g.spec),
     )
     .map_err(|e| TrainError::Other(format!("--offload on: {e}")))?;
-    let kept = memory::kept_activations(&o.keep_residuals, &o.keep_mlp, &spec(opts), usable, None);
+    let kept = memory::kept_activations(
+        &o.keep_residuals,
+        &o.keep_mlp,
+        &spec(opts),
+        usable,
+        None,
+        memory::host_memory_available(),
+    );
     backend.set_offload_checkpoints(opts.offload_layer_inputs);
     backend.set_kept_activations(kept);
     Ok(())

@@ -19,8 +19,8 @@
 //! - **The engine's workspace**: every buffer of [`qtrain_engine::WorkspaceLayout`] by
 //!   [`qtrain_engine::Component`] (the engine allocates exactly that layout). With
 //!   offloaded gradient checkpoints (`train.offload_checkpoints`) only a ring of
-//!   [`qtrain_engine::OFFLOAD_RING`] layer inputs is on the device; the rest is
-//!   pinned host memory ([`MemoryBreakdown::host_bytes`], not in the total) crossing
+//!   [`qtrain_engine::OFFLOAD_RING`] layer inputs (and of kept attention halves) is
+//!   on the device; the rest is pinned host memory ([`MemoryBreakdown::host_bytes`], not in the total) crossing
 //!   the host link twice per pass ([`MemoryBreakdown::transfer_bytes`]).
 //! - **Runtime**: the CUDA context, the cuBLAS workspace and the allocator's slack,
 //!   as named constants to be calibrated on a GPU (`qtrain bench` prints predicted
@@ -31,6 +31,7 @@
 //! tensors it saves and the attention scores it materializes, with a warning.
 
 use crate::config::RunConfig;
+use crate::gpu::GpuSpec;
 use candle_core::DType;
 use qtrain_engine::{Component, EngineOptions, WorkspaceLayout, WorkspaceShape};
 use qtrain_model::{ModelConfig, Proj, Quantization, PROJECTIONS};
@@ -430,8 +431,13 @@ impl MemorySpec {
                 for (c, bytes) in layout.by_component() {
                     let what = match c {
                         Component::LayerInputs if layout.host_bytes() > 0 => format!(
-                            "gradient checkpoints (ring of {} layer inputs; the rest offloaded)",
-                            qtrain_engine::OFFLOAD_RING
+                            "gradient checkpoints (ring of {} layers' {}; the rest offloaded)",
+                            qtrain_engine::OFFLOAD_RING,
+                            if self.engine_options.save_attention_residual {
+                                "inputs and attention halves"
+                            } else {
+                                "inputs"
+                            }
                         ),
                         c => c.describe().to_string(),
                     };
@@ -627,15 +633,18 @@ impl KeptActivations {
 /// a run sized by `spec`: nothing on the reference engine; with `auto`, the
 /// attention residuals first (more time saved per byte), then the gate/up outputs
 /// beside them, each kept when the prediction with it fits `usable` bytes and, when
-/// given, the engine's own buffers fit `engine_limit`; without a GPU to size
-/// against (`usable` None) `auto` keeps nothing. The trainer, `qtrain plan` and
-/// `qtrain bench` all decide through this.
+/// given, the engine's own buffers fit `engine_limit` and the pinned host memory
+/// fits `host_available` (with offloaded checkpoints a kept attention half travels
+/// to the host with its layer's input); without a GPU to size against (`usable`
+/// None) `auto` keeps nothing. The trainer, `qtrain plan` and `qtrain bench` all
+/// decide through this.
 pub fn kept_activations(
     residual_policy: &str,
     mlp_policy: &str,
     spec: &MemorySpec,
     usable: Option<u64>,
     engine_limit: Option<u64>,
+    host_available: Option<u64>,
 ) -> KeptActivations {
     let mut kept = KeptActivations::default();
     if spec.engine != EngineKind::Fused {
@@ -646,7 +655,9 @@ pub fn kept_activations(
             let mut with = spec.clone();
             k.apply(&mut with.engine_options);
             let predicted = with.predict();
-            predicted.fits(usable) && engine_limit.is_none_or(|l| predicted.engine_bytes <= l)
+            predicted.fits(usable)
+                && engine_limit.is_none_or(|l| predicted.engine_bytes <= l)
+                && host_available.is_none_or(|a| predicted.host_bytes <= a)
         })
     };
     kept.attention_residuals = match residual_policy {
@@ -690,16 +701,21 @@ pub fn with_offload(spec: &MemorySpec, offload: bool) -> MemorySpec {
 /// the pinned host memory it needs is more than `host_available`); `auto` is on
 /// when the prediction without offloading does not fit `usable` bytes (or the
 /// engine's own buffers `engine_limit`) and the one with it does, with its host
-/// memory available. Without a GPU to size against (`usable` None) `auto` is off.
+/// memory available, or when offloading is what lets the attention half be kept
+/// ([`offload_keeps_attention_half`], under `residual_policy` =
+/// `train.keep_attention_residuals`; `gpu` gives the compute its copies must hide
+/// behind). Without a GPU to size against (`usable` None) `auto` is off.
 /// Decided before [`kept_activations`] (which then sizes with the checkpoints
 /// where they are); the trainer, `qtrain plan` and `qtrain bench` all decide
 /// through this.
 pub fn offload_checkpoints(
     policy: &str,
+    residual_policy: &str,
     spec: &MemorySpec,
     usable: Option<u64>,
     engine_limit: Option<u64>,
     host_available: Option<u64>,
+    gpu: Option<&GpuSpec>,
 ) -> Result<bool, HostMemoryShort> {
     if spec.engine != EngineKind::Fused {
         return Ok(false);
@@ -719,9 +735,74 @@ pub fn offload_checkpoints(
                     && engine_limit.is_none_or(|l| p.engine_bytes <= l)
             };
             let without = with_offload(spec, false).predict();
-            Ok(!fits(&without) && fits(&with) && host_ok)
+            Ok((!fits(&without) && fits(&with) && host_ok)
+                || offload_keeps_attention_half(
+                    residual_policy,
+                    &with_offload(spec, false),
+                    usable,
+                    engine_limit,
+                    host_available,
+                    gpu.map(|g| pass_seconds(spec, g)),
+                ))
         }
     }
+}
+
+/// `auto`'s second reason to offload the checkpoints: the attention half (q/k/v,
+/// the residual, the attention output and its log-sum-exp, kept unless
+/// `residual_policy` is `off`) does not fit on the GPU for every layer, but does
+/// with the checkpoints offloaded, where the kept half travels with its layer's
+/// input and the GPU holds a ring of two layers' (`EngineOptions::
+/// save_attention_residual` with `offload_layer_inputs`); the host has the pinned
+/// bytes, and the copies, at the assumed [`HOST_LINK_BYTES_PER_S`], take no longer
+/// than the pass's compute (`compute_seconds`; unknown means no), the test `qtrain
+/// plan` prints as "hidden behind the compute". The backward then skips the q/k/v
+/// products, RoPE and the attention forward for the price of the copies on a side
+/// stream: measured on an H100 under a 24 GiB cap at 1 x 32768 (docs/perf.md v16),
+/// 6 697 tok/s in 11.1 GiB against 5 690 tok/s in 17.3 GiB keeping nothing on the
+/// GPU.
+pub fn offload_keeps_attention_half(
+    residual_policy: &str,
+    spec: &MemorySpec,
+    usable: Option<u64>,
+    engine_limit: Option<u64>,
+    host_available: Option<u64>,
+    compute_seconds: Option<f64>,
+) -> bool {
+    let (Some(usable), Some(compute)) = (usable, compute_seconds) else {
+        return false;
+    };
+    if spec.engine != EngineKind::Fused || residual_policy == "off" {
+        return false;
+    }
+    let fits = |s: &MemorySpec| {
+        let p = s.predict();
+        p.fits(usable)
+            && engine_limit.is_none_or(|l| p.engine_bytes <= l)
+            && host_available.is_none_or(|a| p.host_bytes <= a)
+    };
+    let mut half = with_offload(spec, false);
+    half.engine_options.save_attention_residual = true;
+    if fits(&half) {
+        // Kept on the GPU: nothing needs to travel.
+        return false;
+    }
+    let travelling = with_offload(&half, true);
+    fits(&travelling) && travelling.predict().transfer_seconds() <= compute
+}
+
+/// The estimated compute time of one forward/backward pass of `spec`'s
+/// micro-batch on `gpu` ([`crate::throughput::estimate`]).
+pub fn pass_seconds(spec: &MemorySpec, gpu: &GpuSpec) -> f64 {
+    let e = crate::throughput::estimate(
+        &spec.model,
+        &spec.targets,
+        spec.engine,
+        spec.seq,
+        spec.engine_options.save_mlp_activations,
+        gpu,
+    );
+    (spec.batch * spec.seq) as f64 / e.tokens_per_s
 }
 
 /// The spec the micro-batch search sizes with under `train.offload_checkpoints =
@@ -1046,13 +1127,16 @@ mod tests {
             engine(both) - engine(res),
             32 * 4096 * 2 * 14336 * 2 - gu_chunk
         );
-        let auto = |usable| kept_activations("auto", "auto", &spec, Some(usable), None);
+        let auto = |usable| kept_activations("auto", "auto", &spec, Some(usable), None, None);
         assert_eq!(auto(total(none)), none);
         assert_eq!(auto((total(res) + total(both)) / 2), res);
         assert_eq!(auto(total(both)), both);
-        assert_eq!(kept_activations("auto", "auto", &spec, None, None), none);
         assert_eq!(
-            kept_activations("off", "on", &spec, None, None),
+            kept_activations("auto", "auto", &spec, None, None, None),
+            none
+        );
+        assert_eq!(
+            kept_activations("off", "on", &spec, None, None, None),
             KeptActivations {
                 attention_residuals: false,
                 mlp: true
@@ -1060,14 +1144,131 @@ mod tests {
         );
         // The engine limit counts too.
         assert_eq!(
-            kept_activations("auto", "auto", &spec, Some(u64::MAX), Some(engine(res))),
+            kept_activations(
+                "auto",
+                "auto",
+                &spec,
+                Some(u64::MAX),
+                Some(engine(res)),
+                None
+            ),
             res
         );
         let mut reference = spec.clone();
         reference.engine = EngineKind::Reference;
         assert_eq!(
-            kept_activations("on", "on", &reference, Some(u64::MAX), None),
+            kept_activations("on", "on", &reference, Some(u64::MAX), None, None),
             none
+        );
+    }
+
+    /// With offloaded checkpoints a kept attention half travels with its layer's
+    /// input: Mistral-7B at 1 x 32768 keeps q/k/v, x2, the attention output and
+    /// its log-sum-exp of a ring of two layers on the device (in place of one
+    /// layer's q/k/v, output and lse) and the other 30 layers' in pinned host
+    /// memory, crossing the link twice; `auto` keeps it under 24 GiB when the host
+    /// holds it, and not when it does not.
+    #[test]
+    fn a_kept_attention_half_travels_with_offloaded_checkpoints() {
+        let spec = with_offload(&mistral(1, 32768), true);
+        let mut kept_spec = spec.clone();
+        let res = KeptActivations {
+            attention_residuals: true,
+            mlp: false,
+        };
+        res.apply(&mut kept_spec.engine_options);
+        let (none, kept) = (spec.predict(), kept_spec.predict());
+        let n = 32768u64;
+        // q/k/v (6144 columns), x2 and the output (4096 each), lse (32 heads, f32).
+        let one_layer = n * 6144 * 2 + n * 4096 * 2 + 32 * n * 4;
+        let per_layer = one_layer + n * 4096 * 2;
+        let travelling = 32 - qtrain_engine::OFFLOAD_RING as u64;
+        assert_eq!(kept.host_bytes - none.host_bytes, travelling * per_layer);
+        assert_eq!(kept.transfer_bytes, 2 * kept.host_bytes);
+        // The ring replaces one layer's buffers; every layer's adapter z is kept
+        // (seven projections' slots, r16).
+        let z = 7 * n * 16 * 2;
+        assert_eq!(
+            kept.engine_bytes - none.engine_bytes,
+            2 * per_layer - one_layer + 31 * z
+        );
+        assert!(
+            kept.table()
+                .contains("ring of 2 layers' inputs and attention halves"),
+            "{}",
+            kept.table()
+        );
+        let cap = 24 * 1024 * MIB;
+        let auto = |host| kept_activations("auto", "auto", &spec, Some(cap), None, host);
+        assert_eq!(auto(None), res);
+        assert_eq!(auto(Some(kept.host_bytes)), res);
+        assert_eq!(auto(Some(kept.host_bytes - 1)), KeptActivations::default());
+    }
+
+    /// `auto` also offloads where that is what lets the attention half be kept:
+    /// Mistral-7B at 1 x 32768 under 24 GiB fits without offloading only keeping
+    /// nothing, and keeps the half with it (a ring of two layers' on the GPU); not
+    /// where the half fits on the GPU anyway (1 x 4096), nor with the half not to
+    /// be kept, the host short of the pinned bytes, the copies longer than the
+    /// compute, or no compute estimate; with a GPU of the table the estimate comes
+    /// from its throughput.
+    #[test]
+    fn offload_is_picked_to_keep_the_attention_half() {
+        let cap = 24 * 1024 * MIB;
+        let long = mistral(1, 32768);
+        let mut half = long.clone();
+        half.engine_options.save_attention_residual = true;
+        let travelling = with_offload(&half, true).predict();
+        assert!(with_offload(&long, false).predict().fits(cap));
+        assert!(!with_offload(&half, false).predict().fits(cap));
+        assert!(travelling.fits(cap), "{}", travelling.table());
+        let link = travelling.transfer_seconds();
+        let keeps = |residuals, spec: &MemorySpec, usable, host, compute| {
+            offload_keeps_attention_half(residuals, spec, Some(usable), None, host, compute)
+        };
+        assert!(keeps("auto", &long, cap, None, Some(link)));
+        assert!(keeps(
+            "on",
+            &long,
+            cap,
+            Some(travelling.host_bytes),
+            Some(link)
+        ));
+        assert!(!keeps("off", &long, cap, None, Some(link)));
+        assert!(!keeps("auto", &long, cap, None, Some(link * 0.99)));
+        assert!(!keeps("auto", &long, cap, None, None));
+        assert!(!keeps(
+            "auto",
+            &long,
+            cap,
+            Some(travelling.host_bytes - 1),
+            Some(link)
+        ));
+        assert!(!keeps("auto", &long, u64::MAX, None, Some(link)));
+        assert!(!keeps("auto", &mistral(1, 4096), cap, None, Some(1e9)));
+        // Too little memory even with the half travelling.
+        assert!(!keeps("auto", &long, 6 * 1024 * MIB, None, Some(1e9)));
+        // Through the policy: `auto` with the H100's estimate (a 32k pass takes
+        // seconds, the copies ~3.6 s at 20 GB/s), then the half is kept.
+        let h100 = crate::gpu::preset("h100").expect("h100 in the table");
+        assert!(
+            pass_seconds(&long, h100) >= link,
+            "{}",
+            pass_seconds(&long, h100)
+        );
+        let decide = |policy, residuals| {
+            offload_checkpoints(policy, residuals, &long, Some(cap), None, None, Some(h100))
+        };
+        assert_eq!(decide("auto", "auto"), Ok(true));
+        assert_eq!(decide("auto", "off"), Ok(false));
+        assert_eq!(decide("off", "auto"), Ok(false));
+        let offloaded = with_offload(&long, true);
+        assert_eq!(
+            kept_activations("auto", "auto", &offloaded, Some(cap), None, None),
+            KeptActivations {
+                attention_residuals: true,
+                mlp: false
+            }
         );
     }
 
@@ -1091,12 +1292,12 @@ mod tests {
         assert!((on.transfer_seconds() - 2.0 * moved as f64 / 20e9).abs() < 1e-9);
         assert!(!off.fits(cap) && on.fits(cap), "{}", on.table());
         assert!(
-            on.table().contains("ring of 2 layer inputs"),
+            on.table().contains("ring of 2 layers' inputs;"),
             "{}",
             on.table()
         );
         let decide = |policy, spec: &MemorySpec, usable, host| {
-            offload_checkpoints(policy, spec, usable, None, host)
+            offload_checkpoints(policy, "off", spec, usable, None, host, None)
         };
         assert_eq!(decide("auto", &long, Some(cap), None), Ok(true));
         assert_eq!(
@@ -1116,7 +1317,7 @@ mod tests {
         // The engine limit counts as in kept_activations.
         let limit = Some(on.engine_bytes);
         assert_eq!(
-            offload_checkpoints("auto", &long, Some(u64::MAX), limit, None),
+            offload_checkpoints("auto", "off", &long, Some(u64::MAX), limit, None, None),
             Ok(true)
         );
         let mut reference = long.clone();

@@ -212,10 +212,12 @@ pub fn offload_checkpoints(
     let spec = memory::with_offload(&run_spec(cfg, base, backend, gpu, shape), false);
     memory::offload_checkpoints(
         &cfg.train.offload_checkpoints,
+        &cfg.train.keep_attention_residuals,
         &spec,
         gpu.map(|g| memory::usable(g.total_bytes, memory::DEFAULT_HEADROOM)),
         engine_limit.map(|l| l as u64),
         memory::host_memory_available(),
+        gpu.and_then(|g| g.spec),
     )
     .map_err(|e| TrainError::Other(format!("train.offload_checkpoints = \"on\": {e}")))
 }
@@ -239,6 +241,7 @@ pub fn kept_activations(
         &run_spec(cfg, base, backend, gpu, shape),
         gpu.map(|g| memory::usable(g.total_bytes, memory::DEFAULT_HEADROOM)),
         engine_limit.map(|l| l as u64),
+        memory::host_memory_available(),
     )
 }
 

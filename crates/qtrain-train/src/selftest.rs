@@ -208,14 +208,15 @@ fn engine_check(
 }
 
 /// The fused engine on `device` in bf16 with its gradient checkpoints offloaded to
-/// (pinned) host memory against the same engine keeping them on the device: the
-/// loss and every gradient must be bit-identical. On a GPU this runs the side
-/// stream's copies and their events (a missing wait shows as a difference); the
-/// inputs of all but the last `OFFLOAD_RING` layers travel.
+/// (pinned) host memory against the same engine keeping them on the device, with
+/// nothing else kept and with the attention half kept (which then travels too):
+/// the loss and every gradient must be bit-identical. On a GPU this runs the side
+/// streams' copies and their events (a missing wait shows as a difference); the
+/// checkpoints of all but the last `OFFLOAD_RING` layers travel.
 fn offload_check(s: &TinySetup, device: &Device) -> Result<Check> {
     let (base, lora) = s.model_and_adapters(device, DType::BF16)?;
     let valid = s.valid();
-    let step_with = |offload_layer_inputs| {
+    let step_with = |offload_layer_inputs, save_attention_residual| {
         engine_step::<half::bf16>(
             &base,
             &lora,
@@ -223,12 +224,24 @@ fn offload_check(s: &TinySetup, device: &Device) -> Result<Check> {
             valid,
             qtrain_engine::EngineOptions {
                 offload_layer_inputs,
+                save_attention_residual,
                 ..Default::default()
             },
         )
     };
-    let (kept, offloaded) = (step_with(false)?, step_with(true)?);
-    let same = kept == offloaded;
+    let mut verdicts = Vec::new();
+    let mut same = true;
+    let mut tensors = 0;
+    for (half, what) in [(false, "inputs"), (true, "inputs and attention halves")] {
+        let (kept, offloaded) = (step_with(false, half)?, step_with(true, half)?);
+        let equal = kept == offloaded;
+        same &= equal;
+        tensors = kept.1.len();
+        verdicts.push(format!(
+            "{what}: {}",
+            if equal { "bit-identical" } else { "DIFFER" }
+        ));
+    }
     let travel = base
         .config
         .num_hidden_layers
@@ -240,10 +253,10 @@ fn offload_check(s: &TinySetup, device: &Device) -> Result<Check> {
         ),
         ok: same,
         detail: format!(
-            "{travel} of {} layer inputs through the host; loss and {} gradient tensors {}",
+            "{travel} of {} layers' checkpoints through the host; loss and {tensors} gradient \
+             tensors with {}",
             base.config.num_hidden_layers,
-            kept.1.len(),
-            if same { "bit-identical" } else { "DIFFER" }
+            verdicts.join(", ")
         ),
     })
 }
@@ -429,13 +442,17 @@ mod tests {
         // Per family: decoding, the engine (two dtypes and offloaded, or one line
         // saying why not), the reference in two dtypes, the loader.
         assert!(checks.len() >= 4 * 5, "{checks:?}");
-        // The 4-layer tiny model sends two layer inputs through the host.
+        // The 4-layer tiny model sends two layers' checkpoints through the host,
+        // with and without the kept attention half.
         assert!(
             checks
                 .iter()
                 .any(|c| c.name.starts_with("tiny training step")
                     && c.name.contains("offloaded")
-                    && c.detail.starts_with("2 of 4 layer inputs")),
+                    && c.detail.starts_with("2 of 4 layers' checkpoints")
+                    && c.detail.contains("inputs: bit-identical")
+                    && c.detail
+                        .contains("inputs and attention halves: bit-identical")),
             "{checks:?}"
         );
         for family in super::TINY_FAMILIES {

@@ -266,7 +266,15 @@ pub fn memory_report(
     };
     let mut spec = memory::with_offload(&spec0.with_shape(shape.micro_rows, seq), false);
     let host_available = memory::host_memory_available();
-    let offload = memory::offload_checkpoints(policy, &spec, Some(usable), None, host_available)?;
+    let offload = memory::offload_checkpoints(
+        policy,
+        &cfg.train.keep_attention_residuals,
+        &spec,
+        Some(usable),
+        None,
+        host_available,
+        gpu.spec,
+    )?;
     spec.engine_options.offload_layer_inputs = offload;
     // What train.keep_attention_residuals and train.keep_mlp_activations decide for
     // this micro-batch (the trainer decides through the same function).
@@ -276,6 +284,7 @@ pub fn memory_report(
         &spec,
         Some(usable),
         None,
+        host_available,
     );
     // The searches keep the micro-batch first, as `auto` does (nothing kept); the
     // report's spec is the run's, with the activations it keeps.

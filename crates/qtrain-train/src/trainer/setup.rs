@@ -498,19 +498,26 @@ fn build(
     let offload =
         micro::offload_checkpoints(cfg, base, &backend, gpu, engine_memory_limit, &shape)?;
     backend.set_offload_checkpoints(offload);
+    let kept = micro::kept_activations(cfg, base, &backend, gpu, engine_memory_limit, &shape);
+    backend.set_kept_activations(kept);
     if offload {
+        // Told after the kept activations are decided: a kept attention half
+        // travels with its layer's input.
         let layout = backend.workspace_layout(shape.micro_rows, cfg.data.seq_len);
         tracing::info!(
             "offloading the gradient checkpoints to pinned host memory \
-             (train.offload_checkpoints = {}): {:.0} MiB on the host, a ring of {} layer \
-             inputs on the GPU",
+             (train.offload_checkpoints = {}): {:.0} MiB on the host, a ring of {} layers' \
+             {} on the GPU",
             cfg.train.offload_checkpoints,
             layout.map_or(0.0, |l| crate::memory::mib(l.host_bytes() as u64)),
-            qtrain_engine::OFFLOAD_RING
+            qtrain_engine::OFFLOAD_RING,
+            if kept.attention_residuals {
+                "inputs and attention halves"
+            } else {
+                "inputs"
+            }
         );
     }
-    let kept = micro::kept_activations(cfg, base, &backend, gpu, engine_memory_limit, &shape);
-    backend.set_kept_activations(kept);
     if kept.attention_residuals {
         tracing::info!(
             "keeping each layer's attention residual (train.keep_attention_residuals = {}): \
