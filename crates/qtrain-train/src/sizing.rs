@@ -296,7 +296,7 @@ pub fn memory_report(
     let predicted = spec.predict();
     let mut t = run_summary(cfg, label, gpu, model, &spec, &shape, kept, &predicted)?;
     if spec.engine == EngineKind::Fused {
-        t += &offload_summary(cfg, &spec, &predicted, host_available);
+        t += &offload_summary(cfg, &spec, &predicted, usable, host_available);
     }
     t += "\n";
     t += &predicted.table();
@@ -433,15 +433,29 @@ fn offload_summary(
     cfg: &RunConfig,
     spec: &MemorySpec,
     predicted: &memory::MemoryBreakdown,
+    usable: u64,
     host_available: Option<u64>,
 ) -> String {
     let policy = &cfg.train.offload_checkpoints;
     if !spec.engine_options.offload_layer_inputs {
         return format!("checkpoints: on the GPU (train.offload_checkpoints = {policy})\n");
     }
-    let saved = memory::with_offload(spec, false).predict().total() - predicted.total();
+    let on_gpu = memory::with_offload(spec, false).predict();
+    // Why `auto` offloads: the run does not fit otherwise even keeping nothing, or
+    // it is what lets the attention half (which travels too) be kept.
+    let mut bare = memory::with_offload(spec, false);
+    bare.engine_options.save_attention_residual = false;
+    bare.engine_options.save_mlp_activations = false;
+    let why = match policy.as_str() {
+        "auto" if bare.predict().fits(usable) => {
+            ", to keep the attention half, which does not fit on the GPU for every layer"
+        }
+        "auto" => ", as the run does not fit the GPU otherwise",
+        _ => "",
+    };
+    let saved = on_gpu.total() - predicted.total();
     format!(
-        "checkpoints: offloaded to pinned host memory (train.offload_checkpoints = {policy}): \
+        "checkpoints: offloaded to pinned host memory (train.offload_checkpoints = {policy}{why}): \
          {:.0} MiB less on the GPU, {:.0} MiB pinned on the host ({} available); {:.0} MiB \
          over the host link per pass, ~{:.2} s at an assumed {:.0} GB/s (an estimate; the \
          copies overlap the compute on a side stream)\n",
