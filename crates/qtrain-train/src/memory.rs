@@ -433,11 +433,7 @@ impl MemorySpec {
                         Component::LayerInputs if layout.host_bytes() > 0 => format!(
                             "gradient checkpoints (ring of {} layers' {}; the rest offloaded)",
                             qtrain_engine::OFFLOAD_RING,
-                            if self.engine_options.save_attention_residual {
-                                "inputs and attention halves"
-                            } else {
-                                "inputs"
-                            }
+                            offloaded_checkpoints(self.engine_options.save_attention_residual)
                         ),
                         c => c.describe().to_string(),
                     };
@@ -628,6 +624,25 @@ impl KeptActivations {
     }
 }
 
+/// Where a run must fit: the GPU's usable bytes (None: nothing to size against,
+/// so nothing fits), the engine's own buffers' limit and the host's available
+/// memory for pinned checkpoints (each None: unbounded). One test for every
+/// memory decision below.
+#[derive(Debug, Clone, Copy)]
+struct Room {
+    usable: Option<u64>,
+    engine_limit: Option<u64>,
+    host_available: Option<u64>,
+}
+
+impl Room {
+    fn holds(&self, p: &MemoryBreakdown) -> bool {
+        self.usable.is_some_and(|u| p.fits(u))
+            && self.engine_limit.is_none_or(|l| p.engine_bytes <= l)
+            && self.host_available.is_none_or(|a| p.host_bytes <= a)
+    }
+}
+
 /// What `train.keep_attention_residuals = residual_policy` and
 /// `train.keep_mlp_activations = mlp_policy` (`on`, `off` or `auto` each) decide for
 /// a run sized by `spec`: nothing on the reference engine; with `auto`, the
@@ -650,15 +665,15 @@ pub fn kept_activations(
     if spec.engine != EngineKind::Fused {
         return kept;
     }
+    let room = Room {
+        usable,
+        engine_limit,
+        host_available,
+    };
     let fits = |k: KeptActivations| {
-        usable.is_some_and(|usable| {
-            let mut with = spec.clone();
-            k.apply(&mut with.engine_options);
-            let predicted = with.predict();
-            predicted.fits(usable)
-                && engine_limit.is_none_or(|l| predicted.engine_bytes <= l)
-                && host_available.is_none_or(|a| predicted.host_bytes <= a)
-        })
+        let mut with = spec.clone();
+        k.apply(&mut with.engine_options);
+        room.holds(&with.predict())
     };
     kept.attention_residuals = match residual_policy {
         "on" => true,
@@ -687,6 +702,16 @@ pub fn kept_activations(
 pub struct HostMemoryShort {
     pub needed: u64,
     pub available: u64,
+}
+
+/// What an offloaded layer's checkpoints are, in words: its input, and its
+/// attention half when that is kept (`save_attention_residual`), which travels too.
+pub fn offloaded_checkpoints(attention_half_kept: bool) -> &'static str {
+    if attention_half_kept {
+        "inputs and attention halves"
+    } else {
+        "inputs"
+    }
 }
 
 /// The same spec with the gradient checkpoints offloaded or not.
@@ -730,15 +755,17 @@ pub fn offload_checkpoints(
         "on" => Ok(true),
         "off" => Ok(false),
         _ => {
-            let fits = |p: &MemoryBreakdown| {
-                usable.is_some_and(|u| p.fits(u))
-                    && engine_limit.is_none_or(|l| p.engine_bytes <= l)
+            // Without offloading nothing is pinned, so the host test is moot there.
+            let room = Room {
+                usable,
+                engine_limit,
+                host_available,
             };
             let without = with_offload(spec, false).predict();
-            Ok((!fits(&without) && fits(&with) && host_ok)
+            Ok((!room.holds(&without) && room.holds(&with))
                 || offload_keeps_attention_half(
                     residual_policy,
-                    &with_offload(spec, false),
+                    spec,
                     usable,
                     engine_limit,
                     host_available,
@@ -769,26 +796,25 @@ pub fn offload_keeps_attention_half(
     host_available: Option<u64>,
     compute_seconds: Option<f64>,
 ) -> bool {
-    let (Some(usable), Some(compute)) = (usable, compute_seconds) else {
+    let Some(compute) = compute_seconds else {
         return false;
     };
     if spec.engine != EngineKind::Fused || residual_policy == "off" {
         return false;
     }
-    let fits = |s: &MemorySpec| {
-        let p = s.predict();
-        p.fits(usable)
-            && engine_limit.is_none_or(|l| p.engine_bytes <= l)
-            && host_available.is_none_or(|a| p.host_bytes <= a)
+    let room = Room {
+        usable,
+        engine_limit,
+        host_available,
     };
     let mut half = with_offload(spec, false);
     half.engine_options.save_attention_residual = true;
-    if fits(&half) {
+    if room.holds(&half.predict()) {
         // Kept on the GPU: nothing needs to travel.
         return false;
     }
-    let travelling = with_offload(&half, true);
-    fits(&travelling) && travelling.predict().transfer_seconds() <= compute
+    let travelling = with_offload(&half, true).predict();
+    room.holds(&travelling) && travelling.transfer_seconds() <= compute
 }
 
 /// The estimated compute time of one forward/backward pass of `spec`'s

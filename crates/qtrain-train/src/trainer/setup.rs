@@ -511,11 +511,7 @@ fn build(
             cfg.train.offload_checkpoints,
             layout.map_or(0.0, |l| crate::memory::mib(l.host_bytes() as u64)),
             qtrain_engine::OFFLOAD_RING,
-            if kept.attention_residuals {
-                "inputs and attention halves"
-            } else {
-                "inputs"
-            }
+            crate::memory::offloaded_checkpoints(kept.attention_residuals)
         );
     }
     if kept.attention_residuals {
