@@ -96,6 +96,10 @@ pub struct Args {
     /// `train.mlp_chunk_tokens`; smaller saves memory.
     #[arg(long, default_value_t = qtrain_engine::EngineOptions::default().mlp_chunk)]
     mlp_chunk: usize,
+    /// Rows per cross-entropy chunk (the f32 logits and their gradient exist for this
+    /// many rows at a time), as `train.loss_chunk_tokens`; smaller saves memory.
+    #[arg(long, default_value_t = qtrain_engine::EngineOptions::default().ce_chunk)]
+    loss_chunk: usize,
     /// The attention backward's kernels, as `train.attention_backward`: `split`, `fused`
     /// (bit-reproducible) or `fused-atomic`.
     #[arg(long, default_value = "split")]
@@ -151,6 +155,9 @@ pub fn run(a: Args) -> Result<()> {
     if a.mlp_chunk == 0 {
         bail!("--mlp-chunk: must be >= 1 (tokens per MLP chunk)");
     }
+    if a.loss_chunk == 0 {
+        bail!("--loss-chunk: must be >= 1 (rows per cross-entropy chunk)");
+    }
     let Some(attn_bwd) = qtrain_engine::AttnBackward::parse(&a.attn_bwd) else {
         bail!(
             "--attn-bwd: `{}` (expected split, fused or fused-atomic)",
@@ -194,6 +201,7 @@ pub fn run(a: Args) -> Result<()> {
         profile: a.profile,
         precision: a.precision.clone(),
         mlp_chunk: a.mlp_chunk,
+        loss_chunk: a.loss_chunk,
         attention_backward: attn_bwd,
     };
     let (mut rows_out, mut json_lines) = (Vec::new(), Vec::new());

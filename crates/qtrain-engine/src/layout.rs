@@ -9,13 +9,13 @@
 //! | buffer | elements | role |
 //! |---|---|---|
 //! | `layer_inputs` | `L·n·h` | gradient checkpoints: each layer's input; with `offload_layer_inputs` a ring of [`OFFLOAD_RING`] layers' (`R·n·h`) |
-//! | `attn_residuals` | `L·n·h` | with `save_attention_residual`: each layer's residual after attention |
+//! | `attn_residuals` | `L·n·h` | with `save_attention_residual`: each layer's residual after attention (in place of one layer's `x2`) |
 //! | `attn_outputs lse_outputs` | `L·n·heads·d`, `L·b·heads·seq` | with `save_attention_residual`: each layer's attention output and log-sum-exp (in place of `attn lse`), so the backward does not run the attention forward again |
 //! | `qkv_outputs` (`qk_normed_outputs qk_inv_outputs`) | `L·n·qc` (`L·n·(heads + kv)·d`, `L·n·(heads + kv)`) | with `save_attention_residual`: each layer's `qkv` (and q/k norm buffers), in place of one layer's, so the backward does not run the q/k/v product, RoPE or the norms again |
 //!
 //! With `offload_layer_inputs` every per-layer buffer of [`OFFLOADED`] (the layer
 //! inputs, and the kept attention half) holds a ring of `R` layers instead of `L`.
-//! | `h1 x2 h2 dres dh` | `n·h` each | norms' outputs, the residual after attention, gradients |
+//! | `h1 x2 h2 dres dh` | `n·h` each | norms' outputs, the residual after attention (`x2`: one layer's, unless kept per layer), gradients |
 //! | `qkv dqkv` | `n·qc` each | fused q/k/v (after RoPE; with q/k norms, before them) and their gradients |
 //! | `qk_normed qk_inv` | `n·(heads + kv)·d`, `n·(heads + kv)` | with q/k norms (Qwen 3): q and k after the per-head norm and RoPE (what attention reads), each head's inverse RMS |
 //! | `attn dattn` | `n·heads·d` each | attention output (one layer's, unless kept per layer) and its gradient |
@@ -282,7 +282,6 @@ impl WorkspaceLayout {
             b("final_hidden", LayerActivations, n * h, e),
             b("h1", LayerActivations, n * h, e),
             b("inv1", LayerActivations, n, 4),
-            b("x2", LayerActivations, n * h, e),
             b("inv2", LayerActivations, n, 4),
             b("h2", LayerActivations, n * h, e),
             b("dres", LayerActivations, n * h, e),
@@ -375,6 +374,7 @@ impl WorkspaceLayout {
                 buffers.push(b("qk_normed", LayerActivations, n * qk, e));
                 buffers.push(b("qk_inv", LayerActivations, n * qk / d, 4));
             }
+            buffers.push(b("x2", LayerActivations, n * h, e));
             buffers.push(b("attn", LayerActivations, n * qcols, e));
             buffers.push(b("lse", LayerActivations, stats, 4));
         }

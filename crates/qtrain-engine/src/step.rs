@@ -167,6 +167,8 @@ struct Workspace<T: Float> {
     attn: DBuf<T>,
     lse: DBuf<f32>,
     attn_per_layer: bool,
+    /// The residual after attention: one layer's, or with `save_attention_residual`
+    /// every layer's (`attn_residuals`), like `attn`.
     x2: DBuf<T>,
     inv2: DBuf<f32>,
     h2: DBuf<T>,
@@ -203,8 +205,6 @@ struct Workspace<T: Float> {
     ce_rows: DBuf<u32>,
     ce_targets: DBuf<i32>,
     losses: DBuf<f32>,
-    /// Every layer's `x2`, with `save_attention_residual`.
-    attn_residuals: Option<DBuf<T>>,
     /// With q/k norms: q and k after the norm and RoPE, and each head's inverse RMS.
     qk_normed: Option<DBuf<T>>,
     qk_inv: Option<DBuf<f32>>,
@@ -392,7 +392,7 @@ impl<T: Float> Workspace<T> {
             attn: kept_or!("attn_outputs", "attn"),
             lse: kept_or!("lse_outputs", "lse"),
             attn_per_layer: has("attn_outputs"),
-            x2: buf!("x2"),
+            x2: kept_or!("attn_residuals", "x2"),
             inv2: buf!("inv2"),
             h2: buf!("h2"),
             dres: buf!("dres"),
@@ -430,11 +430,6 @@ impl<T: Float> Workspace<T> {
             ce_rows: buf!("ce_rows"),
             ce_targets: buf!("ce_targets"),
             losses: buf!("losses"),
-            attn_residuals: if p.shape.save_attention_residual {
-                Some(buf!("attn_residuals"))
-            } else {
-                None
-            },
             layout,
         })
     }
@@ -840,7 +835,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         match name {
             "qkv_outputs" => &ws.qkv,
             "attn_outputs" => &ws.attn,
-            "attn_residuals" => ws.attn_residuals.as_ref().expect("kept residuals"),
+            "attn_residuals" => &ws.x2,
             "qk_normed_outputs" => ws.qk_normed.as_ref().expect("q/k norms"),
             _ => unreachable!("{name} is not an offloaded buffer"),
         }
@@ -968,14 +963,10 @@ impl<'a, T: Float> Ctx<'a, T> {
         }
     }
 
-    /// The residual after layer `l`'s attention: its saved copy, or the one shared
+    /// The residual after layer `l`'s attention: its kept slot, or the one shared
     /// buffer (recomputed in the backward).
     fn x2(&self, l: usize) -> Mat<'a, T> {
-        let (n, h) = (self.dims.n, self.dims.h);
-        match &self.ws.attn_residuals {
-            Some(b) => slot_mat(b, self.slot_of(l), n, h),
-            None => mat(&self.ws.x2, n, h),
-        }
+        slot_mat(&self.ws.x2, self.kept_layer(l), self.dims.n, self.dims.h)
     }
 
     /// The slot of layer `l` in the attention half's buffers: its own (or with

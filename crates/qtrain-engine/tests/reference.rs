@@ -461,7 +461,8 @@ fn kept_activations_change_no_bit() {
         let (l1, g1, bytes1) = run(residual, mlp, mlp_chunk);
         assert_eq!(l0, l1, "residual {residual} mlp {mlp} chunk {mlp_chunk}");
         assert_eq!(g0, g1, "residual {residual} mlp {mlp} chunk {mlp_chunk}");
-        // The saved residuals: one [tokens, hidden] f32 matrix per layer, and q/k/v
+        // The saved residuals: one [tokens, hidden] f32 matrix per layer in place of
+        // one layer's, and q/k/v
         // [tokens, (heads + 2 kv)·d], the attention output [tokens, heads·d] with
         // its log-sum-exp [rows·heads·seq] per layer in place of one layer's; the
         // kept gate/up outputs one [tokens, 2I] per layer, in place of the chunk
@@ -473,7 +474,7 @@ fn kept_activations_change_no_bit() {
             let qkv = n * (heads + 2 * cfg.num_kv_heads()) * cfg.head_dim();
             let attn = qkv + n * heads * cfg.head_dim() + 2 * heads * 11;
             let z = PROJECTIONS.len() * n * 4;
-            let extra = residual as usize * (layers * n * h + (layers - 1) * attn) * 4
+            let extra = residual as usize * (layers - 1) * (n * h + attn) * 4
                 + mlp as usize * (layers - 1) * n * i2 * 4
                 + (residual || mlp) as usize * (layers - 1) * z * 4;
             assert_eq!(bytes1 - bytes0, extra, "residual {residual} mlp {mlp}");

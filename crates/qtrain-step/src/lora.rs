@@ -340,6 +340,30 @@ impl LoraWeights {
         self.set.to_host()
     }
 
+    /// The same adapters on `device` (a copy; the values and layout are unchanged).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let pairs = self
+            .set
+            .pairs
+            .iter()
+            .map(|p| {
+                Ok(LoraPair {
+                    layer: p.layer,
+                    proj: p.proj,
+                    a: p.a.to_device(device)?,
+                    b: p.b.to_device(device)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config: self.config.clone(),
+            num_layers: self.num_layers,
+            dtype: self.dtype,
+            device: device.clone(),
+            set: PairSet::new(self.num_layers, pairs),
+        })
+    }
+
     /// Sets one tensor from host f32 values (row-major, the tensor's shape).
     pub fn set_from_host(&mut self, name: &str, values: &[f32]) -> Result<()> {
         let slot = self.set.lookup_mut(name)?;

@@ -19,6 +19,7 @@
 
 use crate::memory::{KeptActivations, OptimizerPlace};
 use crate::trainer::TrainError;
+use candle_core::Device;
 use qtrain_dist::Collective;
 use qtrain_engine::{Engine, EngineOptions, WorkspaceLayout};
 use qtrain_model::BaseModel;
@@ -213,7 +214,7 @@ impl Backend {
     /// are the run's initial or resumed adapters) and `opt`.
     pub fn new(
         base: &BaseModel,
-        lora: LoraWeights,
+        mut lora: LoraWeights,
         opt: HostOptimizer,
         engine: EngineKind,
     ) -> Result<Self> {
@@ -235,6 +236,10 @@ impl Backend {
                 HostOptimizer::AdamW8bit(o) => Box::new(DeviceAdamW8bit::from_host(&o, &dev)?),
                 HostOptimizer::AdamW32(o) => Box::new(DeviceAdamW32::from_host(&o, &dev)?),
             };
+            // The engine holds its own copy of the adapters on the device; the candle
+            // copy (only generation reads it) waits on the host (52 MiB of GPU memory
+            // on Mistral-7B q/k/v/o r16).
+            lora = lora.to_device(&Device::Cpu)?;
             Kind::Fused {
                 engine: Box::new(engine),
                 opt,
@@ -301,14 +306,16 @@ impl Backend {
         }
     }
 
-    /// Sets the fused engine's tokens per MLP chunk (`EngineOptions::mlp_chunk`,
-    /// `train.mlp_chunk_tokens`; ignored on the reference path); the workspace is
+    /// Sets the fused engine's tokens per MLP chunk and rows per cross-entropy chunk
+    /// (`EngineOptions::mlp_chunk` / `ce_chunk`, `train.mlp_chunk_tokens` /
+    /// `train.loss_chunk_tokens`; ignored on the reference path); the workspace is
     /// sized anew at the next pass.
-    pub fn set_mlp_chunk(&mut self, tokens: usize) {
+    pub fn set_chunks(&mut self, mlp_tokens: usize, loss_rows: usize) {
         if let Kind::Fused { engine, .. } = &mut self.kind {
             with_engine!(engine.as_mut(), e => {
                 let mut opts = e.options();
-                opts.mlp_chunk = tokens.max(1);
+                opts.mlp_chunk = mlp_tokens.max(1);
+                opts.ce_chunk = loss_rows.max(1);
                 e.set_options(opts);
             });
         }
@@ -614,13 +621,15 @@ impl Backend {
         })
     }
 
-    /// The adapters as candle tensors, current (for generation).
-    pub fn lora_weights(&mut self) -> Result<&LoraWeights> {
+    /// The adapters as candle tensors on `device` (the base model's), current (for
+    /// generation). The fused path keeps its candle copy on the host (the engine's
+    /// buffers are what trains), so this device copy exists only while it is used.
+    pub fn lora_weights(&mut self, device: &Device) -> Result<LoraWeights> {
         if self.lora_stale {
             let p = self.params()?;
             self.lora.update_from_host(&p)?;
             self.lora_stale = false;
         }
-        Ok(&self.lora)
+        Ok(self.lora.to_device(device)?)
     }
 }

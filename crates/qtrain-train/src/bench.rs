@@ -98,6 +98,8 @@ pub struct BenchOptions {
     pub precision: String,
     /// `train.mlp_chunk_tokens`: tokens per MLP chunk of the fused engine.
     pub mlp_chunk: usize,
+    /// `train.loss_chunk_tokens`: rows per cross-entropy chunk of the fused engine.
+    pub loss_chunk: usize,
     /// `train.attention_backward`: the attention backward's kernels.
     pub attention_backward: qtrain_engine::AttnBackward,
 }
@@ -196,6 +198,8 @@ pub struct CaseResult {
     pub offload: bool,
     /// Tokens per MLP chunk the fused engine ran with.
     pub mlp_chunk: usize,
+    /// Rows per cross-entropy chunk the fused engine ran with.
+    pub loss_chunk: usize,
     /// The attention backward's kernels it ran with.
     pub attention_backward: qtrain_engine::AttnBackward,
     /// The attention kernels of the fused engine's GPU (forward, split backward; see
@@ -281,6 +285,7 @@ impl CaseResult {
             "mlp_activations_kept": self.kept.mlp,
             "offload_checkpoints": self.offload,
             "mlp_chunk_tokens": self.mlp_chunk,
+            "loss_chunk_tokens": self.loss_chunk,
             "attention_backward": self.attention_backward.name(),
             // The attention kernels this run used (the GPU's defaults or QTRAIN_ATTN_FWD /
             // _SPLIT; "reference" on the CPU).
@@ -519,10 +524,11 @@ fn decide_memory(
     let mut opts = EngineOptions {
         fp8_base: o.precision == "fp8",
         mlp_chunk: o.mlp_chunk,
+        ce_chunk: o.loss_chunk,
         attention_backward: o.attention_backward,
         ..EngineOptions::default()
     };
-    backend.set_mlp_chunk(o.mlp_chunk);
+    backend.set_chunks(o.mlp_chunk, o.loss_chunk);
     backend.set_attention_backward(o.attention_backward);
     let spec = |opts| {
         spec_for(
@@ -695,6 +701,7 @@ pub fn run_case(
         kept: backend.kept_activations(),
         offload: backend.offload_checkpoints(),
         mlp_chunk: backend.engine_options().mlp_chunk,
+        loss_chunk: backend.engine_options().ce_chunk,
         attention_backward: backend.engine_options().attention_backward,
         attention_kernels: attention_kernels(backend.engine_device().as_ref(), &base.config),
         memory_limit,

@@ -189,6 +189,11 @@ pub struct TrainSection {
     /// A smaller chunk saves memory at the cost of reading each MLP weight once
     /// more per chunk (about 1% at 2048 on 7B).
     pub mlp_chunk_tokens: usize,
+    /// Rows (tokens) per cross-entropy chunk of the fused engine: the f32 logits and
+    /// their gradient exist for this many rows at a time (`rows x vocab x (4 + 2)`
+    /// bytes in bf16: 192 MiB for a 32768-word vocabulary at 1024). 512 saves 96 MiB
+    /// there for a few more, smaller lm_head products (the memory-saving set-up).
+    pub loss_chunk_tokens: usize,
     /// The attention backward's kernels on a GPU: `split` (two kernels, dK/dV then dQ;
     /// bit-reproducible), `fused` (one pass over K/V, dQ summed in a fixed order:
     /// bit-reproducible, two of seven products fewer, `tokens x (heads + 2 kv_heads) x
@@ -214,6 +219,7 @@ impl Default for TrainSection {
             offload_checkpoints: "auto".into(),
             precision: "auto".into(),
             mlp_chunk_tokens: qtrain_engine::EngineOptions::default().mlp_chunk,
+            loss_chunk_tokens: qtrain_engine::EngineOptions::default().ce_chunk,
             attention_backward: qtrain_engine::EngineOptions::default()
                 .attention_backward
                 .name()
@@ -550,6 +556,9 @@ impl RunConfig {
         }
         if t.mlp_chunk_tokens == 0 {
             p.push("train.mlp_chunk_tokens: must be >= 1 (tokens per MLP chunk)".into());
+        }
+        if t.loss_chunk_tokens == 0 {
+            p.push("train.loss_chunk_tokens: must be >= 1 (rows per cross-entropy chunk)".into());
         }
         if AttnBackward::parse(&t.attention_backward).is_none() {
             p.push(format!(
@@ -945,6 +954,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("train.mlp_chunk_tokens: must be >= 1"), "{e}");
+    }
+
+    #[test]
+    fn loss_chunk_tokens_defaults_to_the_engines_and_refuses_zero() {
+        assert_eq!(RunConfig::default().train.loss_chunk_tokens, 1024);
+        let cfg = RunConfig::from_toml_str("[train]\nloss_chunk_tokens = 512\n", p(), &[]).unwrap();
+        let model = qtrain_model::ModelConfig::preset("mistral-7b-v0.3", 0).unwrap();
+        let spec = |cfg: &RunConfig| {
+            crate::memory::MemorySpec::for_run(
+                cfg,
+                &model,
+                candle_core::DType::BF16,
+                crate::backend::EngineKind::Fused,
+                8,
+                512,
+                Some((9, 0)),
+            )
+        };
+        let (half, whole) = (spec(&cfg), spec(&RunConfig::default()));
+        assert_eq!(half.engine_options.ce_chunk, 512);
+        // Half the rows: half of the f32 logits and their bf16 gradient (32768 words)
+        // and of the hidden rows gathered for them.
+        let saved = whole.predict().total() - half.predict().total();
+        let expected = 512 * (32768 * (4 + 2) + 2 * 4096 * 2);
+        assert!(
+            saved >= expected && saved < expected + expected / 20,
+            "saved {saved} bytes, expected {expected} (+ slack)"
+        );
+        let e = RunConfig::from_toml_str("[train]\nloss_chunk_tokens = 0\n", p(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("train.loss_chunk_tokens: must be >= 1"), "{e}");
     }
 
     #[test]

@@ -10,8 +10,9 @@
 //!   tied) and norms in the compute dtype. The same arithmetic as
 //!   `BaseModel::storage_bytes` (a test checks the two agree).
 //! - **LoRA**: the fused engine's flat f32 master weights, f32 gradients and
-//!   compute-type copy ([`qtrain_engine::device_lora_bytes`]), plus the trainer's
-//!   candle copy of the adapters (f32 on the device, for generation).
+//!   compute-type copy ([`qtrain_engine::device_lora_bytes`]). (The trainer's candle
+//!   copy of the adapters waits on the host; generation copies it to the device only
+//!   while it runs, outside the step.)
 //! - **Optimizer state** on the device: resident 8-bit AdamW state (2 bytes per
 //!   parameter + two f32 absmax per 256-block, f32 state below 4096 elements; the
 //!   formula of `qtrain_optim::StateFormat::bytes`), or, paged, two staging buffers
@@ -332,6 +333,7 @@ impl MemorySpec {
             engine_options: EngineOptions {
                 fp8_base: cfg.train.precision == "fp8",
                 mlp_chunk: cfg.train.mlp_chunk_tokens,
+                ce_chunk: cfg.train.loss_chunk_tokens,
                 // Validated with the config; the default where it was not.
                 attention_backward: qtrain_engine::AttnBackward::parse(
                     &cfg.train.attention_backward,
@@ -419,12 +421,6 @@ impl MemorySpec {
                     &mut lines,
                     Category::Gradients,
                     "LoRA: gradients (f32)".into(),
-                    n4,
-                );
-                push(
-                    &mut lines,
-                    Category::Lora,
-                    "LoRA: candle copy for generation (f32)".into(),
                     n4,
                 );
                 let layout = self.workspace_layout();
@@ -1139,15 +1135,11 @@ mod tests {
         };
         // Mistral-7B at 4096 tokens: 1 GiB of residuals, 1.5 GiB of q/k/v and 1 GiB
         // of attention outputs (with 16 MiB of f32 log-sum-exp; one layer's of each
-        // but the residual was there already) and 28 MiB of the adapters' z (all
-        // seven projections' slots, r16), 7 GiB of gate/up outputs (in place of the
-        // one chunk buffer).
-        let attn_layer = 4096 * 6144 * 2 + 4096 * 4096 * 2 + 8 * 32 * 512 * 4;
+        // was there already) and 28 MiB of the adapters' z (all seven projections'
+        // slots, r16), 7 GiB of gate/up outputs (in place of the one chunk buffer).
+        let attn_layer = 4096 * 4096 * 2 + 4096 * 6144 * 2 + 4096 * 4096 * 2 + 8 * 32 * 512 * 4;
         let z_layer = 7 * 4096 * 16 * 2;
-        assert_eq!(
-            engine(res) - engine(none),
-            32 * 4096 * 4096 * 2 + 31 * (attn_layer + z_layer)
-        );
+        assert_eq!(engine(res) - engine(none), 31 * (attn_layer + z_layer));
         let gu_chunk = 4096 * 2 * 14336 * 2;
         assert_eq!(
             engine(both) - engine(res),
@@ -1206,18 +1198,14 @@ mod tests {
         let (none, kept) = (spec.predict(), kept_spec.predict());
         let n = 32768u64;
         // q/k/v (6144 columns), x2 and the output (4096 each), lse (32 heads, f32).
-        let one_layer = n * 6144 * 2 + n * 4096 * 2 + 32 * n * 4;
-        let per_layer = one_layer + n * 4096 * 2;
+        let per_layer = n * 6144 * 2 + 2 * n * 4096 * 2 + 32 * n * 4;
         let travelling = 32 - qtrain_engine::OFFLOAD_RING as u64;
         assert_eq!(kept.host_bytes - none.host_bytes, travelling * per_layer);
         assert_eq!(kept.transfer_bytes, 2 * kept.host_bytes);
-        // The ring replaces one layer's buffers; every layer's adapter z is kept
-        // (seven projections' slots, r16).
+        // The ring of two replaces one layer's buffers; every layer's adapter z is
+        // kept (seven projections' slots, r16).
         let z = 7 * n * 16 * 2;
-        assert_eq!(
-            kept.engine_bytes - none.engine_bytes,
-            2 * per_layer - one_layer + 31 * z
-        );
+        assert_eq!(kept.engine_bytes - none.engine_bytes, per_layer + 31 * z);
         assert!(
             kept.table()
                 .contains("ring of 2 layers' inputs and attention halves"),

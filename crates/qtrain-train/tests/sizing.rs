@@ -520,6 +520,7 @@ fn bench_memory_limit_caps_the_engine_and_reports_offload() {
         profile: false,
         precision: "auto".into(),
         mlp_chunk: 8192,
+        loss_chunk: 1024,
         attention_backward: Default::default(),
     };
     let free = run_case(&model, &opts("on", None), 2, 32).unwrap();
@@ -579,6 +580,7 @@ fn bench_fp8_reports_its_quality_against_the_compute_type() {
         profile: false,
         precision: "fp8".into(),
         mlp_chunk: 8192,
+        loss_chunk: 1024,
         attention_backward: Default::default(),
     };
     let r = run_case(&model, &opts, 2, 32).unwrap();
@@ -601,17 +603,22 @@ fn bench_fp8_reports_its_quality_against_the_compute_type() {
     );
 }
 
-/// `qtrain bench --mlp-chunk` / `train.mlp_chunk_tokens`: a smaller MLP chunk trains
-/// the same (identical losses: the chunks split the rows, not a reduction) in less
-/// memory, and the memory model predicts the engine's buffers exactly either way.
+/// `qtrain bench --mlp-chunk` / `train.mlp_chunk_tokens` and `--loss-chunk` /
+/// `train.loss_chunk_tokens`: smaller MLP and cross-entropy chunks train the same
+/// (identical losses: the chunks split the rows, not a reduction) in less memory, and
+/// the memory model predicts the engine's buffers exactly either way.
 #[test]
-fn bench_smaller_mlp_chunk_trains_the_same_in_less_memory() {
+fn bench_smaller_chunks_train_the_same_in_less_memory() {
     use qtrain_train::bench::{run_case, BenchModel, BenchOptions};
     let cache = tempfile::tempdir().unwrap();
     let (base, _) =
         qtrain_train::models::load_base("builtin:tiny", "nf4", "cpu", "auto", cache.path())
             .unwrap();
-    let inter = base.config.intermediate_size;
+    let (h, inter, vocab) = (
+        base.config.hidden_size,
+        base.config.intermediate_size,
+        base.config.vocab_size,
+    );
     let model = BenchModel {
         base,
         gpu: None,
@@ -620,7 +627,7 @@ fn bench_smaller_mlp_chunk_trains_the_same_in_less_memory() {
         load_s: 0.0,
         cache: "test".into(),
     };
-    let opts = |mlp_chunk| BenchOptions {
+    let opts = |mlp_chunk, loss_chunk| BenchOptions {
         targets: vec![Proj::Q, Proj::K, Proj::V, Proj::O],
         rank: 4,
         engine: "fused".into(),
@@ -633,22 +640,32 @@ fn bench_smaller_mlp_chunk_trains_the_same_in_less_memory() {
         profile: false,
         precision: "auto".into(),
         mlp_chunk,
+        loss_chunk,
         attention_backward: Default::default(),
     };
-    let whole = run_case(&model, &opts(8192), 2, 32).unwrap();
-    let chunked = run_case(&model, &opts(16), 2, 32).unwrap();
-    assert_eq!(whole.losses, chunked.losses);
-    assert_eq!((whole.mlp_chunk, chunked.mlp_chunk), (8192, 16));
-    for r in [&whole, &chunked] {
+    let whole = run_case(&model, &opts(8192, 1024), 2, 32).unwrap();
+    let mlp = run_case(&model, &opts(16, 1024), 2, 32).unwrap();
+    let loss = run_case(&model, &opts(8192, 8), 2, 32).unwrap();
+    assert_eq!(whole.losses, mlp.losses);
+    assert_eq!(whole.losses, loss.losses);
+    assert_eq!((whole.mlp_chunk, mlp.mlp_chunk), (8192, 16));
+    assert_eq!((whole.loss_chunk, loss.loss_chunk), (1024, 8));
+    for r in [&whole, &mlp, &loss] {
         assert_eq!(r.predicted.engine_bytes as usize, r.engine_peak.unwrap());
     }
-    // 64 tokens against 16 per chunk: the gate/up output (2I), the SwiGLU output and
-    // its gradient (I each) for 48 tokens fewer, f32 on the CPU.
-    let saved = whole.engine_peak.unwrap() - chunked.engine_peak.unwrap();
-    assert_eq!(saved, 48 * 4 * inter * 4);
+    // 64 tokens against 16 per MLP chunk: the gate/up output (2I), the SwiGLU output
+    // and its gradient (I each) for 48 tokens fewer, f32 on the CPU.
+    let peak = |r: &qtrain_train::bench::CaseResult| r.engine_peak.unwrap();
+    assert_eq!(peak(&whole) - peak(&mlp), 48 * 4 * inter * 4);
+    // 64 rows against 8 per loss chunk: the logits and their gradient (V each) and the
+    // gathered hidden rows and their gradient (h each) for 56 rows fewer.
+    assert_eq!(peak(&whole) - peak(&loss), 56 * (2 * vocab + 2 * h) * 4);
+    let record = mlp.record(&model, "2x32", "qkvo", 0.0);
+    assert_eq!(record["mlp_chunk_tokens"], 16);
+    assert_eq!(record["loss_chunk_tokens"], 1024);
     assert_eq!(
-        chunked.record(&model, "2x32", "qkvo", 0.0)["mlp_chunk_tokens"],
-        16
+        loss.record(&model, "2x32", "qkvo", 0.0)["loss_chunk_tokens"],
+        8
     );
 }
 
@@ -748,6 +765,7 @@ fn bench_fused_attention_backward_is_sized_by_the_memory_model() {
         profile: false,
         precision: "auto".into(),
         mlp_chunk: 8192,
+        loss_chunk: 1024,
         attention_backward,
     };
     let runs: Vec<_> = AttnBackward::ALL

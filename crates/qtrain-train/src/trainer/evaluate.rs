@@ -53,9 +53,10 @@ impl Trainer {
             return Ok(Vec::new());
         }
         let t = self.clock.now();
+        let lora = self.backend.lora_weights(&self.base.device)?;
         let out = answer(
             &self.base,
-            Some(self.backend.lora_weights()?),
+            Some(&lora),
             &self.encoder,
             &self.prompts,
             self.cfg.eval.max_new_tokens,

@@ -459,7 +459,7 @@ fn build(
     .map_err(TrainError::Other)?;
     let mut backend = Backend::new(base, lora, opt, engine)?;
     backend.set_memory_limit(engine_memory_limit);
-    backend.set_mlp_chunk(cfg.train.mlp_chunk_tokens);
+    backend.set_chunks(cfg.train.mlp_chunk_tokens, cfg.train.loss_chunk_tokens);
     let attn_bwd =
         qtrain_engine::AttnBackward::parse(&cfg.train.attention_backward).unwrap_or_default(); // validated with the config
     backend.set_attention_backward(attn_bwd);
