@@ -1491,8 +1491,9 @@ impl<'a, T: Float> Ctx<'a, T> {
     /// Gate/up product, its LoRA, and SwiGLU for tokens `c0..c0 + cn`; returns
     /// `(gu, g, u, m)` of the chunk. With `wgu` None the backward takes the gate/up
     /// output kept from the forward (`save_mlp_activations`) instead of recomputing
-    /// it, and rebuilds only what it reads that is not kept: the SwiGLU output when
-    /// down carries an adapter (the adapters' `z` are kept per layer with it).
+    /// it. In the `backward` only what it reads is rebuilt: the SwiGLU output `m`
+    /// only when down carries an adapter (down's input gradient and SwiGLU's
+    /// backward read the gate/up output, not `m`), so `m` is then left stale.
     #[allow(clippy::type_complexity)]
     fn mlp_up(
         &self,
@@ -1500,6 +1501,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         wgu: Option<Mat<'a, T>>,
         c0: usize,
         cn: usize,
+        backward: bool,
     ) -> Result<(Mat<'a, T>, Mat<'a, T>, Mat<'a, T>, Mat<'a, T>)> {
         let d = self.dims;
         let h2c = mat(&self.ws.h2, d.n, d.h).row_block(c0, cn);
@@ -1517,7 +1519,7 @@ impl<'a, T: Float> Ctx<'a, T> {
             self.lora_fwd_shared(l, h2c, &[(Proj::Gate, g), (Proj::Up, u)], c0)?;
         }
         let m = mat(&self.ws.m, cn, d.inter);
-        if wgu.is_some() || self.slot(l, Proj::Down).is_some() {
+        if !backward || self.slot(l, Proj::Down).is_some() {
             let _r = self.dev.region("SwiGLU forward");
             swiglu_fwd(self.dev, g, u, m)?;
         }
@@ -1543,7 +1545,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         let out = self.layer_output(l);
         let x2 = self.x2(l);
         for (c0, cn) in self.chunks() {
-            let (_, _, _, m) = self.mlp_up(l, Some(wgu), c0, cn)?;
+            let (_, _, _, m) = self.mlp_up(l, Some(wgu), c0, cn, false)?;
             let oc = out.row_block(c0, cn);
             {
                 let _r = self.dev.region("GEMM down (+ residual copy)");
@@ -1667,7 +1669,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         let wd = self.weights(l, Group::Down)?;
         for (c0, cn) in self.chunks() {
             let recompute = matches!(ws.gu, GateUp::Chunk(_)).then_some(wgu);
-            let (gu, g, u, m) = self.mlp_up(l, recompute, c0, cn)?;
+            let (gu, g, u, m) = self.mlp_up(l, recompute, c0, cn, true)?;
             if !ws.z_per_layer {
                 self.lora_fwd(l, Proj::Down, m, None, c0)?;
             }
