@@ -188,7 +188,8 @@ macro_rules! with_engine {
 /// The trainable state and the step.
 pub struct Backend {
     kind: Kind,
-    /// Candle adapters for generation (and the whole reference path).
+    /// Candle adapters for generation (and the whole reference path); on the host
+    /// with the fused engine, whose own buffers train.
     lora: LoraWeights,
     /// `lora` is behind the device's master weights (fused path).
     lora_stale: bool,
