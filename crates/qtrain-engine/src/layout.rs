@@ -19,8 +19,8 @@
 //! | `qkv dqkv` | `n·qc` each | fused q/k/v (after RoPE; with q/k norms, before them) and their gradients |
 //! | `qk_normed qk_inv` | `n·(heads + kv)·d`, `n·(heads + kv)` | with q/k norms (Qwen 3): q and k after the per-head norm and RoPE (what attention reads), each head's inverse RMS |
 //! | `attn dattn` | `n·heads·d` each | attention output (one layer's, unless kept per layer) and its gradient |
-//! | `gu m dm` | `c·2I`, `c·I`, `c·I` | the MLP of one chunk of `c` tokens (`gu` only without `mlp_activations`) |
-//! | `mlp_activations` | `L·n·2I` | with `save_mlp_activations`: each layer's gate/up output (after its LoRA) |
+//! | `gu m dm` | `c·2I`, `c·I`, `c·I` | the MLP of one chunk of `c` tokens (`gu` only when some layer's gate/up output is not kept) |
+//! | `mlp_activations` | `K·n·2I` | with `kept_mlp_layers` = K > 0: the first K layers' gate/up output (after its LoRA) |
 //! | `dz` | `3·n·r` | the adapters' `dz` of one projection, or of a stacked group |
 //! | `lora_a_stacks` | `L·5r·h` | without dropout, each layer's `[A_q; A_k; A_v]` and `[A_gate; A_up]` (the adapted ones), so a group sharing an input runs one `z` product and one input-gradient product |
 //! | `z` (`z_outputs`) | `P·n·r` (`L·P·n·r`) | the adapters' `z = dropout(x) Aᵀ` of one layer's `P` projections, or with either half kept every layer's, so the backward does not recompute them |
@@ -118,8 +118,9 @@ pub struct WorkspaceShape {
     pub elem: usize,
     /// Every layer's residual after attention is kept (`EngineOptions`).
     pub save_attention_residual: bool,
-    /// Every layer's gate/up output is kept (`EngineOptions`).
-    pub save_mlp_activations: bool,
+    /// The first this many layers' gate/up outputs are kept (`EngineOptions`;
+    /// [`ALL_LAYERS`] or any count from the model's layers up: every layer's).
+    pub kept_mlp_layers: usize,
     /// Layer inputs go to host memory, a ring of [`OFFLOAD_RING`] stays on the
     /// device (`EngineOptions`).
     pub offload_layer_inputs: bool,
@@ -135,14 +136,22 @@ pub struct WorkspaceShape {
 /// a half of the layer is kept, since the recomputation then no longer rebuilds `z`
 /// as a by-product of the projection it recomputes. The one rule for the layout
 /// and for `qtrain bench`'s count of the products the step runs.
-pub fn keeps_lora_z(save_attention_residual: bool, save_mlp_activations: bool) -> bool {
-    save_attention_residual || save_mlp_activations
+pub fn keeps_lora_z(save_attention_residual: bool, kept_mlp_layers: usize) -> bool {
+    save_attention_residual || kept_mlp_layers > 0
 }
+
+/// `EngineOptions::kept_mlp_layers` for every layer's gate/up output.
+pub const ALL_LAYERS: usize = usize::MAX;
 
 impl WorkspaceShape {
     /// [`keeps_lora_z`] of this shape.
     pub fn keeps_lora_z(&self) -> bool {
-        keeps_lora_z(self.save_attention_residual, self.save_mlp_activations)
+        keeps_lora_z(self.save_attention_residual, self.kept_mlp_layers)
+    }
+
+    /// How many layers of `cfg` keep their gate/up output.
+    pub fn kept_mlp_layers(&self, cfg: &ModelConfig) -> usize {
+        self.kept_mlp_layers.min(cfg.num_hidden_layers)
     }
 
     /// Layer inputs on the device for `layers` layers: all of them, or the ring.
@@ -177,7 +186,7 @@ impl WorkspaceShape {
             rank,
             elem,
             save_attention_residual: opts.save_attention_residual,
-            save_mlp_activations: opts.save_mlp_activations,
+            kept_mlp_layers: opts.kept_mlp_layers,
             offload_layer_inputs: opts.offload_layer_inputs,
             fp8_base: opts.fp8_base,
             attention_backward: opts.attention_backward,
@@ -378,14 +387,17 @@ impl WorkspaceLayout {
             buffers.push(b("attn", LayerActivations, n * qcols, e));
             buffers.push(b("lse", LayerActivations, stats, 4));
         }
-        if shape.save_mlp_activations {
+        // The kept layers' gate/up outputs, and one chunk's for the others.
+        let kept_mlp = shape.kept_mlp_layers(cfg);
+        if kept_mlp > 0 {
             buffers.push(b(
                 "mlp_activations",
                 MlpActivations,
-                cfg.num_hidden_layers * n * 2 * inter,
+                kept_mlp * n * 2 * inter,
                 e,
             ));
-        } else {
+        }
+        if kept_mlp < cfg.num_hidden_layers {
             buffers.push(b("gu", MlpChunk, c * 2 * inter, e));
         }
         if shape.fp8_base {

@@ -17,7 +17,9 @@ pub mod step;
 pub mod weights;
 
 pub use error::{EngineError, Result};
-pub use layout::{keeps_lora_z, Component, WorkspaceLayout, WorkspaceShape, OFFLOAD_RING};
+pub use layout::{
+    keeps_lora_z, Component, WorkspaceLayout, WorkspaceShape, ALL_LAYERS, OFFLOAD_RING,
+};
 pub use lora::{device_lora_bytes, DeviceLora, LoraLayout};
 pub use qtrain_device::ops::attention::AttnBackward;
 pub use step::{Engine, EngineOptions};

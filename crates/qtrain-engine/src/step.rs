@@ -107,11 +107,13 @@ pub struct EngineOptions {
     /// o projection (selective recomputation, for when memory allows; the results
     /// are identical).
     pub save_attention_residual: bool,
-    /// Keep each layer's gate/up output (after its LoRA; `L·n·2I` more elements, the
-    /// largest activation of a layer) from the forward: the backward then does not
-    /// recompute the gate/up product, the costliest GEMM of the recomputation (the
-    /// results are identical).
-    pub save_mlp_activations: bool,
+    /// Keep the gate/up output (after its LoRA; `n·2I` elements per layer, the
+    /// largest activation of a layer) of the first `kept_mlp_layers` layers
+    /// ([`ALL_LAYERS`]: every layer's) from the forward: the backward then does not
+    /// recompute their gate/up product, the costliest GEMM of the recomputation
+    /// (the results are identical). Between none and all, a GPU with room for some
+    /// layers' outputs recomputes only the others'.
+    pub kept_mlp_layers: usize,
     /// Keep the gradient checkpoints (each layer's input, `L·n·h` elements: 16 GiB
     /// for a 7B model at 64k tokens) in page-locked host memory instead of on the
     /// device, with a ring of [`OFFLOAD_RING`] layer inputs on the device; the
@@ -139,7 +141,7 @@ impl Default for EngineOptions {
             mlp_chunk: 8192,
             ce_chunk: 1024,
             save_attention_residual: false,
-            save_mlp_activations: false,
+            kept_mlp_layers: 0,
             offload_layer_inputs: false,
             fp8_base: false,
             attention_backward: AttnBackward::Split,
@@ -298,9 +300,6 @@ impl Fp8Buffers {
     }
 }
 
-/// Where the gate/up output lives: one token chunk's buffer, recomputed in the
-/// backward, or every layer's, kept from the forward (`save_mlp_activations`; the
-/// chunks are then row blocks of it).
 /// The host side of the offloaded checkpoints: one [`HostStage`] per buffer of
 /// [`OFFLOADED`] that the layout has. The layer inputs travel on their own clock
 /// (written by the previous layer); the attention half's buffers (kept with
@@ -339,9 +338,15 @@ impl<T: Float> Offload<T> {
     }
 }
 
-enum GateUp<T: Float> {
-    Chunk(DBuf<T>),
-    Kept(DBuf<T>),
+/// Where the gate/up output lives: the first `layers` layers' kept from the forward
+/// (`kept_mlp_layers`; a chunk is then a row block of its layer's), the other
+/// layers' in one token chunk's buffer, recomputed in the backward.
+struct GateUp<T: Float> {
+    /// The first `layers` layers' outputs, kept from the forward.
+    kept: Option<DBuf<T>>,
+    layers: usize,
+    /// One chunk's, for the other layers (recomputed in the backward).
+    chunk: Option<DBuf<T>>,
 }
 
 impl<T: Float> Workspace<T> {
@@ -400,10 +405,14 @@ impl<T: Float> Workspace<T> {
             dattn: buf!("dattn"),
             dqkv: buf!("dqkv"),
             attn_scratch: buf!("attn_scratch"),
-            gu: if p.shape.save_mlp_activations {
-                GateUp::Kept(buf!("mlp_activations"))
-            } else {
-                GateUp::Chunk(buf!("gu"))
+            gu: GateUp {
+                kept: if has("mlp_activations") {
+                    Some(buf!("mlp_activations"))
+                } else {
+                    None
+                },
+                layers: p.shape.kept_mlp_layers(cfg),
+                chunk: if has("gu") { Some(buf!("gu")) } else { None },
             },
             m: buf!("m"),
             dm: buf!("dm"),
@@ -957,10 +966,17 @@ impl<'a, T: Float> Ctx<'a, T> {
     /// of the kept activations, or the one chunk buffer (recomputed in the backward).
     fn gu_chunk(&self, l: usize, c0: usize, cn: usize) -> Mat<'a, T> {
         let (n, w) = (self.dims.n, 2 * self.dims.inter);
-        match &self.ws.gu {
-            GateUp::Kept(b) => b.view((l * n + c0) * w, cn * w).mat(cn, w, w),
-            GateUp::Chunk(g) => mat(g, cn, w),
+        let gu = &self.ws.gu;
+        match (&gu.kept, &gu.chunk) {
+            (Some(b), _) if l < gu.layers => b.view((l * n + c0) * w, cn * w).mat(cn, w, w),
+            (_, Some(g)) => mat(g, cn, w),
+            _ => unreachable!("layer {l}'s gate/up output has no buffer"),
         }
+    }
+
+    /// Whether layer `l`'s gate/up output was kept from the forward.
+    fn gu_kept(&self, l: usize) -> bool {
+        l < self.ws.gu.layers
     }
 
     /// The residual after layer `l`'s attention: its kept slot, or the one shared
@@ -1490,7 +1506,7 @@ impl<'a, T: Float> Ctx<'a, T> {
 
     /// Gate/up product, its LoRA, and SwiGLU for tokens `c0..c0 + cn`; returns
     /// `(gu, g, u, m)` of the chunk. With `wgu` None the backward takes the gate/up
-    /// output kept from the forward (`save_mlp_activations`) instead of recomputing
+    /// output kept from the forward (`kept_mlp_layers`) instead of recomputing
     /// it. In the `backward` only what it reads is rebuilt: the SwiGLU output `m`
     /// only when down carries an adapter (down's input gradient and SwiGLU's
     /// backward read the gate/up output, not `m`), so `m` is then left stale.
@@ -1668,7 +1684,7 @@ impl<'a, T: Float> Ctx<'a, T> {
         let wgu = self.weights(l, Group::GateUp)?;
         let wd = self.weights(l, Group::Down)?;
         for (c0, cn) in self.chunks() {
-            let recompute = matches!(ws.gu, GateUp::Chunk(_)).then_some(wgu);
+            let recompute = (!self.gu_kept(l)).then_some(wgu);
             let (gu, g, u, m) = self.mlp_up(l, recompute, c0, cn, true)?;
             if !ws.z_per_layer {
                 self.lora_fwd(l, Proj::Down, m, None, c0)?;

@@ -103,7 +103,7 @@ fn fp8_results_do_not_depend_on_the_memory_options() {
         },
         EngineOptions {
             save_attention_residual: true,
-            save_mlp_activations: true,
+            kept_mlp_layers: qtrain_engine::ALL_LAYERS,
             ..EngineOptions::default()
         },
         EngineOptions {

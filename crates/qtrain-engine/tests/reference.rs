@@ -12,7 +12,7 @@ mod family_configs;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use family_configs::small_family_config;
-use qtrain_engine::{Engine, EngineOptions, WorkspaceLayout};
+use qtrain_engine::{Engine, EngineOptions, WorkspaceLayout, ALL_LAYERS};
 use qtrain_model::{BaseModel, FrozenStorage, Proj, PROJECTIONS};
 use qtrain_reference::{forward_backward, forward_loss};
 use qtrain_step::{HostTensor, LoraConfig, LoraGrads, LoraWeights, StepOptions, TokenBatch};
@@ -112,7 +112,7 @@ fn stacked_adapter_groups_match_the_reference() {
             let opts = EngineOptions {
                 mlp_chunk: 10,
                 save_attention_residual: kept,
-                save_mlp_activations: kept,
+                kept_mlp_layers: if kept { ALL_LAYERS } else { 0 },
                 ..EngineOptions::default()
             };
             compare(
@@ -270,7 +270,7 @@ fn qwen3_with_kept_activations_matches_the_reference_and_the_layout() {
     let lora = random_lora(&cfg, &all_targets_config(0.2), 92, DType::F32);
     let opts = EngineOptions {
         save_attention_residual: true,
-        save_mlp_activations: true,
+        kept_mlp_layers: ALL_LAYERS,
         ..EngineOptions::default()
     };
     compare(&base, &lora, &[packed_batch(61, 10, 93)], opts, 2e-5);
@@ -439,10 +439,10 @@ fn kept_activations_change_no_bit() {
     let (base, _) = random_base(&cfg, 21, DType::F32);
     let lora = random_lora(&cfg, &all_targets_config(0.2), 22, DType::F32);
     let batches = [packed_batch(61, 11, 23), random_rows(61, 2, 11, 24)];
-    let run = |residual: bool, mlp: bool, mlp_chunk: usize| {
+    let run = |residual: bool, mlp: usize, mlp_chunk: usize| {
         let opts = EngineOptions {
             save_attention_residual: residual,
-            save_mlp_activations: mlp,
+            kept_mlp_layers: mlp,
             mlp_chunk,
             ..EngineOptions::default()
         };
@@ -452,15 +452,18 @@ fn kept_activations_change_no_bit() {
     };
     let chunk = EngineOptions::default().mlp_chunk;
     let (n, h, i2) = (2 * 11, cfg.hidden_size, 2 * cfg.intermediate_size);
+    // Gate/up outputs of no layer, of the first of the two, or of both.
     for (residual, mlp, mlp_chunk) in [
-        (true, false, chunk),
-        (false, true, chunk),
-        (true, true, chunk),
-        (false, true, 5),
+        (true, 0, chunk),
+        (false, ALL_LAYERS, chunk),
+        (true, ALL_LAYERS, chunk),
+        (false, ALL_LAYERS, 5),
+        (false, 1, chunk),
+        (true, 1, 5),
     ] {
         // Against recomputing everything with the same chunks (chunking changes the
         // order of the gradient sums).
-        let (l0, g0, bytes0) = run(false, false, mlp_chunk);
+        let (l0, g0, bytes0) = run(false, 0, mlp_chunk);
         let (l1, g1, bytes1) = run(residual, mlp, mlp_chunk);
         assert_eq!(l0, l1, "residual {residual} mlp {mlp} chunk {mlp_chunk}");
         assert_eq!(g0, g1, "residual {residual} mlp {mlp} chunk {mlp_chunk}");
@@ -468,18 +471,21 @@ fn kept_activations_change_no_bit() {
         // one layer's, and q/k/v
         // [tokens, (heads + 2 kv)·d], the attention output [tokens, heads·d] with
         // its log-sum-exp [rows·heads·seq] per layer in place of one layer's; the
-        // kept gate/up outputs one [tokens, 2I] per layer, in place of the chunk
-        // buffer; with either, the adapters' z [tokens, r] of all seven projections
-        // per layer, in place of one layer's.
+        // kept gate/up outputs one [tokens, 2I] per kept layer, in place of the
+        // chunk buffer when every layer's is kept (beside it otherwise); with either,
+        // the adapters' z [tokens, r] of all seven projections per layer, in place
+        // of one layer's.
         if mlp_chunk == chunk {
             let layers = cfg.num_hidden_layers;
             let heads = cfg.num_attention_heads;
             let qkv = n * (heads + 2 * cfg.num_kv_heads()) * cfg.head_dim();
             let attn = qkv + n * heads * cfg.head_dim() + 2 * heads * 11;
             let z = PROJECTIONS.len() * n * 4;
+            let kept_mlp = mlp.min(layers);
+            let gu = kept_mlp * n * i2 - (kept_mlp == layers) as usize * n * i2;
             let extra = residual as usize * (layers - 1) * (n * h + attn) * 4
-                + mlp as usize * (layers - 1) * n * i2 * 4
-                + (residual || mlp) as usize * (layers - 1) * z * 4;
+                + gu * 4
+                + (residual || mlp > 0) as usize * (layers - 1) * z * 4;
             assert_eq!(bytes1 - bytes0, extra, "residual {residual} mlp {mlp}");
         }
     }
@@ -489,7 +495,7 @@ fn kept_activations_change_no_bit() {
         &batches,
         EngineOptions {
             save_attention_residual: true,
-            save_mlp_activations: true,
+            kept_mlp_layers: ALL_LAYERS,
             ..EngineOptions::default()
         },
         2e-5,

@@ -271,7 +271,7 @@ impl Backend {
     }
 
     /// Which activations the fused engine keeps from the forward
-    /// (`EngineOptions::save_attention_residual`, `save_mlp_activations`); none on
+    /// (`EngineOptions::save_attention_residual`, `kept_mlp_layers`); none on
     /// the reference path.
     pub fn kept_activations(&self) -> KeptActivations {
         KeptActivations::of(&self.engine_options())

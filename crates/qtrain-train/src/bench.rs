@@ -282,7 +282,8 @@ impl CaseResult {
                 .map(|r| (r.name.to_string(), serde_json::json!({"ms": r.ms, "calls": r.calls})))
                 .collect::<serde_json::Map<_, _>>()),
             "attention_residuals_kept": self.kept.attention_residuals,
-            "mlp_activations_kept": self.kept.mlp,
+            "mlp_activations_kept": self.kept.mlp_all(base.config.num_hidden_layers),
+            "mlp_layers_kept": self.kept.mlp_layers.min(base.config.num_hidden_layers),
             "offload_checkpoints": self.offload,
             "mlp_chunk_tokens": self.mlp_chunk,
             "loss_chunk_tokens": self.loss_chunk,
@@ -410,19 +411,21 @@ pub fn executed_flops_per_token(
 ) -> ExecutedFlops {
     let layers = cfg.num_hidden_layers as f64;
     let weights = |p: Proj| cfg.proj_shape(p).iter().product::<usize>() as f64;
+    // The share of the layers that recompute each projection: the attention half's
+    // all or none, gate/up those whose outputs are not kept.
+    let mlp_kept = kept.mlp_layers.min(cfg.num_hidden_layers) as f64;
     let recomputed = |p: Proj| match p {
-        Proj::Q | Proj::K | Proj::V | Proj::O => !kept.attention_residuals,
-        Proj::Gate | Proj::Up => !kept.mlp,
-        Proj::Down => false,
+        Proj::Q | Proj::K | Proj::V | Proj::O => (!kept.attention_residuals) as u8 as f64,
+        Proj::Gate | Proj::Up => 1.0 - mlp_kept / layers,
+        Proj::Down => 0.0,
     };
     let all: f64 = qtrain_model::PROJECTIONS.iter().map(|&p| weights(p)).sum();
     let head = (cfg.vocab_size * cfg.hidden_size) as f64;
     let again: f64 = qtrain_model::PROJECTIONS
         .iter()
-        .filter(|&&p| recomputed(p))
         // fold from +0.0: f64's `sum` of nothing is -0.0, which the JSON would print
         // when both halves are kept and nothing is recomputed
-        .fold(0.0, |a, &p| a + weights(p));
+        .fold(0.0, |a, &p| a + weights(p) * recomputed(p));
     // One forward of causal attention: QK^T and PV, 2 FLOPs per multiply-add,
     // seq/2 keys on average, every query head.
     let attn_fwd =
@@ -436,14 +439,11 @@ pub fn executed_flops_per_token(
             // forward, input gradient, weight gradients; where the projection is
             // recomputed, z = x Aᵀ and y += z Bᵀ again; elsewhere z again only
             // when no half is kept (then nothing keeps every layer's z)
-            let again = if recomputed(p) {
-                rank * (inp + out)
-            } else if qtrain_engine::keeps_lora_z(kept.attention_residuals, kept.mlp) {
-                0
-            } else {
-                rank * inp
-            };
-            2.0 * (3.0 * params + again as f64)
+            let kept_z = qtrain_engine::keeps_lora_z(kept.attention_residuals, kept.mlp_layers);
+            let not_recomputed = if kept_z { 0 } else { rank * inp };
+            let f = recomputed(p);
+            let again = f * (rank * (inp + out)) as f64 + (1.0 - f) * not_recomputed as f64;
+            2.0 * (3.0 * params + again)
         })
         .sum();
     ExecutedFlops {

@@ -165,8 +165,9 @@ pub struct TrainSection {
     /// not recompute the gate/up product, the largest GEMM of the recomputation
     /// (fused engine; costs `layers x tokens x 2 x intermediate` compute-type
     /// elements: 7 GiB for Mistral-7B at 4096 tokens per micro-batch): `on`, `off`,
-    /// or `auto` (on when the memory model says it fits beside the micro-batch and
-    /// the attention residuals; an out-of-memory gives it back first).
+    /// or `auto` (every layer's when the memory model says they fit beside the
+    /// micro-batch and the attention residuals, else the first layers' that fit;
+    /// an out-of-memory gives them back first).
     pub keep_mlp_activations: String,
     /// Keep the gradient checkpoints (every layer's input: `layers x tokens x
     /// hidden` compute-type elements, 16 GiB for Mistral-7B at 65536 tokens) in

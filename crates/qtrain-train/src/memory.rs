@@ -601,21 +601,39 @@ pub struct KeptActivations {
     /// only the input norm: no q/k/v product, RoPE, attention forward or o
     /// projection.
     pub attention_residuals: bool,
-    /// Each layer's gate/up output (`train.keep_mlp_activations`): `L·n·2I`
-    /// elements, saves the gate/up product, the costliest GEMM recomputed.
-    pub mlp: bool,
+    /// How many layers (the first ones) keep their gate/up output
+    /// (`train.keep_mlp_activations`): `n·2I` elements each, which save that layer's
+    /// gate/up product, the costliest GEMM recomputed. From the model's layer count
+    /// up (or [`qtrain_engine::ALL_LAYERS`]), every layer's.
+    pub mlp_layers: usize,
 }
 
 impl KeptActivations {
     pub fn apply(self, opts: &mut EngineOptions) {
         opts.save_attention_residual = self.attention_residuals;
-        opts.save_mlp_activations = self.mlp;
+        opts.kept_mlp_layers = self.mlp_layers;
     }
 
     pub fn of(opts: &EngineOptions) -> Self {
         Self {
             attention_residuals: opts.save_attention_residual,
-            mlp: opts.save_mlp_activations,
+            mlp_layers: opts.kept_mlp_layers,
+        }
+    }
+
+    /// Whether every one of `layers` layers keeps its gate/up output.
+    pub fn mlp_all(&self, layers: usize) -> bool {
+        self.mlp_layers >= layers
+    }
+
+    /// The gate/up outputs kept, in words, for a model of `layers` layers.
+    pub fn mlp_words(&self, layers: usize) -> String {
+        match self.mlp_layers.min(layers) {
+            0 => "the gate/up product".into(),
+            k if k == layers => "gate/up outputs kept, no gate/up product".into(),
+            k => format!(
+                "gate/up outputs kept for {k} of {layers} layers, the gate/up product of the others"
+            ),
         }
     }
 }
@@ -643,7 +661,8 @@ impl Room {
 /// `train.keep_mlp_activations = mlp_policy` (`on`, `off` or `auto` each) decide for
 /// a run sized by `spec`: nothing on the reference engine; with `auto`, the
 /// attention residuals first (more time saved per byte), then the gate/up outputs
-/// beside them, each kept when the prediction with it fits `usable` bytes and, when
+/// beside them, of every layer or else of as many layers as fit (each layer's
+/// saves the same product), each kept when the prediction with it fits `usable` bytes and, when
 /// given, the engine's own buffers fit `engine_limit` and the pinned host memory
 /// fits `host_available` (with offloaded checkpoints a kept attention half travels
 /// to the host with its layer's input); without a GPU to size against (`usable`
@@ -679,10 +698,16 @@ pub fn kept_activations(
             ..kept
         }),
     };
-    kept.mlp = match mlp_policy {
-        "on" => true,
-        "off" => false,
-        _ => fits(KeptActivations { mlp: true, ..kept }),
+    let layers = spec.model.num_hidden_layers;
+    let with_mlp = |k| KeptActivations {
+        mlp_layers: k,
+        ..kept
+    };
+    kept.mlp_layers = match mlp_policy {
+        "on" => layers,
+        "off" => 0,
+        _ if fits(with_mlp(layers)) => layers,
+        _ => largest_fitting(layers - 1, |k| fits(with_mlp(k))).unwrap_or(0),
     };
     kept
 }
@@ -821,7 +846,7 @@ pub fn pass_seconds(spec: &MemorySpec, gpu: &GpuSpec) -> f64 {
         &spec.targets,
         spec.engine,
         spec.seq,
-        spec.engine_options.save_mlp_activations,
+        KeptActivations::of(&spec.engine_options).mlp_all(spec.model.num_hidden_layers),
         gpu,
     );
     (spec.batch * spec.seq) as f64 / e.tokens_per_s
@@ -1127,12 +1152,13 @@ mod tests {
         let none = KeptActivations::default();
         let res = KeptActivations {
             attention_residuals: true,
-            mlp: false,
+            mlp_layers: 0,
         };
-        let both = KeptActivations {
+        let with_mlp = |k| KeptActivations {
             attention_residuals: true,
-            mlp: true,
+            mlp_layers: k,
         };
+        let both = with_mlp(32);
         // Mistral-7B at 4096 tokens: 1 GiB of residuals, 1.5 GiB of q/k/v and 1 GiB
         // of attention outputs (with 16 MiB of f32 log-sum-exp; one layer's of each
         // was there already) and 28 MiB of the adapters' z (all seven projections'
@@ -1145,10 +1171,23 @@ mod tests {
             engine(both) - engine(res),
             32 * 4096 * 2 * 14336 * 2 - gu_chunk
         );
+        // Some layers' gate/up outputs: each 224 MiB beside the chunk buffer.
+        assert_eq!(engine(with_mlp(5)) - engine(res), 5 * gu_chunk);
         let auto = |usable| kept_activations("auto", "auto", &spec, Some(usable), None, None);
         assert_eq!(auto(total(none)), none);
-        assert_eq!(auto((total(res) + total(both)) / 2), res);
+        assert_eq!(auto(total(res)), res);
+        // Between the attention half alone and every layer's gate/up outputs: as
+        // many layers' as fit, the first ones.
+        let usable = (total(res) + total(both)) / 2;
+        let some = auto(usable);
+        assert!(some.attention_residuals && some.mlp_layers > 0 && some.mlp_layers < 32);
+        assert!(total(some) <= usable && total(with_mlp(some.mlp_layers + 1)) > usable);
         assert_eq!(auto(total(both)), both);
+        // `on` keeps every layer's, `off` none, whatever the room.
+        assert_eq!(
+            kept_activations("on", "off", &spec, Some(usable), None, None),
+            res
+        );
         assert_eq!(
             kept_activations("auto", "auto", &spec, None, None, None),
             none
@@ -1157,7 +1196,7 @@ mod tests {
             kept_activations("off", "on", &spec, None, None, None),
             KeptActivations {
                 attention_residuals: false,
-                mlp: true
+                mlp_layers: 32
             }
         );
         // The engine limit counts too.
@@ -1192,7 +1231,7 @@ mod tests {
         let mut kept_spec = spec.clone();
         let res = KeptActivations {
             attention_residuals: true,
-            mlp: false,
+            mlp_layers: 0,
         };
         res.apply(&mut kept_spec.engine_options);
         let (none, kept) = (spec.predict(), kept_spec.predict());
@@ -1213,10 +1252,14 @@ mod tests {
             kept.table()
         );
         let cap = 24 * 1024 * MIB;
-        let auto = |host| kept_activations("auto", "auto", &spec, Some(cap), None, host);
+        let auto = |host| kept_activations("auto", "off", &spec, Some(cap), None, host);
         assert_eq!(auto(None), res);
         assert_eq!(auto(Some(kept.host_bytes)), res);
         assert_eq!(auto(Some(kept.host_bytes - 1)), KeptActivations::default());
+        // What the cap leaves then goes to the first layers' gate/up outputs (1.75
+        // GiB each at 32768 tokens).
+        let filled = kept_activations("auto", "auto", &spec, Some(cap), None, None);
+        assert!(filled.attention_residuals && (1..32).contains(&filled.mlp_layers));
     }
 
     /// `auto` also offloads where that is what lets the attention half be kept:
@@ -1278,10 +1321,10 @@ mod tests {
         assert_eq!(decide("off", "auto"), Ok(false));
         let offloaded = with_offload(&long, true);
         assert_eq!(
-            kept_activations("auto", "auto", &offloaded, Some(cap), None, None),
+            kept_activations("auto", "off", &offloaded, Some(cap), None, None),
             KeptActivations {
                 attention_residuals: true,
-                mlp: false
+                mlp_layers: 0
             }
         );
     }

@@ -343,8 +343,11 @@ pub fn give_back_memory(backend: &mut Backend, shape: &mut StepShape, cfg: &RunC
     let kept = backend.kept_activations();
     if cfg.train.oom != "retry" {
         Relief::None
-    } else if kept.mlp {
-        backend.set_kept_activations(KeptActivations { mlp: false, ..kept });
+    } else if kept.mlp_layers > 0 {
+        backend.set_kept_activations(KeptActivations {
+            mlp_layers: 0,
+            ..kept
+        });
         Relief::MlpActivations
     } else if kept.attention_residuals {
         backend.set_kept_activations(KeptActivations::default());

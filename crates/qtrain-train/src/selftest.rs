@@ -174,7 +174,7 @@ fn engine_check(
     let (loss_sum, mut g) = step_with(Default::default())?;
     let kept = step_with(qtrain_engine::EngineOptions {
         save_attention_residual: true,
-        save_mlp_activations: true,
+        kept_mlp_layers: qtrain_engine::ALL_LAYERS,
         ..Default::default()
     })?;
     let kept_same = kept.0 == loss_sum && kept.1 == g;

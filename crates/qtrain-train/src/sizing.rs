@@ -410,11 +410,7 @@ fn run_summary(
             } else {
                 "the whole attention half"
             },
-            if kept.mlp {
-                "gate/up outputs kept, no gate/up product"
-            } else {
-                "the gate/up product"
-            },
+            kept.mlp_words(c.num_hidden_layers),
             cfg.train.keep_attention_residuals,
             cfg.train.keep_mlp_activations
         );
@@ -445,7 +441,7 @@ fn offload_summary(
     // it is what lets the attention half (which travels too) be kept.
     let mut bare = memory::with_offload(spec, false);
     bare.engine_options.save_attention_residual = false;
-    bare.engine_options.save_mlp_activations = false;
+    bare.engine_options.kept_mlp_layers = 0;
     let why = match policy.as_str() {
         "auto" if bare.predict().fits(usable) => {
             ", to keep the attention half, which does not fit on the GPU for every layer"
@@ -573,7 +569,7 @@ pub fn time_estimate(
         &r.spec.targets,
         r.spec.engine,
         r.spec.seq,
-        r.spec.engine_options.save_mlp_activations,
+        memory::KeptActivations::of(&r.spec.engine_options).mlp_all(r.spec.model.num_hidden_layers),
         spec,
     );
     let tps = e.tokens_per_s;

@@ -439,7 +439,7 @@ fn gives_back_kept_activations(mlp: bool) {
             None,
         );
         spec.engine_options.save_attention_residual = residuals;
-        spec.engine_options.save_mlp_activations = mlp;
+        spec.engine_options.kept_mlp_layers = if mlp { qtrain_engine::ALL_LAYERS } else { 0 };
         spec.predict().engine_bytes
     };
     let without = engine_bytes(&off, cache.path(), 4);
@@ -684,7 +684,7 @@ fn executed_flops_count_what_the_step_runs() {
     let none = executed_flops_per_token(&cfg, 2048, &qkvo, 16, KeptActivations::default());
     let both = KeptActivations {
         attention_residuals: true,
-        mlp: true,
+        mlp_layers: 32,
     };
     let kept = executed_flops_per_token(&cfg, 2048, &qkvo, 16, both);
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
@@ -709,7 +709,7 @@ fn executed_flops_count_what_the_step_runs() {
     let all = qtrain_model::PROJECTIONS;
     let mlp_only = KeptActivations {
         attention_residuals: false,
-        mlp: true,
+        mlp_layers: 32,
     };
     let all_none = executed_flops_per_token(&cfg, 2048, &all, 16, KeptActivations::default());
     let all_mlp = executed_flops_per_token(&cfg, 2048, &all, 16, mlp_only);
@@ -721,6 +721,24 @@ fn executed_flops_count_what_the_step_runs() {
         lora7(attn_again + 2.0 * (4096.0 + 14336.0) + 14336.0)
     ));
     assert!(close(all_mlp.lora, lora7(attn_again)));
+    // A quarter of the layers keep their gate/up output: the others (24 of 32)
+    // recompute its product and its adapters' z and B products; every layer's z is
+    // kept (with a half kept), so the kept layers run no adapter again.
+    let quarter = executed_flops_per_token(
+        &cfg,
+        2048,
+        &all,
+        16,
+        KeptActivations {
+            attention_residuals: true,
+            mlp_layers: 8,
+        },
+    );
+    assert!(close(quarter.recompute, 2.0 * 24.0 * gu));
+    assert!(close(
+        quarter.lora,
+        lora7(0.0) + 24.0 * 2.0 * 16.0 * 2.0 * (4096.0 + 14336.0)
+    ));
     assert!(close(
         none.total(),
         none.base + none.recompute + none.attention + none.lora

@@ -521,10 +521,12 @@ fn build(
             cfg.train.keep_attention_residuals
         );
     }
-    if kept.mlp {
+    if kept.mlp_layers > 0 {
+        let layers = base.config.num_hidden_layers;
         tracing::info!(
-            "keeping each layer's gate/up output (train.keep_mlp_activations = {}): the \
-             backward skips recomputing the gate/up product",
+            "keeping the gate/up output of {} of {layers} layers (train.keep_mlp_activations = {}): \
+             the backward skips recomputing their gate/up product",
+            kept.mlp_layers.min(layers),
             cfg.train.keep_mlp_activations
         );
     }
