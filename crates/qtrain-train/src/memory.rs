@@ -838,18 +838,23 @@ pub fn offload_keeps_attention_half(
     room.holds(&travelling) && travelling.transfer_seconds() <= compute
 }
 
-/// The estimated compute time of one forward/backward pass of `spec`'s
-/// micro-batch on `gpu` ([`crate::throughput::estimate`]).
-pub fn pass_seconds(spec: &MemorySpec, gpu: &GpuSpec) -> f64 {
-    let e = crate::throughput::estimate(
+/// The estimated training throughput of `spec` on `gpu`
+/// ([`crate::throughput::estimate`]; a partial gate/up keep counts as none kept).
+pub fn throughput_estimate(spec: &MemorySpec, gpu: &GpuSpec) -> crate::throughput::Estimate {
+    crate::throughput::estimate(
         &spec.model,
         &spec.targets,
         spec.engine,
         spec.seq,
         KeptActivations::of(&spec.engine_options).mlp_all(spec.model.num_hidden_layers),
         gpu,
-    );
-    (spec.batch * spec.seq) as f64 / e.tokens_per_s
+    )
+}
+
+/// The estimated compute time of one forward/backward pass of `spec`'s
+/// micro-batch on `gpu` ([`throughput_estimate`]).
+pub fn pass_seconds(spec: &MemorySpec, gpu: &GpuSpec) -> f64 {
+    (spec.batch * spec.seq) as f64 / throughput_estimate(spec, gpu).tokens_per_s
 }
 
 /// The spec the micro-batch search sizes with under `train.offload_checkpoints =

@@ -564,14 +564,7 @@ pub fn time_estimate(
         t += "throughput: no estimate (this GPU is not in qtrain's table)\n";
         return Ok(t);
     };
-    let e = crate::throughput::estimate(
-        &r.spec.model,
-        &r.spec.targets,
-        r.spec.engine,
-        r.spec.seq,
-        memory::KeptActivations::of(&r.spec.engine_options).mlp_all(r.spec.model.num_hidden_layers),
-        spec,
-    );
+    let e = memory::throughput_estimate(&r.spec, spec);
     let tps = e.tokens_per_s;
     t += &format!("throughput: ~{tps:.0} tokens/s ({})\n", e.basis);
     let predicted = r.spec.predict();
