@@ -71,8 +71,8 @@ pub struct Args {
     /// Keep the gradient checkpoints in pinned host memory (a ring of two layers'
     /// inputs on the GPU, copies on a side stream; a kept attention half travels
     /// with them): `on`, `off`, or `auto` (on when the memory model says the case
-    /// does not fit without it and does with it, or when it is what lets the
-    /// attention half be kept), as `train.offload_checkpoints`.
+    /// does not fit without it and does with it, or when it is what lets more
+    /// activations be kept with the copies hidden), as `train.offload_checkpoints`.
     #[arg(long, default_value = "auto")]
     offload: String,
     /// Cap on what the frozen base and the engine's buffers may allocate, e.g.

@@ -542,7 +542,10 @@ fn decide_memory(
     };
     opts.offload_layer_inputs = memory::offload_checkpoints(
         &o.offload,
-        &o.keep_residuals,
+        memory::KeepPolicy {
+            residuals: &o.keep_residuals,
+            mlp: &o.keep_mlp,
+        },
         &spec(opts),
         usable,
         None,

@@ -174,9 +174,10 @@ pub struct TrainSection {
     /// pinned host memory instead of on the GPU, copied out and back on a side
     /// stream beside the compute (fused engine; gradients are identical): `on`,
     /// `off`, or `auto` (on when the memory model says the run does not fit the GPU
-    /// without it and does with it, or when offloading is what lets the attention
-    /// half be kept, whose buffers then travel too; and the host has the memory
-    /// available: `memory::offload_checkpoints`).
+    /// without it and does with it, or when offloading is what lets more
+    /// activations be kept (the attention half, whose buffers then travel too, or
+    /// more layers' gate/up outputs) with the copies hidden behind the compute; and
+    /// the host has the memory available: `memory::offload_checkpoints`).
     pub offload_checkpoints: String,
     /// The frozen base's products: `auto` (in the compute type, `model.dtype`) or
     /// `fp8` (E4M3 on the FP8 tensor cores of compute capability 8.9+, with one

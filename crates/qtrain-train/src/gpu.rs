@@ -62,6 +62,11 @@ pub struct GpuSpec {
     pub tensor_tflops: f64,
     /// Memory bandwidth, GB/s (datasheet).
     pub bandwidth_gbs: f64,
+    /// The host link's rate for pinned copies each way, GB/s, as the offload
+    /// decisions assume it: 50 on PCIe 5.0 x16 (H100 hosts measured 53-55,
+    /// docs/perf.md v16), 20 on PCIe 4.0 x16 and 10 on PCIe 3.0 x16 (about 0.6 of
+    /// the raw rate: not measured here, kept on the safe side).
+    pub host_link_gbs: f64,
     /// Substrings of the driver's device name that identify this model (lowercase).
     matches: &'static [&'static str],
 }
@@ -81,6 +86,7 @@ pub const GPUS: &[GpuSpec] = &[
         compute_capability: (8, 6),
         tensor_tflops: 125.0,
         bandwidth_gbs: 600.0,
+        host_link_gbs: 20.0,
         matches: &["a10"],
     },
     GpuSpec {
@@ -90,6 +96,7 @@ pub const GPUS: &[GpuSpec] = &[
         compute_capability: (8, 6),
         tensor_tflops: 70.0,
         bandwidth_gbs: 600.0,
+        host_link_gbs: 20.0,
         matches: &["a10g"],
     },
     GpuSpec {
@@ -99,6 +106,7 @@ pub const GPUS: &[GpuSpec] = &[
         compute_capability: (8, 9),
         tensor_tflops: 97.5,
         bandwidth_gbs: 716.8,
+        host_link_gbs: 20.0,
         matches: &["rtx 4080"],
     },
     GpuSpec {
@@ -108,6 +116,7 @@ pub const GPUS: &[GpuSpec] = &[
         compute_capability: (8, 9),
         tensor_tflops: 165.2,
         bandwidth_gbs: 1008.0,
+        host_link_gbs: 20.0,
         matches: &["rtx 4090"],
     },
     GpuSpec {
@@ -117,6 +126,7 @@ pub const GPUS: &[GpuSpec] = &[
         compute_capability: (8, 0),
         tensor_tflops: 312.0,
         bandwidth_gbs: 1555.0,
+        host_link_gbs: 20.0,
         matches: &["a100"],
     },
     GpuSpec {
@@ -126,6 +136,7 @@ pub const GPUS: &[GpuSpec] = &[
         compute_capability: (8, 0),
         tensor_tflops: 312.0,
         bandwidth_gbs: 2039.0,
+        host_link_gbs: 20.0,
         matches: &["a100"],
     },
     GpuSpec {
@@ -135,6 +146,7 @@ pub const GPUS: &[GpuSpec] = &[
         compute_capability: (9, 0),
         tensor_tflops: 989.4,
         bandwidth_gbs: 3350.0,
+        host_link_gbs: 50.0,
         matches: &["h100"],
     },
     GpuSpec {
@@ -144,6 +156,7 @@ pub const GPUS: &[GpuSpec] = &[
         compute_capability: (9, 0),
         tensor_tflops: 989.4,
         bandwidth_gbs: 4800.0,
+        host_link_gbs: 50.0,
         matches: &["h200"],
     },
     GpuSpec {
@@ -153,6 +166,7 @@ pub const GPUS: &[GpuSpec] = &[
         compute_capability: (7, 0),
         tensor_tflops: 125.0,
         bandwidth_gbs: 900.0,
+        host_link_gbs: 10.0,
         matches: &["v100"],
     },
     GpuSpec {
@@ -162,6 +176,7 @@ pub const GPUS: &[GpuSpec] = &[
         compute_capability: (7, 0),
         tensor_tflops: 125.0,
         bandwidth_gbs: 900.0,
+        host_link_gbs: 10.0,
         matches: &["v100"],
     },
     GpuSpec {
@@ -171,6 +186,7 @@ pub const GPUS: &[GpuSpec] = &[
         compute_capability: (7, 5),
         tensor_tflops: 65.0,
         bandwidth_gbs: 320.0,
+        host_link_gbs: 10.0,
         matches: &["t4"],
     },
     GpuSpec {
@@ -180,6 +196,7 @@ pub const GPUS: &[GpuSpec] = &[
         compute_capability: (6, 0),
         tensor_tflops: 18.7,
         bandwidth_gbs: 732.0,
+        host_link_gbs: 10.0,
         matches: &["p100"],
     },
 ];

@@ -66,10 +66,15 @@ pub const ALLOCATOR_SLACK_MIN_BYTES: u64 = 64 * MIB;
 /// the model does not see (another process, a display, fragmentation).
 pub const DEFAULT_HEADROOM: f64 = 0.90;
 
-/// Host-to-device bandwidth assumed for the offloaded checkpoints' copies (PCIe 4.0
-/// x16 moves ~25 GB/s, 5.0 ~50 GB/s; pinned copies reach most of it). An estimate
-/// for `qtrain plan`; not calibrated.
+/// Host-to-device bandwidth assumed for the offloaded checkpoints' copies where the
+/// GPU is not known (PCIe 4.0 x16 moves ~25 GB/s, 5.0 ~50 GB/s; pinned copies reach
+/// most of it); a GPU of the table has its own ([`GpuSpec::host_link_gbs`]).
 pub const HOST_LINK_BYTES_PER_S: f64 = 20e9;
+
+/// The host link's rate assumed on `gpu` (bytes/s), or [`HOST_LINK_BYTES_PER_S`].
+pub fn host_link_bytes_per_s(gpu: Option<&GpuSpec>) -> f64 {
+    gpu.map_or(HOST_LINK_BYTES_PER_S, |g| g.host_link_gbs * 1e9)
+}
 
 /// The reference path's rough bound multiplies the tensors it counts by this, for
 /// the temporaries of candle's ops (dtype casts, broadcasts, contiguous copies).
@@ -178,7 +183,12 @@ impl MemoryBreakdown {
     /// [`HOST_LINK_BYTES_PER_S`] (an estimate; they run on a side stream beside the
     /// compute, so only what a layer's compute cannot hide costs time).
     pub fn transfer_seconds(&self) -> f64 {
-        self.transfer_bytes as f64 / HOST_LINK_BYTES_PER_S
+        self.transfer_seconds_at(HOST_LINK_BYTES_PER_S)
+    }
+
+    /// [`Self::transfer_seconds`] over a link of `bytes_per_s`.
+    pub fn transfer_seconds_at(&self, bytes_per_s: f64) -> f64 {
+        self.transfer_bytes as f64 / bytes_per_s
     }
 
     /// The breakdown as a table (component, MiB), with the total.
@@ -742,21 +752,29 @@ pub fn with_offload(spec: &MemorySpec, offload: bool) -> MemorySpec {
     s
 }
 
+/// `train.keep_attention_residuals` and `train.keep_mlp_activations` (`on`, `off` or
+/// `auto` each), as [`kept_activations`] takes them; the offload decision sizes with
+/// what they would keep.
+#[derive(Debug, Clone, Copy)]
+pub struct KeepPolicy<'a> {
+    pub residuals: &'a str,
+    pub mlp: &'a str,
+}
+
 /// What `train.offload_checkpoints = policy` (`on`, `off` or `auto`) decides for a
 /// run sized by `spec`: nothing on the reference engine; `on` is on (an error when
 /// the pinned host memory it needs is more than `host_available`); `auto` is on
 /// when the prediction without offloading does not fit `usable` bytes (or the
 /// engine's own buffers `engine_limit`) and the one with it does, with its host
-/// memory available, or when offloading is what lets the attention half be kept
-/// ([`offload_keeps_attention_half`], under `residual_policy` =
-/// `train.keep_attention_residuals`; `gpu` gives the compute its copies must hide
-/// behind). Without a GPU to size against (`usable` None) `auto` is off.
+/// memory available, or when offloading is what lets more activations be kept
+/// under `keep` ([`offload_keeps_more`]; `gpu` gives the compute its copies must
+/// hide behind). Without a GPU to size against (`usable` None) `auto` is off.
 /// Decided before [`kept_activations`] (which then sizes with the checkpoints
 /// where they are); the trainer, `qtrain plan` and `qtrain bench` all decide
 /// through this.
 pub fn offload_checkpoints(
     policy: &str,
-    residual_policy: &str,
+    keep: KeepPolicy,
     spec: &MemorySpec,
     usable: Option<u64>,
     engine_limit: Option<u64>,
@@ -784,71 +802,117 @@ pub fn offload_checkpoints(
             };
             let without = with_offload(spec, false).predict();
             Ok((!room.holds(&without) && room.holds(&with))
-                || offload_keeps_attention_half(
-                    residual_policy,
-                    spec,
-                    usable,
-                    engine_limit,
-                    host_available,
-                    gpu.map(|g| pass_seconds(spec, g)),
-                ))
+                || offload_keeps_more(keep, spec, usable, engine_limit, host_available, gpu))
         }
     }
 }
 
-/// `auto`'s second reason to offload the checkpoints: the attention half (q/k/v,
-/// the residual, the attention output and its log-sum-exp, kept unless
-/// `residual_policy` is `off`) does not fit on the GPU for every layer, but does
-/// with the checkpoints offloaded, where the kept half travels with its layer's
-/// input and the GPU holds a ring of two layers' (`EngineOptions::
-/// save_attention_residual` with `offload_layer_inputs`); the host has the pinned
-/// bytes, and the copies, at the assumed [`HOST_LINK_BYTES_PER_S`], take no longer
-/// than the pass's compute (`compute_seconds`; unknown means no), the test `qtrain
-/// plan` prints as "hidden behind the compute". The backward then skips the q/k/v
-/// products, RoPE and the attention forward for the price of the copies on a side
-/// stream: measured on an H100 under a 24 GiB cap at 1 x 32768 (docs/perf.md v16),
-/// 6 697 tok/s in 11.1 GiB against 5 690 tok/s in 17.3 GiB keeping nothing on the
-/// GPU.
-pub fn offload_keeps_attention_half(
-    residual_policy: &str,
+/// `auto`'s second reason to offload the checkpoints: with them offloaded, `keep`
+/// keeps more than without ([`kept_activations`] both ways; more is the attention
+/// half where it was not kept, else more layers' gate/up outputs, the order in
+/// which `auto` keeps them). A kept attention half travels with its layer's input
+/// and the GPU holds a ring of two layers' (`EngineOptions::save_attention_residual`
+/// with `offload_layer_inputs`), which leaves the room for the half or for more
+/// gate/up outputs. Only where the host has the pinned bytes and the copies, at
+/// `gpu`'s assumed host link rate ([`GpuSpec::host_link_gbs`]), take no longer than
+/// the estimated compute of the pass with what is then kept ([`pass_seconds`] on
+/// `gpu`; no GPU, no offload): the test `qtrain plan` prints as "hidden behind the
+/// compute". Measured: on an H100 under a 24 GiB cap at 1 x 32768 (docs/perf.md
+/// v16) the half travelling gave 6 697 tok/s in 11.1 GiB against 5 690 tok/s in
+/// 17.3 GiB keeping nothing on the GPU; on an H200 under a 24 GiB cap (docs/perf.md
+/// v18) every layer's gate/up output with the checkpoints offloaded gave 18 290
+/// tok/s at 4 x 2048 against 16 841 keeping 18 of 32 layers' on the GPU.
+pub fn offload_keeps_more(
+    keep: KeepPolicy,
     spec: &MemorySpec,
     usable: Option<u64>,
     engine_limit: Option<u64>,
     host_available: Option<u64>,
-    compute_seconds: Option<f64>,
+    gpu: Option<&GpuSpec>,
 ) -> bool {
-    let Some(compute) = compute_seconds else {
-        return false;
-    };
-    if spec.engine != EngineKind::Fused || residual_policy == "off" {
-        return false;
-    }
     let room = Room {
         usable,
         engine_limit,
         host_available,
     };
-    let mut half = with_offload(spec, false);
-    half.engine_options.save_attention_residual = true;
-    if room.holds(&half.predict()) {
-        // Kept on the GPU: nothing needs to travel.
+    gpu.is_some_and(|g| {
+        let link = host_link_bytes_per_s(Some(g));
+        keeps_more_with_copies_hidden(keep, spec, room, link, |s| pass_seconds(s, g))
+    })
+}
+
+/// [`offload_keeps_more`] over a host link of `link` bytes/s, with the pass's
+/// compute time given by `compute` (of the spec with the checkpoints offloaded and
+/// what is then kept). Also true where what
+/// `keep` keeps is the same both ways but fits only with the checkpoints offloaded
+/// (an `on` policy: the half kept whatever the room).
+fn keeps_more_with_copies_hidden(
+    keep: KeepPolicy,
+    spec: &MemorySpec,
+    room: Room,
+    link: f64,
+    compute: impl Fn(&MemorySpec) -> f64,
+) -> bool {
+    if spec.engine != EngineKind::Fused {
         return false;
     }
-    let travelling = with_offload(&half, true).predict();
-    room.holds(&travelling) && travelling.transfer_seconds() <= compute
+    let kept = |offload| {
+        let mut s = with_offload(spec, offload);
+        let k = kept_activations(
+            keep.residuals,
+            keep.mlp,
+            &s,
+            room.usable,
+            room.engine_limit,
+            room.host_available,
+        );
+        k.apply(&mut s.engine_options);
+        let p = s.predict();
+        (k, s, p)
+    };
+    let ((on_gpu, _, p_gpu), (travelling, with, p)) = (kept(false), kept(true));
+    let order = |k: KeptActivations| (k.attention_residuals, k.mlp_layers);
+    let more = order(travelling) > order(on_gpu)
+        || (order(travelling) == order(on_gpu) && !room.holds(&p_gpu));
+    more && room.holds(&p) && p.transfer_seconds_at(link) <= compute(&with)
 }
 
 /// The estimated training throughput of `spec` on `gpu`
-/// ([`crate::throughput::estimate`]; a partial gate/up keep counts as none kept).
+/// ([`crate::throughput::estimate`]). A partial gate/up keep (K of L layers) saves
+/// the same product in each kept layer, so its time per token is taken K/L of the
+/// way from the estimate recomputing every layer's to the one keeping them all.
 pub fn throughput_estimate(spec: &MemorySpec, gpu: &GpuSpec) -> crate::throughput::Estimate {
-    crate::throughput::estimate(
-        &spec.model,
-        &spec.targets,
-        spec.engine,
-        spec.seq,
-        KeptActivations::of(&spec.engine_options).mlp_all(spec.model.num_hidden_layers),
-        gpu,
-    )
+    let layers = spec.model.num_hidden_layers;
+    let est = |mlp_kept| {
+        crate::throughput::estimate(
+            &spec.model,
+            &spec.targets,
+            spec.engine,
+            spec.seq,
+            mlp_kept,
+            gpu,
+        )
+    };
+    match KeptActivations::of(&spec.engine_options)
+        .mlp_layers
+        .min(layers)
+    {
+        0 => est(false),
+        k if k == layers => est(true),
+        k => {
+            let (none, all) = (est(false), est(true));
+            let f = k as f64 / layers as f64;
+            crate::throughput::Estimate {
+                tokens_per_s: 1.0 / ((1.0 - f) / none.tokens_per_s + f / all.tokens_per_s),
+                basis: format!(
+                    "gate/up outputs of {k} of {layers} layers kept: the time per token {k}/{layers} \
+                     of the way from ~{:.0} tokens/s recomputing them ({}) to ~{:.0} keeping all \
+                     ({})",
+                    none.tokens_per_s, none.basis, all.tokens_per_s, all.basis
+                ),
+            }
+        }
+    }
 }
 
 /// The estimated compute time of one forward/backward pass of `spec`'s
@@ -1272,8 +1336,9 @@ mod tests {
     /// nothing, and keeps the half with it (a ring of two layers' on the GPU); not
     /// where the half fits on the GPU anyway (1 x 4096), nor with the half not to
     /// be kept, the host short of the pinned bytes, the copies longer than the
-    /// compute, or no compute estimate; with a GPU of the table the estimate comes
-    /// from its throughput.
+    /// compute, or no GPU to estimate the compute; with a GPU of the table the
+    /// estimate comes from its throughput. With the half `on` (kept whatever the
+    /// room) offloading is what makes it fit.
     #[test]
     fn offload_is_picked_to_keep_the_attention_half() {
         let cap = 24 * 1024 * MIB;
@@ -1285,45 +1350,53 @@ mod tests {
         assert!(!with_offload(&half, false).predict().fits(cap));
         assert!(travelling.fits(cap), "{}", travelling.table());
         let link = travelling.transfer_seconds();
-        let keeps = |residuals, spec: &MemorySpec, usable, host, compute| {
-            offload_keeps_attention_half(residuals, spec, Some(usable), None, host, compute)
+        let keeps = |residuals, spec: &MemorySpec, usable, host, compute: f64| {
+            let room = Room {
+                usable: Some(usable),
+                engine_limit: None,
+                host_available: host,
+            };
+            let keep = KeepPolicy {
+                residuals,
+                mlp: "off",
+            };
+            keeps_more_with_copies_hidden(keep, spec, room, HOST_LINK_BYTES_PER_S, |_| compute)
         };
-        assert!(keeps("auto", &long, cap, None, Some(link)));
-        assert!(keeps(
-            "on",
-            &long,
-            cap,
-            Some(travelling.host_bytes),
-            Some(link)
-        ));
-        assert!(!keeps("off", &long, cap, None, Some(link)));
-        assert!(!keeps("auto", &long, cap, None, Some(link * 0.99)));
-        assert!(!keeps("auto", &long, cap, None, None));
+        assert!(keeps("auto", &long, cap, None, link));
+        assert!(keeps("on", &long, cap, Some(travelling.host_bytes), link));
+        assert!(!keeps("off", &long, cap, None, link));
+        assert!(!keeps("auto", &long, cap, None, link * 0.99));
         assert!(!keeps(
             "auto",
             &long,
             cap,
             Some(travelling.host_bytes - 1),
-            Some(link)
+            link
         ));
-        assert!(!keeps("auto", &long, u64::MAX, None, Some(link)));
-        assert!(!keeps("auto", &mistral(1, 4096), cap, None, Some(1e9)));
+        assert!(!keeps("auto", &long, u64::MAX, None, link));
+        assert!(!keeps("auto", &mistral(1, 4096), cap, None, 1e9));
         // Too little memory even with the half travelling.
-        assert!(!keeps("auto", &long, 6 * 1024 * MIB, None, Some(1e9)));
+        assert!(!keeps("auto", &long, 6 * 1024 * MIB, None, 1e9));
         // Through the policy: `auto` with the H100's estimate (a 32k pass takes
-        // seconds, the copies ~3.6 s at 20 GB/s), then the half is kept.
+        // seconds, the copies ~3.6 s at 20 GB/s), then the half is kept; no GPU to
+        // estimate with, no offload.
         let h100 = crate::gpu::preset("h100").expect("h100 in the table");
         assert!(
             pass_seconds(&long, h100) >= link,
             "{}",
             pass_seconds(&long, h100)
         );
-        let decide = |policy, residuals| {
-            offload_checkpoints(policy, residuals, &long, Some(cap), None, None, Some(h100))
+        let decide = |policy, residuals, gpu| {
+            let keep = KeepPolicy {
+                residuals,
+                mlp: "off",
+            };
+            offload_checkpoints(policy, keep, &long, Some(cap), None, None, gpu)
         };
-        assert_eq!(decide("auto", "auto"), Ok(true));
-        assert_eq!(decide("auto", "off"), Ok(false));
-        assert_eq!(decide("off", "auto"), Ok(false));
+        assert_eq!(decide("auto", "auto", Some(h100)), Ok(true));
+        assert_eq!(decide("auto", "auto", None), Ok(false));
+        assert_eq!(decide("auto", "off", Some(h100)), Ok(false));
+        assert_eq!(decide("off", "auto", Some(h100)), Ok(false));
         let offloaded = with_offload(&long, true);
         assert_eq!(
             kept_activations("auto", "off", &offloaded, Some(cap), None, None),
@@ -1332,6 +1405,104 @@ mod tests {
                 mlp_layers: 0
             }
         );
+    }
+
+    /// A partial gate/up keep's estimate lies between none kept and all kept, at
+    /// K/L of the way in time per token (each layer's saves the same product).
+    #[test]
+    fn a_partial_gate_up_keep_is_estimated_between_none_and_all() {
+        let h100 = crate::gpu::preset("h100").expect("h100 in the table");
+        let with = |k| {
+            let mut s = mistral(4, 2048);
+            s.engine_options.kept_mlp_layers = k;
+            throughput_estimate(&s, h100)
+        };
+        let (none, all, some) = (with(0), with(32), with(8));
+        assert!(none.tokens_per_s < some.tokens_per_s && some.tokens_per_s < all.tokens_per_s);
+        let per_token = 0.75 / none.tokens_per_s + 0.25 / all.tokens_per_s;
+        assert!((1.0 / some.tokens_per_s - per_token).abs() < 1e-12);
+        assert!(some.basis.contains("8 of 32 layers"), "{}", some.basis);
+        assert_eq!(with(qtrain_engine::ALL_LAYERS), all);
+        assert!((pass_seconds(&mistral(4, 2048), h100) - 8192.0 / none.tokens_per_s).abs() < 1e-12);
+    }
+
+    /// `auto` offloads where that leaves the room for more layers' gate/up outputs:
+    /// Mistral-7B at 4 x 2048 on an RTX 4090 keeps the attention half and 12 of 32
+    /// layers' gate/up outputs with the checkpoints on the GPU, and every layer's
+    /// with them (and the halves) on the host; the 4090's pass (~2.7 s estimated)
+    /// hides the copies (~0.9 s at 20 GB/s), the H100's (~0.45 s) under the same cap
+    /// hides them over its own link and would not over the 4090's; with
+    /// `train.keep_mlp_activations = "off"` nothing more is kept, so nothing travels.
+    #[test]
+    fn offload_is_picked_to_keep_more_gate_up_outputs() {
+        let rtx4090 = crate::gpu::preset("rtx4090").expect("rtx4090 in the table");
+        let h100 = crate::gpu::preset("h100").expect("h100 in the table");
+        let usable = super::usable(rtx4090.memory_bytes, DEFAULT_HEADROOM);
+        let spec = mistral(4, 2048);
+        let kept = |offload| {
+            kept_activations(
+                "auto",
+                "auto",
+                &with_offload(&spec, offload),
+                Some(usable),
+                None,
+                None,
+            )
+        };
+        let (on_gpu, travelling) = (kept(false), kept(true));
+        assert!(on_gpu.attention_residuals && (1..32).contains(&on_gpu.mlp_layers));
+        assert_eq!(
+            travelling,
+            KeptActivations {
+                attention_residuals: true,
+                mlp_layers: 32
+            }
+        );
+        let decide = |mlp, gpu| {
+            let keep = KeepPolicy {
+                residuals: "auto",
+                mlp,
+            };
+            offload_checkpoints("auto", keep, &spec, Some(usable), None, None, Some(gpu))
+        };
+        assert_eq!(decide("auto", rtx4090), Ok(true));
+        assert_eq!(decide("auto", h100), Ok(true));
+        assert_eq!(decide("off", rtx4090), Ok(false));
+        // The H100's pass (~0.45 s) hides the copies over its PCIe 5.0 link (50 GB/s
+        // assumed: ~0.36 s), not over a 20 GB/s one (~0.9 s).
+        let room = Room {
+            usable: Some(usable),
+            engine_limit: None,
+            host_available: None,
+        };
+        let keep = KeepPolicy {
+            residuals: "auto",
+            mlp: "auto",
+        };
+        let over = |link| {
+            keeps_more_with_copies_hidden(keep, &spec, room, link, |s| pass_seconds(s, h100))
+        };
+        assert!(over(h100.host_link_gbs * 1e9) && !over(20e9));
+        // The host must hold the travelling checkpoints and halves.
+        let mut all = with_offload(&spec, true);
+        travelling.apply(&mut all.engine_options);
+        let host = all.predict().host_bytes;
+        let with_host = |h| {
+            offload_checkpoints(
+                "auto",
+                keep,
+                &spec,
+                Some(usable),
+                None,
+                Some(h),
+                Some(rtx4090),
+            )
+        };
+        assert_eq!(with_host(host), Ok(true));
+        // One byte less: the halves cannot travel, and every layer's gate/up output
+        // without the half ranks below the half with 12 layers' on the GPU (the
+        // order in which `auto` keeps them), so the checkpoints stay on the GPU.
+        assert_eq!(with_host(host - 1), Ok(false));
     }
 
     /// `auto` offloads the checkpoints exactly where the run does not fit without
@@ -1358,8 +1529,12 @@ mod tests {
             "{}",
             on.table()
         );
+        let keep = KeepPolicy {
+            residuals: "off",
+            mlp: "off",
+        };
         let decide = |policy, spec: &MemorySpec, usable, host| {
-            offload_checkpoints(policy, "off", spec, usable, None, host, None)
+            offload_checkpoints(policy, keep, spec, usable, None, host, None)
         };
         assert_eq!(decide("auto", &long, Some(cap), None), Ok(true));
         assert_eq!(
@@ -1379,7 +1554,7 @@ mod tests {
         // The engine limit counts as in kept_activations.
         let limit = Some(on.engine_bytes);
         assert_eq!(
-            offload_checkpoints("auto", "off", &long, Some(u64::MAX), limit, None, None),
+            offload_checkpoints("auto", keep, &long, Some(u64::MAX), limit, None, None),
             Ok(true)
         );
         let mut reference = long.clone();

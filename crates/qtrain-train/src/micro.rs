@@ -212,7 +212,10 @@ pub fn offload_checkpoints(
     let spec = memory::with_offload(&run_spec(cfg, base, backend, gpu, shape), false);
     memory::offload_checkpoints(
         &cfg.train.offload_checkpoints,
-        &cfg.train.keep_attention_residuals,
+        memory::KeepPolicy {
+            residuals: &cfg.train.keep_attention_residuals,
+            mlp: &cfg.train.keep_mlp_activations,
+        },
         &spec,
         gpu.map(|g| memory::usable(g.total_bytes, memory::DEFAULT_HEADROOM)),
         engine_limit.map(|l| l as u64),

@@ -268,7 +268,10 @@ pub fn memory_report(
     let host_available = memory::host_memory_available();
     let offload = memory::offload_checkpoints(
         policy,
-        &cfg.train.keep_attention_residuals,
+        memory::KeepPolicy {
+            residuals: &cfg.train.keep_attention_residuals,
+            mlp: &cfg.train.keep_mlp_activations,
+        },
         &spec,
         Some(usable),
         None,
@@ -296,7 +299,8 @@ pub fn memory_report(
     let predicted = spec.predict();
     let mut t = run_summary(cfg, label, gpu, model, &spec, &shape, kept, &predicted)?;
     if spec.engine == EngineKind::Fused {
-        t += &offload_summary(cfg, &spec, &predicted, usable, host_available);
+        let link = memory::host_link_bytes_per_s(gpu.spec);
+        t += &offload_summary(cfg, &spec, &predicted, usable, host_available, link);
     }
     t += "\n";
     t += &predicted.table();
@@ -424,13 +428,14 @@ fn run_summary(
 
 /// Where the gradient checkpoints live: on the GPU, or offloaded with the device
 /// bytes saved, the pinned host bytes needed (against what the host has), and the
-/// host-link traffic per pass with its estimated time.
+/// host-link traffic per pass with its estimated time over a link of `link` bytes/s.
 fn offload_summary(
     cfg: &RunConfig,
     spec: &MemorySpec,
     predicted: &memory::MemoryBreakdown,
     usable: u64,
     host_available: Option<u64>,
+    link: f64,
 ) -> String {
     let policy = &cfg.train.offload_checkpoints;
     if !spec.engine_options.offload_layer_inputs {
@@ -438,13 +443,13 @@ fn offload_summary(
     }
     let on_gpu = memory::with_offload(spec, false).predict();
     // Why `auto` offloads: the run does not fit otherwise even keeping nothing, or
-    // it is what lets the attention half (which travels too) be kept.
+    // it is what lets more activations be kept (a kept attention half travels too).
     let mut bare = memory::with_offload(spec, false);
     bare.engine_options.save_attention_residual = false;
     bare.engine_options.kept_mlp_layers = 0;
     let why = match policy.as_str() {
         "auto" if bare.predict().fits(usable) => {
-            ", to keep the attention half, which does not fit on the GPU for every layer"
+            ", to keep more of the activations than fit beside the checkpoints on the GPU"
         }
         "auto" => ", as the run does not fit the GPU otherwise",
         _ => "",
@@ -462,8 +467,8 @@ fn offload_summary(
             mib(a)
         )),
         mib(predicted.transfer_bytes),
-        predicted.transfer_seconds(),
-        memory::HOST_LINK_BYTES_PER_S / 1e9
+        predicted.transfer_seconds_at(link),
+        link / 1e9
     )
 }
 
@@ -572,16 +577,18 @@ pub fn time_estimate(
         // The copies run beside the compute; only what the compute cannot hide
         // costs time (estimated per pass, as both scale with the layers).
         let compute = (r.shape.micro_rows * r.spec.seq) as f64 / tps;
-        let link = predicted.transfer_seconds();
+        let rate = memory::host_link_bytes_per_s(Some(spec));
+        let link = predicted.transfer_seconds_at(rate);
         t += &format!(
             "offload: ~{link:.2} s of host-link copies per pass against ~{compute:.2} s of \
-             compute: {} (estimate, {:.0} GB/s assumed)\n",
+             compute: {} (estimate, {:.0} GB/s assumed for the {})\n",
             if link <= compute {
                 "hidden behind the compute".to_string()
             } else {
                 format!("~{:.2} s exposed per pass", link - compute)
             },
-            memory::HOST_LINK_BYTES_PER_S / 1e9
+            rate / 1e9,
+            spec.key
         );
     }
     if r.spec.model.num_parameters() < 1_000_000_000 {
@@ -827,12 +834,16 @@ mod tests {
             "{small:?}"
         );
         assert_eq!((big.micro_rows, big.passes_per_step()), (256, 1), "{big:?}");
-        // The chosen micro-batch fits, one more row would not.
+        // The chosen micro-batch fits, one more row would not (searched keeping
+        // nothing, with the checkpoints on the GPU); the run's spec, which then
+        // keeps what fits (offloading the checkpoints where that keeps more), fits.
         let a10_usable = memory::usable(a10.total_bytes, 0.9);
         let r = memory_report(&cfg, "a10", &a10, &m7, 0.9).unwrap();
         assert!(r.spec.predict().fits(a10_usable));
-        assert!(!r
-            .spec
+        let mut searched = memory::with_offload(&r.spec, false);
+        memory::KeptActivations::default().apply(&mut searched.engine_options);
+        assert!(searched.predict().fits(a10_usable));
+        assert!(!searched
             .with_shape(small.micro_rows + 1, 512)
             .predict()
             .fits(a10_usable));
