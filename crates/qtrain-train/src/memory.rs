@@ -807,13 +807,18 @@ pub fn offload_checkpoints(
     }
 }
 
+/// The share of the host's available memory that offloading not needed to fit
+/// (only to keep more) may pin.
+pub const OPTIONAL_PIN_SHARE: f64 = 0.75;
+
 /// `auto`'s second reason to offload the checkpoints: with them offloaded, `keep`
 /// keeps more than without ([`kept_activations`] both ways; more is the attention
 /// half where it was not kept, else more layers' gate/up outputs, the order in
 /// which `auto` keeps them). A kept attention half travels with its layer's input
 /// and the GPU holds a ring of two layers' (`EngineOptions::save_attention_residual`
 /// with `offload_layer_inputs`), which leaves the room for the half or for more
-/// gate/up outputs. Only where the host has the pinned bytes and the copies, at
+/// gate/up outputs. Only where three quarters of the host's available memory hold
+/// the pinned bytes ([`OPTIONAL_PIN_SHARE`]) and the copies, at
 /// `gpu`'s assumed host link rate ([`GpuSpec::host_link_gbs`]), take no longer than
 /// the estimated compute of the pass with what is then kept ([`pass_seconds`] on
 /// `gpu`; no GPU, no offload): the test `qtrain plan` prints as "hidden behind the
@@ -830,10 +835,13 @@ pub fn offload_keeps_more(
     host_available: Option<u64>,
     gpu: Option<&GpuSpec>,
 ) -> bool {
+    // Offloading for speed, unlike offloading to fit at all, leaves a quarter of
+    // the host's available memory to the rest of the machine (the data pipeline,
+    // other processes, the page cache): pinned memory cannot be swapped out.
     let room = Room {
         usable,
         engine_limit,
-        host_available,
+        host_available: host_available.map(|a| (a as f64 * OPTIONAL_PIN_SHARE) as u64),
     };
     gpu.is_some_and(|g| {
         let link = host_link_bytes_per_s(Some(g));
@@ -878,20 +886,19 @@ fn keeps_more_with_copies_hidden(
 }
 
 /// The estimated training throughput of `spec` on `gpu`
-/// ([`crate::throughput::estimate`]). A partial gate/up keep (K of L layers) saves
+/// ([`crate::throughput::estimate`], with the attention half kept or not as the
+/// spec says). A partial gate/up keep (K of L layers) saves
 /// the same product in each kept layer, so its time per token is taken K/L of the
 /// way from the estimate recomputing every layer's to the one keeping them all.
 pub fn throughput_estimate(spec: &MemorySpec, gpu: &GpuSpec) -> crate::throughput::Estimate {
     let layers = spec.model.num_hidden_layers;
+    let attention_half_kept = spec.engine_options.save_attention_residual;
     let est = |mlp_kept| {
-        crate::throughput::estimate(
-            &spec.model,
-            &spec.targets,
-            spec.engine,
-            spec.seq,
+        let kept = crate::throughput::Recompute {
+            attention_half_kept,
             mlp_kept,
-            gpu,
-        )
+        };
+        crate::throughput::estimate(&spec.model, &spec.targets, spec.engine, spec.seq, kept, gpu)
     };
     match KeptActivations::of(&spec.engine_options)
         .mlp_layers
@@ -1498,11 +1505,13 @@ mod tests {
                 Some(rtx4090),
             )
         };
-        assert_eq!(with_host(host), Ok(true));
-        // One byte less: the halves cannot travel, and every layer's gate/up output
+        // Offloading only to keep more pins at most 3/4 of what the host has. Less
+        // than that: the halves cannot travel, and every layer's gate/up output
         // without the half ranks below the half with 12 layers' on the GPU (the
         // order in which `auto` keeps them), so the checkpoints stay on the GPU.
-        assert_eq!(with_host(host - 1), Ok(false));
+        let least = (host as f64 / OPTIONAL_PIN_SHARE).ceil() as u64 + 1;
+        assert_eq!(with_host(least), Ok(true));
+        assert_eq!(with_host(host), Ok(false));
     }
 
     /// `auto` offloads the checkpoints exactly where the run does not fit without

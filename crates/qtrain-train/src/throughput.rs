@@ -31,6 +31,34 @@ impl TargetSet {
     }
 }
 
+/// What a step keeps from its forward, as far as the estimates tell steps apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recompute {
+    /// Every layer's attention half (`train.keep_attention_residuals`): no q/k/v
+    /// product, RoPE or attention forward in the backward.
+    pub attention_half_kept: bool,
+    /// Every layer's gate/up output (`train.keep_mlp_activations`): no gate/up
+    /// product in the backward.
+    pub mlp_kept: bool,
+}
+
+/// Both halves kept: the fused engine's defaults where they fit.
+pub const ALL_KEPT: Recompute = Recompute {
+    attention_half_kept: true,
+    mlp_kept: true,
+};
+/// The attention half kept, the gate/up product recomputed (the memory-saving
+/// set-up since v16).
+pub const HALF_KEPT: Recompute = Recompute {
+    attention_half_kept: true,
+    mlp_kept: false,
+};
+/// Nothing kept (v13's memory-saving set-up; the reference engine).
+pub const NOTHING_KEPT: Recompute = Recompute {
+    attention_half_kept: false,
+    mlp_kept: false,
+};
+
 /// One measured training throughput on the Mistral-7B v0.3 shape: LoRA r16, 8-bit
 /// AdamW, gradient checkpointing, `qtrain bench`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -42,9 +70,8 @@ pub struct MeasuredThroughput {
     pub batch: usize,
     pub seq: usize,
     pub tokens_per_s: f64,
-    /// The fused engine kept every layer's gate/up output (no gate/up recompute,
-    /// `train.keep_mlp_activations`).
-    pub mlp_kept: bool,
+    /// What the fused engine kept from the forward.
+    pub kept: Recompute,
     /// Where the figure is written down.
     pub source: &'static str,
 }
@@ -59,9 +86,9 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         targets: TargetSet::Attention,
         batch: 8,
         seq: 512,
-        tokens_per_s: 19335.0,
-        mlp_kept: true,
-        source: "docs/perf.md v13 (same call as TRL + Liger and Unsloth, 2026-12-06)",
+        tokens_per_s: 19545.0,
+        kept: ALL_KEPT,
+        source: "docs/perf.md v18 (same call as TRL + Liger and Unsloth, 2026-12-07)",
     },
     MeasuredThroughput {
         gpu: "h200",
@@ -69,9 +96,9 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         targets: TargetSet::Attention,
         batch: 4,
         seq: 2048,
-        tokens_per_s: 18189.0,
-        mlp_kept: true,
-        source: "docs/perf.md v13 (same call as TRL + Liger and Unsloth, 2026-12-06)",
+        tokens_per_s: 18397.0,
+        kept: ALL_KEPT,
+        source: "docs/perf.md v18 (same call as TRL + Liger and Unsloth, 2026-12-07)",
     },
     MeasuredThroughput {
         gpu: "h200",
@@ -79,9 +106,9 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         targets: TargetSet::Attention,
         batch: 1,
         seq: 8192,
-        tokens_per_s: 14067.0,
-        mlp_kept: true,
-        source: "docs/perf.md v13 (same call as TRL + Liger and Unsloth, 2026-12-06)",
+        tokens_per_s: 14134.0,
+        kept: ALL_KEPT,
+        source: "docs/perf.md v18 (same call as TRL + Liger and Unsloth, 2026-12-07)",
     },
     MeasuredThroughput {
         gpu: "h200",
@@ -89,9 +116,9 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         targets: TargetSet::Attention,
         batch: 1,
         seq: 32768,
-        tokens_per_s: 7464.0,
-        mlp_kept: true,
-        source: "docs/perf.md v13 (same call as TRL + Liger and Unsloth, 2026-12-06)",
+        tokens_per_s: 7444.0,
+        kept: ALL_KEPT,
+        source: "docs/perf.md v18 (same call as TRL + Liger and Unsloth, 2026-12-07)",
     },
     MeasuredThroughput {
         gpu: "h200",
@@ -99,9 +126,9 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         targets: TargetSet::All,
         batch: 8,
         seq: 512,
-        tokens_per_s: 17573.0,
-        mlp_kept: true,
-        source: "docs/perf.md v13 (same call as TRL + Liger and Unsloth, 2026-12-06)",
+        tokens_per_s: 17905.0,
+        kept: ALL_KEPT,
+        source: "docs/perf.md v18 (same call as TRL + Liger and Unsloth, 2026-12-07)",
     },
     MeasuredThroughput {
         gpu: "h200",
@@ -109,9 +136,9 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         targets: TargetSet::All,
         batch: 4,
         seq: 2048,
-        tokens_per_s: 16751.0,
-        mlp_kept: true,
-        source: "docs/perf.md v13 (same call as TRL + Liger and Unsloth, 2026-12-06)",
+        tokens_per_s: 16874.0,
+        kept: ALL_KEPT,
+        source: "docs/perf.md v18 (same call as TRL + Liger and Unsloth, 2026-12-07)",
     },
     MeasuredThroughput {
         gpu: "h200",
@@ -119,9 +146,9 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         targets: TargetSet::All,
         batch: 1,
         seq: 8192,
-        tokens_per_s: 13223.0,
-        mlp_kept: true,
-        source: "docs/perf.md v13 (same call as TRL + Liger and Unsloth, 2026-12-06)",
+        tokens_per_s: 13312.0,
+        kept: ALL_KEPT,
+        source: "docs/perf.md v18 (same call as TRL + Liger and Unsloth, 2026-12-07)",
     },
     MeasuredThroughput {
         gpu: "h200",
@@ -129,9 +156,89 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         targets: TargetSet::All,
         batch: 1,
         seq: 32768,
-        tokens_per_s: 7233.0,
-        mlp_kept: true,
-        source: "docs/perf.md v13 (same call as TRL + Liger and Unsloth, 2026-12-06)",
+        tokens_per_s: 7223.0,
+        kept: ALL_KEPT,
+        source: "docs/perf.md v18 (same call as TRL + Liger and Unsloth, 2026-12-07)",
+    },
+    MeasuredThroughput {
+        gpu: "h200",
+        engine: EngineKind::Fused,
+        targets: TargetSet::Attention,
+        batch: 8,
+        seq: 512,
+        tokens_per_s: 15613.0,
+        kept: HALF_KEPT,
+        source: "docs/perf.md v18 (memory-saving: attention half kept, gate/up recomputed, inputs offloaded; same call as the peers, 2026-12-07)",
+    },
+    MeasuredThroughput {
+        gpu: "h200",
+        engine: EngineKind::Fused,
+        targets: TargetSet::Attention,
+        batch: 4,
+        seq: 2048,
+        tokens_per_s: 14981.0,
+        kept: HALF_KEPT,
+        source: "docs/perf.md v18 (memory-saving: attention half kept, gate/up recomputed, inputs offloaded; same call as the peers, 2026-12-07)",
+    },
+    MeasuredThroughput {
+        gpu: "h200",
+        engine: EngineKind::Fused,
+        targets: TargetSet::Attention,
+        batch: 1,
+        seq: 8192,
+        tokens_per_s: 12099.0,
+        kept: HALF_KEPT,
+        source: "docs/perf.md v18 (memory-saving: attention half kept, gate/up recomputed, inputs offloaded; same call as the peers, 2026-12-07)",
+    },
+    MeasuredThroughput {
+        gpu: "h200",
+        engine: EngineKind::Fused,
+        targets: TargetSet::Attention,
+        batch: 1,
+        seq: 32768,
+        tokens_per_s: 6893.0,
+        kept: HALF_KEPT,
+        source: "docs/perf.md v18 (memory-saving: attention half kept, gate/up recomputed, inputs offloaded; same call as the peers, 2026-12-07)",
+    },
+    MeasuredThroughput {
+        gpu: "h200",
+        engine: EngineKind::Fused,
+        targets: TargetSet::All,
+        batch: 8,
+        seq: 512,
+        tokens_per_s: 14010.0,
+        kept: HALF_KEPT,
+        source: "docs/perf.md v18 (memory-saving: attention half kept, gate/up recomputed, inputs offloaded; same call as the peers, 2026-12-07)",
+    },
+    MeasuredThroughput {
+        gpu: "h200",
+        engine: EngineKind::Fused,
+        targets: TargetSet::All,
+        batch: 4,
+        seq: 2048,
+        tokens_per_s: 13704.0,
+        kept: HALF_KEPT,
+        source: "docs/perf.md v18 (memory-saving: attention half kept, gate/up recomputed, inputs offloaded; same call as the peers, 2026-12-07)",
+    },
+    MeasuredThroughput {
+        gpu: "h200",
+        engine: EngineKind::Fused,
+        targets: TargetSet::All,
+        batch: 1,
+        seq: 8192,
+        tokens_per_s: 11204.0,
+        kept: HALF_KEPT,
+        source: "docs/perf.md v18 (memory-saving: attention half kept, gate/up recomputed, inputs offloaded; same call as the peers, 2026-12-07)",
+    },
+    MeasuredThroughput {
+        gpu: "h200",
+        engine: EngineKind::Fused,
+        targets: TargetSet::All,
+        batch: 1,
+        seq: 32768,
+        tokens_per_s: 6566.0,
+        kept: HALF_KEPT,
+        source: "docs/perf.md v18 (memory-saving: attention half kept, gate/up recomputed, inputs offloaded; same call as the peers, 2026-12-07)",
     },
     MeasuredThroughput {
         gpu: "h200",
@@ -140,7 +247,7 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         batch: 8,
         seq: 512,
         tokens_per_s: 13927.0,
-        mlp_kept: false,
+        kept: NOTHING_KEPT,
         source: "docs/perf.md v13 (memory-saving: nothing kept, inputs offloaded; same call as the peers, 2026-12-06)",
     },
     MeasuredThroughput {
@@ -150,7 +257,7 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         batch: 4,
         seq: 2048,
         tokens_per_s: 13413.0,
-        mlp_kept: false,
+        kept: NOTHING_KEPT,
         source: "docs/perf.md v13 (memory-saving: nothing kept, inputs offloaded; same call as the peers, 2026-12-06)",
     },
     MeasuredThroughput {
@@ -160,37 +267,7 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         batch: 1,
         seq: 8192,
         tokens_per_s: 10623.0,
-        mlp_kept: false,
-        source: "docs/perf.md v13 (memory-saving: nothing kept, inputs offloaded; same call as the peers, 2026-12-06)",
-    },
-    MeasuredThroughput {
-        gpu: "h200",
-        engine: EngineKind::Fused,
-        targets: TargetSet::All,
-        batch: 8,
-        seq: 512,
-        tokens_per_s: 12881.0,
-        mlp_kept: false,
-        source: "docs/perf.md v13 (memory-saving: nothing kept, inputs offloaded; same call as the peers, 2026-12-06)",
-    },
-    MeasuredThroughput {
-        gpu: "h200",
-        engine: EngineKind::Fused,
-        targets: TargetSet::All,
-        batch: 4,
-        seq: 2048,
-        tokens_per_s: 12477.0,
-        mlp_kept: false,
-        source: "docs/perf.md v13 (memory-saving: nothing kept, inputs offloaded; same call as the peers, 2026-12-06)",
-    },
-    MeasuredThroughput {
-        gpu: "h200",
-        engine: EngineKind::Fused,
-        targets: TargetSet::All,
-        batch: 1,
-        seq: 8192,
-        tokens_per_s: 9979.0,
-        mlp_kept: false,
+        kept: NOTHING_KEPT,
         source: "docs/perf.md v13 (memory-saving: nothing kept, inputs offloaded; same call as the peers, 2026-12-06)",
     },
     MeasuredThroughput {
@@ -200,7 +277,37 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         batch: 1,
         seq: 32768,
         tokens_per_s: 5791.0,
-        mlp_kept: false,
+        kept: NOTHING_KEPT,
+        source: "docs/perf.md v13 (memory-saving: nothing kept, inputs offloaded; same call as the peers, 2026-12-06)",
+    },
+    MeasuredThroughput {
+        gpu: "h200",
+        engine: EngineKind::Fused,
+        targets: TargetSet::All,
+        batch: 8,
+        seq: 512,
+        tokens_per_s: 12881.0,
+        kept: NOTHING_KEPT,
+        source: "docs/perf.md v13 (memory-saving: nothing kept, inputs offloaded; same call as the peers, 2026-12-06)",
+    },
+    MeasuredThroughput {
+        gpu: "h200",
+        engine: EngineKind::Fused,
+        targets: TargetSet::All,
+        batch: 4,
+        seq: 2048,
+        tokens_per_s: 12477.0,
+        kept: NOTHING_KEPT,
+        source: "docs/perf.md v13 (memory-saving: nothing kept, inputs offloaded; same call as the peers, 2026-12-06)",
+    },
+    MeasuredThroughput {
+        gpu: "h200",
+        engine: EngineKind::Fused,
+        targets: TargetSet::All,
+        batch: 1,
+        seq: 8192,
+        tokens_per_s: 9979.0,
+        kept: NOTHING_KEPT,
         source: "docs/perf.md v13 (memory-saving: nothing kept, inputs offloaded; same call as the peers, 2026-12-06)",
     },
     MeasuredThroughput {
@@ -210,7 +317,7 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         batch: 1,
         seq: 32768,
         tokens_per_s: 5616.0,
-        mlp_kept: false,
+        kept: NOTHING_KEPT,
         source: "docs/perf.md v13 (memory-saving: nothing kept, inputs offloaded; same call as the peers, 2026-12-06)",
     },
     MeasuredThroughput {
@@ -220,7 +327,7 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         batch: 8,
         seq: 512,
         tokens_per_s: 1892.0,
-        mlp_kept: false,
+        kept: NOTHING_KEPT,
         source: "docs/perf.md v2",
     },
     MeasuredThroughput {
@@ -230,7 +337,7 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         batch: 4,
         seq: 2048,
         tokens_per_s: 1052.0,
-        mlp_kept: false,
+        kept: NOTHING_KEPT,
         source: "docs/perf.md v2",
     },
     MeasuredThroughput {
@@ -240,7 +347,7 @@ pub const MEASURED: &[MeasuredThroughput] = &[
         batch: 8,
         seq: 512,
         tokens_per_s: 1459.0,
-        mlp_kept: false,
+        kept: NOTHING_KEPT,
         source: "docs/perf.md v2",
     },
 ];
@@ -272,16 +379,16 @@ pub struct Estimate {
 }
 
 /// Tokens/s of `engine` training `targets` adapters of `model` at sequence length
-/// `seq` on `gpu`, keeping the gate/up outputs or not (`mlp_kept`).
+/// `seq` on `gpu`, keeping what `kept` says.
 pub fn estimate(
     model: &ModelConfig,
     targets: &[Proj],
     engine: EngineKind,
     seq: usize,
-    mlp_kept: bool,
+    kept: Recompute,
     gpu: &GpuSpec,
 ) -> Estimate {
-    estimate_from(MEASURED, model, targets, engine, seq, mlp_kept, gpu)
+    estimate_from(MEASURED, model, targets, engine, seq, kept, gpu)
 }
 
 /// [`estimate`] from the measurements `measured` (without one of `engine`: an
@@ -292,13 +399,14 @@ pub fn estimate_from(
     targets: &[Proj],
     engine: EngineKind,
     seq: usize,
-    mlp_kept: bool,
+    kept: Recompute,
     gpu: &GpuSpec,
 ) -> Estimate {
     let set = TargetSet::of(targets);
     let want = flops_per_token(model, seq);
     // The measurement of this engine closest to the configuration: the same
-    // recomputation first, then the same targets, then the nearest sequence length
+    // recomputation first (the gate/up product, the larger saving, then the
+    // attention half), then the same targets, then the nearest sequence length
     // (attention's share grows with it).
     let best = measured
         .iter()
@@ -306,7 +414,8 @@ pub fn estimate_from(
         .min_by(|a, b| {
             let key = |m: &MeasuredThroughput| {
                 (
-                    (m.mlp_kept != mlp_kept) as u8,
+                    (m.kept.mlp_kept != kept.mlp_kept) as u8,
+                    (m.kept.attention_half_kept != kept.attention_half_kept) as u8,
                     (m.targets != set) as u8,
                     ((m.seq as f64) / (seq as f64)).ln().abs(),
                 )
@@ -335,7 +444,7 @@ pub fn estimate_from(
                         TargetSet::Attention => "q,k,v,o",
                         TargetSet::All => "all seven",
                     },
-                    if m.mlp_kept { ", gate/up kept" } else { "" },
+                    kept_words(m.kept),
                     m.source,
                     gpu.tensor_tflops,
                     measured_gpu.tensor_tflops,
@@ -344,9 +453,10 @@ pub fn estimate_from(
                     } else {
                         ", scaled by FLOPs per token".into()
                     },
-                    match (m.mlp_kept, mlp_kept) {
+                    match (m.kept.mlp_kept, kept.mlp_kept) {
                         (false, true) => "; this run keeps the gate/up outputs (14-23% faster on the H200)",
                         (true, false) => "; this run recomputes the gate/up product (14-23% slower on the H200)",
+                        _ if m.kept != kept => "; this run keeps a different attention half",
                         _ => "",
                     }
                 ),
@@ -361,6 +471,16 @@ pub fn estimate_from(
                 gpu.tensor_tflops
             ),
         },
+    }
+}
+
+/// What a measurement kept, for an estimate's basis.
+fn kept_words(k: Recompute) -> &'static str {
+    match (k.attention_half_kept, k.mlp_kept) {
+        (true, true) => ", all kept",
+        (true, false) => ", attention half kept",
+        (false, true) => ", gate/up kept",
+        (false, false) => ", nothing kept",
     }
 }
 
@@ -381,43 +501,55 @@ mod tests {
         let m7 = ModelConfig::preset("mistral-7b-v0.3", 0).unwrap();
         let qkvo = [Proj::Q, Proj::K, Proj::V, Proj::O];
         let h100 = gpu::preset("h100").unwrap();
-        let e = estimate(&m7, &qkvo, EngineKind::Reference, 512, false, h100);
+        let e = estimate(&m7, &qkvo, EngineKind::Reference, 512, NOTHING_KEPT, h100);
         assert!((e.tokens_per_s - 1892.0).abs() < 1e-6, "{e:?}");
         let a10 = gpu::preset("a10").unwrap();
-        let slow = estimate(&m7, &qkvo, EngineKind::Reference, 512, false, a10);
+        let slow = estimate(&m7, &qkvo, EngineKind::Reference, 512, NOTHING_KEPT, a10);
         assert!((slow.tokens_per_s - 1892.0 * 125.0 / 989.4).abs() < 1e-6);
         assert!(slow.basis.contains("h100"), "{}", slow.basis);
         // Longer rows cost more attention per token.
-        let long = estimate(&m7, &qkvo, EngineKind::Reference, 4096, false, h100);
+        let long = estimate(&m7, &qkvo, EngineKind::Reference, 4096, NOTHING_KEPT, h100);
         assert!(long.tokens_per_s < 1052.0, "{long:?}");
-        // The fused engine's figure comes from the H200 (same dense TFLOP/s as the H100).
+        // The fused engine's figures come from the H200 (same dense TFLOP/s as the
+        // H100), one per recomputation: nothing kept, the attention half, both.
         let h200 = gpu::preset("h200").unwrap();
-        let f = estimate(&m7, &qkvo, EngineKind::Fused, 512, false, h100);
-        let want = 13927.0 * h100.tensor_tflops / h200.tensor_tflops;
-        assert!((f.tokens_per_s - want).abs() < 1e-6, "{f:?}");
-        assert!(f.basis.contains("h200"), "{}", f.basis);
-        // Keeping the gate/up outputs picks the measurement that kept them.
-        let k = estimate(&m7, &qkvo, EngineKind::Fused, 512, true, h100);
-        let want = 19335.0 * h100.tensor_tflops / h200.tensor_tflops;
-        assert!((k.tokens_per_s - want).abs() < 1e-6, "{k:?}");
-        assert!(
-            k.basis.contains("gate/up kept") && k.basis.contains("v13"),
-            "{}",
-            k.basis
-        );
+        let at = |kept, seq| estimate(&m7, &qkvo, EngineKind::Fused, seq, kept, h100);
+        let scaled = |tps: f64| tps * h100.tensor_tflops / h200.tensor_tflops;
+        for (kept, tps, words) in [
+            (NOTHING_KEPT, 13927.0, "nothing kept"),
+            (HALF_KEPT, 15613.0, "attention half kept"),
+            (ALL_KEPT, 19545.0, "all kept"),
+        ] {
+            let e = at(kept, 512);
+            assert!((e.tokens_per_s - scaled(tps)).abs() < 1e-6, "{e:?}");
+            assert!(
+                e.basis.contains("h200") && e.basis.contains(words),
+                "{}",
+                e.basis
+            );
+        }
+        // The gate/up outputs without the half: the kept gate/up's measurement,
+        // said to differ in the half.
+        let gate_up = Recompute {
+            attention_half_kept: false,
+            mlp_kept: true,
+        };
+        let g = at(gate_up, 512);
+        assert!((g.tokens_per_s - scaled(19545.0)).abs() < 1e-6, "{g:?}");
+        assert!(g.basis.contains("different attention half"), "{}", g.basis);
         // Between two measured lengths: the nearest one, scaled by FLOPs per token.
-        let long = estimate(&m7, &qkvo, EngineKind::Fused, 24576, true, h100);
+        let long = at(ALL_KEPT, 24576);
         assert!(
             long.basis.contains("1x32768") && long.basis.contains("scaled"),
             "{}",
             long.basis
         );
         assert!(
-            long.tokens_per_s > 7464.0 && long.tokens_per_s < 14067.0,
+            long.tokens_per_s > 7444.0 && long.tokens_per_s < 14134.0,
             "{long:?}"
         );
         // Without a measurement of the engine the assumption is spelled out.
-        let f = estimate_from(&[], &m7, &qkvo, EngineKind::Fused, 512, false, h100);
+        let f = estimate_from(&[], &m7, &qkvo, EngineKind::Fused, 512, NOTHING_KEPT, h100);
         assert!(f.basis.contains("assumes"), "{}", f.basis);
         let mfu = f.tokens_per_s * flops_per_token(&m7, 512) / (989.4e12);
         assert!((mfu - ASSUMED_MFU).abs() < 1e-9);
