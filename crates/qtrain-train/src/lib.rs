@@ -29,6 +29,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod gpu;
+pub mod host_memory;
 pub mod loss_scale;
 pub mod memory;
 pub mod merge;

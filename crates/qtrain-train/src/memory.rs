@@ -727,7 +727,8 @@ pub fn kept_activations(
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error(
     "offloading the gradient checkpoints needs {:.0} MiB of pinned host memory; the host has \
-     {:.0} MiB available (MemAvailable in /proc/meminfo)",
+     {:.0} MiB available (MemAvailable in /proc/meminfo, or less under a memory cgroup's \
+     limit)",
     mib(*needed), mib(*available)
 )]
 pub struct HostMemoryShort {
@@ -947,17 +948,11 @@ pub fn search_spec(
     with_offload(spec, offload)
 }
 
-/// `MemAvailable` of `/proc/meminfo` in bytes: what the host can give without
-/// swapping (None where there is no such file, e.g. not Linux).
+/// What the host can give this process without swapping, in bytes: `MemAvailable`,
+/// or a memory cgroup's headroom where that is less (a container's limit;
+/// [`crate::host_memory::available`]); None where neither can be read.
 pub fn host_memory_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    parse_mem_available(&text)
-}
-
-fn parse_mem_available(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    crate::host_memory::available()
 }
 
 /// A size as people write it: plain bytes (`25769803776`), or a number with a
@@ -1579,14 +1574,6 @@ mod tests {
         };
         assert!(opts("auto", &long) && opts("on", &mistral(1, 512)));
         assert!(!opts("auto", &mistral(1, 512)) && !opts("off", &long));
-    }
-
-    #[test]
-    fn mem_available_is_read_from_meminfo() {
-        let text =
-            "MemTotal:       131072000 kB\nMemFree:         1000 kB\nMemAvailable:   65536000 kB\n";
-        assert_eq!(parse_mem_available(text), Some(65536000 * 1024));
-        assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
     }
 
     #[test]
