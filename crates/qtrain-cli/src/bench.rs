@@ -68,6 +68,12 @@ pub struct Args {
     /// fits), as `train.keep_mlp_activations`.
     #[arg(long, default_value = "auto")]
     keep_mlp: String,
+    /// Keep every layer's frozen weights dequantized after their first use, so no
+    /// NF4 dequantization runs after the first step (13 GiB for Mistral-7B in
+    /// bf16): `on`, `off`, or `auto` (after the kept activations, when the memory
+    /// model says it fits), as `train.keep_dequantized_base`.
+    #[arg(long, default_value = "auto")]
+    keep_base: String,
     /// Keep the gradient checkpoints in pinned host memory (a ring of two layers'
     /// inputs on the GPU, copies on a side stream; a kept attention half travels
     /// with them): `on`, `off`, or `auto` (on when the memory model says the case
@@ -143,6 +149,7 @@ pub fn run(a: Args) -> Result<()> {
     for (flag, v) in [
         ("--keep-residuals", &a.keep_residuals),
         ("--keep-mlp", &a.keep_mlp),
+        ("--keep-base", &a.keep_base),
         ("--offload", &a.offload),
     ] {
         if !["auto", "on", "off"].contains(&v.as_str()) {
@@ -194,6 +201,7 @@ pub fn run(a: Args) -> Result<()> {
         engine: a.engine.clone(),
         keep_residuals: a.keep_residuals.clone(),
         keep_mlp: a.keep_mlp.clone(),
+        keep_base: a.keep_base.clone(),
         offload: a.offload.clone(),
         memory_limit,
         warmup: a.warmup,

@@ -24,7 +24,7 @@
 //! | `dz` | `3·n·r` | the adapters' `dz` of one projection, or of a stacked group |
 //! | `lora_a_stacks` | `L·5r·h` | without dropout, each layer's `[A_q; A_k; A_v]` and `[A_gate; A_up]` (the adapted ones), so a group sharing an input runs one `z` product and one input-gradient product |
 //! | `z` (`z_outputs`) | `P·n·r` (`L·P·n·r`) | the adapters' `z = dropout(x) Aᵀ` of one layer's `P` projections, or with either half kept every layer's, so the backward does not recompute them |
-//! | `weights` | `max(qc·h + h·heads·d, 2I·h + h·I)` | one layer's dequantized weights, reused by every layer: `[q;k;v]` and `o` side by side, `[gate;up]` and `down` side by side over the same memory (the attention half and the MLP never need each other's weights at once: the backward dequantizes o and q/k/v again after the MLP) |
+//! | `weights` | `max(qc·h + h·heads·d, 2I·h + h·I)` | one layer's dequantized weights, reused by every layer: `[q;k;v]` and `o` side by side, `[gate;up]` and `down` side by side over the same memory (the attention half and the MLP never need each other's weights at once: the backward dequantizes o and q/k/v again after the MLP); with `keep_dequantized_base` (and not `fp8_base`) every layer's four groups side by side, `L·(qc·h + h·heads·d + 2I·h + h·I)`, dequantized on first use and kept while the workspace lives |
 //! | `logits dlogits` | `cc·V` | one cross-entropy chunk of `cc` rows (f32, compute type) |
 //! | `fp8_w_* fp8_wt_* fp8_weight_scales` | one layer's weight groups, 1 byte each, twice | with `fp8_base`: E4M3 codes of the weights per output row (forward) and of their transposes per input column (input gradient), and their f32 scales |
 //! | `fp8_input fp8_input_scales` | the widest product input (`max(n·qc, c·2I)`), `n` | with `fp8_base`: one product input's E4M3 codes and per-token scales |
@@ -82,19 +82,38 @@ pub fn weight_group_shapes(cfg: &ModelConfig) -> [(usize, usize); 4] {
     [(qc, h), (h, qcols), (2 * inter, h), (h, inter)]
 }
 
-/// Offset of each weight group (`Group::ALL` order) in the shared `weights`
-/// buffer: the attention half's groups side by side from 0, the MLP's side by side
-/// from 0 over the same memory. A group's weights are in the buffer only until a
-/// group of the other half is dequantized.
-pub fn weight_group_offsets(cfg: &ModelConfig) -> [usize; 4] {
-    let [(qo, qi), _, (go, gi), _] = weight_group_shapes(cfg);
-    [0, qo * qi, 0, go * gi]
+/// Offset of each weight group (`Group::ALL` order) in a layer's part of the
+/// `weights` buffer. Shared by every layer (`kept` false): the attention half's
+/// groups side by side from 0, the MLP's side by side from 0 over the same memory,
+/// so a group's weights are in the buffer only until a group of the other half is
+/// dequantized. Kept (every layer's, at `l ·` [`layer_weight_elems`]): the four
+/// groups side by side.
+pub fn weight_group_offsets(cfg: &ModelConfig, kept: bool) -> [usize; 4] {
+    let [q, o, gu, _] = weight_group_shapes(cfg).map(|(out, inp)| out * inp);
+    if kept {
+        [0, q, q + o, q + o + gu]
+    } else {
+        [0, q, 0, gu]
+    }
 }
 
-/// Elements of the shared `weights` buffer: the larger half.
-pub fn weight_buffer_elems(cfg: &ModelConfig) -> usize {
+/// Elements of one layer's four weight groups.
+pub fn layer_weight_elems(cfg: &ModelConfig) -> usize {
+    weight_group_shapes(cfg)
+        .map(|(out, inp)| out * inp)
+        .iter()
+        .sum()
+}
+
+/// Elements of the `weights` buffer: the larger half of one layer's groups, shared
+/// by every layer; or, kept, every layer's groups.
+pub fn weight_buffer_elems(cfg: &ModelConfig, kept: bool) -> usize {
     let [q, o, gu, down] = weight_group_shapes(cfg).map(|(out, inp)| out * inp);
-    (q + o).max(gu + down)
+    if kept {
+        cfg.num_hidden_layers * layer_weight_elems(cfg)
+    } else {
+        (q + o).max(gu + down)
+    }
 }
 
 /// The most adapters one stacked group holds (q/k/v; gate/up is the other group).
@@ -130,6 +149,9 @@ pub struct WorkspaceShape {
     /// The attention backward's kernels: the fused ones add a dQ accumulator to the
     /// scratch (`EngineOptions::attention_backward`).
     pub attention_backward: AttnBackward,
+    /// Every layer's dequantized weights are kept (`EngineOptions`; without effect
+    /// with `fp8_base`: see [`WorkspaceShape::keeps_dequantized_base`]).
+    pub keep_dequantized_base: bool,
 }
 
 /// Whether every layer's LoRA `z` is kept from the forward (`z_outputs`): whenever
@@ -190,7 +212,16 @@ impl WorkspaceShape {
             offload_layer_inputs: opts.offload_layer_inputs,
             fp8_base: opts.fp8_base,
             attention_backward: opts.attention_backward,
+            keep_dequantized_base: opts.keep_dequantized_base,
         }
+    }
+
+    /// Whether the `weights` buffer holds every layer's dequantized weights: asked
+    /// for, and the products are in the compute type (FP8 products quantize a
+    /// layer's weights anew each time they are dequantized, so there is nothing to
+    /// keep there).
+    pub fn keeps_dequantized_base(&self) -> bool {
+        self.keep_dequantized_base && !self.fp8_base
     }
 }
 
@@ -205,6 +236,8 @@ pub enum Component {
     MlpChunk,
     /// Dequantized weights of one layer.
     DequantWeights,
+    /// Every layer's dequantized weights, kept.
+    KeptBase,
     /// One cross-entropy chunk: logits and their gradient.
     Logits,
     /// LoRA intermediates (`z = dropout(x) Aᵀ` and its gradient).
@@ -227,6 +260,7 @@ impl Component {
             Component::LayerActivations => "one layer's activations and gradients",
             Component::MlpChunk => "MLP chunk (gate/up, SwiGLU, its gradient)",
             Component::DequantWeights => "dequantized weights of one layer",
+            Component::KeptBase => "frozen base kept dequantized (every layer; no NF4 dequantization after the first step)",
             Component::Logits => "cross-entropy chunk (f32 logits + gradient)",
             Component::LoraScratch => "LoRA intermediates",
             Component::BatchInputs => "batch inputs (ids, RoPE tables, targets)",
@@ -314,7 +348,11 @@ impl WorkspaceLayout {
             ),
             b("m", MlpChunk, c * inter, e),
             b("dm", MlpChunk, c * inter, e),
-            b("weights", DequantWeights, weight_buffer_elems(cfg), e),
+            {
+                let kept = shape.keeps_dequantized_base();
+                let role = if kept { KeptBase } else { DequantWeights };
+                b("weights", role, weight_buffer_elems(cfg, kept), e)
+            },
             b("ce_hidden", Logits, cc * h, e),
             b("logits", Logits, cc * cfg.vocab_size, 4),
             b("dlogits", Logits, cc * cfg.vocab_size, e),
@@ -494,13 +532,22 @@ mod tests {
             "rope_theta":1e6}"#;
         let cfg = ModelConfig::from_json_str(json, std::path::Path::new("config.json")).unwrap();
         let sizes = weight_group_shapes(&cfg).map(|(o, i)| o * i);
-        let offsets = weight_group_offsets(&cfg);
-        let elems = weight_buffer_elems(&cfg);
+        let offsets = weight_group_offsets(&cfg, false);
+        let elems = weight_buffer_elems(&cfg, false);
         assert_eq!(offsets, [0, sizes[0], 0, sizes[2]]);
         assert_eq!(elems, sizes[2] + sizes[3]);
         assert!(sizes[0] + sizes[1] <= elems);
         // 336 MiB of bf16 on Mistral-7B where four buffers took 416.
         assert_eq!((elems * 2) >> 20, 336);
         assert_eq!((sizes.iter().sum::<usize>() * 2) >> 20, 416);
+        // Kept: each layer's four groups side by side, 32 layers (13 GiB of bf16).
+        let per_layer = sizes.iter().sum::<usize>();
+        assert_eq!(layer_weight_elems(&cfg), per_layer);
+        assert_eq!(
+            weight_group_offsets(&cfg, true),
+            [0, sizes[0], sizes[0] + sizes[1], per_layer - sizes[3]]
+        );
+        assert_eq!(weight_buffer_elems(&cfg, true), 32 * per_layer);
+        assert_eq!((32 * per_layer * 2) >> 20, 13312);
     }
 }

@@ -61,8 +61,8 @@
 
 use crate::error::{EngineError, Result};
 use crate::layout::{
-    weight_group_offsets, weight_group_shapes, WorkspaceLayout, WorkspaceShape, FP8_WEIGHTS,
-    OFFLOADED, OFFLOAD_RING, STACKED_ROWS,
+    layer_weight_elems, weight_group_offsets, weight_group_shapes, WorkspaceLayout, WorkspaceShape,
+    FP8_WEIGHTS, OFFLOADED, OFFLOAD_RING, STACKED_ROWS,
 };
 use crate::lora::{DeviceLora, PairSlot};
 use crate::weights::{FrozenWeights, Group};
@@ -82,6 +82,7 @@ use qtrain_model::{BaseModel, ModelConfig, Proj, PROJECTIONS};
 use qtrain_step::{
     dropout_base, DropoutKey, LoraWeights, StepLoss, StepOptions, TokenBatch, IGNORE_INDEX,
 };
+use std::cell::Cell;
 
 /// Whether the FP8 forward products use Hopper's fast accumulation (partial sums
 /// kept at reduced precision inside the tensor cores over the whole `k`, instead of
@@ -133,6 +134,12 @@ pub struct EngineOptions {
     /// order (bit-reproducible) or with atomics (not): two products in seven fewer,
     /// `n · (heads + 2 · kv_heads) · head_dim` f32 more memory.
     pub attention_backward: AttnBackward,
+    /// Keep every layer's dequantized frozen weights (`L·` a layer's weights in the
+    /// compute type: 13 GiB for Mistral-7B in bf16) instead of dequantizing each
+    /// group into one shared buffer whenever it is used: after a workspace's first
+    /// step no NF4 dequantization runs (the frozen weights never change, so the
+    /// results are identical). No effect with `fp8_base`.
+    pub keep_dequantized_base: bool,
 }
 
 impl Default for EngineOptions {
@@ -145,6 +152,7 @@ impl Default for EngineOptions {
             offload_layer_inputs: false,
             fp8_base: false,
             attention_backward: AttnBackward::Split,
+            keep_dequantized_base: false,
         }
     }
 }
@@ -182,10 +190,17 @@ struct Workspace<T: Float> {
     gu: GateUp<T>,
     m: DBuf<T>,
     dm: DBuf<T>,
-    /// One layer's dequantized weight groups, at [`weight_group_offsets`].
+    /// One layer's dequantized weight groups, at [`weight_group_offsets`]; or
+    /// every layer's (`keep_dequantized_base`), layer `l`'s at `l · weights_stride`.
     weights: DBuf<T>,
-    /// `(offset, out, in)` of each group in `weights` (`Group::ALL` order).
+    /// `(offset, out, in)` of each group in a layer's part of `weights`
+    /// (`Group::ALL` order).
     weight_groups: [(usize, usize, usize); 4],
+    /// Elements between two layers' parts of `weights`: 0 when they share one.
+    weights_stride: usize,
+    /// With every layer's weights kept: whether layer `l`'s group `g` is in place
+    /// yet (index `4·l + g`); empty otherwise.
+    weights_kept: Vec<Cell<bool>>,
     ce_hidden: DBuf<T>,
     logits: DBuf<f32>,
     dlogits: DBuf<T>,
@@ -418,8 +433,21 @@ impl<T: Float> Workspace<T> {
             dm: buf!("dm"),
             weights: buf!("weights"),
             weight_groups: {
-                let (offsets, shapes) = (weight_group_offsets(cfg), weight_group_shapes(cfg));
+                let kept = p.shape.keeps_dequantized_base();
+                let (offsets, shapes) = (weight_group_offsets(cfg, kept), weight_group_shapes(cfg));
                 std::array::from_fn(|i| (offsets[i], shapes[i].0, shapes[i].1))
+            },
+            weights_stride: if p.shape.keeps_dequantized_base() {
+                layer_weight_elems(cfg)
+            } else {
+                0
+            },
+            weights_kept: if p.shape.keeps_dequantized_base() {
+                (0..4 * cfg.num_hidden_layers)
+                    .map(|_| Cell::new(false))
+                    .collect()
+            } else {
+                Vec::new()
             },
             ce_hidden: buf!("ce_hidden"),
             logits: buf!("logits"),
@@ -1030,24 +1058,33 @@ impl<'a, T: Float> Ctx<'a, T> {
             .collect()
     }
 
-    /// The place of weight group `g` in the shared buffer as `[out, in]` (whatever
-    /// it holds now: only [`Ctx::weights`] makes it this layer's group).
-    fn weight_buf(&self, g: Group) -> Mat<'a, T> {
+    /// The place of layer `l`'s weight group `g` in the `weights` buffer as
+    /// `[out, in]` (whatever it holds now: only [`Ctx::weights`] makes it this
+    /// layer's group; every layer shares one place unless the base is kept).
+    fn weight_buf(&self, l: usize, g: Group) -> Mat<'a, T> {
         let (offset, rows, cols) = self.ws.weight_groups[g.index()];
         self.ws
             .weights
-            .view(offset, rows * cols)
+            .view(l * self.ws.weights_stride + offset, rows * cols)
             .mat(rows, cols, cols)
     }
 
-    /// Dequantizes `group` of layer `l` into its buffer and returns it as `[out, in]`.
-    /// With FP8 products, the weight's row codes are written too.
+    /// Dequantizes `group` of layer `l` into its buffer and returns it as `[out, in]`
+    /// (with the base kept, only the first time). With FP8 products, the weight's
+    /// row codes are written too.
     fn weights(&self, l: usize, g: Group) -> Result<Mat<'a, T>> {
-        let w = self.weight_buf(g);
+        let w = self.weight_buf(l, g);
+        let kept = self.ws.weights_kept.get(4 * l + g.index());
+        if kept.is_some_and(Cell::get) {
+            return Ok(w);
+        }
         {
             let _r = self.dev.region("dequantize NF4");
             self.w
                 .materialize(self.dev, l, g, &self.group_sizes(g), w.v)?;
+        }
+        if let Some(k) = kept {
+            k.set(true);
         }
         if let Some(f) = &self.ws.fp8 {
             let _r = self.dev.region("FP8 quantize weights");

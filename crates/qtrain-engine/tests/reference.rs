@@ -502,6 +502,61 @@ fn kept_activations_change_no_bit() {
     );
 }
 
+/// Keeping every layer's dequantized weights only removes the dequantization after
+/// their first use: on an NF4 base, over micro-steps of two shapes (the second
+/// workspace dequantizes again into its own buffer) and three passes of the same
+/// shape (the later ones read the kept weights), alone and beside the kept
+/// activations, the same losses and bit-identical gradients as dequantizing into the
+/// shared buffer; the workspace grows by every layer's four weight groups in place
+/// of the shared buffer (the larger half of one layer's).
+#[test]
+fn a_kept_dequantized_base_changes_no_bit() {
+    let cfg = small_config(61, Some(4));
+    let (mut base, _) = random_base(&cfg, 41, DType::F32);
+    for layer in &mut base.layers {
+        for fl in &mut layer.projs {
+            let FrozenStorage::Dense(t) = &fl.storage else {
+                unreachable!()
+            };
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let q =
+                qtrain_quant::Nf4Tensor::quantize(&v, &[fl.out_features, fl.in_features], 64, true)
+                    .unwrap();
+            fl.storage = FrozenStorage::Nf4(q);
+        }
+    }
+    let lora = random_lora(&cfg, &all_targets_config(0.0), 42, DType::F32);
+    let batches = [
+        random_rows(61, 2, 11, 43),
+        random_rows(61, 1, 7, 44),
+        packed_batch(61, 11, 45),
+        random_rows(61, 2, 11, 46),
+    ];
+    for (residual, mlp) in [(false, 0), (true, ALL_LAYERS)] {
+        let run = |keep: bool| {
+            let opts = EngineOptions {
+                save_attention_residual: residual,
+                kept_mlp_layers: mlp,
+                keep_dequantized_base: keep,
+                ..EngineOptions::default()
+            };
+            train_micro_steps(&base, &lora, opts, &batches, 0)
+        };
+        let (l0, g0, layout0, _) = run(false);
+        let (l1, g1, layout1, held1) = run(true);
+        assert_eq!(l0, l1, "residual {residual} mlp {mlp}");
+        assert_eq!(g0, g1, "residual {residual} mlp {mlp}");
+        assert!(held1 >= layout1.total_bytes());
+        let sizes = qtrain_engine::layout::weight_group_shapes(&cfg).map(|(o, i)| o * i);
+        let shared = (sizes[0] + sizes[1]).max(sizes[2] + sizes[3]);
+        let kept = cfg.num_hidden_layers * sizes.iter().sum::<usize>();
+        assert_eq!(
+            layout1.total_bytes() - layout0.total_bytes(),
+            (kept - shared) * 4
+        );
+    }
+}
+
 /// The engine in fp16 (the compute type of 7.x GPUs) on the CPU kernels, with the
 /// loss scaled the way the trainer scales it (the denominator divided by the scale,
 /// so every gradient flowing back is `scale` times larger and clear of fp16's

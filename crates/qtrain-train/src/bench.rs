@@ -81,9 +81,11 @@ pub struct BenchOptions {
     pub rank: usize,
     /// `train.engine`'s values; `auto` is the fused engine on any GPU here.
     pub engine: String,
-    /// `train.keep_attention_residuals` / `train.keep_mlp_activations` policies.
+    /// `train.keep_attention_residuals` / `train.keep_mlp_activations` /
+    /// `train.keep_dequantized_base` policies.
     pub keep_residuals: String,
     pub keep_mlp: String,
+    pub keep_base: String,
     /// `train.offload_checkpoints`' policy (`auto`, `on`, `off`).
     pub offload: String,
     /// Bytes the frozen base and the engine's buffers may hold (emulates a GPU of
@@ -284,6 +286,7 @@ impl CaseResult {
             "attention_residuals_kept": self.kept.attention_residuals,
             "mlp_activations_kept": self.kept.mlp_all(base.config.num_hidden_layers),
             "mlp_layers_kept": self.kept.mlp_layers.min(base.config.num_hidden_layers),
+            "dequantized_base_kept": self.kept.dequantized_base,
             "offload_checkpoints": self.offload,
             "mlp_chunk_tokens": self.mlp_chunk,
             "loss_chunk_tokens": self.loss_chunk,
@@ -542,10 +545,7 @@ fn decide_memory(
     };
     opts.offload_layer_inputs = memory::offload_checkpoints(
         &o.offload,
-        memory::KeepPolicy {
-            residuals: &o.keep_residuals,
-            mlp: &o.keep_mlp,
-        },
+        o.keep_policy(),
         &spec(opts),
         usable,
         None,
@@ -554,8 +554,7 @@ fn decide_memory(
     )
     .map_err(|e| TrainError::Other(format!("--offload on: {e}")))?;
     let kept = memory::kept_activations(
-        &o.keep_residuals,
-        &o.keep_mlp,
+        o.keep_policy(),
         &spec(opts),
         usable,
         None,
@@ -564,6 +563,17 @@ fn decide_memory(
     backend.set_offload_checkpoints(opts.offload_layer_inputs);
     backend.set_kept_activations(kept);
     Ok(())
+}
+
+impl BenchOptions {
+    /// The kept-activation policies, as the trainer's `train` table gives them.
+    pub fn keep_policy(&self) -> memory::KeepPolicy<'_> {
+        memory::KeepPolicy {
+            residuals: &self.keep_residuals,
+            mlp: &self.keep_mlp,
+            base: &self.keep_base,
+        }
+    }
 }
 
 /// Times `warmup + steps` optimizer steps on a random `batch x seq` batch.

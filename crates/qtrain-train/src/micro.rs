@@ -212,10 +212,7 @@ pub fn offload_checkpoints(
     let spec = memory::with_offload(&run_spec(cfg, base, backend, gpu, shape), false);
     memory::offload_checkpoints(
         &cfg.train.offload_checkpoints,
-        memory::KeepPolicy {
-            residuals: &cfg.train.keep_attention_residuals,
-            mlp: &cfg.train.keep_mlp_activations,
-        },
+        memory::KeepPolicy::of(&cfg.train),
         &spec,
         gpu.map(|g| memory::usable(g.total_bytes, memory::DEFAULT_HEADROOM)),
         engine_limit.map(|l| l as u64),
@@ -239,8 +236,7 @@ pub fn kept_activations(
 ) -> KeptActivations {
     use crate::memory;
     memory::kept_activations(
-        &cfg.train.keep_attention_residuals,
-        &cfg.train.keep_mlp_activations,
+        memory::KeepPolicy::of(&cfg.train),
         &run_spec(cfg, base, backend, gpu, shape),
         gpu.map(|g| memory::usable(g.total_bytes, memory::DEFAULT_HEADROOM)),
         engine_limit.map(|l| l as u64),
@@ -311,6 +307,8 @@ pub fn chunk_seed(seed: u64, chunk: usize) -> u64 {
 /// What [`give_back_memory`] did after an out-of-memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Relief {
+    /// The engine no longer keeps the dequantized base (the micro-batch stays).
+    DequantizedBase,
     /// The engine no longer keeps the gate/up outputs (the micro-batch stays).
     MlpActivations,
     /// The engine no longer keeps the attention residuals (the micro-batch stays).
@@ -324,12 +322,16 @@ pub enum Relief {
 impl Relief {
     /// The retry keeps the micro-batch: only kept activations were given back.
     pub fn keeps_micro_batch(self) -> bool {
-        matches!(self, Relief::MlpActivations | Relief::Residuals)
+        matches!(
+            self,
+            Relief::DequantizedBase | Relief::MlpActivations | Relief::Residuals
+        )
     }
 
     /// What was given back, for the log.
     pub fn describe(self) -> &'static str {
         match self {
+            Relief::DequantizedBase => "no longer keeping the frozen base dequantized",
             Relief::MlpActivations => "no longer keeping the gate/up outputs",
             Relief::Residuals => "no longer keeping the attention residuals",
             Relief::HalvedMicroBatch => "halved the micro-batch",
@@ -339,13 +341,19 @@ impl Relief {
 }
 
 /// Frees memory for a retry after an out-of-memory, most bytes per lost millisecond
-/// first: the kept gate/up outputs, then the kept attention residuals, then half
-/// the micro-batch (with `train.oom = "retry"`). Training steps and evaluations
-/// recover through this one rule.
+/// first: the dequantized base, then the kept gate/up outputs, then the kept
+/// attention residuals, then half the micro-batch (with `train.oom = "retry"`).
+/// Training steps and evaluations recover through this one rule.
 pub fn give_back_memory(backend: &mut Backend, shape: &mut StepShape, cfg: &RunConfig) -> Relief {
     let kept = backend.kept_activations();
     if cfg.train.oom != "retry" {
         Relief::None
+    } else if kept.dequantized_base {
+        backend.set_kept_activations(KeptActivations {
+            dequantized_base: false,
+            ..kept
+        });
+        Relief::DequantizedBase
     } else if kept.mlp_layers > 0 {
         backend.set_kept_activations(KeptActivations {
             mlp_layers: 0,

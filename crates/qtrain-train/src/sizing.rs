@@ -268,10 +268,7 @@ pub fn memory_report(
     let host_available = memory::host_memory_available();
     let offload = memory::offload_checkpoints(
         policy,
-        memory::KeepPolicy {
-            residuals: &cfg.train.keep_attention_residuals,
-            mlp: &cfg.train.keep_mlp_activations,
-        },
+        memory::KeepPolicy::of(&cfg.train),
         &spec,
         Some(usable),
         None,
@@ -282,8 +279,7 @@ pub fn memory_report(
     // What train.keep_attention_residuals and train.keep_mlp_activations decide for
     // this micro-batch (the trainer decides through the same function).
     let kept = memory::kept_activations(
-        &cfg.train.keep_attention_residuals,
-        &cfg.train.keep_mlp_activations,
+        memory::KeepPolicy::of(&cfg.train),
         &spec,
         Some(usable),
         None,
@@ -408,15 +404,22 @@ fn run_summary(
     );
     if fused {
         t += &format!(
-            "recompute: {}; {} (train.keep_attention_residuals = {}, train.keep_mlp_activations = {})\n",
+            "recompute: {}; {}; {} (train.keep_attention_residuals = {}, train.keep_mlp_activations = {}, \
+             train.keep_dequantized_base = {})\n",
             if kept.attention_residuals {
                 "attention half kept, no q/k/v or o projection, RoPE or attention forward"
             } else {
                 "the whole attention half"
             },
             kept.mlp_words(c.num_hidden_layers),
+            if kept.dequantized_base && !spec.engine_options.fp8_base {
+                "frozen base kept dequantized, no NF4 dequantization after the first step"
+            } else {
+                "NF4 weights dequantized as used"
+            },
             cfg.train.keep_attention_residuals,
-            cfg.train.keep_mlp_activations
+            cfg.train.keep_mlp_activations,
+            cfg.train.keep_dequantized_base
         );
     }
     if cfg.model.device == "cpu" {

@@ -403,7 +403,7 @@ fn state_of_f32(cache: &Path) -> TrainerState {
 /// keeps its micro-batch and trains bit for bit what a run without them trains.
 #[test]
 fn out_of_memory_gives_back_the_attention_residuals_first() {
-    gives_back_kept_activations(false);
+    gives_back_kept_activations(false, false);
 }
 
 /// With the gate/up outputs kept too and room for the residuals only, the gate/up
@@ -411,10 +411,18 @@ fn out_of_memory_gives_back_the_attention_residuals_first() {
 /// micro-batch.
 #[test]
 fn out_of_memory_gives_back_the_mlp_activations_before_the_residuals() {
-    gives_back_kept_activations(true);
+    gives_back_kept_activations(true, false);
 }
 
-fn gives_back_kept_activations(mlp: bool) {
+/// With the dequantized base kept too and room for the activations only, the base
+/// goes first and the run still trains bit for bit the same, at the same
+/// micro-batch.
+#[test]
+fn out_of_memory_gives_back_the_dequantized_base_before_the_activations() {
+    gives_back_kept_activations(true, true);
+}
+
+fn gives_back_kept_activations(mlp: bool, base: bool) {
     let cache = tempfile::tempdir().unwrap();
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let steps = 3;
@@ -422,13 +430,14 @@ fn gives_back_kept_activations(mlp: bool) {
         let mut c = config(out, steps, "batch_size = 4\n[train]\nengine = \"fused\"");
         c.train.keep_attention_residuals = keep.into();
         c.train.keep_mlp_activations = if mlp { keep.into() } else { "off".into() };
+        c.train.keep_dequantized_base = if base { keep.into() } else { "off".into() };
         // Rows long enough that the residuals (layers x tokens x hidden) outweigh the
         // few small buffers a step allocates beside the plan on the CPU.
         c.data.seq_len = 192;
         c
     };
     let off = cfg_for(a.path(), "off");
-    let engine_with = |residuals: bool, mlp: bool| {
+    let engine_with = |residuals: bool, mlp: bool, base: bool| {
         let mut spec = MemorySpec::for_run(
             &off,
             &tiny_config(cache.path()),
@@ -440,16 +449,23 @@ fn gives_back_kept_activations(mlp: bool) {
         );
         spec.engine_options.save_attention_residual = residuals;
         spec.engine_options.kept_mlp_layers = if mlp { qtrain_engine::ALL_LAYERS } else { 0 };
+        spec.engine_options.keep_dequantized_base = base;
         spec.predict().engine_bytes
     };
     let without = engine_bytes(&off, cache.path(), 4);
-    assert_eq!(without, engine_with(false, false));
-    let (with, both) = (engine_with(true, false), engine_with(true, true));
-    assert!(without < with && with < both);
+    assert_eq!(without, engine_with(false, false, false));
+    let (with, both) = (
+        engine_with(true, false, false),
+        engine_with(true, true, false),
+    );
+    let all = engine_with(true, true, true);
+    assert!(without < with && with < both && both < all);
     let plain = go(off, cache.path(), None).unwrap();
-    // Room for the residuals, not for the gate/up outputs (mlp) / not for the
-    // residuals (residuals only).
-    let limit = if mlp {
+    // Room for the activations, not for the base (base) / for the residuals, not
+    // for the gate/up outputs (mlp) / not for the residuals (residuals only).
+    let limit = if base {
+        ((both + all) / 2) as usize
+    } else if mlp {
         ((with + both) / 2) as usize
     } else {
         ((without + with) / 2) as usize
@@ -513,6 +529,7 @@ fn bench_memory_limit_caps_the_engine_and_reports_offload() {
         engine: "fused".into(),
         keep_residuals: "off".into(),
         keep_mlp: "off".into(),
+        keep_base: "off".into(),
         offload: offload.into(),
         memory_limit: limit,
         warmup: 1,
@@ -573,6 +590,7 @@ fn bench_fp8_reports_its_quality_against_the_compute_type() {
         engine: "fused".into(),
         keep_residuals: "off".into(),
         keep_mlp: "off".into(),
+        keep_base: "off".into(),
         offload: "off".into(),
         memory_limit: None,
         warmup: 1,
@@ -633,6 +651,7 @@ fn bench_smaller_chunks_train_the_same_in_less_memory() {
         engine: "fused".into(),
         keep_residuals: "off".into(),
         keep_mlp: "off".into(),
+        keep_base: "off".into(),
         offload: "off".into(),
         memory_limit: None,
         warmup: 1,
@@ -685,6 +704,7 @@ fn executed_flops_count_what_the_step_runs() {
     let both = KeptActivations {
         attention_residuals: true,
         mlp_layers: 32,
+        dequantized_base: false,
     };
     let kept = executed_flops_per_token(&cfg, 2048, &qkvo, 16, both);
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
@@ -710,6 +730,7 @@ fn executed_flops_count_what_the_step_runs() {
     let mlp_only = KeptActivations {
         attention_residuals: false,
         mlp_layers: 32,
+        dequantized_base: false,
     };
     let all_none = executed_flops_per_token(&cfg, 2048, &all, 16, KeptActivations::default());
     let all_mlp = executed_flops_per_token(&cfg, 2048, &all, 16, mlp_only);
@@ -732,6 +753,7 @@ fn executed_flops_count_what_the_step_runs() {
         KeptActivations {
             attention_residuals: true,
             mlp_layers: 8,
+            dequantized_base: false,
         },
     );
     assert!(close(quarter.recompute, 2.0 * 24.0 * gu));
@@ -776,6 +798,7 @@ fn bench_fused_attention_backward_is_sized_by_the_memory_model() {
         engine: "fused".into(),
         keep_residuals: "off".into(),
         keep_mlp: "off".into(),
+        keep_base: "off".into(),
         offload: "off".into(),
         memory_limit: None,
         warmup: 1,

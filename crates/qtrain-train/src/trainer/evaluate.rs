@@ -169,7 +169,9 @@ fn evaluate_fitting(
             shape.micro_rows,
         ) {
             Err(e) if micro::is_oom(&e) => match micro::give_back_memory(backend, shape, cfg) {
-                r @ (micro::Relief::MlpActivations | micro::Relief::Residuals) => tracing::warn!(
+                r @ (micro::Relief::DequantizedBase
+                | micro::Relief::MlpActivations
+                | micro::Relief::Residuals) => tracing::warn!(
                     "evaluation ran out of GPU memory ({e}); {}",
                     r.describe()
                 ),

@@ -143,6 +143,7 @@ fn keeps_training_exact(key: &str) -> bool {
                 | "train.oom"
                 | "train.keep_attention_residuals"
                 | "train.keep_mlp_activations"
+                | "train.keep_dequantized_base"
                 | "train.offload_checkpoints"
         )
 }

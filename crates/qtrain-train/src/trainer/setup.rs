@@ -530,6 +530,13 @@ fn build(
             cfg.train.keep_mlp_activations
         );
     }
+    if kept.dequantized_base {
+        tracing::info!(
+            "keeping the frozen base dequantized (train.keep_dequantized_base = {}): no NF4 \
+             dequantization after the first step",
+            cfg.train.keep_dequantized_base
+        );
+    }
     // Every rank starts from rank 0's adapters and must read the same data.
     backend.broadcast_params(coll)?;
     // An optimizer step's data batches are split over the ranks (so a resume on
