@@ -17,7 +17,9 @@
 //! one GEMM; the attention half's groups and the MLP's share the memory
 //! ([`crate::layout::weight_group_offsets`]), so the backward dequantizes o and
 //! q/k/v a second time after the MLP (a fifth of the layer's weights: ~0.3% of a
-//! step) for a buffer of the MLP's size alone (80 MiB less on Mistral-7B).
+//! step) for a buffer of the MLP's size alone (80 MiB less on Mistral-7B). With
+//! `keep_dequantized_base` the buffer holds every layer's groups instead, each
+//! dequantized the first time the workspace uses it and read as it is afterwards.
 //! LoRA runs as two skinny products per adapted projection,
 //! `z = dropout(x) Aᵀ` then `y += s · z Bᵀ` (accumulated into the base product);
 //! its gradients are accumulated in f32 straight from compute-type operands. `z` is
