@@ -196,11 +196,9 @@ fn chunked_mlp_and_cross_entropy_match_the_reference() {
     compare(&base, &lora, &[random_rows(61, 3, 9, 10)], opts, 2e-5);
 }
 
-#[test]
-fn nf4_base_matches_reference() {
-    let cfg = small_config(61, None);
-    let (mut base, _) = random_base(&cfg, 12, DType::F32);
-    // Quantize every projection the way the CPU loader stores it.
+/// Quantizes every projection of `base` to NF4 (block 64, double quantization), the
+/// way the CPU loader stores it.
+fn quantize_nf4(base: &mut BaseModel) {
     for layer in &mut base.layers {
         for fl in &mut layer.projs {
             let FrozenStorage::Dense(t) = &fl.storage else {
@@ -213,6 +211,13 @@ fn nf4_base_matches_reference() {
             fl.storage = FrozenStorage::Nf4(q);
         }
     }
+}
+
+#[test]
+fn nf4_base_matches_reference() {
+    let cfg = small_config(61, None);
+    let mut base = random_base(&cfg, 12, DType::F32).0;
+    quantize_nf4(&mut base);
     let lora = random_lora(&cfg, &all_targets_config(0.0), 13, DType::F32);
     compare(
         &base,
@@ -512,19 +517,8 @@ fn kept_activations_change_no_bit() {
 #[test]
 fn a_kept_dequantized_base_changes_no_bit() {
     let cfg = small_config(61, Some(4));
-    let (mut base, _) = random_base(&cfg, 41, DType::F32);
-    for layer in &mut base.layers {
-        for fl in &mut layer.projs {
-            let FrozenStorage::Dense(t) = &fl.storage else {
-                unreachable!()
-            };
-            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            let q =
-                qtrain_quant::Nf4Tensor::quantize(&v, &[fl.out_features, fl.in_features], 64, true)
-                    .unwrap();
-            fl.storage = FrozenStorage::Nf4(q);
-        }
-    }
+    let mut base = random_base(&cfg, 41, DType::F32).0;
+    quantize_nf4(&mut base);
     let lora = random_lora(&cfg, &all_targets_config(0.0), 42, DType::F32);
     let batches = [
         random_rows(61, 2, 11, 43),

@@ -727,14 +727,16 @@ pub fn kept_activations(
         _ if fits(with_mlp(layers)) => layers,
         _ => largest_fitting(layers - 1, |k| fits(with_mlp(k))).unwrap_or(0),
     };
-    kept.dequantized_base = match keep.base {
-        "on" => true,
-        "off" => false,
-        _ => fits(KeptActivations {
-            dequantized_base: true,
-            ..kept
-        }),
-    };
+    // FP8 products quantize a layer's weights again at each use: nothing to keep.
+    kept.dequantized_base = !spec.engine_options.fp8_base
+        && match keep.base {
+            "on" => true,
+            "off" => false,
+            _ => fits(KeptActivations {
+                dequantized_base: true,
+                ..kept
+            }),
+        };
     kept
 }
 
@@ -1333,8 +1335,8 @@ mod tests {
     /// The dequantized base is kept last: `auto` keeps it only beside every other
     /// kept activation, where the prediction with it fits; it costs every layer's
     /// four weight groups in place of the shared buffer (13 GiB more on Mistral-7B
-    /// in bf16); `on`/`off` as said; with FP8 products it costs nothing and is
-    /// not in the plan's words.
+    /// in bf16); `on`/`off` as said; with FP8 products it would cost nothing and
+    /// is not kept even with `on`.
     #[test]
     fn the_dequantized_base_is_kept_last_where_it_fits() {
         let spec = mistral(4, 2048);
@@ -1384,6 +1386,8 @@ mod tests {
             s.predict()
         };
         assert_eq!(fp8_with(based).engine_bytes, fp8_with(all).engine_bytes);
+        let fp8_on = kept_activations(policy("on"), &fp8, None, None, None);
+        assert!(!fp8_on.dequantized_base);
     }
 
     /// With offloaded checkpoints a kept attention half travels with its layer's

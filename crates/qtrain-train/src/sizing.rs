@@ -412,7 +412,7 @@ fn run_summary(
                 "the whole attention half"
             },
             kept.mlp_words(c.num_hidden_layers),
-            if kept.dequantized_base && !spec.engine_options.fp8_base {
+            if kept.dequantized_base {
                 "frozen base kept dequantized, no NF4 dequantization after the first step"
             } else {
                 "NF4 weights dequantized as used"
