@@ -668,6 +668,17 @@ struct Room {
 }
 
 impl Room {
+    /// The room for what is pinned for speed only: [`OPTIONAL_PIN_SHARE`] of the
+    /// host's available memory.
+    fn for_speed(self) -> Room {
+        Room {
+            host_available: self
+                .host_available
+                .map(|a| (a as f64 * OPTIONAL_PIN_SHARE) as u64),
+            ..self
+        }
+    }
+
     fn holds(&self, p: &MemoryBreakdown) -> bool {
         self.usable.is_some_and(|u| p.fits(u))
             && self.engine_limit.is_none_or(|l| p.engine_bytes <= l)
@@ -683,9 +694,9 @@ impl Room {
 /// same product), then the dequantized base (the least time per byte: ~3% of a
 /// step for 13 GiB on Mistral-7B), each kept when the prediction with it fits `usable` bytes and, when
 /// given, the engine's own buffers fit `engine_limit` and the pinned host memory
-/// fits `host_available` (with offloaded checkpoints a kept attention half travels
-/// to the host with its layer's input); without a GPU to size against (`usable`
-/// None) `auto` keeps nothing. The trainer, `qtrain plan` and `qtrain bench` all
+/// fits [`OPTIONAL_PIN_SHARE`] of `host_available` (with offloaded checkpoints a
+/// kept attention half travels to the host with its layer's input); without a GPU
+/// to size against (`usable` None) `auto` keeps nothing. The trainer, `qtrain plan` and `qtrain bench` all
 /// decide through this.
 pub fn kept_activations(
     keep: KeepPolicy,
@@ -698,11 +709,15 @@ pub fn kept_activations(
     if spec.engine != EngineKind::Fused {
         return kept;
     }
+    // Everything kept is kept for speed: with offloaded checkpoints, what travels
+    // with them (the attention half) pins at most the share of the host's memory
+    // that speed may take.
     let room = Room {
         usable,
         engine_limit,
         host_available,
-    };
+    }
+    .for_speed();
     let fits = |k: KeptActivations| {
         let mut with = spec.clone();
         k.apply(&mut with.engine_options);
@@ -839,8 +854,9 @@ pub fn offload_checkpoints(
     }
 }
 
-/// The share of the host's available memory that offloading not needed to fit
-/// (only to keep more) may pin.
+/// The share of the host's available memory that what is pinned for speed only may
+/// take: offloading not needed to fit (only to keep more), and a kept attention
+/// half travelling with offloaded checkpoints.
 pub const OPTIONAL_PIN_SHARE: f64 = 0.75;
 
 /// `auto`'s second reason to offload the checkpoints: with them offloaded, `keep`
@@ -867,13 +883,10 @@ pub fn offload_keeps_more(
     host_available: Option<u64>,
     gpu: Option<&GpuSpec>,
 ) -> bool {
-    // Offloading for speed, unlike offloading to fit at all, leaves a quarter of
-    // the host's available memory to the rest of the machine (the data pipeline,
-    // other processes, the page cache): pinned memory cannot be swapped out.
     let room = Room {
         usable,
         engine_limit,
-        host_available: host_available.map(|a| (a as f64 * OPTIONAL_PIN_SHARE) as u64),
+        host_available,
     };
     gpu.is_some_and(|g| {
         let link = host_link_bytes_per_s(Some(g));
@@ -913,7 +926,10 @@ fn keeps_more_with_copies_hidden(
     let order = |k: KeptActivations| (k.attention_residuals, k.mlp_layers);
     let more = order(travelling) > order(on_gpu)
         || (order(travelling) == order(on_gpu) && !room.holds(&p_gpu));
-    more && room.holds(&p) && p.transfer_seconds_at(link) <= compute(&with)
+    // Offloading for speed, unlike offloading to fit at all, leaves a quarter of
+    // the host's available memory to the rest of the machine (the data pipeline,
+    // other processes, the page cache): pinned memory cannot be swapped out.
+    more && room.for_speed().holds(&p) && p.transfer_seconds_at(link) <= compute(&with)
 }
 
 /// The estimated training throughput of `spec` on `gpu`
@@ -1426,8 +1442,10 @@ mod tests {
         let cap = 24 * 1024 * MIB;
         let auto = |host| kept_activations(keep("auto", "off"), &spec, Some(cap), None, host);
         assert_eq!(auto(None), res);
-        assert_eq!(auto(Some(kept.host_bytes)), res);
-        assert_eq!(auto(Some(kept.host_bytes - 1)), KeptActivations::default());
+        // Kept for speed, it may pin OPTIONAL_PIN_SHARE of what the host has.
+        let least = (kept.host_bytes as f64 / OPTIONAL_PIN_SHARE).ceil() as u64 + 1;
+        assert_eq!(auto(Some(least)), res);
+        assert_eq!(auto(Some(kept.host_bytes)), KeptActivations::default());
         // What the cap leaves then goes to the first layers' gate/up outputs (1.75
         // GiB each at 32768 tokens).
         let filled = kept_activations(keep("auto", "auto"), &spec, Some(cap), None, None);
@@ -1467,14 +1485,17 @@ mod tests {
             keeps_more_with_copies_hidden(keep, spec, room, HOST_LINK_BYTES_PER_S, |_| compute)
         };
         assert!(keeps("auto", &long, cap, None, link));
-        assert!(keeps("on", &long, cap, Some(travelling.host_bytes), link));
+        // The host must have the pinned bytes within the share speed may take.
+        let least = (travelling.host_bytes as f64 / OPTIONAL_PIN_SHARE).ceil() as u64 + 1;
+        assert!(keeps("on", &long, cap, Some(least), link));
+        assert!(!keeps("on", &long, cap, Some(travelling.host_bytes), link));
         assert!(!keeps("off", &long, cap, None, link));
         assert!(!keeps("auto", &long, cap, None, link * 0.99));
         assert!(!keeps(
             "auto",
             &long,
             cap,
-            Some(travelling.host_bytes - 1),
+            Some(travelling.host_bytes),
             link
         ));
         assert!(!keeps("auto", &long, u64::MAX, None, link));
