@@ -299,7 +299,11 @@ impl CaseResult {
             "memory_limit_mib": self.memory_limit.map(mib),
             "capped_peak_mib": self.capped_peak.map(mib),
             "within_memory_limit": self.memory_limit.zip(self.capped_peak).map(|(l, p)| p <= l),
-            "predicted_host_link_s": self.predicted.transfer_seconds(),
+            "predicted_host_link_s": self
+                .predicted
+                .transfer_seconds_at(memory::host_link_bytes_per_s(
+                    model.gpu.as_ref().and_then(|g| g.spec),
+                )),
             "baseline_used_mib": model.baseline_used.map(mib),
             "predicted_peak_mib": mib(self.predicted.total()),
             "predicted_engine_mib": mib(self.predicted.engine_bytes),

@@ -179,14 +179,10 @@ impl MemoryBreakdown {
         self.total() <= usable
     }
 
-    /// Seconds the offloaded checkpoints' copies take per pass at the assumed
-    /// [`HOST_LINK_BYTES_PER_S`] (an estimate; they run on a side stream beside the
-    /// compute, so only what a layer's compute cannot hide costs time).
-    pub fn transfer_seconds(&self) -> f64 {
-        self.transfer_seconds_at(HOST_LINK_BYTES_PER_S)
-    }
-
-    /// [`Self::transfer_seconds`] over a link of `bytes_per_s`.
+    /// Seconds the offloaded checkpoints' copies take per pass over a host link of
+    /// `bytes_per_s` ([`host_link_bytes_per_s`]; an estimate: they run on a side
+    /// stream beside the compute, so only what a layer's compute cannot hide costs
+    /// time).
     pub fn transfer_seconds_at(&self, bytes_per_s: f64) -> f64 {
         self.transfer_bytes as f64 / bytes_per_s
     }
@@ -1470,7 +1466,7 @@ mod tests {
         assert!(with_offload(&long, false).predict().fits(cap));
         assert!(!with_offload(&half, false).predict().fits(cap));
         assert!(travelling.fits(cap), "{}", travelling.table());
-        let link = travelling.transfer_seconds();
+        let link = travelling.transfer_seconds_at(HOST_LINK_BYTES_PER_S);
         let keeps = |residuals, spec: &MemorySpec, usable, host, compute: f64| {
             let room = Room {
                 usable: Some(usable),
@@ -1653,7 +1649,10 @@ mod tests {
         assert_eq!(off.engine_bytes - on.engine_bytes, moved);
         assert_eq!((off.host_bytes, on.host_bytes), (0, moved));
         assert_eq!(on.transfer_bytes, 2 * moved);
-        assert!((on.transfer_seconds() - 2.0 * moved as f64 / 20e9).abs() < 1e-9);
+        assert!(
+            (on.transfer_seconds_at(HOST_LINK_BYTES_PER_S) - 2.0 * moved as f64 / 20e9).abs()
+                < 1e-9
+        );
         assert!(!off.fits(cap) && on.fits(cap), "{}", on.table());
         assert!(
             on.table().contains("ring of 2 layers' inputs;"),

@@ -448,8 +448,7 @@ fn offload_summary(
     // Why `auto` offloads: the run does not fit otherwise even keeping nothing, or
     // it is what lets more activations be kept (a kept attention half travels too).
     let mut bare = memory::with_offload(spec, false);
-    bare.engine_options.save_attention_residual = false;
-    bare.engine_options.kept_mlp_layers = 0;
+    memory::KeptActivations::default().apply(&mut bare.engine_options);
     let why = match policy.as_str() {
         "auto" if bare.predict().fits(usable) => {
             ", to keep more of the activations than fit beside the checkpoints on the GPU"
