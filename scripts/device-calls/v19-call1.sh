@@ -3,12 +3,15 @@
 # dequantization after it) against the same build with `--keep-base off`, and the
 # memory-saving set-up (now with `--keep-base off`, which it needs from v19 on), beside
 # TRL + Liger and Unsloth, q,k,v,o, all four cases, one machine. All seven: run it again
-# with `--targets all` (the call's time does not hold both target sets with Unsloth).
+# with TARGETS=all (the call's time does not hold both target sets with Unsloth), or
+# v19-call2.sh. The peers get two warm-up steps to qtrain's one (PEER_WARMUP): TRL +
+# Liger's first case after a model load ran at half its usual rate in v17 and v18 with
+# one, and a second step spent on their start-up can only favour them.
 source "$(dirname "$0")/common.sh"
 /tmp/qtrain init-random --preset mistral-7b-v0.3 --out /tmp/m7b > /tmp/R/init.log 2>&1
 echo "init $(( $(date +%s) - T0 )) s"; pack
 QTRAIN_VARIANTS='=;nobase=--keep-base off;memsave=--keep-residuals on --keep-mlp off --keep-base off --offload on --mlp-chunk 2048 --loss-chunk 512' \
-  PEERS=liger,unsloth PEER_TIMEOUT=250 \
+  PEERS=liger,unsloth PEER_TIMEOUT=250 PEER_ARGS="--warmup ${PEER_WARMUP:-2}" UNSLOTH_ARGS="--warmup ${PEER_WARMUP:-2}" \
   timeout $(( 585 - ($(date +%s) - T0) )) scripts/bench-compare.sh /tmp/qtrain /tmp/R/A \
   --cases 8x512,4x2048,1x8192,1x32768 --targets "${TARGETS:-qkvo}" --warmup 1 --steps 3 > /tmp/R/A.out 2>&1
 grep -A40 "against the fastest" /tmp/R/A.out | head -40

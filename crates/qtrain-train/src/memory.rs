@@ -928,12 +928,66 @@ fn keeps_more_with_copies_hidden(
     more && room.for_speed().holds(&p) && p.transfer_seconds_at(link) <= compute(&with)
 }
 
+/// The share of the copy bandwidth the NF4 dequantization kernel reaches (v5 in
+/// docs/perf.md: 86-87% on the H200).
+pub const DEQUANT_BANDWIDTH_SHARE: f64 = 0.87;
+
+/// The time one forward/backward pass of `spec` spends dequantizing the frozen
+/// base on `gpu` when the base is not kept dequantized: the fused engine
+/// dequantizes each layer's four weight groups in the forward and again in the
+/// backward (all but the last layer's last group, which the backward finds still in
+/// the shared buffer), each reading the stored NF4 bytes and writing the compute
+/// type. Zero for the reference engine, an unquantized base and FP8 products (which
+/// quantize the weights again per use: nothing a kept base would save).
+pub fn dequantization_seconds_per_pass(spec: &MemorySpec, gpu: &GpuSpec) -> f64 {
+    if spec.engine != EngineKind::Fused
+        || spec.quantization == Quantization::None
+        || spec.engine_options.fp8_base
+    {
+        return 0.0;
+    }
+    let cfg = &spec.model;
+    let layers = cfg.num_hidden_layers as f64;
+    let (stored, _) = frozen_bytes(cfg, spec.quantization, spec.dtype);
+    let written = (cfg.num_hidden_layers
+        * qtrain_engine::layout::layer_weight_elems(cfg)
+        * elem_size(spec.dtype)) as f64;
+    // 8L - 1 group dequantizations of the 4L groups per pass.
+    let uses = (8.0 * layers - 1.0) / (4.0 * layers);
+    (stored as f64 + written) * uses / (gpu.bandwidth_gbs * 1e9 * DEQUANT_BANDWIDTH_SHARE)
+}
+
 /// The estimated training throughput of `spec` on `gpu`
 /// ([`crate::throughput::estimate`], with the attention half kept or not as the
 /// spec says). A partial gate/up keep (K of L layers) saves
 /// the same product in each kept layer, so its time per token is taken K/L of the
-/// way from the estimate recomputing every layer's to the one keeping them all.
+/// way from the estimate recomputing every layer's to the one keeping them all. A
+/// kept dequantized base takes [`dequantization_seconds_per_pass`] off each pass
+/// (the measured figures dequantize every pass).
 pub fn throughput_estimate(spec: &MemorySpec, gpu: &GpuSpec) -> crate::throughput::Estimate {
+    let est = activation_throughput_estimate(spec, gpu);
+    if !KeptActivations::of(&spec.engine_options).dequantized_base {
+        return est;
+    }
+    let saved = dequantization_seconds_per_pass(spec, gpu);
+    let tokens = (spec.batch * spec.seq) as f64;
+    let pass = tokens / est.tokens_per_s;
+    if saved <= 0.0 || saved >= pass {
+        return est;
+    }
+    crate::throughput::Estimate {
+        tokens_per_s: tokens / (pass - saved),
+        basis: format!(
+            "{}; the frozen base kept dequantized saves ~{:.1} ms of NF4 dequantization per \
+             pass",
+            est.basis,
+            saved * 1e3
+        ),
+    }
+}
+
+/// [`throughput_estimate`] without the kept dequantized base.
+fn activation_throughput_estimate(spec: &MemorySpec, gpu: &GpuSpec) -> crate::throughput::Estimate {
     let layers = spec.model.num_hidden_layers;
     let attention_half_kept = spec.engine_options.save_attention_residual;
     let est = |mlp_kept| {
@@ -1547,6 +1601,47 @@ mod tests {
         assert!(some.basis.contains("8 of 32 layers"), "{}", some.basis);
         assert_eq!(with(qtrain_engine::ALL_LAYERS), all);
         assert!((pass_seconds(&mistral(4, 2048), h100) - 8192.0 / none.tokens_per_s).abs() < 1e-12);
+    }
+
+    /// The kept dequantized base's estimate: each pass saves its dequantizations,
+    /// ~34.9 GB of NF4 reads and bf16 writes for Mistral-7B, ~12 ms at 87% of an
+    /// H100's 3.35 TB/s. Measured on an H100 (docs/perf.md v19, q,k,v,o, all kept):
+    /// 18 761 -> 20 064 tokens/s at 8 x 512 (+6.9%), 17 723 -> 18 388 at 4 x 2048
+    /// (+3.8%), 13 777 -> 14 110 at 1 x 8192 (+2.4%).
+    #[test]
+    fn a_kept_dequantized_base_is_estimated_faster_by_its_dequantizations() {
+        let h100 = crate::gpu::preset("h100").expect("h100 in the table");
+        for (batch, seq, lo, hi) in [
+            (8, 512, 1.04, 1.09),
+            (4, 2048, 1.02, 1.05),
+            (1, 8192, 1.01, 1.04),
+        ] {
+            let mut s = mistral(batch, seq);
+            s.engine_options.save_attention_residual = true;
+            s.engine_options.kept_mlp_layers = 32;
+            let saved = dequantization_seconds_per_pass(&s, h100);
+            assert!((0.011..0.013).contains(&saved), "{saved}");
+            let without = throughput_estimate(&s, h100);
+            s.engine_options.keep_dequantized_base = true;
+            let with = throughput_estimate(&s, h100);
+            let tokens = (batch * seq) as f64;
+            let pass = tokens / without.tokens_per_s - saved;
+            assert!((with.tokens_per_s - tokens / pass).abs() < 1e-6);
+            let gain = with.tokens_per_s / without.tokens_per_s;
+            assert!((lo..hi).contains(&gain), "{batch}x{seq}: {gain}");
+            assert!(with.basis.contains("kept dequantized"), "{}", with.basis);
+            // FP8 products quantize the weights again per use: no saving to claim.
+            s.engine_options.fp8_base = true;
+            assert_eq!(dequantization_seconds_per_pass(&s, h100), 0.0);
+        }
+        // Twice the bandwidth, half the time.
+        let mut s = mistral(8, 512);
+        let mut fast = h100.clone();
+        fast.bandwidth_gbs *= 2.0;
+        let h = dequantization_seconds_per_pass(&s, h100);
+        assert!((dequantization_seconds_per_pass(&s, &fast) - h / 2.0).abs() < 1e-12);
+        s.engine = EngineKind::Reference;
+        assert_eq!(dequantization_seconds_per_pass(&s, h100), 0.0);
     }
 
     /// `auto` offloads where that leaves the room for more layers' gate/up outputs:
