@@ -1636,7 +1636,7 @@ mod tests {
         }
         // Twice the bandwidth, half the time.
         let mut s = mistral(8, 512);
-        let mut fast = h100.clone();
+        let mut fast = *h100;
         fast.bandwidth_gbs *= 2.0;
         let h = dequantization_seconds_per_pass(&s, h100);
         assert!((dequantization_seconds_per_pass(&s, &fast) - h / 2.0).abs() < 1e-12);
