@@ -387,6 +387,7 @@ impl<T: Float> Workspace<T> {
             };
         }
         let offload = Offload::new(dev, p)?;
+        let keep_base = p.shape.keeps_dequantized_base();
         let fp8 = if p.shape.fp8_base {
             Some(Fp8Buffers::new(dev, p, weight_group_shapes(cfg))?)
         } else {
@@ -435,16 +436,18 @@ impl<T: Float> Workspace<T> {
             dm: buf!("dm"),
             weights: buf!("weights"),
             weight_groups: {
-                let kept = p.shape.keeps_dequantized_base();
-                let (offsets, shapes) = (weight_group_offsets(cfg, kept), weight_group_shapes(cfg));
+                let (offsets, shapes) = (
+                    weight_group_offsets(cfg, keep_base),
+                    weight_group_shapes(cfg),
+                );
                 std::array::from_fn(|i| (offsets[i], shapes[i].0, shapes[i].1))
             },
-            weights_stride: if p.shape.keeps_dequantized_base() {
+            weights_stride: if keep_base {
                 layer_weight_elems(cfg)
             } else {
                 0
             },
-            weights_kept: if p.shape.keeps_dequantized_base() {
+            weights_kept: if keep_base {
                 (0..4 * cfg.num_hidden_layers)
                     .map(|_| Cell::new(false))
                     .collect()

@@ -374,6 +374,13 @@ impl MemorySpec {
         }
     }
 
+    /// This spec keeping what `kept` says (the engine options it sets).
+    pub fn keeping(&self, kept: KeptActivations) -> MemorySpec {
+        let mut s = self.clone();
+        kept.apply(&mut s.engine_options);
+        s
+    }
+
     /// The predicted breakdown.
     pub fn predict(&self) -> MemoryBreakdown {
         let cfg = &self.model;
@@ -714,11 +721,7 @@ pub fn kept_activations(
         host_available,
     }
     .for_speed();
-    let fits = |k: KeptActivations| {
-        let mut with = spec.clone();
-        k.apply(&mut with.engine_options);
-        room.holds(&with.predict())
-    };
+    let fits = |k: KeptActivations| room.holds(&spec.keeping(k).predict());
     kept.attention_residuals = match keep.residuals {
         "on" => true,
         "off" => false,
@@ -906,15 +909,15 @@ fn keeps_more_with_copies_hidden(
         return false;
     }
     let kept = |offload| {
-        let mut s = with_offload(spec, offload);
+        let bare = with_offload(spec, offload);
         let k = kept_activations(
             keep,
-            &s,
+            &bare,
             room.usable,
             room.engine_limit,
             room.host_available,
         );
-        k.apply(&mut s.engine_options);
+        let s = bare.keeping(k);
         let p = s.predict();
         (k, s, p)
     };
@@ -966,7 +969,7 @@ pub fn dequantization_seconds_per_pass(spec: &MemorySpec, gpu: &GpuSpec) -> f64 
 /// (the measured figures dequantize every pass).
 pub fn throughput_estimate(spec: &MemorySpec, gpu: &GpuSpec) -> crate::throughput::Estimate {
     let est = activation_throughput_estimate(spec, gpu);
-    if !KeptActivations::of(&spec.engine_options).dequantized_base {
+    if !spec.engine_options.keep_dequantized_base {
         return est;
     }
     let saved = dequantization_seconds_per_pass(spec, gpu);
@@ -1319,11 +1322,7 @@ mod tests {
     #[test]
     fn kept_activations_residuals_first_then_mlp() {
         let spec = mistral(8, 512);
-        let predicted = |k: KeptActivations| {
-            let mut s = spec.clone();
-            k.apply(&mut s.engine_options);
-            s.predict()
-        };
+        let predicted = |k: KeptActivations| spec.keeping(k).predict();
         let total = |k| predicted(k).total();
         let engine = |k| predicted(k).engine_bytes;
         let none = KeptActivations::default();
@@ -1406,11 +1405,7 @@ mod tests {
     #[test]
     fn the_dequantized_base_is_kept_last_where_it_fits() {
         let spec = mistral(4, 2048);
-        let with = |k: KeptActivations| {
-            let mut s = spec.clone();
-            k.apply(&mut s.engine_options);
-            s.predict()
-        };
+        let with = |k: KeptActivations| spec.keeping(k).predict();
         let all = KeptActivations {
             attention_residuals: true,
             mlp_layers: 32,
@@ -1446,12 +1441,10 @@ mod tests {
         );
         let mut fp8 = spec.clone();
         fp8.engine_options.fp8_base = true;
-        let fp8_with = |k: KeptActivations| {
-            let mut s = fp8.clone();
-            k.apply(&mut s.engine_options);
-            s.predict()
-        };
-        assert_eq!(fp8_with(based).engine_bytes, fp8_with(all).engine_bytes);
+        assert_eq!(
+            fp8.keeping(based).predict().engine_bytes,
+            fp8.keeping(all).predict().engine_bytes
+        );
         let fp8_on = kept_activations(policy("on"), &fp8, None, None, None);
         assert!(!fp8_on.dequantized_base);
     }
@@ -1527,12 +1520,13 @@ mod tests {
                 engine_limit: None,
                 host_available: host,
             };
-            let keep = KeepPolicy {
-                residuals,
-                mlp: "off",
-                base: "off",
-            };
-            keeps_more_with_copies_hidden(keep, spec, room, HOST_LINK_BYTES_PER_S, |_| compute)
+            keeps_more_with_copies_hidden(
+                keep(residuals, "off"),
+                spec,
+                room,
+                HOST_LINK_BYTES_PER_S,
+                |_| compute,
+            )
         };
         assert!(keeps("auto", &long, cap, None, link));
         // The host must have the pinned bytes within the share speed may take.
@@ -1562,12 +1556,15 @@ mod tests {
             pass_seconds(&long, h100)
         );
         let decide = |policy, residuals, gpu| {
-            let keep = KeepPolicy {
-                residuals,
-                mlp: "off",
-                base: "off",
-            };
-            offload_checkpoints(policy, keep, &long, Some(cap), None, None, gpu)
+            offload_checkpoints(
+                policy,
+                keep(residuals, "off"),
+                &long,
+                Some(cap),
+                None,
+                None,
+                gpu,
+            )
         };
         assert_eq!(decide("auto", "auto", Some(h100)), Ok(true));
         assert_eq!(decide("auto", "auto", None), Ok(false));
@@ -1677,12 +1674,15 @@ mod tests {
             }
         );
         let decide = |mlp, gpu| {
-            let keep = KeepPolicy {
-                residuals: "auto",
-                mlp,
-                base: "off",
-            };
-            offload_checkpoints("auto", keep, &spec, Some(usable), None, None, Some(gpu))
+            offload_checkpoints(
+                "auto",
+                keep("auto", mlp),
+                &spec,
+                Some(usable),
+                None,
+                None,
+                Some(gpu),
+            )
         };
         assert_eq!(decide("auto", rtx4090), Ok(true));
         assert_eq!(decide("auto", h100), Ok(true));
@@ -1694,23 +1694,20 @@ mod tests {
             engine_limit: None,
             host_available: None,
         };
-        let keep = KeepPolicy {
-            residuals: "auto",
-            mlp: "auto",
-            base: "off",
-        };
+        let auto = keep("auto", "auto");
         let over = |link| {
-            keeps_more_with_copies_hidden(keep, &spec, room, link, |s| pass_seconds(s, h100))
+            keeps_more_with_copies_hidden(auto, &spec, room, link, |s| pass_seconds(s, h100))
         };
         assert!(over(h100.host_link_gbs * 1e9) && !over(20e9));
         // The host must hold the travelling checkpoints and halves.
-        let mut all = with_offload(&spec, true);
-        travelling.apply(&mut all.engine_options);
-        let host = all.predict().host_bytes;
+        let host = with_offload(&spec, true)
+            .keeping(travelling)
+            .predict()
+            .host_bytes;
         let with_host = |h| {
             offload_checkpoints(
                 "auto",
-                keep,
+                auto,
                 &spec,
                 Some(usable),
                 None,

@@ -447,8 +447,7 @@ fn offload_summary(
     let on_gpu = memory::with_offload(spec, false).predict();
     // Why `auto` offloads: the run does not fit otherwise even keeping nothing, or
     // it is what lets more activations be kept (a kept attention half travels too).
-    let mut bare = memory::with_offload(spec, false);
-    memory::KeptActivations::default().apply(&mut bare.engine_options);
+    let bare = memory::with_offload(spec, false).keeping(memory::KeptActivations::default());
     let why = match policy.as_str() {
         "auto" if bare.predict().fits(usable) => {
             ", to keep more of the activations than fit beside the checkpoints on the GPU"
