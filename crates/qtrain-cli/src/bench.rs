@@ -107,7 +107,7 @@ pub struct Args {
     #[arg(long, default_value_t = qtrain_engine::EngineOptions::default().ce_chunk)]
     loss_chunk: usize,
     /// The attention backward's kernels, as `train.attention_backward`: `split`, `fused`
-    /// (bit-reproducible) or `fused-atomic`.
+    /// (bit-reproducible), `fused-atomic` or `stored-ds` (H100/H200).
     #[arg(long, default_value = "split")]
     attn_bwd: String,
 }
@@ -167,7 +167,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let Some(attn_bwd) = qtrain_engine::AttnBackward::parse(&a.attn_bwd) else {
         bail!(
-            "--attn-bwd: `{}` (expected split, fused or fused-atomic)",
+            "--attn-bwd: `{}` (expected split, fused, fused-atomic or stored-ds)",
             a.attn_bwd
         );
     };

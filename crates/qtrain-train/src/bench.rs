@@ -20,7 +20,7 @@ use crate::memory::{self, KeptActivations, Measured, MemoryBreakdown, MemorySpec
 use crate::trainer::TrainError;
 use candle_core::{DType, Device};
 use qtrain_dist::SingleProcess;
-use qtrain_engine::EngineOptions;
+use qtrain_engine::{AttnBackward, EngineOptions};
 use qtrain_model::{BaseModel, Proj};
 use qtrain_optim::{AdamW8bit, AdamWConfig, ParamSpec};
 use qtrain_step::{LoraConfig, LoraWeights, StepOptions, TokenBatch};
@@ -103,7 +103,7 @@ pub struct BenchOptions {
     /// `train.loss_chunk_tokens`: rows per cross-entropy chunk of the fused engine.
     pub loss_chunk: usize,
     /// `train.attention_backward`: the attention backward's kernels.
-    pub attention_backward: qtrain_engine::AttnBackward,
+    pub attention_backward: AttnBackward,
 }
 
 /// One FP8 step against the same step in the compute type, after the timed steps
@@ -437,7 +437,10 @@ pub fn executed_flops_per_token(
     // seq/2 keys on average, every query head.
     let attn_fwd =
         2.0 * 2.0 * (seq as f64 / 2.0) * (cfg.num_attention_heads * cfg.head_dim()) as f64;
-    let attn_passes = 1.0 + 3.5 + if kept.attention_residuals { 0.0 } else { 1.0 };
+    // The backward: dK/dV's four products (two forwards) and dQ's three (1.5), or with
+    // the dS stored, dQ's one (0.5).
+    let backward = if kept.stored_ds { 2.5 } else { 3.5 };
+    let attn_passes = 1.0 + backward + if kept.attention_residuals { 0.0 } else { 1.0 };
     let lora: f64 = targets
         .iter()
         .map(|&p| {
@@ -536,7 +539,7 @@ fn decide_memory(
         ..EngineOptions::default()
     };
     backend.set_chunks(o.mlp_chunk, o.loss_chunk);
-    backend.set_attention_backward(o.attention_backward);
+    backend.set_attention_backward(opts.attention_backward);
     let spec = |opts| {
         spec_for(
             model,

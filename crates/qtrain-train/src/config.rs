@@ -208,7 +208,10 @@ pub struct TrainSection {
     /// bit-reproducible, two of seven products fewer, `tokens x (heads + 2 kv_heads) x
     /// head_dim` f32 more memory: 24 KiB per token on Mistral-7B) or `fused-atomic` (the same with atomic adds, FlashAttention-2's
     /// way: no waiting, but dQ's rounding varies run to run). Both fused ones are 3.0x /
-    /// 2.2x slower than `split` on an H100 today (docs/perf.md v8).
+    /// 2.2x slower than `split` on an H100 today (docs/perf.md v8). `stored-ds` (H100/H200,
+    /// head dim 128): split, with the dK/dV kernel's dS stored for the dQ kernel (five
+    /// products, bit-reproducible; the dS store grows as seq^2, chunked by kv heads at
+    /// 2.5 GiB: 2.2 GB at 1 x 8192 on Mistral-7B, docs/perf.md v20).
     pub attention_backward: String,
 }
 
@@ -573,7 +576,7 @@ impl RunConfig {
         }
         if AttnBackward::parse(&t.attention_backward).is_none() {
             p.push(format!(
-                "train.attention_backward: `{}` (expected split, fused or fused-atomic)",
+                "train.attention_backward: `{}` (expected split, fused, fused-atomic or stored-ds)",
                 t.attention_backward
             ));
         }
@@ -940,7 +943,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("train.attention_backward: `fast` (expected split, fused or fused-atomic)"),
+            e.contains(
+                "train.attention_backward: `fast` (expected split, fused, fused-atomic or stored-ds)"
+            ),
             "{e}"
         );
     }

@@ -463,11 +463,28 @@ fn build(
     let attn_bwd =
         qtrain_engine::AttnBackward::parse(&cfg.train.attention_backward).unwrap_or_default(); // validated with the config
     backend.set_attention_backward(attn_bwd);
+    // The fused engine's device (the reference path runs no attention kernels).
+    let unsupported = match backend.engine_device() {
+        Some(dev) => qtrain_device::ops::attention::backward_unsupported(
+            &dev,
+            attn_bwd,
+            base.config.head_dim(),
+        )?,
+        None => None,
+    };
+    if let Some(why) = unsupported {
+        return Err(TrainError::Other(format!(
+            "train.attention_backward = {attn_bwd}: {why}; use `split` here"
+        )));
+    }
     if attn_bwd != qtrain_engine::AttnBackward::Split && base.device.is_cuda() {
-        // Measured (docs/perf.md v8): correct, but the dQ accumulation is latency-bound.
+        // Measured: correct, but the fused ones' dQ accumulation is latency-bound (v8),
+        // and the stored dS's trip through memory costs more than the products it saves
+        // (v20).
         tracing::warn!(
-            "train.attention_backward = {attn_bwd}: slower than `split` today (3.0x fused, \
-             2.2x fused-atomic for the attention backward on an H100); `split` is the fast choice"
+            "train.attention_backward = {attn_bwd}: slower than `split` today (the attention \
+             backward 3.0x fused, 2.2x fused-atomic on an H100; the step 1.9% slower with \
+             stored-ds at 1 x 8192); `split` is the fast choice"
         );
     }
     if !attn_bwd.reproducible() {

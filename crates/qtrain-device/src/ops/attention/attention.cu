@@ -958,6 +958,20 @@ QT_DEV void bwd_prep(const uint16_t *__restrict__ o, uint64_t ldo,
 // from registers (the mma A layout, as the forward's P) and B = dO, Q read MN-major. All
 // four tiles use the WgSw layout; the whole 64-query step at once (N = 64), since no
 // K/V fragments occupy registers. 1 KiB more shared memory, for the 1024-byte alignment.
+// The stored-dS backward's blobs: one 64-key x 64-query dS^T tile (bf16) per (batch row,
+// head of the launch's chunk, query tile qt, key tile kt <= qt), in that order, the causal
+// pairs of a (batch row, head) packed as a triangle (qt (qt + 1) / 2 + kt). Mirrors
+// AttnShape::ds_blobs_per_head.
+struct DsBlob {
+  static constexpr int kElems = kBK * kBQ;  // 16-bit elements (8 KiB)
+  static QT_DEV uint64_t index(int b, int hrel, int hc, int qt, int kt, int seq) {
+    const uint64_t tiles = static_cast<uint64_t>((seq + kBQ - 1) / kBQ);
+    const uint64_t per_head = tiles * (tiles + 1) / 2;
+    return (static_cast<uint64_t>(b) * hc + hrel) * per_head +
+           static_cast<uint64_t>(qt) * (qt + 1) / 2 + kt;
+  }
+};
+
 template <int D, bool WG = false> struct DkvSmem {
   static constexpr int kTile = kBQ * D * 2;  // kBQ == kBK
   static constexpr int kK = 0, kV = kTile, kQ = 2 * kTile, kO = 4 * kTile;
@@ -965,7 +979,14 @@ template <int D, bool WG = false> struct DkvSmem {
   static constexpr int kBytes = kSq + 2 * kBQ * 4 + (WG ? kWgPad : 0);
 };
 
-template <int D, class E, bool WG = false>
+//
+// DS (WG only, D = 128; the `stored-ds` backward): the CTA also writes each step's dS^T
+// (64 keys x 64 queries, bf16, 8 KiB) to `ds`, for bwd_dqds to read instead of recomputing
+// S and dP: a blob per (batch row, head of the chunk, query tile, key tile <= query
+// tile), laid out as shared memory that wgmma reads MN-major (DsBlob). The launch covers
+// the kv heads kv0 .. kv0 + gridDim.x (a chunk: the blobs grow as seq^2, see
+// AttnShape::bwd_scratch).
+template <int D, class E, bool WG = false, bool DS = false>
 QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
                      const uint16_t *__restrict__ k, uint64_t ldk,
                      const uint16_t *__restrict__ v, uint64_t ldv,
@@ -973,7 +994,9 @@ QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
                      const float *__restrict__ lse, const float *__restrict__ dsum,
                      const uint32_t *__restrict__ seg, uint16_t *__restrict__ dk, uint64_t lddk,
                      uint16_t *__restrict__ dv, uint64_t lddv, int seq, int heads, int kv_heads,
-                     int window, float scale) {
+                     int window, float scale, uint16_t *__restrict__ ds = nullptr,
+                     int kv0 = 0) {
+  static_assert(!DS || (WG && D == 128), "stored dS: the wgmma kernels at head dim 128");
   using L = DkvSmem<D, WG>;
   using Lay = typename Pick<WG, WgSw<D>, Sw<D>>::type;
   // Queries per inner step. dK and dV take 2 * D/2 accumulator registers; at D = 128 a
@@ -982,7 +1005,7 @@ QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
   // reads K and V from shared memory, so the whole step fits.
   constexpr int QH = D == 128 && !WG ? 32 : kBQ;
   constexpr int NT = QH / 8;
-  const int kvh = blockIdx.x, kt = blockIdx.y, b = blockIdx.z;
+  const int kvh = kv0 + static_cast<int>(blockIdx.x), kt = blockIdx.y, b = blockIdx.z;
   const int group = heads / kv_heads;
   const int k0 = kt * kBK;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -1108,6 +1131,21 @@ QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
         wg_fence_operands(dV);
         wg_fence_operands(dp);
         make_ds(p, dp, p);
+        if constexpr (DS) {
+          // This warp's 16 keys of the step's dS^T into its blob: row = key, 128 bytes of
+          // queries, chunk nt at nt ^ (row & 7) (row & 7 == g for both row halves).
+          const int h = kvh * group + it / nq;
+          char *blob = reinterpret_cast<char *>(
+              ds + DsBlob::index(b, h - kv0 * group, static_cast<int>(gridDim.x) * group,
+                                 q0 / kBQ, kt, seq) *
+                       DsBlob::kElems);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const int r = warp * 16 + g;
+            gst4(blob + r * 128 + ((nt ^ g) << 4) + 4 * t, p[nt][0]);
+            gst4(blob + (r + 8) * 128 + ((nt ^ g) << 4) + 4 * t, p[nt][1]);
+          }
+        }
         wg_pb<D, QH, E>(dK, p, hQ);  // times scale at the end
       } else {
         // S^T = K Q^T (16 keys of this warp x QH queries), then P^T.
@@ -1266,6 +1304,113 @@ QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t 
       mm_pb<D, kBK / 16, E>(acc, ds, cK, lane);
   }
   store_rows<D, E>(acc, scale, scale, sm + L::kQ, warp * 16,
+                   dq + (tok0 + q0) * lddq + static_cast<uint64_t>(h) * D, lddq, q_end - q0,
+                   lane);
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward dQ from stored dS (the `stored-ds` backward, sm_90a, D = 128): one CTA (one
+// warpgroup) per (head of the chunk, 64-query tile, batch row) sums dQ = dS K over the key
+// tiles that see its queries, reading each tile's dS^T blob (written by bwd_dkdv<DS>)
+// instead of recomputing S and dP: one product per tile pair where bwd_dq runs three.
+// The blob is copied into shared memory byte for byte (it is already in the layout that
+// wgmma reads as A, MN-major: queries contiguous), K into the WgSw layout read MN-major
+// (as bwd_fusedwg's dQ product); 64 head-dim columns per product, two per k-step. Key
+// tiles in ascending order, three stages in flight: the result is bit-reproducible.
+template <int D> struct DqDsSmem {
+  static constexpr int kTile = kBK * D * 2;
+  static constexpr int kBlob = DsBlob::kElems * 2;
+  static constexpr int kStage = kTile + kBlob;  // a multiple of 1 KiB: both stay aligned
+  static constexpr int kStages = 3;
+  static constexpr int kBytes = kStages * kStage + kWgPad;
+};
+
+template <int D, class E>
+QT_DEV void bwd_dqds(const uint16_t *__restrict__ k, uint64_t ldk,
+                     const uint16_t *__restrict__ ds, const uint32_t *__restrict__ seg,
+                     uint16_t *__restrict__ dq, uint64_t lddq, int seq, int heads, int kv_heads,
+                     int window, float scale, int h0) {
+  static_assert(D == 128, "two 64-column products per k-step");
+  using L = DqDsSmem<D>;
+  using Lay = WgSw<D>;
+  const int hrel = blockIdx.x, h = h0 + hrel, qt = gridDim.y - 1 - blockIdx.y, b = blockIdx.z;
+  const int kvh = h / (heads / kv_heads);
+  const int q0 = qt * kBQ;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint64_t tok0 = static_cast<uint64_t>(b) * seq;
+  char *sm = smem_ptr();
+  uint32_t sb = smem_addr(sm);
+  wg_align(sm, sb);  // tiles on 1 KiB (L::kBytes has the room)
+
+  // The key tiles that see this query tile: the same range as bwd_dq's, which is exactly
+  // the set of tiles whose bwd_dkdv query range (and so whose blob) includes it.
+  const int q_end = imin(q0 + kBQ, seq);
+  const int j_lo = window ? imax(0, q0 - window + 1) : 0;
+  const uint32_t *sg = seg ? seg + tok0 : nullptr;
+  const int kt_hi = (q_end - 1) / kBK;
+  const int kt_lo = sg ? first_key_tile(sg, q0, j_lo / kBK, kt_hi, seq) : j_lo / kBK;
+  const int n = kt_hi - kt_lo + 1;
+  const uint16_t *kb = k + tok0 * ldk + static_cast<uint64_t>(kvh) * D;
+  const uint16_t *blobs =
+      ds + DsBlob::index(b, hrel, static_cast<int>(gridDim.x), qt, 0, seq) * DsBlob::kElems;
+
+  // Tile i (key tile kt_lo + i) into stage i % 3: K, then the blob as it is.
+  auto load = [&](int i) {
+    const uint32_t st = sb + (i % L::kStages) * L::kStage;
+    const int j0 = (kt_lo + i) * kBK;
+    load_tile<D, kBK, kThreads, Lay>(st, kb + static_cast<uint64_t>(j0) * ldk, ldk,
+                                     imin(kBK, seq - j0));
+    const uint16_t *src = blobs + static_cast<uint64_t>(kt_lo + i) * DsBlob::kElems;
+#pragma unroll
+    for (int c = static_cast<int>(threadIdx.x); c < L::kBlob / 16; c += kThreads)
+      cp16(st + L::kTile + 16 * c, src + 8 * c, true);
+  };
+  load(0);
+  cp_commit();
+  if (n > 1) load(1);
+  cp_commit();  // possibly empty: every iteration then waits for all but one group
+
+  float acc[2][8][4];
+#pragma unroll
+  for (int c = 0; c < 2; ++c)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[c][nt][e] = 0.f;
+
+  for (int i = 0; i < n; ++i) {
+    cp_wait<1>();  // tile i landed (tile i + 1 may still be on its way)
+    fence_proxy_async();
+    bar_sync();  // every thread's copies of tile i are in; the product of i - 1 is done
+    if (i + 2 < n) load(i + 2);  // into the stage that product read
+    cp_commit();
+    const uint32_t st = sb + (i % L::kStages) * L::kStage;
+    wg_fence_operands(acc[0]);
+    wg_fence_operands(acc[1]);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      // k-step kk = keys 16kk..16kk+15: rows 16kk.. of the blob (A: dS, queries = M
+      // contiguous) and of K (B: head dim = N contiguous), 64 columns per product.
+      const uint64_t a = wg_desc(st + L::kTile + kk * 2048, L::kBlob, 1024);
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        WgSs<64, E>::template ss<1, 1>(
+            acc[c], a, wg_desc(st + c * Lay::kBlock + kk * 2048, Lay::kBlock, 1024), 1);
+    }
+    wg_commit();
+    wg_wait<0>();
+    wg_fence_operands(acc[0]);
+    wg_fence_operands(acc[1]);
+  }
+  cp_wait<0>();  // the trailing empty groups
+  bar_sync();    // no product reads stage 0 any more: it stages the result
+  float out[D / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[nt][e] = acc[nt / 8][nt % 8][e];
+  store_rows<D, E>(out, scale, scale, sm, warp * 16,
                    dq + (tok0 + q0) * lddq + static_cast<uint64_t>(h) * D, lddq, q_end - q0,
                    lane);
 }
@@ -1974,13 +2119,33 @@ QT_ATTN_FWD8(F16, f16)
     QT_BODY(qt_attn::bwd_dq_storewg<DIM, qt_attn::E>(acc, dq, lddq, seq, heads, tiles,       \
                                                      scale);)                               \
   }
+// and the stored-dS backward's two kernels (head dim 128).
+#define QT_ATTN_DSWG(DIM, E, S)                                                             \
+  extern "C" __global__ void __launch_bounds__(128) attn_bwd_dkdvds_d##DIM##_##S(            \
+      const uint16_t *q, uint64_t ldq, const uint16_t *k, uint64_t ldk, const uint16_t *v,  \
+      uint64_t ldv, const uint16_t *dout, uint64_t lddo, const float *lse,                  \
+      const float *dsum, const uint32_t *seg, uint16_t *dk, uint64_t lddk, uint16_t *dv,    \
+      uint64_t lddv, int seq, int heads, int kv_heads, int window, float scale,             \
+      uint16_t *ds, int kv0) {                                                              \
+    QT_BODY(qt_attn::bwd_dkdv<DIM, qt_attn::E, true, true>(                                 \
+        q, ldq, k, ldk, v, ldv, dout, lddo, lse, dsum, seg, dk, lddk, dv, lddv, seq, heads, \
+        kv_heads, window, scale, ds, kv0);)                                                 \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(128) attn_bwd_dqds_d##DIM##_##S(              \
+      const uint16_t *k, uint64_t ldk, const uint16_t *ds, const uint32_t *seg,             \
+      uint16_t *dq, uint64_t lddq, int seq, int heads, int kv_heads, int window,            \
+      float scale, int h0) {                                                                \
+    QT_BODY(qt_attn::bwd_dqds<DIM, qt_attn::E>(k, ldk, ds, seg, dq, lddq, seq, heads,        \
+                                               kv_heads, window, scale, h0);)               \
+  }
 #define QT_ATTN_FWDWG_ALL(E, S)                                                             \
   QT_ATTN_FWDWG(fwdwg, 4, 64, E, S, false)                                                  \
   QT_ATTN_FWDWG(fwdwg, 4, 128, E, S, false)                                                 \
   QT_ATTN_FWDWG(fwdwg8, 8, 64, E, S, false) QT_ATTN_FWDWG(fwdwg8, 8, 128, E, S, false)      \
   QT_ATTN_FWDWG(fwdwgp, 8, 128, E, S, true) QT_ATTN_FWDWG(fwdwgp4, 4, 128, E, S, true)       \
   QT_ATTN_DKDVWG(64, E, S) QT_ATTN_DKDVWG(128, E, S)                                        \
-  QT_ATTN_DQWG(64, E, S) QT_ATTN_DQWG(128, E, S) QT_ATTN_FUSEDWG(128, E, S)
+  QT_ATTN_DQWG(64, E, S) QT_ATTN_DQWG(128, E, S) QT_ATTN_FUSEDWG(128, E, S)               \
+  QT_ATTN_DSWG(128, E, S)
 QT_ATTN_FWDWG_ALL(Bf16, bf16)
 QT_ATTN_FWDWG_ALL(F16, f16)
 #endif  // QTRAIN_SM90A_VARIANT

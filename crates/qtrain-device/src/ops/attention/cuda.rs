@@ -171,6 +171,23 @@ pub(super) fn fused_wgmma_here(c: &CudaDev, head_dim: usize) -> Result<bool> {
     Ok(wgmma_unsupported(cc, head_dim, &[128], "fused backward").is_none())
 }
 
+/// Why the stored-dS backward (`attn_bwd_dkdvds` + `attn_bwd_dqds`: wgmma, head dim 128)
+/// cannot run here, if it cannot.
+pub(super) fn stored_ds_unsupported(c: &CudaDev, head_dim: usize) -> Result<Option<String>> {
+    let cc = c.compute_capability()?;
+    Ok(wgmma_unsupported(
+        cc,
+        head_dim,
+        &[128],
+        "stored-dS backward",
+    ))
+}
+
+/// `DqDsSmem`: three stages of a K tile and a dS^T blob (64 x 64 bf16), the 1 KiB pad.
+fn dqds_smem(d: usize) -> u32 {
+    (3 * (TILE * d * 2 + TILE * TILE * 2)) as u32 + WGMMA_SMEM_PAD
+}
+
 /// `attn_{op}_d{d}_{bf16|f16}`, interned (kernel names must be `'static`).
 fn kernel_name(op: &str, d: usize, kind: FloatKind) -> &'static str {
     use std::collections::HashMap;
@@ -400,6 +417,18 @@ pub(super) fn attention_bwd_kernels<T: Float>(
         return Ok(());
     }
     check_common::<T>(OP, c, s)?;
+    // Also checked by `attention_bwd`; the self-test calls in here directly, and the
+    // stored dS would run past a short scratch.
+    if scratch.len() < s.bwd_scratch_len(mode) {
+        return Err(unsupported(
+            OP,
+            format!(
+                "scratch has {} f32 entries; the {mode} backward needs {}",
+                scratch.len(),
+                s.bwd_scratch_len(mode)
+            ),
+        ));
+    }
     check_rows(
         OP,
         &[
@@ -454,6 +483,69 @@ pub(super) fn attention_bwd_kernels<T: Float>(
         // SAFETY: arguments match `attn_bwd_prep_*`; rows >= n * heads are skipped in the
         // kernel; scratch holds batch * heads * seq floats (checked by the wrapper).
         unsafe { launch(OP, b, cfg(grid, 0))? };
+    }
+    if mode == AttnBackward::StoredDs {
+        if let Some(why) = stored_ds_unsupported(c, d)? {
+            return Err(unsupported(OP, why));
+        }
+        let (dkp, lddk, dvp, lddv) = (dk.dptr(), dk.ld as u64, dv.dptr(), dv.ld as u64);
+        let ds = dsp + 4 * s.bwd_scratch(mode).acc as u64;
+        let (dqp, lddq) = (dq.dptr(), dq.ld as u64);
+        let chunk = s.ds_chunk_kv_heads();
+        let group = s.heads / s.kv_heads;
+        let dkdv = kernel_sm90a::<T>(c, "bwd_dkdvds", d, dkdv_smem(d) + WGMMA_SMEM_PAD)?;
+        let dqds = kernel_sm90a::<T>(c, "bwd_dqds", d, dqds_smem(d))?;
+        for kv0 in (0..s.kv_heads).step_by(chunk) {
+            let (kv0, h0) = (kv0 as i32, (kv0 * group) as i32);
+            let mut b = c.builder(&dkdv);
+            b.arg(&qp)
+                .arg(&ldq)
+                .arg(&kp)
+                .arg(&ldk)
+                .arg(&vp)
+                .arg(&ldv)
+                .arg(&dop)
+                .arg(&lddo)
+                .arg(&lp)
+                .arg(&dsp)
+                .arg(&sp)
+                .arg(&dkp)
+                .arg(&lddk)
+                .arg(&dvp)
+                .arg(&lddv)
+                .arg(&seq)
+                .arg(&heads)
+                .arg(&kvh)
+                .arg(&win)
+                .arg(&scale)
+                .arg(&ds)
+                .arg(&kv0);
+            let grid = (chunk, s.seq.div_ceil(TILE), s.batch);
+            // SAFETY: arguments match `attn_bwd_dkdvds_*`; shapes and overlaps checked by the
+            // wrapper; each CTA writes only its key tile's rows < seq of dk and dv of kv head
+            // kv0 + blockIdx.x < kv_heads, and its pairs' blobs of the chunk's heads, which
+            // `bwd_scratch` sized (`ds_store_bytes`) after the D terms.
+            unsafe { launch(OP, b, cfg(grid, dkdv_smem(d) + WGMMA_SMEM_PAD))? };
+            let mut b = c.builder(&dqds);
+            b.arg(&kp)
+                .arg(&ldk)
+                .arg(&ds)
+                .arg(&sp)
+                .arg(&dqp)
+                .arg(&lddq)
+                .arg(&seq)
+                .arg(&heads)
+                .arg(&kvh)
+                .arg(&win)
+                .arg(&scale)
+                .arg(&h0);
+            let grid = (chunk * group, s.seq.div_ceil(TILE), s.batch);
+            // SAFETY: arguments match `attn_bwd_dqds_*`; each CTA reads the blobs the launch
+            // above wrote for its (head, query tile) (the same key-tile range) and writes
+            // only its query tile's rows < seq of dq for head h0 + blockIdx.x.
+            unsafe { launch(OP, b, cfg(grid, dqds_smem(d)))? };
+        }
+        return Ok(());
     }
     if mode != AttnBackward::Split {
         return fused_bwd::<T>(

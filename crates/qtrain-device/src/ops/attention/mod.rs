@@ -180,6 +180,23 @@ pub fn kernels_for(dev: &Dev, head_dim: usize) -> Result<Option<(FwdKernel, Spli
     Ok(None)
 }
 
+/// Why `mode` cannot run on `dev` at `head_dim`, if it cannot (the stored-dS backward's
+/// kernels are Hopper-only; every mode runs on the CPU, whose reference is exact).
+pub fn backward_unsupported(
+    dev: &Dev,
+    mode: AttnBackward,
+    head_dim: usize,
+) -> Result<Option<String>> {
+    #[cfg(feature = "cuda")]
+    if let Some(c) = dev.cuda() {
+        if mode == AttnBackward::StoredDs {
+            return cuda::stored_ds_unsupported(c, head_dim);
+        }
+    }
+    let _ = (dev, mode, head_dim);
+    Ok(None)
+}
+
 /// The kernel choice an environment variable names, parsed once into `cell`: `None`
 /// when unset (or empty), an error naming the variable and the choices when unknown.
 fn env_choice<K: Copy + Send + Sync>(
@@ -243,10 +260,24 @@ pub enum AttnBackward {
     /// added by the copy engine's bulk reduction, dK/dV of a GQA group summed in
     /// registers; docs/perf.md v14).
     FusedAtomic,
+    /// Split, but the dK/dV kernel also writes every (key tile, query tile) pair's dS^T
+    /// (bf16) to scratch and the dQ kernel reads it instead of recomputing S and dP: five
+    /// products and one pass of dS through memory instead of seven, bit-reproducible.
+    /// The dS store grows as seq^2 (8 KiB per pair of 64-row tiles of every head:
+    /// 2.2 GB at 1 x 8192 with 32 heads), so the kernels run over chunks of kv heads
+    /// whose dS fits [`DS_CHUNK_BYTES`] (one kv head at least). Hopper kernels only: a
+    /// 9.0 GPU, the sm_90a build, head dim 128 (docs/perf.md v20).
+    StoredDs,
 }
 
+/// The most the stored-dS backward's dS store takes (bytes) where a chunk of more than one
+/// kv head would exceed it: 1 x 8192 with 8 kv heads of 4 (2.16 GB) runs as one chunk, longer
+/// rows in several (a chunk then fills fewer SMs at once, see v20).
+pub const DS_CHUNK_BYTES: usize = 5 << 29; // 2.5 GiB
+
 impl AttnBackward {
-    pub const ALL: [AttnBackward; 3] = [Self::Split, Self::Fused, Self::FusedAtomic];
+    pub const ALL: [AttnBackward; 4] =
+        [Self::Split, Self::Fused, Self::FusedAtomic, Self::StoredDs];
 
     /// The name in configs and on the command line.
     pub fn name(self) -> &'static str {
@@ -254,6 +285,7 @@ impl AttnBackward {
             Self::Split => "split",
             Self::Fused => "fused",
             Self::FusedAtomic => "fused-atomic",
+            Self::StoredDs => "stored-ds",
         }
     }
 
@@ -282,7 +314,8 @@ pub(crate) struct BwdScratch {
     pub turns_len: usize,
     pub kv_turns: usize,
     /// The f32 dQ accumulator, `[tokens, heads · head_dim]` (mma.sync kernels) or
-    /// `[batch, heads, query tiles, 64 · head_dim]` in register order (`attn_bwd_fusedwg`).
+    /// `[batch, heads, query tiles, 64 · head_dim]` in register order (`attn_bwd_fusedwg`);
+    /// for the stored-dS backward its dS blobs (bf16, [`AttnShape::ds_store_bytes`]).
     pub acc: usize,
     /// The f32 dK/dV accumulator of the query heads of a group, `[tokens, kv_heads,
     /// 2 · head_dim]` (empty without GQA).
@@ -306,17 +339,54 @@ impl AttnShape {
         self.bwd_scratch(mode).len
     }
 
+    /// The stored-dS backward's dS blobs of one (batch row, query head): 64 x 64 tiles of
+    /// bf16 for every causal pair (query tile, key tile <= it) (`DsBlob` in the kernels).
+    pub fn ds_blobs_per_head(&self) -> usize {
+        let tiles = self.seq.div_ceil(64);
+        tiles * (tiles + 1) / 2
+    }
+
+    /// Bytes of one dS blob.
+    pub const DS_BLOB_BYTES: usize = 64 * 64 * 2;
+
+    /// How many kv heads one launch of the stored-dS kernels covers: the most (dividing
+    /// `kv_heads`) whose dS store fits [`DS_CHUNK_BYTES`], at least one.
+    pub fn ds_chunk_kv_heads(&self) -> usize {
+        let group = self.heads / self.kv_heads.max(1);
+        let per_kv = self.batch * group * self.ds_blobs_per_head() * Self::DS_BLOB_BYTES;
+        (1..=self.kv_heads)
+            .rev()
+            .find(|&c| self.kv_heads.is_multiple_of(c) && c * per_kv <= DS_CHUNK_BYTES)
+            .unwrap_or(1)
+    }
+
+    /// Bytes of the stored-dS backward's dS store (one chunk's).
+    pub fn ds_store_bytes(&self) -> usize {
+        let group = self.heads / self.kv_heads.max(1);
+        self.batch
+            * self.ds_chunk_kv_heads()
+            * group
+            * self.ds_blobs_per_head()
+            * Self::DS_BLOB_BYTES
+    }
+
     pub(crate) fn bwd_scratch(&self, mode: AttnBackward) -> BwdScratch {
         let up = |x: usize| x.next_multiple_of(4);
         let dsum = self.stats_len();
-        if mode == AttnBackward::Split {
+        if matches!(mode, AttnBackward::Split | AttnBackward::StoredDs) {
+            // Stored dS: the blobs after the D terms (`acc`, 16-byte aligned).
+            let acc = up(dsum);
+            let len = match mode {
+                AttnBackward::StoredDs => acc + self.ds_store_bytes() / 4,
+                _ => dsum,
+            };
             return BwdScratch {
                 turns: dsum,
                 turns_len: 0,
                 kv_turns: dsum,
-                acc: dsum,
-                kv_acc: dsum,
-                len: dsum,
+                acc,
+                kv_acc: len,
+                len,
             };
         }
         // Steps of 32 queries (the kernel's are 32 or 64 rows; every 64-query tile
@@ -707,5 +777,42 @@ mod tests {
                 "{cc:?} d{d} {built}"
             );
         }
+    }
+
+    #[test]
+    fn the_stored_ds_store_is_chunked_by_kv_heads_within_its_bound() {
+        let mistral = |batch, seq| AttnShape {
+            batch,
+            seq,
+            heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            window: None,
+            scale: 1.0 / (128f32).sqrt(),
+        };
+        // 1 x 8192: 128 query tiles, 8 256 causal pairs of 8 KiB per head, all 32 heads at
+        // once (2.16 GB, under the 2.5 GiB bound).
+        let s = mistral(1, 8192);
+        assert_eq!(s.ds_blobs_per_head(), 128 * 129 / 2);
+        assert_eq!(s.ds_chunk_kv_heads(), 8);
+        assert_eq!(s.ds_store_bytes(), 32 * 8256 * 8192);
+        // 4 x 2048: 553 MB, one chunk.
+        assert_eq!(mistral(4, 2048).ds_chunk_kv_heads(), 8);
+        // 1 x 16384: 8.6 GB in all, so two kv heads (8 query heads) per launch.
+        let s = mistral(1, 16384);
+        assert_eq!(s.ds_chunk_kv_heads(), 2);
+        assert!(s.ds_store_bytes() <= DS_CHUNK_BYTES);
+        // 1 x 32768: one kv head's four query heads already take 4.3 GB: one at a time.
+        let s = mistral(1, 32768);
+        assert_eq!(s.ds_chunk_kv_heads(), 1);
+        assert_eq!(s.ds_store_bytes(), 4 * (512 * 513 / 2) * 8192);
+        // The scratch: the D terms, then the blobs on a 16-byte boundary; the other modes
+        // are unchanged by it.
+        let s = mistral(1, 100);
+        let l = s.bwd_scratch(AttnBackward::StoredDs);
+        assert_eq!(l.acc, s.stats_len().next_multiple_of(4));
+        assert_eq!(l.len, l.acc + s.ds_store_bytes() / 4);
+        assert_eq!(s.ds_store_bytes(), 32 * 3 * 8192); // two tiles: three pairs per head
+        assert_eq!(s.bwd_scratch_len(AttnBackward::Split), s.stats_len());
     }
 }

@@ -172,6 +172,10 @@ fn bwd_runs(dev: &Dev, head_dim: usize) -> Result<Vec<(AttnBackward, Option<Spli
         if atomic_wg {
             runs.push((AttnBackward::FusedAtomic, Some(SplitKernels::Wgmma)));
         }
+        // stored-ds: wgmma kernels only.
+        if super::cuda::stored_ds_unsupported(c, head_dim)?.is_none() {
+            runs.push((AttnBackward::StoredDs, Some(SplitKernels::Wgmma)));
+        }
         return Ok(runs);
     }
     let _ = (dev, head_dim);
@@ -521,7 +525,13 @@ pub fn speed(dev: &Dev) -> Result<Check> {
         gm.col_block(qc, kc),
         gm.col_block(qc + kc, kc),
     );
-    let scratch = poisoned::<f32>(dev, s.bwd_scratch_len(AttnBackward::Fused))?;
+    // Scratch for the hungriest mode (the stored dS: 2.16 GB here).
+    let scratch_len = AttnBackward::ALL
+        .into_iter()
+        .map(|m| s.bwd_scratch_len(m))
+        .max()
+        .unwrap_or(0);
+    let scratch = poisoned::<f32>(dev, scratch_len)?;
     let mut t_fwd = Vec::new();
     for kern in fwd_kernels(dev, d)? {
         let t = time_it(dev, 10, || {

@@ -403,6 +403,33 @@ template <class E> Result run(const Shape &s, uint64_t seed) {
     emu::launch({static_cast<unsigned>((f4 + kThreads - 1) / kThreads), 1, 1}, kThreads, 0, store_call);
     check_bwd("fused, wgmma, bulk dQ");
   }
+  if (D == 128) {  // the stored-dS backward (sm_90a): dS^T blobs, then dQ = dS K
+    // One kv head per chunk where there are several (the launcher's chunking), else all.
+    const int chunk_kv = KV > 1 ? 1 : KV;
+    const int group = H / KV;
+    const uint64_t qt = static_cast<uint64_t>((s.seq + kBQ - 1) / kBQ);
+    const uint64_t blobs = static_cast<uint64_t>(s.batch) * chunk_kv * group * qt * (qt + 1) / 2;
+    // NaN-filled: a blob the dQ kernel reads but dK/dV never wrote poisons the result.
+    std::vector<uint16_t> ds(blobs * DsBlob::kElems, 0x7fc0);
+    emu::register_buffer(ds.data(), ds.size() * 2);
+    std::fill(dqkv.begin(), dqkv.end(), poison);
+    for (int kv0 = 0; kv0 < KV; kv0 += chunk_kv) {
+      auto dkdvds_call = [&]() {
+        bwd_dkdv<128, E, true, true>(qp, ldqkv, kp, ldqkv, vp, ldqkv, dout.data(), lddo,
+                                     lse_in.data(), dsum.data(), segp, dkp, ldqkv, dvp, ldqkv,
+                                     s.seq, H, KV, s.window, scale, ds.data(), kv0);
+      };
+      emu::launch({static_cast<unsigned>(chunk_kv), static_cast<unsigned>((s.seq + kBK - 1) / kBK), static_cast<unsigned>(s.batch)}, kThreads,
+                  DkvSmem<128, true>::kBytes, dkdvds_call);
+      auto dqds_call = [&]() {
+        bwd_dqds<128, E>(kp, ldqkv, ds.data(), segp, dqp, ldqkv, s.seq, H, KV, s.window, scale,
+                         kv0 * group);
+      };
+      emu::launch({static_cast<unsigned>(chunk_kv * group), static_cast<unsigned>(qt), static_cast<unsigned>(s.batch)}, kThreads,
+                  DqDsSmem<128>::kBytes, dqds_call);
+    }
+    check_bwd("stored dS, wgmma, chunked");
+  }
   return res;
 }
 
