@@ -484,11 +484,13 @@ pub(super) fn attention_bwd_kernels<T: Float>(
         // kernel; scratch holds batch * heads * seq floats (checked by the wrapper).
         unsafe { launch(OP, b, cfg(grid, 0))? };
     }
+    // The inputs in every backward kernel's order, then (dK/dV kernels) the outputs.
+    let ins = [qp, ldq, kp, ldk, vp, ldv, dop, lddo, lp, dsp, sp];
+    let dkdv_out = [dk.dptr(), dk.ld as u64, dv.dptr(), dv.ld as u64];
     if mode == AttnBackward::StoredDs {
         if let Some(why) = stored_ds_unsupported(c, d)? {
             return Err(unsupported(OP, why));
         }
-        let (dkp, lddk, dvp, lddv) = (dk.dptr(), dk.ld as u64, dv.dptr(), dv.ld as u64);
         let ds = dsp + 4 * s.bwd_scratch(mode).acc as u64;
         let (dqp, lddq) = (dq.dptr(), dq.ld as u64);
         let chunk = s.ds_chunk_kv_heads();
@@ -498,22 +500,10 @@ pub(super) fn attention_bwd_kernels<T: Float>(
         for kv0 in (0..s.kv_heads).step_by(chunk) {
             let (kv0, h0) = (kv0 as i32, (kv0 * group) as i32);
             let mut b = c.builder(&dkdv);
-            b.arg(&qp)
-                .arg(&ldq)
-                .arg(&kp)
-                .arg(&ldk)
-                .arg(&vp)
-                .arg(&ldv)
-                .arg(&dop)
-                .arg(&lddo)
-                .arg(&lp)
-                .arg(&dsp)
-                .arg(&sp)
-                .arg(&dkp)
-                .arg(&lddk)
-                .arg(&dvp)
-                .arg(&lddv)
-                .arg(&seq)
+            for x in ins.iter().chain(&dkdv_out) {
+                b.arg(x);
+            }
+            b.arg(&seq)
                 .arg(&heads)
                 .arg(&kvh)
                 .arg(&win)
@@ -548,16 +538,7 @@ pub(super) fn attention_bwd_kernels<T: Float>(
         return Ok(());
     }
     if mode != AttnBackward::Split {
-        return fused_bwd::<T>(
-            c,
-            s,
-            mode,
-            [qp, ldq, kp, ldk, vp, ldv, dop, lddo, lp, dsp, sp],
-            dk,
-            dv,
-            dq,
-            scratch,
-        );
+        return fused_bwd::<T>(c, s, mode, ins, dk, dv, dq, scratch);
     }
     if let Some(why) = split.unsupported(c.compute_capability()?, d) {
         return Err(unsupported(OP, why));
@@ -575,28 +556,11 @@ pub(super) fn attention_bwd_kernels<T: Float>(
     {
         let smem = dkdv_smem(d) + pad;
         let f = load("bwd_dkdv", "bwd_dkdvwg", smem)?;
-        let (dkp, lddk, dvp, lddv) = (dk.dptr(), dk.ld as u64, dv.dptr(), dv.ld as u64);
         let mut b = c.builder(&f);
-        b.arg(&qp)
-            .arg(&ldq)
-            .arg(&kp)
-            .arg(&ldk)
-            .arg(&vp)
-            .arg(&ldv)
-            .arg(&dop)
-            .arg(&lddo)
-            .arg(&lp)
-            .arg(&dsp)
-            .arg(&sp)
-            .arg(&dkp)
-            .arg(&lddk)
-            .arg(&dvp)
-            .arg(&lddv)
-            .arg(&seq)
-            .arg(&heads)
-            .arg(&kvh)
-            .arg(&win)
-            .arg(&scale);
+        for x in ins.iter().chain(&dkdv_out) {
+            b.arg(x);
+        }
+        b.arg(&seq).arg(&heads).arg(&kvh).arg(&win).arg(&scale);
         let grid = (s.kv_heads, s.seq.div_ceil(TILE), s.batch);
         // SAFETY: arguments match `attn_bwd_dkdv*_*`; shapes and overlaps checked by the
         // wrapper; each CTA writes only its key tile's rows < seq of dk and dv.
