@@ -15,7 +15,9 @@
 // and, compiled a second time for sm_90a (-DQTRAIN_SM90A_VARIANT; attention_sm90a.ptx, loaded
 // on compute capability 9.0 only), the same templates with Hopper's wgmma for the products
 // (WG = true; D = 64, 128): attn_fwdwg_dD_S / attn_fwdwg8_dD_S (1 / 2 warpgroups),
-// attn_bwd_dkdvwg_dD_S, attn_bwd_dqwg_dD_S (the split backward). See WgSw and fwd.
+// attn_bwd_dkdvwg_dD_S, attn_bwd_dqwg_dD_S (the split backward), attn_bwd_fusedwg_d128_S
+// (fused-atomic), attn_bwd_dkdvds_d128_S + attn_bwd_dqds_d128_S (the stored-dS backward:
+// dS^T written as blobs by the first, dQ = dS K from them in the second). See WgSw and fwd.
 // Except in fusedu, every output element is written by exactly one thread after a
 // fixed-order reduction: results are bit-reproducible run to run. Memory is O(seq):
 // nothing of size seq^2 is ever stored, the backward recomputes P from lse.
@@ -471,6 +473,19 @@ QT_DEV int first_key_tile(const uint32_t *sg, int q0, int lo, int hi, int seq) {
   return lo;
 }
 
+// The key tiles that queries [q0, q_end) of one batch row can see: up to the one holding
+// q_end - 1 (causal), from the window's first key (window 0 = none) and, with packed
+// documents, from the first tile of q0's document. Also exactly the key tiles whose
+// bwd_dkdv query range includes the query tile (the same inequalities from either side).
+struct KeyTiles {
+  int lo, hi;
+};
+QT_DEV KeyTiles key_tiles(const uint32_t *sg, int q0, int q_end, int seq, int window) {
+  const int j_lo = window ? imax(0, q0 - window + 1) : 0;
+  const int hi = (q_end - 1) / kBK;
+  return {sg ? first_key_tile(sg, q0, j_lo / kBK, hi, seq) : j_lo / kBK, hi};
+}
+
 // The last query tile in [lo, hi] whose first query is in a segment no later than the
 // key tile's last key (at k_last): later tiles hold only later documents. Tile lo starts
 // at or before the key tile, so it always qualifies.
@@ -692,10 +707,9 @@ QT_DEV void fwd(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t *__
   if constexpr (WG) wg_align(sm, sb);  // tiles on 1 KiB (L::kBytes has the room)
 
   const int q_end = imin(q0 + BQ, seq);
-  const int j_lo = window ? imax(0, q0 - window + 1) : 0;
   const uint32_t *sg = seg ? seg + tok0 : nullptr;
-  const int kt_hi = (q_end - 1) / kBK;
-  const int kt_lo = sg ? first_key_tile(sg, q0, j_lo / kBK, kt_hi, seq) : j_lo / kBK;
+  const KeyTiles kts = key_tiles(sg, q0, q_end, seq, window);
+  const int kt_lo = kts.lo, kt_hi = kts.hi;
   const uint16_t *kb = k + tok0 * ldk + static_cast<uint64_t>(kvh) * D;
   const uint16_t *vb = v + tok0 * ldv + static_cast<uint64_t>(kvh) * D;
 
@@ -949,15 +963,6 @@ QT_DEV void bwd_prep(const uint16_t *__restrict__ o, uint64_t ldo,
   }
 }
 
-// ---------------------------------------------------------------------------------------
-// Backward dK, dV: one CTA per (kv head, 64-key tile, batch row).
-//
-// WG (Hopper, sm_90a, D = 64 or 128): the four products as wgmma of the CTA's one
-// warpgroup (64 keys = M): S^T = K Q^T and dP^T = V dO^T with both operands from shared
-// memory (K, V as K-major A; Q, dO as K-major B), dV += P^T dO and dK += dS^T Q with A
-// from registers (the mma A layout, as the forward's P) and B = dO, Q read MN-major. All
-// four tiles use the WgSw layout; the whole 64-query step at once (N = 64), since no
-// K/V fragments occupy registers. 1 KiB more shared memory, for the 1024-byte alignment.
 // The stored-dS backward's blobs: one 64-key x 64-query dS^T tile (bf16) per (batch row,
 // head of the launch's chunk, query tile qt, key tile kt <= qt), in that order, the causal
 // pairs of a (batch row, head) packed as a triangle (qt (qt + 1) / 2 + kt). Mirrors
@@ -972,13 +977,15 @@ struct DsBlob {
   }
 };
 
-template <int D, bool WG = false> struct DkvSmem {
-  static constexpr int kTile = kBQ * D * 2;  // kBQ == kBK
-  static constexpr int kK = 0, kV = kTile, kQ = 2 * kTile, kO = 4 * kTile;
-  static constexpr int kL = 6 * kTile, kDs = kL + 2 * kBQ * 4, kSq = kDs + 2 * kBQ * 4;
-  static constexpr int kBytes = kSq + 2 * kBQ * 4 + (WG ? kWgPad : 0);
-};
-
+// ---------------------------------------------------------------------------------------
+// Backward dK, dV: one CTA per (kv head, 64-key tile, batch row).
+//
+// WG (Hopper, sm_90a, D = 64 or 128): the four products as wgmma of the CTA's one
+// warpgroup (64 keys = M): S^T = K Q^T and dP^T = V dO^T with both operands from shared
+// memory (K, V as K-major A; Q, dO as K-major B), dV += P^T dO and dK += dS^T Q with A
+// from registers (the mma A layout, as the forward's P) and B = dO, Q read MN-major. All
+// four tiles use the WgSw layout; the whole 64-query step at once (N = 64), since no
+// K/V fragments occupy registers. 1 KiB more shared memory, for the 1024-byte alignment.
 //
 // DS (WG only, D = 128; the `stored-ds` backward): the CTA also writes each step's dS^T
 // (64 keys x 64 queries, bf16, 8 KiB) to `ds`, for bwd_dqds to read instead of recomputing
@@ -986,6 +993,13 @@ template <int D, bool WG = false> struct DkvSmem {
 // tile), laid out as shared memory that wgmma reads MN-major (DsBlob). The launch covers
 // the kv heads kv0 .. kv0 + gridDim.x (a chunk: the blobs grow as seq^2, see
 // AttnShape::bwd_scratch).
+template <int D, bool WG = false> struct DkvSmem {
+  static constexpr int kTile = kBQ * D * 2;  // kBQ == kBK
+  static constexpr int kK = 0, kV = kTile, kQ = 2 * kTile, kO = 4 * kTile;
+  static constexpr int kL = 6 * kTile, kDs = kL + 2 * kBQ * 4, kSq = kDs + 2 * kBQ * 4;
+  static constexpr int kBytes = kSq + 2 * kBQ * 4 + (WG ? kWgPad : 0);
+};
+
 template <int D, class E, bool WG = false, bool DS = false>
 QT_DEV void bwd_dkdv(const uint16_t *__restrict__ q, uint64_t ldq,
                      const uint16_t *__restrict__ k, uint64_t ldk,
@@ -1205,10 +1219,9 @@ QT_DEV void bwd_dq(const uint16_t *__restrict__ q, uint64_t ldq, const uint16_t 
   if constexpr (WG) wg_align(sm, sb);  // tiles on 1 KiB (L::kBytes has the room)
 
   const int q_end = imin(q0 + kBQ, seq);
-  const int j_lo = window ? imax(0, q0 - window + 1) : 0;
   const uint32_t *sg = seg ? seg + tok0 : nullptr;
-  const int kt_hi = (q_end - 1) / kBK;
-  const int kt_lo = sg ? first_key_tile(sg, q0, j_lo / kBK, kt_hi, seq) : j_lo / kBK;
+  const KeyTiles kts = key_tiles(sg, q0, q_end, seq, window);
+  const int kt_lo = kts.lo, kt_hi = kts.hi;
   const uint16_t *kb = k + tok0 * ldk + static_cast<uint64_t>(kvh) * D;
   const uint16_t *vb = v + tok0 * ldv + static_cast<uint64_t>(kvh) * D;
 
@@ -1342,13 +1355,12 @@ QT_DEV void bwd_dqds(const uint16_t *__restrict__ k, uint64_t ldk,
   uint32_t sb = smem_addr(sm);
   wg_align(sm, sb);  // tiles on 1 KiB (L::kBytes has the room)
 
-  // The key tiles that see this query tile: the same range as bwd_dq's, which is exactly
-  // the set of tiles whose bwd_dkdv query range (and so whose blob) includes it.
+  // The key tiles that see this query tile (key_tiles): exactly those whose bwd_dkdv
+  // query range, and so whose blob, includes it.
   const int q_end = imin(q0 + kBQ, seq);
-  const int j_lo = window ? imax(0, q0 - window + 1) : 0;
   const uint32_t *sg = seg ? seg + tok0 : nullptr;
-  const int kt_hi = (q_end - 1) / kBK;
-  const int kt_lo = sg ? first_key_tile(sg, q0, j_lo / kBK, kt_hi, seq) : j_lo / kBK;
+  const KeyTiles kts = key_tiles(sg, q0, q_end, seq, window);
+  const int kt_lo = kts.lo, kt_hi = kts.hi;
   const int n = kt_hi - kt_lo + 1;
   const uint16_t *kb = k + tok0 * ldk + static_cast<uint64_t>(kvh) * D;
   const uint16_t *blobs =
