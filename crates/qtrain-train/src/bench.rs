@@ -407,14 +407,15 @@ impl ExecutedFlops {
     }
 }
 
-/// [`ExecutedFlops`] of a step at `seq` with adapters of `rank` on `targets` and
-/// `kept` activations.
+/// [`ExecutedFlops`] of a step at `seq` with adapters of `rank` on `targets`, `kept`
+/// activations and the attention backward `attention`.
 pub fn executed_flops_per_token(
     cfg: &qtrain_model::ModelConfig,
     seq: usize,
     targets: &[Proj],
     rank: usize,
     kept: KeptActivations,
+    attention: AttnBackward,
 ) -> ExecutedFlops {
     let layers = cfg.num_hidden_layers as f64;
     let weights = |p: Proj| cfg.proj_shape(p).iter().product::<usize>() as f64;
@@ -439,7 +440,11 @@ pub fn executed_flops_per_token(
         2.0 * 2.0 * (seq as f64 / 2.0) * (cfg.num_attention_heads * cfg.head_dim()) as f64;
     // The backward: dK/dV's four products (two forwards) and dQ's three (1.5), or with
     // the dS stored, dQ's one (0.5).
-    let backward = if kept.stored_ds { 2.5 } else { 3.5 };
+    let backward = if attention == AttnBackward::StoredDs {
+        2.5
+    } else {
+        3.5
+    };
     let attn_passes = 1.0 + backward + if kept.attention_residuals { 0.0 } else { 1.0 };
     let lora: f64 = targets
         .iter()
@@ -539,7 +544,7 @@ fn decide_memory(
         ..EngineOptions::default()
     };
     backend.set_chunks(o.mlp_chunk, o.loss_chunk);
-    backend.set_attention_backward(opts.attention_backward);
+    backend.set_attention_backward(o.attention_backward);
     let spec = |opts| {
         spec_for(
             model,
@@ -711,6 +716,7 @@ pub fn run_case(
             &o.targets,
             o.rank,
             backend.kept_activations(),
+            backend.engine_options().attention_backward,
         ),
         peak_used,
         engine_peak: backend.engine_peak_bytes(),

@@ -34,7 +34,7 @@
 use crate::config::RunConfig;
 use crate::gpu::GpuSpec;
 use candle_core::DType;
-use qtrain_engine::{AttnBackward, Component, EngineOptions, WorkspaceLayout, WorkspaceShape};
+use qtrain_engine::{Component, EngineOptions, WorkspaceLayout, WorkspaceShape};
 use qtrain_model::{ModelConfig, Proj, Quantization, PROJECTIONS};
 use qtrain_optim::{AdamWConfig, PagingPolicy, StateFormat, StatePlacement};
 
@@ -625,14 +625,6 @@ pub struct KeptActivations {
     /// shared layer's buffer; no NF4 dequantization after the first step. Not an
     /// activation, but decided, kept and given back the same way, last.
     pub dequantized_base: bool,
-    /// The attention backward keeps each layer's dS between its two kernels
-    /// (`train.attention_backward = "stored-ds"`, named only): the dQ kernel then reads it
-    /// instead of recomputing S and dP. Not an activation either: scratch of one layer's
-    /// backward, [`AttnShape::ds_store_bytes`] (2.2 GB at 1 x 8192 on Mistral-7B); here
-    /// so that the kept state read from and applied to the engine's options carries it.
-    ///
-    /// [`AttnShape::ds_store_bytes`]: qtrain_device::ops::attention::AttnShape::ds_store_bytes
-    pub stored_ds: bool,
 }
 
 impl KeptActivations {
@@ -640,11 +632,6 @@ impl KeptActivations {
         opts.save_attention_residual = self.attention_residuals;
         opts.kept_mlp_layers = self.mlp_layers;
         opts.keep_dequantized_base = self.dequantized_base;
-        if self.stored_ds {
-            opts.attention_backward = AttnBackward::StoredDs;
-        } else if opts.attention_backward == AttnBackward::StoredDs {
-            opts.attention_backward = AttnBackward::Split;
-        }
     }
 
     pub fn of(opts: &EngineOptions) -> Self {
@@ -652,7 +639,6 @@ impl KeptActivations {
             attention_residuals: opts.save_attention_residual,
             mlp_layers: opts.kept_mlp_layers,
             dequantized_base: opts.keep_dequantized_base,
-            stored_ds: opts.attention_backward == AttnBackward::StoredDs,
         }
     }
 
@@ -736,9 +722,6 @@ pub fn kept_activations(
     }
     .for_speed();
     let fits = |k: KeptActivations| room.holds(&spec.keeping(k).predict());
-    // A named stored-dS backward, carried as it is and sized with everything kept (split
-    // is the default: the stored dS measured slower in the step, docs/perf.md v20).
-    kept.stored_ds = spec.engine_options.attention_backward == AttnBackward::StoredDs;
     kept.attention_residuals = match keep.residuals {
         "on" => true,
         "off" => false,
@@ -1219,6 +1202,7 @@ pub fn compare(predicted: &MemoryBreakdown, m: &Measured) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qtrain_engine::AttnBackward;
 
     /// The residual and gate/up policies, the dequantized base off (the tests of
     /// the activations keep it out of the way).
@@ -1347,13 +1331,11 @@ mod tests {
             attention_residuals: true,
             mlp_layers: 0,
             dequantized_base: false,
-            stored_ds: false,
         };
         let with_mlp = |k| KeptActivations {
             attention_residuals: true,
             mlp_layers: k,
             dequantized_base: false,
-            stored_ds: false,
         };
         let both = with_mlp(32);
         // Mistral-7B at 4096 tokens: 1 GiB of residuals, 1.5 GiB of q/k/v and 1 GiB
@@ -1395,7 +1377,6 @@ mod tests {
                 attention_residuals: false,
                 mlp_layers: 32,
                 dequantized_base: false,
-                stored_ds: false,
             }
         );
         // The engine limit counts too.
@@ -1430,7 +1411,6 @@ mod tests {
             attention_residuals: true,
             mlp_layers: 32,
             dequantized_base: false,
-            stored_ds: false,
         };
         let based = KeptActivations {
             dequantized_base: true,
@@ -1470,54 +1450,40 @@ mod tests {
         assert!(!fp8_on.dequantized_base);
     }
 
-    /// `train.attention_backward = "stored-ds"` is carried through the keep decision
-    /// (whatever the policies) and sized: the attention scratch grows by the dS store.
+    /// `train.attention_backward = "stored-ds"` is sized (the attention scratch grows by the
+    /// dS store) and the keep decisions make room for it.
     #[test]
-    fn a_named_stored_ds_backward_is_carried_and_sized() {
+    fn a_named_stored_ds_backward_is_sized_and_kept_beside() {
         let mut spec = mistral(1, 8192);
         spec.compute_capability = Some((9, 0));
-        let with = |k: KeptActivations| spec.keeping(k).predict();
+        let mut named = spec.clone();
+        named.engine_options.attention_backward = AttnBackward::StoredDs;
         let half = KeptActivations {
             attention_residuals: true,
             ..KeptActivations::default()
         };
-        let stored = KeptActivations {
-            stored_ds: true,
-            ..half
-        };
         // The store is the attention scratch's growth: 2.16 GB at 1 x 8192.
+        let stored = named.keeping(half).predict();
         assert_eq!(
-            with(stored).engine_bytes - with(half).engine_bytes,
+            stored.engine_bytes - spec.keeping(half).predict().engine_bytes,
             32 * (128 * 129 / 2) * 8192
         );
+        // Keeping activations leaves the named backward as it is.
         assert_eq!(
-            spec.keeping(stored).engine_options.attention_backward,
+            named.keeping(half).engine_options.attention_backward,
             AttnBackward::StoredDs
         );
-        assert_eq!(
-            KeptActivations::of(&spec.keeping(stored).engine_options),
-            stored
-        );
-        let auto = |spec: &MemorySpec| {
-            kept_activations(keep("auto", "auto"), spec, Some(u64::MAX), None, None)
-        };
-        assert!(!auto(&spec).stored_ds, "split by default");
-        let mut named = spec.clone();
-        named.engine_options.attention_backward = AttnBackward::StoredDs;
-        let k = auto(&named);
+        let auto =
+            |usable| kept_activations(keep("auto", "auto"), &named, Some(usable), None, None);
+        let k = auto(u64::MAX);
+        assert!(k.attention_residuals && k.mlp_layers == 32, "{k:?}");
+        // With room for the attention half beside the store only, the gate/up outputs
+        // make way.
+        let tight = auto(stored.total());
         assert!(
-            k.stored_ds && k.attention_residuals && k.mlp_layers == 32,
-            "{k:?}"
+            tight.attention_residuals && tight.mlp_layers == 0,
+            "{tight:?}"
         );
-        // Without room the store stays (named), and the activations make way.
-        let tight = kept_activations(
-            keep("auto", "auto"),
-            &named,
-            Some(with(stored).total()),
-            None,
-            None,
-        );
-        assert!(tight.stored_ds && tight.mlp_layers == 0, "{tight:?}");
     }
 
     /// With offloaded checkpoints a kept attention half travels with its layer's
@@ -1534,7 +1500,6 @@ mod tests {
             attention_residuals: true,
             mlp_layers: 0,
             dequantized_base: false,
-            stored_ds: false,
         };
         res.apply(&mut kept_spec.engine_options);
         let (none, kept) = (spec.predict(), kept_spec.predict());
@@ -1649,7 +1614,6 @@ mod tests {
                 attention_residuals: true,
                 mlp_layers: 0,
                 dequantized_base: false,
-                stored_ds: false,
             }
         );
     }
@@ -1744,7 +1708,6 @@ mod tests {
                 attention_residuals: true,
                 mlp_layers: 32,
                 dequantized_base: false,
-                stored_ds: false,
             }
         );
         let decide = |mlp, gpu| {

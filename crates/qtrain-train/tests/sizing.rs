@@ -690,24 +690,25 @@ fn bench_smaller_chunks_train_the_same_in_less_memory() {
 
 /// The executed-FLOPs count of `qtrain bench` (`executed_tflops`) on the Mistral-7B
 /// shape, against figures worked out by hand: 4P for the base, the recomputed
-/// products by what is kept, attention 5.5 or 4.5 forwards, LoRA's four passes.
+/// products by what is kept, attention 5.5 or 4.5 forwards (3.5 with the dS stored),
+/// LoRA's four passes.
 #[test]
 fn executed_flops_count_what_the_step_runs() {
     use qtrain_train::bench::executed_flops_per_token;
     use qtrain_train::memory::KeptActivations;
+    let split = qtrain_engine::AttnBackward::Split;
     let cfg = qtrain_model::ModelConfig::preset("mistral-7b-v0.3", 0).unwrap();
     let (l, h, kv, i, v) = (32.0, 4096.0, 1024.0, 14336.0, 32768.0);
     let (q, k, o, gu, down) = (h * h, kv * h, h * h, 2.0 * i * h, i * h);
     let p = l * (q + 2.0 * k + o + gu + down) + v * h;
     let qkvo = [Proj::Q, Proj::K, Proj::V, Proj::O];
-    let none = executed_flops_per_token(&cfg, 2048, &qkvo, 16, KeptActivations::default());
+    let none = executed_flops_per_token(&cfg, 2048, &qkvo, 16, KeptActivations::default(), split);
     let both = KeptActivations {
         attention_residuals: true,
         mlp_layers: 32,
         dequantized_base: false,
-        stored_ds: false,
     };
-    let kept = executed_flops_per_token(&cfg, 2048, &qkvo, 16, both);
+    let kept = executed_flops_per_token(&cfg, 2048, &qkvo, 16, both, split);
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
     assert!(close(none.base, 4.0 * p) && close(kept.base, 4.0 * p));
     assert!(close(none.recompute, 2.0 * l * (q + 2.0 * k + o + gu)));
@@ -717,6 +718,18 @@ fn executed_flops_count_what_the_step_runs() {
     // one causal forward per layer: 2 products x 2 FLOPs x 1024 keys x 4096 columns
     let fwd = l * 4.0 * 1024.0 * h;
     assert!(close(none.attention, 5.5 * fwd) && close(kept.attention, 4.5 * fwd));
+    // With the dS stored, dQ runs one product per tile pair instead of three: one
+    // forward's worth less, nothing else changes.
+    let stored = executed_flops_per_token(
+        &cfg,
+        2048,
+        &qkvo,
+        16,
+        both,
+        qtrain_engine::AttnBackward::StoredDs,
+    );
+    assert!(close(stored.attention, 3.5 * fwd));
+    assert!(close(stored.base, kept.base) && close(stored.lora, kept.lora));
     // r16 on q (4096+4096), k and v (1024+4096), o (4096+4096): forward, dX, dW;
     // recomputed: all of it, or with the attention half kept nothing (every
     // layer's z = x Aᵀ is kept too)
@@ -732,10 +745,10 @@ fn executed_flops_count_what_the_step_runs() {
         attention_residuals: false,
         mlp_layers: 32,
         dequantized_base: false,
-        stored_ds: false,
     };
-    let all_none = executed_flops_per_token(&cfg, 2048, &all, 16, KeptActivations::default());
-    let all_mlp = executed_flops_per_token(&cfg, 2048, &all, 16, mlp_only);
+    let all_none =
+        executed_flops_per_token(&cfg, 2048, &all, 16, KeptActivations::default(), split);
+    let all_mlp = executed_flops_per_token(&cfg, 2048, &all, 16, mlp_only, split);
     let mlp_three = 3.0 * (2.0 * (4096.0 + 14336.0) + (14336.0 + 4096.0));
     let lora7 = |again: f64| l * 2.0 * 16.0 * (three + mlp_three + again);
     let attn_again = 2.0 * 8192.0 + 2.0 * 5120.0;
@@ -756,8 +769,8 @@ fn executed_flops_count_what_the_step_runs() {
             attention_residuals: true,
             mlp_layers: 8,
             dequantized_base: false,
-            stored_ds: false,
         },
+        split,
     );
     assert!(close(quarter.recompute, 2.0 * 24.0 * gu));
     assert!(close(

@@ -525,10 +525,11 @@ pub fn speed(dev: &Dev) -> Result<Check> {
         gm.col_block(qc, kc),
         gm.col_block(qc + kc, kc),
     );
-    // Scratch for the hungriest mode (the stored dS: 2.16 GB here).
-    let scratch_len = AttnBackward::ALL
-        .into_iter()
-        .map(|m| s.bwd_scratch_len(m))
+    // Scratch for the hungriest mode this GPU runs (the stored dS on Hopper: 2.16 GB).
+    let runs = bwd_runs(dev, d)?;
+    let scratch_len = runs
+        .iter()
+        .map(|&(m, _)| s.bwd_scratch_len(m))
         .max()
         .unwrap_or(0);
     let scratch = poisoned::<f32>(dev, scratch_len)?;
@@ -560,7 +561,7 @@ pub fn speed(dev: &Dev) -> Result<Check> {
     };
     let mut t_bwd = Vec::new();
     let default_split = default_kernels(dev, d).map(|k| k.1);
-    for (mode, split) in bwd_runs(dev, d)? {
+    for (mode, split) in runs {
         // The default split backward is labelled with the kernels it runs.
         let named = match (mode, split) {
             (AttnBackward::Split, None) => default_split,
